@@ -1,0 +1,582 @@
+#include "client.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "band.h"
+#include "convd/v1/convd.pb-c.h"
+
+struct convd_client {
+  grpc_channel *ch;
+  void *m_conv2d, *m_unary, *m_list;
+  convd_client_opts o;
+  int last_status;
+};
+
+static const char *status_name(grpc_status_code s) {
+  static const char *const names[] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "UNKNOWN";
+}
+
+static int err_from_status(grpc_status_code s) {
+  switch (s) {
+    case GRPC_STATUS_OK: return 0;
+    case GRPC_STATUS_INVALID_ARGUMENT: case GRPC_STATUS_OUT_OF_RANGE: return CONVD_EINVAL;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED: return CONVD_ELIMIT;
+    case GRPC_STATUS_UNIMPLEMENTED: return CONVD_ENOTSUP;
+    case GRPC_STATUS_CANCELLED: return CONVD_ECANCELED;
+    case GRPC_STATUS_DEADLINE_EXCEEDED: return CONVD_ETIMEDOUT;
+    case GRPC_STATUS_UNAVAILABLE: return CONVD_EUNAVAIL;
+    case GRPC_STATUS_NOT_FOUND: return CONVD_ENOTFOUND;
+    default: return CONVD_EREMOTE;
+  }
+}
+
+int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
+                        char *err, size_t errlen) {
+  *out = NULL;
+  convd_client *c = calloc(1, sizeof *c);
+  if (c == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  if (opts) c->o = *opts;
+  if (c->o.max_message_bytes == 0) c->o.max_message_bytes = 4u << 20;
+  if (c->o.chunk_bytes == 0) c->o.chunk_bytes = 1u << 20;
+  if (c->o.max_message_bytes > INT32_MAX || c->o.chunk_bytes + 1024 > c->o.max_message_bytes) {
+    size_t chunk = c->o.chunk_bytes, max = c->o.max_message_bytes;
+    free(c);
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "chunk_bytes %zu must be at most max_message_bytes %zu - 1024", chunk, max);
+  }
+  grpc_init();
+  grpc_arg args[3];
+  memset(args, 0, sizeof args);
+  args[0].type = args[1].type = args[2].type = GRPC_ARG_INTEGER;
+  args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+  args[0].value.integer = (int)c->o.max_message_bytes;
+  args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+  args[1].value.integer = (int)c->o.max_message_bytes;
+  args[2].key = "grpc.http2.lookahead_bytes";
+  args[2].value.integer = 16 * 1024 * 1024;
+  grpc_channel_args ca = {3, args};
+  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+  c->ch = grpc_channel_create(target, creds, &ca);
+  grpc_channel_credentials_release(creds);
+  c->m_conv2d = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2d", NULL, NULL);
+  c->m_unary = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2dUnary", NULL, NULL);
+  c->m_list = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/ListDevices", NULL, NULL);
+  *out = c;
+  return 0;
+}
+
+void convd_client_destroy(convd_client *c) {
+  if (c == NULL) return;
+  grpc_channel_destroy(c->ch);
+  free(c);
+  grpc_shutdown();
+}
+
+int convd_client_last_status(const convd_client *c) { return c->last_status; }
+
+static gpr_timespec deadline(const convd_client *c) {
+  if (c->o.timeout_seconds <= 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                      gpr_time_from_micros((int64_t)(c->o.timeout_seconds * 1e6), GPR_TIMESPAN));
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
+  size_t n = protobuf_c_message_get_packed_size(m);
+  void *buf = malloc(n ? n : 1);
+  if (buf == NULL) return NULL;
+  protobuf_c_message_pack(m, buf);
+  grpc_slice s = grpc_slice_new(buf, n, free);
+  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  return bb;
+}
+
+static ProtobufCMessage *unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc) {
+  grpc_byte_buffer_reader rd;
+  if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
+  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+  grpc_byte_buffer_reader_destroy(&rd);
+  ProtobufCMessage *m =
+      protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+  grpc_slice_unref(s);
+  return m;
+}
+
+/* Drains and destroys a call's completion queue. */
+static void cq_destroy(grpc_completion_queue *cq) {
+  grpc_completion_queue_shutdown(cq);
+  while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+         GRPC_QUEUE_SHUTDOWN) {
+  }
+  grpc_completion_queue_destroy(cq);
+}
+
+/* The wire spec for p; the Shape4/Pair/Padding storage lives in the caller's struct. */
+typedef struct spec_storage {
+  Convd__V1__ConvSpec spec;
+  Convd__V1__Shape4 in, wt;
+  Convd__V1__Pair stride, dil;
+  Convd__V1__Padding pad;
+} spec_storage;
+
+static void make_spec(spec_storage *s, const convd_conv_params *p) {
+  convd__v1__conv_spec__init(&s->spec);
+  convd__v1__shape4__init(&s->in);
+  convd__v1__shape4__init(&s->wt);
+  convd__v1__pair__init(&s->stride);
+  convd__v1__pair__init(&s->dil);
+  convd__v1__padding__init(&s->pad);
+  s->in.d0 = p->n, s->in.d1 = p->c_in, s->in.d2 = p->h, s->in.d3 = p->w;
+  s->wt.d0 = p->c_out, s->wt.d1 = p->c_per_group, s->wt.d2 = p->kh, s->wt.d3 = p->kw;
+  s->stride.h = p->stride_h, s->stride.w = p->stride_w;
+  s->dil.h = p->dil_h, s->dil.w = p->dil_w;
+  s->pad.top = p->pad_top, s->pad.bottom = p->pad_bottom;
+  s->pad.left = p->pad_left, s->pad.right = p->pad_right;
+  s->spec.op = CONVD__V1__OP__OP_CONV2D;
+  s->spec.dtype = CONVD__V1__DTYPE__DTYPE_FLOAT32;
+  s->spec.input_shape = &s->in;
+  s->spec.weight_shape = &s->wt;
+  s->spec.has_bias = p->has_bias != 0;
+  s->spec.stride = &s->stride;
+  s->spec.padding = &s->pad;
+  s->spec.dilation = &s->dil;
+  s->spec.groups = p->groups;
+}
+
+/* Turns the call's final status into the function's result. */
+static int finish_status(convd_client *c, grpc_status_code st, grpc_slice details, int local_rc,
+                         char *err, size_t errlen, const char *local_err) {
+  c->last_status = (int)st;
+  if (st != GRPC_STATUS_OK) {
+    return convd_errf(err, errlen, err_from_status(st), "%s: %.*s", status_name(st),
+                      (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
+  }
+  if (local_rc) {
+    c->last_status = GRPC_STATUS_INTERNAL;
+    return convd_errf(err, errlen, local_rc, "%s", local_err);
+  }
+  return 0;
+}
+
+/* ---- streaming Conv2d ------------------------------------------------------------------ */
+
+enum { T_SEND = 1, T_RECV, T_MD, T_STATUS };
+
+typedef struct stream {
+  convd_client *cl;
+  const convd_conv *conv;
+  const float *x, *w, *b;
+  float *y;
+  convd_client_stats *st;
+  /* what to send next: 0 spec, 1 weights, 2 bias, 3 input bands, 4 close, 5 nothing */
+  int phase;
+  size_t off; /* weights / bias progress */
+  convd_band_iter in_it;
+  char *buf; /* one chunk, reused */
+  convd_band_shape out_shape;
+  size_t out_bytes_seen;
+  int accepted;
+  int local_rc;
+  char local_err[256];
+} stream;
+
+static grpc_byte_buffer *next_request(stream *s) {
+  Convd__V1__ConvRequest req = CONVD__V1__CONV_REQUEST__INIT;
+  Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
+  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+  spec_storage sp;
+  const size_t chunk = s->cl->o.chunk_bytes;
+  for (;;) {
+    switch (s->phase) {
+      case 0:
+        make_spec(&sp, &s->conv->p);
+        req.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
+        req.spec = &sp.spec;
+        s->phase = 1;
+        return pack(&req.base);
+      case 1:
+      case 2: {
+        const int is_w = s->phase == 1;
+        size_t total = is_w ? s->conv->weight_bytes : s->conv->bias_bytes;
+        if (s->off >= total) {
+          s->phase++;
+          s->off = 0;
+          continue;
+        }
+        size_t n = total - s->off < chunk ? total - s->off : chunk;
+        ch.offset = s->off;
+        ch.data.data = (uint8_t *)(is_w ? (const void *)s->w : (const void *)s->b) + s->off;
+        ch.data.len = n;
+        req.msg_case = is_w ? CONVD__V1__CONV_REQUEST__MSG_WEIGHT : CONVD__V1__CONV_REQUEST__MSG_BIAS;
+        if (is_w)
+          req.weight = &ch;
+        else
+          req.bias = &ch;
+        s->off += n;
+        return pack(&req.base);
+      }
+      case 3:
+        if (!convd_band_iter_next(&s->in_it)) {
+          s->phase = 4;
+          return NULL;
+        }
+        convd_band_gather(s->x, &s->in_it.s, s->in_it.n, s->in_it.h0, s->in_it.h1, s->in_it.off,
+                          s->buf, s->in_it.len);
+        band.n = s->in_it.n;
+        band.h_begin = s->in_it.h0;
+        band.h_end = s->in_it.h1;
+        band.offset = s->in_it.off;
+        band.data.data = (uint8_t *)s->buf;
+        band.data.len = s->in_it.len;
+        req.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT;
+        req.input = &band;
+        return pack(&req.base);
+      default:
+        return NULL;
+    }
+  }
+}
+
+static void local_fail(stream *s, int rc, const char *msg) {
+  if (s->local_rc) return;
+  s->local_rc = rc;
+  snprintf(s->local_err, sizeof s->local_err, "%s", msg);
+}
+
+static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
+  char msg[256];
+  const convd_conv *cv = s->conv;
+  switch (r->msg_case) {
+    case CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED: {
+      const Convd__V1__Shape4 *o = r->accepted->output_shape;
+      if (o == NULL || o->d0 != cv->p.n || o->d1 != cv->p.c_out || o->d2 != cv->h_out ||
+          o->d3 != cv->w_out) {
+        local_fail(s, CONVD_EREMOTE, "the server accepted the call with a different output shape");
+        return;
+      }
+      s->accepted = 1;
+      if (s->st) s->st->elemental_ops = r->accepted->elemental_ops;
+      return;
+    }
+    case CONVD__V1__CONV_RESPONSE__MSG_OUTPUT: {
+      const Convd__V1__RowBand *b = r->output;
+      const convd_band_shape *sh = &s->out_shape;
+      if (b->n < 0 || b->n >= sh->n || b->h_begin < 0 || b->h_end <= b->h_begin ||
+          b->h_end > sh->h || b->offset > convd_band_bytes(sh, b->h_begin, b->h_end) ||
+          b->data.len > convd_band_bytes(sh, b->h_begin, b->h_end) - b->offset) {
+        snprintf(msg, sizeof msg,
+                 "the server sent an output band outside the output (n=%" PRId64 " rows [%" PRId64
+                 ", %" PRId64 ") offset %" PRIu64 ", %zu bytes)",
+                 b->n, b->h_begin, b->h_end, b->offset, b->data.len);
+        local_fail(s, CONVD_EREMOTE, msg);
+        return;
+      }
+      convd_band_scatter(s->y, sh, b->n, b->h_begin, b->h_end, b->offset, b->data.data,
+                         b->data.len);
+      s->out_bytes_seen += b->data.len;
+      return;
+    }
+    case CONVD__V1__CONV_RESPONSE__MSG_SUMMARY:
+      if (s->st) {
+        s->st->elapsed_seconds = r->summary->elapsed_seconds;
+        s->st->compute_seconds = r->summary->compute_seconds;
+        s->st->ops_run = r->summary->ops_run;
+        s->st->bytes_received = r->summary->bytes_received;
+        s->st->bytes_sent = r->summary->bytes_sent;
+      }
+      return;
+    default:
+      return; /* a newer server's message kind: ignore */
+  }
+}
+
+int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
+                        const float *w, const float *b, float *y, convd_client_stats *st,
+                        char *err, size_t errlen) {
+  convd_conv conv;
+  int rc = convd_conv_init(&conv, p, err, errlen);
+  if (rc) return rc;
+  if (p->has_bias && b == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  if (st) {
+    memset(st, 0, sizeof *st);
+    st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
+    st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
+  }
+  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st};
+  s.buf = malloc(c->o.chunk_bytes);
+  if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, sizeof(float)};
+  convd_band_iter_init(&s.in_it, &in_shape, c->o.chunk_bytes);
+  s.out_shape = (convd_band_shape){p->n, p->c_out, conv.h_out, conv.w_out, sizeof(float)};
+
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+                                                        c->m_conv2d, deadline(c), NULL);
+  grpc_metadata_array md_initial, md_trailing;
+  grpc_metadata_array_init(&md_initial);
+  grpc_metadata_array_init(&md_trailing);
+  grpc_status_code status = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  grpc_byte_buffer *send_buf = NULL, *recv_buf = NULL;
+  int sending = 0, recving = 0, md_pending = 0, status_pending = 0;
+
+  grpc_op ops[2];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[0].data.recv_status_on_client.trailing_metadata = &md_trailing;
+  ops[0].data.recv_status_on_client.status = &status;
+  ops[0].data.recv_status_on_client.status_details = &details;
+  if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_STATUS, NULL) == GRPC_CALL_OK)
+    status_pending = 1;
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[0].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
+  if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_MD, NULL) == GRPC_CALL_OK)
+    md_pending = 1;
+  memset(ops, 0, sizeof ops);
+  send_buf = next_request(&s);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send_buf;
+  if (send_buf && grpc_call_start_batch(call, ops, 2, (void *)(intptr_t)T_SEND, NULL) == GRPC_CALL_OK)
+    sending = 1;
+  else
+    local_fail(&s, CONVD_ENOMEM, "out of memory starting the call");
+
+  /* Receive starts after initial metadata: RECV_MESSAGE may be posted at once. */
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_MESSAGE;
+  ops[0].data.recv_message.recv_message = &recv_buf;
+  if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_RECV, NULL) == GRPC_CALL_OK)
+    recving = 1;
+
+  while (sending || recving || md_pending || status_pending) {
+    grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) continue;
+    switch ((intptr_t)ev.tag) {
+      case T_SEND:
+        sending = 0;
+        if (send_buf) grpc_byte_buffer_destroy(send_buf);
+        send_buf = NULL;
+        if (!ev.success || s.local_rc || s.phase >= 5) break;
+        memset(ops, 0, sizeof ops);
+        send_buf = next_request(&s);
+        if (send_buf) {
+          ops[0].op = GRPC_OP_SEND_MESSAGE;
+          ops[0].data.send_message.send_message = send_buf;
+        } else if (s.phase == 4) {
+          ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+          s.phase = 5;
+        } else {
+          local_fail(&s, CONVD_ENOMEM, "out of memory packing a request");
+          grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "client out of memory", NULL);
+          break;
+        }
+        if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_SEND, NULL) == GRPC_CALL_OK)
+          sending = 1;
+        break;
+      case T_RECV:
+        recving = 0;
+        if (!ev.success || recv_buf == NULL) break; /* end of the response stream */
+        {
+          Convd__V1__ConvResponse *r = (Convd__V1__ConvResponse *)unpack(
+              recv_buf, &convd__v1__conv_response__descriptor);
+          grpc_byte_buffer_destroy(recv_buf);
+          recv_buf = NULL;
+          if (r == NULL) {
+            local_fail(&s, CONVD_EREMOTE, "the server sent a message that is not a ConvResponse");
+          } else {
+            on_response(&s, r);
+            protobuf_c_message_free_unpacked(&r->base, NULL);
+          }
+          if (s.local_rc) {
+            grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, s.local_err, NULL);
+            break;
+          }
+        }
+        memset(ops, 0, sizeof ops);
+        ops[0].op = GRPC_OP_RECV_MESSAGE;
+        ops[0].data.recv_message.recv_message = &recv_buf;
+        if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_RECV, NULL) == GRPC_CALL_OK)
+          recving = 1;
+        break;
+      case T_MD:
+        md_pending = 0;
+        break;
+      case T_STATUS:
+        status_pending = 0;
+        break;
+    }
+  }
+  if (send_buf) grpc_byte_buffer_destroy(send_buf);
+  if (recv_buf) grpc_byte_buffer_destroy(recv_buf);
+  if (status == GRPC_STATUS_OK && !s.local_rc && s.out_bytes_seen != conv.output_bytes) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the call ended with %zu of the output's %zu bytes received",
+             s.out_bytes_seen, conv.output_bytes);
+    local_fail(&s, CONVD_EREMOTE, msg);
+  }
+  rc = finish_status(c, status, details, s.local_rc, err, errlen, s.local_err);
+  grpc_slice_unref(details);
+  grpc_metadata_array_destroy(&md_initial);
+  grpc_metadata_array_destroy(&md_trailing);
+  grpc_call_unref(call);
+  cq_destroy(cq);
+  free(s.buf);
+  return rc;
+}
+
+/* ---- unary calls ------------------------------------------------------------------------ */
+
+/* Sends one request message and receives one response. *resp is the raw response buffer. */
+static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
+                      grpc_byte_buffer **resp, char *err, size_t errlen) {
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+                                                        method, deadline(c), NULL);
+  grpc_metadata_array md_initial, md_trailing;
+  grpc_metadata_array_init(&md_initial);
+  grpc_metadata_array_init(&md_trailing);
+  grpc_status_code status = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  *resp = NULL;
+  grpc_op ops[6];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = req;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
+  ops[4].op = GRPC_OP_RECV_MESSAGE;
+  ops[4].data.recv_message.recv_message = resp;
+  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[5].data.recv_status_on_client.trailing_metadata = &md_trailing;
+  ops[5].data.recv_status_on_client.status = &status;
+  ops[5].data.recv_status_on_client.status_details = &details;
+  int local_rc = 0;
+  if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK) {
+    grpc_event ev;
+    do ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    while (ev.type != GRPC_OP_COMPLETE);
+  } else {
+    local_rc = CONVD_EINTERNAL;
+  }
+  int rc = finish_status(c, status, details, local_rc, err, errlen, "cannot start the call");
+  if (rc == 0 && *resp == NULL) {
+    c->last_status = GRPC_STATUS_INTERNAL;
+    rc = convd_errf(err, errlen, CONVD_EREMOTE, "the server answered OK with no message");
+  }
+  if (rc && *resp) {
+    grpc_byte_buffer_destroy(*resp);
+    *resp = NULL;
+  }
+  grpc_slice_unref(details);
+  grpc_metadata_array_destroy(&md_initial);
+  grpc_metadata_array_destroy(&md_trailing);
+  grpc_call_unref(call);
+  cq_destroy(cq);
+  return rc;
+}
+
+int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
+                              const float *w, const float *b, float *y, convd_client_stats *st,
+                              char *err, size_t errlen) {
+  convd_conv conv;
+  int rc = convd_conv_init(&conv, p, err, errlen);
+  if (rc) return rc;
+  if (p->has_bias && b == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  spec_storage sp;
+  make_spec(&sp, p);
+  Convd__V1__ConvCall req = CONVD__V1__CONV_CALL__INIT;
+  req.spec = &sp.spec;
+  req.input.data = (uint8_t *)x;
+  req.input.len = conv.input_bytes;
+  req.weight.data = (uint8_t *)w;
+  req.weight.len = conv.weight_bytes;
+  req.bias.data = (uint8_t *)b;
+  req.bias.len = conv.bias_bytes;
+  grpc_byte_buffer *bb = pack(&req.base), *resp = NULL;
+  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  rc = unary_call(c, c->m_unary, bb, &resp, err, errlen);
+  grpc_byte_buffer_destroy(bb);
+  if (rc) return rc;
+  Convd__V1__ConvResult *r = (Convd__V1__ConvResult *)unpack(resp, &convd__v1__conv_result__descriptor);
+  grpc_byte_buffer_destroy(resp);
+  if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ConvResult");
+  if (r->output.len != conv.output_bytes) {
+    rc = convd_errf(err, errlen, CONVD_EREMOTE, "the response has %zu output bytes, expected %zu",
+                    r->output.len, conv.output_bytes);
+  } else {
+    memcpy(y, r->output.data, conv.output_bytes);
+    if (st) {
+      memset(st, 0, sizeof *st);
+      st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
+      st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
+      if (r->summary) {
+        st->elapsed_seconds = r->summary->elapsed_seconds;
+        st->compute_seconds = r->summary->compute_seconds;
+        st->ops_run = r->summary->ops_run;
+        st->bytes_received = r->summary->bytes_received;
+        st->bytes_sent = r->summary->bytes_sent;
+      }
+    }
+  }
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return rc;
+}
+
+int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t *n, char *err,
+                              size_t errlen) {
+  *devs = NULL;
+  *n = 0;
+  Convd__V1__ListDevicesRequest req = CONVD__V1__LIST_DEVICES_REQUEST__INIT;
+  grpc_byte_buffer *bb = pack(&req.base), *resp = NULL;
+  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  int rc = unary_call(c, c->m_list, bb, &resp, err, errlen);
+  grpc_byte_buffer_destroy(bb);
+  if (rc) return rc;
+  Convd__V1__ListDevicesResponse *r = (Convd__V1__ListDevicesResponse *)unpack(
+      resp, &convd__v1__list_devices_response__descriptor);
+  grpc_byte_buffer_destroy(resp);
+  if (r == NULL)
+    return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ListDevicesResponse");
+  convd_device_info *out = calloc(r->n_devices ? r->n_devices : 1, sizeof *out);
+  if (out == NULL) {
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  }
+  for (size_t i = 0; i < r->n_devices; i++) {
+    const Convd__V1__Device *d = r->devices[i];
+    out[i].index = d->index;
+    out[i].kind = d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CPU    ? CONVD_DEVICE_CPU
+                  : d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CUDA ? CONVD_DEVICE_CUDA
+                                                                        : CONVD_DEVICE_REFERENCE;
+    snprintf(out[i].name, sizeof out[i].name, "%s", d->name ? d->name : "");
+    out[i].memory_bytes = d->memory_bytes;
+    out[i].completed_ops = d->completed_ops;
+    out[i].healthy = d->healthy;
+    snprintf(out[i].detail, sizeof out[i].detail, "%s", d->detail ? d->detail : "");
+  }
+  *devs = out;
+  *n = r->n_devices;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}

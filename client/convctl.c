@@ -1,0 +1,261 @@
+/* convctl: the command-line client.
+ *   convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]
+ *                [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]
+ *                --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]
+ *   convctl devices --server HOST:PORT
+ * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "client.h"
+#include "npy.h"
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage:\n"
+          "  convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]\n"
+          "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
+          "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
+          "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
+          "\n"
+          "Tensors are float32 .npy files: input N,C,H,W; weight C_out,C_in/groups,kH,kW;\n"
+          "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"
+          "--padding takes one value, two (H,W) or four (top,bottom,left,right).\n");
+}
+
+/* Parses "a,b,..." into up to max values; returns how many, or -1. */
+static int parse_list(const char *s, int64_t *v, int max) {
+  int n = 0;
+  while (*s) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(s, &end, 10);
+    if (end == s || errno || n == max) return -1;
+    v[n++] = x;
+    s = end;
+    if (*s == ',') s++;
+    else if (*s) return -1;
+  }
+  return n;
+}
+
+typedef struct args {
+  const char *server, *input, *weight, *bias, *output;
+  const char *stride, *padding, *dilation, *groups, *chunk, *timeout;
+  int unary;
+} args;
+
+static int parse_args(int argc, char **argv, args *a) {
+  struct {
+    const char *name;
+    const char **dst;
+  } opts[] = {{"--server", &a->server},     {"--input", &a->input},     {"--weight", &a->weight},
+              {"--bias", &a->bias},         {"--output", &a->output},   {"--stride", &a->stride},
+              {"--padding", &a->padding},   {"--dilation", &a->dilation}, {"--groups", &a->groups},
+              {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout}};
+  for (int i = 2; i < argc; i++) {
+    if (strcmp(argv[i], "--unary") == 0) {
+      a->unary = 1;
+      continue;
+    }
+    if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+      usage(stdout);
+      exit(0);
+    }
+    size_t k;
+    for (k = 0; k < sizeof opts / sizeof opts[0]; k++)
+      if (strcmp(argv[i], opts[k].name) == 0) break;
+    if (k == sizeof opts / sizeof opts[0]) {
+      fprintf(stderr, "convctl: unknown argument '%s'\n", argv[i]);
+      return -1;
+    }
+    if (i + 1 >= argc) {
+      fprintf(stderr, "convctl: %s needs a value\n", argv[i]);
+      return -1;
+    }
+    *opts[k].dst = argv[++i];
+  }
+  if (a->server == NULL) {
+    fprintf(stderr, "convctl: --server HOST:PORT is required\n");
+    return -1;
+  }
+  return 0;
+}
+
+static int client_from_args(const args *a, convd_client **c) {
+  convd_client_opts o = {0};
+  char err[512];
+  if (a->chunk) {
+    char *end;
+    o.chunk_bytes = strtoull(a->chunk, &end, 10);
+    if (*end || o.chunk_bytes == 0) {
+      fprintf(stderr, "convctl: --chunk-bytes %s: expected a positive integer\n", a->chunk);
+      return 2;
+    }
+  }
+  if (a->timeout) {
+    char *end;
+    o.timeout_seconds = strtod(a->timeout, &end);
+    if (*end || !(o.timeout_seconds > 0)) {
+      fprintf(stderr, "convctl: --timeout %s: expected positive seconds\n", a->timeout);
+      return 2;
+    }
+  }
+  if (convd_client_create(a->server, &o, c, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    return 2;
+  }
+  return 0;
+}
+
+static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) {
+  char err[512];
+  if (convd_npy_read(path, a, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    return -1;
+  }
+  if (a->elem_size != 4) {
+    fprintf(stderr, "convctl: %s %s is float64; convd takes float32 (a.astype(numpy.float32))\n",
+            what, path);
+    return -1;
+  }
+  if (a->ndim != ndim) {
+    fprintf(stderr, "convctl: %s %s has %d dimensions, expected %d\n", what, path, a->ndim, ndim);
+    return -1;
+  }
+  return 0;
+}
+
+static int cmd_conv(const args *a) {
+  if (!a->input || !a->weight || !a->output) {
+    fprintf(stderr, "convctl conv: --input, --weight and --output are required\n");
+    return 2;
+  }
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  int64_t v[4];
+  int n;
+  if (a->stride) {
+    if ((n = parse_list(a->stride, v, 2)) < 1) goto bad_list;
+    p.stride_h = v[0], p.stride_w = n == 2 ? v[1] : v[0];
+  }
+  if (a->dilation) {
+    if ((n = parse_list(a->dilation, v, 2)) < 1) goto bad_list;
+    p.dil_h = v[0], p.dil_w = n == 2 ? v[1] : v[0];
+  }
+  if (a->padding) {
+    n = parse_list(a->padding, v, 4);
+    if (n == 1) p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = v[0];
+    else if (n == 2) p.pad_top = p.pad_bottom = v[0], p.pad_left = p.pad_right = v[1];
+    else if (n == 4) p.pad_top = v[0], p.pad_bottom = v[1], p.pad_left = v[2], p.pad_right = v[3];
+    else goto bad_list;
+  }
+  if (a->groups) {
+    if (parse_list(a->groups, v, 1) != 1) goto bad_list;
+    p.groups = v[0];
+  }
+
+  convd_npy x = {0}, w = {0}, b = {0};
+  int rc = 2;
+  float *y = NULL;
+  convd_client *c = NULL;
+  if (load_f32("input", a->input, 4, &x) || load_f32("weight", a->weight, 4, &w) ||
+      (a->bias && load_f32("bias", a->bias, 1, &b)))
+    goto out;
+  p.n = x.shape[0], p.c_in = x.shape[1], p.h = x.shape[2], p.w = x.shape[3];
+  p.c_out = w.shape[0], p.c_per_group = w.shape[1], p.kh = w.shape[2], p.kw = w.shape[3];
+  if (a->bias) {
+    if (b.shape[0] != p.c_out) {
+      fprintf(stderr, "convctl: bias %s has %" PRId64 " values, the weight has %" PRId64
+              " output channels\n", a->bias, b.shape[0], p.c_out);
+      goto out;
+    }
+    p.has_bias = 1;
+  }
+  convd_conv conv;
+  char err[1024];
+  /* Shapes are checked here too so that a mistake is reported before anything is sent; the
+   * server checks again and is the authority. */
+  if (convd_conv_init(&conv, &p, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    goto out;
+  }
+  y = malloc(conv.output_bytes);
+  if (y == NULL) {
+    fprintf(stderr, "convctl: cannot allocate %zu bytes for the output\n", conv.output_bytes);
+    rc = 1;
+    goto out;
+  }
+  if ((rc = client_from_args(a, &c))) goto out;
+  convd_client_stats st;
+  int crc = a->unary ? convd_client_conv2d_unary(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err)
+                     : convd_client_conv2d(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err);
+  if (crc) {
+    fprintf(stderr, "convctl: %s\n", err);
+    rc = 1;
+    goto out;
+  }
+  if (convd_npy_write_f32(a->output, st.output_shape, 4, y, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    rc = 1;
+    goto out;
+  }
+  printf("output %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+         " written to %s (server: %.3f s elapsed, %.3f s compute, %" PRIu64 " op%s)\n",
+         st.output_shape[0], st.output_shape[1], st.output_shape[2], st.output_shape[3], a->output,
+         st.elapsed_seconds, st.compute_seconds, st.ops_run, st.ops_run == 1 ? "" : "s");
+  rc = 0;
+out:
+  convd_client_destroy(c);
+  free(y);
+  convd_npy_free(&x);
+  convd_npy_free(&w);
+  convd_npy_free(&b);
+  return rc;
+bad_list:
+  fprintf(stderr, "convctl: malformed --stride/--padding/--dilation/--groups value (see --help)\n");
+  return 2;
+}
+
+static int cmd_devices(const args *a) {
+  convd_client *c;
+  int rc = client_from_args(a, &c);
+  if (rc) return rc;
+  convd_device_info *d;
+  size_t n;
+  char err[512];
+  if (convd_client_list_devices(c, &d, &n, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    convd_client_destroy(c);
+    return 1;
+  }
+  static const char *const kinds[] = {"?", "cpu", "cuda", "reference"};
+  printf("%-5s %-10s %-10s %16s %14s %-9s %s\n", "index", "kind", "name", "memory_bytes",
+         "completed_ops", "health", "detail");
+  for (size_t i = 0; i < n; i++)
+    printf("%-5u %-10s %-10s %16" PRIu64 " %14" PRIu64 " %-9s %s\n", d[i].index,
+           d[i].kind >= 1 && d[i].kind <= 3 ? kinds[d[i].kind] : "?", d[i].name,
+           d[i].memory_bytes, d[i].completed_ops, d[i].healthy ? "healthy" : "unhealthy",
+           d[i].detail);
+  free(d);
+  convd_client_destroy(c);
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+    usage(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  args a = {0};
+  if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0) {
+    fprintf(stderr, "convctl: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+  }
+  if (parse_args(argc, argv, &a)) return 2;
+  return strcmp(argv[1], "conv") == 0 ? cmd_conv(&a) : cmd_devices(&a);
+}

@@ -1,0 +1,47 @@
+/* The convolution descriptor: every shape rule and every size derived from a request is checked
+ * here, once, before anything is allocated or computed ("describe before execute"). Kernels and
+ * the server trust a descriptor that convd_conv_init accepted. */
+#ifndef CONVD_CONV_H
+#define CONVD_CONV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The largest value any single dimension, padding, stride or dilation may take. Keeping every
+ * field below 2^31 keeps all index arithmetic in int64_t free of overflow. */
+#define CONVD_DIM_MAX INT64_C(0x7fffffff)
+
+/* What a client asks for, as it asked. Signed so that bad values can be named in errors. */
+typedef struct convd_conv_params {
+  int64_t n, c_in, h, w;           /* input, NCHW */
+  int64_t c_out, c_per_group, kh, kw; /* weight: (C_out, C_in/groups, kH, kW) */
+  int has_bias;                    /* bias: (C_out) */
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right;
+  int64_t dil_h, dil_w;
+  int64_t groups;
+} convd_conv_params;
+
+/* A checked convolution: the parameters plus everything derived from them. */
+typedef struct convd_conv {
+  convd_conv_params p;
+  int64_t h_out, w_out;
+  size_t input_elems, weight_elems, bias_elems, output_elems;
+  size_t input_bytes, weight_bytes, bias_bytes, output_bytes;
+  uint64_t macs; /* multiply-accumulates, saturating at UINT64_MAX */
+} convd_conv;
+
+/* Fills params with the defaults a client may leave out (stride and dilation 1, no padding,
+ * groups 1, no bias). Shapes stay zero and must be set. */
+void convd_conv_params_default(convd_conv_params *p);
+
+/* Validates p and computes the derived sizes into c. Returns 0, or CONVD_EINVAL with a message
+ * that names the offending values, or CONVD_ERANGE when a size does not fit in memory
+ * arithmetic. */
+int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t errlen);
+
+/* Multiplies a*b into *out; returns 0, or -1 when the product overflows size_t. */
+int convd_size_mul(size_t a, size_t b, size_t *out);
+int convd_size_add(size_t a, size_t b, size_t *out);
+
+#endif

@@ -1,0 +1,16 @@
+/* The reference convolution: written to be obviously right, not fast. Every other path is tested
+ * against it. float32 in and out, float64 accumulation. */
+#ifndef CONVD_REF_H
+#define CONVD_REF_H
+
+#include <stdatomic.h>
+
+#include "conv.h"
+
+/* y = conv2d(x, w) + b for a descriptor accepted by convd_conv_init. b may be NULL when the
+ * descriptor has no bias. cancel, when not NULL, is polled once per output plane; a non-zero
+ * value stops the work and returns CONVD_ECANCELED with y partly written. Returns 0. */
+int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const float *b, float *y,
+                     const atomic_int *cancel);
+
+#endif

@@ -1,0 +1,195 @@
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "log.h"
+
+#ifndef CONVD_VERSION
+#define CONVD_VERSION "0.1.0"
+#endif
+
+typedef enum { OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL } opt_type;
+
+typedef struct opt {
+  const char *name; /* --name; environment CONVD_NAME with '-' as '_' */
+  opt_type type;
+  size_t offset, size;
+  const char *def; /* parsed by the same code as user input, so defaults obey the bounds */
+  double lo, hi;
+  const char *help;
+} opt;
+
+#define F(field) offsetof(convd_config, field), sizeof(((convd_config *)0)->field)
+static const opt opts[] = {
+    {"listen", OPT_STRING, F(listen), "127.0.0.1:50051", 0, 0,
+     "address to serve gRPC on, HOST:PORT; port 0 picks a free port"},
+    {"workers", OPT_INT, F(workers), "0", 0, 1024,
+     "engine worker threads; 0 = one per online CPU"},
+    {"chunk-bytes", OPT_SIZE, F(chunk_bytes), "1M", 1024, 256.0 * 1024 * 1024,
+     "largest tensor payload the daemon puts in one output message"},
+    {"max-message-bytes", OPT_SIZE, F(max_message_bytes), "4M", 64.0 * 1024,
+     1024.0 * 1024 * 1024, "gRPC message size limit, both directions"},
+    {"max-request-bytes", OPT_SIZE, F(max_request_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "largest input+weights+output one request may hold; 0 = half of physical memory"},
+    {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
+     "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
+    {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},
+};
+#undef F
+#define NOPTS (sizeof opts / sizeof opts[0])
+
+int convd_parse_size(const char *s, uint64_t *out) {
+  if (s == NULL || !isdigit((unsigned char)*s)) return -1;
+  errno = 0;
+  char *end;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno) return -1;
+  uint64_t mul = 1;
+  switch (*end) {
+    case '\0': break;
+    case 'k': case 'K': mul = 1ull << 10; end++; break;
+    case 'm': case 'M': mul = 1ull << 20; end++; break;
+    case 'g': case 'G': mul = 1ull << 30; end++; break;
+    case 't': case 'T': mul = 1ull << 40; end++; break;
+    default: return -1;
+  }
+  if (*end == 'i' || *end == 'I') end++; /* accept "4MiB"-style suffixes too */
+  if (*end == 'b' || *end == 'B') end++;
+  if (*end != '\0') return -1;
+  if (__builtin_mul_overflow((uint64_t)v, mul, out)) return -1;
+  return 0;
+}
+
+static int set_opt(convd_config *cfg, const opt *o, const char *val, const char *source,
+                   char *err, size_t errlen) {
+  char *dst = (char *)cfg + o->offset;
+  switch (o->type) {
+    case OPT_STRING:
+      if (strlen(val) >= o->size || val[0] == '\0')
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s: must be 1 to %zu characters", source,
+                          o->name, o->size - 1);
+      strcpy(dst, val);
+      return 0;
+    case OPT_INT: {
+      char *end;
+      errno = 0;
+      long v = strtol(val, &end, 10);
+      if (errno || end == val || *end != '\0' || v < o->lo || v > o->hi)
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s=%s: expected an integer from %.0f to %.0f",
+                          source, o->name, val, o->lo, o->hi);
+      *(int *)dst = (int)v;
+      return 0;
+    }
+    case OPT_SIZE: {
+      uint64_t v;
+      if (convd_parse_size(val, &v) || (double)v < o->lo || (double)v > o->hi)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "%s %s=%s: expected a byte size (e.g. 65536, 64K, 4M, 2G) from %.0f to %.0f",
+                          source, o->name, val, o->lo, o->hi);
+      *(uint64_t *)dst = v;
+      return 0;
+    }
+    case OPT_SECONDS: {
+      char *end;
+      errno = 0;
+      double v = strtod(val, &end);
+      if (errno || end == val || *end != '\0' || !(v >= o->lo && v <= o->hi))
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s=%s: expected seconds from %g to %g",
+                          source, o->name, val, o->lo, o->hi);
+      *(double *)dst = v;
+      return 0;
+    }
+    case OPT_LOGLEVEL: {
+      int lv = convd_log_parse_level(val);
+      if (lv < 0)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "%s %s=%s: expected debug, info, warn or error", source, o->name, val);
+      *(int *)dst = lv;
+      return 0;
+    }
+  }
+  return convd_errf(err, errlen, CONVD_EINTERNAL, "option %s has no type", o->name);
+}
+
+static void env_name(const opt *o, char *buf, size_t len) {
+  size_t i = (size_t)snprintf(buf, len, "CONVD_");
+  for (const char *p = o->name; *p && i + 1 < len; p++)
+    buf[i++] = *p == '-' ? '_' : (char)toupper((unsigned char)*p);
+  buf[i] = '\0';
+}
+
+static void usage(FILE *out) {
+  fprintf(out,
+          "usage: convd [options]\n"
+          "Serves 2D convolution over gRPC (service convd.v1.Convolution).\n\n"
+          "Each option can also be set by the environment variable shown; a flag wins.\n\n");
+  for (size_t i = 0; i < NOPTS; i++) {
+    char env[64];
+    env_name(&opts[i], env, sizeof env);
+    fprintf(out, "  --%-20s %s\n  %-22s env %s, default %s\n", opts[i].name, opts[i].help, "",
+            env, opts[i].def);
+  }
+  fprintf(out, "  --%-20s %s\n  --%-20s %s\n", "help", "print this and exit", "version",
+          "print the version and exit");
+}
+
+int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char *err,
+                       size_t errlen) {
+  memset(cfg, 0, sizeof *cfg);
+  int rc;
+  for (size_t i = 0; i < NOPTS; i++)
+    if ((rc = set_opt(cfg, &opts[i], opts[i].def, "default", err, errlen))) return rc;
+  for (size_t i = 0; i < NOPTS; i++) {
+    char env[64];
+    env_name(&opts[i], env, sizeof env);
+    const char *v = getenv(env);
+    if (v != NULL && (rc = set_opt(cfg, &opts[i], v, "environment", err, errlen))) return rc;
+  }
+  for (int a = 1; a < argc; a++) {
+    const char *arg = argv[a];
+    if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+      usage(out);
+      return CONVD_CONFIG_EXIT;
+    }
+    if (strcmp(arg, "--version") == 0) {
+      fprintf(out, "convd %s\n", CONVD_VERSION);
+      return CONVD_CONFIG_EXIT;
+    }
+    if (strncmp(arg, "--", 2) != 0)
+      return convd_errf(err, errlen, CONVD_EINVAL, "unexpected argument '%s' (see --help)", arg);
+    const char *name = arg + 2, *eq = strchr(name, '=');
+    size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+    const opt *o = NULL;
+    for (size_t i = 0; i < NOPTS; i++)
+      if (strlen(opts[i].name) == nlen && strncmp(opts[i].name, name, nlen) == 0) o = &opts[i];
+    if (o == NULL)
+      return convd_errf(err, errlen, CONVD_EINVAL, "unknown option '%.*s' (see --help)",
+                        (int)(nlen + 2), arg);
+    const char *val = eq ? eq + 1 : NULL;
+    if (val == NULL) {
+      if (a + 1 >= argc)
+        return convd_errf(err, errlen, CONVD_EINVAL, "option --%s needs a value", o->name);
+      val = argv[++a];
+    }
+    if ((rc = set_opt(cfg, o, val, "option", err, errlen))) return rc;
+  }
+
+  /* A data payload plus the message's own framing must fit in one gRPC message. */
+  if (cfg->chunk_bytes + 1024 > cfg->max_message_bytes)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "chunk-bytes=%llu leaves no room for message framing within "
+                      "max-message-bytes=%llu: keep chunk-bytes at most max-message-bytes - 1024",
+                      (unsigned long long)cfg->chunk_bytes,
+                      (unsigned long long)cfg->max_message_bytes);
+  if (cfg->max_request_bytes == 0) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    cfg->max_request_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2
+                                                   : (uint64_t)1 << 32;
+  }
+  return CONVD_CONFIG_OK;
+}

@@ -1,0 +1,31 @@
+/* Daemon configuration: one table (config.c) drives command-line flags, CONVD_* environment
+ * variables, defaults, bounds and --help. Flags win over the environment, which wins over
+ * defaults. */
+#ifndef CONVD_CONFIG_H
+#define CONVD_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct convd_config {
+  char listen[256];
+  int workers;
+  uint64_t chunk_bytes;
+  uint64_t max_message_bytes;
+  uint64_t max_request_bytes; /* 0 in the table = half of physical memory, resolved at parse */
+  double drain_timeout;       /* seconds */
+  int log_level;              /* enum convd_log_level */
+} convd_config;
+
+enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };
+
+/* Parses argv and the environment into cfg. Returns CONVD_CONFIG_OK to run, CONVD_CONFIG_EXIT
+ * after --help or --version (printed to out), or a negative error with the reason in err. */
+int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char *err,
+                       size_t errlen);
+
+/* Parses "1048576", "64K", "4M", "2G" (powers of 1024). Returns 0 or -1. */
+int convd_parse_size(const char *s, uint64_t *out);
+
+#endif

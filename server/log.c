@@ -1,0 +1,42 @@
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+int convd_log_level = CONVD_LOG_INFO;
+
+static const char *const names[] = {"debug", "info", "warn", "error"};
+
+const char *convd_log_level_name(int level) {
+  return level >= 0 && level <= CONVD_LOG_ERROR ? names[level] : "?";
+}
+
+int convd_log_parse_level(const char *s) {
+  for (int i = 0; i <= CONVD_LOG_ERROR; i++)
+    if (strcmp(s, names[i]) == 0) return i;
+  return -1;
+}
+
+void convd_log_write(int level, const char *fmt, ...) {
+  char line[2048];
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  int n = snprintf(line, sizeof line, "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s ",
+                   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                   ts.tv_nsec / 1000000, convd_log_level_name(level));
+  va_list ap;
+  va_start(ap, fmt);
+  if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+  va_end(ap);
+  /* One fputs per line so lines from different threads do not interleave. */
+  size_t len = strlen(line);
+  if (len + 1 < sizeof line) {
+    line[len] = '\n';
+    line[len + 1] = '\0';
+  }
+  fputs(line, stderr);
+}

@@ -1,0 +1,805 @@
+#include "rpc.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "band.h"
+#include "convd/v1/convd.pb-c.h"
+#include "err.h"
+#include "log.h"
+#include "session.h"
+#include "status.h"
+
+/* Requests kept posted per method, so bursts of new calls do not wait for a repost. */
+#define REQUESTS_PER_METHOD 8
+
+enum call_kind { K_CONV2D, K_UNARY, K_LIST, K_GENERIC, K_COUNT };
+static const char *const kind_path[K_COUNT] = {
+    "/convd.v1.Convolution/Conv2d", "/convd.v1.Convolution/Conv2dUnary",
+    "/convd.v1.Convolution/ListDevices", NULL};
+static const char *const kind_name[K_COUNT] = {"Conv2d", "Conv2dUnary", "ListDevices", "unknown"};
+
+/* Every completion-queue tag is one of these; the CQ thread calls fn(obj, ok). */
+typedef struct tag {
+  void (*fn)(void *obj, int ok);
+  void *obj;
+} tag;
+
+typedef struct call call;
+
+struct convd_rpc {
+  const convd_config *cfg;
+  convd_engine *engine;
+  grpc_server *server;
+  grpc_completion_queue *cq;
+  pthread_t thread;
+  int thread_started;
+  void *method[K_COUNT];
+  pthread_mutex_t mu;
+  int live_calls; /* call objects: posted requests and calls in progress */
+  int shutting_down, shutdown_notified, stopped_called;
+  void (*stopped)(void *user);
+  void *stopped_user;
+  tag t_shutdown;
+};
+
+struct call {
+  convd_rpc *rpc;
+  enum call_kind kind;
+  grpc_call *gc;
+  grpc_call_details details;
+  grpc_metadata_array md;
+  grpc_byte_buffer *payload; /* unary registered methods: the request message */
+  gpr_timespec deadline;
+  pthread_mutex_t mu;
+  int refs; /* +1 per batch in flight, +1 for an engine job, +1 while a handler runs */
+  tag t_request, t_md, t_close, t_recv, t_send, t_final;
+  int client_cancelled; /* written by RECV_CLOSE_ON_SERVER */
+  atomic_int cancel;    /* polled by the engine */
+  double t_begin;
+  char peer[96];
+
+  /* sending */
+  int md_sent, sending, dead; /* dead: a send failed, the client is gone */
+  grpc_byte_buffer *send_buf;
+  int status_set, status_started;
+  grpc_status_code status;
+  char status_msg[1024];
+  grpc_slice status_slice;
+
+  /* Conv2d stream */
+  grpc_byte_buffer *recv_buf;
+  int recv_done;
+  uint64_t messages_in;
+  convd_session *sess;
+  int accepted_pending, output_ready, summary_sent;
+  convd_band_iter it;
+  char *band_buf;
+  uint64_t bytes_sent;
+  convd_job_stats stats;
+
+  /* Conv2dUnary */
+  convd_conv conv;
+  float *ux, *uw, *ub, *uy;
+};
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void on_request(void *obj, int ok);
+static void on_md(void *obj, int ok);
+static void on_close(void *obj, int ok);
+static void on_recv(void *obj, int ok);
+static void on_send(void *obj, int ok);
+static void on_final(void *obj, int ok);
+
+/* ---- call lifetime --------------------------------------------------------------------------- */
+
+static void rpc_maybe_stopped(convd_rpc *r) {
+  int fire = 0;
+  pthread_mutex_lock(&r->mu);
+  if (r->shutdown_notified && r->live_calls == 0 && !r->stopped_called) {
+    r->stopped_called = 1;
+    fire = 1;
+  }
+  pthread_mutex_unlock(&r->mu);
+  if (fire && r->stopped) r->stopped(r->stopped_user);
+}
+
+static call *call_new(convd_rpc *r, enum call_kind kind) {
+  call *c = calloc(1, sizeof *c);
+  if (c == NULL) return NULL;
+  c->rpc = r;
+  c->kind = kind;
+  c->refs = 1;
+  pthread_mutex_init(&c->mu, NULL);
+  grpc_call_details_init(&c->details);
+  grpc_metadata_array_init(&c->md);
+  atomic_init(&c->cancel, 0);
+  tag *tags[] = {&c->t_request, &c->t_md, &c->t_close, &c->t_recv, &c->t_send, &c->t_final};
+  void (*fns[])(void *, int) = {on_request, on_md, on_close, on_recv, on_send, on_final};
+  for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) *tags[i] = (tag){fns[i], c};
+  c->status_slice = grpc_empty_slice();
+  pthread_mutex_lock(&r->mu);
+  r->live_calls++;
+  pthread_mutex_unlock(&r->mu);
+  return c;
+}
+
+static void call_log_end(call *c) {
+  const char *status = c->status_set ? convd_status_name(c->status)
+                       : c->client_cancelled ? "CANCELLED"
+                                             : "UNKNOWN";
+  if (c->client_cancelled && !c->status_started) status = "CANCELLED";
+  int level = c->status_set && c->status == GRPC_STATUS_OK ? CONVD_LOG_INFO : CONVD_LOG_WARN;
+  char shapes[160] = "";
+  const convd_conv *cv = c->sess ? convd_session_conv(c->sess) : &c->conv;
+  if (cv->output_elems)
+    snprintf(shapes, sizeof shapes,
+             " input=%" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " weight=%" PRId64 "x%" PRId64
+             "x%" PRId64 "x%" PRId64 " output=%" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64,
+             cv->p.n, cv->p.c_in, cv->p.h, cv->p.w, cv->p.c_out, cv->p.c_per_group, cv->p.kh,
+             cv->p.kw, cv->p.n, cv->p.c_out, cv->h_out, cv->w_out);
+  convd_log(level, "msg=\"call ended\" method=%s peer=%s status=%s duration_ms=%.3f%s%s%s%s",
+            kind_name[c->kind], c->peer[0] ? c->peer : "-", status,
+            (now_seconds() - c->t_begin) * 1e3, shapes,
+            c->status_set && c->status != GRPC_STATUS_OK ? " error=\"" : "",
+            c->status_set && c->status != GRPC_STATUS_OK ? c->status_msg : "",
+            c->status_set && c->status != GRPC_STATUS_OK ? "\"" : "");
+}
+
+static void call_free(call *c) {
+  convd_rpc *r = c->rpc;
+  if (c->gc) {
+    call_log_end(c);
+    grpc_call_unref(c->gc);
+  }
+  if (c->payload) grpc_byte_buffer_destroy(c->payload);
+  if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
+  if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
+  grpc_slice_unref(c->status_slice);
+  grpc_call_details_destroy(&c->details);
+  grpc_metadata_array_destroy(&c->md);
+  convd_session_destroy(c->sess);
+  free(c->band_buf);
+  free(c->ux);
+  free(c->uw);
+  free(c->ub);
+  free(c->uy);
+  pthread_mutex_destroy(&c->mu);
+  free(c);
+  pthread_mutex_lock(&r->mu);
+  r->live_calls--;
+  pthread_mutex_unlock(&r->mu);
+  rpc_maybe_stopped(r);
+}
+
+static void call_ref_locked(call *c) { c->refs++; }
+
+static void call_unref(call *c) {
+  pthread_mutex_lock(&c->mu);
+  int left = --c->refs;
+  pthread_mutex_unlock(&c->mu);
+  if (left == 0) call_free(c);
+}
+
+/* Starts a batch; on failure (a programming error, not a client's) logs it and drops the ref
+ * taken for the batch. Called with c->mu held. */
+static int start_batch(call *c, const grpc_op *ops, size_t n, tag *t) {
+  call_ref_locked(c);
+  grpc_call_error e = grpc_call_start_batch(c->gc, ops, n, t, NULL);
+  if (e != GRPC_CALL_OK) {
+    c->refs--; /* the caller still holds its own ref, so this cannot reach zero */
+    convd_log(CONVD_LOG_ERROR, "msg=\"grpc_call_start_batch failed\" method=%s error=%d",
+              kind_name[c->kind], (int)e);
+    c->dead = 1;
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- requests ---------------------------------------------------------------------------- */
+
+static int post_request(convd_rpc *r, enum call_kind kind) {
+  call *c = call_new(r, kind);
+  if (c == NULL) return -1;
+  grpc_call_error e;
+  if (kind == K_GENERIC)
+    e = grpc_server_request_call(r->server, &c->gc, &c->details, &c->md, r->cq, r->cq,
+                                 &c->t_request);
+  else
+    e = grpc_server_request_registered_call(r->server, r->method[kind], &c->gc, &c->deadline,
+                                            &c->md, kind == K_CONV2D ? NULL : &c->payload, r->cq,
+                                            r->cq, &c->t_request);
+  if (e != GRPC_CALL_OK) {
+    convd_log(CONVD_LOG_ERROR, "msg=\"cannot post a call request\" method=%s error=%d",
+              kind_name[kind], (int)e);
+    c->gc = NULL;
+    call_free(c);
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- sending ----------------------------------------------------------------------------- */
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
+  size_t n = protobuf_c_message_get_packed_size(m);
+  void *buf = malloc(n ? n : 1);
+  if (buf == NULL) return NULL;
+  protobuf_c_message_pack(m, buf);
+  grpc_slice s = grpc_slice_new(buf, n, free); /* the byte buffer frees it: no copy */
+  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  return bb;
+}
+
+/* Records the call's final status; the first one wins. An error also stops the engine job. */
+static void set_status(call *c, int err_code, const char *msg) {
+  if (c->status_set) return;
+  c->status_set = 1;
+  c->status = convd_status_from_err(err_code);
+  snprintf(c->status_msg, sizeof c->status_msg, "%s", msg ? msg : "");
+  if (err_code != 0) atomic_store(&c->cancel, 1);
+}
+
+/* Sends the final batch: initial metadata if not sent yet, an optional response, the status.
+ * Called with c->mu held. */
+static void send_final(call *c, grpc_byte_buffer *response) {
+  grpc_op ops[3];
+  size_t n = 0;
+  memset(ops, 0, sizeof ops);
+  if (!c->md_sent) {
+    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = 1;
+  }
+  if (response) {
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = response;
+    c->send_buf = response;
+  }
+  grpc_slice_unref(c->status_slice);
+  c->status_slice = grpc_slice_from_copied_string(c->status_msg);
+  ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[n].data.send_status_from_server.status = c->status;
+  ops[n++].data.send_status_from_server.status_details =
+      c->status == GRPC_STATUS_OK ? NULL : &c->status_slice;
+  c->status_started = 1;
+  start_batch(c, ops, n, &c->t_final);
+}
+
+static void start_send(call *c, const ProtobufCMessage *m) {
+  grpc_byte_buffer *bb = pack(m);
+  if (bb == NULL) {
+    set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
+    send_final(c, NULL);
+    return;
+  }
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_MESSAGE;
+  op.data.send_message.send_message = bb;
+  c->send_buf = bb;
+  c->sending = 1;
+  if (start_batch(c, &op, 1, &c->t_send)) {
+    c->sending = 0;
+    grpc_byte_buffer_destroy(bb);
+    c->send_buf = NULL;
+  }
+}
+
+/* Starts the next Conv2d response, if one is due and none is in flight. c->mu held.
+ * Order: accepted, output bands, summary, status. */
+static void pump(call *c) {
+  if (c->sending || c->status_started || c->dead) return;
+  if (c->status_set && c->status != GRPC_STATUS_OK) {
+    send_final(c, NULL);
+    return;
+  }
+  if (c->accepted_pending) {
+    const convd_conv *cv = convd_session_conv(c->sess);
+    Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+    shape.d0 = cv->p.n;
+    shape.d1 = cv->p.c_out;
+    shape.d2 = cv->h_out;
+    shape.d3 = cv->w_out;
+    Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
+    acc.output_shape = &shape;
+    acc.elemental_ops = 1;
+    acc.chunk_bytes = c->rpc->cfg->chunk_bytes;
+    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED;
+    resp.accepted = &acc;
+    c->accepted_pending = 0;
+    start_send(c, &resp.base);
+    return;
+  }
+  if (!c->output_ready) return;
+  if (convd_band_iter_next(&c->it)) {
+    convd_band_gather(convd_session_output(c->sess), &c->it.s, c->it.n, c->it.h0, c->it.h1,
+                      c->it.off, c->band_buf, c->it.len);
+    Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+    band.n = c->it.n;
+    band.h_begin = c->it.h0;
+    band.h_end = c->it.h1;
+    band.offset = c->it.off;
+    band.data.data = (uint8_t *)c->band_buf;
+    band.data.len = c->it.len;
+    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_OUTPUT;
+    resp.output = &band;
+    c->bytes_sent += c->it.len;
+    start_send(c, &resp.base);
+    return;
+  }
+  if (!c->summary_sent) {
+    Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
+    sum.elapsed_seconds = now_seconds() - c->t_begin;
+    sum.compute_seconds = c->stats.compute_seconds;
+    sum.ops_run = c->stats.ops_run;
+    sum.bytes_received = convd_session_bytes_received(c->sess);
+    sum.bytes_sent = c->bytes_sent;
+    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_SUMMARY;
+    resp.summary = &sum;
+    c->summary_sent = 1;
+    start_send(c, &resp.base);
+    return;
+  }
+  set_status(c, 0, "");
+  send_final(c, NULL);
+}
+
+static void fail(call *c, int err_code, const char *msg) {
+  set_status(c, err_code, msg);
+  pump(c);
+}
+
+/* ---- completions ------------------------------------------------------------------------- */
+
+static void on_md(void *obj, int ok) {
+  (void)ok;
+  call_unref(obj);
+}
+
+static void on_close(void *obj, int ok) {
+  call *c = obj;
+  (void)ok;
+  pthread_mutex_lock(&c->mu);
+  if (c->client_cancelled) atomic_store(&c->cancel, 1);
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c);
+}
+
+static void on_send(void *obj, int ok) {
+  call *c = obj;
+  pthread_mutex_lock(&c->mu);
+  grpc_byte_buffer_destroy(c->send_buf);
+  c->send_buf = NULL;
+  c->sending = 0;
+  if (!ok) {
+    c->dead = 1; /* the call is over (client gone or cancelled): RECV_CLOSE will tell */
+    atomic_store(&c->cancel, 1);
+  } else {
+    pump(c);
+  }
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c);
+}
+
+static void on_final(void *obj, int ok) {
+  call *c = obj;
+  (void)ok;
+  pthread_mutex_lock(&c->mu);
+  if (c->send_buf) {
+    grpc_byte_buffer_destroy(c->send_buf);
+    c->send_buf = NULL;
+  }
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c);
+}
+
+/* Engine thread: the convolution finished (or failed, or was cancelled). */
+static void on_job_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  call *c = user;
+  pthread_mutex_lock(&c->mu);
+  c->stats = *st;
+  if (status != 0) {
+    if (c->client_cancelled || c->dead)
+      set_status(c, CONVD_ECANCELED, "the client cancelled the call");
+    else
+      set_status(c, status, err);
+    pump(c);
+  } else if (c->kind == K_CONV2D) {
+    const convd_conv *cv = convd_session_conv(c->sess);
+    convd_band_shape s = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
+    convd_band_iter_init(&c->it, &s, c->rpc->cfg->chunk_bytes);
+    c->output_ready = 1;
+    pump(c);
+  } else { /* K_UNARY */
+    Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+    shape.d0 = c->conv.p.n;
+    shape.d1 = c->conv.p.c_out;
+    shape.d2 = c->conv.h_out;
+    shape.d3 = c->conv.w_out;
+    Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
+    sum.elapsed_seconds = now_seconds() - c->t_begin;
+    sum.compute_seconds = st->compute_seconds;
+    sum.ops_run = st->ops_run;
+    sum.bytes_received = c->conv.input_bytes + c->conv.weight_bytes + c->conv.bias_bytes;
+    sum.bytes_sent = c->conv.output_bytes;
+    Convd__V1__ConvResult res = CONVD__V1__CONV_RESULT__INIT;
+    res.output_shape = &shape;
+    res.output.data = (uint8_t *)c->uy;
+    res.output.len = c->conv.output_bytes;
+    res.summary = &sum;
+    grpc_byte_buffer *bb = pack(&res.base);
+    if (bb == NULL) {
+      set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
+      send_final(c, NULL);
+    } else {
+      set_status(c, 0, "");
+      send_final(c, bb);
+    }
+  }
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c);
+}
+
+static void submit_job(call *c, convd_job_desc *d) {
+  char err[512];
+  d->cancel = &c->cancel;
+  d->done = on_job_done;
+  d->user = c;
+  call_ref_locked(c);
+  int rc = convd_engine_submit(c->rpc->engine, d, err, sizeof err);
+  if (rc) {
+    c->refs--;
+    fail(c, rc, err);
+  }
+}
+
+/* Reads a whole received message into one contiguous slice and unpacks it. */
+static ProtobufCMessage *unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc) {
+  grpc_byte_buffer_reader rd;
+  if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
+  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+  grpc_byte_buffer_reader_destroy(&rd);
+  ProtobufCMessage *m =
+      protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+  grpc_slice_unref(s);
+  return m;
+}
+
+static void post_recv(call *c) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_RECV_MESSAGE;
+  op.data.recv_message.recv_message = &c->recv_buf;
+  start_batch(c, &op, 1, &c->t_recv);
+}
+
+static void on_recv(void *obj, int ok) {
+  call *c = obj;
+  char err[1024];
+  pthread_mutex_lock(&c->mu);
+  grpc_byte_buffer *bb = c->recv_buf;
+  c->recv_buf = NULL;
+  if (!ok || c->status_set || c->dead) {
+    c->recv_done = 1; /* the call failed, or we already answered */
+  } else if (bb == NULL) {
+    c->recv_done = 1; /* half-close: all input is here, or the stream is wrong */
+    int rc = convd_session_finish(c->sess, err, sizeof err);
+    if (rc) {
+      fail(c, rc, err);
+    } else {
+      convd_job_desc d = {0};
+      convd_session_job(c->sess, &d);
+      submit_job(c, &d);
+    }
+  } else {
+    c->messages_in++;
+    Convd__V1__ConvRequest *m =
+        (Convd__V1__ConvRequest *)unpack(bb, &convd__v1__conv_request__descriptor);
+    if (m == NULL) {
+      snprintf(err, sizeof err,
+               "message %" PRIu64 " of the stream is not a valid convd.v1.ConvRequest "
+               "(protobuf decoding failed)",
+               c->messages_in);
+      fail(c, CONVD_EINVAL, err);
+    } else {
+      int accepted = 0;
+      int rc = convd_session_feed(c->sess, m, &accepted, err, sizeof err);
+      protobuf_c_message_free_unpacked(&m->base, NULL);
+      if (rc) {
+        fail(c, rc, err);
+      } else {
+        if (accepted) {
+          c->accepted_pending = 1;
+          pump(c);
+        }
+        post_recv(c);
+      }
+    }
+  }
+  if (bb) grpc_byte_buffer_destroy(bb);
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c);
+}
+
+/* ---- method handlers (CQ thread, c->mu held) -------------------------------------------- */
+
+static void handle_conv2d(call *c) {
+  c->sess = convd_session_create(c->rpc->cfg->max_request_bytes);
+  c->band_buf = malloc(c->rpc->cfg->chunk_bytes);
+  if (c->sess == NULL || c->band_buf == NULL) {
+    fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->md_sent = 1;
+  /* Initial metadata now, so a client's first read does not wait for the whole upload. */
+  if (start_batch(c, &op, 1, &c->t_md)) return;
+  post_recv(c);
+}
+
+static int take_bytes(const char *what, const ProtobufCBinaryData *src, size_t want, float **dst,
+                      char *err, size_t errlen) {
+  if (src->len != want)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s has %zu bytes, but its shape needs %zu (float32, 4 bytes per element)",
+                      what, src->len, want);
+  if (want == 0) return 0;
+  /* Own, aligned copies: protobuf-c's buffers carry no alignment promise for float access. */
+  *dst = malloc(want);
+  if (*dst == NULL)
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now", want);
+  memcpy(*dst, src->data, want);
+  return 0;
+}
+
+static void handle_unary(call *c) {
+  char err[1024];
+  int rc = 0;
+  const convd_config *cfg = c->rpc->cfg;
+  Convd__V1__ConvCall *m =
+      c->payload ? (Convd__V1__ConvCall *)unpack(c->payload, &convd__v1__conv_call__descriptor)
+                 : NULL;
+  if (m == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL,
+                    "the request is not a valid convd.v1.ConvCall (protobuf decoding failed)");
+  else if (m->spec == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "ConvCall.spec is missing");
+  if (rc == 0) rc = convd_spec_to_conv(m->spec, cfg->max_request_bytes, &c->conv, err, sizeof err);
+  if (rc == 0 && c->conv.output_bytes > cfg->max_message_bytes - 1024)
+    rc = convd_errf(err, sizeof err, CONVD_ELIMIT,
+                    "the output of %zu bytes does not fit in one response message (limit %" PRIu64
+                    " bytes, --max-message-bytes): use the streaming Conv2d method",
+                    c->conv.output_bytes, cfg->max_message_bytes);
+  if (rc == 0) rc = take_bytes("ConvCall.input", &m->input, c->conv.input_bytes, &c->ux, err, sizeof err);
+  if (rc == 0) rc = take_bytes("ConvCall.weight", &m->weight, c->conv.weight_bytes, &c->uw, err, sizeof err);
+  if (rc == 0)
+    rc = take_bytes(c->conv.p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
+                    &m->bias, c->conv.bias_bytes, &c->ub, err, sizeof err);
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc == 0 && (c->uy = malloc(c->conv.output_bytes)) == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
+                    c->conv.output_bytes);
+  if (rc) {
+    fail(c, rc, err);
+    return;
+  }
+  convd_job_desc d = {.conv = &c->conv, .x = c->ux, .w = c->uw, .b = c->ub, .y = c->uy};
+  submit_job(c, &d);
+}
+
+static void handle_list(call *c) {
+  convd_engine *e = c->rpc->engine;
+  size_t n = convd_engine_device_count(e);
+  Convd__V1__Device *devs = calloc(n ? n : 1, sizeof *devs);
+  Convd__V1__Device **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+  convd_device_info *info = calloc(n ? n : 1, sizeof *info);
+  grpc_byte_buffer *bb = NULL;
+  if (devs && ptrs && info) {
+    for (size_t i = 0; i < n; i++) {
+      convd_engine_device_info(e, i, &info[i]);
+      convd__v1__device__init(&devs[i]);
+      devs[i].index = info[i].index;
+      devs[i].kind = info[i].kind == CONVD_DEVICE_CPU    ? CONVD__V1__DEVICE_KIND__DEVICE_KIND_CPU
+                     : info[i].kind == CONVD_DEVICE_CUDA ? CONVD__V1__DEVICE_KIND__DEVICE_KIND_CUDA
+                                                         : CONVD__V1__DEVICE_KIND__DEVICE_KIND_REFERENCE;
+      devs[i].name = info[i].name;
+      devs[i].memory_bytes = info[i].memory_bytes;
+      devs[i].completed_ops = info[i].completed_ops;
+      devs[i].healthy = info[i].healthy != 0;
+      devs[i].detail = info[i].detail;
+      ptrs[i] = &devs[i];
+    }
+    Convd__V1__ListDevicesResponse resp = CONVD__V1__LIST_DEVICES_RESPONSE__INIT;
+    resp.n_devices = n;
+    resp.devices = ptrs;
+    bb = pack(&resp.base);
+  }
+  free(devs);
+  free(ptrs);
+  free(info);
+  if (bb == NULL) {
+    fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  set_status(c, 0, "");
+  send_final(c, bb);
+}
+
+static void handle_generic(call *c) {
+  char msg[512];
+  snprintf(msg, sizeof msg,
+           "method %.*s is not served by convd; service convd.v1.Convolution has Conv2d, "
+           "Conv2dUnary and ListDevices",
+           (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200
+                                                            : GRPC_SLICE_LENGTH(c->details.method)),
+           (const char *)GRPC_SLICE_START_PTR(c->details.method));
+  set_status(c, CONVD_ENOTSUP, msg);
+  send_final(c, NULL);
+}
+
+static void on_request(void *obj, int ok) {
+  call *c = obj;
+  convd_rpc *r = c->rpc;
+  if (!ok) { /* the server is shutting down: this request will never match a call */
+    call_unref(c);
+    return;
+  }
+  pthread_mutex_lock(&r->mu);
+  int repost = !r->shutting_down;
+  pthread_mutex_unlock(&r->mu);
+  if (repost) post_request(r, c->kind);
+
+  c->t_begin = now_seconds();
+  char *peer = grpc_call_get_peer(c->gc);
+  if (peer) {
+    snprintf(c->peer, sizeof c->peer, "%s", peer);
+    gpr_free(peer);
+  }
+  pthread_mutex_lock(&c->mu);
+  /* RECV_CLOSE_ON_SERVER completes when the call ends; it tells us about cancellation. */
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  op.data.recv_close_on_server.cancelled = &c->client_cancelled;
+  if (start_batch(c, &op, 1, &c->t_close) == 0) {
+    switch (c->kind) {
+      case K_CONV2D: handle_conv2d(c); break;
+      case K_UNARY: handle_unary(c); break;
+      case K_LIST: handle_list(c); break;
+      default: handle_generic(c); break;
+    }
+  }
+  pthread_mutex_unlock(&c->mu);
+  call_unref(c); /* the handler's ref */
+}
+
+/* ---- server ------------------------------------------------------------------------------ */
+
+static void on_shutdown(void *obj, int ok) {
+  convd_rpc *r = obj;
+  (void)ok;
+  pthread_mutex_lock(&r->mu);
+  r->shutdown_notified = 1;
+  pthread_mutex_unlock(&r->mu);
+  rpc_maybe_stopped(r);
+}
+
+static void *cq_main(void *arg) {
+  convd_rpc *r = arg;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (ev.type != GRPC_OP_COMPLETE) continue;
+    tag *t = ev.tag;
+    t->fn(t->obj, ev.success);
+  }
+  return NULL;
+}
+
+int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **out, int *port,
+                    char *err, size_t errlen) {
+  *out = NULL;
+  convd_rpc *r = calloc(1, sizeof *r);
+  if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  r->cfg = cfg;
+  r->engine = engine;
+  pthread_mutex_init(&r->mu, NULL);
+  r->t_shutdown = (tag){on_shutdown, r};
+
+  grpc_arg args[3];
+  memset(args, 0, sizeof args);
+  args[0].type = GRPC_ARG_INTEGER;
+  args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+  args[0].value.integer = (int)cfg->max_message_bytes;
+  args[1].type = GRPC_ARG_INTEGER;
+  args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+  args[1].value.integer = (int)cfg->max_message_bytes;
+  /* A wider HTTP/2 flow-control window: one stream's throughput is bounded by it. */
+  args[2].type = GRPC_ARG_INTEGER;
+  args[2].key = "grpc.http2.lookahead_bytes";
+  args[2].value.integer = 16 * 1024 * 1024;
+  grpc_channel_args ch = {3, args};
+  r->server = grpc_server_create(&ch, NULL);
+  r->cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_server_register_completion_queue(r->server, r->cq, NULL);
+  for (int k = 0; k < K_GENERIC; k++)
+    r->method[k] = grpc_server_register_method(
+        r->server, kind_path[k], NULL,
+        k == K_CONV2D ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+
+  grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+  *port = grpc_server_add_http2_port(r->server, cfg->listen, creds);
+  grpc_server_credentials_release(creds);
+  if (*port == 0) {
+    grpc_server_destroy(r->server);
+    grpc_completion_queue_shutdown(r->cq);
+    grpc_completion_queue_destroy(r->cq);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
+                      "e.g. 127.0.0.1:50051; port 0 picks a free one)",
+                      cfg->listen);
+  }
+  grpc_server_start(r->server);
+  for (int k = 0; k < K_COUNT; k++)
+    for (int i = 0; i < REQUESTS_PER_METHOD; i++) post_request(r, (enum call_kind)k);
+  if (pthread_create(&r->thread, NULL, cq_main, r) != 0) {
+    /* Without its thread the server cannot run; shut it down synchronously. */
+    grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
+    grpc_server_cancel_all_calls(r->server);
+    r->shutting_down = 1;
+    grpc_completion_queue_shutdown(r->cq);
+    cq_main(r);
+    grpc_server_destroy(r->server);
+    grpc_completion_queue_destroy(r->cq);
+    free(r);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the server thread");
+  }
+  r->thread_started = 1;
+  *out = r;
+  return 0;
+}
+
+void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user) {
+  pthread_mutex_lock(&r->mu);
+  r->shutting_down = 1;
+  r->stopped = stopped;
+  r->stopped_user = user;
+  pthread_mutex_unlock(&r->mu);
+  grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
+}
+
+void convd_rpc_cancel_all(convd_rpc *r) { grpc_server_cancel_all_calls(r->server); }
+
+void convd_rpc_destroy(convd_rpc *r) {
+  if (r == NULL) return;
+  grpc_completion_queue_shutdown(r->cq);
+  if (r->thread_started) pthread_join(r->thread, NULL);
+  grpc_server_destroy(r->server);
+  grpc_completion_queue_destroy(r->cq);
+  pthread_mutex_destroy(&r->mu);
+  free(r);
+}

@@ -1,0 +1,29 @@
+/* The gRPC side of the daemon: one completion-queue thread owns every call; it decodes, checks
+ * and hands work to the engine, and never computes. Engine threads hand results back by
+ * starting the next send under the call's mutex. */
+#ifndef CONVD_RPC_H
+#define CONVD_RPC_H
+
+#include <stddef.h>
+
+#include "config.h"
+#include "engine.h"
+
+typedef struct convd_rpc convd_rpc;
+
+/* Binds cfg->listen and starts serving. *port receives the bound port (useful with port 0).
+ * The engine must outlive the server. */
+int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **out, int *port,
+                    char *err, size_t errlen);
+
+/* Stops accepting calls; calls in flight go on. stopped(user) runs once, on the server's
+ * thread, when every call has ended. Call once. */
+void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user);
+
+/* Cancels every call still in flight (after the drain timeout). */
+void convd_rpc_cancel_all(convd_rpc *r);
+
+/* After stopped() ran: joins the thread and frees everything. */
+void convd_rpc_destroy(convd_rpc *r);
+
+#endif

@@ -1,0 +1,275 @@
+#include "session.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "band.h"
+#include "err.h"
+
+struct convd_session {
+  uint64_t max_request_bytes;
+  int have_spec;
+  convd_conv conv;
+  convd_band_shape in_shape;
+  float *x, *w, *b, *y;
+  size_t w_recv, b_recv; /* bytes of weight / bias received, in order */
+  uint8_t *row_seen;     /* N*H flags: row (n, h) announced by some band */
+  size_t rows_done;      /* rows whose band is complete */
+  size_t rows_total;
+  /* the band whose pieces are arriving */
+  int band_open;
+  int64_t bn, bh0, bh1;
+  size_t band_off, band_len;
+  uint64_t bytes_received;
+};
+
+int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_bytes,
+                       convd_conv *conv, char *err, size_t errlen) {
+  if (spec->op != CONVD__V1__OP__OP_UNSPECIFIED && spec->op != CONVD__V1__OP__OP_CONV2D)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1)",
+                      (int)spec->op);
+  if (spec->dtype != CONVD__V1__DTYPE__DTYPE_UNSPECIFIED &&
+      spec->dtype != CONVD__V1__DTYPE__DTYPE_FLOAT32)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "spec.dtype = %d is not a dtype this daemon serves (DTYPE_FLOAT32 = 1)",
+                      (int)spec->dtype);
+  if (spec->input_shape == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.input_shape is missing: send the input's N, C, H, W");
+  if (spec->weight_shape == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.weight_shape is missing: send the weights' C_out, C_in/groups, kH, kW");
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = spec->input_shape->d0;
+  p.c_in = spec->input_shape->d1;
+  p.h = spec->input_shape->d2;
+  p.w = spec->input_shape->d3;
+  p.c_out = spec->weight_shape->d0;
+  p.c_per_group = spec->weight_shape->d1;
+  p.kh = spec->weight_shape->d2;
+  p.kw = spec->weight_shape->d3;
+  p.has_bias = spec->has_bias ? 1 : 0;
+  if (spec->stride) {
+    p.stride_h = spec->stride->h;
+    p.stride_w = spec->stride->w;
+  }
+  if (spec->padding) {
+    p.pad_top = spec->padding->top;
+    p.pad_bottom = spec->padding->bottom;
+    p.pad_left = spec->padding->left;
+    p.pad_right = spec->padding->right;
+  }
+  if (spec->dilation) {
+    p.dil_h = spec->dilation->h;
+    p.dil_w = spec->dilation->w;
+  }
+  p.groups = spec->groups == 0 ? 1 : spec->groups;
+  int rc = convd_conv_init(conv, &p, err, errlen);
+  if (rc) return rc;
+
+  size_t total;
+  if (convd_size_add(conv->input_bytes, conv->weight_bytes, &total) ||
+      convd_size_add(total, conv->bias_bytes, &total) ||
+      convd_size_add(total, conv->output_bytes, &total) || total > max_request_bytes)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "request needs %zu bytes of input, %zu of weights and %zu of output, more "
+                      "than this daemon's limit of %" PRIu64
+                      " bytes per request (--max-request-bytes): split the batch or the image",
+                      conv->input_bytes, conv->weight_bytes, conv->output_bytes, max_request_bytes);
+  return 0;
+}
+
+convd_session *convd_session_create(uint64_t max_request_bytes) {
+  convd_session *s = calloc(1, sizeof *s);
+  if (s) s->max_request_bytes = max_request_bytes;
+  return s;
+}
+
+void convd_session_destroy(convd_session *s) {
+  if (s == NULL) return;
+  free(s->x);
+  free(s->w);
+  free(s->b);
+  free(s->y);
+  free(s->row_seen);
+  free(s);
+}
+
+static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *err,
+                       size_t errlen) {
+  int rc = convd_spec_to_conv(spec, s->max_request_bytes, &s->conv, err, errlen);
+  if (rc) return rc;
+  const convd_conv *c = &s->conv;
+  s->rows_total = (size_t)c->p.n * (size_t)c->p.h; /* <= input elements, so no overflow */
+  s->x = malloc(c->input_bytes);
+  s->w = malloc(c->weight_bytes);
+  s->b = c->bias_bytes ? malloc(c->bias_bytes) : NULL;
+  s->y = malloc(c->output_bytes);
+  s->row_seen = calloc(s->rows_total, 1);
+  if (!s->x || !s->w || (c->bias_bytes && !s->b) || !s->y || !s->row_seen)
+    return convd_errf(err, errlen, CONVD_ENOMEM,
+                      "the daemon cannot allocate %zu bytes for this request now; retry later or "
+                      "send a smaller one",
+                      c->input_bytes + c->weight_bytes + c->bias_bytes + c->output_bytes);
+  s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, sizeof(float)};
+  s->have_spec = 1;
+  return 0;
+}
+
+static int feed_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *dst, size_t *recv,
+                      size_t total, char *err, size_t errlen) {
+  if (ch->offset != *recv)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s chunk at byte offset %" PRIu64 ", but %zu bytes have arrived: send %s "
+                      "chunks in order, each starting where the previous one ended",
+                      what, ch->offset, *recv, what);
+  if (ch->data.len > total - *recv)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s chunk at byte offset %" PRIu64 " with %zu bytes ends past the %s's %zu "
+                      "bytes (shape x 4 bytes per float32)",
+                      what, ch->offset, ch->data.len, what, total);
+  if (ch->data.len) memcpy((char *)dst + *recv, ch->data.data, ch->data.len);
+  *recv += ch->data.len;
+  return 0;
+}
+
+static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, size_t errlen) {
+  const convd_conv_params *p = &s->conv.p;
+  if (b->n < 0 || b->n >= p->n)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "input band has n = %" PRId64 ", outside the batch [0, %" PRId64 ")", b->n,
+                      p->n);
+  if (b->h_begin < 0 || b->h_end <= b->h_begin || b->h_end > p->h)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "input band n = %" PRId64 " has rows [%" PRId64 ", %" PRId64
+                      "): need 0 <= h_begin < h_end <= H = %" PRId64,
+                      b->n, b->h_begin, b->h_end, p->h);
+  if (s->band_open) {
+    if (b->n != s->bn || b->h_begin != s->bh0 || b->h_end != s->bh1 || b->offset != s->band_off)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64 ") is incomplete "
+                        "(%zu of %zu bytes) when a piece of band n = %" PRId64 " rows [%" PRId64
+                        ", %" PRId64 ") at offset %" PRIu64 " arrived: send the pieces of a band "
+                        "back to back, in order",
+                        s->bn, s->bh0, s->bh1, s->band_off, s->band_len, b->n, b->h_begin,
+                        b->h_end, b->offset);
+  } else {
+    if (b->offset != 0)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64
+                        ") starts at offset %" PRIu64 ": the first piece of a band has offset 0",
+                        b->n, b->h_begin, b->h_end, b->offset);
+    uint8_t *seen = s->row_seen + (size_t)b->n * (size_t)p->h;
+    for (int64_t h = b->h_begin; h < b->h_end; h++)
+      if (seen[h])
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64
+                          ") overlaps rows already received (row %" PRId64 " of batch item %" PRId64
+                          "): send each row once",
+                          b->n, b->h_begin, b->h_end, h, b->n);
+    for (int64_t h = b->h_begin; h < b->h_end; h++) seen[h] = 1;
+    s->band_open = 1;
+    s->bn = b->n;
+    s->bh0 = b->h_begin;
+    s->bh1 = b->h_end;
+    s->band_off = 0;
+    s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
+  }
+  if (b->data.len > s->band_len - s->band_off)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64 "): %zu bytes at "
+                      "offset %zu end past the band's %zu bytes (C x rows x W x 4 = %" PRId64
+                      " x %" PRId64 " x %" PRId64 " x 4)",
+                      b->n, b->h_begin, b->h_end, b->data.len, s->band_off, s->band_len, p->c_in,
+                      b->h_end - b->h_begin, p->w);
+  convd_band_scatter(s->x, &s->in_shape, b->n, b->h_begin, b->h_end, s->band_off, b->data.data,
+                     b->data.len);
+  s->band_off += b->data.len;
+  if (s->band_off == s->band_len) {
+    s->band_open = 0;
+    s->rows_done += (size_t)(b->h_end - b->h_begin);
+  }
+  return 0;
+}
+
+int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *accepted,
+                       char *err, size_t errlen) {
+  *accepted = 0;
+  if (m->msg_case == CONVD__V1__CONV_REQUEST__MSG_SPEC) {
+    if (s->have_spec)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "a second spec arrived: one Conv2d call carries one convolution");
+    int rc = accept_spec(s, m->spec, err, errlen);
+    if (rc == 0) *accepted = 1;
+    return rc;
+  }
+  if (!s->have_spec)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      m->msg_case == CONVD__V1__CONV_REQUEST__MSG__NOT_SET
+                          ? "the first message has no content: it must be the spec"
+                          : "the first message must be the spec (shapes and parameters); tensor "
+                            "data came first");
+  switch (m->msg_case) {
+    case CONVD__V1__CONV_REQUEST__MSG_WEIGHT:
+      s->bytes_received += m->weight->data.len;
+      return feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_bytes, err, errlen);
+    case CONVD__V1__CONV_REQUEST__MSG_BIAS:
+      if (!s->conv.p.has_bias)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "a bias chunk arrived but the spec says has_bias = false");
+      s->bytes_received += m->bias->data.len;
+      return feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_bytes, err, errlen);
+    case CONVD__V1__CONV_REQUEST__MSG_INPUT:
+      s->bytes_received += m->input->data.len;
+      return feed_band(s, m->input, err, errlen);
+    default:
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "a message with no content arrived: each ConvRequest sets one of spec, "
+                        "weight, bias, input");
+  }
+}
+
+int convd_session_finish(convd_session *s, char *err, size_t errlen) {
+  if (!s->have_spec)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the stream ended before the spec arrived");
+  if (s->w_recv != s->conv.weight_bytes)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "weights incomplete at half-close: %zu of %zu bytes arrived", s->w_recv,
+                      s->conv.weight_bytes);
+  if (s->b_recv != s->conv.bias_bytes)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "bias incomplete at half-close: %zu of %zu bytes arrived", s->b_recv,
+                      s->conv.bias_bytes);
+  if (s->band_open)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "input incomplete at half-close: band n = %" PRId64 " rows [%" PRId64
+                      ", %" PRId64 ") has %zu of %zu bytes",
+                      s->bn, s->bh0, s->bh1, s->band_off, s->band_len);
+  if (s->rows_done != s->rows_total) {
+    size_t i = 0;
+    while (i < s->rows_total && s->row_seen[i]) i++;
+    size_t h = (size_t)s->conv.p.h;
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "input incomplete at half-close: %zu of %zu rows arrived; row %zu of batch "
+                      "item %zu is missing",
+                      s->rows_done, s->rows_total, i % h, i / h);
+  }
+  return 0;
+}
+
+const convd_conv *convd_session_conv(const convd_session *s) { return &s->conv; }
+
+void convd_session_job(convd_session *s, convd_job_desc *d) {
+  d->conv = &s->conv;
+  d->x = s->x;
+  d->w = s->w;
+  d->b = s->b;
+  d->y = s->y;
+}
+
+const float *convd_session_output(const convd_session *s) { return s->y; }
+
+uint64_t convd_session_bytes_received(const convd_session *s) { return s->bytes_received; }
