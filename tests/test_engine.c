@@ -1,0 +1,306 @@
+/* Engine unit tests: the reference against every conv2d golden case, shape validation and its
+ * messages, row-band cutting and placing, cancellation, and the job engine. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "band.h"
+#include "engine.h"
+#include "err.h"
+#include "ref.h"
+#include "testutil.h"
+
+static const char *golden_root = GOLDEN_DIR;
+
+static void test_reference_golden(void) {
+  char names[64][128], err[512];
+  int n = golden_list(golden_root, names, 64);
+  ASSERT_TRUE(n > 0);
+  int conv_cases = 0;
+  for (int i = 0; i < n; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv2d") != 0) continue;
+    conv_cases++;
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
+    ASSERT_EQ_INT(c.h_out, g.output[2]);
+    ASSERT_EQ_INT(c.w_out, g.output[3]);
+    ASSERT_EQ_INT(c.p.c_out, g.output[1]);
+    float *y = malloc(c.output_bytes);
+    poison(y, c.output_elems);
+    ASSERT_OK(convd_ref_conv2d(&c, g.x, g.w, g.b, y, NULL), "reference failed");
+    int rc = check_close(names[i], y, g.expected, c.output_elems);
+    free(y);
+    golden_free(&g);
+    if (rc) {
+      FAIL_AT("golden case %s", names[i]);
+      return;
+    }
+  }
+  ASSERT_TRUE(conv_cases >= 15);
+}
+
+typedef struct bad_case {
+  const char *why;
+  convd_conv_params p;
+  int code;
+  const char *message;
+} bad_case;
+
+static convd_conv_params base_params(void) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 4, p.h = 8, p.w = 8;
+  p.c_out = 6, p.c_per_group = 4, p.kh = 3, p.kw = 3;
+  return p;
+}
+
+static void test_validation_messages(void) {
+  bad_case cases[16];
+  int n = 0;
+  convd_conv_params p;
+  p = base_params(), p.c_in = 0;
+  cases[n++] = (bad_case){"zero channel", p, CONVD_EINVAL, "every dimension must be at least 1"};
+  p = base_params(), p.h = -3;
+  cases[n++] = (bad_case){"negative H", p, CONVD_EINVAL, "N,C,H,W = 1,4,-3,8"};
+  p = base_params(), p.kw = 0;
+  cases[n++] = (bad_case){"zero kernel", p, CONVD_EINVAL, "weight shape C_out,C_in/groups,kH,kW = 6,4,3,0"};
+  p = base_params(), p.kh = 7, p.kw = 7, p.dil_h = 2, p.dil_w = 2;
+  cases[n++] = (bad_case){"dilated kernel too large", p, CONVD_EINVAL,
+                          "kernel 7x7 (dilated 13x13) is larger than padded input 8x8"};
+  p = base_params(), p.kh = 9;
+  cases[n++] = (bad_case){"kernel too large", p, CONVD_EINVAL, "kernel 9x3 is larger than padded input 8x8"};
+  p = base_params(), p.groups = 3;
+  cases[n++] = (bad_case){"groups", p, CONVD_EINVAL, "groups = 3 does not divide the 4 input channels"};
+  p = base_params(), p.groups = 4, p.c_per_group = 1;
+  cases[n++] = (bad_case){"groups out", p, CONVD_EINVAL, "groups = 4 does not divide the 6 output channels"};
+  p = base_params(), p.c_per_group = 2;
+  cases[n++] = (bad_case){"per group", p, CONVD_EINVAL, "weight shape has C_in/groups = 2"};
+  p = base_params(), p.stride_h = 0;
+  cases[n++] = (bad_case){"stride", p, CONVD_EINVAL, "stride height = 0"};
+  p = base_params(), p.pad_left = -1;
+  cases[n++] = (bad_case){"padding", p, CONVD_EINVAL, "padding left = -1"};
+  p = base_params(), p.dil_w = 0;
+  cases[n++] = (bad_case){"dilation", p, CONVD_EINVAL, "dilation width = 0"};
+  p = base_params(), p.w = CONVD_DIM_MAX + 1;
+  cases[n++] = (bad_case){"too wide", p, CONVD_EINVAL, "input W = 2147483648"};
+  p = base_params(), p.n = p.c_in = p.h = p.w = CONVD_DIM_MAX, p.c_per_group = CONVD_DIM_MAX;
+  cases[n++] = (bad_case){"overflow", p, CONVD_ERANGE, "is too large"};
+  /* a 1x1 input padded to 2^32 x 2^32 with 2^31 output channels: only the output overflows */
+  p = base_params(), p.c_in = 1, p.c_per_group = 1, p.h = p.w = 1, p.kh = p.kw = 1;
+  p.c_out = CONVD_DIM_MAX;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = CONVD_DIM_MAX;
+  cases[n++] = (bad_case){"output overflow", p, CONVD_ERANGE, "output of"};
+  for (int i = 0; i < n; i++) {
+    char err[512] = "";
+    convd_conv c;
+    int rc = convd_conv_init(&c, &cases[i].p, err, sizeof err);
+    if (rc != cases[i].code || strstr(err, cases[i].message) == NULL) {
+      FAIL_AT("%s: got %d \"%s\", want %d containing \"%s\"", cases[i].why, rc, err, cases[i].code,
+              cases[i].message);
+      return;
+    }
+  }
+  /* A valid one, with the output size arithmetic checked by hand. */
+  char err[256];
+  convd_conv c;
+  p = base_params(), p.stride_h = 2, p.pad_top = 1, p.pad_bottom = 0, p.pad_left = 2, p.dil_w = 2;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  ASSERT_EQ_INT(c.h_out, (8 + 1 - 3) / 2 + 1);
+  ASSERT_EQ_INT(c.w_out, 8 + 2 - 5 + 1);
+  ASSERT_EQ_INT(c.output_bytes, 1 * 6 * c.h_out * c.w_out * 4);
+  ASSERT_EQ_INT(c.macs, (uint64_t)c.output_elems * 4 * 9);
+}
+
+/* Cuts random tensors into bands of random piece sizes and reassembles them elsewhere. */
+static void test_band_roundtrip(void) {
+  rng r = {0x5eed0001};
+  for (int iter = 0; iter < 200; iter++) {
+    convd_band_shape s = {rng_range(&r, 1, 3), rng_range(&r, 1, 9), rng_range(&r, 1, 17),
+                          rng_range(&r, 1, 13), sizeof(float)};
+    size_t count = (size_t)(s.n * s.c * s.h * s.w);
+    float *a = malloc(count * 4), *b = malloc(count * 4);
+    char *piece = malloc(count * 4);
+    rng_fill(&r, a, count);
+    poison(b, count);
+    size_t max_bytes = (size_t)rng_range(&r, 1, (int64_t)count * 4 + 8);
+    convd_band_iter it;
+    convd_band_iter_init(&it, &s, max_bytes);
+    size_t total = 0;
+    int64_t last_n = 0, last_h1 = 0;
+    while (convd_band_iter_next(&it)) {
+      if (it.len > max_bytes || it.len == 0) {
+        FAIL_AT("piece of %zu bytes with max %zu", it.len, max_bytes);
+        return;
+      }
+      if (it.off == 0) { /* a new band starts where the previous one ended */
+        if (!((it.n == last_n && it.h0 == last_h1) || (it.n == last_n + 1 && it.h0 == 0))) {
+          FAIL_AT("band n=%" PRId64 " h0=%" PRId64 " does not follow n=%" PRId64 " h1=%" PRId64,
+                  it.n, it.h0, last_n, last_h1);
+          return;
+        }
+        last_n = it.n, last_h1 = it.h1;
+      }
+      convd_band_gather(a, &s, it.n, it.h0, it.h1, it.off, piece, it.len);
+      convd_band_scatter(b, &s, it.n, it.h0, it.h1, it.off, piece, it.len);
+      total += it.len;
+    }
+    ASSERT_EQ_INT(total, count * 4);
+    ASSERT_TRUE(memcmp(a, b, count * 4) == 0);
+    free(a);
+    free(b);
+    free(piece);
+  }
+}
+
+/* A band's layout is C x rows x W: check one element by hand. */
+static void test_band_layout(void) {
+  convd_band_shape s = {2, 3, 5, 4, sizeof(float)};
+  float t[2 * 3 * 5 * 4];
+  for (int i = 0; i < 120; i++) t[i] = (float)i;
+  float band[3 * 2 * 4];
+  convd_band_gather(t, &s, 1, 2, 4, 0, band, sizeof band);
+  /* band element (c=2, row 1, w=3) is tensor (n=1, c=2, h=3, w=3) */
+  ASSERT_EQ_INT((int)band[(2 * 2 + 1) * 4 + 3], ((1 * 3 + 2) * 5 + 3) * 4 + 3);
+  ASSERT_EQ_INT(convd_band_bytes(&s, 2, 4), sizeof band);
+}
+
+static void test_reference_cancel(void) {
+  convd_conv_params p = base_params();
+  convd_conv c;
+  char err[256];
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  float x[4 * 64] = {0}, w[6 * 4 * 9] = {0}, y[6 * 36];
+  atomic_int cancel;
+  atomic_init(&cancel, 1);
+  ASSERT_EQ_INT(convd_ref_conv2d(&c, x, w, NULL, y, &cancel), CONVD_ECANCELED);
+  atomic_store(&cancel, 0);
+  ASSERT_EQ_INT(convd_ref_conv2d(&c, x, w, NULL, y, &cancel), 0);
+}
+
+/* A grouped convolution equals separate convolutions of each group's channel slice. */
+static void test_reference_groups_split(void) {
+  rng r = {0x5eed0002};
+  for (int iter = 0; iter < 20; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.groups = rng_range(&r, 1, 4);
+    p.n = rng_range(&r, 1, 2), p.h = rng_range(&r, 3, 9), p.w = rng_range(&r, 3, 9);
+    p.c_per_group = rng_range(&r, 1, 3);
+    p.c_in = p.groups * p.c_per_group;
+    p.c_out = p.groups * rng_range(&r, 1, 3);
+    p.kh = rng_range(&r, 1, 3), p.kw = rng_range(&r, 1, 3);
+    p.stride_h = rng_range(&r, 1, 2), p.stride_w = rng_range(&r, 1, 2);
+    p.pad_top = rng_range(&r, 0, 2), p.pad_left = rng_range(&r, 0, 2);
+    p.has_bias = 1;
+    convd_conv c, cg;
+    char err[256];
+    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes);
+    float *y = malloc(c.output_bytes);
+    rng_fill(&r, x, c.input_elems);
+    rng_fill(&r, w, c.weight_elems);
+    rng_fill(&r, b, c.bias_elems);
+    ASSERT_OK(convd_ref_conv2d(&c, x, w, b, y, NULL), "ref");
+    convd_conv_params q = p;
+    q.groups = 1, q.c_in = p.c_per_group, q.c_out = p.c_out / p.groups;
+    ASSERT_OK(convd_conv_init(&cg, &q, err, sizeof err), err);
+    size_t plane_in = (size_t)(p.h * p.w), plane_out = (size_t)(c.h_out * c.w_out);
+    float *xg = malloc(cg.input_bytes), *yg = malloc(cg.output_bytes);
+    for (int64_t g = 0; g < p.groups; g++) {
+      for (int64_t n = 0; n < p.n; n++)
+        memcpy(xg + (size_t)(n * q.c_in) * plane_in,
+               x + (size_t)(n * p.c_in + g * q.c_in) * plane_in, (size_t)q.c_in * plane_in * 4);
+      ASSERT_OK(convd_ref_conv2d(&cg, xg, w + (size_t)(g * q.c_out) * (size_t)(q.c_in * q.kh * q.kw),
+                                 b + g * q.c_out, yg, NULL), "ref group");
+      for (int64_t n = 0; n < p.n; n++)
+        if (memcmp(yg + (size_t)(n * q.c_out) * plane_out,
+                   y + (size_t)(n * p.c_out + g * q.c_out) * plane_out,
+                   (size_t)q.c_out * plane_out * 4) != 0) {
+          FAIL_AT("iteration %d group %" PRId64 " differs", iter, g);
+          return;
+        }
+    }
+    free(x), free(w), free(b), free(y), free(xg), free(yg);
+  }
+}
+
+typedef struct job_result {
+  pthread_mutex_t mu;
+  int done, failed;
+} job_result;
+
+static void job_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  job_result *r = user;
+  pthread_mutex_lock(&r->mu);
+  r->done++;
+  if (status != 0 || st->ops_run != 1) {
+    fprintf(stderr, "  job failed: %d %s\n", status, err);
+    r->failed++;
+  }
+  pthread_mutex_unlock(&r->mu);
+}
+
+static void test_engine_jobs(void) {
+  convd_engine *e;
+  char err[256];
+  convd_engine_opts o = {.workers = 3};
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  convd_conv_params p = base_params();
+  p.has_bias = 1;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  enum { JOBS = 16 };
+  rng r = {0x5eed0003};
+  float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes);
+  float *want = malloc(c.output_bytes), *y[JOBS];
+  rng_fill(&r, x, c.input_elems);
+  rng_fill(&r, w, c.weight_elems);
+  rng_fill(&r, b, c.bias_elems);
+  ASSERT_OK(convd_ref_conv2d(&c, x, w, b, want, NULL), "ref");
+  job_result res = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
+  for (int i = 0; i < JOBS; i++) {
+    y[i] = malloc(c.output_bytes);
+    poison(y[i], c.output_elems);
+    convd_job_desc d = {&c, x, w, b, y[i], NULL, job_done, &res};
+    ASSERT_OK(convd_engine_submit(e, &d, err, sizeof err), err);
+  }
+  /* A job without its tensors is refused without a callback. */
+  convd_job_desc bad = {&c, x, w, NULL, y[0], NULL, job_done, &res};
+  ASSERT_EQ_INT(convd_engine_submit(e, &bad, err, sizeof err), CONVD_EINVAL);
+  for (int spins = 0; spins < 10000; spins++) {
+    pthread_mutex_lock(&res.mu);
+    int done = res.done;
+    pthread_mutex_unlock(&res.mu);
+    if (done == JOBS) break;
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+  }
+  ASSERT_EQ_INT(res.done, JOBS);
+  ASSERT_EQ_INT(res.failed, 0);
+  convd_device_info info;
+  ASSERT_OK(convd_engine_device_info(e, 0, &info), "info");
+  ASSERT_EQ_INT(info.completed_ops, JOBS);
+  ASSERT_EQ_INT(convd_engine_jobs_pending(e), 0);
+  convd_engine_destroy(e);
+  for (int i = 0; i < JOBS; i++) {
+    ASSERT_TRUE(memcmp(y[i], want, c.output_bytes) == 0);
+    free(y[i]);
+  }
+  free(x), free(w), free(b), free(want);
+}
+
+int main(int argc, char **argv) {
+  static const test_case tests[] = {
+      {"reference_golden", test_reference_golden},
+      {"validation_messages", test_validation_messages},
+      {"band_roundtrip", test_band_roundtrip},
+      {"band_layout", test_band_layout},
+      {"reference_cancel", test_reference_cancel},
+      {"reference_groups_split", test_reference_groups_split},
+      {"engine_jobs", test_engine_jobs},
+  };
+  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+}

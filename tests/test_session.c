@@ -1,0 +1,297 @@
+/* The Conv2d stream's rules, fed message by message without a network: the happy path with
+ * bands cut into uneven pieces, and every malformed stream with its message. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "band.h"
+#include "err.h"
+#include "session.h"
+#include "testutil.h"
+
+/* Shapes for the tests: input 2x3x5x4, weight 4x3x3x3, padding 1, bias. */
+typedef struct fixture {
+  Convd__V1__ConvSpec spec;
+  Convd__V1__Shape4 in, wt;
+  Convd__V1__Padding pad;
+} fixture;
+
+static void fixture_init(fixture *f) {
+  convd__v1__conv_spec__init(&f->spec);
+  convd__v1__shape4__init(&f->in);
+  convd__v1__shape4__init(&f->wt);
+  convd__v1__padding__init(&f->pad);
+  f->in.d0 = 2, f->in.d1 = 3, f->in.d2 = 5, f->in.d3 = 4;
+  f->wt.d0 = 4, f->wt.d1 = 3, f->wt.d2 = 3, f->wt.d3 = 3;
+  f->pad.top = f->pad.bottom = f->pad.left = f->pad.right = 1;
+  f->spec.input_shape = &f->in;
+  f->spec.weight_shape = &f->wt;
+  f->spec.padding = &f->pad;
+  f->spec.has_bias = 1;
+}
+
+static int feed_spec(convd_session *s, Convd__V1__ConvSpec *spec, char *err, size_t errlen) {
+  Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+  m.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
+  m.spec = spec;
+  int accepted;
+  return convd_session_feed(s, &m, &accepted, err, errlen);
+}
+
+static int feed_chunk(convd_session *s, int bias, uint64_t off, const void *data, size_t len,
+                      char *err, size_t errlen) {
+  Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
+  ch.offset = off;
+  ch.data.data = (uint8_t *)data;
+  ch.data.len = len;
+  Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+  m.msg_case = bias ? CONVD__V1__CONV_REQUEST__MSG_BIAS : CONVD__V1__CONV_REQUEST__MSG_WEIGHT;
+  if (bias) m.bias = &ch;
+  else m.weight = &ch;
+  int accepted;
+  return convd_session_feed(s, &m, &accepted, err, errlen);
+}
+
+static int feed_band(convd_session *s, int64_t n, int64_t h0, int64_t h1, uint64_t off,
+                     const void *data, size_t len, char *err, size_t errlen) {
+  Convd__V1__RowBand b = CONVD__V1__ROW_BAND__INIT;
+  b.n = n, b.h_begin = h0, b.h_end = h1, b.offset = off;
+  b.data.data = (uint8_t *)data;
+  b.data.len = len;
+  Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+  m.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT;
+  m.input = &b;
+  int accepted;
+  return convd_session_feed(s, &m, &accepted, err, errlen);
+}
+
+static const size_t WBYTES = 4 * 3 * 3 * 3 * 4, BBYTES = 4 * 4, ROW = 3 * 4 * 4; /* ROW: all channels */
+static char zeros[4096];
+
+/* Sends everything but what `skip` names: 'w' weights, 'b' bias, 'r' the last row. */
+static int feed_all_but(convd_session *s, char skip, char *err, size_t errlen) {
+  int rc = 0;
+  if (skip != 'w' && (rc = feed_chunk(s, 0, 0, zeros, WBYTES, err, errlen))) return rc;
+  if (skip != 'b' && (rc = feed_chunk(s, 1, 0, zeros, BBYTES, err, errlen))) return rc;
+  for (int n = 0; n < 2; n++)
+    for (int h = 0; h < 5; h++) {
+      if (skip == 'r' && n == 1 && h == 4) continue;
+      if ((rc = feed_band(s, n, h, h + 1, 0, zeros, ROW, err, errlen))) return rc;
+    }
+  return 0;
+}
+
+static void test_happy_path_uneven_pieces(void) {
+  fixture f;
+  fixture_init(&f);
+  convd_session *s = convd_session_create(1 << 20);
+  char err[1024];
+  ASSERT_OK(feed_spec(s, &f.spec, err, sizeof err), err);
+  const convd_conv *c = convd_session_conv(s);
+  ASSERT_EQ_INT(c->h_out, 5);
+  rng r = {0x5eed0010};
+  float x[2 * 3 * 5 * 4], w[108], b[4];
+  rng_fill(&r, x, 120);
+  rng_fill(&r, w, 108);
+  rng_fill(&r, b, 4);
+  /* weights in three chunks of odd byte sizes, bias in one */
+  ASSERT_OK(feed_chunk(s, 0, 0, w, 7, err, sizeof err), err);
+  ASSERT_OK(feed_chunk(s, 0, 7, (char *)w + 7, 200, err, sizeof err), err);
+  ASSERT_OK(feed_chunk(s, 0, 207, (char *)w + 207, WBYTES - 207, err, sizeof err), err);
+  ASSERT_OK(feed_chunk(s, 1, 0, b, BBYTES, err, sizeof err), err);
+  /* batch item 1 first, in bands of 2,2,1 rows, each cut into pieces of 13 bytes */
+  convd_band_shape sh = {2, 3, 5, 4, 4};
+  char piece[256];
+  const int64_t bands[][3] = {{1, 0, 2}, {1, 2, 4}, {1, 4, 5}, {0, 3, 5}, {0, 0, 3}};
+  for (int i = 0; i < 5; i++) {
+    size_t len = convd_band_bytes(&sh, bands[i][1], bands[i][2]);
+    for (size_t off = 0; off < len; off += 13) {
+      size_t take = len - off < 13 ? len - off : 13;
+      convd_band_gather(x, &sh, bands[i][0], bands[i][1], bands[i][2], off, piece, take);
+      ASSERT_OK(feed_band(s, bands[i][0], bands[i][1], bands[i][2], off, piece, take, err, sizeof err), err);
+    }
+  }
+  ASSERT_OK(convd_session_finish(s, err, sizeof err), err);
+  convd_job_desc d = {0};
+  convd_session_job(s, &d);
+  ASSERT_TRUE(memcmp(d.x, x, sizeof x) == 0);
+  ASSERT_TRUE(memcmp(d.w, w, sizeof w) == 0);
+  ASSERT_TRUE(memcmp(d.b, b, sizeof b) == 0);
+  ASSERT_EQ_INT(convd_session_bytes_received(s), sizeof x + sizeof w + sizeof b);
+  convd_session_destroy(s);
+}
+
+typedef int (*stream_fn)(convd_session *s, fixture *f, char *err, size_t errlen);
+
+static int s_data_first(convd_session *s, fixture *f, char *err, size_t n) {
+  (void)f;
+  return feed_chunk(s, 0, 0, zeros, 4, err, n);
+}
+static int s_two_specs(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_spec(s, &f->spec, err, n);
+}
+static int s_zero_dim(convd_session *s, fixture *f, char *err, size_t n) {
+  f->in.d2 = 0;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_negative_dim(convd_session *s, fixture *f, char *err, size_t n) {
+  f->wt.d0 = -4;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_no_weight_shape(convd_session *s, fixture *f, char *err, size_t n) {
+  f->spec.weight_shape = NULL;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_kernel_too_large(convd_session *s, fixture *f, char *err, size_t n) {
+  f->wt.d2 = 9;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_groups(convd_session *s, fixture *f, char *err, size_t n) {
+  f->spec.groups = 2;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_bad_op(convd_session *s, fixture *f, char *err, size_t n) {
+  f->spec.op = 2;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_bad_dtype(convd_session *s, fixture *f, char *err, size_t n) {
+  f->spec.dtype = 7;
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_too_large(convd_session *s, fixture *f, char *err, size_t n) {
+  f->in.d2 = f->in.d3 = 4096; /* 2*3*4096*4096*4 bytes > the 1 MiB limit used here */
+  return feed_spec(s, &f->spec, err, n);
+}
+static int s_weight_out_of_order(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_chunk(s, 0, 8, zeros, 8, err, n);
+}
+static int s_weight_too_long(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_chunk(s, 0, 0, zeros, WBYTES + 4, err, n);
+}
+static int s_unwanted_bias(convd_session *s, fixture *f, char *err, size_t n) {
+  f->spec.has_bias = 0;
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_chunk(s, 1, 0, zeros, 16, err, n);
+}
+static int s_band_n_range(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_band(s, 2, 0, 1, 0, zeros, ROW, err, n);
+}
+static int s_band_beyond_h(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_band(s, 0, 4, 6, 0, zeros, 2 * ROW, err, n);
+}
+static int s_band_empty_range(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_band(s, 0, 3, 3, 0, zeros, 0, err, n);
+}
+static int s_band_overlap(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_band(s, 0, 0, 3, 0, zeros, 3 * ROW, err, n);
+  return rc ? rc : feed_band(s, 0, 2, 4, 0, zeros, 2 * ROW, err, n);
+}
+static int s_band_too_long(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_band(s, 0, 0, 1, 0, zeros, ROW + 4, err, n);
+}
+static int s_band_interleaved(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_band(s, 0, 0, 1, 0, zeros, 8, err, n);
+  return rc ? rc : feed_band(s, 0, 1, 2, 0, zeros, 8, err, n);
+}
+static int s_band_first_offset(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  return rc ? rc : feed_band(s, 0, 0, 1, 8, zeros, 8, err, n);
+}
+static int s_missing_weights(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_all_but(s, 'w', err, n);
+  return rc ? rc : convd_session_finish(s, err, n);
+}
+static int s_missing_bias(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_all_but(s, 'b', err, n);
+  return rc ? rc : convd_session_finish(s, err, n);
+}
+static int s_missing_row(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_all_but(s, 'r', err, n);
+  return rc ? rc : convd_session_finish(s, err, n);
+}
+static int s_open_band_at_close(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (!rc) rc = feed_chunk(s, 0, 0, zeros, WBYTES, err, n);
+  if (!rc) rc = feed_chunk(s, 1, 0, zeros, BBYTES, err, n);
+  if (!rc) rc = feed_band(s, 0, 0, 1, 0, zeros, 8, err, n);
+  return rc ? rc : convd_session_finish(s, err, n);
+}
+static int s_no_spec_at_close(convd_session *s, fixture *f, char *err, size_t n) {
+  (void)f;
+  return convd_session_finish(s, err, n);
+}
+static int s_empty_message(convd_session *s, fixture *f, char *err, size_t n) {
+  int rc = feed_spec(s, &f->spec, err, n);
+  if (rc) return rc;
+  Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+  int accepted;
+  return convd_session_feed(s, &m, &accepted, err, n);
+}
+
+static void test_stream_errors(void) {
+  static const struct {
+    const char *name;
+    stream_fn fn;
+    int code;
+    const char *msg;
+  } cases[] = {
+      {"data before spec", s_data_first, CONVD_EINVAL, "the first message must be the spec"},
+      {"two specs", s_two_specs, CONVD_EINVAL, "a second spec arrived"},
+      {"zero dim", s_zero_dim, CONVD_EINVAL, "N,C,H,W = 2,3,0,4: every dimension must be at least 1"},
+      {"negative dim", s_negative_dim, CONVD_EINVAL, "C_out,C_in/groups,kH,kW = -4,3,3,3"},
+      {"no weight shape", s_no_weight_shape, CONVD_EINVAL, "spec.weight_shape is missing"},
+      {"kernel too large", s_kernel_too_large, CONVD_EINVAL, "kernel 9x3 is larger than padded input 7x6"},
+      {"groups", s_groups, CONVD_EINVAL, "groups = 2 does not divide the 3 input channels"},
+      {"op", s_bad_op, CONVD_ENOTSUP, "spec.op = 2 is not an operation"},
+      {"dtype", s_bad_dtype, CONVD_ENOTSUP, "spec.dtype = 7"},
+      {"too large", s_too_large, CONVD_ELIMIT, "--max-request-bytes"},
+      {"weight order", s_weight_out_of_order, CONVD_EINVAL, "weight chunk at byte offset 8, but 0 bytes have arrived"},
+      {"weight length", s_weight_too_long, CONVD_EINVAL, "ends past the weight's 432 bytes"},
+      {"unwanted bias", s_unwanted_bias, CONVD_EINVAL, "has_bias = false"},
+      {"band n", s_band_n_range, CONVD_EINVAL, "n = 2, outside the batch [0, 2)"},
+      {"band beyond H", s_band_beyond_h, CONVD_EINVAL, "rows [4, 6): need 0 <= h_begin < h_end <= H = 5"},
+      {"band empty", s_band_empty_range, CONVD_EINVAL, "rows [3, 3)"},
+      {"band overlap", s_band_overlap, CONVD_EINVAL, "overlaps rows already received (row 2 of batch item 0)"},
+      {"band too long", s_band_too_long, CONVD_EINVAL, "end past the band's 48 bytes"},
+      {"band interleaved", s_band_interleaved, CONVD_EINVAL, "is incomplete (8 of 48 bytes)"},
+      {"band offset", s_band_first_offset, CONVD_EINVAL, "the first piece of a band has offset 0"},
+      {"missing weights", s_missing_weights, CONVD_EINVAL, "weights incomplete at half-close: 0 of 432"},
+      {"missing bias", s_missing_bias, CONVD_EINVAL, "bias incomplete at half-close: 0 of 16"},
+      {"missing row", s_missing_row, CONVD_EINVAL, "9 of 10 rows arrived; row 4 of batch item 1 is missing"},
+      {"open band", s_open_band_at_close, CONVD_EINVAL, "has 8 of 48 bytes"},
+      {"no spec", s_no_spec_at_close, CONVD_EINVAL, "the stream ended before the spec arrived"},
+      {"empty message", s_empty_message, CONVD_EINVAL, "a message with no content"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    fixture f;
+    fixture_init(&f);
+    convd_session *s = convd_session_create(1 << 20);
+    char err[1024] = "";
+    int rc = cases[i].fn(s, &f, err, sizeof err);
+    convd_session_destroy(s);
+    if (rc != cases[i].code || strstr(err, cases[i].msg) == NULL) {
+      FAIL_AT("%s: got %d \"%s\", want %d containing \"%s\"", cases[i].name, rc, err,
+              cases[i].code, cases[i].msg);
+      return;
+    }
+  }
+}
+
+int main(int argc, char **argv) {
+  static const test_case tests[] = {
+      {"happy_path_uneven_pieces", test_happy_path_uneven_pieces},
+      {"stream_errors", test_stream_errors},
+  };
+  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+}
