@@ -513,6 +513,13 @@ int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const
   req.weight.len = conv.weight_bytes;
   req.bias.data = (uint8_t *)b;
   req.bias.len = conv.bias_bytes;
+  size_t req_bytes = protobuf_c_message_get_packed_size(&req.base);
+  if (req_bytes > c->o.max_message_bytes || conv.output_bytes + 1024 > c->o.max_message_bytes)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "a unary call of %zu request bytes and %zu output bytes does not fit the "
+                      "message limit of %zu bytes: use the streaming Conv2d call "
+                      "(convd_client_conv2d)",
+                      req_bytes, conv.output_bytes, c->o.max_message_bytes);
   grpc_byte_buffer *bb = pack(&req.base), *resp = NULL;
   if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   rc = unary_call(c, c->m_unary, bb, &resp, err, errlen);

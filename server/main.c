@@ -1,7 +1,8 @@
 /* convd: the daemon. Parses the configuration, starts the engine and the gRPC server, then runs a
  * libuv loop whose only jobs are signals and the shutdown sequence:
- *   SIGTERM/SIGINT -> stop accepting calls -> calls in flight finish, or are cancelled after
- *   --drain-timeout -> exit 0. A second signal cancels at once. */
+ *   SIGTERM/SIGINT -> drain: new calls get UNAVAILABLE, calls in flight finish (cancelled after
+ *   --drain-timeout; a second signal cancels at once) -> a short linger so clients read their
+ *   last frames -> gRPC shutdown -> exit 0. */
 #include <grpc/grpc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,29 +15,56 @@
 #include "log.h"
 #include "rpc.h"
 
+/* After the last call ended, gRPC's shutdown closes connections at once; this pause lets
+ * clients read the frames of calls that just ended. Loopback needs microseconds; this is for
+ * slow links. */
+#define LINGER_MS 200
+
 typedef struct daemon_state {
   uv_loop_t *loop;
   uv_signal_t sigint, sigterm;
-  uv_timer_t drain_timer;
-  uv_async_t stopped;
+  uv_timer_t drain_timer, linger_timer;
+  uv_async_t drained, stopped;
   convd_rpc *rpc;
   const convd_config *cfg;
   int shutting_down;
 } daemon_state;
 
-/* Server thread: every call has ended. */
+/* Server or engine thread: the last call in flight ended. */
+static void on_rpc_drained(void *user) {
+  daemon_state *d = user;
+  uv_async_send(&d->drained);
+}
+
+/* Server thread: gRPC has shut down. */
 static void on_rpc_stopped(void *user) {
   daemon_state *d = user;
   uv_async_send(&d->stopped);
 }
 
+static void on_linger(uv_timer_t *t) {
+  daemon_state *d = t->data;
+  convd_rpc_shutdown(d->rpc, on_rpc_stopped, d);
+}
+
+static void on_drained(uv_async_t *h) {
+  daemon_state *d = h->data;
+  convd_log(CONVD_LOG_INFO, "msg=\"all calls ended\"");
+  uv_timer_stop(&d->drain_timer);
+  uv_timer_start(&d->linger_timer, on_linger, LINGER_MS, 0);
+}
+
 static void on_stopped(uv_async_t *h) {
   daemon_state *d = h->data;
-  convd_log(CONVD_LOG_INFO, "msg=\"all calls ended, exiting\"");
-  uv_close((uv_handle_t *)&d->sigint, NULL);
-  uv_close((uv_handle_t *)&d->sigterm, NULL);
-  uv_close((uv_handle_t *)&d->drain_timer, NULL);
-  uv_close((uv_handle_t *)&d->stopped, NULL);
+  convd_log(CONVD_LOG_INFO, "msg=\"stopped, exiting\"");
+  /* Closing the signal handles restores the default action; a late SIGTERM must not turn a
+   * clean exit into a kill while the engine and gRPC shut down. */
+  signal(SIGTERM, SIG_IGN);
+  signal(SIGINT, SIG_IGN);
+  uv_handle_t *handles[] = {(uv_handle_t *)&d->sigint,       (uv_handle_t *)&d->sigterm,
+                            (uv_handle_t *)&d->drain_timer,  (uv_handle_t *)&d->linger_timer,
+                            (uv_handle_t *)&d->drained,      (uv_handle_t *)&d->stopped};
+  for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++) uv_close(handles[i], NULL);
 }
 
 static void on_drain_timeout(uv_timer_t *t) {
@@ -53,10 +81,10 @@ static void on_signal(uv_signal_t *h, int signum) {
     return;
   }
   d->shutting_down = 1;
-  convd_log(CONVD_LOG_INFO, "msg=\"shutting down: no new calls\" signal=%s drain_timeout_s=%g",
+  convd_log(CONVD_LOG_INFO, "msg=\"draining: new calls get UNAVAILABLE\" signal=%s drain_timeout_s=%g",
             signum == SIGTERM ? "SIGTERM" : "SIGINT", d->cfg->drain_timeout);
-  convd_rpc_shutdown(d->rpc, on_rpc_stopped, d);
   uv_timer_start(&d->drain_timer, on_drain_timeout, (uint64_t)(d->cfg->drain_timeout * 1000.0), 0);
+  convd_rpc_drain(d->rpc, on_rpc_drained, d);
 }
 
 int main(int argc, char **argv) {
@@ -101,8 +129,11 @@ int main(int argc, char **argv) {
   uv_signal_init(d.loop, &d.sigint);
   uv_signal_init(d.loop, &d.sigterm);
   uv_timer_init(d.loop, &d.drain_timer);
+  uv_timer_init(d.loop, &d.linger_timer);
+  uv_async_init(d.loop, &d.drained, on_drained);
   uv_async_init(d.loop, &d.stopped, on_stopped);
-  d.sigint.data = d.sigterm.data = d.drain_timer.data = d.stopped.data = &d;
+  d.sigint.data = d.sigterm.data = d.drain_timer.data = d.linger_timer.data = &d;
+  d.drained.data = d.stopped.data = &d;
   uv_signal_start(&d.sigint, on_signal, SIGINT);
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);
 

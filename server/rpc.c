@@ -48,6 +48,11 @@ struct convd_rpc {
   void *method[K_COUNT];
   pthread_mutex_t mu;
   int live_calls; /* call objects: posted requests and calls in progress */
+  call *active;   /* calls in progress (matched to a client), a doubly linked list */
+  int n_active;
+  int draining, drained_called;
+  void (*drained)(void *user);
+  void *drained_user;
   int shutting_down, shutdown_notified, stopped_called;
   void (*stopped)(void *user);
   void *stopped_user;
@@ -56,6 +61,8 @@ struct convd_rpc {
 
 struct call {
   convd_rpc *rpc;
+  call *prev, *next; /* in rpc->active while in progress */
+  int in_active;
   enum call_kind kind;
   grpc_call *gc;
   grpc_call_details details;
@@ -162,8 +169,28 @@ static void call_log_end(call *c) {
             c->status_set && c->status != GRPC_STATUS_OK ? "\"" : "");
 }
 
+/* Runs the drained callback if draining and no call is in progress. */
+static void rpc_maybe_drained(convd_rpc *r) {
+  int fire = 0;
+  pthread_mutex_lock(&r->mu);
+  if (r->draining && r->n_active == 0 && !r->drained_called) {
+    r->drained_called = 1;
+    fire = 1;
+  }
+  pthread_mutex_unlock(&r->mu);
+  if (fire && r->drained) r->drained(r->drained_user);
+}
+
 static void call_free(call *c) {
   convd_rpc *r = c->rpc;
+  pthread_mutex_lock(&r->mu);
+  if (c->in_active) {
+    if (c->prev) c->prev->next = c->next;
+    else r->active = c->next;
+    if (c->next) c->next->prev = c->prev;
+    r->n_active--;
+  }
+  pthread_mutex_unlock(&r->mu);
   if (c->gc) {
     call_log_end(c);
     grpc_call_unref(c->gc);
@@ -185,6 +212,7 @@ static void call_free(call *c) {
   pthread_mutex_lock(&r->mu);
   r->live_calls--;
   pthread_mutex_unlock(&r->mu);
+  rpc_maybe_drained(r);
   rpc_maybe_stopped(r);
 }
 
@@ -667,7 +695,12 @@ static void on_request(void *obj, int ok) {
     return;
   }
   pthread_mutex_lock(&r->mu);
-  int repost = !r->shutting_down;
+  int repost = !r->shutting_down, draining = r->draining;
+  c->in_active = 1;
+  c->next = r->active;
+  if (r->active) r->active->prev = c;
+  r->active = c;
+  r->n_active++;
   pthread_mutex_unlock(&r->mu);
   if (repost) post_request(r, c->kind);
 
@@ -683,7 +716,10 @@ static void on_request(void *obj, int ok) {
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   op.data.recv_close_on_server.cancelled = &c->client_cancelled;
-  if (start_batch(c, &op, 1, &c->t_close) == 0) {
+  if (start_batch(c, &op, 1, &c->t_close) == 0 && draining) {
+    set_status(c, CONVD_EUNAVAIL, "convd is shutting down and takes no new calls; retry on another instance or after it restarts");
+    send_final(c, NULL);
+  } else if (!c->dead) {
     switch (c->kind) {
       case K_CONV2D: handle_conv2d(c); break;
       case K_UNARY: handle_unary(c); break;
@@ -783,6 +819,26 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   return 0;
 }
 
+void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
+  pthread_mutex_lock(&r->mu);
+  r->draining = 1;
+  r->drained = drained;
+  r->drained_user = user;
+  pthread_mutex_unlock(&r->mu);
+  rpc_maybe_drained(r);
+}
+
+void convd_rpc_cancel_all(convd_rpc *r) {
+  /* Under r->mu no listed call can be freed: call_free unlinks before it unrefs. */
+  pthread_mutex_lock(&r->mu);
+  for (call *c = r->active; c; c = c->next)
+    grpc_call_cancel_with_status(c->gc, GRPC_STATUS_UNAVAILABLE,
+                                 "convd is shutting down: the call was cancelled after the drain "
+                                 "timeout",
+                                 NULL);
+  pthread_mutex_unlock(&r->mu);
+}
+
 void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user) {
   pthread_mutex_lock(&r->mu);
   r->shutting_down = 1;
@@ -791,8 +847,6 @@ void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user) {
   pthread_mutex_unlock(&r->mu);
   grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
 }
-
-void convd_rpc_cancel_all(convd_rpc *r) { grpc_server_cancel_all_calls(r->server); }
 
 void convd_rpc_destroy(convd_rpc *r) {
   if (r == NULL) return;

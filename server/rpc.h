@@ -16,12 +16,18 @@ typedef struct convd_rpc convd_rpc;
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **out, int *port,
                     char *err, size_t errlen);
 
-/* Stops accepting calls; calls in flight go on. stopped(user) runs once, on the server's
- * thread, when every call has ended. Call once. */
-void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user);
+/* Starts draining: calls that arrive from now on are answered UNAVAILABLE at once, calls in
+ * flight go on. drained(user) runs once, on whichever thread ends the last call (or at once
+ * when none is in flight). Call once. */
+void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user);
 
-/* Cancels every call still in flight (after the drain timeout). */
+/* Cancels every call in flight (drain timeout, second signal): each ends UNAVAILABLE. */
 void convd_rpc_cancel_all(convd_rpc *r);
+
+/* After draining: shuts gRPC down. gRPC core closes a connection as soon as its last stream
+ * ends once shutdown began, which can cut off a stream's final frames; that is why calls are
+ * drained first. stopped(user) runs once, on the server's thread, when gRPC is done. */
+void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user);
 
 /* After stopped() ran: joins the thread and frees everything. */
 void convd_rpc_destroy(convd_rpc *r);

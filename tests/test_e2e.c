@@ -1,0 +1,460 @@
+/* End to end: a real convd process on loopback, driven by convctl and by libconvd_client.
+ * Every result is compared element by element with the golden vectors or with the reference
+ * computed here, outputs poisoned with NaN beforehand. */
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "daemon.h"
+#include "npy.h"
+#include "ref.h"
+#include "testutil.h"
+
+static const char *golden_root = GOLDEN_DIR;
+
+/* A random convolution with its inputs and the reference answer. */
+typedef struct problem {
+  convd_conv_params p;
+  convd_conv c;
+  float *x, *w, *b, *y;
+  double *want;
+} problem;
+
+static void problem_free(problem *pr) {
+  free(pr->x), free(pr->w), free(pr->b), free(pr->y), free(pr->want);
+  memset(pr, 0, sizeof *pr);
+}
+
+/* Fills inputs; the reference is computed by problem_reference (it may run on another thread). */
+static int problem_init(problem *pr, const convd_conv_params *p, rng *r) {
+  char err[256];
+  memset(pr, 0, sizeof *pr);
+  pr->p = *p;
+  if (convd_conv_init(&pr->c, p, err, sizeof err)) {
+    fprintf(stderr, "  bad problem: %s\n", err);
+    return -1;
+  }
+  pr->x = malloc(pr->c.input_bytes);
+  pr->w = malloc(pr->c.weight_bytes);
+  pr->b = p->has_bias ? malloc(pr->c.bias_bytes) : NULL;
+  pr->y = malloc(pr->c.output_bytes);
+  pr->want = malloc(pr->c.output_elems * sizeof(double));
+  rng_fill(r, pr->x, pr->c.input_elems);
+  rng_fill(r, pr->w, pr->c.weight_elems);
+  if (pr->b) rng_fill(r, pr->b, pr->c.bias_elems);
+  poison(pr->y, pr->c.output_elems);
+  return 0;
+}
+
+static void problem_reference(problem *pr) {
+  float *ref = malloc(pr->c.output_bytes);
+  convd_ref_conv2d(&pr->c, pr->x, pr->w, pr->b, ref, NULL);
+  for (size_t i = 0; i < pr->c.output_elems; i++) pr->want[i] = ref[i];
+  free(ref);
+}
+
+static void *reference_thread(void *arg) {
+  problem_reference(arg);
+  return NULL;
+}
+
+/* A random convolution covering groups/depthwise, stride, dilation, asymmetric padding, N>1. */
+static convd_conv_params random_params(rng *r) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  int64_t kind = rng_range(r, 0, 3);
+  p.groups = kind == 0 ? 1 : kind == 1 ? rng_range(r, 2, 3) : 1;
+  p.n = rng_range(r, 1, 3);
+  p.c_per_group = rng_range(r, 1, 6);
+  p.c_in = p.groups * p.c_per_group;
+  p.c_out = p.groups * rng_range(r, 1, 5);
+  if (kind == 3) { /* depthwise */
+    p.c_in = p.groups = rng_range(r, 2, 8);
+    p.c_per_group = 1;
+    p.c_out = p.c_in * rng_range(r, 1, 2);
+  }
+  p.kh = rng_range(r, 1, 5), p.kw = rng_range(r, 1, 5);
+  p.stride_h = rng_range(r, 1, 3), p.stride_w = rng_range(r, 1, 3);
+  p.dil_h = rng_range(r, 1, 3), p.dil_w = rng_range(r, 1, 3);
+  p.pad_top = rng_range(r, 0, 3), p.pad_bottom = rng_range(r, 0, 3);
+  p.pad_left = rng_range(r, 0, 3), p.pad_right = rng_range(r, 0, 3);
+  int64_t kh_eff = p.dil_h * (p.kh - 1) + 1, kw_eff = p.dil_w * (p.kw - 1) + 1;
+  p.h = rng_range(r, kh_eff > 1 ? kh_eff : 1, 40);
+  p.w = rng_range(r, kw_eff > 1 ? kw_eff : 1, 40);
+  p.has_bias = (int)rng_range(r, 0, 1);
+  return p;
+}
+
+/* ---- golden vectors through convctl -------------------------------------------------- */
+
+static void test_golden_convctl(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  char names[64][128], err[512];
+  int n = golden_list(golden_root, names, 64), ran = 0;
+  for (int i = 0; i < n && !test_failed; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv2d") != 0) continue;
+    char in[640], wt[640], bs[640], out[8448], stride[64], pad[128], dil[64], groups[32];
+    snprintf(in, sizeof in, "%s/input.npy", g.dir);
+    snprintf(wt, sizeof wt, "%s/weight.npy", g.dir);
+    snprintf(bs, sizeof bs, "%s/bias.npy", g.dir);
+    snprintf(out, sizeof out, "/tmp/convd-e2e-%d-%s.npy", (int)getpid(), names[i]);
+    snprintf(stride, sizeof stride, "%lld,%lld", (long long)g.p.stride_h, (long long)g.p.stride_w);
+    snprintf(pad, sizeof pad, "%lld,%lld,%lld,%lld", (long long)g.p.pad_top,
+             (long long)g.p.pad_bottom, (long long)g.p.pad_left, (long long)g.p.pad_right);
+    snprintf(dil, sizeof dil, "%lld,%lld", (long long)g.p.dil_h, (long long)g.p.dil_w);
+    snprintf(groups, sizeof groups, "%lld", (long long)g.p.groups);
+    char *argv[32] = {CONVCTL_BIN, "conv", "--server", d.target, "--input", in, "--weight", wt,
+                      "--stride", stride, "--padding", pad, "--dilation", dil, "--groups", groups,
+                      "--output", out};
+    int argc = 18;
+    if (g.p.has_bias) argv[argc++] = "--bias", argv[argc++] = bs;
+    argv[argc] = NULL;
+    int rc = test_run(argv, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 120);
+    if (rc != 0) {
+      char msg[2048] = "";
+      test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+      FAIL_AT("convctl on %s exited %d: %s", names[i], rc, msg);
+    } else {
+      convd_npy y;
+      if (convd_npy_read(out, &y, err, sizeof err)) {
+        FAIL_AT("%s", err);
+      } else {
+        if (y.ndim != 4 || y.shape[0] != g.output[0] || y.shape[1] != g.output[1] ||
+            y.shape[2] != g.output[2] || y.shape[3] != g.output[3] || y.elem_size != 4)
+          FAIL_AT("%s: output has the wrong shape or dtype", names[i]);
+        else if (check_close(names[i], y.data, g.expected, g.expected_count))
+          FAIL_AT("golden case %s through convctl", names[i]);
+        convd_npy_free(&y);
+      }
+      unlink(out);
+      ran++;
+    }
+    golden_free(&g);
+  }
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+  ASSERT_TRUE(ran >= 15);
+}
+
+/* Golden vectors through the library: unary, and streaming with tiny chunks both ways so that
+ * every band is split into pieces. */
+static void test_golden_library_small_chunks(void) {
+  test_daemon d;
+  const char *extra[] = {"--chunk-bytes", "1024", "--max-message-bytes", "65536", NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  convd_client *cl;
+  char err[1024];
+  convd_client_opts o = {.chunk_bytes = 1000, .max_message_bytes = 65536, .timeout_seconds = 120};
+  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  char names[64][128];
+  int n = golden_list(golden_root, names, 64);
+  for (int i = 0; i < n && !test_failed; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv2d") == 0) {
+      convd_conv c;
+      convd_conv_init(&c, &g.p, err, sizeof err);
+      float *y = malloc(c.output_bytes);
+      convd_client_stats st;
+      for (int unary = 0; unary < 2 && !test_failed; unary++) {
+        poison(y, c.output_elems);
+        int rc = unary ? convd_client_conv2d_unary(cl, &g.p, g.x, g.w, g.b, y, &st, err, sizeof err)
+                       : convd_client_conv2d(cl, &g.p, g.x, g.w, g.b, y, &st, err, sizeof err);
+        if (unary && (c.output_bytes + 1024 > 65536 ||
+                      c.input_bytes + c.weight_bytes + c.bias_bytes + 1024 > 65536)) {
+          /* too large for one message under this limit: a clear refusal */
+          if (rc != CONVD_ELIMIT || strstr(err, "use the streaming Conv2d") == NULL)
+            FAIL_AT("%s unary: expected RESOURCE_EXHAUSTED naming Conv2d, got %d %s", names[i], rc, err);
+          continue;
+        }
+        if (rc) {
+          FAIL_AT("%s (%s): %s", names[i], unary ? "unary" : "stream", err);
+        } else if (check_close(names[i], y, g.expected, g.expected_count)) {
+          FAIL_AT("golden case %s (%s)", names[i], unary ? "unary" : "stream");
+        } else if (st.ops_run != 1 || st.output_shape[2] != g.output[2]) {
+          FAIL_AT("%s: summary says %" PRIu64 " ops, H_out %" PRId64, names[i], st.ops_run,
+                  st.output_shape[2]);
+        } else if (!unary && st.bytes_received != c.input_bytes + c.weight_bytes + c.bias_bytes) {
+          FAIL_AT("%s: server received %" PRIu64 " tensor bytes", names[i], st.bytes_received);
+        }
+      }
+      free(y);
+    }
+    golden_free(&g);
+  }
+  convd_client_destroy(cl);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* 1x64x512x512 float32 input (64 MiB), 64->64 3x3: far past one 4 MiB message both ways. */
+static void test_chunking_64mib(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  rng r = {0x5eed0064};
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 64, p.h = 512, p.w = 512;
+  p.c_out = 64, p.c_per_group = 64, p.kh = 3, p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  p.has_bias = 1;
+  problem pr;
+  ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+  ASSERT_EQ_INT(pr.c.input_bytes, 64u << 20);
+  /* The local reference runs beside the call: the machine has two cores. */
+  pthread_t t;
+  pthread_create(&t, NULL, reference_thread, &pr);
+  convd_client *cl;
+  char err[1024];
+  convd_client_opts o = {.timeout_seconds = 900}; /* default 1 MiB chunks, 4 MiB messages */
+  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  convd_client_stats st;
+  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  pthread_join(t, NULL);
+  convd_client_destroy(cl);
+  ASSERT_OK(rc, err);
+  ASSERT_TRUE(check_close("64 MiB input", pr.y, pr.want, pr.c.output_elems) == 0);
+  ASSERT_EQ_INT(st.bytes_received, pr.c.input_bytes + pr.c.weight_bytes + pr.c.bias_bytes);
+  ASSERT_EQ_INT(st.bytes_sent, pr.c.output_bytes);
+  printf("  server: %.2f s elapsed, %.2f s compute\n", st.elapsed_seconds, st.compute_seconds);
+  problem_free(&pr);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* Random shapes with a fixed seed, streaming with random chunk sizes and unary, vs reference. */
+static void test_random_shapes(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  rng r = {0x5eed00a1};
+  char err[1024];
+  for (int i = 0; i < 40 && !test_failed; i++) {
+    convd_conv_params p = random_params(&r);
+    problem pr;
+    ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+    problem_reference(&pr);
+    convd_client_opts o = {.chunk_bytes = (size_t)rng_range(&r, 1024, 70000), .timeout_seconds = 60};
+    convd_client *cl;
+    ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+    int unary = i % 3 == 2;
+    int rc = unary ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, err, sizeof err)
+                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, err, sizeof err);
+    convd_client_destroy(cl);
+    char what[256];
+    snprintf(what, sizeof what,
+             "case %d %s: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64 "x%" PRId64
+             "x%" PRId64 "x%" PRId64 " g%" PRId64 " s%" PRId64 ",%" PRId64 " d%" PRId64 ",%" PRId64,
+             i, unary ? "unary" : "stream", p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh,
+             p.kw, p.groups, p.stride_h, p.stride_w, p.dil_h, p.dil_w);
+    if (rc) FAIL_AT("%s: %s", what, err);
+    else if (check_close(what, pr.y, pr.want, pr.c.output_elems)) FAIL_AT("%s differs", what);
+    problem_free(&pr);
+  }
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* Several clients at once, each on its own thread and connection. */
+typedef struct worker {
+  const char *target;
+  uint64_t seed;
+  int calls, failures;
+  char err[1024];
+} worker;
+
+static void *worker_main(void *arg) {
+  worker *wk = arg;
+  rng r = {wk->seed};
+  convd_client *cl;
+  convd_client_opts o = {.chunk_bytes = 4096, .timeout_seconds = 120};
+  if (convd_client_create(wk->target, &o, &cl, wk->err, sizeof wk->err)) {
+    wk->failures++;
+    return NULL;
+  }
+  for (int i = 0; i < 6; i++) {
+    convd_conv_params p = random_params(&r);
+    problem pr;
+    if (problem_init(&pr, &p, &r)) {
+      wk->failures++;
+      continue;
+    }
+    problem_reference(&pr);
+    int rc = i % 2 ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, wk->err, sizeof wk->err)
+                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, wk->err, sizeof wk->err);
+    if (rc || check_close("concurrent call", pr.y, pr.want, pr.c.output_elems)) wk->failures++;
+    wk->calls++;
+    problem_free(&pr);
+  }
+  convd_client_destroy(cl);
+  return NULL;
+}
+
+static void test_concurrent_clients(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  enum { N = 4 };
+  worker wk[N];
+  pthread_t t[N];
+  for (int i = 0; i < N; i++) {
+    wk[i] = (worker){.target = d.target, .seed = 0x5eed0c00 + (uint64_t)i};
+    pthread_create(&t[i], NULL, worker_main, &wk[i]);
+  }
+  int calls = 0;
+  for (int i = 0; i < N; i++) {
+    pthread_join(t[i], NULL);
+    if (wk[i].failures) FAIL_AT("worker %d: %d failures, last error: %s", i, wk[i].failures, wk[i].err);
+    calls += wk[i].calls;
+  }
+  /* Every call was one elemental op on the daemon's device. */
+  convd_client *cl;
+  char err[512];
+  ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
+  convd_device_info *devs;
+  size_t n;
+  ASSERT_OK(convd_client_list_devices(cl, &devs, &n, err, sizeof err), err);
+  convd_client_destroy(cl);
+  ASSERT_TRUE(n >= 1);
+  uint64_t ops = 0;
+  for (size_t i = 0; i < n; i++) ops += devs[i].completed_ops;
+  ASSERT_TRUE(devs[0].healthy && devs[0].memory_bytes > 0 && devs[0].name[0]);
+  free(devs);
+  ASSERT_EQ_INT(ops, calls);
+  ASSERT_EQ_INT(calls, N * 6);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* convctl reports the server's message and exits non-zero; `devices` lists the device. */
+static void test_convctl_errors_and_devices(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  char x[256], w[256], y[256], err[512], msg[4096];
+  snprintf(x, sizeof x, "/tmp/convd-e2e-%d-x.npy", (int)getpid());
+  snprintf(w, sizeof w, "/tmp/convd-e2e-%d-w.npy", (int)getpid());
+  snprintf(y, sizeof y, "/tmp/convd-e2e-%d-y.npy", (int)getpid());
+  float zeros[4 * 7 * 7] = {0};
+  const int64_t xs[4] = {1, 4, 4, 4}, ws[4] = {2, 4, 7, 7};
+  ASSERT_OK(convd_npy_write_f32(x, xs, 4, zeros, err, sizeof err), err);
+  ASSERT_OK(convd_npy_write_f32(w, ws, 4, zeros, err, sizeof err), err);
+  /* Padding 1 makes the input 6x6, smaller than the 7x7 kernel. The client checks shapes
+   * first; --groups 3 would be caught there too, so this message is the local check's. */
+  char *argv[] = {CONVCTL_BIN, "conv", "--server", d.target, "--input", x, "--weight", w,
+                  "--padding", "1", "--output", y, NULL};
+  int rc = test_run(argv, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 1 + 1); /* 2: rejected before sending */
+  ASSERT_CONTAINS(msg, "kernel 7x7 is larger than padded input 6x6");
+  /* unreachable server: exit 1 with gRPC's reason */
+  char *argv2[] = {CONVCTL_BIN, "devices", "--server", "127.0.0.1:1", "--timeout", "5", NULL};
+  rc = test_run(argv2, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 1);
+  ASSERT_CONTAINS(msg, "UNAVAILABLE");
+  char *argv3[] = {CONVCTL_BIN, "devices", "--server", d.target, NULL};
+  rc = test_run(argv3, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.out", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 0);
+  ASSERT_CONTAINS(msg, "ref0");
+  ASSERT_CONTAINS(msg, "healthy");
+  unlink(x), unlink(w), unlink(y);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* SIGTERM while a call runs: the call still completes correctly and the daemon exits 0. */
+typedef struct long_call {
+  const char *target;
+  problem pr;
+  convd_client_stats st;
+  int rc;
+  char err[1024];
+} long_call;
+
+static void *long_call_main(void *arg) {
+  long_call *lc = arg;
+  convd_client *cl;
+  convd_client_opts o = {.timeout_seconds = 300};
+  lc->rc = convd_client_create(lc->target, &o, &cl, lc->err, sizeof lc->err);
+  if (lc->rc) return NULL;
+  lc->rc = convd_client_conv2d(cl, &lc->pr.p, lc->pr.x, lc->pr.w, lc->pr.b, lc->pr.y, &lc->st,
+                               lc->err, sizeof lc->err);
+  convd_client_destroy(cl);
+  return NULL;
+}
+
+static void test_sigterm_drains_calls(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  rng r = {0x5eed0d00};
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  /* ~0.6 G multiply-adds: most of a second on the reference, far longer than the signal's delay */
+  p.n = 1, p.c_in = 64, p.h = 128, p.w = 128, p.c_out = 64, p.c_per_group = 64, p.kh = 3, p.kw = 3;
+  long_call lc = {.target = d.target};
+  ASSERT_TRUE(problem_init(&lc.pr, &p, &r) == 0);
+  problem_reference(&lc.pr);
+  pthread_t t;
+  pthread_create(&t, NULL, long_call_main, &lc);
+  usleep(100 * 1000);
+  double t_signal = 0.1;
+  kill(d.pid, SIGTERM);
+  /* While it drains, a new call is refused at once. */
+  usleep(30 * 1000);
+  convd_client *cl;
+  char err[512];
+  ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
+  convd_device_info *devs = NULL;
+  size_t n;
+  int rc = convd_client_list_devices(cl, &devs, &n, err, sizeof err);
+  convd_client_destroy(cl);
+  free(devs);
+  pthread_join(t, NULL);
+  ASSERT_EQ_INT(rc, CONVD_EUNAVAIL);
+  ASSERT_CONTAINS(err, "shutting down");
+  ASSERT_OK(lc.rc, lc.err);
+  /* The server's own clock says the call was still running when the signal arrived. */
+  printf("  call lasted %.2f s on the server; SIGTERM came %.2f s after it began at most\n",
+         lc.st.elapsed_seconds, t_signal);
+  ASSERT_TRUE(lc.st.elapsed_seconds > 2 * t_signal);
+  ASSERT_TRUE(check_close("call across SIGTERM", lc.pr.y, lc.pr.want, lc.pr.c.output_elems) == 0);
+  ASSERT_TRUE(test_daemon_wait(&d, 60) == 0); /* it exits by itself, with status 0 */
+  problem_free(&lc.pr);
+}
+
+/* A call that outlives --drain-timeout is cancelled with UNAVAILABLE; the daemon exits 0. */
+static void test_drain_timeout_cancels(void) {
+  test_daemon d;
+  const char *extra[] = {"--drain-timeout", "0.3", NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  rng r = {0x5eed0d01};
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  /* ~10 G multiply-adds: a dozen seconds or more on the reference */
+  p.n = 1, p.c_in = 128, p.h = 256, p.w = 256, p.c_out = 128, p.c_per_group = 128, p.kh = 3, p.kw = 3;
+  long_call lc = {.target = d.target};
+  ASSERT_TRUE(problem_init(&lc.pr, &p, &r) == 0);
+  pthread_t t;
+  pthread_create(&t, NULL, long_call_main, &lc);
+  usleep(500 * 1000);
+  kill(d.pid, SIGTERM);
+  pthread_join(t, NULL);
+  ASSERT_EQ_INT(lc.rc, CONVD_EUNAVAIL);
+  ASSERT_CONTAINS(lc.err, "drain timeout");
+  ASSERT_TRUE(test_daemon_wait(&d, 60) == 0);
+  problem_free(&lc.pr);
+}
+
+int main(int argc, char **argv) {
+  static const test_case tests[] = {
+      {"golden_convctl", test_golden_convctl},
+      {"golden_library_small_chunks", test_golden_library_small_chunks},
+      {"random_shapes", test_random_shapes},
+      {"concurrent_clients", test_concurrent_clients},
+      {"convctl_errors_and_devices", test_convctl_errors_and_devices},
+      {"sigterm_drains_calls", test_sigterm_drains_calls},
+      {"drain_timeout_cancels", test_drain_timeout_cancels},
+      {"chunking_64mib", test_chunking_64mib},
+  };
+  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+}
