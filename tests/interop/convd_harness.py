@@ -1,0 +1,139 @@
+"""Shared pieces of the Python tests: start/stop a convd on loopback, the golden cases, and a
+ConvRequest stream cut from NumPy arrays the way the contract describes (row bands, pieces)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+class Daemon:
+    """A convd on 127.0.0.1 with port 0; stop() asserts a clean exit and a clean log."""
+
+    def __init__(self, binary, *extra):
+        self.log = tempfile.NamedTemporaryFile(prefix="convd-py-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1:0", "--log-level", "warn", *extra],
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        m = re.match(r"convd listening on (\S+):(\d+)$", line.strip())
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"convd did not report its port: {line!r}\n{self.read_log()}")
+        self.target = f"127.0.0.1:{m.group(2)}"
+
+    def read_log(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"convd did not exit within {timeout} s of SIGTERM")
+        log = self.read_log()
+        if "Sanitizer" in log or "runtime error" in log:
+            raise AssertionError(f"sanitizer report in the daemon's log:\n{log}")
+        if rc != 0:
+            raise AssertionError(f"convd exited with {rc}:\n{log}")
+        os.unlink(self.log.name)
+
+
+def load_golden(root):
+    """Yields (name, params dict, arrays dict) for each case."""
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(d, "params.txt")):
+            continue
+        params = {}
+        with open(os.path.join(d, "params.txt")) as f:
+            for line in f:
+                k, *v = line.split()
+                params[k] = v[0] if k == "op" else [int(x) for x in v]
+        arrays = {k: np.load(os.path.join(d, k + ".npy"))
+                  for k in ("input", "weight", "bias", "expected")
+                  if os.path.exists(os.path.join(d, k + ".npy"))}
+        yield name, params, arrays
+
+
+def check_close(got, want):
+    """The golden tolerance: max|got - want| <= 1e-4 * max(1, max|want|). Returns the worst error."""
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    tol = 1e-4 * max(1.0, float(np.abs(want).max()))
+    err = np.abs(got.astype(np.float64) - want)
+    worst = float(np.nanmax(err)) if err.size else 0.0
+    assert not np.isnan(err).any() and worst <= tol, f"max error {worst} > tolerance {tol}"
+    return worst
+
+
+def spec_from_params(pb, params, has_bias):
+    s = pb.ConvSpec(op=pb.OP_CONV2D, dtype=pb.DTYPE_FLOAT32, has_bias=has_bias,
+                    groups=params["groups"][0])
+    s.input_shape.d0, s.input_shape.d1, s.input_shape.d2, s.input_shape.d3 = params["input"]
+    s.weight_shape.d0, s.weight_shape.d1, s.weight_shape.d2, s.weight_shape.d3 = params["weight"]
+    s.stride.h, s.stride.w = params["stride"]
+    s.dilation.h, s.dilation.w = params["dilation"]
+    s.padding.top, s.padding.bottom, s.padding.left, s.padding.right = params["padding"]
+    return s
+
+
+def conv_requests(pb, spec, x, w, b, chunk):
+    """The client stream: spec, weight and bias chunks, input row bands in pieces <= chunk."""
+    yield pb.ConvRequest(spec=spec)
+    for name, t in (("weight", w), ("bias", b)):
+        if t is None:
+            continue
+        data = np.ascontiguousarray(t, dtype="<f4").tobytes()
+        for off in range(0, len(data), chunk):
+            yield pb.ConvRequest(**{name: pb.TensorChunk(offset=off, data=data[off:off + chunk])})
+    n_, c_, h_, w_ = x.shape
+    rows = max(1, chunk // (c_ * w_ * 4))
+    for n in range(n_):
+        for h0 in range(0, h_, rows):
+            h1 = min(h_, h0 + rows)
+            band = np.ascontiguousarray(x[n, :, h0:h1, :], dtype="<f4").tobytes()
+            for off in range(0, len(band), chunk):
+                yield pb.ConvRequest(input=pb.RowBand(n=n, h_begin=h0, h_end=h1, offset=off,
+                                                      data=band[off:off + chunk]))
+
+
+def collect_output(responses):
+    """Assembles the server stream into (output array, accepted, summary)."""
+    y = accepted = summary = None
+    pending = {}
+    for r in responses:
+        kind = r.WhichOneof("msg")
+        if kind == "accepted":
+            accepted = r.accepted
+            s = r.accepted.output_shape
+            y = np.full((s.d0, s.d1, s.d2, s.d3), np.nan, dtype=np.float32)
+        elif kind == "output":
+            o = r.output
+            key = (o.n, o.h_begin, o.h_end)
+            buf = pending.setdefault(key, bytearray())
+            assert o.offset == len(buf), f"band {key} piece at {o.offset}, expected {len(buf)}"
+            buf += o.data
+            c, width = y.shape[1], y.shape[3]
+            if len(buf) == c * (o.h_end - o.h_begin) * width * 4:
+                y[o.n, :, o.h_begin:o.h_end, :] = np.frombuffer(bytes(buf), "<f4").reshape(
+                    c, o.h_end - o.h_begin, width)
+                del pending[key]
+        elif kind == "summary":
+            summary = r.summary
+    assert not pending, f"incomplete output bands: {list(pending)}"
+    return y, accepted, summary
+
+
+def import_stubs(stub_dir):
+    sys.path.insert(0, stub_dir)
+    from convd.v1 import convd_pb2, convd_pb2_grpc  # noqa: E402
+    return convd_pb2, convd_pb2_grpc

@@ -1,0 +1,200 @@
+#!/usr/bin/python3
+"""Bad input: every malformed request gets INVALID_ARGUMENT with a message that names the problem,
+and a correct call right after it still succeeds, so the daemon keeps serving. A method convd
+does not have gets UNIMPLEMENTED at once, not a hang until the deadline.
+
+usage: test_bad_input.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import sys
+import time
+
+import grpc
+import numpy as np
+
+from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
+    load_golden, spec_from_params
+
+pb = pb_grpc = None
+
+
+def base_spec(**override):
+    """input 1x4x8x8, weight 6x4x3x3, padding 1, bias."""
+    params = {"input": [1, 4, 8, 8], "weight": [6, 4, 3, 3], "stride": [1, 1],
+              "dilation": [1, 1], "padding": [1, 1, 1, 1], "groups": [1]}
+    params.update(override)
+    return spec_from_params(pb, params, True)
+
+
+def good_tensors():
+    rng = np.random.default_rng(7)
+    return (rng.standard_normal((1, 4, 8, 8), dtype=np.float32),
+            rng.standard_normal((6, 4, 3, 3), dtype=np.float32),
+            rng.standard_normal(6, dtype=np.float32))
+
+
+def full_stream(spec=None, chunk=1000):
+    x, w, b = good_tensors()
+    return list(conv_requests(pb, spec or base_spec(), x, w, b, chunk))
+
+
+def band(n, h0, h1, nbytes, offset=0):
+    return pb.ConvRequest(input=pb.RowBand(n=n, h_begin=h0, h_end=h1, offset=offset,
+                                           data=b"\0" * nbytes))
+
+
+ROW = 4 * 8 * 4  # one input row, all channels
+
+
+def weights_and_bias():
+    x, w, b = good_tensors()
+    return [pb.ConvRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes())),
+            pb.ConvRequest(bias=pb.TensorChunk(offset=0, data=b.tobytes()))]
+
+
+def all_rows_but(skip):
+    return [band(0, h, h + 1, ROW) for h in range(8) if h != skip]
+
+
+def bad_streams():
+    """(name, list of requests, words the message must contain)."""
+    spec = pb.ConvRequest
+    yield ("zero dim", [spec(spec=base_spec(input=[1, 0, 8, 8]))], "every dimension must be at least 1")
+    yield ("negative dim", [spec(spec=base_spec(weight=[6, 4, -3, 3]))], "6,4,-3,3")
+    yield ("negative padding", [spec(spec=base_spec(padding=[1, -1, 1, 1]))], "padding bottom = -1")
+    yield ("zero stride", [spec(spec=base_spec(stride=[0, 1]))], "stride height = 0")
+    yield ("kernel larger than padded input",
+           [spec(spec=base_spec(weight=[6, 4, 7, 7], dilation=[2, 2], padding=[0, 0, 0, 0]))],
+           "kernel 7x7 (dilated 13x13) is larger than padded input 8x8")
+    yield ("groups not dividing channels", [spec(spec=base_spec(groups=[3], weight=[6, 1, 3, 3]))],
+           "groups = 3 does not divide the 4 input channels")
+    yield ("weight shape vs groups", [spec(spec=base_spec(groups=[2], weight=[6, 4, 3, 3]))],
+           "weight shape has C_in/groups = 4")
+    s = base_spec()
+    s.ClearField("weight_shape")
+    yield ("missing weight shape", [spec(spec=s)], "spec.weight_shape is missing")
+    yield ("missing weights", [spec(spec=base_spec())] + all_rows_but(-1) + weights_and_bias()[1:],
+           "weights incomplete at half-close: 0 of 864 bytes")
+    yield ("weight bytes do not match the shape",
+           [spec(spec=base_spec()), spec(weight=pb.TensorChunk(offset=0, data=b"\0" * 868))],
+           "ends past the weight's 864 bytes")
+    yield ("weights out of order",
+           [spec(spec=base_spec()), spec(weight=pb.TensorChunk(offset=4, data=b"\0" * 4))],
+           "weight chunk at byte offset 4, but 0 bytes have arrived")
+    yield ("band bytes do not match the shape", [spec(spec=base_spec()), band(0, 0, 2, 2 * ROW + 4)],
+           "end past the band's 256 bytes")
+    yield ("overlapping bands", [spec(spec=base_spec()), band(0, 0, 4, 4 * ROW), band(0, 3, 5, 2 * ROW)],
+           "overlaps rows already received (row 3 of batch item 0)")
+    yield ("band n out of range", [spec(spec=base_spec()), band(1, 0, 1, ROW)],
+           "n = 1, outside the batch [0, 1)")
+    yield ("band with negative rows", [spec(spec=base_spec()), band(0, -1, 1, 2 * ROW)],
+           "rows [-1, 1)")
+    yield ("band beyond H", [spec(spec=base_spec()), band(0, 6, 9, 3 * ROW)],
+           "rows [6, 9): need 0 <= h_begin < h_end <= H = 8")
+    yield ("input never completed",
+           [spec(spec=base_spec())] + weights_and_bias() + all_rows_but(5),
+           "7 of 8 rows arrived; row 5 of batch item 0 is missing")
+    yield ("band cut short at half-close",
+           [spec(spec=base_spec())] + weights_and_bias() + [band(0, 0, 1, ROW // 2)],
+           "has 64 of 128 bytes")
+    yield ("data before the spec", [band(0, 0, 1, ROW)], "the first message must be the spec")
+    yield ("empty stream", [], "the stream ended before the spec arrived")
+
+
+def expect_invalid(call, words, what):
+    try:
+        call()
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e.code()} {e.details()}"
+        assert words in e.details(), f"{what}: message {e.details()!r} lacks {words!r}"
+        return e.details()
+    raise AssertionError(f"{what}: the call succeeded")
+
+
+def good_call(stub):
+    """A correct call, checked against a float64 computation of the same convolution."""
+    x, w, b = good_tensors()
+    y, _, _ = collect_output(stub.Conv2d(iter(full_stream()), timeout=30))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((1, 6, 8, 8))
+    for i in range(3):
+        for j in range(3):
+            want += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 8, j:j + 8], w[:, :, i, j])
+    want += b[None, :, None, None]
+    check_close(y, want)
+
+
+def main():
+    global pb, pb_grpc
+    convd, stub_dir, golden = sys.argv[1:4]
+    pb, pb_grpc = import_stubs(stub_dir)
+    daemon = Daemon(convd)
+    checked = 0
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            good_call(stub)
+            for name, reqs, words in bad_streams():
+                msg = expect_invalid(lambda: list(stub.Conv2d(iter(reqs), timeout=30)), words, name)
+                good_call(stub)
+                print(f"ok   {name}: INVALID_ARGUMENT \"{msg}\"")
+                checked += 1
+
+            # unary: byte counts that don't match the shape, bias that was not announced
+            x, w, b = good_tensors()
+            for name, call, words in [
+                ("unary input too short", pb.ConvCall(spec=base_spec(), input=x.tobytes()[:-4],
+                                                      weight=w.tobytes(), bias=b.tobytes()),
+                 "ConvCall.input has 1020 bytes, but its shape needs 1024"),
+                ("unary without spec", pb.ConvCall(input=x.tobytes()), "ConvCall.spec is missing"),
+                ("unary zero dim", pb.ConvCall(spec=base_spec(input=[0, 4, 8, 8])),
+                 "every dimension must be at least 1"),
+            ]:
+                msg = expect_invalid(lambda: stub.Conv2dUnary(call, timeout=30), words, name)
+                good_call(stub)
+                print(f"ok   {name}: INVALID_ARGUMENT \"{msg}\"")
+                checked += 1
+
+            # garbage bytes where a message should be, streaming and unary
+            raw_stream = ch.stream_stream("/convd.v1.Convolution/Conv2d",
+                                          request_serializer=lambda m: m,
+                                          response_deserializer=lambda m: m)
+            raw_unary = ch.unary_unary("/convd.v1.Convolution/Conv2dUnary",
+                                       request_serializer=lambda m: m,
+                                       response_deserializer=lambda m: m)
+            garbage = bytes(range(255, 0, -3)) * 7
+            msg = expect_invalid(lambda: list(raw_stream(iter([garbage]), timeout=30)),
+                                 "is not a valid convd.v1.ConvRequest", "garbage stream")
+            good_call(stub)
+            print(f"ok   garbage stream message: INVALID_ARGUMENT \"{msg}\"")
+            first = full_stream()[0].SerializeToString()
+            msg = expect_invalid(lambda: list(raw_stream(iter([first, garbage]), timeout=30)),
+                                 "message 2 of the stream is not a valid", "garbage second message")
+            good_call(stub)
+            print(f"ok   garbage after the spec: INVALID_ARGUMENT \"{msg}\"")
+            msg = expect_invalid(lambda: raw_unary(garbage, timeout=30),
+                                 "is not a valid convd.v1.ConvCall", "garbage unary")
+            good_call(stub)
+            print(f"ok   garbage unary message: INVALID_ARGUMENT \"{msg}\"")
+            checked += 3
+
+            # a method that does not exist: UNIMPLEMENTED, at once
+            nope = ch.unary_unary("/convd.v1.Convolution/NoSuchMethod",
+                                  request_serializer=lambda m: m, response_deserializer=lambda m: m)
+            t0 = time.monotonic()
+            try:
+                nope(b"", timeout=20)
+                raise AssertionError("unknown method succeeded")
+            except grpc.RpcError as e:
+                took = time.monotonic() - t0
+                assert e.code() == grpc.StatusCode.UNIMPLEMENTED, (e.code(), e.details())
+                assert took < 10, f"UNIMPLEMENTED took {took:.1f} s: the call waited for its deadline"
+                print(f"ok   unknown method: UNIMPLEMENTED in {took * 1000:.1f} ms \"{e.details()}\"")
+            good_call(stub)
+            checked += 1
+            assert daemon.alive()
+    finally:
+        daemon.stop()
+    print(f"bad input: {checked} malformed requests refused, the daemon served a correct call after each")
+
+
+if __name__ == "__main__":
+    main()

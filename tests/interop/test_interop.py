@@ -1,0 +1,58 @@
+#!/usr/bin/python3
+"""Interop: a Python client built by gRPC's standard tooling (protoc + grpc_python_plugin, from
+proto/) talks to convd: streaming Conv2d on every conv2d golden case with small chunks (so bands
+are split into pieces), Conv2dUnary, and ListDevices.
+
+usage: test_interop.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import sys
+
+import grpc
+import numpy as np
+
+from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
+    load_golden, spec_from_params
+
+
+def main():
+    convd, stub_dir, golden = sys.argv[1:4]
+    pb, pb_grpc = import_stubs(stub_dir)
+    daemon = Daemon(convd, "--chunk-bytes", "3000")
+    cases = 0
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            for name, params, a in load_golden(golden):
+                if params["op"] != "conv2d":
+                    continue
+                b = a.get("bias")
+                spec = spec_from_params(pb, params, b is not None)
+                # streaming, 2000-byte pieces up, 3000-byte pieces down
+                y, accepted, summary = collect_output(
+                    stub.Conv2d(conv_requests(pb, spec, a["input"], a["weight"], b, 2000), timeout=60))
+                assert accepted is not None and summary is not None, name
+                assert [accepted.output_shape.d0, accepted.output_shape.d1, accepted.output_shape.d2,
+                        accepted.output_shape.d3] == params["output"], name
+                assert summary.ops_run == 1, name
+                worst = check_close(y, a["expected"])
+                # unary
+                req = pb.ConvCall(spec=spec, input=a["input"].astype("<f4").tobytes(),
+                                  weight=a["weight"].astype("<f4").tobytes(),
+                                  bias=b.astype("<f4").tobytes() if b is not None else b"")
+                res = stub.Conv2dUnary(req, timeout=60)
+                s = res.output_shape
+                yu = np.frombuffer(res.output, "<f4").reshape(s.d0, s.d1, s.d2, s.d3)
+                worst_u = check_close(yu, a["expected"])
+                print(f"ok   {name}: stream max error {worst:.3g}, unary {worst_u:.3g}")
+                cases += 1
+            devs = stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices
+            assert len(devs) >= 1 and devs[0].name and devs[0].healthy, devs
+            assert sum(d.completed_ops for d in devs) == 2 * cases, devs
+            print(f"ok   ListDevices: {[(d.name, d.completed_ops) for d in devs]}")
+    finally:
+        daemon.stop()
+    assert cases >= 15, cases
+    print(f"interop: {cases} golden cases passed through a Python gRPC client")
+
+
+if __name__ == "__main__":
+    main()
