@@ -72,7 +72,8 @@ struct call {
   pthread_mutex_t mu;
   int refs; /* +1 per batch in flight, +1 for an engine job, +1 while a handler runs */
   tag t_request, t_md, t_close, t_recv, t_send, t_final;
-  int client_cancelled; /* written by RECV_CLOSE_ON_SERVER */
+  int client_cancelled; /* written by gRPC when RECV_CLOSE_ON_SERVER completes */
+  int closed_cancelled; /* the same, copied under mu in on_close: what other threads read */
   atomic_int cancel;    /* polled by the engine */
   double t_begin;
   char peer[96];
@@ -408,7 +409,8 @@ static void on_close(void *obj, int ok) {
   call *c = obj;
   (void)ok;
   pthread_mutex_lock(&c->mu);
-  if (c->client_cancelled) atomic_store(&c->cancel, 1);
+  c->closed_cancelled = c->client_cancelled;
+  if (c->closed_cancelled) atomic_store(&c->cancel, 1);
   pthread_mutex_unlock(&c->mu);
   call_unref(c);
 }
@@ -447,7 +449,7 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
   pthread_mutex_lock(&c->mu);
   c->stats = *st;
   if (status != 0) {
-    if (c->client_cancelled || c->dead)
+    if (c->closed_cancelled || c->dead)
       set_status(c, CONVD_ECANCELED, "the client cancelled the call");
     else
       set_status(c, status, err);

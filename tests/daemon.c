@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -60,19 +61,26 @@ int test_daemon_start(test_daemon *d, const char *bin, const char *const *extra)
   argv[argc] = NULL;
   int out[2];
   if (pipe(out)) return -1;
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-  posix_spawn_file_actions_addclose(&fa, out[0]);
-  posix_spawn_file_actions_addopen(&fa, 2, d->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  int rc = posix_spawn(&d->pid, bin, &fa, NULL, (char *const *)argv, environ);
-  posix_spawn_file_actions_destroy(&fa);
-  close(out[1]);
-  if (rc) {
-    fprintf(stderr, "  cannot start %s: %s\n", bin, strerror(rc));
+  pid_t parent = getpid();
+  d->pid = fork();
+  if (d->pid < 0) {
     close(out[0]);
+    close(out[1]);
     return -1;
   }
+  if (d->pid == 0) {
+    /* The daemon must not outlive a test that crashed or aborted. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
+    dup2(out[1], 1);
+    close(out[0]);
+    close(out[1]);
+    int fd = open(d->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) dup2(fd, 2);
+    execv(bin, (char *const *)argv);
+    _exit(127);
+  }
+  close(out[1]);
   /* Read until the "listening" line, or give up after 30 s (sanitizer builds start slowly). */
   char line[256];
   size_t n = 0;

@@ -176,6 +176,40 @@ def main():
             print(f"ok   garbage unary message: INVALID_ARGUMENT \"{msg}\"")
             checked += 3
 
+            # the client gives up mid-upload: the daemon drops the call and keeps serving
+            def half_sent():
+                reqs = full_stream(chunk=64)
+                yield from reqs[:len(reqs) // 2]
+                time.sleep(0.2)
+                yield from reqs[len(reqs) // 2:]
+            fut = stub.Conv2d(half_sent(), timeout=30)
+            time.sleep(0.1)
+            fut.cancel()
+            try:
+                list(fut)
+                raise AssertionError("a cancelled call returned output")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.CANCELLED, (e.code(), e.details())
+            good_call(stub)
+            print("ok   client cancelled mid-upload: the next call is served")
+
+            # the deadline passes while the daemon computes (~10 G multiply-adds)
+            spec = base_spec(input=[1, 128, 256, 256], weight=[128, 128, 3, 3])
+            spec.has_bias = False
+            rng = np.random.default_rng(3)
+            big_x = rng.standard_normal((1, 128, 256, 256), dtype=np.float32)
+            big_w = rng.standard_normal((128, 128, 3, 3), dtype=np.float32)
+            t0 = time.monotonic()
+            try:
+                list(stub.Conv2d(conv_requests(pb, spec, big_x, big_w, None, 1 << 20), timeout=2))
+                raise AssertionError("a call past its deadline returned output")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.code(), e.details())
+            good_call(stub)
+            print(f"ok   deadline during compute: DEADLINE_EXCEEDED after {time.monotonic() - t0:.1f} s, "
+                  "the next call is served")
+            checked += 2
+
             # a method that does not exist: UNIMPLEMENTED, at once
             nope = ch.unary_unary("/convd.v1.Convolution/NoSuchMethod",
                                   request_serializer=lambda m: m, response_deserializer=lambda m: m)
