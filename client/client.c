@@ -14,6 +14,7 @@
 
 #include "band.h"
 #include "convd/v1/convd.pb-c.h"
+#include "wire.h"
 
 struct convd_client {
   grpc_channel *ch;
@@ -21,15 +22,6 @@ struct convd_client {
   convd_client_opts o;
   int last_status;
 };
-
-static const char *status_name(grpc_status_code s) {
-  static const char *const names[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "UNKNOWN";
-}
 
 static int err_from_status(grpc_status_code s) {
   switch (s) {
@@ -95,28 +87,6 @@ static gpr_timespec deadline(const convd_client *c) {
                       gpr_time_from_micros((int64_t)(c->o.timeout_seconds * 1e6), GPR_TIMESPAN));
 }
 
-static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
-  size_t n = protobuf_c_message_get_packed_size(m);
-  void *buf = malloc(n ? n : 1);
-  if (buf == NULL) return NULL;
-  protobuf_c_message_pack(m, buf);
-  grpc_slice s = grpc_slice_new(buf, n, free);
-  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-  grpc_slice_unref(s);
-  return bb;
-}
-
-static ProtobufCMessage *unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc) {
-  grpc_byte_buffer_reader rd;
-  if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
-  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
-  grpc_byte_buffer_reader_destroy(&rd);
-  ProtobufCMessage *m =
-      protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-  grpc_slice_unref(s);
-  return m;
-}
-
 /* Drains and destroys a call's completion queue. */
 static void cq_destroy(grpc_completion_queue *cq) {
   grpc_completion_queue_shutdown(cq);
@@ -163,7 +133,7 @@ static int finish_status(convd_client *c, grpc_status_code st, grpc_slice detail
                          char *err, size_t errlen, const char *local_err) {
   c->last_status = (int)st;
   if (st != GRPC_STATUS_OK) {
-    return convd_errf(err, errlen, err_from_status(st), "%s: %.*s", status_name(st),
+    return convd_errf(err, errlen, err_from_status(st), "%s: %.*s", convd_wire_status_name(st),
                       (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
   }
   if (local_rc) {
@@ -208,7 +178,7 @@ static grpc_byte_buffer *next_request(stream *s) {
         req.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
         req.spec = &sp.spec;
         s->phase = 1;
-        return pack(&req.base);
+        return convd_wire_pack(&req.base);
       case 1:
       case 2: {
         const int is_w = s->phase == 1;
@@ -228,7 +198,7 @@ static grpc_byte_buffer *next_request(stream *s) {
         else
           req.bias = &ch;
         s->off += n;
-        return pack(&req.base);
+        return convd_wire_pack(&req.base);
       }
       case 3:
         if (!convd_band_iter_next(&s->in_it)) {
@@ -245,7 +215,7 @@ static grpc_byte_buffer *next_request(stream *s) {
         band.data.len = s->in_it.len;
         req.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT;
         req.input = &band;
-        return pack(&req.base);
+        return convd_wire_pack(&req.base);
       default:
         return NULL;
     }
@@ -395,7 +365,7 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
         recving = 0;
         if (!ev.success || recv_buf == NULL) break; /* end of the response stream */
         {
-          Convd__V1__ConvResponse *r = (Convd__V1__ConvResponse *)unpack(
+          Convd__V1__ConvResponse *r = (Convd__V1__ConvResponse *)convd_wire_unpack(
               recv_buf, &convd__v1__conv_response__descriptor);
           grpc_byte_buffer_destroy(recv_buf);
           recv_buf = NULL;
@@ -520,12 +490,12 @@ int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const
                       "message limit of %zu bytes: use the streaming Conv2d call "
                       "(convd_client_conv2d)",
                       req_bytes, conv.output_bytes, c->o.max_message_bytes);
-  grpc_byte_buffer *bb = pack(&req.base), *resp = NULL;
+  grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
   if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   rc = unary_call(c, c->m_unary, bb, &resp, err, errlen);
   grpc_byte_buffer_destroy(bb);
   if (rc) return rc;
-  Convd__V1__ConvResult *r = (Convd__V1__ConvResult *)unpack(resp, &convd__v1__conv_result__descriptor);
+  Convd__V1__ConvResult *r = (Convd__V1__ConvResult *)convd_wire_unpack(resp, &convd__v1__conv_result__descriptor);
   grpc_byte_buffer_destroy(resp);
   if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ConvResult");
   if (r->output.len != conv.output_bytes) {
@@ -555,12 +525,12 @@ int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t 
   *devs = NULL;
   *n = 0;
   Convd__V1__ListDevicesRequest req = CONVD__V1__LIST_DEVICES_REQUEST__INIT;
-  grpc_byte_buffer *bb = pack(&req.base), *resp = NULL;
+  grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
   if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   int rc = unary_call(c, c->m_list, bb, &resp, err, errlen);
   grpc_byte_buffer_destroy(bb);
   if (rc) return rc;
-  Convd__V1__ListDevicesResponse *r = (Convd__V1__ListDevicesResponse *)unpack(
+  Convd__V1__ListDevicesResponse *r = (Convd__V1__ListDevicesResponse *)convd_wire_unpack(
       resp, &convd__v1__list_devices_response__descriptor);
   grpc_byte_buffer_destroy(resp);
   if (r == NULL)

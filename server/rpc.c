@@ -16,6 +16,7 @@
 
 #include "band.h"
 #include "convd/v1/convd.pb-c.h"
+#include "wire.h"
 #include "err.h"
 #include "log.h"
 #include "session.h"
@@ -149,7 +150,7 @@ static call *call_new(convd_rpc *r, enum call_kind kind) {
 }
 
 static void call_log_end(call *c) {
-  const char *status = c->status_set ? convd_status_name(c->status)
+  const char *status = c->status_set ? convd_wire_status_name(c->status)
                        : c->client_cancelled ? "CANCELLED"
                                              : "UNKNOWN";
   if (c->client_cancelled && !c->status_started) status = "CANCELLED";
@@ -266,17 +267,6 @@ static int post_request(convd_rpc *r, enum call_kind kind) {
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
-static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
-  size_t n = protobuf_c_message_get_packed_size(m);
-  void *buf = malloc(n ? n : 1);
-  if (buf == NULL) return NULL;
-  protobuf_c_message_pack(m, buf);
-  grpc_slice s = grpc_slice_new(buf, n, free); /* the byte buffer frees it: no copy */
-  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-  grpc_slice_unref(s);
-  return bb;
-}
-
 /* Records the call's final status; the first one wins. An error also stops the engine job. */
 static void set_status(call *c, int err_code, const char *msg) {
   if (c->status_set) return;
@@ -312,7 +302,7 @@ static void send_final(call *c, grpc_byte_buffer *response) {
 }
 
 static void start_send(call *c, const ProtobufCMessage *m) {
-  grpc_byte_buffer *bb = pack(m);
+  grpc_byte_buffer *bb = convd_wire_pack(m);
   if (bb == NULL) {
     set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
     send_final(c, NULL);
@@ -477,7 +467,7 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
     res.output.data = (uint8_t *)c->uy;
     res.output.len = c->conv.output_bytes;
     res.summary = &sum;
-    grpc_byte_buffer *bb = pack(&res.base);
+    grpc_byte_buffer *bb = convd_wire_pack(&res.base);
     if (bb == NULL) {
       set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
       send_final(c, NULL);
@@ -501,18 +491,6 @@ static void submit_job(call *c, convd_job_desc *d) {
     c->refs--;
     fail(c, rc, err);
   }
-}
-
-/* Reads a whole received message into one contiguous slice and unpacks it. */
-static ProtobufCMessage *unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc) {
-  grpc_byte_buffer_reader rd;
-  if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
-  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
-  grpc_byte_buffer_reader_destroy(&rd);
-  ProtobufCMessage *m =
-      protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-  grpc_slice_unref(s);
-  return m;
 }
 
 static void post_recv(call *c) {
@@ -544,7 +522,7 @@ static void on_recv(void *obj, int ok) {
   } else {
     c->messages_in++;
     Convd__V1__ConvRequest *m =
-        (Convd__V1__ConvRequest *)unpack(bb, &convd__v1__conv_request__descriptor);
+        (Convd__V1__ConvRequest *)convd_wire_unpack(bb, &convd__v1__conv_request__descriptor);
     if (m == NULL) {
       snprintf(err, sizeof err,
                "message %" PRIu64 " of the stream is not a valid convd.v1.ConvRequest "
@@ -609,7 +587,7 @@ static void handle_unary(call *c) {
   int rc = 0;
   const convd_config *cfg = c->rpc->cfg;
   Convd__V1__ConvCall *m =
-      c->payload ? (Convd__V1__ConvCall *)unpack(c->payload, &convd__v1__conv_call__descriptor)
+      c->payload ? (Convd__V1__ConvCall *)convd_wire_unpack(c->payload, &convd__v1__conv_call__descriptor)
                  : NULL;
   if (m == NULL)
     rc = convd_errf(err, sizeof err, CONVD_EINVAL,
@@ -664,7 +642,7 @@ static void handle_list(call *c) {
     Convd__V1__ListDevicesResponse resp = CONVD__V1__LIST_DEVICES_RESPONSE__INIT;
     resp.n_devices = n;
     resp.devices = ptrs;
-    bb = pack(&resp.base);
+    bb = convd_wire_pack(&resp.base);
   }
   free(devs);
   free(ptrs);

@@ -5,6 +5,5 @@
 #include <grpc/status.h>
 
 grpc_status_code convd_status_from_err(int code);
-const char *convd_status_name(grpc_status_code code);
 
 #endif
