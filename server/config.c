@@ -65,14 +65,22 @@ int convd_parse_size(const char *s, uint64_t *out) {
   return 0;
 }
 
-static int set_opt(convd_config *cfg, const opt *o, const char *val, const char *source,
-                   char *err, size_t errlen) {
+static void env_name(const opt *o, char *buf, size_t len);
+
+/* source: 0 default, 1 environment, 2 flag; it decides how the setting is named in errors. */
+static int set_opt(convd_config *cfg, const opt *o, const char *val, int source, char *err,
+                   size_t errlen) {
+  char label[80];
+  if (source == 1)
+    env_name(o, label, sizeof label);
+  else
+    snprintf(label, sizeof label, "%s--%s", source == 0 ? "default " : "", o->name);
   char *dst = (char *)cfg + o->offset;
   switch (o->type) {
     case OPT_STRING:
       if (strlen(val) >= o->size || val[0] == '\0')
-        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s: must be 1 to %zu characters", source,
-                          o->name, o->size - 1);
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s: must be 1 to %zu characters", label,
+                          o->size - 1);
       strcpy(dst, val);
       return 0;
     case OPT_INT: {
@@ -80,8 +88,7 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, const char 
       errno = 0;
       long v = strtol(val, &end, 10);
       if (errno || end == val || *end != '\0' || v < o->lo || v > o->hi)
-        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s=%s: expected an integer from %.0f to %.0f",
-                          source, o->name, val, o->lo, o->hi);
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s=%s: expected an integer from %.0f to %.0f", label, val, o->lo, o->hi);
       *(int *)dst = (int)v;
       return 0;
     }
@@ -89,8 +96,7 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, const char 
       uint64_t v;
       if (convd_parse_size(val, &v) || (double)v < o->lo || (double)v > o->hi)
         return convd_errf(err, errlen, CONVD_EINVAL,
-                          "%s %s=%s: expected a byte size (e.g. 65536, 64K, 4M, 2G) from %.0f to %.0f",
-                          source, o->name, val, o->lo, o->hi);
+                          "%s=%s: expected a byte size (e.g. 65536, 64K, 4M, 2G) from %.0f to %.0f", label, val, o->lo, o->hi);
       *(uint64_t *)dst = v;
       return 0;
     }
@@ -99,8 +105,7 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, const char 
       errno = 0;
       double v = strtod(val, &end);
       if (errno || end == val || *end != '\0' || !(v >= o->lo && v <= o->hi))
-        return convd_errf(err, errlen, CONVD_EINVAL, "%s %s=%s: expected seconds from %g to %g",
-                          source, o->name, val, o->lo, o->hi);
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s=%s: expected seconds from %g to %g", label, val, o->lo, o->hi);
       *(double *)dst = v;
       return 0;
     }
@@ -108,7 +113,7 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, const char 
       int lv = convd_log_parse_level(val);
       if (lv < 0)
         return convd_errf(err, errlen, CONVD_EINVAL,
-                          "%s %s=%s: expected debug, info, warn or error", source, o->name, val);
+                          "%s=%s: expected debug, info, warn or error", label, val);
       *(int *)dst = lv;
       return 0;
     }
@@ -143,12 +148,12 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
   memset(cfg, 0, sizeof *cfg);
   int rc;
   for (size_t i = 0; i < NOPTS; i++)
-    if ((rc = set_opt(cfg, &opts[i], opts[i].def, "default", err, errlen))) return rc;
+    if ((rc = set_opt(cfg, &opts[i], opts[i].def, 0, err, errlen))) return rc;
   for (size_t i = 0; i < NOPTS; i++) {
     char env[64];
     env_name(&opts[i], env, sizeof env);
     const char *v = getenv(env);
-    if (v != NULL && (rc = set_opt(cfg, &opts[i], v, "environment", err, errlen))) return rc;
+    if (v != NULL && (rc = set_opt(cfg, &opts[i], v, 1, err, errlen))) return rc;
   }
   for (int a = 1; a < argc; a++) {
     const char *arg = argv[a];
@@ -176,7 +181,7 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
         return convd_errf(err, errlen, CONVD_EINVAL, "option --%s needs a value", o->name);
       val = argv[++a];
     }
-    if ((rc = set_opt(cfg, o, val, "option", err, errlen))) return rc;
+    if ((rc = set_opt(cfg, o, val, 2, err, errlen))) return rc;
   }
 
   /* A data payload plus the message's own framing must fit in one gRPC message. */

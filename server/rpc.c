@@ -744,7 +744,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   pthread_mutex_init(&r->mu, NULL);
   r->t_shutdown = (tag){on_shutdown, r};
 
-  grpc_arg args[3];
+  grpc_arg args[4];
   memset(args, 0, sizeof args);
   args[0].type = GRPC_ARG_INTEGER;
   args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -756,7 +756,12 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   args[2].type = GRPC_ARG_INTEGER;
   args[2].key = "grpc.http2.lookahead_bytes";
   args[2].value.integer = 16 * 1024 * 1024;
-  grpc_channel_args ch = {3, args};
+  /* gRPC turns SO_REUSEPORT on by default: a second daemon on the same port would then share
+   * its connections silently. Off, the second one fails to start and says why. */
+  args[3].type = GRPC_ARG_INTEGER;
+  args[3].key = GRPC_ARG_ALLOW_REUSEPORT;
+  args[3].value.integer = 0;
+  grpc_channel_args ch = {4, args};
   r->server = grpc_server_create(&ch, NULL);
   r->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(r->server, r->cq, NULL);

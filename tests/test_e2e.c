@@ -359,6 +359,12 @@ static void test_convctl_errors_and_devices(void) {
   ASSERT_CONTAINS(msg, "ref0");
   ASSERT_CONTAINS(msg, "healthy");
   unlink(x), unlink(w), unlink(y);
+  /* A second daemon on the same port fails to start and says why (no silent port sharing). */
+  char *argv4[] = {CONVD_BIN, "--listen", d.target, NULL};
+  rc = test_run(argv4, "/tmp/convd-e2e-second.out", "/tmp/convd-e2e-second.err", 30);
+  test_read_file("/tmp/convd-e2e-second.err", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 1);
+  ASSERT_CONTAINS(msg, "in use");
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
 }
 
