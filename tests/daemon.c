@@ -1,3 +1,5 @@
+/* Process helpers for the end-to-end tests (not a test itself): every failure is returned as -1
+ * with its reason on stderr, and the calling test fails on it. */
 #include "daemon.h"
 
 #include <errno.h>
