@@ -12,6 +12,7 @@
 
 #include "client.h"
 #include "npy.h"
+#include "plan.h"
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -20,6 +21,9 @@ static void usage(FILE *f) {
           "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
           "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
           "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
+          "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
+          "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
+          "               [--device-memory BYTES (K/M/G suffixes; default 128M)]\n"
           "\n"
           "Tensors are float32 .npy files: input N,C,H,W; weight C_out,C_in/groups,kH,kW;\n"
           "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"
@@ -44,7 +48,7 @@ static int parse_list(const char *s, int64_t *v, int max) {
 
 typedef struct args {
   const char *server, *input, *weight, *bias, *output;
-  const char *stride, *padding, *dilation, *groups, *chunk, *timeout;
+  const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
   int unary;
 } args;
 
@@ -55,7 +59,8 @@ static int parse_args(int argc, char **argv, args *a) {
   } opts[] = {{"--server", &a->server},     {"--input", &a->input},     {"--weight", &a->weight},
               {"--bias", &a->bias},         {"--output", &a->output},   {"--stride", &a->stride},
               {"--padding", &a->padding},   {"--dilation", &a->dilation}, {"--groups", &a->groups},
-              {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout}};
+              {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout},
+              {"--devices", &a->devices},   {"--device-memory", &a->device_memory}};
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--unary") == 0) {
       a->unary = 1;
@@ -78,7 +83,7 @@ static int parse_args(int argc, char **argv, args *a) {
     }
     *opts[k].dst = argv[++i];
   }
-  if (a->server == NULL) {
+  if (a->server == NULL && strcmp(argv[1], "plan") != 0) {
     fprintf(stderr, "convctl: --server HOST:PORT is required\n");
     return -1;
   }
@@ -129,34 +134,75 @@ static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) 
   return 0;
 }
 
+/* --stride, --padding, --dilation, --groups into p (shapes left zero). */
+static int parse_conv_options(const args *a, convd_conv_params *p) {
+  convd_conv_params_default(p);
+  int64_t v[4];
+  int n;
+  if (a->stride) {
+    if ((n = parse_list(a->stride, v, 2)) < 1) goto bad_list;
+    p->stride_h = v[0], p->stride_w = n == 2 ? v[1] : v[0];
+  }
+  if (a->dilation) {
+    if ((n = parse_list(a->dilation, v, 2)) < 1) goto bad_list;
+    p->dil_h = v[0], p->dil_w = n == 2 ? v[1] : v[0];
+  }
+  if (a->padding) {
+    n = parse_list(a->padding, v, 4);
+    if (n == 1) p->pad_top = p->pad_bottom = p->pad_left = p->pad_right = v[0];
+    else if (n == 2) p->pad_top = p->pad_bottom = v[0], p->pad_left = p->pad_right = v[1];
+    else if (n == 4) p->pad_top = v[0], p->pad_bottom = v[1], p->pad_left = v[2], p->pad_right = v[3];
+    else goto bad_list;
+  }
+  if (a->groups) {
+    if (parse_list(a->groups, v, 1) != 1) goto bad_list;
+    p->groups = v[0];
+  }
+  return 0;
+bad_list:
+  fprintf(stderr, "convctl: malformed --stride/--padding/--dilation/--groups value (see --help)\n");
+  return -1;
+}
+
+static int cmd_plan(const args *a) {
+  convd_conv_params p;
+  if (parse_conv_options(a, &p)) return 2;
+  int64_t in[4], wt[4];
+  if (!a->input || !a->weight || parse_list(a->input, in, 4) != 4 || parse_list(a->weight, wt, 4) != 4) {
+    fprintf(stderr, "convctl plan: --input N,C,H,W and --weight C_out,C_in/groups,kH,kW are required\n");
+    return 2;
+  }
+  p.n = in[0], p.c_in = in[1], p.h = in[2], p.w = in[3];
+  p.c_out = wt[0], p.c_per_group = wt[1], p.kh = wt[2], p.kw = wt[3];
+  convd_plan_opts o = {.devices = 1, .device_memory = CONVD_DEFAULT_DEVICE_MEMORY};
+  if (a->devices && ((o.devices = atoi(a->devices)) < 1 || o.devices > 1024)) {
+    fprintf(stderr, "convctl plan: --devices %s: expected 1 to 1024\n", a->devices);
+    return 2;
+  }
+  if (a->device_memory && convd_parse_size(a->device_memory, &o.device_memory)) {
+    fprintf(stderr, "convctl plan: --device-memory %s: expected a byte size such as 40M\n",
+            a->device_memory);
+    return 2;
+  }
+  convd_conv c;
+  convd_plan pl;
+  char err[512], desc[4096];
+  if (convd_conv_init(&c, &p, err, sizeof err) || convd_plan_make(&pl, &c, &o, err, sizeof err)) {
+    fprintf(stderr, "convctl: %s\n", err);
+    return 1;
+  }
+  convd_plan_describe(&pl, desc, sizeof desc);
+  printf("devices: %d, device memory: %" PRIu64 " bytes\n%s", o.devices, o.device_memory, desc);
+  return 0;
+}
+
 static int cmd_conv(const args *a) {
   if (!a->input || !a->weight || !a->output) {
     fprintf(stderr, "convctl conv: --input, --weight and --output are required\n");
     return 2;
   }
   convd_conv_params p;
-  convd_conv_params_default(&p);
-  int64_t v[4];
-  int n;
-  if (a->stride) {
-    if ((n = parse_list(a->stride, v, 2)) < 1) goto bad_list;
-    p.stride_h = v[0], p.stride_w = n == 2 ? v[1] : v[0];
-  }
-  if (a->dilation) {
-    if ((n = parse_list(a->dilation, v, 2)) < 1) goto bad_list;
-    p.dil_h = v[0], p.dil_w = n == 2 ? v[1] : v[0];
-  }
-  if (a->padding) {
-    n = parse_list(a->padding, v, 4);
-    if (n == 1) p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = v[0];
-    else if (n == 2) p.pad_top = p.pad_bottom = v[0], p.pad_left = p.pad_right = v[1];
-    else if (n == 4) p.pad_top = v[0], p.pad_bottom = v[1], p.pad_left = v[2], p.pad_right = v[3];
-    else goto bad_list;
-  }
-  if (a->groups) {
-    if (parse_list(a->groups, v, 1) != 1) goto bad_list;
-    p.groups = v[0];
-  }
+  if (parse_conv_options(a, &p)) return 2;
 
   convd_npy x = {0}, w = {0}, b = {0};
   int rc = 2;
@@ -215,9 +261,6 @@ out:
   convd_npy_free(&w);
   convd_npy_free(&b);
   return rc;
-bad_list:
-  fprintf(stderr, "convctl: malformed --stride/--padding/--dilation/--groups value (see --help)\n");
-  return 2;
 }
 
 static int cmd_devices(const args *a) {
@@ -251,11 +294,13 @@ int main(int argc, char **argv) {
     return argc < 2 ? 2 : 0;
   }
   args a = {0};
-  if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0) {
+  if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0 &&
+      strcmp(argv[1], "plan") != 0) {
     fprintf(stderr, "convctl: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
   }
   if (parse_args(argc, argv, &a)) return 2;
+  if (strcmp(argv[1], "plan") == 0) return cmd_plan(&a);
   return strcmp(argv[1], "conv") == 0 ? cmd_conv(&a) : cmd_devices(&a);
 }

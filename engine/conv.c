@@ -1,5 +1,9 @@
 #include "conv.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+
 #include "err.h"
 
 void convd_conv_params_default(convd_conv_params *p) {
@@ -123,5 +127,27 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
       __builtin_mul_overflow(m, (uint64_t)p->kh, &m) || __builtin_mul_overflow(m, (uint64_t)p->kw, &m))
     m = UINT64_MAX;
   c->macs = m;
+  return 0;
+}
+
+int convd_parse_size(const char *s, uint64_t *out) {
+  if (s == NULL || !isdigit((unsigned char)*s)) return -1;
+  errno = 0;
+  char *end;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno) return -1;
+  uint64_t mul = 1;
+  switch (*end) {
+    case '\0': break;
+    case 'k': case 'K': mul = 1ull << 10; end++; break;
+    case 'm': case 'M': mul = 1ull << 20; end++; break;
+    case 'g': case 'G': mul = 1ull << 30; end++; break;
+    case 't': case 'T': mul = 1ull << 40; end++; break;
+    default: return -1;
+  }
+  if (*end == 'i' || *end == 'I') end++; /* accept "4MiB"-style suffixes too */
+  if (*end == 'b' || *end == 'B') end++;
+  if (*end != '\0') return -1;
+  if (__builtin_mul_overflow((uint64_t)v, mul, out)) return -1;
   return 0;
 }

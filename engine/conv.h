@@ -44,4 +44,8 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
 int convd_size_mul(size_t a, size_t b, size_t *out);
 int convd_size_add(size_t a, size_t b, size_t *out);
 
+/* Parses a byte size: "1048576", "64K", "4M", "2G", "1T" (powers of 1024; "MiB"/"MB" accepted).
+ * Returns 0, or -1 when malformed or out of range. */
+int convd_parse_size(const char *s, uint64_t *out);
+
 #endif

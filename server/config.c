@@ -43,28 +43,6 @@ static const opt opts[] = {
 #undef F
 #define NOPTS (sizeof opts / sizeof opts[0])
 
-int convd_parse_size(const char *s, uint64_t *out) {
-  if (s == NULL || !isdigit((unsigned char)*s)) return -1;
-  errno = 0;
-  char *end;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (errno) return -1;
-  uint64_t mul = 1;
-  switch (*end) {
-    case '\0': break;
-    case 'k': case 'K': mul = 1ull << 10; end++; break;
-    case 'm': case 'M': mul = 1ull << 20; end++; break;
-    case 'g': case 'G': mul = 1ull << 30; end++; break;
-    case 't': case 'T': mul = 1ull << 40; end++; break;
-    default: return -1;
-  }
-  if (*end == 'i' || *end == 'I') end++; /* accept "4MiB"-style suffixes too */
-  if (*end == 'b' || *end == 'B') end++;
-  if (*end != '\0') return -1;
-  if (__builtin_mul_overflow((uint64_t)v, mul, out)) return -1;
-  return 0;
-}
-
 static void env_name(const opt *o, char *buf, size_t len);
 
 /* source: 0 default, 1 environment, 2 flag; it decides how the setting is named in errors. */

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "conv.h" /* convd_parse_size */
+
 typedef struct convd_config {
   char listen[256];
   int workers;
@@ -24,8 +26,5 @@ enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };
  * after --help or --version (printed to out), or a negative error with the reason in err. */
 int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char *err,
                        size_t errlen);
-
-/* Parses "1048576", "64K", "4M", "2G" (powers of 1024). Returns 0 or -1. */
-int convd_parse_size(const char *s, uint64_t *out);
 
 #endif

@@ -1,0 +1,90 @@
+/* The planner: cuts one convolution into elemental convolutions ("ops") that each fit a device's
+ * memory budget, along the batch, output spatial tiles (input windows overlap by the kernel's
+ * halo; zero padding only at the true borders), groups, output-channel blocks and input-channel
+ * blocks (partial sums, accumulated per output tile).
+ *
+ * Op order: batch, tile row, tile column, group block, output-channel block, input-channel
+ * block (innermost). Consecutive ops therefore share an output tile, and all ops of a tile row
+ * come before the next one, so input rows can be freed and output rows sent in order. */
+#ifndef CONVD_PLAN_H
+#define CONVD_PLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "conv.h"
+
+/* A CPU device's default budget: small enough that large streamed requests are cut into tile
+ * rows (so the daemon holds a few rows, not the tensor), large enough that common layers are one
+ * op. */
+#define CONVD_DEFAULT_DEVICE_MEMORY (UINT64_C(128) << 20)
+
+typedef struct convd_plan_opts {
+  int devices;            /* devices that will share the ops (>= 1) */
+  uint64_t device_memory; /* bytes one op may use on a device: its input window, weight block
+                             and output tile, twice (double buffering) */
+} convd_plan_opts;
+
+typedef struct convd_plan {
+  convd_conv conv;
+  int64_t tile_h, tile_w;     /* output tile */
+  int64_t tiles_h, tiles_w;
+  int64_t gblk, gblocks;      /* groups per op, group blocks */
+  int64_t icb, icblocks;      /* input channels per op within a group block's group */
+  int64_t ocb, ocblocks;      /* output channels per op within a group */
+  uint64_t ops;
+  uint64_t op_bytes;          /* the largest op's footprint, double-buffered */
+} convd_plan;
+
+/* Everything one op needs to know. Channel ranges are absolute. */
+typedef struct convd_plan_op {
+  uint64_t index;
+  uint64_t tile;              /* output tile id: ops with the same id accumulate into it */
+  int64_t n;
+  int64_t oh0, oh1, ow0, ow1; /* output rows and columns */
+  int64_t ih0, ih1, iw0, iw1; /* input window, clipped to the input */
+  int64_t ic0, ic1, oc0, oc1; /* input and output channels */
+  int64_t wc0, wc1;           /* weight columns (C_in/groups axis) */
+  int icblock, icblocks;      /* position among the input-channel blocks of its tile */
+  int empty;                  /* the window lies wholly in the padding: the result is the bias */
+  convd_conv local;           /* the op as a convolution of its window (valid unless empty) */
+} convd_plan_op;
+
+/* Makes a plan; fails (CONVD_ELIMIT) only when even the smallest op (one output element, one
+ * channel) does not fit device_memory. */
+int convd_plan_make(convd_plan *plan, const convd_conv *conv, const convd_plan_opts *opts,
+                    char *err, size_t errlen);
+
+/* The geometry of op i < plan->ops. */
+void convd_plan_op_get(const convd_plan *plan, uint64_t i, convd_plan_op *op);
+
+/* Input rows [ih0, ih1) read by the ops of tile row th (all columns and channels). */
+void convd_plan_tile_row_window(const convd_plan *plan, int64_t th, int64_t *ih0, int64_t *ih1);
+
+/* Row access, so that ops can be cut from a whole NCHW tensor or from rows held one by one:
+ * returns the start of row h of batch item n, with channel c at offset c * *cstride. */
+typedef const float *(*convd_row_fn)(void *ctx, int64_t n, int64_t h, size_t *cstride);
+typedef float *(*convd_row_mut_fn)(void *ctx, int64_t n, int64_t h, size_t *cstride);
+
+/* Copies op's input window (channels ic0..ic1, rows ih0..ih1, columns iw0..iw1) into dst as a
+ * contiguous 1 x C x H x W tensor. */
+void convd_plan_gather_window(const convd_plan *plan, const convd_plan_op *op, convd_row_fn row,
+                              void *ctx, float *dst);
+
+/* op's weight block as a contiguous (oc, wc, kH, kW) tensor: a pointer into w when its rows are
+ * whole, else copied into scratch (which must hold the block). */
+const float *convd_plan_weight_block(const convd_plan *plan, const convd_plan_op *op,
+                                     const float *w, float *scratch);
+
+/* Adds op's output partial (contiguous 1 x oc x th x tw) into the output rows. */
+void convd_plan_accumulate(const convd_plan *plan, const convd_plan_op *op, const float *partial,
+                           convd_row_mut_fn row, void *ctx);
+
+/* The partial of an empty op: the bias on the first input-channel block, zero otherwise. */
+void convd_plan_fill_empty(const convd_plan *plan, const convd_plan_op *op, const float *bias,
+                           float *partial);
+
+/* Writes a human-readable description (tile grid, block sizes, per-op bytes, op count). */
+void convd_plan_describe(const convd_plan *plan, char *buf, size_t len);
+
+#endif
