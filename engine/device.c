@@ -1,0 +1,41 @@
+#include "device.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "err.h"
+#include "ref.h"
+
+static int ref_supports(void *ctx, const convd_conv *conv) {
+  (void)ctx, (void)conv;
+  return 1;
+}
+
+static int ref_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
+  (void)ctx, (void)err, (void)errlen;
+  return convd_ref_conv2d(io->conv, io->x, io->w, io->b, io->y, NULL);
+}
+
+static void ref_destroy(void *ctx) { (void)ctx; }
+
+static const convd_device_iface ref_iface = {
+    .supports = ref_supports, .run = ref_run, .flush_cache = NULL, .destroy = ref_destroy};
+
+int convd_device_ref_create(const char *name, uint64_t memory_budget, convd_device **out,
+                            char *err, size_t errlen) {
+  convd_device *d = calloc(1, sizeof *d);
+  if (d == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a device");
+  d->iface = &ref_iface;
+  d->kind = CONVD_DEVICE_REFERENCE;
+  d->memory_budget = memory_budget;
+  snprintf(d->name, sizeof d->name, "%s", name);
+  snprintf(d->detail, sizeof d->detail, "reference kernel (float64 accumulation), one thread");
+  *out = d;
+  return 0;
+}
+
+void convd_device_destroy(convd_device *d) {
+  if (d == NULL) return;
+  if (d->iface && d->iface->destroy) d->iface->destroy(d->ctx);
+  free(d);
+}

@@ -1,0 +1,61 @@
+/* Devices: one interface for every kind of compute (reference, CPU, later CUDA), as a table of
+ * functions plus a context. The scheduler owns one worker thread per device and calls run() on
+ * it, one elemental op at a time; a device never sees a whole request. */
+#ifndef CONVD_DEVICE_H
+#define CONVD_DEVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "conv.h"
+
+enum convd_device_kind {
+  CONVD_DEVICE_CPU = 1,
+  CONVD_DEVICE_CUDA = 2,
+  CONVD_DEVICE_REFERENCE = 3,
+};
+
+/* One elemental convolution, in host memory, all tensors contiguous. */
+typedef struct convd_op_io {
+  const convd_conv *conv; /* checked by convd_conv_init; n may be > 1 */
+  const float *x;         /* N x C x H x W */
+  const float *w;         /* C_out x C_in/groups x kH x kW */
+  uint64_t w_key;         /* names w's contents for the device's weight cache; 0 = do not cache */
+  const float *b;         /* C_out, or NULL */
+  float *y;               /* N x C_out x H_out x W_out, overwritten */
+} convd_op_io;
+
+typedef struct convd_device_iface {
+  /* 1 when this device can run the op (all devices run float32 forward convolution today). */
+  int (*supports)(void *ctx, const convd_conv *conv);
+  /* Runs one op to completion on the calling thread. Returns 0 or a negative convd error. */
+  int (*run)(void *ctx, const convd_op_io *io, char *err, size_t errlen);
+  /* Optional (NULL): drop cached weight blocks, e.g. when a job ends. */
+  void (*flush_cache)(void *ctx);
+  void (*destroy)(void *ctx);
+} convd_device_iface;
+
+typedef struct convd_device {
+  const convd_device_iface *iface;
+  void *ctx;
+  int kind;               /* enum convd_device_kind */
+  char name[64];
+  char detail[128];
+  uint64_t memory_budget; /* bytes one op may use on it (the planner's device_memory) */
+} convd_device;
+
+/* The reference kernel as a device: for validation, and where nothing faster exists. */
+int convd_device_ref_create(const char *name, uint64_t memory_budget, convd_device **out,
+                            char *err, size_t errlen);
+
+/* A CPU device running oneDNN's convolution on `threads` threads (0 = all online CPUs). Built
+ * without oneDNN, it runs the reference kernel and says so in its detail. */
+int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
+                            convd_device **out, char *err, size_t errlen);
+
+/* 1 when CPU devices run oneDNN in this build. */
+int convd_device_cpu_is_native(void);
+
+void convd_device_destroy(convd_device *d);
+
+#endif

@@ -1,0 +1,274 @@
+/* The CPU device: oneDNN's forward convolution (direct algorithm, so results differ from the
+ * reference only by float32 summation order), its weights reordered once per block into the
+ * layout oneDNN prefers and kept in a small LRU cache. oneDNN is built on OpenMP in Debian: each
+ * device sets its own thread count on its worker thread, so several CPU devices can split the
+ * host. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "device.h"
+#include "err.h"
+#include "ref.h"
+
+#ifdef CONVD_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
+
+#define WCACHE_ENTRIES 32
+
+typedef struct wcache_entry {
+  uint64_t key;
+  dnnl_memory_desc_t md; /* the layout the weights were reordered into */
+  dnnl_memory_t mem;
+  uint64_t last_use;
+} wcache_entry;
+
+typedef struct cpu_ctx {
+  int threads;
+  dnnl_engine_t eng;
+  dnnl_stream_t stream;
+  wcache_entry cache[WCACHE_ENTRIES];
+  uint64_t tick;
+  /* reused staging for src/dst in oneDNN's blocked layouts */
+  void *src_buf, *dst_buf;
+  size_t src_cap, dst_cap;
+} cpu_ctx;
+
+#define DNNL_TRY(call)                                                                        \
+  do {                                                                                        \
+    dnnl_status_t st_ = (call);                                                               \
+    if (st_ != dnnl_success) {                                                                \
+      rc = convd_errf(err, errlen, CONVD_EDEVICE, "oneDNN %s failed with status %d (%s:%d)", \
+                      #call, (int)st_, __FILE__, __LINE__);                                   \
+      goto out;                                                                               \
+    }                                                                                         \
+  } while (0)
+
+static int grow(void **buf, size_t *cap, size_t want) {
+  if (want <= *cap) return 0;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, want ? want : 64)) return -1;
+  free(*buf);
+  *buf = p;
+  *cap = want;
+  return 0;
+}
+
+static int cpu_supports(void *ctx, const convd_conv *conv) {
+  (void)ctx, (void)conv;
+  return 1;
+}
+
+/* Reorders src (memory) into a new or cached memory of layout md. */
+static int reorder(cpu_ctx *c, dnnl_memory_t from, dnnl_memory_t to, char *err, size_t errlen) {
+  int rc = 0;
+  dnnl_primitive_desc_t pd = NULL;
+  dnnl_primitive_t prim = NULL;
+  const dnnl_memory_desc_t *fmd, *tmd;
+  DNNL_TRY(dnnl_memory_get_memory_desc(from, &fmd));
+  DNNL_TRY(dnnl_memory_get_memory_desc(to, &tmd));
+  DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, fmd, c->eng, tmd, c->eng, NULL));
+  DNNL_TRY(dnnl_primitive_create(&prim, pd));
+  dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+  DNNL_TRY(dnnl_primitive_execute(prim, c->stream, 2, args));
+out:
+  if (prim) dnnl_primitive_destroy(prim);
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  return rc;
+}
+
+static wcache_entry *cache_find(cpu_ctx *c, uint64_t key, const dnnl_memory_desc_t *md) {
+  if (key == 0) return NULL;
+  for (int i = 0; i < WCACHE_ENTRIES; i++)
+    if (c->cache[i].mem && c->cache[i].key == key && dnnl_memory_desc_equal(&c->cache[i].md, md)) {
+      c->cache[i].last_use = ++c->tick;
+      return &c->cache[i];
+    }
+  return NULL;
+}
+
+static wcache_entry *cache_slot(cpu_ctx *c) {
+  wcache_entry *victim = &c->cache[0];
+  for (int i = 0; i < WCACHE_ENTRIES; i++) {
+    if (c->cache[i].mem == NULL) return &c->cache[i];
+    if (c->cache[i].last_use < victim->last_use) victim = &c->cache[i];
+  }
+  dnnl_memory_destroy(victim->mem);
+  memset(victim, 0, sizeof *victim);
+  return victim;
+}
+
+static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
+  cpu_ctx *c = ctx;
+  const convd_conv_params *p = &io->conv->p;
+  int rc = 0;
+  dnnl_primitive_desc_t pd = NULL;
+  dnnl_primitive_t prim = NULL;
+  dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
+  dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL;
+  omp_set_num_threads(c->threads);
+
+  const int grouped = p->groups > 1;
+  dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
+  dnnl_dims_t dst_dims = {p->n, p->c_out, io->conv->h_out, io->conv->w_out};
+  dnnl_dims_t wei_dims = {p->c_out, p->c_per_group, p->kh, p->kw};
+  dnnl_dims_t gwei_dims = {p->groups, p->c_out / p->groups, p->c_per_group, p->kh, p->kw};
+  dnnl_dims_t bias_dims = {p->c_out};
+  dnnl_dims_t strides = {p->stride_h, p->stride_w};
+  dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1}; /* oneDNN counts the gaps */
+  dnnl_dims_t pad_l = {p->pad_top, p->pad_left}, pad_r = {p->pad_bottom, p->pad_right};
+
+  dnnl_memory_desc_t usr_src_md, usr_wei_md, usr_dst_md, bias_md, any_src, any_wei, any_dst;
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+  if (grouped)
+    DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_wei_md, 5, gwei_dims, dnnl_f32, dnnl_goihw));
+  else
+    DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_wei_md, 4, wei_dims, dnnl_f32, dnnl_oihw));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&bias_md, 1, bias_dims, dnnl_f32, dnnl_x));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_wei, grouped ? 5 : 4, grouped ? gwei_dims : wei_dims,
+                                        dnnl_f32, dnnl_format_tag_any));
+
+  dnnl_convolution_desc_t cd;
+  DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
+      &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
+      io->b ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+  DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, NULL, c->eng, NULL));
+  const dnnl_memory_desc_t *src_md = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
+  const dnnl_memory_desc_t *wei_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+  const dnnl_memory_desc_t *dst_md = dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
+  DNNL_TRY(dnnl_primitive_create(&prim, pd));
+
+  /* Input: used in place when oneDNN takes plain NCHW, else reordered into staging. */
+  DNNL_TRY(dnnl_memory_create(&usr_src, &usr_src_md, c->eng, (void *)io->x));
+  if (dnnl_memory_desc_equal(src_md, &usr_src_md)) {
+    src = usr_src;
+  } else {
+    if (grow(&c->src_buf, &c->src_cap, dnnl_memory_desc_get_size(src_md))) goto oom;
+    DNNL_TRY(dnnl_memory_create(&src, src_md, c->eng, c->src_buf));
+    if ((rc = reorder(c, usr_src, src, err, errlen))) goto out;
+  }
+  /* Weights: from the cache, or reordered once and cached under the op's key. */
+  dnnl_memory_t wei;
+  wcache_entry *hit = cache_find(c, io->w_key, wei_md);
+  DNNL_TRY(dnnl_memory_create(&usr_wei, &usr_wei_md, c->eng, (void *)io->w));
+  if (hit) {
+    wei = hit->mem;
+  } else if (dnnl_memory_desc_equal(wei_md, &usr_wei_md)) {
+    wei = usr_wei;
+  } else {
+    DNNL_TRY(dnnl_memory_create(&wei_tmp, wei_md, c->eng, DNNL_MEMORY_ALLOCATE));
+    if ((rc = reorder(c, usr_wei, wei_tmp, err, errlen))) goto out;
+    wei = wei_tmp;
+    if (io->w_key != 0) { /* the cache takes it */
+      wcache_entry *e = cache_slot(c);
+      e->key = io->w_key;
+      e->md = *wei_md;
+      e->mem = wei_tmp;
+      e->last_use = ++c->tick;
+      wei_tmp = NULL;
+    }
+  }
+  DNNL_TRY(dnnl_memory_create(&usr_dst, &usr_dst_md, c->eng, io->y));
+  if (dnnl_memory_desc_equal(dst_md, &usr_dst_md)) {
+    dst = usr_dst;
+  } else {
+    if (grow(&c->dst_buf, &c->dst_cap, dnnl_memory_desc_get_size(dst_md))) goto oom;
+    DNNL_TRY(dnnl_memory_create(&dst, dst_md, c->eng, c->dst_buf));
+  }
+  if (io->b) DNNL_TRY(dnnl_memory_create(&bias, &bias_md, c->eng, (void *)io->b));
+
+  dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                             {DNNL_ARG_BIAS, bias}};
+  DNNL_TRY(dnnl_primitive_execute(prim, c->stream, io->b ? 4 : 3, args));
+  if (dst != usr_dst && (rc = reorder(c, dst, usr_dst, err, errlen))) goto out;
+  DNNL_TRY(dnnl_stream_wait(c->stream));
+  goto out;
+oom:
+  rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging an op");
+out:
+  if (src && src != usr_src) dnnl_memory_destroy(src);
+  if (dst && dst != usr_dst) dnnl_memory_destroy(dst);
+  if (usr_src) dnnl_memory_destroy(usr_src);
+  if (usr_wei) dnnl_memory_destroy(usr_wei);
+  if (usr_dst) dnnl_memory_destroy(usr_dst);
+  if (wei_tmp) dnnl_memory_destroy(wei_tmp);
+  if (bias) dnnl_memory_destroy(bias);
+  if (prim) dnnl_primitive_destroy(prim);
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  return rc;
+}
+
+static void cpu_flush(void *ctx) {
+  cpu_ctx *c = ctx;
+  for (int i = 0; i < WCACHE_ENTRIES; i++)
+    if (c->cache[i].mem) dnnl_memory_destroy(c->cache[i].mem);
+  memset(c->cache, 0, sizeof c->cache);
+}
+
+static void cpu_destroy(void *ctx) {
+  cpu_ctx *c = ctx;
+  if (c == NULL) return;
+  cpu_flush(c);
+  if (c->stream) dnnl_stream_destroy(c->stream);
+  if (c->eng) dnnl_engine_destroy(c->eng);
+  free(c->src_buf);
+  free(c->dst_buf);
+  free(c);
+}
+
+static const convd_device_iface cpu_iface = {
+    .supports = cpu_supports, .run = cpu_run, .flush_cache = cpu_flush, .destroy = cpu_destroy};
+
+int convd_device_cpu_is_native(void) { return 1; }
+
+int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
+                            convd_device **out, char *err, size_t errlen) {
+  int rc = 0;
+  *out = NULL;
+  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+  cpu_ctx *c = calloc(1, sizeof *c);
+  convd_device *d = calloc(1, sizeof *d);
+  if (c == NULL || d == NULL) {
+    rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a device");
+    goto out;
+  }
+  c->threads = threads > 0 ? threads : (ncpu > 0 ? (int)ncpu : 1);
+  DNNL_TRY(dnnl_engine_create(&c->eng, dnnl_cpu, 0));
+  DNNL_TRY(dnnl_stream_create(&c->stream, c->eng, dnnl_stream_default_flags));
+  d->iface = &cpu_iface;
+  d->ctx = c;
+  d->kind = CONVD_DEVICE_CPU;
+  d->memory_budget = memory_budget;
+  snprintf(d->name, sizeof d->name, "%s", name);
+  const dnnl_version_t *v = dnnl_version();
+  snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution, %d thread%s",
+           v->major, v->minor, v->patch, c->threads, c->threads == 1 ? "" : "s");
+  *out = d;
+  return 0;
+out:
+  cpu_destroy(c);
+  free(d);
+  return rc;
+}
+
+#else /* no oneDNN in this build: the CPU device runs the reference kernel */
+
+int convd_device_cpu_is_native(void) { return 0; }
+
+int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
+                            convd_device **out, char *err, size_t errlen) {
+  (void)threads;
+  int rc = convd_device_ref_create(name, memory_budget, out, err, errlen);
+  if (rc == 0) {
+    (*out)->kind = CONVD_DEVICE_CPU;
+    snprintf((*out)->detail, sizeof (*out)->detail,
+             "reference kernel: this build has no oneDNN (install libdnnl-dev and rebuild)");
+  }
+  return rc;
+}
+#endif
