@@ -38,6 +38,27 @@ void convd_band_gather(const void *t, const convd_band_shape *s, int64_t n, int6
   band_copy((char *)t, s, n, h0, h1, off, dst, len, 0);
 }
 
+void convd_band_gather_rows(const convd_band_shape *s, int64_t n, int64_t h0, int64_t h1,
+                            size_t off, void *dst, size_t len,
+                            const float *(*row)(void *ctx, int64_t n, int64_t h, size_t *cstride),
+                            void *ctx) {
+  const size_t rbytes = (size_t)s->w * s->elem_size;
+  const size_t rows = (size_t)(h1 - h0);
+  char *out = dst;
+  while (len > 0) {
+    size_t c = off / (rows * rbytes);
+    size_t r = (off / rbytes) % rows;
+    size_t x = off % rbytes;
+    size_t take = rbytes - x < len ? rbytes - x : len;
+    size_t cstride;
+    const char *src = (const char *)row(ctx, n, h0 + (int64_t)r, &cstride);
+    memcpy(out, src + c * cstride * s->elem_size + x, take);
+    out += take;
+    off += take;
+    len -= take;
+  }
+}
+
 void convd_band_iter_init(convd_band_iter *it, const convd_band_shape *s, size_t max_bytes) {
   memset(it, 0, sizeof *it);
   it->s = *s;

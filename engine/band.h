@@ -27,6 +27,13 @@ void convd_band_scatter(void *t, const convd_band_shape *s, int64_t n, int64_t h
 void convd_band_gather(const void *t, const convd_band_shape *s, int64_t n, int64_t h0, int64_t h1,
                        size_t off, void *dst, size_t len);
 
+/* As convd_band_gather, from a tensor held as rows: row(ctx, n, h, &cstride) returns row h of
+ * batch item n with channel c at offset c * cstride (in elements of elem_size; float rows). */
+void convd_band_gather_rows(const convd_band_shape *s, int64_t n, int64_t h0, int64_t h1,
+                            size_t off, void *dst, size_t len,
+                            const float *(*row)(void *ctx, int64_t n, int64_t h, size_t *cstride),
+                            void *ctx);
+
 /* Walks a tensor as bands of whole rows, each piece at most max_bytes: bands hold as many rows
  * as fit in max_bytes (at least one), and a single row larger than max_bytes is split into
  * pieces. Usage: init, then while (next) use n/h0/h1/off/len. */

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,24 +9,69 @@
 #include <unistd.h>
 
 #include "err.h"
-#include "ref.h"
 
-typedef struct job {
-  convd_job_desc d;
-  struct job *next;
-  double queued_at;
-} job;
+/* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
+#define MAX_PLAN_OPS (UINT64_C(1) << 22)
+
+typedef struct range {
+  uint64_t begin, end;
+} range;
+
+typedef struct dev_slot {
+  convd_engine *e;
+  unsigned index;
+  convd_device *dev;
+  pthread_t thread;
+  int started;
+  int healthy;
+  char why[256];
+  uint64_t completed_ops;
+  double busy_seconds;
+  float *win, *wblk, *partial; /* scratch, grown on demand */
+  size_t win_cap, wblk_cap, partial_cap;
+} dev_slot;
+
+struct convd_job {
+  convd_engine *e;
+  uint64_t id;
+  convd_plan plan;
+  convd_job_cbs cb;
+  convd_job *next, *prev; /* in e->jobs */
+  /* input */
+  float *w, *b;
+  float **in_rows;        /* N*H rows of C*W, NULL until arrived or once freed */
+  uint32_t *in_refs;      /* ops still to read each row */
+  uint8_t *in_seen;
+  int32_t *missing;       /* per (n, tile row): window rows not yet arrived */
+  uint8_t *queued;        /* per (n, tile row): its ops were made ready */
+  /* output */
+  float **out_rows;       /* N*H_out rows of C_out*W_out */
+  uint32_t *tile_left;    /* per (n, tile row): ops not yet done */
+  pthread_mutex_t acc_mu; /* accumulation into out_rows */
+  /* ops */
+  range *ready;           /* FIFO of ready op ranges */
+  size_t ready_head, ready_len, ready_cap;
+  uint64_t *retry;        /* ops to run again after a device failed */
+  size_t retry_len, retry_cap;
+  uint64_t ops_done;
+  int running;
+  int cancelled, failed;
+  char fail_msg[256];
+  /* callbacks */
+  int cb_inflight, done_delivered;
+  uint64_t bytes_held;
+  convd_job_stats stats;
+};
 
 struct convd_engine {
   pthread_mutex_t mu;
   pthread_cond_t cv;
-  job *head, *tail;
-  size_t pending; /* queued + running */
   int stopping;
-  int nworkers;
-  pthread_t *workers;
-  atomic_uint_fast64_t completed_ops;
-  uint64_t memory_bytes;
+  dev_slot *devs;
+  int ndev;
+  uint64_t device_memory;
+  convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
+  uint64_t next_job_id;
 };
 
 static double now_seconds(void) {
@@ -34,77 +80,362 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void run_job(convd_engine *e, job *j) {
-  char err[256] = "";
-  convd_job_stats st = {0};
-  double t0 = now_seconds();
-  st.queue_seconds = t0 - j->queued_at;
-  int rc = convd_ref_conv2d(j->d.conv, j->d.x, j->d.w, j->d.b, j->d.y, j->d.cancel);
-  st.compute_seconds = now_seconds() - t0;
-  if (rc == 0) {
-    st.ops_run = 1;
-    atomic_fetch_add(&e->completed_ops, 1);
-  } else {
-    convd_errf(err, sizeof err, rc, "convolution stopped: %s", convd_strerror(rc));
+static int grow(float **buf, size_t *cap, size_t elems) {
+  if (elems <= *cap) return 0;
+  float *p = realloc(*buf, elems * sizeof(float));
+  if (p == NULL) return -1;
+  *buf = p;
+  *cap = elems;
+  return 0;
+}
+
+/* ---- job bookkeeping (e->mu held) ------------------------------------------------------ */
+
+static int64_t tiles_h(const convd_job *j) { return j->plan.tiles_h; }
+
+static uint64_t ops_per_tile_row(const convd_job *j) {
+  return j->plan.ops / (uint64_t)(j->plan.conv.p.n * j->plan.tiles_h);
+}
+
+static int push_ready(convd_job *j, uint64_t begin, uint64_t end) {
+  if (j->ready_head + j->ready_len == j->ready_cap) {
+    if (j->ready_head > 0) {
+      memmove(j->ready, j->ready + j->ready_head, j->ready_len * sizeof *j->ready);
+      j->ready_head = 0;
+    } else {
+      size_t cap = j->ready_cap ? j->ready_cap * 2 : 16;
+      range *r = realloc(j->ready, cap * sizeof *r);
+      if (r == NULL) return -1;
+      j->ready = r;
+      j->ready_cap = cap;
+    }
   }
-  j->d.done(j->d.user, rc, err, &st);
+  j->ready[j->ready_head + j->ready_len++] = (range){begin, end};
+  return 0;
+}
+
+/* Makes the ops of (n, th) ready when weights and all window rows are in. */
+static void maybe_queue(convd_job *j, int64_t n, int64_t th) {
+  size_t k = (size_t)(n * tiles_h(j) + th);
+  if (j->queued[k] || j->missing[k] > 0 || j->w == NULL || j->cancelled || j->failed) return;
+  j->queued[k] = 1;
+  uint64_t per = ops_per_tile_row(j);
+  if (push_ready(j, (uint64_t)k * per, (uint64_t)(k + 1) * per)) {
+    j->failed = 1;
+    snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory queueing ops");
+  }
+}
+
+static int job_has_work(const convd_job *j) {
+  return !j->cancelled && !j->failed && (j->ready_len > 0 || j->retry_len > 0);
+}
+
+/* The job is over when no op runs and either all ops are done or it stopped. */
+static int job_finished(const convd_job *j) {
+  return j->running == 0 && (j->ops_done == j->plan.ops || j->cancelled || j->failed);
+}
+
+/* ---- events (collected under e->mu, delivered after unlocking) ------------------------- */
+
+typedef struct event {
+  convd_job *job;
+  int kind; /* 0 rows_ready, 1 input_freed, 2 done */
+  int64_t n, h0, h1;
+} event;
+
+typedef struct events {
+  event ev[8];
+  int n;
+} events;
+
+static void add_event(events *es, convd_job *j, int kind, int64_t n, int64_t h0, int64_t h1) {
+  if (kind == 1 && j->cb.input_freed == NULL) return;
+  j->cb_inflight++;
+  es->ev[es->n++] = (event){j, kind, n, h0, h1};
+}
+
+/* done() goes out once the job finished and no other callback of it is in flight. */
+static void maybe_done(convd_job *j, events *es) {
+  if (j->done_delivered || !job_finished(j) || j->cb_inflight > 0) return;
+  j->done_delivered = 1;
+  add_event(es, j, 2, 0, 0, 0);
+}
+
+static void deliver(convd_engine *e, events *es) {
+  for (int i = 0; i < es->n; i++) {
+    event *ev = &es->ev[i];
+    convd_job *j = ev->job;
+    if (ev->kind == 0) {
+      j->cb.rows_ready(j->cb.user, ev->n, ev->h0, ev->h1);
+    } else if (ev->kind == 1) {
+      j->cb.input_freed(j->cb.user);
+    } else {
+      int status = j->ops_done == j->plan.ops && !j->cancelled && !j->failed ? 0
+                   : j->failed                                            ? CONVD_EDEVICE
+                                                                          : CONVD_ECANCELED;
+      const char *msg = status == 0 ? "" : j->failed ? j->fail_msg : "the job was cancelled";
+      convd_job_stats st = j->stats;
+      j->cb.done(j->cb.user, status, msg, &st);
+      continue; /* the job may be gone now */
+    }
+    pthread_mutex_lock(&e->mu);
+    j->cb_inflight--;
+    events more = {.n = 0};
+    maybe_done(j, &more);
+    pthread_mutex_unlock(&e->mu);
+    if (more.n) deliver(e, &more);
+  }
+  es->n = 0;
+}
+
+/* ---- scheduling ------------------------------------------------------------------------ */
+
+/* Takes the next op for slot, round-robin over jobs. e->mu held. */
+static convd_job *pick(convd_engine *e, uint64_t *op) {
+  if (e->jobs == NULL) return NULL;
+  convd_job *start = e->rr ? e->rr : e->jobs;
+  convd_job *j = start;
+  do {
+    if (job_has_work(j)) {
+      if (j->retry_len > 0) {
+        *op = j->retry[--j->retry_len];
+      } else {
+        range *r = &j->ready[j->ready_head];
+        *op = r->begin++;
+        if (r->begin == r->end) {
+          j->ready_head++;
+          j->ready_len--;
+        }
+      }
+      j->running++;
+      e->rr = j->next ? j->next : e->jobs;
+      return j;
+    }
+    j = j->next ? j->next : e->jobs;
+  } while (j != start);
+  return NULL;
+}
+
+static float *in_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+  convd_job *j = ctx;
+  *cstride = (size_t)j->plan.conv.p.w;
+  return j->in_rows[(size_t)n * (size_t)j->plan.conv.p.h + (size_t)h];
+}
+
+static const float *in_row_c(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+  return in_row(ctx, n, h, cstride);
+}
+
+static float *out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+  convd_job *j = ctx;
+  *cstride = (size_t)j->plan.conv.w_out;
+  return j->out_rows[(size_t)n * (size_t)j->plan.conv.h_out + (size_t)h];
+}
+
+/* Drops the op's hold on its input rows; frees rows nobody needs. e->mu held. */
+static int release_window(convd_job *j, const convd_plan_op *op) {
+  int freed = 0;
+  const size_t row_bytes = (size_t)j->plan.conv.p.c_in * (size_t)j->plan.conv.p.w * sizeof(float);
+  for (int64_t h = op->ih0; h < op->ih1; h++) {
+    size_t k = (size_t)op->n * (size_t)j->plan.conv.p.h + (size_t)h;
+    if (--j->in_refs[k] == 0 && j->in_rows[k]) {
+      free(j->in_rows[k]);
+      j->in_rows[k] = NULL;
+      j->bytes_held -= row_bytes;
+      freed = 1;
+    }
+  }
+  return freed;
+}
+
+/* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). */
+static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int *freed, char *err,
+                  size_t errlen) {
+  convd_engine *e = s->e;
+  const convd_plan *pl = &j->plan;
+  const size_t out_elems = (size_t)(op->oc1 - op->oc0) * (size_t)(op->oh1 - op->oh0) *
+                           (size_t)(op->ow1 - op->ow0);
+  if (grow(&s->partial, &s->partial_cap, out_elems))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's output");
+  int rc = 0;
+  if (op->empty) {
+    convd_plan_fill_empty(pl, op, j->b, s->partial);
+  } else {
+    if (grow(&s->win, &s->win_cap, op->local.input_elems) ||
+        grow(&s->wblk, &s->wblk_cap, op->local.weight_elems))
+      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's input");
+    convd_plan_gather_window(pl, op, in_row_c, j, s->win);
+    const float *wb = convd_plan_weight_block(pl, op, j->w, s->wblk);
+    /* The weight block's identity: this job, this block. */
+    uint64_t key = (j->id << 32) ^ ((uint64_t)op->oc0 << 16) ^ (uint64_t)op->wc0 ^ 0x9e3779b97f4a7c15ull;
+    convd_op_io io = {&op->local, s->win, wb, key, op->local.p.has_bias ? j->b + op->oc0 : NULL,
+                      s->partial};
+    double t0 = now_seconds();
+    rc = s->dev->iface->run(s->dev->ctx, &io, err, errlen);
+    double dt = now_seconds() - t0;
+    pthread_mutex_lock(&e->mu);
+    s->busy_seconds += dt;
+    j->stats.compute_seconds += dt;
+    pthread_mutex_unlock(&e->mu);
+  }
+  if (rc) return rc;
+  pthread_mutex_lock(&j->acc_mu);
+  convd_plan_accumulate(pl, op, s->partial, out_row, j);
+  pthread_mutex_unlock(&j->acc_mu);
+  (void)freed;
+  return 0;
 }
 
 static void *worker_main(void *arg) {
-  convd_engine *e = arg;
+  dev_slot *s = arg;
+  convd_engine *e = s->e;
+  events es = {.n = 0};
   pthread_mutex_lock(&e->mu);
   for (;;) {
-    while (e->head == NULL && !e->stopping) pthread_cond_wait(&e->cv, &e->mu);
-    if (e->head == NULL) break; /* stopping and nothing left */
-    job *j = e->head;
-    e->head = j->next;
-    if (e->head == NULL) e->tail = NULL;
-    int stopping = e->stopping;
-    pthread_mutex_unlock(&e->mu);
-    if (stopping) {
-      convd_job_stats st = {0};
-      j->d.done(j->d.user, CONVD_ECANCELED, "the engine is shutting down", &st);
-    } else {
-      run_job(e, j);
+    /* Jobs that finished with nobody else to tell them (cancelled while idle, say). */
+    for (convd_job *j = e->jobs; j && es.n < 6; j = j->next) maybe_done(j, &es);
+    if (es.n) {
+      pthread_mutex_unlock(&e->mu);
+      deliver(e, &es);
+      pthread_mutex_lock(&e->mu);
+      continue;
     }
-    free(j);
+    uint64_t opi = 0;
+    convd_job *j = s->healthy && !e->stopping ? pick(e, &opi) : NULL;
+    if (j == NULL) {
+      if (e->stopping) break;
+      pthread_cond_wait(&e->cv, &e->mu);
+      continue;
+    }
+    convd_plan_op op;
+    convd_plan_op_get(&j->plan, opi, &op);
+    /* Output rows of this op's tile row exist before anyone accumulates into them. */
+    const size_t orow_elems = (size_t)j->plan.conv.p.c_out * (size_t)j->plan.conv.w_out;
+    int oom = 0;
+    for (int64_t h = op.oh0; h < op.oh1 && !oom; h++) {
+      size_t k = (size_t)op.n * (size_t)j->plan.conv.h_out + (size_t)h;
+      if (j->out_rows[k] == NULL) {
+        j->out_rows[k] = calloc(orow_elems, sizeof(float));
+        if (j->out_rows[k] == NULL) oom = 1;
+        else j->bytes_held += orow_elems * sizeof(float);
+      }
+    }
+    pthread_mutex_unlock(&e->mu);
+
+    char err[256] = "";
+    int freed = 0;
+    int rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
+                 : run_op(s, j, &op, &freed, err, sizeof err);
+
     pthread_mutex_lock(&e->mu);
-    e->pending--;
+    j->running--;
+    if (rc == 0) {
+      s->completed_ops++;
+      j->stats.ops_run++;
+      if (s->index < 16) j->stats.ops_per_device[s->index]++;
+      j->ops_done++;
+      if (!op.empty && release_window(j, &op)) add_event(&es, j, 1, 0, 0, 0);
+      size_t k = (size_t)(op.n * tiles_h(j)) + (size_t)(op.oh0 / j->plan.tile_h);
+      if (--j->tile_left[k] == 0 && !j->cancelled && !j->failed)
+        add_event(&es, j, 0, op.n, (int64_t)(op.oh0 / j->plan.tile_h) * j->plan.tile_h,
+                  op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h < j->plan.conv.h_out
+                      ? op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h
+                      : j->plan.conv.h_out);
+    } else if (rc == CONVD_ENOMEM || oom) {
+      j->failed = 1;
+      snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
+    } else {
+      /* The device failed: it takes no more work, the op goes back for another device. */
+      s->healthy = 0;
+      snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
+      int healthy = 0;
+      for (int i = 0; i < e->ndev; i++) healthy += e->devs[i].healthy;
+      if (healthy == 0) {
+        for (convd_job *x = e->jobs; x; x = x->next)
+          if (!x->failed) {
+            x->failed = 1;
+            snprintf(x->fail_msg, sizeof x->fail_msg, "no healthy device left; the last one failed: %s", err);
+          }
+      } else if (j->retry_len == j->retry_cap) {
+        size_t cap = j->retry_cap ? j->retry_cap * 2 : 8;
+        uint64_t *r = realloc(j->retry, cap * sizeof *r);
+        if (r) {
+          j->retry = r;
+          j->retry_cap = cap;
+          j->retry[j->retry_len++] = opi;
+        } else {
+          j->failed = 1;
+          snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory requeueing an op");
+        }
+      } else {
+        j->retry[j->retry_len++] = opi;
+      }
+      pthread_cond_broadcast(&e->cv);
+    }
+    maybe_done(j, &es);
+    if (es.n) {
+      pthread_mutex_unlock(&e->mu);
+      deliver(e, &es);
+      pthread_mutex_lock(&e->mu);
+    }
   }
   pthread_mutex_unlock(&e->mu);
   return NULL;
 }
 
+/* ---- engine ---------------------------------------------------------------------------- */
+
+static int add_slot(convd_engine *e, convd_device *d) {
+  dev_slot *s = &e->devs[e->ndev];
+  memset(s, 0, sizeof *s);
+  s->e = e;
+  s->index = (unsigned)e->ndev;
+  s->dev = d;
+  s->healthy = 1;
+  e->ndev++;
+  return 0;
+}
+
 int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
                         size_t errlen) {
   *out = NULL;
+  convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
   long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-  int nworkers = opts && opts->workers > 0 ? opts->workers : (ncpu > 0 ? (int)ncpu : 1);
-  if (nworkers > 1024)
-    return convd_errf(err, errlen, CONVD_EINVAL, "workers = %d: at most 1024", nworkers);
-
+  int threads = o.cpu_threads > 0 ? o.cpu_threads : (ncpu > 0 ? (int)ncpu : 1);
+  int ncpu_dev = o.cpu_devices > 0 ? o.cpu_devices : (o.n_extra > 0 ? 0 : 1);
+  if (ncpu_dev > 256)
+    return convd_errf(err, errlen, CONVD_EINVAL, "cpu devices = %d: at most 256", ncpu_dev);
   convd_engine *e = calloc(1, sizeof *e);
   if (e == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  e->workers = calloc((size_t)nworkers, sizeof *e->workers);
-  if (e->workers == NULL) {
-    free(e);
-    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  }
+  e->devs = calloc((size_t)(ncpu_dev + o.n_extra + 1), sizeof *e->devs);
+  e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
-  atomic_init(&e->completed_ops, 0);
-  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  e->memory_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
-
-  for (int i = 0; i < nworkers; i++) {
-    int rc = pthread_create(&e->workers[i], NULL, worker_main, e);
-    if (rc != 0) {
-      e->nworkers = i;
-      convd_engine_destroy(e);
-      return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start engine worker %d: %s", i,
-                        strerror(rc));
-    }
-    e->nworkers = i + 1;
+  int rc = 0;
+  if (e->devs == NULL) rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
+  for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
+    char name[32];
+    convd_device *d;
+    int t = threads / ncpu_dev + (i < threads % ncpu_dev ? 1 : 0);
+    snprintf(name, sizeof name, "%s%d", o.reference ? "ref" : "cpu", i);
+    rc = o.reference ? convd_device_ref_create(name, e->device_memory, &d, err, errlen)
+                     : convd_device_cpu_create(name, t > 0 ? t : 1, e->device_memory, &d, err, errlen);
+    if (rc == 0) add_slot(e, d);
+  }
+  for (int i = 0; i < o.n_extra; i++) {
+    if (rc == 0) add_slot(e, o.extra[i]);
+    else convd_device_destroy(o.extra[i]);
+  }
+  for (int i = 0; rc == 0 && i < e->ndev; i++) {
+    if (pthread_create(&e->devs[i].thread, NULL, worker_main, &e->devs[i]) != 0)
+      rc = convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the worker of device %d", i);
+    else
+      e->devs[i].started = 1;
+  }
+  if (rc == 0 && e->ndev == 0) rc = convd_errf(err, errlen, CONVD_EINVAL, "the engine has no device");
+  if (rc) {
+    convd_engine_destroy(e);
+    return rc;
   }
   *out = e;
   return 0;
@@ -116,61 +447,318 @@ void convd_engine_destroy(convd_engine *e) {
   e->stopping = 1;
   pthread_cond_broadcast(&e->cv);
   pthread_mutex_unlock(&e->mu);
-  for (int i = 0; i < e->nworkers; i++) pthread_join(e->workers[i], NULL);
+  for (int i = 0; i < e->ndev; i++) {
+    dev_slot *s = &e->devs[i];
+    if (s->started) pthread_join(s->thread, NULL);
+    convd_device_destroy(s->dev);
+    free(s->win);
+    free(s->wblk);
+    free(s->partial);
+  }
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->mu);
-  free(e->workers);
+  free(e->devs);
   free(e);
 }
 
-int convd_engine_submit(convd_engine *e, const convd_job_desc *desc, char *err, size_t errlen) {
-  if (desc->conv == NULL || desc->x == NULL || desc->w == NULL || desc->y == NULL ||
-      desc->done == NULL || (desc->conv->p.has_bias && desc->b == NULL))
-    return convd_errf(err, errlen, CONVD_EINVAL, "job is missing a tensor or its callback");
-  job *j = calloc(1, sizeof *j);
-  if (j == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory queueing a job");
-  j->d = *desc;
-  j->queued_at = now_seconds();
-  pthread_mutex_lock(&e->mu);
-  if (e->stopping) {
-    pthread_mutex_unlock(&e->mu);
-    free(j);
-    return convd_errf(err, errlen, CONVD_EUNAVAIL, "the engine is shutting down");
-  }
-  if (e->tail)
-    e->tail->next = j;
-  else
-    e->head = j;
-  e->tail = j;
-  e->pending++;
-  pthread_cond_signal(&e->cv);
-  pthread_mutex_unlock(&e->mu);
-  return 0;
-}
+size_t convd_engine_device_count(const convd_engine *e) { return (size_t)e->ndev; }
 
-size_t convd_engine_device_count(const convd_engine *e) {
-  (void)e;
-  return 1;
+uint64_t convd_engine_device_memory(const convd_engine *e) { return e->device_memory; }
+
+int convd_engine_healthy_devices(convd_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  int n = 0;
+  for (int i = 0; i < e->ndev; i++) n += e->devs[i].healthy;
+  pthread_mutex_unlock(&e->mu);
+  return n;
 }
 
 int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out) {
-  if (i >= convd_engine_device_count(e)) return CONVD_EINVAL;
+  if (i >= (size_t)e->ndev) return CONVD_EINVAL;
+  dev_slot *s = &e->devs[i];
   memset(out, 0, sizeof *out);
+  pthread_mutex_lock(&e->mu);
   out->index = (unsigned)i;
-  out->kind = CONVD_DEVICE_REFERENCE;
-  snprintf(out->name, sizeof out->name, "ref0");
-  out->memory_bytes = e->memory_bytes;
-  out->completed_ops = (uint64_t)atomic_load(&e->completed_ops);
-  out->healthy = 1;
-  snprintf(out->detail, sizeof out->detail,
-           "reference kernel (float64 accumulation) on %d host worker thread%s", e->nworkers,
-           e->nworkers == 1 ? "" : "s");
+  out->kind = s->dev->kind;
+  snprintf(out->name, sizeof out->name, "%s", s->dev->name);
+  out->memory_bytes = s->dev->memory_budget;
+  out->completed_ops = s->completed_ops;
+  out->busy_seconds = s->busy_seconds;
+  out->healthy = s->healthy;
+  snprintf(out->detail, sizeof out->detail, "%s", s->healthy ? s->dev->detail : s->why);
+  pthread_mutex_unlock(&e->mu);
   return 0;
 }
 
-size_t convd_engine_jobs_pending(convd_engine *e) {
+int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
+                      size_t errlen) {
+  uint64_t budget = UINT64_MAX;
+  for (int i = 0; i < e->ndev; i++)
+    if (e->devs[i].dev->memory_budget < budget) budget = e->devs[i].dev->memory_budget;
+  convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget};
+  int rc = convd_plan_make(plan, conv, &o, err, errlen);
+  if (rc == 0 && plan->ops > MAX_PLAN_OPS)
+    rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                    "the plan needs %llu elemental ops, more than %llu: the daemon's device memory "
+                    "budget (--device-memory) is too small for this request",
+                    (unsigned long long)plan->ops, (unsigned long long)MAX_PLAN_OPS);
+  return rc;
+}
+
+/* ---- jobs ------------------------------------------------------------------------------ */
+
+int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cbs *cbs,
+                     convd_job **out, char *err, size_t errlen) {
+  *out = NULL;
+  convd_job *j = calloc(1, sizeof *j);
+  if (j == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
+  j->e = e;
+  j->cb = *cbs;
+  pthread_mutex_init(&j->acc_mu, NULL);
+  int rc = convd_engine_plan(e, conv, &j->plan, err, errlen);
+  if (rc) {
+    convd_job_destroy(j);
+    return rc;
+  }
+  const convd_conv_params *p = &conv->p;
+  size_t in_rows = (size_t)p->n * (size_t)p->h, out_rows = (size_t)p->n * (size_t)conv->h_out;
+  size_t groups = (size_t)p->n * (size_t)j->plan.tiles_h;
+  j->in_rows = calloc(in_rows, sizeof *j->in_rows);
+  j->in_refs = calloc(in_rows, sizeof *j->in_refs);
+  j->in_seen = calloc(in_rows, 1);
+  j->out_rows = calloc(out_rows, sizeof *j->out_rows);
+  j->missing = calloc(groups, sizeof *j->missing);
+  j->queued = calloc(groups, 1);
+  j->tile_left = calloc(groups, sizeof *j->tile_left);
+  if (!j->in_rows || !j->in_refs || !j->in_seen || !j->out_rows || !j->missing || !j->queued ||
+      !j->tile_left) {
+    convd_job_destroy(j);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
+  }
+  /* Who reads which row: refs per row, and rows each tile row waits for. */
+  const uint64_t per = ops_per_tile_row(j);
+  for (int64_t n = 0; n < p->n; n++)
+    for (int64_t th = 0; th < j->plan.tiles_h; th++) {
+      size_t k = (size_t)(n * j->plan.tiles_h + th);
+      int64_t ih0, ih1;
+      convd_plan_tile_row_window(&j->plan, th, &ih0, &ih1);
+      j->missing[k] = (int32_t)(ih1 - ih0);
+      j->tile_left[k] = (uint32_t)per;
+      for (uint64_t i = (uint64_t)k * per; i < (uint64_t)(k + 1) * per; i++) {
+        convd_plan_op op;
+        convd_plan_op_get(&j->plan, i, &op);
+        if (op.empty) continue;
+        for (int64_t h = op.ih0; h < op.ih1; h++) j->in_refs[(size_t)n * (size_t)p->h + (size_t)h]++;
+      }
+    }
+  j->stats.ops = j->plan.ops;
   pthread_mutex_lock(&e->mu);
-  size_t n = e->pending;
+  j->id = ++e->next_job_id;
+  j->next = e->jobs;
+  if (e->jobs) e->jobs->prev = j;
+  e->jobs = j;
+  /* Tile rows whose windows are empty (all padding) need no input. */
+  for (int64_t n = 0; n < p->n; n++)
+    for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
   pthread_mutex_unlock(&e->mu);
-  return n;
+  *out = j;
+  return 0;
+}
+
+void convd_job_set_weights(convd_job *j, float *w, float *b) {
+  convd_engine *e = j->e;
+  pthread_mutex_lock(&e->mu);
+  j->w = w;
+  j->b = b;
+  for (int64_t n = 0; n < j->plan.conv.p.n; n++)
+    for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const float *band,
+                       char *err, size_t errlen) {
+  convd_engine *e = j->e;
+  const convd_conv_params *p = &j->plan.conv.p;
+  const size_t rows = (size_t)(h1 - h0), W = (size_t)p->w, C = (size_t)p->c_in;
+  int rc = 0;
+  pthread_mutex_lock(&e->mu);
+  for (int64_t h = h0; h < h1 && rc == 0; h++) {
+    size_t k = (size_t)n * (size_t)p->h + (size_t)h;
+    if (j->in_seen[k]) {
+      rc = convd_errf(err, errlen, CONVD_EINVAL, "input row %lld of batch item %lld arrived twice",
+                      (long long)h, (long long)n);
+      break;
+    }
+    j->in_seen[k] = 1;
+    if (j->in_refs[k] > 0) { /* rows no op reads (skipped by the stride) are not kept */
+      float *row = malloc(C * W * sizeof(float));
+      if (row == NULL) {
+        rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory holding input rows");
+        break;
+      }
+      for (size_t c = 0; c < C; c++)
+        memcpy(row + c * W, band + (c * rows + (size_t)(h - h0)) * W, W * sizeof(float));
+      j->in_rows[k] = row;
+      j->bytes_held += C * W * sizeof(float);
+    }
+    for (int64_t th = 0; th < j->plan.tiles_h; th++) {
+      int64_t a, b;
+      convd_plan_tile_row_window(&j->plan, th, &a, &b);
+      if (h >= a && h < b && --j->missing[n * j->plan.tiles_h + th] == 0) maybe_queue(j, n, th);
+    }
+  }
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  return rc;
+}
+
+const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h) {
+  return j->out_rows[(size_t)n * (size_t)j->plan.conv.h_out + (size_t)h];
+}
+
+void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1) {
+  const size_t row_bytes = (size_t)j->plan.conv.p.c_out * (size_t)j->plan.conv.w_out * sizeof(float);
+  pthread_mutex_lock(&j->e->mu);
+  for (int64_t h = h0; h < h1; h++) {
+    size_t k = (size_t)n * (size_t)j->plan.conv.h_out + (size_t)h;
+    if (j->out_rows[k]) {
+      free(j->out_rows[k]);
+      j->out_rows[k] = NULL;
+      j->bytes_held -= row_bytes;
+    }
+  }
+  pthread_mutex_unlock(&j->e->mu);
+}
+
+uint64_t convd_job_bytes_held(convd_job *j) {
+  pthread_mutex_lock(&j->e->mu);
+  uint64_t b = j->bytes_held;
+  pthread_mutex_unlock(&j->e->mu);
+  return b;
+}
+
+uint64_t convd_job_memory_hint(convd_job *j) {
+  const convd_plan *pl = &j->plan;
+  const convd_conv_params *p = &pl->conv.p;
+  int64_t a, b;
+  convd_plan_tile_row_window(pl, 0, &a, &b);
+  uint64_t in = (uint64_t)(b - a) * (uint64_t)p->c_in * (uint64_t)p->w * 4;
+  uint64_t outb = (uint64_t)pl->tile_h * (uint64_t)p->c_out * (uint64_t)pl->conv.w_out * 4;
+  return 2 * (in + outb);
+}
+
+int convd_job_idle(convd_job *j) {
+  pthread_mutex_lock(&j->e->mu);
+  int idle = j->running == 0 && !job_has_work(j);
+  pthread_mutex_unlock(&j->e->mu);
+  return idle;
+}
+
+const convd_plan *convd_job_plan(const convd_job *j) { return &j->plan; }
+
+void convd_job_cancel(convd_job *j) {
+  pthread_mutex_lock(&j->e->mu);
+  j->cancelled = 1;
+  j->ready_len = 0;
+  j->retry_len = 0;
+  pthread_cond_broadcast(&j->e->cv); /* a worker delivers done() */
+  pthread_mutex_unlock(&j->e->mu);
+}
+
+void convd_job_destroy(convd_job *j) {
+  if (j == NULL) return;
+  convd_engine *e = j->e;
+  pthread_mutex_lock(&e->mu);
+  if (j->prev || j->next || e->jobs == j) {
+    if (j->prev) j->prev->next = j->next;
+    else if (e->jobs == j) e->jobs = j->next;
+    if (j->next) j->next->prev = j->prev;
+    if (e->rr == j) e->rr = j->next;
+  }
+  pthread_mutex_unlock(&e->mu);
+  const convd_conv_params *p = &j->plan.conv.p;
+  if (j->in_rows)
+    for (size_t i = 0; i < (size_t)p->n * (size_t)p->h; i++) free(j->in_rows[i]);
+  if (j->out_rows)
+    for (size_t i = 0; i < (size_t)p->n * (size_t)j->plan.conv.h_out; i++) free(j->out_rows[i]);
+  free(j->in_rows), free(j->in_refs), free(j->in_seen), free(j->out_rows);
+  free(j->missing), free(j->queued), free(j->tile_left), free(j->ready), free(j->retry);
+  free(j->w), free(j->b);
+  pthread_mutex_destroy(&j->acc_mu);
+  free(j);
+}
+
+/* ---- synchronous convenience ----------------------------------------------------------- */
+
+typedef struct sync_run {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  convd_job *job;
+  float *y;
+  int done, status;
+  char err[256];
+  convd_job_stats stats;
+} sync_run;
+
+static void sync_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
+  sync_run *s = user;
+  const convd_conv *c = &convd_job_plan(s->job)->conv;
+  const size_t W = (size_t)c->w_out, H = (size_t)c->h_out, C = (size_t)c->p.c_out;
+  for (int64_t h = h0; h < h1; h++) {
+    const float *row = convd_job_output_row(s->job, n, h);
+    for (size_t ch = 0; ch < C; ch++)
+      memcpy(s->y + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
+  }
+  convd_job_release_rows(s->job, n, h0, h1);
+}
+
+static void sync_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  sync_run *s = user;
+  pthread_mutex_lock(&s->mu);
+  s->done = 1;
+  s->status = status;
+  snprintf(s->err, sizeof s->err, "%s", err);
+  s->stats = *st;
+  pthread_cond_signal(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
+                     const float *b, float *y, convd_job_stats *stats, char *err, size_t errlen) {
+  sync_run s = {.y = y};
+  pthread_mutex_init(&s.mu, NULL);
+  pthread_cond_init(&s.cv, NULL);
+  convd_job_cbs cbs = {.user = &s, .rows_ready = sync_rows, .done = sync_done};
+  /* Create under s.mu so that no callback reads s.job before it is set. */
+  pthread_mutex_lock(&s.mu);
+  int rc = convd_job_create(e, conv, &cbs, &s.job, err, errlen);
+  pthread_mutex_unlock(&s.mu);
+  float *wc = NULL, *bc = NULL;
+  if (rc == 0) {
+    wc = malloc(conv->weight_bytes);
+    bc = conv->bias_bytes ? malloc(conv->bias_bytes) : NULL;
+    if (wc == NULL || (conv->bias_bytes && bc == NULL)) {
+      free(wc), free(bc);
+      rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory copying weights");
+      convd_job_cancel(s.job);
+    } else {
+      memcpy(wc, w, conv->weight_bytes);
+      if (bc) memcpy(bc, b, conv->bias_bytes);
+      convd_job_set_weights(s.job, wc, bc);
+      const size_t slab = (size_t)conv->p.c_in * (size_t)conv->p.h * (size_t)conv->p.w;
+      for (int64_t n = 0; n < conv->p.n && rc == 0; n++)
+        rc = convd_job_put_rows(s.job, n, 0, conv->p.h, x + (size_t)n * slab, err, errlen);
+      if (rc) convd_job_cancel(s.job);
+    }
+    pthread_mutex_lock(&s.mu);
+    while (!s.done) pthread_cond_wait(&s.cv, &s.mu);
+    pthread_mutex_unlock(&s.mu);
+    if (rc == 0 && s.status) rc = convd_errf(err, errlen, s.status, "%s", s.err);
+    if (stats) *stats = s.stats;
+    convd_job_destroy(s.job);
+  }
+  pthread_cond_destroy(&s.cv);
+  pthread_mutex_destroy(&s.mu);
+  return rc;
 }

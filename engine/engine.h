@@ -1,29 +1,33 @@
-/* The engine: owns the compute devices and runs convolution jobs on its own threads. The server
- * submits a job and is called back when it is done; it never computes.
+/* The engine: owns the devices and the scheduler. A request becomes a job: the engine plans it
+ * (plan.h), takes its input rows as they arrive, runs each elemental op on whichever device is
+ * free once the rows it reads are in, accumulates partial sums, and hands back output rows as
+ * soon as every op covering them is done. All of it on the engine's threads; callers never
+ * compute.
  *
- * In this version every job is one elemental op on the reference device and jobs run
- * concurrently on a pool of worker threads. The planner and multi-device scheduler replace the
- * inside of convd_engine_submit without changing this interface. */
+ * Threads: one worker per device pulls ops from one queue shared by all jobs, round-robin over
+ * jobs. Callbacks run on worker threads, never under the engine's lock, and a job's done()
+ * comes after every other callback of that job. */
 #ifndef CONVD_ENGINE_H
 #define CONVD_ENGINE_H
 
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "conv.h"
+#include "device.h"
+#include "plan.h"
 
 typedef struct convd_engine convd_engine;
+typedef struct convd_job convd_job;
 
 typedef struct convd_engine_opts {
-  int workers; /* threads running jobs; 0 = one per online CPU */
+  int cpu_devices;        /* CPU devices splitting the host's threads; 0 = 1 (with extra: 0) */
+  int cpu_threads;        /* threads for all CPU devices together; 0 = online CPUs */
+  int reference;          /* 1: CPU devices run the reference kernel (validation) */
+  uint64_t device_memory; /* per-device op budget; 0 = CONVD_DEFAULT_DEVICE_MEMORY */
+  convd_device **extra;   /* more devices (tests: throttled or failing wrappers); taken over */
+  int n_extra;
 } convd_engine_opts;
-
-enum convd_device_kind {
-  CONVD_DEVICE_CPU = 1,
-  CONVD_DEVICE_CUDA = 2,
-  CONVD_DEVICE_REFERENCE = 3,
-};
 
 typedef struct convd_device_info {
   unsigned index;
@@ -31,44 +35,71 @@ typedef struct convd_device_info {
   char name[64];
   uint64_t memory_bytes;
   uint64_t completed_ops;
+  double busy_seconds;
   int healthy;
-  char detail[128];
+  char detail[256]; /* what runs on it, or why it is unhealthy */
 } convd_device_info;
 
 typedef struct convd_job_stats {
-  uint64_t ops_run;
-  double compute_seconds;
-  double queue_seconds;
+  uint64_t ops;            /* elemental ops in the plan */
+  uint64_t ops_run;        /* ops run, retries included */
+  double compute_seconds;  /* device time spent on this job */
+  uint64_t ops_per_device[16]; /* the first 16 devices */
 } convd_job_stats;
 
-/* Called exactly once per accepted job, on an engine thread: status 0 or a negative convd
- * error, with err a message for the client. The callback must not block for long. */
-typedef void (*convd_job_done_fn)(void *user, int status, const char *err,
-                                  const convd_job_stats *stats);
-
-/* What to compute. All buffers belong to the caller and must stay valid until done runs. */
-typedef struct convd_job_desc {
-  const convd_conv *conv;
-  const float *x, *w, *b; /* b may be NULL when the conv has no bias */
-  float *y;
-  const atomic_int *cancel; /* optional: non-zero asks the job to stop early */
-  convd_job_done_fn done;
+typedef struct convd_job_cbs {
   void *user;
-} convd_job_desc;
+  /* Output rows [h0, h1) of batch item n are final: read them with convd_job_output_row, then
+   * convd_job_release_rows. */
+  void (*rows_ready)(void *user, int64_t n, int64_t h0, int64_t h1);
+  /* Input rows were freed (the caller may take in more). Optional. */
+  void (*input_freed)(void *user);
+  /* Exactly once, last: status 0, or a negative error with err for the client. */
+  void (*done)(void *user, int status, const char *err, const convd_job_stats *stats);
+} convd_job_cbs;
 
-int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err, size_t errlen);
-
-/* Stops the workers. Jobs still queued complete with CONVD_ECANCELED; a running job finishes
- * (or notices its cancel flag) first. */
+int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
+                        size_t errlen);
+/* Jobs must have ended (done delivered and destroyed) before this. */
 void convd_engine_destroy(convd_engine *e);
-
-/* Queues a job. Returns 0 and later calls desc->done, or a negative error without calling it. */
-int convd_engine_submit(convd_engine *e, const convd_job_desc *desc, char *err, size_t errlen);
 
 size_t convd_engine_device_count(const convd_engine *e);
 int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out);
+uint64_t convd_engine_device_memory(const convd_engine *e);
+/* Healthy devices now. */
+int convd_engine_healthy_devices(convd_engine *e);
 
-/* Jobs queued or running now. */
-size_t convd_engine_jobs_pending(convd_engine *e);
+/* Plans conv for this engine's devices and budget. */
+int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
+                      size_t errlen);
+
+/* A job for conv. Nothing runs until weights and input rows arrive. */
+int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cbs *cbs,
+                     convd_job **out, char *err, size_t errlen);
+/* Hands over the weights (and bias, or NULL); the job frees them with free(). */
+void convd_job_set_weights(convd_job *j, float *w, float *b);
+/* Copies input rows [h0, h1) of batch item n from band (C x rows x W, the wire's band layout).
+ * Rows must arrive once each (the caller checks). */
+int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const float *band,
+                       char *err, size_t errlen);
+/* Output row h of batch item n, C_out x W_out, valid from rows_ready until released. */
+const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h);
+void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1);
+/* Bytes of input and output rows the job holds now. */
+uint64_t convd_job_bytes_held(convd_job *j);
+/* What the job needs to hold at most to keep going when its input comes in order: two tile
+ * rows' input windows and output rows. Callers stop reading input beyond it. */
+uint64_t convd_job_memory_hint(convd_job *j);
+/* 1 when no op is ready or running: waiting on input (or on nothing). */
+int convd_job_idle(convd_job *j);
+const convd_plan *convd_job_plan(const convd_job *j);
+/* Stops the job: queued ops are dropped; done(CONVD_ECANCELED) follows once running ops end. */
+void convd_job_cancel(convd_job *j);
+/* After done. */
+void convd_job_destroy(convd_job *j);
+
+/* Runs a whole convolution on in-memory tensors and waits (tests, benchmarks, tools). */
+int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
+                     const float *b, float *y, convd_job_stats *stats, char *err, size_t errlen);
 
 #endif

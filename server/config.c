@@ -28,8 +28,14 @@ typedef struct opt {
 static const opt opts[] = {
     {"listen", OPT_STRING, F(listen), "127.0.0.1:50051", 0, 0,
      "address to serve gRPC on, HOST:PORT; port 0 picks a free port"},
-    {"workers", OPT_INT, F(workers), "0", 0, 1024,
-     "engine worker threads; 0 = one per online CPU"},
+    {"cpu-devices", OPT_INT, F(cpu_devices), "1", 1, 256,
+     "CPU devices the host's threads are split into (each pulls elemental ops)"},
+    {"cpu-threads", OPT_INT, F(cpu_threads), "0", 0, 4096,
+     "threads for all CPU devices together; 0 = one per online CPU"},
+    {"cpu-kernel", OPT_STRING, F(cpu_kernel), "onednn", 0, 0,
+     "onednn (fast) or reference (float64 accumulation, for validation)"},
+    {"device-memory", OPT_SIZE, F(device_memory), "128M", 4096, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "bytes one elemental op may use on a device; larger requests are cut into tiles"},
     {"chunk-bytes", OPT_SIZE, F(chunk_bytes), "1M", 1024, 256.0 * 1024 * 1024,
      "largest tensor payload the daemon puts in one output message"},
     {"max-message-bytes", OPT_SIZE, F(max_message_bytes), "4M", 64.0 * 1024,
@@ -169,6 +175,9 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
                       "max-message-bytes=%llu: keep chunk-bytes at most max-message-bytes - 1024",
                       (unsigned long long)cfg->chunk_bytes,
                       (unsigned long long)cfg->max_message_bytes);
+  if (strcmp(cfg->cpu_kernel, "onednn") != 0 && strcmp(cfg->cpu_kernel, "reference") != 0)
+    return convd_errf(err, errlen, CONVD_EINVAL, "--cpu-kernel=%s: expected onednn or reference",
+                      cfg->cpu_kernel);
   if (cfg->max_request_bytes == 0) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     cfg->max_request_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2

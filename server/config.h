@@ -12,7 +12,10 @@
 
 typedef struct convd_config {
   char listen[256];
-  int workers;
+  int cpu_devices;
+  int cpu_threads;
+  uint64_t device_memory;
+  char cpu_kernel[16];        /* "onednn" or "reference" */
   uint64_t chunk_bytes;
   uint64_t max_message_bytes;
   uint64_t max_request_bytes; /* 0 in the table = half of physical memory, resolved at parse */

@@ -105,7 +105,12 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
 
   convd_engine *engine;
-  convd_engine_opts eo = {.workers = cfg.workers};
+  convd_engine_opts eo = {.cpu_devices = cfg.cpu_devices,
+                          .cpu_threads = cfg.cpu_threads,
+                          .reference = strcmp(cfg.cpu_kernel, "reference") == 0,
+                          .device_memory = cfg.device_memory};
+  if (!eo.reference && !convd_device_cpu_is_native())
+    convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
   if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
     return 1;

@@ -87,20 +87,33 @@ struct call {
   char status_msg[1024];
   grpc_slice status_slice;
 
+  /* the engine job (Conv2d and Conv2dUnary); its done() drops the ref it holds */
+  convd_job *job;
+  int job_done;
+  convd_job_stats stats;
+
   /* Conv2d stream */
   grpc_byte_buffer *recv_buf;
-  int recv_done;
+  int recv_done, recv_paused, recv_posted;
+  uint64_t mem_limit; /* stop reading input while the job holds more than this */
   uint64_t messages_in;
   convd_session *sess;
-  int accepted_pending, output_ready, summary_sent;
-  convd_band_iter it;
+  int accepted_pending, summary_sent;
+  /* output: ranges of final rows not yet sent, and the band being sent */
+  struct out_range {
+    int64_t n, h0, h1;
+  } *ready;
+  size_t ready_len, ready_cap;
+  int band_active;
+  convd_band_iter it; /* pieces of the current band */
+  int64_t band_n, band_h0, band_h1, range_end;
+  uint64_t rows_sent, rows_total;
   char *band_buf;
   uint64_t bytes_sent;
-  convd_job_stats stats;
 
   /* Conv2dUnary */
   convd_conv conv;
-  float *ux, *uw, *ub, *uy;
+  float *uy;
 };
 
 static double now_seconds(void) {
@@ -203,11 +216,10 @@ static void call_free(call *c) {
   grpc_slice_unref(c->status_slice);
   grpc_call_details_destroy(&c->details);
   grpc_metadata_array_destroy(&c->md);
+  convd_job_destroy(c->job);
   convd_session_destroy(c->sess);
   free(c->band_buf);
-  free(c->ux);
-  free(c->uw);
-  free(c->ub);
+  free(c->ready);
   free(c->uy);
   pthread_mutex_destroy(&c->mu);
   free(c);
@@ -273,7 +285,10 @@ static void set_status(call *c, int err_code, const char *msg) {
   c->status_set = 1;
   c->status = convd_status_from_err(err_code);
   snprintf(c->status_msg, sizeof c->status_msg, "%s", msg ? msg : "");
-  if (err_code != 0) atomic_store(&c->cancel, 1);
+  if (err_code != 0) {
+    atomic_store(&c->cancel, 1);
+    if (c->job && !c->job_done) convd_job_cancel(c->job);
+  }
 }
 
 /* Sends the final batch: initial metadata if not sent yet, an optional response, the status.
@@ -321,6 +336,74 @@ static void start_send(call *c, const ProtobufCMessage *m) {
   }
 }
 
+static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+  call *c = ctx;
+  *cstride = (size_t)convd_session_conv(c->sess)->w_out;
+  return convd_job_output_row(c->job, n, h);
+}
+
+static void post_recv(call *c);
+
+/* Reads on when the job holds little, or cannot progress without more input. c->mu held. */
+static void maybe_resume(call *c) {
+  if (!c->recv_paused || c->status_set || c->dead) return;
+  if (convd_job_bytes_held(c->job) + convd_session_bytes_buffered(c->sess) > c->mem_limit &&
+      !convd_job_idle(c->job))
+    return;
+  c->recv_paused = 0;
+  post_recv(c);
+}
+
+/* Starts sending the next piece of output, if any row is final. c->mu held. Returns 1 when a
+ * send was started. */
+static int next_output_piece(call *c) {
+  const convd_conv *cv = convd_session_conv(c->sess);
+  convd_band_shape shape = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
+  if (!c->band_active) {
+    if (c->ready_len == 0) return 0;
+    struct out_range *r = &c->ready[0];
+    /* A band: as many final rows as fit one chunk (at least one). */
+    size_t row_bytes = convd_band_bytes(&shape, 0, 1);
+    int64_t rows = row_bytes >= c->rpc->cfg->chunk_bytes ? 1 : (int64_t)(c->rpc->cfg->chunk_bytes / row_bytes);
+    c->band_n = r->n;
+    c->band_h0 = r->h0;
+    c->band_h1 = r->h0 + rows < r->h1 ? r->h0 + rows : r->h1;
+    r->h0 = c->band_h1;
+    if (r->h0 == r->h1) memmove(c->ready, c->ready + 1, --c->ready_len * sizeof *c->ready);
+    /* The iterator walks the pieces of this one band. */
+    convd_band_shape one = {1, cv->p.c_out, c->band_h1 - c->band_h0, cv->w_out, sizeof(float)};
+    convd_band_iter_init(&c->it, &one, c->rpc->cfg->chunk_bytes);
+    c->it.rows_per_band = c->band_h1 - c->band_h0;
+    c->band_active = 1;
+  }
+  if (!convd_band_iter_next(&c->it)) { /* cannot happen: a band has at least one piece */
+    c->band_active = 0;
+    return 0;
+  }
+  convd_band_gather_rows(&shape, c->band_n, c->band_h0, c->band_h1, c->it.off, c->band_buf,
+                         c->it.len, job_out_row, c);
+  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+  band.n = c->band_n;
+  band.h_begin = c->band_h0;
+  band.h_end = c->band_h1;
+  band.offset = c->it.off;
+  band.data.data = (uint8_t *)c->band_buf;
+  band.data.len = c->it.len;
+  Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+  resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_OUTPUT;
+  resp.output = &band;
+  c->bytes_sent += c->it.len;
+  int last = c->it.off + c->it.len == c->it.band_len;
+  start_send(c, &resp.base); /* packs: the rows may go once the last piece is packed */
+  if (last) {
+    convd_job_release_rows(c->job, c->band_n, c->band_h0, c->band_h1);
+    c->rows_sent += (uint64_t)(c->band_h1 - c->band_h0);
+    c->band_active = 0;
+    maybe_resume(c);
+  }
+  return 1;
+}
+
 /* Starts the next Conv2d response, if one is due and none is in flight. c->mu held.
  * Order: accepted, output bands, summary, status. */
 static void pump(call *c) {
@@ -338,7 +421,7 @@ static void pump(call *c) {
     shape.d3 = cv->w_out;
     Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
     acc.output_shape = &shape;
-    acc.elemental_ops = 1;
+    acc.elemental_ops = convd_job_plan(c->job)->ops;
     acc.chunk_bytes = c->rpc->cfg->chunk_bytes;
     Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
     resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED;
@@ -347,24 +430,8 @@ static void pump(call *c) {
     start_send(c, &resp.base);
     return;
   }
-  if (!c->output_ready) return;
-  if (convd_band_iter_next(&c->it)) {
-    convd_band_gather(convd_session_output(c->sess), &c->it.s, c->it.n, c->it.h0, c->it.h1,
-                      c->it.off, c->band_buf, c->it.len);
-    Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
-    band.n = c->it.n;
-    band.h_begin = c->it.h0;
-    band.h_end = c->it.h1;
-    band.offset = c->it.off;
-    band.data.data = (uint8_t *)c->band_buf;
-    band.data.len = c->it.len;
-    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
-    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_OUTPUT;
-    resp.output = &band;
-    c->bytes_sent += c->it.len;
-    start_send(c, &resp.base);
-    return;
-  }
+  if (next_output_piece(c)) return;
+  if (!c->job_done || c->rows_sent < c->rows_total) return;
   if (!c->summary_sent) {
     Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
     sum.elapsed_seconds = now_seconds() - c->t_begin;
@@ -400,7 +467,10 @@ static void on_close(void *obj, int ok) {
   (void)ok;
   pthread_mutex_lock(&c->mu);
   c->closed_cancelled = c->client_cancelled;
-  if (c->closed_cancelled) atomic_store(&c->cancel, 1);
+  if (c->closed_cancelled) {
+    atomic_store(&c->cancel, 1);
+    if (c->job && !c->job_done) convd_job_cancel(c->job);
+  }
   pthread_mutex_unlock(&c->mu);
   call_unref(c);
 }
@@ -433,11 +503,52 @@ static void on_final(void *obj, int ok) {
   call_unref(c);
 }
 
-/* Engine thread: the convolution finished (or failed, or was cancelled). */
+/* Engine thread: output rows are final. */
+static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
+  call *c = user;
+  pthread_mutex_lock(&c->mu);
+  if (c->kind == K_UNARY) {
+    const convd_conv *cv = &c->conv;
+    const size_t W = (size_t)cv->w_out, H = (size_t)cv->h_out, C = (size_t)cv->p.c_out;
+    for (int64_t h = h0; h < h1; h++) {
+      const float *row = convd_job_output_row(c->job, n, h);
+      for (size_t ch = 0; ch < C; ch++)
+        memcpy(c->uy + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
+    }
+    convd_job_release_rows(c->job, n, h0, h1);
+  } else if (!c->status_set) {
+    if (c->ready_len == c->ready_cap) {
+      size_t cap = c->ready_cap ? c->ready_cap * 2 : 16;
+      struct out_range *r = realloc(c->ready, cap * sizeof *r);
+      if (r == NULL) {
+        set_status(c, CONVD_ENOMEM, "the daemon ran out of memory queueing output");
+        pump(c);
+        pthread_mutex_unlock(&c->mu);
+        return;
+      }
+      c->ready = r;
+      c->ready_cap = cap;
+    }
+    c->ready[c->ready_len++] = (struct out_range){n, h0, h1};
+    pump(c);
+  }
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* Engine thread: input rows were freed. */
+static void on_input_freed(void *user) {
+  call *c = user;
+  pthread_mutex_lock(&c->mu);
+  maybe_resume(c);
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* Engine thread: the job ended (its last callback). */
 static void on_job_done(void *user, int status, const char *err, const convd_job_stats *st) {
   call *c = user;
   pthread_mutex_lock(&c->mu);
   c->stats = *st;
+  c->job_done = 1;
   if (status != 0) {
     if (c->closed_cancelled || c->dead)
       set_status(c, CONVD_ECANCELED, "the client cancelled the call");
@@ -445,10 +556,6 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
       set_status(c, status, err);
     pump(c);
   } else if (c->kind == K_CONV2D) {
-    const convd_conv *cv = convd_session_conv(c->sess);
-    convd_band_shape s = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
-    convd_band_iter_init(&c->it, &s, c->rpc->cfg->chunk_bytes);
-    c->output_ready = 1;
     pump(c);
   } else { /* K_UNARY */
     Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
@@ -467,8 +574,10 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
     res.output.data = (uint8_t *)c->uy;
     res.output.len = c->conv.output_bytes;
     res.summary = &sum;
-    grpc_byte_buffer *bb = convd_wire_pack(&res.base);
-    if (bb == NULL) {
+    grpc_byte_buffer *bb = c->status_set ? NULL : convd_wire_pack(&res.base);
+    if (c->status_set) {
+      pump(c);
+    } else if (bb == NULL) {
       set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
       send_final(c, NULL);
     } else {
@@ -480,17 +589,13 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
   call_unref(c);
 }
 
-static void submit_job(call *c, convd_job_desc *d) {
-  char err[512];
-  d->cancel = &c->cancel;
-  d->done = on_job_done;
-  d->user = c;
-  call_ref_locked(c);
-  int rc = convd_engine_submit(c->rpc->engine, d, err, sizeof err);
-  if (rc) {
-    c->refs--;
-    fail(c, rc, err);
-  }
+/* Creates the call's engine job; it holds a ref on the call until its done(). c->mu held. */
+static int create_job(call *c, const convd_conv *conv, char *err, size_t errlen) {
+  convd_job_cbs cbs = {.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
+                       .done = on_job_done};
+  int rc = convd_job_create(c->rpc->engine, conv, &cbs, &c->job, err, errlen);
+  if (rc == 0) call_ref_locked(c);
+  return rc;
 }
 
 static void post_recv(call *c) {
@@ -510,15 +615,9 @@ static void on_recv(void *obj, int ok) {
   if (!ok || c->status_set || c->dead) {
     c->recv_done = 1; /* the call failed, or we already answered */
   } else if (bb == NULL) {
-    c->recv_done = 1; /* half-close: all input is here, or the stream is wrong */
+    c->recv_done = 1; /* half-close: all input is here (the job runs on), or it is wrong */
     int rc = convd_session_finish(c->sess, err, sizeof err);
-    if (rc) {
-      fail(c, rc, err);
-    } else {
-      convd_job_desc d = {0};
-      convd_session_job(c->sess, &d);
-      submit_job(c, &d);
-    }
+    if (rc) fail(c, rc, err);
   } else {
     c->messages_in++;
     Convd__V1__ConvRequest *m =
@@ -533,13 +632,24 @@ static void on_recv(void *obj, int ok) {
       int accepted = 0;
       int rc = convd_session_feed(c->sess, m, &accepted, err, sizeof err);
       protobuf_c_message_free_unpacked(&m->base, NULL);
-      if (rc) {
-        fail(c, rc, err);
-      } else {
-        if (accepted) {
+      if (rc == 0 && accepted) {
+        const convd_conv *cv = convd_session_conv(c->sess);
+        rc = create_job(c, cv, err, sizeof err);
+        if (rc == 0) {
+          convd_session_attach(c->sess, c->job);
+          c->rows_total = (uint64_t)cv->p.n * (uint64_t)cv->h_out;
+          uint64_t hint = convd_job_memory_hint(c->job);
+          c->mem_limit = hint > (64u << 20) ? hint : (64u << 20);
           c->accepted_pending = 1;
           pump(c);
         }
+      }
+      if (rc) {
+        fail(c, rc, err);
+      } else if (c->job && convd_job_bytes_held(c->job) + convd_session_bytes_buffered(c->sess) >
+                               c->mem_limit && !convd_job_idle(c->job)) {
+        c->recv_paused = 1; /* backpressure: the next read waits for the job to free rows */
+      } else {
         post_recv(c);
       }
     }
@@ -585,6 +695,7 @@ static int take_bytes(const char *what, const ProtobufCBinaryData *src, size_t w
 static void handle_unary(call *c) {
   char err[1024];
   int rc = 0;
+  float *x = NULL, *w = NULL, *b = NULL;
   const convd_config *cfg = c->rpc->cfg;
   Convd__V1__ConvCall *m =
       c->payload ? (Convd__V1__ConvCall *)convd_wire_unpack(c->payload, &convd__v1__conv_call__descriptor)
@@ -600,21 +711,25 @@ static void handle_unary(call *c) {
                     "the output of %zu bytes does not fit in one response message (limit %" PRIu64
                     " bytes, --max-message-bytes): use the streaming Conv2d method",
                     c->conv.output_bytes, cfg->max_message_bytes);
-  if (rc == 0) rc = take_bytes("ConvCall.input", &m->input, c->conv.input_bytes, &c->ux, err, sizeof err);
-  if (rc == 0) rc = take_bytes("ConvCall.weight", &m->weight, c->conv.weight_bytes, &c->uw, err, sizeof err);
+  if (rc == 0) rc = take_bytes("ConvCall.input", &m->input, c->conv.input_bytes, &x, err, sizeof err);
+  if (rc == 0) rc = take_bytes("ConvCall.weight", &m->weight, c->conv.weight_bytes, &w, err, sizeof err);
   if (rc == 0)
     rc = take_bytes(c->conv.p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
-                    &m->bias, c->conv.bias_bytes, &c->ub, err, sizeof err);
+                    &m->bias, c->conv.bias_bytes, &b, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc == 0 && (c->uy = malloc(c->conv.output_bytes)) == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
                     c->conv.output_bytes);
-  if (rc) {
-    fail(c, rc, err);
-    return;
+  if (rc == 0) rc = create_job(c, &c->conv, err, sizeof err);
+  if (rc == 0) {
+    convd_job_set_weights(c->job, w, b); /* the job frees them */
+    w = b = NULL;
+    const size_t slab = (size_t)c->conv.p.c_in * (size_t)c->conv.p.h * (size_t)c->conv.p.w;
+    for (int64_t n = 0; n < c->conv.p.n && rc == 0; n++)
+      rc = convd_job_put_rows(c->job, n, 0, c->conv.p.h, x + (size_t)n * slab, err, sizeof err);
   }
-  convd_job_desc d = {.conv = &c->conv, .x = c->ux, .w = c->uw, .b = c->ub, .y = c->uy};
-  submit_job(c, &d);
+  free(x), free(w), free(b);
+  if (rc) fail(c, rc, err);
 }
 
 static void handle_list(call *c) {

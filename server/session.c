@@ -12,7 +12,11 @@ struct convd_session {
   int have_spec;
   convd_conv conv;
   convd_band_shape in_shape;
-  float *x, *w, *b, *y;
+  convd_job *job;
+  float *w, *b;       /* until handed to the job */
+  int weights_given;
+  float *band;        /* the band being assembled */
+  size_t band_cap;
   size_t w_recv, b_recv; /* bytes of weight / bias received, in order */
   uint8_t *row_seen;     /* N*H flags: row (n, h) announced by some band */
   size_t rows_done;      /* rows whose band is complete */
@@ -90,10 +94,11 @@ convd_session *convd_session_create(uint64_t max_request_bytes) {
 
 void convd_session_destroy(convd_session *s) {
   if (s == NULL) return;
-  free(s->x);
-  free(s->w);
-  free(s->b);
-  free(s->y);
+  if (!s->weights_given) {
+    free(s->w);
+    free(s->b);
+  }
+  free(s->band);
   free(s->row_seen);
   free(s);
 }
@@ -104,16 +109,14 @@ static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *
   if (rc) return rc;
   const convd_conv *c = &s->conv;
   s->rows_total = (size_t)c->p.n * (size_t)c->p.h; /* <= input elements, so no overflow */
-  s->x = malloc(c->input_bytes);
   s->w = malloc(c->weight_bytes);
   s->b = c->bias_bytes ? malloc(c->bias_bytes) : NULL;
-  s->y = malloc(c->output_bytes);
   s->row_seen = calloc(s->rows_total, 1);
-  if (!s->x || !s->w || (c->bias_bytes && !s->b) || !s->y || !s->row_seen)
+  if (!s->w || (c->bias_bytes && !s->b) || !s->row_seen)
     return convd_errf(err, errlen, CONVD_ENOMEM,
                       "the daemon cannot allocate %zu bytes for this request now; retry later or "
                       "send a smaller one",
-                      c->input_bytes + c->weight_bytes + c->bias_bytes + c->output_bytes);
+                      c->weight_bytes + c->bias_bytes + s->rows_total);
   s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, sizeof(float)};
   s->have_spec = 1;
   return 0;
@@ -177,6 +180,15 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
     s->bh1 = b->h_end;
     s->band_off = 0;
     s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
+    if (s->band_len > s->band_cap) {
+      float *nb = realloc(s->band, s->band_len);
+      if (nb == NULL)
+        return convd_errf(err, errlen, CONVD_ENOMEM,
+                          "the daemon cannot hold a band of %zu bytes now: send smaller bands",
+                          s->band_len);
+      s->band = nb;
+      s->band_cap = s->band_len;
+    }
   }
   if (b->data.len > s->band_len - s->band_off)
     return convd_errf(err, errlen, CONVD_EINVAL,
@@ -185,14 +197,23 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
                       " x %" PRId64 " x %" PRId64 " x 4)",
                       b->n, b->h_begin, b->h_end, b->data.len, s->band_off, s->band_len, p->c_in,
                       b->h_end - b->h_begin, p->w);
-  convd_band_scatter(s->x, &s->in_shape, b->n, b->h_begin, b->h_end, s->band_off, b->data.data,
-                     b->data.len);
+  if (b->data.len) memcpy((char *)s->band + s->band_off, b->data.data, b->data.len);
   s->band_off += b->data.len;
   if (s->band_off == s->band_len) {
     s->band_open = 0;
     s->rows_done += (size_t)(b->h_end - b->h_begin);
+    if (s->job) return convd_job_put_rows(s->job, b->n, b->h_begin, b->h_end, s->band, err, errlen);
   }
   return 0;
+}
+
+/* Once weights and bias are whole, the job takes them over. */
+static void give_weights(convd_session *s) {
+  if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_bytes ||
+      s->b_recv != s->conv.bias_bytes)
+    return;
+  s->weights_given = 1;
+  convd_job_set_weights(s->job, s->w, s->b);
 }
 
 int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *accepted,
@@ -213,15 +234,21 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
                           : "the first message must be the spec (shapes and parameters); tensor "
                             "data came first");
   switch (m->msg_case) {
-    case CONVD__V1__CONV_REQUEST__MSG_WEIGHT:
+    case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: {
       s->bytes_received += m->weight->data.len;
-      return feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_bytes, err, errlen);
-    case CONVD__V1__CONV_REQUEST__MSG_BIAS:
+      int rc = feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_bytes, err, errlen);
+      if (rc == 0) give_weights(s);
+      return rc;
+    }
+    case CONVD__V1__CONV_REQUEST__MSG_BIAS: {
       if (!s->conv.p.has_bias)
         return convd_errf(err, errlen, CONVD_EINVAL,
                           "a bias chunk arrived but the spec says has_bias = false");
       s->bytes_received += m->bias->data.len;
-      return feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_bytes, err, errlen);
+      int rc = feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_bytes, err, errlen);
+      if (rc == 0) give_weights(s);
+      return rc;
+    }
     case CONVD__V1__CONV_REQUEST__MSG_INPUT:
       s->bytes_received += m->input->data.len;
       return feed_band(s, m->input, err, errlen);
@@ -262,14 +289,13 @@ int convd_session_finish(convd_session *s, char *err, size_t errlen) {
 
 const convd_conv *convd_session_conv(const convd_session *s) { return &s->conv; }
 
-void convd_session_job(convd_session *s, convd_job_desc *d) {
-  d->conv = &s->conv;
-  d->x = s->x;
-  d->w = s->w;
-  d->b = s->b;
-  d->y = s->y;
+void convd_session_attach(convd_session *s, convd_job *job) {
+  s->job = job;
+  give_weights(s); /* a zero-byte bias is complete at once; weights never are before data */
 }
 
-const float *convd_session_output(const convd_session *s) { return s->y; }
+uint64_t convd_session_bytes_buffered(const convd_session *s) {
+  return s->band_open ? s->band_len : 0;
+}
 
 uint64_t convd_session_bytes_received(const convd_session *s) { return s->bytes_received; }

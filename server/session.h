@@ -1,6 +1,8 @@
 /* A Conv2d request being reassembled: the spec, then weight/bias chunks and input row bands in
  * any interleaving. Every rule of the stream is checked here and a violation returns an error
- * whose message says what the client sent and what was expected. Knows protobuf-c messages,
+ * whose message says what the client sent and what was expected. Complete bands go to the
+ * engine job at once (so tiles start before the input is all in) and the weights as soon as
+ * they are whole; the session holds only the band being received. Knows protobuf-c messages,
  * not gRPC calls. */
 #ifndef CONVD_SESSION_H
 #define CONVD_SESSION_H
@@ -32,10 +34,11 @@ int convd_session_finish(convd_session *s, char *err, size_t errlen);
 
 /* After a successful spec: the checked descriptor. */
 const convd_conv *convd_session_conv(const convd_session *s);
-/* After a successful finish: fills the tensors and conv of an engine job. */
-void convd_session_job(convd_session *s, convd_job_desc *d);
-/* The output tensor (NCHW float32), valid once the job completed. */
-const float *convd_session_output(const convd_session *s);
+/* The job that receives complete bands and the weights (taken over by it). Without a job the
+ * session only checks the stream (unit tests). */
+void convd_session_attach(convd_session *s, convd_job *job);
+/* Bytes of the band being assembled. */
+uint64_t convd_session_bytes_buffered(const convd_session *s);
 uint64_t convd_session_bytes_received(const convd_session *s);
 
 #endif

@@ -1,12 +1,10 @@
 /* Engine unit tests: the reference against every conv2d golden case, shape validation and its
- * messages, row-band cutting and placing, cancellation, and the job engine. */
+ * messages, row-band cutting and placing, cancellation. */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "band.h"
-#include "engine.h"
 #include "err.h"
 #include "ref.h"
 #include "testutil.h"
@@ -227,71 +225,6 @@ static void test_reference_groups_split(void) {
   }
 }
 
-typedef struct job_result {
-  pthread_mutex_t mu;
-  int done, failed;
-} job_result;
-
-static void job_done(void *user, int status, const char *err, const convd_job_stats *st) {
-  job_result *r = user;
-  pthread_mutex_lock(&r->mu);
-  r->done++;
-  if (status != 0 || st->ops_run != 1) {
-    fprintf(stderr, "  job failed: %d %s\n", status, err);
-    r->failed++;
-  }
-  pthread_mutex_unlock(&r->mu);
-}
-
-static void test_engine_jobs(void) {
-  convd_engine *e;
-  char err[256];
-  convd_engine_opts o = {.workers = 3};
-  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
-  convd_conv_params p = base_params();
-  p.has_bias = 1;
-  convd_conv c;
-  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
-  enum { JOBS = 16 };
-  rng r = {0x5eed0003};
-  float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes);
-  float *want = malloc(c.output_bytes), *y[JOBS];
-  rng_fill(&r, x, c.input_elems);
-  rng_fill(&r, w, c.weight_elems);
-  rng_fill(&r, b, c.bias_elems);
-  ASSERT_OK(convd_ref_conv2d(&c, x, w, b, want, NULL), "ref");
-  job_result res = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
-  for (int i = 0; i < JOBS; i++) {
-    y[i] = malloc(c.output_bytes);
-    poison(y[i], c.output_elems);
-    convd_job_desc d = {&c, x, w, b, y[i], NULL, job_done, &res};
-    ASSERT_OK(convd_engine_submit(e, &d, err, sizeof err), err);
-  }
-  /* A job without its tensors is refused without a callback. */
-  convd_job_desc bad = {&c, x, w, NULL, y[0], NULL, job_done, &res};
-  ASSERT_EQ_INT(convd_engine_submit(e, &bad, err, sizeof err), CONVD_EINVAL);
-  for (int spins = 0; spins < 10000; spins++) {
-    pthread_mutex_lock(&res.mu);
-    int done = res.done;
-    pthread_mutex_unlock(&res.mu);
-    if (done == JOBS) break;
-    struct timespec ts = {0, 1000000};
-    nanosleep(&ts, NULL);
-  }
-  ASSERT_EQ_INT(res.done, JOBS);
-  ASSERT_EQ_INT(res.failed, 0);
-  convd_device_info info;
-  ASSERT_OK(convd_engine_device_info(e, 0, &info), "info");
-  ASSERT_EQ_INT(info.completed_ops, JOBS);
-  ASSERT_EQ_INT(convd_engine_jobs_pending(e), 0);
-  convd_engine_destroy(e);
-  for (int i = 0; i < JOBS; i++) {
-    ASSERT_TRUE(memcmp(y[i], want, c.output_bytes) == 0);
-    free(y[i]);
-  }
-  free(x), free(w), free(b), free(want);
-}
-
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"reference_golden", test_reference_golden},
@@ -300,7 +233,6 @@ int main(int argc, char **argv) {
       {"band_layout", test_band_layout},
       {"reference_cancel", test_reference_cancel},
       {"reference_groups_split", test_reference_groups_split},
-      {"engine_jobs", test_engine_jobs},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }

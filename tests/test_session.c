@@ -1,10 +1,12 @@
 /* The Conv2d stream's rules, fed message by message without a network: the happy path with
  * bands cut into uneven pieces, and every malformed stream with its message. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "band.h"
 #include "err.h"
+#include "ref.h"
 #include "session.h"
 #include "testutil.h"
 
@@ -80,6 +82,34 @@ static int feed_all_but(convd_session *s, char skip, char *err, size_t errlen) {
   return 0;
 }
 
+/* Collects a job's output rows into an NCHW tensor. */
+typedef struct sink {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  convd_job *job;
+  float *y;
+  int done, status;
+} sink;
+
+static void sink_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
+  sink *k = user;
+  const convd_conv *c = &convd_job_plan(k->job)->conv;
+  for (int64_t h = h0; h < h1; h++)
+    for (int64_t ch = 0; ch < c->p.c_out; ch++)
+      memcpy(k->y + ((n * c->p.c_out + ch) * c->h_out + h) * c->w_out,
+             convd_job_output_row(k->job, n, h) + ch * c->w_out, (size_t)c->w_out * sizeof(float));
+  convd_job_release_rows(k->job, n, h0, h1);
+}
+
+static void sink_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  sink *k = user;
+  (void)err, (void)st;
+  pthread_mutex_lock(&k->mu);
+  k->done = 1, k->status = status;
+  pthread_cond_signal(&k->cv);
+  pthread_mutex_unlock(&k->mu);
+}
+
 static void test_happy_path_uneven_pieces(void) {
   fixture f;
   fixture_init(&f);
@@ -88,6 +118,19 @@ static void test_happy_path_uneven_pieces(void) {
   ASSERT_OK(feed_spec(s, &f.spec, err, sizeof err), err);
   const convd_conv *c = convd_session_conv(s);
   ASSERT_EQ_INT(c->h_out, 5);
+  /* A real job on two devices with a budget that cuts the output into tiles. */
+  convd_engine *e;
+  convd_engine_opts eo = {.cpu_devices = 2, .reference = 1, .device_memory = 1500};
+  ASSERT_OK(convd_engine_create(&eo, &e, err, sizeof err), err);
+  float y[2 * 4 * 5 * 4];
+  poison(y, 160);
+  sink k = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, y, 0, 0};
+  convd_job_cbs cbs = {.user = &k, .rows_ready = sink_rows, .done = sink_done};
+  pthread_mutex_lock(&k.mu);
+  ASSERT_OK(convd_job_create(e, c, &cbs, &k.job, err, sizeof err), err);
+  pthread_mutex_unlock(&k.mu);
+  ASSERT_TRUE(convd_job_plan(k.job)->ops > 1);
+  convd_session_attach(s, k.job);
   rng r = {0x5eed0010};
   float x[2 * 3 * 5 * 4], w[108], b[4];
   rng_fill(&r, x, 120);
@@ -111,13 +154,20 @@ static void test_happy_path_uneven_pieces(void) {
     }
   }
   ASSERT_OK(convd_session_finish(s, err, sizeof err), err);
-  convd_job_desc d = {0};
-  convd_session_job(s, &d);
-  ASSERT_TRUE(memcmp(d.x, x, sizeof x) == 0);
-  ASSERT_TRUE(memcmp(d.w, w, sizeof w) == 0);
-  ASSERT_TRUE(memcmp(d.b, b, sizeof b) == 0);
   ASSERT_EQ_INT(convd_session_bytes_received(s), sizeof x + sizeof w + sizeof b);
+  pthread_mutex_lock(&k.mu);
+  while (!k.done) pthread_cond_wait(&k.cv, &k.mu);
+  pthread_mutex_unlock(&k.mu);
+  ASSERT_EQ_INT(k.status, 0);
+  /* What the job computed from the reassembled stream equals the reference on the originals. */
+  float ref[160];
+  double want[160];
+  convd_ref_conv2d(c, x, w, b, ref, NULL);
+  for (int i = 0; i < 160; i++) want[i] = ref[i];
+  ASSERT_TRUE(check_close("reassembled and computed", y, want, 160) == 0);
+  convd_job_destroy(k.job);
   convd_session_destroy(s);
+  convd_engine_destroy(e);
 }
 
 typedef int (*stream_fn)(convd_session *s, fixture *f, char *err, size_t errlen);

@@ -32,7 +32,7 @@ def main():
                 assert accepted is not None and summary is not None, name
                 assert [accepted.output_shape.d0, accepted.output_shape.d1, accepted.output_shape.d2,
                         accepted.output_shape.d3] == params["output"], name
-                assert summary.ops_run == 1, name
+                assert summary.ops_run == accepted.elemental_ops >= 1, name
                 worst = check_close(y, a["expected"])
                 # unary
                 req = pb.ConvCall(spec=spec, input=a["input"].astype("<f4").tobytes(),
@@ -46,7 +46,7 @@ def main():
                 cases += 1
             devs = stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices
             assert len(devs) >= 1 and devs[0].name and devs[0].healthy, devs
-            assert sum(d.completed_ops for d in devs) == 2 * cases, devs
+            assert sum(d.completed_ops for d in devs) >= 2 * cases, devs
             print(f"ok   ListDevices: {[(d.name, d.completed_ops) for d in devs]}")
     finally:
         daemon.stop()

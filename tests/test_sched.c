@@ -1,0 +1,327 @@
+/* The scheduler through the engine: tiled == monolithic over random shapes, budgets and device
+ * counts; golden cases forced through multi-tile, multi-block plans; load balancing across
+ * devices of different speeds; a device failing mid-job; cancellation. The throttled and failing
+ * devices below are test-only wrappers around the reference device. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine.h"
+#include "err.h"
+#include "ref.h"
+#include "testutil.h"
+
+static const char *golden_root = GOLDEN_DIR;
+
+/* ---- test-only device wrappers ------------------------------------------------------------ */
+
+typedef struct wrap {
+  convd_device *inner;
+  int delay_us;        /* throttle: sleep after each op */
+  int fail_after;      /* fail every op after this many (0 = never) */
+  atomic_int ran;
+} wrap;
+
+static int wrap_supports(void *ctx, const convd_conv *c) {
+  wrap *w = ctx;
+  return w->inner->iface->supports(w->inner->ctx, c);
+}
+
+static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
+  wrap *w = ctx;
+  int n = atomic_fetch_add(&w->ran, 1) + 1;
+  if (w->fail_after > 0 && n > w->fail_after)
+    return convd_errf(err, errlen, CONVD_EDEVICE, "test device failed on purpose after %d ops",
+                      w->fail_after);
+  int rc = w->inner->iface->run(w->inner->ctx, io, err, errlen);
+  if (w->delay_us) {
+    struct timespec ts = {0, (long)w->delay_us * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return rc;
+}
+
+static void wrap_destroy(void *ctx) {
+  wrap *w = ctx;
+  convd_device_destroy(w->inner);
+  free(w);
+}
+
+static const convd_device_iface wrap_iface = {wrap_supports, wrap_run, NULL, wrap_destroy};
+
+static convd_device *test_wrapped_device(const char *name, int delay_us, int fail_after,
+                                         uint64_t budget) {
+  char err[128];
+  wrap *w = calloc(1, sizeof *w);
+  convd_device_ref_create("inner", budget, &w->inner, err, sizeof err);
+  w->delay_us = delay_us;
+  w->fail_after = fail_after;
+  convd_device *d = calloc(1, sizeof *d);
+  d->iface = &wrap_iface;
+  d->ctx = w;
+  d->kind = CONVD_DEVICE_REFERENCE;
+  d->memory_budget = budget;
+  snprintf(d->name, sizeof d->name, "%s", name);
+  snprintf(d->detail, sizeof d->detail, "test-only wrapper (delay %d us, fail after %d)", delay_us,
+           fail_after);
+  return d;
+}
+
+/* ---- helpers ------------------------------------------------------------------------------ */
+
+static convd_conv_params random_params(rng *r) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  int64_t kind = rng_range(r, 0, 3);
+  p.groups = kind == 1 ? rng_range(r, 2, 4) : 1;
+  p.n = rng_range(r, 1, 2);
+  p.c_per_group = rng_range(r, 1, 10);
+  p.c_in = p.groups * p.c_per_group;
+  p.c_out = p.groups * rng_range(r, 1, 10);
+  if (kind == 3) {
+    p.groups = p.c_in = rng_range(r, 2, 12);
+    p.c_per_group = 1;
+    p.c_out = p.c_in * rng_range(r, 1, 2);
+  }
+  p.kh = rng_range(r, 1, 5), p.kw = rng_range(r, 1, 5);
+  p.stride_h = rng_range(r, 1, 3), p.stride_w = rng_range(r, 1, 3);
+  p.dil_h = rng_range(r, 1, 2), p.dil_w = rng_range(r, 1, 2);
+  p.pad_top = rng_range(r, 0, 4), p.pad_bottom = rng_range(r, 0, 4);
+  p.pad_left = rng_range(r, 0, 4), p.pad_right = rng_range(r, 0, 4);
+  p.h = rng_range(r, (p.kh - 1) * p.dil_h + 1, 48);
+  p.w = rng_range(r, (p.kw - 1) * p.dil_w + 1, 48);
+  p.has_bias = (int)rng_range(r, 0, 1);
+  return p;
+}
+
+/* Runs conv on e and compares with the monolithic reference. */
+static int check_engine(convd_engine *e, const convd_conv *c, rng *r, const char *what,
+                        convd_job_stats *st) {
+  float *x = malloc(c->input_bytes), *w = malloc(c->weight_bytes), *b = malloc(c->bias_bytes + 4);
+  float *y = malloc(c->output_bytes), *ref = malloc(c->output_bytes);
+  double *want = malloc(c->output_elems * sizeof(double));
+  rng_fill(r, x, c->input_elems);
+  rng_fill(r, w, c->weight_elems);
+  rng_fill(r, b, c->bias_elems);
+  convd_ref_conv2d(c, x, w, c->p.has_bias ? b : NULL, ref, NULL);
+  for (size_t i = 0; i < c->output_elems; i++) want[i] = ref[i];
+  poison(y, c->output_elems);
+  char err[512];
+  int rc = convd_engine_run(e, c, x, w, c->p.has_bias ? b : NULL, y, st, err, sizeof err);
+  if (rc) fprintf(stderr, "  %s: %s\n", what, err);
+  else rc = check_close(what, y, want, c->output_elems);
+  free(x), free(w), free(b), free(y), free(ref), free(want);
+  return rc;
+}
+
+/* ---- tests -------------------------------------------------------------------------------- */
+
+static void test_property_random_plans(void) {
+  rng r = {0x5eed0400};
+  int multi = 0, cases = 0;
+  char err[512];
+  for (int iter = 0; iter < 220; iter++) {
+    convd_conv_params p = random_params(&r);
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+    uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
+    uint64_t budget = (uint64_t)rng_range(&r, 2048, (int64_t)(3 * total) + 4096);
+    convd_engine_opts o = {.cpu_devices = (int)rng_range(&r, 1, 3), .cpu_threads = 2,
+                           .reference = (int)rng_range(&r, 0, 1), .device_memory = budget};
+    convd_engine *e;
+    ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+    convd_plan pl;
+    if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+      convd_engine_destroy(e);
+      continue;
+    }
+    char what[256];
+    snprintf(what, sizeof what, "case %d (%d %s devices, budget %" PRIu64 ", %" PRIu64 " ops)",
+             iter, o.cpu_devices, o.reference ? "reference" : "cpu", budget, pl.ops);
+    convd_job_stats st;
+    int rc = check_engine(e, &c, &r, what, &st);
+    convd_engine_destroy(e);
+    if (rc) {
+      FAIL_AT("%s", what);
+      return;
+    }
+    ASSERT_TRUE(st.ops_run == pl.ops);
+    multi += pl.ops > 1;
+    cases++;
+  }
+  printf("  %d cases, %d with more than one op\n", cases, multi);
+  ASSERT_TRUE(cases >= 200);
+  ASSERT_TRUE(multi >= 120);
+}
+
+/* Every golden case with a budget that forces several tiles and channel blocks. */
+static void test_golden_forced_tiles(void) {
+  char names[64][128], err[512];
+  int n = golden_list(golden_root, names, 64);
+  for (int i = 0; i < n; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv2d") != 0) continue;
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
+    /* A budget of about a quarter of one op's worth of everything. */
+    uint64_t budget = (c.input_bytes + c.weight_bytes + c.output_bytes) / 2;
+    if (budget < 4096) budget = 4096;
+    convd_engine_opts o = {.cpu_devices = 2, .cpu_threads = 2, .device_memory = budget};
+    convd_engine *e;
+    ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+    convd_plan pl;
+    ASSERT_OK(convd_engine_plan(e, &c, &pl, err, sizeof err), err);
+    float *y = malloc(c.output_bytes);
+    poison(y, c.output_elems);
+    convd_job_stats st;
+    int rc = convd_engine_run(e, &c, g.x, g.w, g.b, y, &st, err, sizeof err);
+    char what[300];
+    snprintf(what, sizeof what, "%.100s: %" PRIu64 " ops (%" PRId64 "x%" PRId64 " tiles, %" PRId64
+             " in-blocks, %" PRId64 " out-blocks)", names[i], pl.ops, pl.tiles_h, pl.tiles_w,
+             pl.icblocks, pl.ocblocks);
+    if (rc) FAIL_AT("%s: %s", what, err);
+    else if (check_close(what, y, g.expected, c.output_elems)) FAIL_AT("%s", what);
+    else if (c.output_elems > 64 && pl.ops < 2) FAIL_AT("%s: the budget did not force tiles", what);
+    free(y);
+    golden_free(&g);
+    convd_engine_destroy(e);
+    if (test_failed) return;
+  }
+}
+
+/* Devices of relative speed 1:2:4 take about 1/7, 2/7, 4/7 of the ops. */
+static void test_balance_1_2_4(void) {
+  char err[256];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 4, p.h = 700, p.w = 8, p.c_out = 4, p.c_per_group = 4, p.kh = 1, p.kw = 1;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  /* A budget of one output row per op: 700 ops. */
+  uint64_t budget = 2 * 4 * (4 * 8 + 16 + 4 * 8);
+  convd_device *devs[3] = {test_wrapped_device("slow", 8000, 0, budget),
+                           test_wrapped_device("medium", 4000, 0, budget),
+                           test_wrapped_device("fast", 2000, 0, budget)};
+  convd_engine_opts o = {.extra = devs, .n_extra = 3, .device_memory = budget};
+  convd_engine *e;
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  rng r = {0x5eed0401};
+  convd_job_stats st;
+  ASSERT_TRUE(check_engine(e, &c, &r, "balanced job", &st) == 0);
+  ASSERT_EQ_INT(st.ops, 700);
+  const double want[3] = {1.0 / 7, 2.0 / 7, 4.0 / 7};
+  for (int i = 0; i < 3; i++) {
+    double share = (double)st.ops_per_device[i] / (double)st.ops_run;
+    printf("  device %d: %" PRIu64 " ops, share %.3f, expected %.3f\n", i, st.ops_per_device[i],
+           share, want[i]);
+    if (share < want[i] * 0.9 || share > want[i] * 1.1)
+      FAIL_AT("device %d's share %.3f is not within 10%% of %.3f", i, share, want[i]);
+  }
+  convd_engine_destroy(e);
+}
+
+/* A device that fails mid-job: its op is retried elsewhere, nothing is lost, it is unhealthy. */
+static void test_device_failure_mid_job(void) {
+  char err[256];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 2, p.c_in = 6, p.h = 60, p.w = 20, p.c_out = 5, p.c_per_group = 6, p.kh = 3, p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  p.has_bias = 1;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  uint64_t budget = 6000;
+  convd_device *devs[2] = {test_wrapped_device("flaky", 200, 5, budget),
+                           test_wrapped_device("steady", 200, 0, budget)};
+  convd_engine_opts o = {.extra = devs, .n_extra = 2, .device_memory = budget};
+  convd_engine *e;
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  rng r = {0x5eed0402};
+  convd_job_stats st;
+  ASSERT_TRUE(check_engine(e, &c, &r, "job across a device failure", &st) == 0);
+  ASSERT_TRUE(st.ops > 20);
+  ASSERT_EQ_INT(st.ops_per_device[0], 5);
+  convd_device_info info;
+  ASSERT_OK(convd_engine_device_info(e, 0, &info), "info");
+  ASSERT_TRUE(!info.healthy);
+  ASSERT_CONTAINS(info.detail, "failed on purpose");
+  ASSERT_EQ_INT(convd_engine_healthy_devices(e), 1);
+  /* With the last device failing too, a job fails with the reason instead of hanging. */
+  convd_engine_destroy(e);
+  convd_device *bad[1] = {test_wrapped_device("doomed", 0, 1, budget)};
+  convd_engine_opts o2 = {.extra = bad, .n_extra = 1, .device_memory = budget};
+  ASSERT_OK(convd_engine_create(&o2, &e, err, sizeof err), err);
+  float *x = calloc(c.input_elems, 4), *w = calloc(c.weight_elems, 4), *b = calloc(c.bias_elems, 4),
+        *y = malloc(c.output_bytes);
+  int rc = convd_engine_run(e, &c, x, w, b, y, NULL, err, sizeof err);
+  ASSERT_EQ_INT(rc, CONVD_EDEVICE);
+  ASSERT_CONTAINS(err, "no healthy device left");
+  free(x), free(w), free(b), free(y);
+  convd_engine_destroy(e);
+}
+
+/* Cancelling drops queued ops: a slow job ends early with CONVD_ECANCELED. */
+typedef struct cancel_state {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done, status;
+  convd_job_stats st;
+} cancel_state;
+
+static void c_rows(void *user, int64_t n, int64_t h0, int64_t h1) { (void)user, (void)n, (void)h0, (void)h1; }
+static void c_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  cancel_state *s = user;
+  (void)err;
+  pthread_mutex_lock(&s->mu);
+  s->done = 1, s->status = status, s->st = *st;
+  pthread_cond_signal(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void test_cancel_drops_queued_ops(void) {
+  char err[256];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 2, p.h = 400, p.w = 4, p.c_out = 2, p.c_per_group = 2, p.kh = 1, p.kw = 1;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  uint64_t budget = 2 * 4 * (2 * 4 + 4 + 2 * 4);
+  convd_device *devs[1] = {test_wrapped_device("slow", 5000, 0, budget)};
+  convd_engine_opts o = {.extra = devs, .n_extra = 1, .device_memory = budget};
+  convd_engine *e;
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  cancel_state s = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, {0}};
+  convd_job_cbs cbs = {.user = &s, .rows_ready = c_rows, .done = c_done};
+  convd_job *j;
+  ASSERT_OK(convd_job_create(e, &c, &cbs, &j, err, sizeof err), err);
+  ASSERT_EQ_INT(convd_job_plan(j)->ops, 400);
+  float *w = calloc(c.weight_elems, 4), *x = calloc(c.input_elems, 4);
+  convd_job_set_weights(j, w, NULL);
+  ASSERT_OK(convd_job_put_rows(j, 0, 0, p.h, x, err, sizeof err), err);
+  struct timespec ts = {0, 30 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  convd_job_cancel(j);
+  pthread_mutex_lock(&s.mu);
+  while (!s.done) pthread_cond_wait(&s.cv, &s.mu);
+  pthread_mutex_unlock(&s.mu);
+  ASSERT_EQ_INT(s.status, CONVD_ECANCELED);
+  printf("  %" PRIu64 " of 400 ops ran before the cancel took\n", s.st.ops_run);
+  ASSERT_TRUE(s.st.ops_run < 100);
+  convd_job_destroy(j);
+  free(x);
+  convd_engine_destroy(e);
+}
+
+int main(int argc, char **argv) {
+  static const test_case tests[] = {
+      {"property_random_plans", test_property_random_plans},
+      {"golden_forced_tiles", test_golden_forced_tiles},
+      {"balance_1_2_4", test_balance_1_2_4},
+      {"device_failure_mid_job", test_device_failure_mid_job},
+      {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
+  };
+  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+}
