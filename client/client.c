@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "band.h"
 #include "convd/v1/convd.pb-c.h"
@@ -80,6 +81,12 @@ void convd_client_destroy(convd_client *c) {
 }
 
 int convd_client_last_status(const convd_client *c) { return c->last_status; }
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 static gpr_timespec deadline(const convd_client *c) {
   if (c->o.timeout_seconds <= 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -163,6 +170,7 @@ typedef struct stream {
   int accepted;
   int local_rc;
   char local_err[256];
+  double t0;
 } stream;
 
 static grpc_byte_buffer *next_request(stream *s) {
@@ -258,6 +266,7 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
       }
       convd_band_scatter(s->y, sh, b->n, b->h_begin, b->h_end, b->offset, b->data.data,
                          b->data.len);
+      if (s->out_bytes_seen == 0 && s->st) s->st->first_output_seconds = now_seconds() - s->t0;
       s->out_bytes_seen += b->data.len;
       return;
     }
@@ -288,7 +297,7 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
     st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
   }
-  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st};
+  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st, .t0 = now_seconds()};
   s.buf = malloc(c->o.chunk_bytes);
   if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, sizeof(float)};
@@ -353,6 +362,7 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
         } else if (s.phase == 4) {
           ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
           s.phase = 5;
+          if (st) st->upload_seconds = now_seconds() - s.t0;
         } else {
           local_fail(&s, CONVD_ENOMEM, "out of memory packing a request");
           grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "client out of memory", NULL);
@@ -402,6 +412,7 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
              s.out_bytes_seen, conv.output_bytes);
     local_fail(&s, CONVD_EREMOTE, msg);
   }
+  if (st) st->total_seconds = now_seconds() - s.t0;
   rc = finish_status(c, status, details, s.local_rc, err, errlen, s.local_err);
   grpc_slice_unref(details);
   grpc_metadata_array_destroy(&md_initial);

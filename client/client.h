@@ -25,6 +25,10 @@ typedef struct convd_client_stats {
   double elapsed_seconds; /* server-side, spec to last band */
   double compute_seconds;
   uint64_t ops_run, bytes_received, bytes_sent; /* as the server counted them */
+  /* client clock, seconds from the start of the call (streaming calls only) */
+  double first_output_seconds; /* the first output band arrived */
+  double upload_seconds;       /* the last input message was sent */
+  double total_seconds;        /* the call ended */
 } convd_client_stats;
 
 /* target: "HOST:PORT". Does not connect yet; the first call does. */

@@ -23,7 +23,7 @@ static void usage(FILE *f) {
           "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
           "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
           "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
-          "               [--device-memory BYTES (K/M/G suffixes; default 128M)]\n"
+          "               [--device-memory BYTES (K/M/G suffixes; default 64M)]\n"
           "\n"
           "Tensors are float32 .npy files: input N,C,H,W; weight C_out,C_in/groups,kH,kW;\n"
           "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"

@@ -13,7 +13,7 @@ static int ref_supports(void *ctx, const convd_conv *conv) {
 
 static int ref_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   (void)ctx, (void)err, (void)errlen;
-  return convd_ref_conv2d(io->conv, io->x, io->w, io->b, io->y, NULL);
+  return convd_ref_conv2d(io->conv, io->x, io->w, io->b, io->y, io->cancel);
 }
 
 static void ref_destroy(void *ctx) { (void)ctx; }

@@ -4,6 +4,7 @@
 #ifndef CONVD_DEVICE_H
 #define CONVD_DEVICE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,6 +24,8 @@ typedef struct convd_op_io {
   uint64_t w_key;         /* names w's contents for the device's weight cache; 0 = do not cache */
   const float *b;         /* C_out, or NULL */
   float *y;               /* N x C_out x H_out x W_out, overwritten */
+  const atomic_int *cancel; /* non-zero: the job was cancelled; a device may stop early and
+                               return CONVD_ECANCELED (the reference polls it per output plane) */
 } convd_op_io;
 
 typedef struct convd_device_iface {

@@ -56,10 +56,11 @@ struct convd_job {
   uint64_t ops_done;
   int running;
   int cancelled, failed;
+  atomic_int stop; /* cancelled or failed, for devices to poll without the lock */
   char fail_msg[256];
   /* callbacks */
   int cb_inflight, done_delivered;
-  uint64_t bytes_held;
+  uint64_t bytes_held, out_bytes_held;
   convd_job_stats stats;
 };
 
@@ -269,7 +270,7 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int *freed
     /* The weight block's identity: this job, this block. */
     uint64_t key = (j->id << 32) ^ ((uint64_t)op->oc0 << 16) ^ (uint64_t)op->wc0 ^ 0x9e3779b97f4a7c15ull;
     convd_op_io io = {&op->local, s->win, wb, key, op->local.p.has_bias ? j->b + op->oc0 : NULL,
-                      s->partial};
+                      s->partial, &j->stop};
     double t0 = now_seconds();
     rc = s->dev->iface->run(s->dev->ctx, &io, err, errlen);
     double dt = now_seconds() - t0;
@@ -316,8 +317,13 @@ static void *worker_main(void *arg) {
       size_t k = (size_t)op.n * (size_t)j->plan.conv.h_out + (size_t)h;
       if (j->out_rows[k] == NULL) {
         j->out_rows[k] = calloc(orow_elems, sizeof(float));
-        if (j->out_rows[k] == NULL) oom = 1;
-        else j->bytes_held += orow_elems * sizeof(float);
+        if (j->out_rows[k] == NULL) {
+          oom = 1;
+        } else {
+          j->bytes_held += orow_elems * sizeof(float);
+          j->out_bytes_held += orow_elems * sizeof(float);
+          if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
+        }
       }
     }
     pthread_mutex_unlock(&e->mu);
@@ -341,8 +347,11 @@ static void *worker_main(void *arg) {
                   op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h < j->plan.conv.h_out
                       ? op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h
                       : j->plan.conv.h_out);
+    } else if (rc == CONVD_ECANCELED && (j->cancelled || j->failed)) {
+      /* stopped on purpose: nothing to retry, the device is fine */
     } else if (rc == CONVD_ENOMEM || oom) {
       j->failed = 1;
+      atomic_store(&j->stop, 1);
       snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
     } else {
       /* The device failed: it takes no more work, the op goes back for another device. */
@@ -354,6 +363,7 @@ static void *worker_main(void *arg) {
         for (convd_job *x = e->jobs; x; x = x->next)
           if (!x->failed) {
             x->failed = 1;
+            atomic_store(&x->stop, 1);
             snprintf(x->fail_msg, sizeof x->fail_msg, "no healthy device left; the last one failed: %s", err);
           }
       } else if (j->retry_len == j->retry_cap) {
@@ -514,6 +524,7 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   if (j == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   j->e = e;
   j->cb = *cbs;
+  atomic_init(&j->stop, 0);
   pthread_mutex_init(&j->acc_mu, NULL);
   int rc = convd_engine_plan(e, conv, &j->plan, err, errlen);
   if (rc) {
@@ -601,6 +612,7 @@ int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const fl
         memcpy(row + c * W, band + (c * rows + (size_t)(h - h0)) * W, W * sizeof(float));
       j->in_rows[k] = row;
       j->bytes_held += C * W * sizeof(float);
+      if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
     }
     for (int64_t th = 0; th < j->plan.tiles_h; th++) {
       int64_t a, b;
@@ -626,9 +638,17 @@ void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1) {
       free(j->out_rows[k]);
       j->out_rows[k] = NULL;
       j->bytes_held -= row_bytes;
+      j->out_bytes_held -= row_bytes;
     }
   }
   pthread_mutex_unlock(&j->e->mu);
+}
+
+uint64_t convd_job_output_bytes_held(convd_job *j) {
+  pthread_mutex_lock(&j->e->mu);
+  uint64_t b = j->out_bytes_held;
+  pthread_mutex_unlock(&j->e->mu);
+  return b;
 }
 
 uint64_t convd_job_bytes_held(convd_job *j) {
@@ -660,6 +680,7 @@ const convd_plan *convd_job_plan(const convd_job *j) { return &j->plan; }
 void convd_job_cancel(convd_job *j) {
   pthread_mutex_lock(&j->e->mu);
   j->cancelled = 1;
+  atomic_store(&j->stop, 1);
   j->ready_len = 0;
   j->retry_len = 0;
   pthread_cond_broadcast(&j->e->cv); /* a worker delivers done() */

@@ -45,6 +45,7 @@ typedef struct convd_job_stats {
   uint64_t ops_run;        /* ops run, retries included */
   double compute_seconds;  /* device time spent on this job */
   uint64_t ops_per_device[16]; /* the first 16 devices */
+  uint64_t peak_bytes_held;    /* input and output rows held at most at once */
 } convd_job_stats;
 
 typedef struct convd_job_cbs {
@@ -85,8 +86,9 @@ int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const fl
 /* Output row h of batch item n, C_out x W_out, valid from rows_ready until released. */
 const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h);
 void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1);
-/* Bytes of input and output rows the job holds now. */
+/* Bytes of input and output rows the job holds now; and of those, output rows. */
 uint64_t convd_job_bytes_held(convd_job *j);
+uint64_t convd_job_output_bytes_held(convd_job *j);
 /* What the job needs to hold at most to keep going when its input comes in order: two tile
  * rows' input windows and output rows. Callers stop reading input beyond it. */
 uint64_t convd_job_memory_hint(convd_job *j);

@@ -17,7 +17,7 @@
 /* A CPU device's default budget: small enough that large streamed requests are cut into tile
  * rows (so the daemon holds a few rows, not the tensor), large enough that common layers are one
  * op. */
-#define CONVD_DEFAULT_DEVICE_MEMORY (UINT64_C(128) << 20)
+#define CONVD_DEFAULT_DEVICE_MEMORY (UINT64_C(64) << 20)
 
 typedef struct convd_plan_opts {
   int devices;            /* devices that will share the ops (>= 1) */

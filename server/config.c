@@ -34,7 +34,7 @@ static const opt opts[] = {
      "threads for all CPU devices together; 0 = one per online CPU"},
     {"cpu-kernel", OPT_STRING, F(cpu_kernel), "onednn", 0, 0,
      "onednn (fast) or reference (float64 accumulation, for validation)"},
-    {"device-memory", OPT_SIZE, F(device_memory), "128M", 4096, 1024.0 * 1024 * 1024 * 1024 * 1024,
+    {"device-memory", OPT_SIZE, F(device_memory), "64M", 4096, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "bytes one elemental op may use on a device; larger requests are cut into tiles"},
     {"chunk-bytes", OPT_SIZE, F(chunk_bytes), "1M", 1024, 256.0 * 1024 * 1024,
      "largest tensor payload the daemon puts in one output message"},

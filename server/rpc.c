@@ -176,9 +176,12 @@ static void call_log_end(call *c) {
              "x%" PRId64 "x%" PRId64 " output=%" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64,
              cv->p.n, cv->p.c_in, cv->p.h, cv->p.w, cv->p.c_out, cv->p.c_per_group, cv->p.kh,
              cv->p.kw, cv->p.n, cv->p.c_out, cv->h_out, cv->w_out);
-  convd_log(level, "msg=\"call ended\" method=%s peer=%s status=%s duration_ms=%.3f%s%s%s%s",
+  convd_log(level,
+            "msg=\"call ended\" method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
+            " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
             kind_name[c->kind], c->peer[0] ? c->peer : "-", status,
-            (now_seconds() - c->t_begin) * 1e3, shapes,
+            (now_seconds() - c->t_begin) * 1e3, c->stats.ops_run, c->stats.compute_seconds,
+            c->stats.peak_bytes_held, shapes,
             c->status_set && c->status != GRPC_STATUS_OK ? " error=\"" : "",
             c->status_set && c->status != GRPC_STATUS_OK ? c->status_msg : "",
             c->status_set && c->status != GRPC_STATUS_OK ? "\"" : "");
@@ -344,12 +347,19 @@ static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride
 
 static void post_recv(call *c);
 
-/* Reads on when the job holds little, or cannot progress without more input. c->mu held. */
+/* Backpressure: reading more input waits while output is piling up unsent (sending needs no
+ * input, so this cannot deadlock), or while the job holds more than its limit and can still
+ * progress without more input (an idle job over the limit must read on: its input came out of
+ * order). c->mu held. */
+static int must_pause(call *c) {
+  if (c->job == NULL) return 0;
+  if (convd_job_output_bytes_held(c->job) > c->mem_limit / 2) return 1;
+  return convd_job_bytes_held(c->job) + convd_session_bytes_buffered(c->sess) > c->mem_limit &&
+         !convd_job_idle(c->job);
+}
+
 static void maybe_resume(call *c) {
-  if (!c->recv_paused || c->status_set || c->dead) return;
-  if (convd_job_bytes_held(c->job) + convd_session_bytes_buffered(c->sess) > c->mem_limit &&
-      !convd_job_idle(c->job))
-    return;
+  if (!c->recv_paused || c->status_set || c->dead || must_pause(c)) return;
   c->recv_paused = 0;
   post_recv(c);
 }
@@ -646,9 +656,8 @@ static void on_recv(void *obj, int ok) {
       }
       if (rc) {
         fail(c, rc, err);
-      } else if (c->job && convd_job_bytes_held(c->job) + convd_session_bytes_buffered(c->sess) >
-                               c->mem_limit && !convd_job_idle(c->job)) {
-        c->recv_paused = 1; /* backpressure: the next read waits for the job to free rows */
+      } else if (must_pause(c)) {
+        c->recv_paused = 1; /* the next read waits until the job frees or sends rows */
       } else {
         post_recv(c);
       }

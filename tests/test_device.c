@@ -37,7 +37,7 @@ static void test_golden_all_devices(void) {
       ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
       float *y = malloc(c.output_bytes);
       poison(y, c.output_elems);
-      convd_op_io io = {&c, g.x, g.w, 0, g.b, y};
+      convd_op_io io = {&c, g.x, g.w, 0, g.b, y, NULL};
       ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
       char what[256];
       snprintf(what, sizeof what, "%.100s on %s", names[i], kinds[k].name);
@@ -94,7 +94,7 @@ static void test_random_shapes_all_devices(void) {
       for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
       poison(y, c.output_elems);
       /* A key per iteration: the cache may keep the block, but never across shapes. */
-      convd_op_io io = {&c, x, w, (uint64_t)(iter % 3) + 1, p.has_bias ? b : NULL, y};
+      convd_op_io io = {&c, x, w, (uint64_t)(iter % 3) + 1, p.has_bias ? b : NULL, y, NULL};
       int rc = d->iface->run(d->ctx, &io, err, sizeof err);
       char what[256];
       snprintf(what, sizeof what,
@@ -127,7 +127,7 @@ static void test_cpu_weight_cache(void) {
         *y2 = malloc(c.output_bytes);
   rng_fill(&r, x, c.input_elems);
   rng_fill(&r, w, c.weight_elems);
-  convd_op_io io = {&c, x, w, 77, NULL, y1};
+  convd_op_io io = {&c, x, w, 77, NULL, y1, NULL};
   ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
   io.y = y2;
   ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);

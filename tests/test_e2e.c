@@ -462,6 +462,107 @@ static void test_drain_timeout_cancels(void) {
   problem_free(&lc.pr);
 }
 
+/* A multi-tile job streams: the first output band reaches the client while it is still
+ * uploading the input, so before the last tile could have run. */
+static void test_first_band_before_upload_ends(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  rng r = {0x5eed0e00};
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 16, p.h = 2048, p.w = 512, p.c_out = 16, p.c_per_group = 16, p.kh = 3, p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  problem pr;
+  ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+  pthread_t t;
+  pthread_create(&t, NULL, reference_thread, &pr);
+  convd_client *cl;
+  char err[512];
+  ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
+  convd_client_stats st;
+  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  pthread_join(t, NULL);
+  convd_client_destroy(cl);
+  ASSERT_OK(rc, err);
+  ASSERT_TRUE(check_close("streamed multi-tile job", pr.y, pr.want, pr.c.output_elems) == 0);
+  printf("  %" PRIu64 " ops; first output band at %.3f s, upload done at %.3f s, call done at %.3f s\n",
+         st.elemental_ops, st.first_output_seconds, st.upload_seconds, st.total_seconds);
+  ASSERT_TRUE(st.elemental_ops > 1);
+  ASSERT_TRUE(st.first_output_seconds > 0);
+  ASSERT_TRUE(st.first_output_seconds < st.upload_seconds);
+  problem_free(&pr);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+static long daemon_peak_rss_kib(pid_t pid) {
+  char path[64], buf[4096];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+  if (test_read_file(path, buf, sizeof buf) <= 0) return -1;
+  const char *h = strstr(buf, "VmHWM:");
+  return h ? strtol(h + 6, NULL, 10) : -1;
+}
+
+/* 1x8x8192x4096 float32: 1 GiB in and 1 GiB out through a daemon that must stay small. */
+static void test_bounded_memory_1gib(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 8, p.h = 8192, p.w = 4096, p.c_out = 8, p.c_per_group = 8, p.kh = 3, p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  p.has_bias = 1;
+  convd_conv c;
+  char err[512];
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  ASSERT_EQ_INT(c.input_bytes, 1u << 30);
+  rng r = {0x5eed0e01};
+  float *x = malloc(c.input_bytes), *y = malloc(c.output_bytes), w[8 * 8 * 9], b[8];
+  ASSERT_TRUE(x && y);
+  rng_fill(&r, x, c.input_elems);
+  rng_fill(&r, w, 8 * 8 * 9);
+  rng_fill(&r, b, 8);
+  poison(y, c.output_elems);
+  long before = daemon_peak_rss_kib(d.pid);
+  convd_client *cl;
+  convd_client_opts o = {.timeout_seconds = 900};
+  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  convd_client_stats st;
+  int rc = convd_client_conv2d(cl, &p, x, w, b, y, &st, err, sizeof err);
+  convd_client_destroy(cl);
+  long peak = daemon_peak_rss_kib(d.pid);
+  ASSERT_OK(rc, err);
+  printf("  %" PRIu64 " ops, %.2f s; daemon peak RSS %ld MiB (%ld MiB before the call)\n",
+         st.elemental_ops, st.total_seconds, peak / 1024, before / 1024);
+  /* Check the output in strips of 256 rows, each against the reference on its input rows. */
+  const int64_t S = 256, W = p.w, H = p.h;
+  for (int64_t o0 = 0; o0 < H && !test_failed; o0 += S) {
+    int64_t o1 = o0 + S < H ? o0 + S : H, i0 = o0 > 0 ? o0 - 1 : 0, i1 = o1 < H ? o1 + 1 : H;
+    convd_conv_params q = p;
+    q.h = i1 - i0, q.pad_top = o0 == 0, q.pad_bottom = o1 == H;
+    convd_conv cs;
+    ASSERT_OK(convd_conv_init(&cs, &q, err, sizeof err), err);
+    float *xs = malloc(cs.input_bytes), *ys = malloc(cs.output_bytes);
+    double *want = malloc(cs.output_elems * sizeof(double));
+    float *got = malloc(cs.output_bytes);
+    for (int64_t ch = 0; ch < 8; ch++) {
+      memcpy(xs + (size_t)(ch * (i1 - i0) * W), x + (size_t)((ch * H + i0) * W), (size_t)((i1 - i0) * W) * 4);
+      memcpy(got + (size_t)(ch * (o1 - o0) * W), y + (size_t)((ch * H + o0) * W), (size_t)((o1 - o0) * W) * 4);
+    }
+    convd_ref_conv2d(&cs, xs, w, b, ys, NULL);
+    for (size_t i = 0; i < cs.output_elems; i++) want[i] = ys[i];
+    if (check_close("strip", got, want, cs.output_elems)) FAIL_AT("rows [%" PRId64 ", %" PRId64 ")", o0, o1);
+    free(xs), free(ys), free(want), free(got);
+  }
+  free(x);
+  free(y);
+#ifdef CONVD_SANITIZE_BUILD
+  printf("  (the RSS bound is not checked under AddressSanitizer: its quarantine keeps freed memory)\n");
+#else
+  ASSERT_TRUE(peak > 0 && peak < 300 * 1024);
+#endif
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"golden_convctl", test_golden_convctl},
@@ -472,6 +573,8 @@ int main(int argc, char **argv) {
       {"sigterm_drains_calls", test_sigterm_drains_calls},
       {"drain_timeout_cancels", test_drain_timeout_cancels},
       {"chunking_64mib", test_chunking_64mib},
+      {"first_band_before_upload_ends", test_first_band_before_upload_ends},
+      {"bounded_memory_1gib", test_bounded_memory_1gib},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }
