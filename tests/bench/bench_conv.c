@@ -1,0 +1,215 @@
+/* bench_conv: convolution throughput per shape, printed as a table (a benchmark, not a test).
+ *
+ *   bench_conv [--repeats N] [--threads T] [--no-torch] [--no-reference]
+ *
+ * Columns: GFLOP/s (2 x multiply-adds / median seconds) of the reference kernel (one run),
+ * the CPU tier (a whole job through the engine: one CPU device, default op budget), the same job
+ * forced into a multi-tile plan, and PyTorch's CPU conv2d measured in the same run with the same
+ * thread count (Debian's python3-torch, when installed), with our/PyTorch ratios. The first lines
+ * give the machine's fp32 GEMM peak, measured with oneDNN's sgemm, and each shape's fraction of
+ * it. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "plan.h"
+#include "ref.h"
+
+#ifdef CONVD_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
+#endif
+
+typedef struct shape {
+  const char *name;
+  int64_t n, c, h, w, o, kh, kw, sh, sw, ph, pw, groups;
+} shape;
+
+static const shape shapes[] = {
+    {"1x64x224x224 / 64x64x3x3 p1", 1, 64, 224, 224, 64, 3, 3, 1, 1, 1, 1, 1},
+    {"1x256x56x56 / 256x256x3x3 p1", 1, 256, 56, 56, 256, 3, 3, 1, 1, 1, 1, 1},
+    {"1x128x32x32 / 64x128x3x3 p0", 1, 128, 32, 32, 64, 3, 3, 1, 1, 0, 0, 1},
+    {"1x512x28x28 / 512x512x1x1", 1, 512, 28, 28, 512, 1, 1, 1, 1, 0, 0, 1},
+    {"1x3x1024x1024 / 64x3x7x7 s2 p3", 1, 3, 1024, 1024, 64, 7, 7, 2, 2, 3, 3, 1},
+    {"1x32x112x112 depthwise 3x3 p1", 1, 32, 112, 112, 32, 3, 3, 1, 1, 1, 1, 32},
+};
+#define NSHAPES (sizeof shapes / sizeof shapes[0])
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static void fill(float *p, size_t n, unsigned seed) {
+  for (size_t i = 0; i < n; i++) {
+    seed = seed * 1664525u + 1013904223u;
+    p[i] = (float)(seed >> 8) / 16777216.0f - 0.5f;
+  }
+}
+
+/* Median seconds of running conv through an engine. */
+static double time_engine(convd_engine *e, const convd_conv *c, const float *x, const float *w,
+                          const float *b, float *y, int repeats, uint64_t *ops) {
+  char err[256];
+  double t[64];
+  convd_job_stats st;
+  if (convd_engine_run(e, c, x, w, b, y, &st, err, sizeof err)) { /* warm-up */
+    fprintf(stderr, "bench_conv: %s\n", err);
+    exit(1);
+  }
+  for (int i = 0; i < repeats; i++) {
+    double t0 = now();
+    convd_engine_run(e, c, x, w, b, y, &st, err, sizeof err);
+    t[i] = now() - t0;
+  }
+  *ops = st.ops_run;
+  return median(t, repeats);
+}
+
+static double gemm_peak_gflops(int threads) {
+#ifdef CONVD_HAVE_DNNL
+  const int64_t M = 2048, N = 2048, K = 2048;
+  float *a = malloc(sizeof(float) * (size_t)(M * K)), *bm = malloc(sizeof(float) * (size_t)(K * N)),
+        *cm = malloc(sizeof(float) * (size_t)(M * N));
+  fill(a, (size_t)(M * K), 1);
+  fill(bm, (size_t)(K * N), 2);
+  omp_set_num_threads(threads);
+  double best = 0;
+  for (int i = 0; i < 5; i++) {
+    double t0 = now();
+    dnnl_sgemm('N', 'N', M, N, K, 1.0f, a, K, bm, N, 0.0f, cm, N);
+    double g = 2.0 * (double)M * (double)N * (double)K / (now() - t0) / 1e9;
+    if (g > best) best = g;
+  }
+  free(a), free(bm), free(cm);
+  return best;
+#else
+  (void)threads;
+  return 0;
+#endif
+}
+
+int main(int argc, char **argv) {
+  int repeats = 7, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1, use_ref = 1;
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) repeats = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
+    else if (strcmp(argv[i], "--no-reference") == 0) use_ref = 0;
+    else {
+      fprintf(stderr, "usage: bench_conv [--repeats N] [--threads T] [--no-torch] [--no-reference]\n");
+      return 2;
+    }
+  }
+  if (repeats < 1 || repeats > 64) repeats = 7;
+
+  /* PyTorch first, in one process, while nothing else runs. */
+  double torch_s[NSHAPES] = {0};
+  if (use_torch && access("/usr/bin/python3", X_OK) == 0) {
+    char cmd[4096];
+    int n = snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s/torch_conv.py %d %d", BENCH_DIR, threads, repeats);
+    for (size_t i = 0; i < NSHAPES; i++) {
+      const shape *s = &shapes[i];
+      n += snprintf(cmd + n, sizeof cmd - (size_t)n,
+                    " %lld,%lld,%lld,%lld:%lld,%lld,%lld,%lld:%lld,%lld:%lld,%lld:%lld",
+                    (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
+                    (long long)s->o, (long long)(s->c / s->groups), (long long)s->kh,
+                    (long long)s->kw, (long long)s->sh, (long long)s->sw, (long long)s->ph,
+                    (long long)s->pw, (long long)s->groups);
+    }
+    n += snprintf(cmd + n, sizeof cmd - (size_t)n, " 2>/dev/null");
+    FILE *p = popen(cmd, "r");
+    for (size_t i = 0; p && i < NSHAPES; i++)
+      if (fscanf(p, "%lf", &torch_s[i]) != 1) torch_s[i] = 0;
+    if (p && pclose(p) != 0) memset(torch_s, 0, sizeof torch_s);
+  }
+
+  double peak = gemm_peak_gflops(threads);
+  char err[256];
+  convd_engine *e;
+  convd_engine_opts eo = {.cpu_devices = 1, .cpu_threads = threads};
+  if (convd_engine_create(&eo, &e, err, sizeof err)) {
+    fprintf(stderr, "bench_conv: %s\n", err);
+    return 1;
+  }
+  convd_device_info info;
+  convd_engine_device_info(e, 0, &info);
+  printf("CPU device: %s\n", info.detail);
+  printf("threads: %d, repeats: %d (median), fp32 GEMM peak (oneDNN sgemm 2048^3): %.1f GFLOP/s\n\n",
+         threads, repeats, peak);
+  printf("| shape | reference GFLOP/s | CPU tier GFLOP/s | %% of GEMM peak | forced tiles (ops) GFLOP/s | tiles/single | PyTorch GFLOP/s | CPU tier / PyTorch |\n");
+  printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  double ratios[NSHAPES];
+  int nratios = 0;
+  for (size_t i = 0; i < NSHAPES; i++) {
+    const shape *s = &shapes[i];
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.n = s->n, p.c_in = s->c, p.h = s->h, p.w = s->w, p.c_out = s->o, p.groups = s->groups;
+    p.c_per_group = s->c / s->groups, p.kh = s->kh, p.kw = s->kw, p.stride_h = s->sh,
+    p.stride_w = s->sw, p.pad_top = p.pad_bottom = s->ph, p.pad_left = p.pad_right = s->pw;
+    p.has_bias = 1;
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) {
+      fprintf(stderr, "bench_conv: %s\n", err);
+      return 1;
+    }
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes),
+          *y = malloc(c.output_bytes);
+    fill(x, c.input_elems, 3);
+    fill(w, c.weight_elems, 4);
+    fill(b, c.bias_elems, 5);
+    const double flop = 2.0 * (double)c.macs;
+    double ref_g = 0;
+    if (use_ref) {
+      double t0 = now();
+      convd_ref_conv2d(&c, x, w, b, y, NULL);
+      ref_g = flop / (now() - t0) / 1e9;
+    }
+    uint64_t ops1, opsk;
+    double t1 = time_engine(e, &c, x, w, b, y, repeats, &ops1);
+    /* Forced tiles: the largest budget that gives at least 16 ops. */
+    convd_plan pl;
+    convd_plan_opts po = {.devices = 1, .device_memory = 2 * (c.input_bytes + c.weight_bytes + c.output_bytes)};
+    do {
+      po.device_memory = po.device_memory * 3 / 4;
+      convd_plan_make(&pl, &c, &po, err, sizeof err);
+    } while (pl.ops < 16 && po.device_memory > 4096);
+    convd_engine *ek;
+    convd_engine_opts eko = {.cpu_devices = 1, .cpu_threads = threads, .device_memory = po.device_memory};
+    convd_engine_create(&eko, &ek, err, sizeof err);
+    double tk = time_engine(ek, &c, x, w, b, y, repeats, &opsk);
+    convd_engine_destroy(ek);
+    double g1 = flop / t1 / 1e9, gk = flop / tk / 1e9, gt = torch_s[i] > 0 ? flop / torch_s[i] / 1e9 : 0;
+    char ref_col[32] = "-", torch_col[32] = "-", ratio_col[32] = "-";
+    if (use_ref) snprintf(ref_col, sizeof ref_col, "%.2f", ref_g);
+    if (gt > 0) {
+      snprintf(torch_col, sizeof torch_col, "%.1f", gt);
+      snprintf(ratio_col, sizeof ratio_col, "%.2f", g1 / gt);
+      ratios[nratios++] = g1 / gt;
+    }
+    printf("| %s | %s | %.1f (%llu op%s) | %.0f %% | %.1f (%llu) | %.2f | %s | %s |\n", s->name,
+           ref_col, g1, (unsigned long long)ops1, ops1 == 1 ? "" : "s", peak > 0 ? 100 * g1 / peak : 0,
+           gk, (unsigned long long)opsk, t1 / tk, torch_col, ratio_col);
+    fflush(stdout);
+    free(x), free(w), free(b), free(y);
+  }
+  if (nratios) printf("\nmedian CPU tier / PyTorch ratio: %.2f over %d shapes\n", median(ratios, nratios), nratios);
+  convd_engine_destroy(e);
+  return 0;
+}
