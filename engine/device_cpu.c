@@ -25,8 +25,21 @@ typedef struct wcache_entry {
   uint64_t last_use;
 } wcache_entry;
 
+#define PCACHE_ENTRIES 16
+
+/* A ready primitive for one op shape: creating the descriptor walks oneDNN's implementation
+ * list, which costs more than a small convolution. */
+typedef struct prim_entry {
+  convd_conv_params key;
+  int with_bias;
+  dnnl_primitive_desc_t pd;
+  dnnl_primitive_t prim;
+  uint64_t last_use;
+} prim_entry;
+
 typedef struct cpu_ctx {
   int threads;
+  prim_entry prims[PCACHE_ENTRIES];
   dnnl_engine_t eng;
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
@@ -77,6 +90,21 @@ out:
   if (prim) dnnl_primitive_destroy(prim);
   if (pd) dnnl_primitive_desc_destroy(pd);
   return rc;
+}
+
+static int same_params(const convd_conv_params *a, const convd_conv_params *b) {
+  return a->n == b->n && a->c_in == b->c_in && a->h == b->h && a->w == b->w &&
+         a->c_out == b->c_out && a->c_per_group == b->c_per_group && a->kh == b->kh &&
+         a->kw == b->kw && a->stride_h == b->stride_h && a->stride_w == b->stride_w &&
+         a->pad_top == b->pad_top && a->pad_bottom == b->pad_bottom &&
+         a->pad_left == b->pad_left && a->pad_right == b->pad_right && a->dil_h == b->dil_h &&
+         a->dil_w == b->dil_w && a->groups == b->groups;
+}
+
+static void prim_clear(prim_entry *e) {
+  if (e->prim) dnnl_primitive_destroy(e->prim);
+  if (e->pd) dnnl_primitive_desc_destroy(e->pd);
+  memset(e, 0, sizeof *e);
 }
 
 static wcache_entry *cache_find(cpu_ctx *c, uint64_t key, const dnnl_memory_desc_t *md) {
@@ -133,15 +161,39 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_wei, grouped ? 5 : 4, grouped ? gwei_dims : wei_dims,
                                         dnnl_f32, dnnl_format_tag_any));
 
-  dnnl_convolution_desc_t cd;
-  DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
-      &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
-      io->b ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-  DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, NULL, c->eng, NULL));
-  const dnnl_memory_desc_t *src_md = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
-  const dnnl_memory_desc_t *wei_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-  const dnnl_memory_desc_t *dst_md = dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
-  DNNL_TRY(dnnl_primitive_create(&prim, pd));
+  /* The primitive for this shape: from the cache, or made and cached. */
+  const int with_bias = io->b != NULL;
+  prim_entry *pe = NULL;
+  for (int i = 0; i < PCACHE_ENTRIES && pe == NULL; i++)
+    if (c->prims[i].prim && c->prims[i].with_bias == with_bias && same_params(&c->prims[i].key, p))
+      pe = &c->prims[i];
+  if (pe == NULL) {
+    dnnl_convolution_desc_t cd;
+    DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
+        &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
+        with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+    DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, NULL, c->eng, NULL));
+    DNNL_TRY(dnnl_primitive_create(&prim, pd));
+    pe = &c->prims[0];
+    for (int i = 0; i < PCACHE_ENTRIES; i++) {
+      if (c->prims[i].prim == NULL) {
+        pe = &c->prims[i];
+        break;
+      }
+      if (c->prims[i].last_use < pe->last_use) pe = &c->prims[i];
+    }
+    prim_clear(pe);
+    pe->key = *p;
+    pe->with_bias = with_bias;
+    pe->pd = pd;
+    pe->prim = prim;
+    pd = NULL; /* the cache owns them now */
+    prim = NULL;
+  }
+  pe->last_use = ++c->tick;
+  const dnnl_memory_desc_t *src_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_src_md, 0);
+  const dnnl_memory_desc_t *wei_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_weights_md, 0);
+  const dnnl_memory_desc_t *dst_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_dst_md, 0);
 
   /* Input: used in place when oneDNN takes plain NCHW, else reordered into staging. */
   DNNL_TRY(dnnl_memory_create(&usr_src, &usr_src_md, c->eng, (void *)io->x));
@@ -184,7 +236,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
 
   dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
                              {DNNL_ARG_BIAS, bias}};
-  DNNL_TRY(dnnl_primitive_execute(prim, c->stream, io->b ? 4 : 3, args));
+  DNNL_TRY(dnnl_primitive_execute(pe->prim, c->stream, io->b ? 4 : 3, args));
   if (dst != usr_dst && (rc = reorder(c, dst, usr_dst, err, errlen))) goto out;
   DNNL_TRY(dnnl_stream_wait(c->stream));
   goto out;
@@ -214,6 +266,7 @@ static void cpu_destroy(void *ctx) {
   cpu_ctx *c = ctx;
   if (c == NULL) return;
   cpu_flush(c);
+  for (int i = 0; i < PCACHE_ENTRIES; i++) prim_clear(&c->prims[i]);
   if (c->stream) dnnl_stream_destroy(c->stream);
   if (c->eng) dnnl_engine_destroy(c->eng);
   free(c->src_buf);

@@ -107,8 +107,8 @@ int main(int argc, char **argv) {
   /* Rows are allocated on the gRPC thread and freed on device workers (output rows the other
    * way round). With one glibc arena per thread, each arena grows to its own peak and keeps it,
    * so the daemon's memory would follow fragmentation instead of what requests hold; a shared
-   * arena reuses every freed row. Measured on the 1 GiB streamed test: peak RSS 422 -> see
-   * docs/benchmarks.md. */
+   * arena reuses every freed row (measured in docs/benchmarks.md: 422 -> 252-279 MiB peak on
+   * the 1 GiB streamed test). */
   mallopt(M_ARENA_MAX, 1);
 
   convd_engine *engine;

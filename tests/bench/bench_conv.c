@@ -89,8 +89,9 @@ static double gemm_peak_gflops(int threads) {
   fill(a, (size_t)(M * K), 1);
   fill(bm, (size_t)(K * N), 2);
   omp_set_num_threads(threads);
+  dnnl_sgemm('N', 'N', M, N, K, 1.0f, a, K, bm, N, 0.0f, cm, N); /* warm-up: threads, JIT */
   double best = 0;
-  for (int i = 0; i < 5; i++) {
+  for (int i = 0; i < 10; i++) {
     double t0 = now();
     dnnl_sgemm('N', 'N', M, N, K, 1.0f, a, K, bm, N, 0.0f, cm, N);
     double g = 2.0 * (double)M * (double)N * (double)K / (now() - t0) / 1e9;
