@@ -722,16 +722,20 @@ typedef struct sync_run {
   convd_job_stats stats;
 } sync_run;
 
-static void sync_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
-  sync_run *s = user;
-  const convd_conv *c = &convd_job_plan(s->job)->conv;
+void convd_job_take_rows_nchw(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *y) {
+  const convd_conv *c = &j->plan.conv;
   const size_t W = (size_t)c->w_out, H = (size_t)c->h_out, C = (size_t)c->p.c_out;
   for (int64_t h = h0; h < h1; h++) {
-    const float *row = convd_job_output_row(s->job, n, h);
+    const float *row = convd_job_output_row(j, n, h);
     for (size_t ch = 0; ch < C; ch++)
-      memcpy(s->y + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
+      memcpy(y + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
   }
-  convd_job_release_rows(s->job, n, h0, h1);
+  convd_job_release_rows(j, n, h0, h1);
+}
+
+static void sync_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
+  sync_run *s = user;
+  convd_job_take_rows_nchw(s->job, n, h0, h1, s->y);
 }
 
 static void sync_done(void *user, int status, const char *err, const convd_job_stats *st) {

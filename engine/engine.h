@@ -86,6 +86,9 @@ int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const fl
 /* Output row h of batch item n, C_out x W_out, valid from rows_ready until released. */
 const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h);
 void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1);
+/* Copies final output rows [h0, h1) of batch item n into y (the whole NCHW output) and releases
+ * them: for callers that want the tensor rather than a stream. */
+void convd_job_take_rows_nchw(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *y);
 /* Bytes of input and output rows the job holds now; and of those, output rows. */
 uint64_t convd_job_bytes_held(convd_job *j);
 uint64_t convd_job_output_bytes_held(convd_job *j);

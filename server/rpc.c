@@ -518,14 +518,7 @@ static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
   call *c = user;
   pthread_mutex_lock(&c->mu);
   if (c->kind == K_UNARY) {
-    const convd_conv *cv = &c->conv;
-    const size_t W = (size_t)cv->w_out, H = (size_t)cv->h_out, C = (size_t)cv->p.c_out;
-    for (int64_t h = h0; h < h1; h++) {
-      const float *row = convd_job_output_row(c->job, n, h);
-      for (size_t ch = 0; ch < C; ch++)
-        memcpy(c->uy + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
-    }
-    convd_job_release_rows(c->job, n, h0, h1);
+    convd_job_take_rows_nchw(c->job, n, h0, h1, c->uy);
   } else if (!c->status_set) {
     if (c->ready_len == c->ready_cap) {
       size_t cap = c->ready_cap ? c->ready_cap * 2 : 16;

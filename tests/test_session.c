@@ -93,12 +93,7 @@ typedef struct sink {
 
 static void sink_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
   sink *k = user;
-  const convd_conv *c = &convd_job_plan(k->job)->conv;
-  for (int64_t h = h0; h < h1; h++)
-    for (int64_t ch = 0; ch < c->p.c_out; ch++)
-      memcpy(k->y + ((n * c->p.c_out + ch) * c->h_out + h) * c->w_out,
-             convd_job_output_row(k->job, n, h) + ch * c->w_out, (size_t)c->w_out * sizeof(float));
-  convd_job_release_rows(k->job, n, h0, h1);
+  convd_job_take_rows_nchw(k->job, n, h0, h1, k->y);
 }
 
 static void sink_done(void *user, int status, const char *err, const convd_job_stats *st) {

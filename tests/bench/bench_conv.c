@@ -7,7 +7,7 @@
  * forced into a multi-tile plan, and PyTorch's CPU conv2d measured in the same run with the same
  * thread count (Debian's python3-torch, when installed), with our/PyTorch ratios. The first lines
  * give the machine's fp32 GEMM peak, measured with oneDNN's sgemm, and each shape's fraction of
- * it. */
+ * it. A benchmark, not a test: it asserts nothing, and exits 1 (with the reason) when a run fails. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
