@@ -250,8 +250,7 @@ static int release_window(convd_job *j, const convd_plan_op *op) {
 }
 
 /* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). */
-static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int *freed, char *err,
-                  size_t errlen) {
+static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err, size_t errlen) {
   convd_engine *e = s->e;
   const convd_plan *pl = &j->plan;
   const size_t out_elems = (size_t)(op->oc1 - op->oc0) * (size_t)(op->oh1 - op->oh0) *
@@ -283,7 +282,6 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int *freed
   pthread_mutex_lock(&j->acc_mu);
   convd_plan_accumulate(pl, op, s->partial, out_row, j);
   pthread_mutex_unlock(&j->acc_mu);
-  (void)freed;
   return 0;
 }
 
@@ -329,9 +327,8 @@ static void *worker_main(void *arg) {
     pthread_mutex_unlock(&e->mu);
 
     char err[256] = "";
-    int freed = 0;
     int rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
-                 : run_op(s, j, &op, &freed, err, sizeof err);
+                 : run_op(s, j, &op, err, sizeof err);
 
     pthread_mutex_lock(&e->mu);
     j->running--;
@@ -341,12 +338,10 @@ static void *worker_main(void *arg) {
       if (s->index < 16) j->stats.ops_per_device[s->index]++;
       j->ops_done++;
       if (!op.empty && release_window(j, &op)) add_event(&es, j, 1, 0, 0, 0);
-      size_t k = (size_t)(op.n * tiles_h(j)) + (size_t)(op.oh0 / j->plan.tile_h);
-      if (--j->tile_left[k] == 0 && !j->cancelled && !j->failed)
-        add_event(&es, j, 0, op.n, (int64_t)(op.oh0 / j->plan.tile_h) * j->plan.tile_h,
-                  op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h < j->plan.conv.h_out
-                      ? op.oh0 / j->plan.tile_h * j->plan.tile_h + j->plan.tile_h
-                      : j->plan.conv.h_out);
+      /* The op's tile row is done when its last op is: its output rows are final. */
+      const int64_t th = op.oh0 / j->plan.tile_h;
+      if (--j->tile_left[(size_t)(op.n * tiles_h(j) + th)] == 0 && !j->cancelled && !j->failed)
+        add_event(&es, j, 0, op.n, op.oh0, op.oh1);
     } else if (rc == CONVD_ECANCELED && (j->cancelled || j->failed)) {
       /* stopped on purpose: nothing to retry, the device is fine */
     } else if (rc == CONVD_ENOMEM || oom) {
@@ -555,12 +550,15 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
       convd_plan_tile_row_window(&j->plan, th, &ih0, &ih1);
       j->missing[k] = (int32_t)(ih1 - ih0);
       j->tile_left[k] = (uint32_t)per;
+      /* Every op of a tile row reads the same rows (the row window depends only on the tile
+       * row), so each row of the window is read once per non-empty op of the tile row. */
+      uint32_t readers = 0;
       for (uint64_t i = (uint64_t)k * per; i < (uint64_t)(k + 1) * per; i++) {
         convd_plan_op op;
         convd_plan_op_get(&j->plan, i, &op);
-        if (op.empty) continue;
-        for (int64_t h = op.ih0; h < op.ih1; h++) j->in_refs[(size_t)n * (size_t)p->h + (size_t)h]++;
+        readers += !op.empty;
       }
+      for (int64_t h = ih0; h < ih1; h++) j->in_refs[(size_t)n * (size_t)p->h + (size_t)h] += readers;
     }
   j->stats.ops = j->plan.ops;
   pthread_mutex_lock(&e->mu);
