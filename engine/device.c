@@ -13,7 +13,20 @@ static int ref_supports(void *ctx, const convd_conv *conv) {
 
 static int ref_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   (void)ctx, (void)err, (void)errlen;
-  return convd_ref_conv2d(io->conv, io->x, io->w, io->b, io->y, io->cancel);
+  return convd_ref_conv2d_view(io->conv, io->x, io->w, io->b, io->y, io->cancel);
+}
+
+convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const float *w,
+                              uint64_t w_key, const float *b, float *y, const atomic_int *cancel) {
+  const convd_conv_params *p = &conv->p;
+  convd_op_io io = {conv,
+                    convd_view_dense(x, p->c_in, p->h, p->w),
+                    convd_view_dense(w, p->c_per_group, p->kh, p->kw),
+                    w_key,
+                    b,
+                    convd_view_dense(y, p->c_out, conv->h_out, conv->w_out),
+                    cancel};
+  return io;
 }
 
 static void ref_destroy(void *ctx) { (void)ctx; }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "conv.h"
+#include "view.h"
 
 enum convd_device_kind {
   CONVD_DEVICE_CPU = 1,
@@ -16,17 +17,23 @@ enum convd_device_kind {
   CONVD_DEVICE_REFERENCE = 3,
 };
 
-/* One elemental convolution, in host memory, all tensors contiguous. */
+/* One elemental convolution in host memory. Tensors are strided views (view.h) so that the
+ * engine can pass an input window where it lies in a row band and let the device write its
+ * output tile straight into the output rows; a device copies or reorders as it needs. */
 typedef struct convd_op_io {
   const convd_conv *conv; /* checked by convd_conv_init; n may be > 1 */
-  const float *x;         /* N x C x H x W */
-  const float *w;         /* C_out x C_in/groups x kH x kW */
+  convd_view x;           /* N x C x H x W, read only */
+  convd_view w;           /* C_out x C_in/groups x kH x kW (n = output channel), read only */
   uint64_t w_key;         /* names w's contents for the device's weight cache; 0 = do not cache */
   const float *b;         /* C_out, or NULL */
-  float *y;               /* N x C_out x H_out x W_out, overwritten */
+  convd_view y;           /* N x C_out x H_out x W_out, overwritten */
   const atomic_int *cancel; /* non-zero: the job was cancelled; a device may stop early and
                                return CONVD_ECANCELED (the reference polls it per output plane) */
 } convd_op_io;
+
+/* The io of an op on dense NCHW tensors. */
+convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const float *w,
+                              uint64_t w_key, const float *b, float *y, const atomic_int *cancel);
 
 typedef struct convd_device_iface {
   /* 1 when this device can run the op (all devices run float32 forward convolution today). */

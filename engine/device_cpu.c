@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cpu_kernels.h"
 #include "device.h"
 #include "err.h"
 #include "ref.h"
@@ -37,9 +38,20 @@ typedef struct prim_entry {
   uint64_t last_use;
 } prim_entry;
 
+#define RCACHE_ENTRIES 32
+
+/* A ready reorder between two layouts: an op reorders its input window in and its tile out, and
+ * the same views recur from op to op. */
+typedef struct reorder_entry {
+  dnnl_memory_desc_t from, to;
+  dnnl_primitive_t prim;
+  uint64_t last_use;
+} reorder_entry;
+
 typedef struct cpu_ctx {
   int threads;
   prim_entry prims[PCACHE_ENTRIES];
+  reorder_entry reorders[RCACHE_ENTRIES];
   dnnl_engine_t eng;
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
@@ -74,7 +86,7 @@ static int cpu_supports(void *ctx, const convd_conv *conv) {
   return 1;
 }
 
-/* Reorders src (memory) into a new or cached memory of layout md. */
+/* Copies memory from into memory to, converting the layout, with a cached reorder primitive. */
 static int reorder(cpu_ctx *c, dnnl_memory_t from, dnnl_memory_t to, char *err, size_t errlen) {
   int rc = 0;
   dnnl_primitive_desc_t pd = NULL;
@@ -82,10 +94,27 @@ static int reorder(cpu_ctx *c, dnnl_memory_t from, dnnl_memory_t to, char *err, 
   const dnnl_memory_desc_t *fmd, *tmd;
   DNNL_TRY(dnnl_memory_get_memory_desc(from, &fmd));
   DNNL_TRY(dnnl_memory_get_memory_desc(to, &tmd));
-  DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, fmd, c->eng, tmd, c->eng, NULL));
-  DNNL_TRY(dnnl_primitive_create(&prim, pd));
+  reorder_entry *re = NULL, *victim = &c->reorders[0];
+  for (int i = 0; i < RCACHE_ENTRIES && re == NULL; i++) {
+    reorder_entry *x = &c->reorders[i];
+    if (x->prim && dnnl_memory_desc_equal(&x->from, fmd) && dnnl_memory_desc_equal(&x->to, tmd))
+      re = x;
+    else if (x->prim == NULL || (victim->prim && x->last_use < victim->last_use))
+      victim = x;
+  }
+  if (re == NULL) {
+    DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, fmd, c->eng, tmd, c->eng, NULL));
+    DNNL_TRY(dnnl_primitive_create(&prim, pd));
+    if (victim->prim) dnnl_primitive_destroy(victim->prim);
+    re = victim;
+    re->from = *fmd;
+    re->to = *tmd;
+    re->prim = prim;
+    prim = NULL; /* the cache owns it */
+  }
+  re->last_use = ++c->tick;
   dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
-  DNNL_TRY(dnnl_primitive_execute(prim, c->stream, 2, args));
+  DNNL_TRY(dnnl_primitive_execute(re->prim, c->stream, 2, args));
 out:
   if (prim) dnnl_primitive_destroy(prim);
   if (pd) dnnl_primitive_desc_destroy(pd);
@@ -128,15 +157,54 @@ static wcache_entry *cache_slot(cpu_ctx *c) {
   return victim;
 }
 
+/* A 1x1 convolution with unit stride and no padding whose views have whole rows is a matrix
+ * product per batch item and group, Y[O x HW] = W[O x I] X[I x HW], that sgemm runs in place on
+ * the NCHW views: no reorder in or out. */
+static int is_pointwise(const convd_op_io *io) {
+  const convd_conv_params *p = &io->conv->p;
+  return p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 &&
+         p->pad_bottom == 0 && p->pad_left == 0 && p->pad_right == 0 && io->x.hs == (size_t)p->w &&
+         io->y.hs == (size_t)io->conv->w_out && io->w.cs == 1;
+}
+
+static int run_pointwise(const convd_op_io *io, char *err, size_t errlen) {
+  const convd_conv_params *p = &io->conv->p;
+  const int64_t og = p->c_out / p->groups, ig = p->c_per_group, hw = p->h * p->w;
+  for (int64_t n = 0; n < p->n; n++)
+    for (int64_t g = 0; g < p->groups; g++) {
+      float *y = io->y.p + (size_t)n * io->y.ns + (size_t)(g * og) * io->y.cs;
+      const float *x = io->x.p + (size_t)n * io->x.ns + (size_t)(g * ig) * io->x.cs;
+      const float *w = io->w.p + (size_t)(g * og) * io->w.ns;
+      float beta = 0.0f;
+      if (io->b) { /* the product adds to the bias */
+        for (int64_t o = 0; o < og; o++)
+          for (int64_t i = 0; i < hw; i++) y[(size_t)o * io->y.cs + (size_t)i] = io->b[g * og + o];
+        beta = 1.0f;
+      }
+      dnnl_status_t st = dnnl_sgemm('N', 'N', og, hw, ig, 1.0f, w, (dnnl_dim_t)io->w.ns, x,
+                                    (dnnl_dim_t)io->x.cs, beta, y, (dnnl_dim_t)io->y.cs);
+      if (st != dnnl_success)
+        return convd_errf(err, errlen, CONVD_EDEVICE, "oneDNN sgemm (%lld x %lld x %lld) failed with status %d",
+                          (long long)og, (long long)hw, (long long)ig, (int)st);
+    }
+  return 0;
+}
+
 static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   cpu_ctx *c = ctx;
   const convd_conv_params *p = &io->conv->p;
   int rc = 0;
+  omp_set_num_threads(c->threads);
+  if (convd_cpuk_is_depthwise(io->conv)) {
+    if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, c->threads))
+      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging a depthwise op");
+    return 0;
+  }
+  if (is_pointwise(io)) return run_pointwise(io, err, errlen);
   dnnl_primitive_desc_t pd = NULL;
   dnnl_primitive_t prim = NULL;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
   dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL;
-  omp_set_num_threads(c->threads);
 
   const int grouped = p->groups > 1;
   dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
@@ -148,13 +216,20 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1}; /* oneDNN counts the gaps */
   dnnl_dims_t pad_l = {p->pad_top, p->pad_left}, pad_r = {p->pad_bottom, p->pad_right};
 
+  /* The caller's tensors as they lie: strided views (a window of a row band, a tile of the
+   * output rows, a block of the weights); oneDNN reorders straight out of and into them. */
+  dnnl_dims_t src_strides = {(dnnl_dim_t)io->x.ns, (dnnl_dim_t)io->x.cs, (dnnl_dim_t)io->x.hs, 1};
+  dnnl_dims_t dst_strides = {(dnnl_dim_t)io->y.ns, (dnnl_dim_t)io->y.cs, (dnnl_dim_t)io->y.hs, 1};
+  dnnl_dims_t wei_strides = {(dnnl_dim_t)io->w.ns, (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
+  dnnl_dims_t gwei_strides = {(dnnl_dim_t)io->w.ns * (p->c_out / p->groups), (dnnl_dim_t)io->w.ns,
+                              (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
   dnnl_memory_desc_t usr_src_md, usr_wei_md, usr_dst_md, bias_md, any_src, any_wei, any_dst;
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+  DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_src_md, 4, src_dims, dnnl_f32, src_strides));
+  DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_dst_md, 4, dst_dims, dnnl_f32, dst_strides));
   if (grouped)
-    DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_wei_md, 5, gwei_dims, dnnl_f32, dnnl_goihw));
+    DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_wei_md, 5, gwei_dims, dnnl_f32, gwei_strides));
   else
-    DNNL_TRY(dnnl_memory_desc_init_by_tag(&usr_wei_md, 4, wei_dims, dnnl_f32, dnnl_oihw));
+    DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_wei_md, 4, wei_dims, dnnl_f32, wei_strides));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&bias_md, 1, bias_dims, dnnl_f32, dnnl_x));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
@@ -196,7 +271,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   const dnnl_memory_desc_t *dst_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_dst_md, 0);
 
   /* Input: used in place when oneDNN takes plain NCHW, else reordered into staging. */
-  DNNL_TRY(dnnl_memory_create(&usr_src, &usr_src_md, c->eng, (void *)io->x));
+  DNNL_TRY(dnnl_memory_create(&usr_src, &usr_src_md, c->eng, (void *)io->x.p));
   if (dnnl_memory_desc_equal(src_md, &usr_src_md)) {
     src = usr_src;
   } else {
@@ -207,7 +282,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   /* Weights: from the cache, or reordered once and cached under the op's key. */
   dnnl_memory_t wei;
   wcache_entry *hit = cache_find(c, io->w_key, wei_md);
-  DNNL_TRY(dnnl_memory_create(&usr_wei, &usr_wei_md, c->eng, (void *)io->w));
+  DNNL_TRY(dnnl_memory_create(&usr_wei, &usr_wei_md, c->eng, (void *)io->w.p));
   if (hit) {
     wei = hit->mem;
   } else if (dnnl_memory_desc_equal(wei_md, &usr_wei_md)) {
@@ -225,7 +300,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
       wei_tmp = NULL;
     }
   }
-  DNNL_TRY(dnnl_memory_create(&usr_dst, &usr_dst_md, c->eng, io->y));
+  DNNL_TRY(dnnl_memory_create(&usr_dst, &usr_dst_md, c->eng, io->y.p));
   if (dnnl_memory_desc_equal(dst_md, &usr_dst_md)) {
     dst = usr_dst;
   } else {
@@ -267,6 +342,8 @@ static void cpu_destroy(void *ctx) {
   if (c == NULL) return;
   cpu_flush(c);
   for (int i = 0; i < PCACHE_ENTRIES; i++) prim_clear(&c->prims[i]);
+  for (int i = 0; i < RCACHE_ENTRIES; i++)
+    if (c->reorders[i].prim) dnnl_primitive_destroy(c->reorders[i].prim);
   if (c->stream) dnnl_stream_destroy(c->stream);
   if (c->eng) dnnl_engine_destroy(c->eng);
   free(c->src_buf);

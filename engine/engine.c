@@ -31,6 +31,25 @@ typedef struct dev_slot {
   size_t win_cap, wblk_cap, partial_cap;
 } dev_slot;
 
+/* Input rows arrive in bands (C x rows x W, the wire's layout) and stay where they arrived: a
+ * band is freed once no op reads any of its rows. */
+typedef struct in_band {
+  float *p;
+  int64_t h0, h1;
+  uint32_t live; /* rows some op still reads */
+  int owned;     /* freed by the job (CONVD_GIVE) or lent by the caller (CONVD_LEND) */
+} in_band;
+
+/* The output rows of one tile row, C_out x rows x W_out with channel stride cs: the job's own
+ * buffer, or where those rows lie in the caller's output tensor (convd_job_set_output). Ops
+ * with a single input-channel block write their tile straight into it. */
+typedef struct out_band {
+  float *p;
+  size_t cs;
+  uint32_t unreleased; /* rows not yet released */
+  int owned;
+} out_band;
+
 struct convd_job {
   convd_engine *e;
   uint64_t id;
@@ -39,15 +58,19 @@ struct convd_job {
   convd_job *next, *prev; /* in e->jobs */
   /* input */
   float *w, *b;
-  float **in_rows;        /* N*H rows of C*W, NULL until arrived or once freed */
+  int w_owned;
+  in_band **row_band;     /* per input row (N*H): its band, NULL until arrived or once read */
   uint32_t *in_refs;      /* ops still to read each row */
   uint8_t *in_seen;
   int32_t *missing;       /* per (n, tile row): window rows not yet arrived */
   uint8_t *queued;        /* per (n, tile row): its ops were made ready */
   /* output */
-  float **out_rows;       /* N*H_out rows of C_out*W_out */
+  out_band *out;          /* per (n, tile row) */
+  float *y_target;        /* the caller's whole output tensor, or NULL */
   uint32_t *tile_left;    /* per (n, tile row): ops not yet done */
-  pthread_mutex_t acc_mu; /* accumulation into out_rows */
+  uint8_t *tile_written;  /* per output tile, with several input-channel blocks: the first
+                             block's partial was stored (later ones add) */
+  pthread_mutex_t acc_mu; /* partial sums into out (tile_written) */
   /* ops */
   range *ready;           /* FIFO of ready op ranges */
   size_t ready_head, ready_len, ready_cap;
@@ -217,59 +240,92 @@ static convd_job *pick(convd_engine *e, uint64_t *op) {
   return NULL;
 }
 
-static float *in_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+/* Row h of batch item n where it lies in its band (the op reading it holds a reference). */
+static const float *in_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
   convd_job *j = ctx;
-  *cstride = (size_t)j->plan.conv.p.w;
-  return j->in_rows[(size_t)n * (size_t)j->plan.conv.p.h + (size_t)h];
+  const in_band *b = j->row_band[(size_t)n * (size_t)j->plan.conv.p.h + (size_t)h];
+  *cstride = (size_t)(b->h1 - b->h0) * (size_t)j->plan.conv.p.w;
+  return b->p + (size_t)(h - b->h0) * (size_t)j->plan.conv.p.w;
 }
 
-static const float *in_row_c(void *ctx, int64_t n, int64_t h, size_t *cstride) {
-  return in_row(ctx, n, h, cstride);
+static void free_in_band(convd_job *j, in_band *b) {
+  if (b->owned) {
+    free(b->p);
+    j->bytes_held -= (uint64_t)(b->h1 - b->h0) * (uint64_t)j->plan.conv.p.c_in *
+                     (uint64_t)j->plan.conv.p.w * sizeof(float);
+  }
+  free(b);
 }
 
-static float *out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
-  convd_job *j = ctx;
-  *cstride = (size_t)j->plan.conv.w_out;
-  return j->out_rows[(size_t)n * (size_t)j->plan.conv.h_out + (size_t)h];
-}
-
-/* Drops the op's hold on its input rows; frees rows nobody needs. e->mu held. */
+/* Drops the op's hold on its input rows; frees bands nobody needs. e->mu held. */
 static int release_window(convd_job *j, const convd_plan_op *op) {
   int freed = 0;
-  const size_t row_bytes = (size_t)j->plan.conv.p.c_in * (size_t)j->plan.conv.p.w * sizeof(float);
   for (int64_t h = op->ih0; h < op->ih1; h++) {
     size_t k = (size_t)op->n * (size_t)j->plan.conv.p.h + (size_t)h;
-    if (--j->in_refs[k] == 0 && j->in_rows[k]) {
-      free(j->in_rows[k]);
-      j->in_rows[k] = NULL;
-      j->bytes_held -= row_bytes;
-      freed = 1;
+    if (--j->in_refs[k] == 0 && j->row_band[k]) {
+      in_band *b = j->row_band[k];
+      j->row_band[k] = NULL;
+      if (--b->live == 0) {
+        freed |= b->owned;
+        free_in_band(j, b);
+      }
     }
   }
   return freed;
+}
+
+static uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
 }
 
 /* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). */
 static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err, size_t errlen) {
   convd_engine *e = s->e;
   const convd_plan *pl = &j->plan;
-  const size_t out_elems = (size_t)(op->oc1 - op->oc0) * (size_t)(op->oh1 - op->oh0) *
-                           (size_t)(op->ow1 - op->ow0);
-  if (grow(&s->partial, &s->partial_cap, out_elems))
-    return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's output");
+  const convd_conv_params *p = &pl->conv.p;
+  const int64_t oc = op->oc1 - op->oc0, th = op->oh1 - op->oh0, tw = op->ow1 - op->ow0;
+  /* Where the op's tile lies in its tile row's output band. */
+  const out_band *ob = &j->out[(size_t)(op->n * pl->tiles_h + op->oh0 / pl->tile_h)];
+  const size_t W_out = (size_t)pl->conv.w_out;
+  convd_view tile = {ob->p + (size_t)op->oc0 * ob->cs + (size_t)(op->oh0 % pl->tile_h) * W_out +
+                         (size_t)op->ow0,
+                     (size_t)oc * ob->cs, ob->cs, W_out};
+  /* With one input-channel block the op writes the tile itself; with several, each block's
+   * partial sum is added in under acc_mu. */
+  const int direct = pl->icblocks == 1;
+  convd_view y = tile;
+  if (!direct) {
+    if (grow(&s->partial, &s->partial_cap, (size_t)(oc * th * tw)))
+      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's output");
+    y = convd_view_dense(s->partial, oc, th, tw);
+  }
   int rc = 0;
   if (op->empty) {
-    convd_plan_fill_empty(pl, op, j->b, s->partial);
+    convd_plan_fill_empty(pl, op, j->b, y);
   } else {
-    if (grow(&s->win, &s->win_cap, op->local.input_elems) ||
-        grow(&s->wblk, &s->wblk_cap, op->local.weight_elems))
-      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's input");
-    convd_plan_gather_window(pl, op, in_row_c, j, s->win);
-    const float *wb = convd_plan_weight_block(pl, op, j->w, s->wblk);
-    /* The weight block's identity: this job, this block. */
-    uint64_t key = (j->id << 32) ^ ((uint64_t)op->oc0 << 16) ^ (uint64_t)op->wc0 ^ 0x9e3779b97f4a7c15ull;
-    convd_op_io io = {&op->local, s->win, wb, key, op->local.p.has_bias ? j->b + op->oc0 : NULL,
-                      s->partial, &j->stop};
+    const convd_conv_params *lp = &op->local.p;
+    /* The input window: in place when one band holds all its rows, else gathered. */
+    const size_t W = (size_t)p->w, row0 = (size_t)op->n * (size_t)p->h;
+    const in_band *b0 = j->row_band[row0 + (size_t)op->ih0];
+    convd_view x;
+    if (b0 == j->row_band[row0 + (size_t)(op->ih1 - 1)]) {
+      const size_t bcs = (size_t)(b0->h1 - b0->h0) * W;
+      x = (convd_view){b0->p + (size_t)op->ic0 * bcs + (size_t)(op->ih0 - b0->h0) * W + (size_t)op->iw0,
+                       (size_t)lp->c_in * bcs, bcs, W};
+    } else {
+      if (grow(&s->win, &s->win_cap, op->local.input_elems))
+        return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for an op's input");
+      convd_plan_gather_window(pl, op, in_row, j, s->win);
+      x = convd_view_dense(s->win, lp->c_in, lp->h, lp->w);
+    }
+    /* The weight block's identity for the device's cache: this job, this block. */
+    uint64_t key = mix64(mix64(mix64(j->id) ^ (uint64_t)op->oc0) ^ (uint64_t)op->wc0) | 1;
+    convd_op_io io = {&op->local, x, convd_plan_weight_view(pl, op, j->w), key,
+                      lp->has_bias ? j->b + op->oc0 : NULL, y, &j->stop};
     double t0 = now_seconds();
     rc = s->dev->iface->run(s->dev->ctx, &io, err, errlen);
     double dt = now_seconds() - t0;
@@ -278,10 +334,36 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err,
     j->stats.compute_seconds += dt;
     pthread_mutex_unlock(&e->mu);
   }
-  if (rc) return rc;
+  if (rc || direct) return rc;
   pthread_mutex_lock(&j->acc_mu);
-  convd_plan_accumulate(pl, op, s->partial, out_row, j);
+  convd_plan_accumulate(pl, op, s->partial, tile, j->tile_written[op->tile]);
+  j->tile_written[op->tile] = 1;
   pthread_mutex_unlock(&j->acc_mu);
+  return 0;
+}
+
+/* The output band of op's tile row, made when its first op starts. e->mu held. */
+static int make_out_band(convd_job *j, const convd_plan_op *op) {
+  const convd_plan *pl = &j->plan;
+  const int64_t th = op->oh0 / pl->tile_h, h0 = th * pl->tile_h;
+  out_band *ob = &j->out[(size_t)(op->n * pl->tiles_h + th)];
+  if (ob->p) return 0;
+  const int64_t h1 = h0 + pl->tile_h < pl->conv.h_out ? h0 + pl->tile_h : pl->conv.h_out;
+  const size_t C = (size_t)pl->conv.p.c_out, H = (size_t)pl->conv.h_out, W = (size_t)pl->conv.w_out;
+  ob->unreleased = (uint32_t)(h1 - h0);
+  if (j->y_target) {
+    ob->p = j->y_target + ((size_t)op->n * C * H + (size_t)h0) * W;
+    ob->cs = H * W;
+    return 0;
+  }
+  const size_t bytes = C * (size_t)(h1 - h0) * W * sizeof(float);
+  ob->p = malloc(bytes);
+  if (ob->p == NULL) return -1;
+  ob->cs = (size_t)(h1 - h0) * W;
+  ob->owned = 1;
+  j->bytes_held += bytes;
+  j->out_bytes_held += bytes;
+  if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
   return 0;
 }
 
@@ -308,22 +390,8 @@ static void *worker_main(void *arg) {
     }
     convd_plan_op op;
     convd_plan_op_get(&j->plan, opi, &op);
-    /* Output rows of this op's tile row exist before anyone accumulates into them. */
-    const size_t orow_elems = (size_t)j->plan.conv.p.c_out * (size_t)j->plan.conv.w_out;
-    int oom = 0;
-    for (int64_t h = op.oh0; h < op.oh1 && !oom; h++) {
-      size_t k = (size_t)op.n * (size_t)j->plan.conv.h_out + (size_t)h;
-      if (j->out_rows[k] == NULL) {
-        j->out_rows[k] = calloc(orow_elems, sizeof(float));
-        if (j->out_rows[k] == NULL) {
-          oom = 1;
-        } else {
-          j->bytes_held += orow_elems * sizeof(float);
-          j->out_bytes_held += orow_elems * sizeof(float);
-          if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
-        }
-      }
-    }
+    /* The output band of this op's tile row exists before any op writes into it. */
+    int oom = make_out_band(j, &op);
     pthread_mutex_unlock(&e->mu);
 
     char err[256] = "";
@@ -527,17 +595,18 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
     return rc;
   }
   const convd_conv_params *p = &conv->p;
-  size_t in_rows = (size_t)p->n * (size_t)p->h, out_rows = (size_t)p->n * (size_t)conv->h_out;
+  size_t in_rows = (size_t)p->n * (size_t)p->h;
   size_t groups = (size_t)p->n * (size_t)j->plan.tiles_h;
-  j->in_rows = calloc(in_rows, sizeof *j->in_rows);
+  j->row_band = calloc(in_rows, sizeof *j->row_band);
   j->in_refs = calloc(in_rows, sizeof *j->in_refs);
   j->in_seen = calloc(in_rows, 1);
-  j->out_rows = calloc(out_rows, sizeof *j->out_rows);
+  j->out = calloc(groups, sizeof *j->out);
   j->missing = calloc(groups, sizeof *j->missing);
   j->queued = calloc(groups, 1);
   j->tile_left = calloc(groups, sizeof *j->tile_left);
-  if (!j->in_rows || !j->in_refs || !j->in_seen || !j->out_rows || !j->missing || !j->queued ||
-      !j->tile_left) {
+  if (j->plan.icblocks > 1) j->tile_written = calloc((size_t)(j->plan.ops / (uint64_t)j->plan.icblocks), 1);
+  if (!j->row_band || !j->in_refs || !j->in_seen || !j->out || !j->missing || !j->queued ||
+      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written)) {
     convd_job_destroy(j);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   }
@@ -574,69 +643,89 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   return 0;
 }
 
-void convd_job_set_weights(convd_job *j, float *w, float *b) {
+void convd_job_set_output(convd_job *j, float *y) {
+  pthread_mutex_lock(&j->e->mu);
+  j->y_target = y;
+  pthread_mutex_unlock(&j->e->mu);
+}
+
+void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership) {
   convd_engine *e = j->e;
   pthread_mutex_lock(&e->mu);
   j->w = w;
   j->b = b;
+  j->w_owned = ownership == CONVD_GIVE;
   for (int64_t n = 0; n < j->plan.conv.p.n; n++)
     for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
   pthread_cond_broadcast(&e->cv);
   pthread_mutex_unlock(&e->mu);
 }
 
-int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const float *band,
-                       char *err, size_t errlen) {
+int convd_job_put_band(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *band,
+                       int ownership, char *err, size_t errlen) {
   convd_engine *e = j->e;
   const convd_conv_params *p = &j->plan.conv.p;
-  const size_t rows = (size_t)(h1 - h0), W = (size_t)p->w, C = (size_t)p->c_in;
+  const int owned = ownership == CONVD_GIVE;
   int rc = 0;
+  in_band *b = malloc(sizeof *b);
   pthread_mutex_lock(&e->mu);
-  for (int64_t h = h0; h < h1 && rc == 0; h++) {
-    size_t k = (size_t)n * (size_t)p->h + (size_t)h;
-    if (j->in_seen[k]) {
+  for (int64_t h = h0; h < h1 && rc == 0; h++)
+    if (j->in_seen[(size_t)n * (size_t)p->h + (size_t)h])
       rc = convd_errf(err, errlen, CONVD_EINVAL, "input row %lld of batch item %lld arrived twice",
                       (long long)h, (long long)n);
-      break;
-    }
+  if (rc == 0 && b == NULL) rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory holding input rows");
+  if (rc) {
+    pthread_mutex_unlock(&e->mu);
+    free(b);
+    if (owned) free(band);
+    return rc;
+  }
+  *b = (in_band){band, h0, h1, 0, owned};
+  for (int64_t h = h0; h < h1; h++) {
+    size_t k = (size_t)n * (size_t)p->h + (size_t)h;
     j->in_seen[k] = 1;
-    if (j->in_refs[k] > 0) { /* rows no op reads (skipped by the stride) are not kept */
-      float *row = malloc(C * W * sizeof(float));
-      if (row == NULL) {
-        rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory holding input rows");
-        break;
-      }
-      for (size_t c = 0; c < C; c++)
-        memcpy(row + c * W, band + (c * rows + (size_t)(h - h0)) * W, W * sizeof(float));
-      j->in_rows[k] = row;
-      j->bytes_held += C * W * sizeof(float);
-      if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
+    if (j->in_refs[k] > 0) { /* rows no op reads (skipped by the stride) are not held */
+      j->row_band[k] = b;
+      b->live++;
     }
     for (int64_t th = 0; th < j->plan.tiles_h; th++) {
-      int64_t a, b;
-      convd_plan_tile_row_window(&j->plan, th, &a, &b);
-      if (h >= a && h < b && --j->missing[n * j->plan.tiles_h + th] == 0) maybe_queue(j, n, th);
+      int64_t a, z;
+      convd_plan_tile_row_window(&j->plan, th, &a, &z);
+      if (h >= a && h < z && --j->missing[n * j->plan.tiles_h + th] == 0) maybe_queue(j, n, th);
     }
+  }
+  if (b->live == 0) {
+    if (owned) free(band);
+    free(b);
+  } else if (owned) {
+    j->bytes_held += (uint64_t)(h1 - h0) * (uint64_t)p->c_in * (uint64_t)p->w * sizeof(float);
+    if (j->bytes_held > j->stats.peak_bytes_held) j->stats.peak_bytes_held = j->bytes_held;
   }
   pthread_cond_broadcast(&e->cv);
   pthread_mutex_unlock(&e->mu);
-  return rc;
+  return 0;
 }
 
-const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h) {
-  return j->out_rows[(size_t)n * (size_t)j->plan.conv.h_out + (size_t)h];
+static out_band *band_of_row(convd_job *j, int64_t n, int64_t h) {
+  return &j->out[(size_t)(n * j->plan.tiles_h + h / j->plan.tile_h)];
+}
+
+const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h, size_t *cstride) {
+  const out_band *ob = band_of_row(j, n, h);
+  *cstride = ob->cs;
+  return ob->p + (size_t)(h % j->plan.tile_h) * (size_t)j->plan.conv.w_out;
 }
 
 void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1) {
-  const size_t row_bytes = (size_t)j->plan.conv.p.c_out * (size_t)j->plan.conv.w_out * sizeof(float);
   pthread_mutex_lock(&j->e->mu);
   for (int64_t h = h0; h < h1; h++) {
-    size_t k = (size_t)n * (size_t)j->plan.conv.h_out + (size_t)h;
-    if (j->out_rows[k]) {
-      free(j->out_rows[k]);
-      j->out_rows[k] = NULL;
-      j->bytes_held -= row_bytes;
-      j->out_bytes_held -= row_bytes;
+    out_band *ob = band_of_row(j, n, h);
+    if (ob->p && --ob->unreleased == 0 && ob->owned) {
+      const uint64_t bytes = (uint64_t)ob->cs * (uint64_t)j->plan.conv.p.c_out * sizeof(float);
+      free(ob->p);
+      ob->p = NULL;
+      j->bytes_held -= bytes;
+      j->out_bytes_held -= bytes;
     }
   }
   pthread_mutex_unlock(&j->e->mu);
@@ -697,13 +786,18 @@ void convd_job_destroy(convd_job *j) {
   }
   pthread_mutex_unlock(&e->mu);
   const convd_conv_params *p = &j->plan.conv.p;
-  if (j->in_rows)
-    for (size_t i = 0; i < (size_t)p->n * (size_t)p->h; i++) free(j->in_rows[i]);
-  if (j->out_rows)
-    for (size_t i = 0; i < (size_t)p->n * (size_t)j->plan.conv.h_out; i++) free(j->out_rows[i]);
-  free(j->in_rows), free(j->in_refs), free(j->in_seen), free(j->out_rows);
+  if (j->row_band)
+    for (size_t k = 0; k < (size_t)p->n * (size_t)p->h; k++) {
+      in_band *b = j->row_band[k];
+      j->row_band[k] = NULL;
+      if (b && --b->live == 0) free_in_band(j, b);
+    }
+  if (j->out)
+    for (size_t i = 0; i < (size_t)p->n * (size_t)j->plan.tiles_h; i++)
+      if (j->out[i].owned) free(j->out[i].p);
+  free(j->row_band), free(j->in_refs), free(j->in_seen), free(j->out), free(j->tile_written);
   free(j->missing), free(j->queued), free(j->tile_left), free(j->ready), free(j->retry);
-  free(j->w), free(j->b);
+  if (j->w_owned) free(j->w), free(j->b);
   pthread_mutex_destroy(&j->acc_mu);
   free(j);
 }
@@ -723,11 +817,13 @@ typedef struct sync_run {
 void convd_job_take_rows_nchw(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *y) {
   const convd_conv *c = &j->plan.conv;
   const size_t W = (size_t)c->w_out, H = (size_t)c->h_out, C = (size_t)c->p.c_out;
-  for (int64_t h = h0; h < h1; h++) {
-    const float *row = convd_job_output_row(j, n, h);
-    for (size_t ch = 0; ch < C; ch++)
-      memcpy(y + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * W, W * sizeof(float));
-  }
+  if (y != j->y_target) /* else the rows were written there */
+    for (int64_t h = h0; h < h1; h++) {
+      size_t cs;
+      const float *row = convd_job_output_row(j, n, h, &cs);
+      for (size_t ch = 0; ch < C; ch++)
+        memcpy(y + (((size_t)n * C + ch) * H + (size_t)h) * W, row + ch * cs, W * sizeof(float));
+    }
   convd_job_release_rows(j, n, h0, h1);
 }
 
@@ -757,23 +853,15 @@ int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, co
   pthread_mutex_lock(&s.mu);
   int rc = convd_job_create(e, conv, &cbs, &s.job, err, errlen);
   pthread_mutex_unlock(&s.mu);
-  float *wc = NULL, *bc = NULL;
   if (rc == 0) {
-    wc = malloc(conv->weight_bytes);
-    bc = conv->bias_bytes ? malloc(conv->bias_bytes) : NULL;
-    if (wc == NULL || (conv->bias_bytes && bc == NULL)) {
-      free(wc), free(bc);
-      rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory copying weights");
-      convd_job_cancel(s.job);
-    } else {
-      memcpy(wc, w, conv->weight_bytes);
-      if (bc) memcpy(bc, b, conv->bias_bytes);
-      convd_job_set_weights(s.job, wc, bc);
-      const size_t slab = (size_t)conv->p.c_in * (size_t)conv->p.h * (size_t)conv->p.w;
-      for (int64_t n = 0; n < conv->p.n && rc == 0; n++)
-        rc = convd_job_put_rows(s.job, n, 0, conv->p.h, x + (size_t)n * slab, err, errlen);
-      if (rc) convd_job_cancel(s.job);
-    }
+    /* Everything is lent: the job reads x and w where they are and writes into y. */
+    convd_job_set_output(s.job, y);
+    convd_job_set_weights(s.job, (float *)w, (float *)b, CONVD_LEND);
+    const size_t slab = (size_t)conv->p.c_in * (size_t)conv->p.h * (size_t)conv->p.w;
+    for (int64_t n = 0; n < conv->p.n && rc == 0; n++)
+      rc = convd_job_put_band(s.job, n, 0, conv->p.h, (float *)x + (size_t)n * slab, CONVD_LEND,
+                              err, errlen);
+    if (rc) convd_job_cancel(s.job);
     pthread_mutex_lock(&s.mu);
     while (!s.done) pthread_cond_wait(&s.cv, &s.mu);
     pthread_mutex_unlock(&s.mu);

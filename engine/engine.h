@@ -50,8 +50,8 @@ typedef struct convd_job_stats {
 
 typedef struct convd_job_cbs {
   void *user;
-  /* Output rows [h0, h1) of batch item n are final: read them with convd_job_output_row, then
-   * convd_job_release_rows. */
+  /* Output rows [h0, h1) of batch item n are final: read them with convd_job_output_row (or
+   * in the output target), then convd_job_release_rows. */
   void (*rows_ready)(void *user, int64_t n, int64_t h0, int64_t h1);
   /* Input rows were freed (the caller may take in more). Optional. */
   void (*input_freed)(void *user);
@@ -77,17 +77,27 @@ int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan,
 /* A job for conv. Nothing runs until weights and input rows arrive. */
 int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cbs *cbs,
                      convd_job **out, char *err, size_t errlen);
-/* Hands over the weights (and bias, or NULL); the job frees them with free(). */
-void convd_job_set_weights(convd_job *j, float *w, float *b);
-/* Copies input rows [h0, h1) of batch item n from band (C x rows x W, the wire's band layout).
- * Rows must arrive once each (the caller checks). */
-int convd_job_put_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1, const float *band,
-                       char *err, size_t errlen);
-/* Output row h of batch item n, C_out x W_out, valid from rows_ready until released. */
-const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h);
+/* Who frees a buffer handed to a job: CONVD_GIVE, the job (with free(), as soon as it can);
+ * CONVD_LEND, the caller, who keeps it valid and unchanged until done() has been delivered. */
+enum { CONVD_LEND = 0, CONVD_GIVE = 1 };
+
+/* Before any input: the job writes its output straight into y, the whole N x C_out x H_out x
+ * W_out tensor, which the caller keeps valid until done(). rows_ready still announces final
+ * rows; convd_job_output_row points into y, and releasing rows frees nothing. */
+void convd_job_set_output(convd_job *j, float *y);
+/* The weights (and bias, or NULL). */
+void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership);
+/* Input rows [h0, h1) of batch item n as one band (C x rows x W, the wire's band layout). The
+ * job reads them where they are: ops whose window lies in one band read it in place. Rows must
+ * arrive once each; on error a given band has been freed. */
+int convd_job_put_band(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *band,
+                       int ownership, char *err, size_t errlen);
+/* Output row h of batch item n, with channel c at offset c * *cstride, valid from rows_ready
+ * until released. */
+const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h, size_t *cstride);
 void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1);
-/* Copies final output rows [h0, h1) of batch item n into y (the whole NCHW output) and releases
- * them: for callers that want the tensor rather than a stream. */
+/* Copies final output rows [h0, h1) of batch item n into y (the whole NCHW output; nothing to
+ * copy when y is the job's output target) and releases them. */
 void convd_job_take_rows_nchw(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *y);
 /* Bytes of input and output rows the job holds now; and of those, output rows. */
 uint64_t convd_job_bytes_held(convd_job *j);

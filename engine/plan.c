@@ -209,36 +209,37 @@ void convd_plan_gather_window(const convd_plan *pl, const convd_plan_op *op, con
   (void)pl;
 }
 
-const float *convd_plan_weight_block(const convd_plan *pl, const convd_plan_op *op,
-                                     const float *w, float *scratch) {
+convd_view convd_plan_weight_view(const convd_plan *pl, const convd_plan_op *op, const float *w) {
   const convd_conv_params *p = &pl->conv.p;
-  const size_t k = (size_t)(p->kh * p->kw), cols = (size_t)(op->wc1 - op->wc0);
-  const float *first = w + ((size_t)op->oc0 * (size_t)p->c_per_group + (size_t)op->wc0) * k;
-  if (cols == (size_t)p->c_per_group) return first; /* whole rows: already contiguous */
-  for (int64_t o = op->oc0; o < op->oc1; o++)
-    memcpy(scratch + (size_t)(o - op->oc0) * cols * k,
-           w + ((size_t)o * (size_t)p->c_per_group + (size_t)op->wc0) * k, cols * k * sizeof(float));
-  return scratch;
+  const size_t k = (size_t)(p->kh * p->kw);
+  convd_view v = {(float *)w + ((size_t)op->oc0 * (size_t)p->c_per_group + (size_t)op->wc0) * k,
+                  (size_t)p->c_per_group * k, k, (size_t)p->kw};
+  return v;
 }
 
 void convd_plan_accumulate(const convd_plan *pl, const convd_plan_op *op, const float *partial,
-                           convd_row_mut_fn row, void *ctx) {
+                           convd_view out, int add) {
   const int64_t w = op->ow1 - op->ow0, h = op->oh1 - op->oh0;
   (void)pl;
-  for (int64_t c = op->oc0; c < op->oc1; c++)
-    for (int64_t y = op->oh0; y < op->oh1; y++) {
-      size_t cstride;
-      float *r = row(ctx, op->n, y, &cstride) + (size_t)c * cstride + (size_t)op->ow0;
-      const float *src = partial + ((size_t)(c - op->oc0) * (size_t)h + (size_t)(y - op->oh0)) * (size_t)w;
-      for (int64_t x = 0; x < w; x++) r[x] += src[x];
+  for (int64_t c = 0; c < op->oc1 - op->oc0; c++)
+    for (int64_t y = 0; y < h; y++) {
+      float *r = out.p + (size_t)c * out.cs + (size_t)y * out.hs;
+      const float *src = partial + ((size_t)c * (size_t)h + (size_t)y) * (size_t)w;
+      if (add)
+        for (int64_t x = 0; x < w; x++) r[x] += src[x];
+      else
+        memcpy(r, src, (size_t)w * sizeof(float));
     }
 }
 
 void convd_plan_fill_empty(const convd_plan *pl, const convd_plan_op *op, const float *bias,
-                           float *partial) {
-  const size_t plane = (size_t)(op->oh1 - op->oh0) * (size_t)(op->ow1 - op->ow0);
+                           convd_view out) {
+  const int64_t w = op->ow1 - op->ow0, h = op->oh1 - op->oh0;
   for (int64_t c = op->oc0; c < op->oc1; c++) {
     float v = pl->conv.p.has_bias && op->icblock == 0 && bias ? bias[c] : 0.0f;
-    for (size_t i = 0; i < plane; i++) partial[(size_t)(c - op->oc0) * plane + i] = v;
+    for (int64_t y = 0; y < h; y++) {
+      float *r = out.p + (size_t)(c - op->oc0) * out.cs + (size_t)y * out.hs;
+      for (int64_t x = 0; x < w; x++) r[x] = v;
+    }
   }
 }

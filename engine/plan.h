@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "conv.h"
+#include "view.h"
 
 /* A CPU device's default budget: small enough that large streamed requests are cut into tile
  * rows (so the daemon holds a few rows, not the tensor), large enough that common layers are one
@@ -64,25 +65,24 @@ void convd_plan_tile_row_window(const convd_plan *plan, int64_t th, int64_t *ih0
 /* Row access, so that ops can be cut from a whole NCHW tensor or from rows held one by one:
  * returns the start of row h of batch item n, with channel c at offset c * *cstride. */
 typedef const float *(*convd_row_fn)(void *ctx, int64_t n, int64_t h, size_t *cstride);
-typedef float *(*convd_row_mut_fn)(void *ctx, int64_t n, int64_t h, size_t *cstride);
 
 /* Copies op's input window (channels ic0..ic1, rows ih0..ih1, columns iw0..iw1) into dst as a
  * contiguous 1 x C x H x W tensor. */
 void convd_plan_gather_window(const convd_plan *plan, const convd_plan_op *op, convd_row_fn row,
                               void *ctx, float *dst);
 
-/* op's weight block as a contiguous (oc, wc, kH, kW) tensor: a pointer into w when its rows are
- * whole, else copied into scratch (which must hold the block). */
-const float *convd_plan_weight_block(const convd_plan *plan, const convd_plan_op *op,
-                                     const float *w, float *scratch);
+/* op's weight block (oc, wc, kH, kW) as a view into the whole weight tensor w. */
+convd_view convd_plan_weight_view(const convd_plan *plan, const convd_plan_op *op, const float *w);
 
-/* Adds op's output partial (contiguous 1 x oc x th x tw) into the output rows. */
+/* Writes op's output partial (dense oc x th x tw) into out, the view of the op's output tile
+ * (its origin at channel oc0, row oh0, column ow0): copied when add is 0, else added. */
 void convd_plan_accumulate(const convd_plan *plan, const convd_plan_op *op, const float *partial,
-                           convd_row_mut_fn row, void *ctx);
+                           convd_view out, int add);
 
-/* The partial of an empty op: the bias on the first input-channel block, zero otherwise. */
+/* The output of an empty op, written into its tile's view: the bias on the first input-channel
+ * block, zero otherwise. */
 void convd_plan_fill_empty(const convd_plan *plan, const convd_plan_op *op, const float *bias,
-                           float *partial);
+                           convd_view out);
 
 /* Writes a human-readable description (tile grid, block sizes, per-op bytes, op count). */
 void convd_plan_describe(const convd_plan *plan, char *buf, size_t len);

@@ -2,8 +2,8 @@
 
 #include "err.h"
 
-int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const float *b, float *y,
-                     const atomic_int *cancel) {
+int convd_ref_conv2d_view(const convd_conv *c, convd_view x, convd_view w, const float *b,
+                          convd_view y, const atomic_int *cancel) {
   const convd_conv_params *p = &c->p;
   const int64_t cout_per_group = p->c_out / p->groups;
 
@@ -24,16 +24,24 @@ int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const 
               for (int64_t kj = 0; kj < p->kw; kj++) {
                 const int64_t iw = ow * p->stride_w - p->pad_left + kj * p->dil_w;
                 if (iw < 0 || iw >= p->w) continue;
-                const double xv = x[((n * p->c_in + ic) * p->h + ih) * p->w + iw];
-                const double wv = w[((oc * p->c_per_group + icg) * p->kh + ki) * p->kw + kj];
+                const double xv = x.p[(size_t)n * x.ns + (size_t)ic * x.cs + (size_t)ih * x.hs + (size_t)iw];
+                const double wv = w.p[(size_t)oc * w.ns + (size_t)icg * w.cs + (size_t)ki * w.hs + (size_t)kj];
                 acc += xv * wv;
               }
             }
           }
-          y[((n * p->c_out + oc) * c->h_out + oh) * c->w_out + ow] = (float)acc;
+          y.p[(size_t)n * y.ns + (size_t)oc * y.cs + (size_t)oh * y.hs + (size_t)ow] = (float)acc;
         }
       }
     }
   }
   return 0;
+}
+
+int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const float *b, float *y,
+                     const atomic_int *cancel) {
+  const convd_conv_params *p = &c->p;
+  return convd_ref_conv2d_view(c, convd_view_dense(x, p->c_in, p->h, p->w),
+                               convd_view_dense(w, p->c_per_group, p->kh, p->kw), b,
+                               convd_view_dense(y, p->c_out, c->h_out, c->w_out), cancel);
 }

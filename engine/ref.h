@@ -6,11 +6,17 @@
 #include <stdatomic.h>
 
 #include "conv.h"
+#include "view.h"
 
-/* y = conv2d(x, w) + b for a descriptor accepted by convd_conv_init. b may be NULL when the
- * descriptor has no bias. cancel, when not NULL, is polled once per output plane; a non-zero
- * value stops the work and returns CONVD_ECANCELED with y partly written. Returns 0. */
+/* y = conv2d(x, w) + b for a descriptor accepted by convd_conv_init, on dense NCHW tensors. b may
+ * be NULL when the descriptor has no bias. cancel, when not NULL, is polled once per output
+ * plane; a non-zero value stops the work and returns CONVD_ECANCELED with y partly written.
+ * Returns 0. */
 int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const float *b, float *y,
                      const atomic_int *cancel);
+
+/* The same on strided views (weights as a view with n = output channel, c = input channel). */
+int convd_ref_conv2d_view(const convd_conv *c, convd_view x, convd_view w, const float *b,
+                          convd_view y, const atomic_int *cancel);
 
 #endif

@@ -113,7 +113,7 @@ struct call {
 
   /* Conv2dUnary */
   convd_conv conv;
-  float *uy;
+  float *ux, *uy; /* input lent to the job, output the job writes into */
 };
 
 static double now_seconds(void) {
@@ -223,6 +223,7 @@ static void call_free(call *c) {
   convd_session_destroy(c->sess);
   free(c->band_buf);
   free(c->ready);
+  free(c->ux);
   free(c->uy);
   pthread_mutex_destroy(&c->mu);
   free(c);
@@ -341,8 +342,7 @@ static void start_send(call *c, const ProtobufCMessage *m) {
 
 static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
   call *c = ctx;
-  *cstride = (size_t)convd_session_conv(c->sess)->w_out;
-  return convd_job_output_row(c->job, n, h);
+  return convd_job_output_row(c->job, n, h, cstride);
 }
 
 static void post_recv(call *c);
@@ -518,7 +518,7 @@ static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
   call *c = user;
   pthread_mutex_lock(&c->mu);
   if (c->kind == K_UNARY) {
-    convd_job_take_rows_nchw(c->job, n, h0, h1, c->uy);
+    convd_job_release_rows(c->job, n, h0, h1); /* written in place, into c->uy */
   } else if (!c->status_set) {
     if (c->ready_len == c->ready_cap) {
       size_t cap = c->ready_cap ? c->ready_cap * 2 : 16;
@@ -724,11 +724,16 @@ static void handle_unary(call *c) {
                     c->conv.output_bytes);
   if (rc == 0) rc = create_job(c, &c->conv, err, sizeof err);
   if (rc == 0) {
-    convd_job_set_weights(c->job, w, b); /* the job frees them */
+    /* The job reads x in place (the call frees it once the job is gone) and writes into uy. */
+    convd_job_set_output(c->job, c->uy);
+    convd_job_set_weights(c->job, w, b, CONVD_GIVE);
     w = b = NULL;
+    c->ux = x;
+    x = NULL;
     const size_t slab = (size_t)c->conv.p.c_in * (size_t)c->conv.p.h * (size_t)c->conv.p.w;
     for (int64_t n = 0; n < c->conv.p.n && rc == 0; n++)
-      rc = convd_job_put_rows(c->job, n, 0, c->conv.p.h, x + (size_t)n * slab, err, sizeof err);
+      rc = convd_job_put_band(c->job, n, 0, c->conv.p.h, c->ux + (size_t)n * slab, CONVD_LEND, err,
+                              sizeof err);
   }
   free(x), free(w), free(b);
   if (rc) fail(c, rc, err);

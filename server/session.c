@@ -202,7 +202,12 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
   if (s->band_off == s->band_len) {
     s->band_open = 0;
     s->rows_done += (size_t)(b->h_end - b->h_begin);
-    if (s->job) return convd_job_put_rows(s->job, b->n, b->h_begin, b->h_end, s->band, err, errlen);
+    if (s->job) { /* the job takes the band over and reads it in place */
+      float *band = s->band;
+      s->band = NULL;
+      s->band_cap = 0;
+      return convd_job_put_band(s->job, b->n, b->h_begin, b->h_end, band, CONVD_GIVE, err, errlen);
+    }
   }
   return 0;
 }
@@ -213,7 +218,7 @@ static void give_weights(convd_session *s) {
       s->b_recv != s->conv.bias_bytes)
     return;
   s->weights_given = 1;
-  convd_job_set_weights(s->job, s->w, s->b);
+  convd_job_set_weights(s->job, s->w, s->b, CONVD_GIVE);
 }
 
 int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *accepted,

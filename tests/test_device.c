@@ -37,7 +37,7 @@ static void test_golden_all_devices(void) {
       ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
       float *y = malloc(c.output_bytes);
       poison(y, c.output_elems);
-      convd_op_io io = {&c, g.x, g.w, 0, g.b, y, NULL};
+      convd_op_io io = convd_op_io_dense(&c, g.x, g.w, 0, g.b, y, NULL);
       ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
       char what[256];
       snprintf(what, sizeof what, "%.100s on %s", names[i], kinds[k].name);
@@ -94,7 +94,7 @@ static void test_random_shapes_all_devices(void) {
       for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
       poison(y, c.output_elems);
       /* A key per iteration: the cache may keep the block, but never across shapes. */
-      convd_op_io io = {&c, x, w, (uint64_t)(iter % 3) + 1, p.has_bias ? b : NULL, y, NULL};
+      convd_op_io io = convd_op_io_dense(&c, x, w, (uint64_t)(iter % 3) + 1, p.has_bias ? b : NULL, y, NULL);
       int rc = d->iface->run(d->ctx, &io, err, sizeof err);
       char what[256];
       snprintf(what, sizeof what,
@@ -105,6 +105,106 @@ static void test_random_shapes_all_devices(void) {
       if (rc) FAIL_AT("%s: %s", what, err);
       else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
       free(x), free(w), free(b), free(y), free(ref), free(want);
+      if (test_failed) break;
+    }
+    convd_device_destroy(d);
+    if (test_failed) return;
+  }
+}
+
+/* Ops read windows of row bands and write tiles of output rows through strided views: every
+ * device kind must honour the strides, for the general path and for the CPU device's own
+ * kernels (pointwise as sgemm, depthwise direct), and write nothing outside the view. */
+static void test_strided_views_all_devices(void) {
+  char err[512];
+  for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    convd_device *d;
+    ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
+    rng r = {0x5eed0302};
+    for (int iter = 0; iter < 90; iter++) {
+      convd_conv_params p;
+      convd_conv_params_default(&p);
+      int64_t kind = iter % 3; /* general, pointwise, depthwise */
+      p.n = rng_range(&r, 1, 2);
+      p.c_per_group = rng_range(&r, 1, 12);
+      p.c_in = p.c_per_group;
+      p.c_out = rng_range(&r, 1, 12);
+      p.kh = rng_range(&r, 1, 5), p.kw = rng_range(&r, 1, 5);
+      p.stride_h = rng_range(&r, 1, 3), p.stride_w = rng_range(&r, 1, 3);
+      p.dil_h = rng_range(&r, 1, 2), p.dil_w = rng_range(&r, 1, 2);
+      p.pad_top = rng_range(&r, 0, 3), p.pad_bottom = rng_range(&r, 0, 3);
+      p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
+      if (kind == 1) {
+        p.kh = p.kw = 1;
+        p.stride_h = p.stride_w = 1;
+        p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 0;
+      } else if (kind == 2) {
+        p.groups = p.c_in = rng_range(&r, 2, 20);
+        p.c_per_group = 1;
+        p.c_out = p.c_in * rng_range(&r, 1, 3);
+      }
+      p.h = rng_range(&r, (p.kh - 1) * p.dil_h + 1, 40);
+      p.w = rng_range(&r, (p.kw - 1) * p.dil_w + 1, 40);
+      p.has_bias = (int)rng_range(&r, 0, 1);
+      convd_conv c;
+      ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+      /* Each tensor sits inside a larger one: extra channels, rows and columns around it (rows
+       * stay whole for pointwise ops, as the engine's band windows are, so that the CPU device's
+       * sgemm path takes them). */
+      const int64_t xcol = kind == 1 ? 0 : 3, ycol = kind == 1 ? 0 : 4;
+      const int64_t xc = p.c_in + 2, xh = p.h + 3, xw = p.w + (kind == 1 ? 0 : 5);
+      const int64_t wo = p.c_out + 1, wi = p.c_per_group + 2;
+      const int64_t yc = p.c_out + 2, yh = c.h_out + 2, yw = c.w_out + (kind == 1 ? 0 : 7);
+      size_t xn = (size_t)(p.n * xc * xh * xw), wn = (size_t)(wo * wi * p.kh * p.kw),
+             yn = (size_t)(p.n * yc * yh * yw);
+      float *xb = malloc(xn * 4), *wb = malloc(wn * 4), *yb = malloc(yn * 4), *b = malloc(c.bias_bytes + 4);
+      float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *ref = malloc(c.output_bytes);
+      float *y = malloc(c.output_bytes);
+      double *want = malloc(c.output_elems * sizeof(double));
+      rng_fill(&r, xb, xn);
+      rng_fill(&r, wb, wn);
+      rng_fill(&r, b, c.bias_elems);
+      poison(yb, yn);
+      convd_view xv = {xb + (size_t)(1 * xh * xw + 2 * xw + xcol), (size_t)(xc * xh * xw), (size_t)(xh * xw), (size_t)xw};
+      convd_view wv = {wb + (size_t)(p.kh * p.kw), /* from input channel 1 of output channel 0 */
+                       (size_t)(wi * p.kh * p.kw), (size_t)(p.kh * p.kw), (size_t)p.kw};
+      convd_view yv = {yb + (size_t)(1 * yh * yw + 1 * yw + ycol), (size_t)(yc * yh * yw), (size_t)(yh * yw), (size_t)yw};
+      /* The same tensors, dense, for the reference. */
+      for (int64_t n = 0; n < p.n; n++)
+        for (int64_t ch = 0; ch < p.c_in; ch++)
+          for (int64_t h = 0; h < p.h; h++)
+            for (int64_t x0 = 0; x0 < p.w; x0++)
+              x[((n * p.c_in + ch) * p.h + h) * p.w + x0] =
+                  xv.p[(size_t)n * xv.ns + (size_t)ch * xv.cs + (size_t)h * xv.hs + (size_t)x0];
+      for (int64_t o = 0; o < p.c_out; o++)
+        for (int64_t i = 0; i < p.c_per_group; i++)
+          memcpy(w + (size_t)((o * p.c_per_group + i) * p.kh * p.kw),
+                 wv.p + (size_t)o * wv.ns + (size_t)i * wv.cs, (size_t)(p.kh * p.kw) * 4);
+      convd_ref_conv2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+      for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+      convd_op_io io = {&c, xv, wv, 0, p.has_bias ? b : NULL, yv, NULL};
+      int rc = d->iface->run(d->ctx, &io, err, sizeof err);
+      /* Read the view back densely, and count what changed outside it. */
+      size_t outside = 0, inside = 0;
+      for (size_t i = 0; i < yn; i++) outside += yb[i] == yb[i];
+      for (int64_t n = 0; n < p.n; n++)
+        for (int64_t ch = 0; ch < p.c_out; ch++)
+          for (int64_t h = 0; h < c.h_out; h++)
+            for (int64_t x0 = 0; x0 < c.w_out; x0++) {
+              float v = yv.p[(size_t)n * yv.ns + (size_t)ch * yv.cs + (size_t)h * yv.hs + (size_t)x0];
+              y[((n * p.c_out + ch) * c.h_out + h) * c.w_out + x0] = v;
+              inside += v == v;
+            }
+      char what[256];
+      snprintf(what, sizeof what,
+               "%s strided iteration %d (%s): in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+               " w %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " g%" PRId64,
+               kinds[k].name, iter, kind == 0 ? "general" : kind == 1 ? "pointwise" : "depthwise",
+               p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh, p.kw, p.groups);
+      if (rc) FAIL_AT("%s: %s", what, err);
+      else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+      else if (outside != inside) FAIL_AT("%s wrote %zu elements outside its view", what, outside - inside);
+      free(xb), free(wb), free(yb), free(b), free(x), free(w), free(ref), free(y), free(want);
       if (test_failed) break;
     }
     convd_device_destroy(d);
@@ -127,9 +227,9 @@ static void test_cpu_weight_cache(void) {
         *y2 = malloc(c.output_bytes);
   rng_fill(&r, x, c.input_elems);
   rng_fill(&r, w, c.weight_elems);
-  convd_op_io io = {&c, x, w, 77, NULL, y1, NULL};
+  convd_op_io io = convd_op_io_dense(&c, x, w, 77, NULL, y1, NULL);
   ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
-  io.y = y2;
+  io.y.p = y2;
   ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
   ASSERT_TRUE(memcmp(y1, y2, c.output_bytes) == 0);
   if (d->iface->flush_cache) d->iface->flush_cache(d->ctx);
@@ -141,6 +241,7 @@ int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"golden_all_devices", test_golden_all_devices},
       {"random_shapes_all_devices", test_random_shapes_all_devices},
+      {"strided_views_all_devices", test_strided_views_all_devices},
       {"cpu_weight_cache", test_cpu_weight_cache},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);

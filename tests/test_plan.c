@@ -21,24 +21,20 @@ static const float *nchw_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
   return r->t + ((size_t)n * (size_t)r->c * (size_t)r->h + (size_t)h) * (size_t)r->w;
 }
 
-static float *nchw_row_mut(void *ctx, int64_t n, int64_t h, size_t *cstride) {
-  return (float *)nchw_row(ctx, n, h, cstride);
-}
-
 /* Runs every op of the plan on the reference and accumulates; checks each op's footprint. */
 static int run_plan(const convd_plan *pl, const float *x, const float *w, const float *b, float *y,
                     uint64_t budget) {
   const convd_conv *c = &pl->conv;
-  memset(y, 0, c->output_bytes);
+  poison(y, c->output_elems);
   tensor_rows in = {(float *)x, c->p.c_in, c->p.h, c->p.w};
-  tensor_rows out = {y, c->p.c_out, c->h_out, c->w_out};
   for (uint64_t i = 0; i < pl->ops; i++) {
     convd_plan_op op;
     convd_plan_op_get(pl, i, &op);
     size_t out_elems = (size_t)(op.oc1 - op.oc0) * (size_t)(op.oh1 - op.oh0) * (size_t)(op.ow1 - op.ow0);
     float *partial = malloc(out_elems * sizeof(float));
+    const convd_view pv = convd_view_dense(partial, op.oc1 - op.oc0, op.oh1 - op.oh0, op.ow1 - op.ow0);
     if (op.empty) {
-      convd_plan_fill_empty(pl, &op, b, partial);
+      convd_plan_fill_empty(pl, &op, b, pv);
     } else {
       if (op.local.input_bytes + op.local.weight_bytes + op.local.output_bytes > budget / 2) {
         fprintf(stderr, "  op %" PRIu64 " needs %zu bytes, budget %" PRIu64 "\n", i,
@@ -52,14 +48,20 @@ static int run_plan(const convd_plan *pl, const float *x, const float *w, const 
         free(partial);
         return -1;
       }
-      float *win = malloc(op.local.input_bytes), *wscratch = malloc(op.local.weight_bytes);
+      float *win = malloc(op.local.input_bytes);
       convd_plan_gather_window(pl, &op, nchw_row, &in, win);
-      const float *wb = convd_plan_weight_block(pl, &op, w, wscratch);
-      convd_ref_conv2d(&op.local, win, wb, op.local.p.has_bias ? b + op.oc0 : NULL, partial, NULL);
+      const convd_conv_params *lp = &op.local.p;
+      convd_ref_conv2d_view(&op.local, convd_view_dense(win, lp->c_in, lp->h, lp->w),
+                            convd_plan_weight_view(pl, &op, w), lp->has_bias ? b + op.oc0 : NULL,
+                            pv, NULL);
       free(win);
-      free(wscratch);
     }
-    convd_plan_accumulate(pl, &op, partial, nchw_row_mut, &out);
+    /* The op's tile inside y; the first input-channel block writes, the others add. */
+    const size_t H = (size_t)c->h_out, W = (size_t)c->w_out;
+    convd_view tile = {y + (((size_t)op.n * (size_t)c->p.c_out + (size_t)op.oc0) * H + (size_t)op.oh0) * W +
+                           (size_t)op.ow0,
+                       (size_t)c->p.c_out * H * W, H * W, W};
+    convd_plan_accumulate(pl, &op, partial, tile, op.icblock > 0);
     free(partial);
   }
   return 0;

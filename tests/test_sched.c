@@ -299,8 +299,8 @@ static void test_cancel_drops_queued_ops(void) {
   ASSERT_OK(convd_job_create(e, &c, &cbs, &j, err, sizeof err), err);
   ASSERT_EQ_INT(convd_job_plan(j)->ops, 400);
   float *w = calloc(c.weight_elems, 4), *x = calloc(c.input_elems, 4);
-  convd_job_set_weights(j, w, NULL);
-  ASSERT_OK(convd_job_put_rows(j, 0, 0, p.h, x, err, sizeof err), err);
+  convd_job_set_weights(j, w, NULL, CONVD_GIVE);
+  ASSERT_OK(convd_job_put_band(j, 0, 0, p.h, x, CONVD_LEND, err, sizeof err), err);
   struct timespec ts = {0, 30 * 1000 * 1000};
   nanosleep(&ts, NULL);
   convd_job_cancel(j);

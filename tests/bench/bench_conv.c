@@ -1,6 +1,8 @@
 /* bench_conv: convolution throughput per shape, printed as a table (a benchmark, not a test).
  *
- *   bench_conv [--repeats N] [--threads T] [--no-torch] [--no-reference]
+ *   bench_conv [--repeats N] [--threads T] [--shape K] [--no-torch] [--no-reference]
+ *
+ * --shape K runs only the K-th shape (from 0), e.g. under a profiler with many repeats.
  *
  * Columns: GFLOP/s (2 x multiply-adds / median seconds) of the reference kernel (one run),
  * the CPU tier (a whole job through the engine: one CPU device, default op budget), the same job
@@ -9,6 +11,7 @@
  * give the machine's fp32 GEMM peak, measured with oneDNN's sgemm, and each shape's fraction of
  * it. A benchmark, not a test: it asserts nothing, and exits 1 (with the reason) when a run fails. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,7 +69,7 @@ static void fill(float *p, size_t n, unsigned seed) {
 static double time_engine(convd_engine *e, const convd_conv *c, const float *x, const float *w,
                           const float *b, float *y, int repeats, uint64_t *ops) {
   char err[256];
-  double t[64];
+  double *t = malloc((size_t)repeats * sizeof *t);
   convd_job_stats st;
   if (convd_engine_run(e, c, x, w, b, y, &st, err, sizeof err)) { /* warm-up */
     fprintf(stderr, "bench_conv: %s\n", err);
@@ -78,11 +81,20 @@ static double time_engine(convd_engine *e, const convd_conv *c, const float *x, 
     t[i] = now() - t0;
   }
   *ops = st.ops_run;
-  return median(t, repeats);
+  double m = median(t, repeats);
+  free(t);
+  return m;
 }
 
-static double gemm_peak_gflops(int threads) {
+typedef struct gemm_arg {
+  int threads;
+  double gflops;
+} gemm_arg;
+
+static void *gemm_peak_main(void *p) {
+  gemm_arg *g = p;
 #ifdef CONVD_HAVE_DNNL
+  const int threads = g->threads;
   const int64_t M = 2048, N = 2048, K = 2048;
   float *a = malloc(sizeof(float) * (size_t)(M * K)), *bm = malloc(sizeof(float) * (size_t)(K * N)),
         *cm = malloc(sizeof(float) * (size_t)(M * N));
@@ -98,26 +110,39 @@ static double gemm_peak_gflops(int threads) {
     if (g > best) best = g;
   }
   free(a), free(bm), free(cm);
-  return best;
+  g->gflops = best;
 #else
-  (void)threads;
-  return 0;
+  g->gflops = 0;
 #endif
+  return NULL;
+}
+
+/* On a thread of its own that then exits: an OpenMP team left on the main thread would count
+ * against libgomp's spinning budget (it throttles spin-waiting once it manages more threads than
+ * there are CPUs) and slow every oneDNN call of the engine's worker afterwards. */
+static double gemm_peak_gflops(int threads) {
+  gemm_arg g = {threads, 0};
+  pthread_t t;
+  if (pthread_create(&t, NULL, gemm_peak_main, &g) != 0) return 0;
+  pthread_join(t, NULL);
+  return g.gflops;
 }
 
 int main(int argc, char **argv) {
   int repeats = 7, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1, use_ref = 1;
+  int only = -1;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) repeats = atoi(argv[++i]);
     else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc) only = atoi(argv[++i]);
     else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
     else if (strcmp(argv[i], "--no-reference") == 0) use_ref = 0;
     else {
-      fprintf(stderr, "usage: bench_conv [--repeats N] [--threads T] [--no-torch] [--no-reference]\n");
+      fprintf(stderr, "usage: bench_conv [--repeats N] [--threads T] [--shape K] [--no-torch] [--no-reference]\n");
       return 2;
     }
   }
-  if (repeats < 1 || repeats > 64) repeats = 7;
+  if (repeats < 1 || repeats > 100000) repeats = 7;
 
   /* PyTorch first, in one process, while nothing else runs. */
   double torch_s[NSHAPES] = {0};
@@ -159,6 +184,7 @@ int main(int argc, char **argv) {
   int nratios = 0;
   for (size_t i = 0; i < NSHAPES; i++) {
     const shape *s = &shapes[i];
+    if (only >= 0 && (size_t)only != i) continue;
     convd_conv_params p;
     convd_conv_params_default(&p);
     p.n = s->n, p.c_in = s->c, p.h = s->h, p.w = s->w, p.c_out = s->o, p.groups = s->groups;
