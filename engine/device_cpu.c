@@ -44,6 +44,7 @@ typedef struct prim_entry {
  * the same views recur from op to op. */
 typedef struct reorder_entry {
   dnnl_memory_desc_t from, to;
+  dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
   uint64_t last_use;
 } reorder_entry;
@@ -56,9 +57,13 @@ typedef struct cpu_ctx {
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
   uint64_t tick;
-  /* reused staging for src/dst in oneDNN's blocked layouts */
-  void *src_buf, *dst_buf;
-  size_t src_cap, dst_cap;
+  /* Primitives take their scratchpad from us (user mode): by default oneDNN keeps it in
+   * thread-local storage of the creating thread, counted by the primitives alive on that thread,
+   * so destroying a device from another thread than its worker leaked it. */
+  dnnl_primitive_attr_t attr;
+  /* reused staging for src/dst in oneDNN's blocked layouts, and the scratchpad */
+  void *src_buf, *dst_buf, *scratch_buf;
+  size_t src_cap, dst_cap, scratch_cap;
 } cpu_ctx;
 
 #define DNNL_TRY(call)                                                                        \
@@ -81,6 +86,21 @@ static int grow(void **buf, size_t *cap, size_t want) {
   return 0;
 }
 
+/* The scratchpad memory pd needs, in the device's reused buffer; NULL when it needs none. */
+static int scratchpad(cpu_ctx *c, const_dnnl_primitive_desc_t pd, dnnl_memory_t *out, char *err,
+                      size_t errlen) {
+  int rc = 0;
+  *out = NULL;
+  const dnnl_memory_desc_t *md = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+  size_t size = md ? dnnl_memory_desc_get_size(md) : 0;
+  if (size == 0) return 0;
+  if (grow(&c->scratch_buf, &c->scratch_cap, size))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory for a scratchpad");
+  DNNL_TRY(dnnl_memory_create(out, md, c->eng, c->scratch_buf));
+out:
+  return rc;
+}
+
 static int cpu_supports(void *ctx, const convd_conv *conv) {
   (void)ctx, (void)conv;
   return 1;
@@ -91,6 +111,7 @@ static int reorder(cpu_ctx *c, dnnl_memory_t from, dnnl_memory_t to, char *err, 
   int rc = 0;
   dnnl_primitive_desc_t pd = NULL;
   dnnl_primitive_t prim = NULL;
+  dnnl_memory_t scratch = NULL;
   const dnnl_memory_desc_t *fmd, *tmd;
   DNNL_TRY(dnnl_memory_get_memory_desc(from, &fmd));
   DNNL_TRY(dnnl_memory_get_memory_desc(to, &tmd));
@@ -103,19 +124,24 @@ static int reorder(cpu_ctx *c, dnnl_memory_t from, dnnl_memory_t to, char *err, 
       victim = x;
   }
   if (re == NULL) {
-    DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, fmd, c->eng, tmd, c->eng, NULL));
+    DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, fmd, c->eng, tmd, c->eng, c->attr));
     DNNL_TRY(dnnl_primitive_create(&prim, pd));
     if (victim->prim) dnnl_primitive_destroy(victim->prim);
+    if (victim->pd) dnnl_primitive_desc_destroy(victim->pd);
     re = victim;
     re->from = *fmd;
     re->to = *tmd;
+    re->pd = pd;
     re->prim = prim;
-    prim = NULL; /* the cache owns it */
+    pd = NULL; /* the cache owns them */
+    prim = NULL;
   }
   re->last_use = ++c->tick;
-  dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
-  DNNL_TRY(dnnl_primitive_execute(re->prim, c->stream, 2, args));
+  if ((rc = scratchpad(c, re->pd, &scratch, err, errlen))) goto out;
+  dnnl_exec_arg_t args[3] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratch}};
+  DNNL_TRY(dnnl_primitive_execute(re->prim, c->stream, scratch ? 3 : 2, args));
 out:
+  if (scratch) dnnl_memory_destroy(scratch);
   if (prim) dnnl_primitive_destroy(prim);
   if (pd) dnnl_primitive_desc_destroy(pd);
   return rc;
@@ -204,7 +230,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   dnnl_primitive_desc_t pd = NULL;
   dnnl_primitive_t prim = NULL;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
-  dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL;
+  dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL, scratch = NULL;
 
   const int grouped = p->groups > 1;
   dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
@@ -247,7 +273,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
         &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
         with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-    DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, NULL, c->eng, NULL));
+    DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
     DNNL_TRY(dnnl_primitive_create(&prim, pd));
     pe = &c->prims[0];
     for (int i = 0; i < PCACHE_ENTRIES; i++) {
@@ -309,9 +335,12 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   }
   if (io->b) DNNL_TRY(dnnl_memory_create(&bias, &bias_md, c->eng, (void *)io->b));
 
-  dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
-                             {DNNL_ARG_BIAS, bias}};
-  DNNL_TRY(dnnl_primitive_execute(pe->prim, c->stream, io->b ? 4 : 3, args));
+  if ((rc = scratchpad(c, pe->pd, &scratch, err, errlen))) goto out;
+  dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+  int nargs = 3;
+  if (bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, bias};
+  if (scratch) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, scratch};
+  DNNL_TRY(dnnl_primitive_execute(pe->prim, c->stream, nargs, args));
   if (dst != usr_dst && (rc = reorder(c, dst, usr_dst, err, errlen))) goto out;
   DNNL_TRY(dnnl_stream_wait(c->stream));
   goto out;
@@ -325,6 +354,7 @@ out:
   if (usr_dst) dnnl_memory_destroy(usr_dst);
   if (wei_tmp) dnnl_memory_destroy(wei_tmp);
   if (bias) dnnl_memory_destroy(bias);
+  if (scratch) dnnl_memory_destroy(scratch);
   if (prim) dnnl_primitive_destroy(prim);
   if (pd) dnnl_primitive_desc_destroy(pd);
   return rc;
@@ -342,12 +372,16 @@ static void cpu_destroy(void *ctx) {
   if (c == NULL) return;
   cpu_flush(c);
   for (int i = 0; i < PCACHE_ENTRIES; i++) prim_clear(&c->prims[i]);
-  for (int i = 0; i < RCACHE_ENTRIES; i++)
+  for (int i = 0; i < RCACHE_ENTRIES; i++) {
     if (c->reorders[i].prim) dnnl_primitive_destroy(c->reorders[i].prim);
+    if (c->reorders[i].pd) dnnl_primitive_desc_destroy(c->reorders[i].pd);
+  }
+  if (c->attr) dnnl_primitive_attr_destroy(c->attr);
   if (c->stream) dnnl_stream_destroy(c->stream);
   if (c->eng) dnnl_engine_destroy(c->eng);
   free(c->src_buf);
   free(c->dst_buf);
+  free(c->scratch_buf);
   free(c);
 }
 
@@ -370,6 +404,8 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   c->threads = threads > 0 ? threads : (ncpu > 0 ? (int)ncpu : 1);
   DNNL_TRY(dnnl_engine_create(&c->eng, dnnl_cpu, 0));
   DNNL_TRY(dnnl_stream_create(&c->stream, c->eng, dnnl_stream_default_flags));
+  DNNL_TRY(dnnl_primitive_attr_create(&c->attr));
+  DNNL_TRY(dnnl_primitive_attr_set_scratchpad_mode(c->attr, dnnl_scratchpad_mode_user));
   d->iface = &cpu_iface;
   d->ctx = c;
   d->kind = CONVD_DEVICE_CPU;

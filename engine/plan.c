@@ -9,6 +9,8 @@
 /* Spatial tiles and channel blocks are first cut down to this size, then the other way. */
 #define PREFERRED_TILE 128
 #define PREFERRED_BLOCK 128
+/* Tiles cut before channel blocks stop at this size (step 2b). */
+#define MIN_SPATIAL_TILE 8
 /* Ops cut only for balance across devices keep at least this many multiply-adds. */
 #define MIN_BALANCE_MACS (UINT64_C(1) << 27)
 
@@ -55,6 +57,17 @@ int convd_plan_make(convd_plan *pl, const convd_conv *c, const convd_plan_opts *
   }
   /* 2. Whole groups per op down to one group, then channel blocks down to the preferred one. */
   while (!FITS() && gblk > 1) gblk = ceil_div(gblk, 2);
+  /* 2b. Smaller tiles are cheaper than channel blocks (a tile costs its halo, a channel block a
+   * partial sum to add): when whole channels fit with tiles of at least MIN_SPATIAL_TILE, cut
+   * tiles; otherwise leave the tile as it was and cut channels. */
+  {
+    const int64_t th0 = th, tw0 = tw;
+    while (!FITS() && (th > MIN_SPATIAL_TILE || tw > MIN_SPATIAL_TILE)) {
+      if (th > MIN_SPATIAL_TILE && (th * 2 >= tw || tw <= MIN_SPATIAL_TILE)) th = ceil_div(th, 2);
+      else tw = ceil_div(tw, 2);
+    }
+    if (!FITS()) th = th0, tw = tw0;
+  }
   while (!FITS() && (icb > PREFERRED_BLOCK || ocb > PREFERRED_BLOCK)) {
     if (icb >= ocb && icb > PREFERRED_BLOCK) icb = ceil_div(icb, 2);
     else ocb = ceil_div(ocb, 2);
