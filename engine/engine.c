@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cuda_device.h"
 #include "err.h"
 
 /* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
@@ -475,17 +476,38 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
   long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
   int threads = o.cpu_threads > 0 ? o.cpu_threads : (ncpu > 0 ? (int)ncpu : 1);
-  int ncpu_dev = o.cpu_devices > 0 ? o.cpu_devices : (o.n_extra > 0 ? 0 : 1);
+  /* GPUs first: with one, the host's CPU devices are what the caller asked for explicitly. */
+  char why[256] = "";
+  int ngpu = 0;
+  if (o.gpus != 0) {
+    ngpu = convd_cuda_device_count(why, sizeof why);
+    if (o.gpus > 0 && o.gpus < ngpu) ngpu = o.gpus;
+    if (o.gpus > ngpu && ngpu > 0)
+      snprintf(why, sizeof why, "%d GPUs asked for, %d visible", o.gpus, ngpu);
+  } else {
+    snprintf(why, sizeof why, "GPUs not asked for");
+  }
+  if (o.notice && o.notice_len) snprintf(o.notice, o.notice_len, "%s", ngpu > 0 && !why[0] ? "" : why);
+  int ncpu_dev = o.cpu_devices > 0 ? o.cpu_devices : (o.n_extra > 0 || ngpu > 0 ? 0 : 1);
   if (ncpu_dev > 256)
     return convd_errf(err, errlen, CONVD_EINVAL, "cpu devices = %d: at most 256", ncpu_dev);
   convd_engine *e = calloc(1, sizeof *e);
   if (e == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  e->devs = calloc((size_t)(ncpu_dev + o.n_extra + 1), sizeof *e->devs);
+  const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 1;
+  ngpu *= per_gpu;
+  e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
   int rc = 0;
   if (e->devs == NULL) rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
+  for (int i = 0; rc == 0 && i < ngpu; i++) {
+    char name[32];
+    convd_device *d;
+    snprintf(name, sizeof name, "cuda%d", i);
+    rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &d, err, errlen);
+    if (rc == 0) add_slot(e, d);
+  }
   for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
     char name[32];
     convd_device *d;

@@ -27,6 +27,11 @@ typedef struct convd_engine_opts {
   uint64_t device_memory; /* per-device op budget; 0 = CONVD_DEFAULT_DEVICE_MEMORY */
   convd_device **extra;   /* more devices (tests: throttled or failing wrappers); taken over */
   int n_extra;
+  int gpus;               /* CUDA devices: -1 every visible GPU, 0 none, N the first N */
+  uint64_t gpu_memory;    /* per-GPU budget; 0 = half of each GPU's free memory, at most 2 GiB */
+  int gpu_instances;      /* devices per GPU (0 = 1); more share it, as several GPUs would */
+  char *notice;           /* when not NULL: why no GPU is used, for the log ("" when GPUs run) */
+  size_t notice_len;
 } convd_engine_opts;
 
 typedef struct convd_device_info {

@@ -49,10 +49,10 @@ int convd_plan_make(convd_plan *pl, const convd_conv *c, const convd_plan_opts *
 
   int64_t th = c->h_out, tw = c->w_out, gblk = p->groups, icb = cpg, ocb = opg;
 #define FITS() (op_bytes(c, th, tw, gblk, icb, ocb) <= budget)
-  /* 1. Spatial down to the preferred tile, height first (down to a quarter of the width): a
+  /* 1. Spatial down to the preferred tile, height first (down to a sixteenth of the width): a
    * short tile row needs few input rows, so a streamed request holds little memory. */
   while (!FITS() && (th > PREFERRED_TILE || tw > PREFERRED_TILE)) {
-    if (th > PREFERRED_TILE && th * 4 >= tw) th = ceil_div(th, 2);
+    if (th > PREFERRED_TILE && th * 16 >= tw) th = ceil_div(th, 2);
     else tw = ceil_div(tw, 2);
   }
   /* 2. Whole groups per op down to one group, then channel blocks down to the preferred one. */

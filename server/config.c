@@ -28,8 +28,15 @@ typedef struct opt {
 static const opt opts[] = {
     {"listen", OPT_STRING, F(listen), "127.0.0.1:50051", 0, 0,
      "address to serve gRPC on, HOST:PORT; port 0 picks a free port"},
-    {"cpu-devices", OPT_INT, F(cpu_devices), "1", 1, 256,
-     "CPU devices the host's threads are split into (each pulls elemental ops)"},
+    {"cpu-devices", OPT_INT, F(cpu_devices), "0", 0, 256,
+     "CPU devices the host's threads are split into (each pulls elemental ops); 0 = one when "
+     "no GPU is used, none beside GPUs"},
+    {"gpus", OPT_INT, F(gpus), "-1", -1, 1024,
+     "CUDA devices to use: -1 = every visible GPU (CUDA_VISIBLE_DEVICES applies), 0 = none, N = "
+     "the first N"},
+    {"gpu-memory", OPT_SIZE, F(gpu_memory), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "GPU memory per device for one op's tensors and workspace (cached weights take up to a "
+     "quarter more); 0 = half the free memory, at most 2G"},
     {"cpu-threads", OPT_INT, F(cpu_threads), "0", 0, 4096,
      "threads for all CPU devices together; 0 = one per online CPU"},
     {"cpu-kernel", OPT_STRING, F(cpu_kernel), "onednn", 0, 0,

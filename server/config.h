@@ -12,8 +12,10 @@
 
 typedef struct convd_config {
   char listen[256];
-  int cpu_devices;
+  int cpu_devices;            /* 0: one without GPUs, none beside them */
   int cpu_threads;
+  int gpus;                   /* -1 all visible, 0 none, N the first N */
+  uint64_t gpu_memory;        /* 0 = automatic */
   uint64_t device_memory;
   char cpu_kernel[16];        /* "onednn" or "reference" */
   uint64_t chunk_bytes;

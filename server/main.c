@@ -112,16 +112,22 @@ int main(int argc, char **argv) {
   mallopt(M_ARENA_MAX, 1);
 
   convd_engine *engine;
+  char gpu_notice[256] = "";
   convd_engine_opts eo = {.cpu_devices = cfg.cpu_devices,
                           .cpu_threads = cfg.cpu_threads,
                           .reference = strcmp(cfg.cpu_kernel, "reference") == 0,
-                          .device_memory = cfg.device_memory};
+                          .device_memory = cfg.device_memory,
+                          .gpus = cfg.gpus,
+                          .gpu_memory = cfg.gpu_memory,
+                          .notice = gpu_notice,
+                          .notice_len = sizeof gpu_notice};
   if (!eo.reference && !convd_device_cpu_is_native())
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
   if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
     return 1;
   }
+  if (gpu_notice[0]) convd_log(CONVD_LOG_INFO, "msg=\"no GPU in use\" why=\"%s\"", gpu_notice);
   for (size_t i = 0; i < convd_engine_device_count(engine); i++) {
     convd_device_info info;
     convd_engine_device_info(engine, i, &info);

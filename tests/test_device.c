@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_device.h"
 #include "device.h"
 #include "ref.h"
 #include "testutil.h"
@@ -17,15 +18,33 @@ static int make_ref(convd_device **d, char *err, size_t errlen) {
 static int make_cpu(convd_device **d, char *err, size_t errlen) {
   return convd_device_cpu_create("cpu0", 0, 1u << 30, d, err, errlen);
 }
+/* GPU 0 with a 1 GiB budget; only where a GPU is visible (tests/gpu/run.sh). */
+static int make_cuda(convd_device **d, char *err, size_t errlen) {
+  return convd_device_cuda_create("cuda0", 0, 1u << 30, d, err, errlen);
+}
 static const struct {
   const char *name;
   make_fn make;
-} kinds[] = {{"reference", make_ref}, {"cpu", make_cpu}};
+  int gpu;
+} kinds[] = {{"reference", make_ref, 0}, {"cpu", make_cpu, 0}, {"cuda", make_cuda, 1}};
+
+/* 1 when kind k can run here; says once why a GPU kind cannot. */
+static int kind_available(size_t k) {
+  static int gpus = -1;
+  if (!kinds[k].gpu) return 1;
+  if (gpus < 0) {
+    char why[256] = "";
+    gpus = convd_cuda_device_count(why, sizeof why);
+    if (gpus == 0) printf("  cuda device not tested here: %s\n", why);
+  }
+  return gpus > 0;
+}
 
 static void test_golden_all_devices(void) {
   char names[64][128], err[512];
   int n = golden_list(golden_root, names, 64);
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    if (!kind_available(k)) continue;
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
     printf("  device %s: %s\n", d->name, d->detail);
@@ -57,6 +76,7 @@ static void test_golden_all_devices(void) {
 static void test_random_shapes_all_devices(void) {
   char err[512];
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    if (!kind_available(k)) continue;
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
     rng r = {0x5eed0300};
@@ -118,6 +138,7 @@ static void test_random_shapes_all_devices(void) {
 static void test_strided_views_all_devices(void) {
   char err[512];
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    if (!kind_available(k)) continue;
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
     rng r = {0x5eed0302};

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cuda_device.h"
 #include "engine.h"
 #include "err.h"
 #include "ref.h"
@@ -315,6 +316,54 @@ static void test_cancel_drops_queued_ops(void) {
   convd_engine_destroy(e);
 }
 
+/* Where a GPU is visible (tests/gpu/run.sh): random plans on the GPU alone, on the GPU beside
+ * a CPU device (the heterogeneous pool), and on two device instances sharing the one GPU (the
+ * code path of several GPUs). */
+static void test_gpu_random_plans(void) {
+  char why[256] = "", err[512];
+  if (convd_cuda_device_count(why, sizeof why) == 0) {
+    printf("  not run here: %s\n", why);
+    return;
+  }
+  static const struct {
+    const char *name;
+    int cpu_devices, instances;
+  } configs[] = {{"gpu", 0, 1}, {"gpu+cpu", 1, 1}, {"2 instances of one gpu", 0, 2}};
+  rng r = {0x5eed0401};
+  for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++) {
+    int multi = 0;
+    for (int iter = 0; iter < 60; iter++) {
+      convd_conv_params p = random_params(&r);
+      convd_conv c;
+      ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+      uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
+      uint64_t budget = (uint64_t)rng_range(&r, 4096, (int64_t)(3 * total) + 8192);
+      convd_engine_opts o = {.cpu_devices = configs[k].cpu_devices, .cpu_threads = 2, .gpus = -1,
+                             .gpu_memory = budget, .gpu_instances = configs[k].instances,
+                             .device_memory = budget};
+      convd_engine *e;
+      ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+      convd_plan pl;
+      if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+        convd_engine_destroy(e);
+        continue;
+      }
+      char what[256];
+      snprintf(what, sizeof what, "%s case %d (budget %" PRIu64 ", %" PRIu64 " ops)", configs[k].name,
+               iter, budget, pl.ops);
+      convd_job_stats st;
+      int rc = check_engine(e, &c, &r, what, &st);
+      convd_engine_destroy(e);
+      if (rc) {
+        FAIL_AT("%s", what);
+        return;
+      }
+      multi += pl.ops > 1;
+    }
+    printf("  %s: 60 cases, %d with more than one op\n", configs[k].name, multi);
+  }
+}
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"property_random_plans", test_property_random_plans},
@@ -322,6 +371,7 @@ int main(int argc, char **argv) {
       {"balance_1_2_4", test_balance_1_2_4},
       {"device_failure_mid_job", test_device_failure_mid_job},
       {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
+      {"gpu_random_plans", test_gpu_random_plans},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }

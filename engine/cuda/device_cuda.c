@@ -1,0 +1,352 @@
+/* The CUDA device: one GPU, cuDNN's forward convolution. An op's input window is staged into
+ * pinned host memory (dense, with the asymmetric part of its padding made explicit: cuDNN pads
+ * symmetrically), copied into a device arena allocated once with cudaMalloc, convolved with the
+ * algorithm cuDNN measured fastest for that shape (cached for the device's life), and its tile
+ * copied back into the caller's view. Weight blocks stay on the GPU across ops in a small LRU
+ * cache. fp32 is strict: cuDNN may not use TF32. */
+#include <cuda_runtime.h>
+#include <cudnn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_device.h"
+#include "cuda_host.h"
+#include "err.h"
+
+#define WCACHE_ENTRIES 64
+
+typedef struct wblock {
+  uint64_t key;
+  void *dev;
+  uint64_t bytes;
+  uint64_t last_use;
+} wblock;
+
+typedef struct cuda_ctx {
+  int ordinal;
+  cudaStream_t stream;
+  cudnnHandle_t dnn;
+  cudnnTensorDescriptor_t xd, yd, bd;
+  cudnnFilterDescriptor_t wd;
+  cudnnConvolutionDescriptor_t cd;
+  char *arena;
+  uint64_t arena_bytes;
+  wblock cache[WCACHE_ENTRIES];
+  uint64_t cache_bytes, cache_budget, tick;
+  float *hx, *hw, *hy; /* pinned staging */
+  size_t hx_cap, hw_cap, hy_cap;
+  convd_cuda_algo_cache algos;
+} cuda_ctx;
+
+#define CU_TRY(call)                                                                          \
+  do {                                                                                        \
+    cudaError_t e_ = (call);                                                                  \
+    if (e_ != cudaSuccess) {                                                                  \
+      rc = convd_errf(err, errlen, CONVD_EDEVICE, "CUDA %s failed: %s (%s:%d)", #call,        \
+                      cudaGetErrorString(e_), __FILE__, __LINE__);                            \
+      goto out;                                                                               \
+    }                                                                                         \
+  } while (0)
+
+#define DNN_TRY(call)                                                                         \
+  do {                                                                                        \
+    cudnnStatus_t s_ = (call);                                                                \
+    if (s_ != CUDNN_STATUS_SUCCESS) {                                                         \
+      rc = convd_errf(err, errlen, CONVD_EDEVICE, "cuDNN %s failed: %s (%s:%d)", #call,       \
+                      cudnnGetErrorString(s_), __FILE__, __LINE__);                           \
+      goto out;                                                                               \
+    }                                                                                         \
+  } while (0)
+
+int convd_cuda_device_count(char *err, size_t errlen) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    convd_errf(err, errlen, 0, "no CUDA device: %s", cudaGetErrorString(e));
+    return 0;
+  }
+  if (n == 0) convd_errf(err, errlen, 0, "no CUDA device visible");
+  return n;
+}
+
+/* Grows a pinned host buffer (cudaMallocHost: page-locked, so copies run at full speed). */
+static int grow_pinned(float **buf, size_t *cap, size_t bytes, char *err, size_t errlen) {
+  int rc = 0;
+  if (bytes <= *cap) return 0;
+  if (*buf) cudaFreeHost(*buf);
+  *buf = NULL;
+  *cap = 0;
+  CU_TRY(cudaMallocHost((void **)buf, bytes));
+  *cap = bytes;
+out:
+  return rc;
+}
+
+static wblock *cache_find(cuda_ctx *c, uint64_t key) {
+  if (key == 0) return NULL;
+  for (int i = 0; i < WCACHE_ENTRIES; i++)
+    if (c->cache[i].dev && c->cache[i].key == key) {
+      c->cache[i].last_use = ++c->tick;
+      return &c->cache[i];
+    }
+  return NULL;
+}
+
+/* A cache slot for a block of `bytes`, evicting least recently used blocks; NULL when the block
+ * is larger than the cache (it then goes into the arena for this op only). */
+static wblock *cache_make(cuda_ctx *c, uint64_t key, uint64_t bytes) {
+  if (key == 0 || bytes > c->cache_budget) return NULL;
+  for (;;) {
+    wblock *free_slot = NULL, *lru = NULL;
+    for (int i = 0; i < WCACHE_ENTRIES; i++) {
+      wblock *b = &c->cache[i];
+      if (b->dev == NULL) {
+        if (free_slot == NULL) free_slot = b;
+      } else if (lru == NULL || b->last_use < lru->last_use) {
+        lru = b;
+      }
+    }
+    if (free_slot && c->cache_bytes + bytes <= c->cache_budget) {
+      if (cudaMalloc(&free_slot->dev, bytes) != cudaSuccess) {
+        free_slot->dev = NULL;
+        return NULL;
+      }
+      free_slot->key = key;
+      free_slot->bytes = bytes;
+      free_slot->last_use = ++c->tick;
+      c->cache_bytes += bytes;
+      return free_slot;
+    }
+    if (lru == NULL) return NULL;
+    cudaFree(lru->dev);
+    c->cache_bytes -= lru->bytes;
+    memset(lru, 0, sizeof *lru);
+  }
+}
+
+/* Copies view v (n x ch x h x w) into dense dst of n x ch x dh x dw at row r0, column c0. */
+static void view_to_dense(const convd_view *v, int64_t n, int64_t ch, int64_t h, int64_t w,
+                          float *dst, int64_t dh, int64_t dw, int64_t r0, int64_t c0) {
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t c = 0; c < ch; c++)
+      for (int64_t y = 0; y < h; y++)
+        memcpy(dst + (((size_t)(i * ch + c) * (size_t)dh) + (size_t)(y + r0)) * (size_t)dw + (size_t)c0,
+               v->p + (size_t)i * v->ns + (size_t)c * v->cs + (size_t)y * v->hs, (size_t)w * sizeof(float));
+}
+
+static void dense_to_view(const float *src, int64_t n, int64_t ch, int64_t h, int64_t w,
+                          const convd_view *v) {
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t c = 0; c < ch; c++)
+      for (int64_t y = 0; y < h; y++)
+        memcpy(v->p + (size_t)i * v->ns + (size_t)c * v->cs + (size_t)y * v->hs,
+               src + ((size_t)(i * ch + c) * (size_t)h + (size_t)y) * (size_t)w, (size_t)w * sizeof(float));
+}
+
+/* The algorithm for this op: from the cache, or measured by cuDNN on the op's own buffers. */
+static int pick_algo(cuda_ctx *c, const convd_conv *conv, const void *x, const void *w, void *y,
+                     void *ws, uint64_t ws_bytes, cudnnConvolutionFwdAlgo_t *algo, uint64_t *need,
+                     char *err, size_t errlen) {
+  int rc = 0;
+  convd_cuda_algo_key key;
+  convd_cuda_algo_key_make(&key, &conv->p, 0, ws_bytes);
+  int a;
+  if (convd_cuda_algo_find(&c->algos, &key, &a, need)) {
+    *algo = (cudnnConvolutionFwdAlgo_t)a;
+    return 0;
+  }
+  cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+  int returned = 0;
+  DNN_TRY(cudnnFindConvolutionForwardAlgorithmEx(c->dnn, c->xd, x, c->wd, w, c->cd, c->yd, y,
+                                                 CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &returned, perf,
+                                                 ws, (size_t)key.ws_limit));
+  for (int i = 0; i < returned; i++)
+    if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= key.ws_limit) {
+      *algo = perf[i].algo;
+      *need = perf[i].memory;
+      convd_cuda_algo_put(&c->algos, &key, (int)perf[i].algo, perf[i].memory);
+      return 0;
+    }
+  rc = convd_errf(err, errlen, CONVD_EDEVICE,
+                  "cuDNN has no forward algorithm for this op within %llu bytes of workspace",
+                  (unsigned long long)key.ws_limit);
+out:
+  return rc;
+}
+
+static int cuda_supports(void *ctx, const convd_conv *conv) {
+  (void)ctx;
+  /* cuDNN takes int dimensions. */
+  const convd_conv_params *p = &conv->p;
+  return p->n < (1 << 30) && p->c_in < (1 << 30) && p->h < (1 << 30) && p->w < (1 << 30);
+}
+
+static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
+  cuda_ctx *c = ctx;
+  const convd_conv *conv = io->conv;
+  const convd_conv_params *p = &conv->p;
+  int rc = 0;
+  wblock *wb = NULL;
+  int cached = 0; /* 1: the weight block is on the GPU; 2: a cache slot that this op fills */
+  if (io->cancel && atomic_load(io->cancel)) return CONVD_ECANCELED;
+  CU_TRY(cudaSetDevice(c->ordinal));
+  wb = cache_find(c, io->w_key);
+  cached = wb != NULL;
+  if (!cached && (wb = cache_make(c, io->w_key, conv->weight_bytes)) != NULL) cached = 2; /* to fill */
+  convd_cuda_layout l;
+  if (convd_cuda_layout_make(&l, conv, cached != 0, c->arena_bytes) ||
+      l.ws_off + conv->bias_bytes > c->arena_bytes)
+    return convd_errf(err, errlen, CONVD_ENOMEM,
+                      "an op of %zu + %zu + %zu bytes does not fit GPU %d's budget of %llu bytes",
+                      conv->input_bytes, conv->weight_bytes, conv->output_bytes, c->ordinal,
+                      (unsigned long long)c->arena_bytes);
+  /* The bias sits at the arena's end, below the workspace. */
+  const uint64_t b_off = (l.ws_off + l.ws_bytes - conv->bias_bytes) & ~(uint64_t)255;
+  const uint64_t ws_bytes = b_off > l.ws_off ? b_off - l.ws_off : 0;
+  char *x_dev = c->arena + l.x_off, *y_dev = c->arena + l.y_off, *ws = c->arena + l.ws_off;
+  char *w_dev = cached ? (char *)wb->dev : c->arena + l.w_off, *b_dev = c->arena + b_off;
+
+  /* Input, staged with its explicit padding, and the weights when not cached. */
+  if ((rc = grow_pinned(&c->hx, &c->hx_cap, l.x_bytes, err, errlen))) return rc;
+  if (l.x_h != p->h || l.x_w != p->w) memset(c->hx, 0, l.x_bytes);
+  view_to_dense(&io->x, p->n, p->c_in, p->h, p->w, c->hx, l.x_h, l.x_w, l.off_top, l.off_left);
+  CU_TRY(cudaMemcpyAsync(x_dev, c->hx, l.x_bytes, cudaMemcpyHostToDevice, c->stream));
+  if (cached != 1) {
+    if ((rc = grow_pinned(&c->hw, &c->hw_cap, conv->weight_bytes + conv->bias_bytes, err, errlen)))
+      return rc;
+    view_to_dense(&io->w, p->c_out, p->c_per_group, p->kh, p->kw, c->hw, p->kh, p->kw, 0, 0);
+    CU_TRY(cudaMemcpyAsync(w_dev, c->hw, conv->weight_bytes, cudaMemcpyHostToDevice, c->stream));
+  }
+  if (io->b) {
+    if ((rc = grow_pinned(&c->hy, &c->hy_cap, conv->output_bytes > conv->bias_bytes ? conv->output_bytes : conv->bias_bytes, err, errlen)))
+      return rc;
+    memcpy(c->hy, io->b, conv->bias_bytes);
+    CU_TRY(cudaMemcpyAsync(b_dev, c->hy, conv->bias_bytes, cudaMemcpyHostToDevice, c->stream));
+  }
+
+  DNN_TRY(cudnnSetTensor4dDescriptor(c->xd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, (int)p->n, (int)p->c_in,
+                                     (int)l.x_h, (int)l.x_w));
+  DNN_TRY(cudnnSetTensor4dDescriptor(c->yd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, (int)p->n, (int)p->c_out,
+                                     (int)conv->h_out, (int)conv->w_out));
+  DNN_TRY(cudnnSetFilter4dDescriptor(c->wd, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, (int)p->c_out,
+                                     (int)p->c_per_group, (int)p->kh, (int)p->kw));
+  DNN_TRY(cudnnSetConvolution2dDescriptor(c->cd, (int)l.pad_h, (int)l.pad_w, (int)p->stride_h,
+                                          (int)p->stride_w, (int)p->dil_h, (int)p->dil_w,
+                                          CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+  DNN_TRY(cudnnSetConvolutionGroupCount(c->cd, (int)p->groups));
+  DNN_TRY(cudnnSetConvolutionMathType(c->cd, CUDNN_FMA_MATH)); /* strict fp32: no TF32 */
+  int on, oc, oh, ow;
+  DNN_TRY(cudnnGetConvolution2dForwardOutputDim(c->cd, c->xd, c->wd, &on, &oc, &oh, &ow));
+  if (on != p->n || oc != p->c_out || oh != conv->h_out || ow != conv->w_out) {
+    rc = convd_errf(err, errlen, CONVD_EDEVICE, "cuDNN computes a %dx%dx%dx%d output, convd %lldx%lldx%lldx%lld",
+                    on, oc, oh, ow, (long long)p->n, (long long)p->c_out, (long long)conv->h_out,
+                    (long long)conv->w_out);
+    goto out;
+  }
+  cudnnConvolutionFwdAlgo_t algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+  uint64_t need = 0;
+  if ((rc = pick_algo(c, conv, x_dev, w_dev, y_dev, ws, ws_bytes, &algo, &need, err, errlen))) goto out;
+  const float one = 1.0f, zero = 0.0f;
+  DNN_TRY(cudnnConvolutionForward(c->dnn, &one, c->xd, x_dev, c->wd, w_dev, c->cd, algo, ws,
+                                  (size_t)need, &zero, c->yd, y_dev));
+  if (io->b) {
+    DNN_TRY(cudnnSetTensor4dDescriptor(c->bd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, 1, (int)p->c_out, 1, 1));
+    DNN_TRY(cudnnAddTensor(c->dnn, &one, c->bd, b_dev, &one, c->yd, y_dev));
+  }
+  if ((rc = grow_pinned(&c->hy, &c->hy_cap, conv->output_bytes, err, errlen))) goto out;
+  CU_TRY(cudaMemcpyAsync(c->hy, y_dev, conv->output_bytes, cudaMemcpyDeviceToHost, c->stream));
+  CU_TRY(cudaStreamSynchronize(c->stream));
+  dense_to_view(c->hy, p->n, p->c_out, conv->h_out, conv->w_out, &io->y);
+out:
+  if (rc && cached == 2) { /* a block that never got its contents must not be found later */
+    cudaFree(wb->dev);
+    c->cache_bytes -= wb->bytes;
+    memset(wb, 0, sizeof *wb);
+  }
+  return rc;
+}
+
+static void cuda_flush(void *ctx) {
+  cuda_ctx *c = ctx;
+  cudaSetDevice(c->ordinal);
+  for (int i = 0; i < WCACHE_ENTRIES; i++)
+    if (c->cache[i].dev) cudaFree(c->cache[i].dev);
+  memset(c->cache, 0, sizeof c->cache);
+  c->cache_bytes = 0;
+}
+
+static void cuda_destroy(void *ctx) {
+  cuda_ctx *c = ctx;
+  if (c == NULL) return;
+  cudaSetDevice(c->ordinal);
+  cuda_flush(c);
+  if (c->xd) cudnnDestroyTensorDescriptor(c->xd);
+  if (c->yd) cudnnDestroyTensorDescriptor(c->yd);
+  if (c->bd) cudnnDestroyTensorDescriptor(c->bd);
+  if (c->wd) cudnnDestroyFilterDescriptor(c->wd);
+  if (c->cd) cudnnDestroyConvolutionDescriptor(c->cd);
+  if (c->dnn) cudnnDestroy(c->dnn);
+  if (c->stream) cudaStreamDestroy(c->stream);
+  if (c->arena) cudaFree(c->arena);
+  if (c->hx) cudaFreeHost(c->hx);
+  if (c->hw) cudaFreeHost(c->hw);
+  if (c->hy) cudaFreeHost(c->hy);
+  free(c);
+}
+
+static const convd_device_iface cuda_iface = {
+    .supports = cuda_supports, .run = cuda_run, .flush_cache = cuda_flush, .destroy = cuda_destroy};
+
+int convd_device_cuda_create(const char *name, int ordinal, uint64_t memory_budget,
+                             convd_device **out, char *err, size_t errlen) {
+  int rc = 0;
+  *out = NULL;
+  cuda_ctx *c = calloc(1, sizeof *c);
+  convd_device *d = calloc(1, sizeof *d);
+  if (c == NULL || d == NULL) {
+    free(c);
+    free(d);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a device");
+  }
+  c->ordinal = ordinal;
+  struct cudaDeviceProp prop;
+  size_t free_b = 0, total_b = 0;
+  CU_TRY(cudaSetDevice(ordinal));
+  CU_TRY(cudaGetDeviceProperties(&prop, ordinal));
+  CU_TRY(cudaMemGetInfo(&free_b, &total_b));
+  /* Default: half the free memory, at most 2 GiB (an op then holds up to 1 GiB of tensors on
+   * the host too, while they stream). */
+  if (memory_budget == 0) memory_budget = (uint64_t)free_b / 2 < (UINT64_C(2) << 30) ? (uint64_t)free_b / 2 : (UINT64_C(2) << 30);
+  if (memory_budget + memory_budget / 4 > (uint64_t)free_b) {
+    rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                    "GPU %d (%s) has %zu bytes free, less than its budget of %llu bytes plus a quarter "
+                    "for cached weights: lower --gpu-memory",
+                    ordinal, prop.name, free_b, (unsigned long long)memory_budget);
+    goto out;
+  }
+  c->arena_bytes = memory_budget;
+  c->cache_budget = memory_budget / 4;
+  CU_TRY(cudaMalloc((void **)&c->arena, c->arena_bytes));
+  CU_TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  DNN_TRY(cudnnCreate(&c->dnn));
+  DNN_TRY(cudnnSetStream(c->dnn, c->stream));
+  DNN_TRY(cudnnCreateTensorDescriptor(&c->xd));
+  DNN_TRY(cudnnCreateTensorDescriptor(&c->yd));
+  DNN_TRY(cudnnCreateTensorDescriptor(&c->bd));
+  DNN_TRY(cudnnCreateFilterDescriptor(&c->wd));
+  DNN_TRY(cudnnCreateConvolutionDescriptor(&c->cd));
+  d->iface = &cuda_iface;
+  d->ctx = c;
+  d->kind = CONVD_DEVICE_CUDA;
+  d->memory_budget = memory_budget;
+  snprintf(d->name, sizeof d->name, "%s", name);
+  snprintf(d->detail, sizeof d->detail, "%.64s (GPU %d, %.1f GiB), cuDNN %zu, strict fp32", prop.name,
+           ordinal, (double)total_b / (1u << 30), cudnnGetVersion());
+  *out = d;
+  return 0;
+out:
+  cuda_destroy(c);
+  free(d);
+  return rc;
+}

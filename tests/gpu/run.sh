@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks, in one command, on a machine with an NVIDIA GPU, the CUDA toolkit, cuDNN and
+# cmake (the device machine: cuDNN comes from PyTorch's nvidia-cudnn package there, and it has
+# none of the Debian gRPC/protobuf-c/libuv/oneDNN packages, so this builds the engine alone).
+#
+#   tests/gpu/run.sh            (writes logs under $OUT, default /tmp/convd-gpu)
+#
+# Runs: the CUDA device against every golden case, random shapes and strided views
+# (test_device); random tiled plans on the GPU alone, on the GPU beside a CPU device, and on two
+# device instances sharing the GPU (test_sched gpu_random_plans, plus the rest of test_sched);
+# the CUDA device's host-side logic (test_cuda_host). Exits non-zero when any of them fails.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/convd-gpu}
+mkdir -p "$OUT"
+nvidia-smi -L || echo "nvidia-smi: no GPU listed"
+
+args=()
+if [ ! -f /usr/local/cuda/include/cudnn.h ]; then
+  root=$(python3 -c 'import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__))' 2>/dev/null || true)
+  if [ -n "$root" ] && [ -f "$root/include/cudnn.h" ]; then
+    lib=$(ls "$root"/lib/libcudnn.so* | sort | head -1)
+    args+=("-DCUDNN_INCLUDE_DIR=$root/include" "-DCUDNN_LIBRARY=$lib")
+    export LD_LIBRARY_PATH="$root/lib:${LD_LIBRARY_PATH:-}"
+    echo "cuDNN from $root"
+  fi
+fi
+cmake -S . -B build-gpu -DCONVD_SERVER=OFF -DCONVD_CUDA=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo "${args[@]}" \
+  2>&1 | tee "$OUT/cmake.log" | grep -E "convd:|Error" || true
+cmake --build build-gpu -j"$(nproc)" 2>&1 | tee "$OUT/build.log" | grep -E "error|warning" || true
+[ -x build-gpu/tests/test_device ] || { echo "build failed (see $OUT/build.log)"; exit 1; }
+
+fails=0
+for t in test_cuda_host test_device test_sched; do
+  echo "== $t"
+  if ./build-gpu/tests/$t > "$OUT/$t.log" 2>&1; then
+    grep -E "^ok|cuda|gpu|not run|device " "$OUT/$t.log" | grep -v "max abs" || true
+  else
+    fails=$((fails + 1))
+    grep -v "max abs error" "$OUT/$t.log" | tail -40
+  fi
+done
+echo "GPU checks: $fails of 3 test programs failed"
+exit $((fails > 0))
