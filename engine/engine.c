@@ -28,6 +28,8 @@ typedef struct dev_slot {
   char why[256];
   uint64_t completed_ops;
   double busy_seconds;
+  double sec_per_mac; /* measured speed (moving average), once measured */
+  int measured;
   float *win, *wblk, *partial; /* scratch, grown on demand */
   size_t win_cap, wblk_cap, partial_cap;
 } dev_slot;
@@ -75,6 +77,8 @@ struct convd_job {
   /* ops */
   range *ready;           /* FIFO of ready op ranges */
   size_t ready_head, ready_len, ready_cap;
+  uint64_t ready_ops;     /* ops in ready and retry */
+  double macs_per_op;
   uint64_t *retry;        /* ops to run again after a device failed */
   size_t retry_len, retry_cap;
   uint64_t ops_done;
@@ -92,6 +96,8 @@ struct convd_engine {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int stopping;
+  int busy;     /* devices running an op */
+  int skipping; /* devices waiting although work is ready (worth_taking said no) */
   dev_slot *devs;
   int ndev;
   uint64_t device_memory;
@@ -136,6 +142,7 @@ static int push_ready(convd_job *j, uint64_t begin, uint64_t end) {
     }
   }
   j->ready[j->ready_head + j->ready_len++] = (range){begin, end};
+  j->ready_ops += end - begin;
   return 0;
 }
 
@@ -215,13 +222,38 @@ static void deliver(convd_engine *e, events *es) {
 
 /* ---- scheduling ------------------------------------------------------------------------ */
 
-/* Takes the next op for slot, round-robin over jobs. e->mu held. */
-static convd_job *pick(convd_engine *e, uint64_t *op) {
+/* Whether slot s should take one of job j's ops. A slow device beside fast ones must not make a
+ * job finish later: it takes an op only if it would finish it no later than the other devices,
+ * at their measured speeds, would finish all the ready work including that op. Devices not
+ * measured yet take ops (that is how they get measured). e->mu held. */
+static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_job *j) {
+  if (!s->measured) return 1;
+  double others = 0, fastest = 0; /* MACs per second of the other healthy, measured devices */
+  for (int i = 0; i < e->ndev; i++) {
+    const dev_slot *d = &e->devs[i];
+    if (d != s && d->healthy && d->measured && d->sec_per_mac > 0) {
+      others += 1.0 / d->sec_per_mac;
+      if (1.0 / d->sec_per_mac > fastest) fastest = 1.0 / d->sec_per_mac;
+    }
+  }
+  if (others == 0) return 1;
+  double ready = 0; /* MACs of every ready op, this one included */
+  for (const convd_job *x = e->jobs; x; x = x->next)
+    if (!x->cancelled && !x->failed) ready += (double)x->ready_ops * x->macs_per_op;
+  /* The others need at least their share of all ready work, and at least one op's time on the
+   * fastest of them (an op is not split): the fastest device therefore always takes work. */
+  const double others_done = ready / others > j->macs_per_op / fastest ? ready / others
+                                                                       : j->macs_per_op / fastest;
+  return s->sec_per_mac * j->macs_per_op <= others_done;
+}
+
+/* Takes the next op for slot s, round-robin over jobs. e->mu held. */
+static convd_job *pick(convd_engine *e, const dev_slot *s, uint64_t *op) {
   if (e->jobs == NULL) return NULL;
   convd_job *start = e->rr ? e->rr : e->jobs;
   convd_job *j = start;
   do {
-    if (job_has_work(j)) {
+    if (job_has_work(j) && worth_taking(e, s, j)) {
       if (j->retry_len > 0) {
         *op = j->retry[--j->retry_len];
       } else {
@@ -232,6 +264,7 @@ static convd_job *pick(convd_engine *e, uint64_t *op) {
           j->ready_len--;
         }
       }
+      j->ready_ops--;
       j->running++;
       e->rr = j->next ? j->next : e->jobs;
       return j;
@@ -383,12 +416,24 @@ static void *worker_main(void *arg) {
       continue;
     }
     uint64_t opi = 0;
-    convd_job *j = s->healthy && !e->stopping ? pick(e, &opi) : NULL;
+    convd_job *j = s->healthy && !e->stopping ? pick(e, s, &opi) : NULL;
     if (j == NULL) {
       if (e->stopping) break;
-      pthread_cond_wait(&e->cv, &e->mu);
+      int skipped = 0;
+      for (convd_job *x = e->jobs; x && !skipped && s->healthy; x = x->next) skipped = job_has_work(x);
+      if (skipped) {
+        /* Left to faster devices: they re-decide when any op completes, and one must be awake
+         * now if none is running. */
+        e->skipping++;
+        if (e->busy == 0) pthread_cond_broadcast(&e->cv);
+        pthread_cond_wait(&e->cv, &e->mu);
+        e->skipping--;
+      } else {
+        pthread_cond_wait(&e->cv, &e->mu);
+      }
       continue;
     }
+    e->busy++;
     convd_plan_op op;
     convd_plan_op_get(&j->plan, opi, &op);
     /* The output band of this op's tile row exists before any op writes into it. */
@@ -396,11 +441,20 @@ static void *worker_main(void *arg) {
     pthread_mutex_unlock(&e->mu);
 
     char err[256] = "";
+    const double t0 = now_seconds();
     int rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
                  : run_op(s, j, &op, err, sizeof err);
+    const double took = now_seconds() - t0;
 
     pthread_mutex_lock(&e->mu);
     j->running--;
+    e->busy--;
+    if (e->skipping > 0) pthread_cond_broadcast(&e->cv); /* speeds and ready work changed */
+    if (rc == 0 && !op.empty && op.local.macs > 0) {
+      const double spm = took / (double)op.local.macs;
+      s->sec_per_mac = s->measured ? 0.7 * s->sec_per_mac + 0.3 * spm : spm;
+      s->measured = 1;
+    }
     if (rc == 0) {
       s->completed_ops++;
       j->stats.ops_run++;
@@ -437,12 +491,14 @@ static void *worker_main(void *arg) {
           j->retry = r;
           j->retry_cap = cap;
           j->retry[j->retry_len++] = opi;
+          j->ready_ops++;
         } else {
           j->failed = 1;
           snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory requeueing an op");
         }
       } else {
         j->retry[j->retry_len++] = opi;
+        j->ready_ops++;
       }
       pthread_cond_broadcast(&e->cv);
     }
@@ -652,6 +708,7 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
       for (int64_t h = ih0; h < ih1; h++) j->in_refs[(size_t)n * (size_t)p->h + (size_t)h] += readers;
     }
   j->stats.ops = j->plan.ops;
+  j->macs_per_op = (double)conv->macs / (double)(j->plan.ops ? j->plan.ops : 1);
   pthread_mutex_lock(&e->mu);
   j->id = ++e->next_job_id;
   j->next = e->jobs;
@@ -792,6 +849,7 @@ void convd_job_cancel(convd_job *j) {
   atomic_store(&j->stop, 1);
   j->ready_len = 0;
   j->retry_len = 0;
+  j->ready_ops = 0;
   pthread_cond_broadcast(&j->e->cv); /* a worker delivers done() */
   pthread_mutex_unlock(&j->e->mu);
 }

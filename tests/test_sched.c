@@ -224,6 +224,38 @@ static void test_balance_1_2_4(void) {
   convd_engine_destroy(e);
 }
 
+/* A slow device beside a fast one must not make a job finish later: once the engine has
+ * measured both (a first job), the slow one takes an op only when it finishes it before the fast
+ * one would have finished everything: its ops x its time <= the fast device's ops x its time,
+ * give or take one fast op. With plain pulling it would take an op every 40 ms to the end. */
+static void test_slow_device_never_delays(void) {
+  char err[256];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 4, p.h = 60, p.w = 8, p.c_out = 4, p.c_per_group = 4, p.kh = 1, p.kw = 1;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  uint64_t budget = 2 * 4 * (4 * 8 + 16 + 4 * 8); /* one output row per op: 60 ops */
+  const int slow_us = 40000, fast_us = 2000;
+  convd_device *devs[2] = {test_wrapped_device("slow", slow_us, 0, budget),
+                           test_wrapped_device("fast", fast_us, 0, budget)};
+  convd_engine_opts o = {.extra = devs, .n_extra = 2, .device_memory = budget};
+  convd_engine *e;
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  rng r = {0x5eed0402};
+  convd_job_stats st;
+  ASSERT_TRUE(check_engine(e, &c, &r, "first job (measures both devices)", &st) == 0);
+  for (int round = 0; round < 3; round++) {
+    ASSERT_TRUE(check_engine(e, &c, &r, "job with both devices measured", &st) == 0);
+    const uint64_t slow = st.ops_per_device[0], fast = st.ops_per_device[1];
+    printf("  slow device %" PRIu64 " ops (%.0f ms), fast device %" PRIu64 " ops (%.0f ms)\n", slow,
+           slow * slow_us / 1e3, fast, fast * fast_us / 1e3);
+    ASSERT_EQ_INT(slow + fast, 60);
+    ASSERT_TRUE(slow * (uint64_t)slow_us <= (fast + 1) * (uint64_t)fast_us);
+  }
+  convd_engine_destroy(e);
+}
+
 /* A device that fails mid-job: its op is retried elsewhere, nothing is lost, it is unhealthy. */
 static void test_device_failure_mid_job(void) {
   char err[256];
@@ -369,6 +401,7 @@ int main(int argc, char **argv) {
       {"property_random_plans", test_property_random_plans},
       {"golden_forced_tiles", test_golden_forced_tiles},
       {"balance_1_2_4", test_balance_1_2_4},
+      {"slow_device_never_delays", test_slow_device_never_delays},
       {"device_failure_mid_job", test_device_failure_mid_job},
       {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
       {"gpu_random_plans", test_gpu_random_plans},
