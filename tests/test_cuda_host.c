@@ -42,7 +42,11 @@ static void test_algo_cache(void) {
     convd_cuda_algo_key k;
     convd_cuda_algo_key_make(&k, &q, 0, 1 << 20);
     convd_cuda_algo_put(c, &k, i % 7, (uint64_t)i);
-    ASSERT_TRUE(convd_cuda_algo_find(c, &a, &algo, &ws)); /* keeps a recent */
+    if (!convd_cuda_algo_find(c, &a, &algo, &ws)) { /* each find keeps it the most recent */
+      FAIL_AT("the entry used most recently was evicted after %d more entries", i + 1);
+      free(c);
+      return;
+    }
   }
   ASSERT_TRUE(convd_cuda_algo_find(c, &a, &algo, &ws));
   convd_conv_params first = params(1, 9, 9, 4, 3);
