@@ -119,37 +119,57 @@ static int check_engine(convd_engine *e, const convd_conv *c, rng *r, const char
 
 /* ---- tests -------------------------------------------------------------------------------- */
 
+/* One random case of tiled == monolithic on an engine made from o, with a random budget (for
+ * its GPUs too when it uses any). Returns 0 when it matched, 1 when the budget was below the
+ * smallest op (refused, correctly), -1 after reporting a failure; *ops gets the plan's size. */
+static int random_case(rng *r, convd_engine_opts o, const char *label, int iter, uint64_t *ops) {
+  char err[512];
+  convd_conv_params p = random_params(r);
+  convd_conv c;
+  if (convd_conv_init(&c, &p, err, sizeof err)) {
+    FAIL_AT("%s case %d: %s", label, iter, err);
+    return -1;
+  }
+  uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
+  o.device_memory = (uint64_t)rng_range(r, 4096, (int64_t)(3 * total) + 8192);
+  if (o.gpus) o.gpu_memory = o.device_memory;
+  convd_engine *e;
+  if (convd_engine_create(&o, &e, err, sizeof err)) {
+    FAIL_AT("%s case %d: %s", label, iter, err);
+    return -1;
+  }
+  convd_plan pl;
+  if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+    convd_engine_destroy(e);
+    return 1;
+  }
+  char what[256];
+  snprintf(what, sizeof what, "%s case %d (budget %" PRIu64 ", %" PRIu64 " ops)", label, iter,
+           o.device_memory, pl.ops);
+  convd_job_stats st = {0};
+  int rc = check_engine(e, &c, r, what, &st);
+  convd_engine_destroy(e);
+  if (rc || st.ops_run != pl.ops) {
+    FAIL_AT("%s (%" PRIu64 " ops run)", what, st.ops_run);
+    return -1;
+  }
+  *ops = pl.ops;
+  return 0;
+}
+
 static void test_property_random_plans(void) {
   rng r = {0x5eed0400};
   int multi = 0, cases = 0;
-  char err[512];
   for (int iter = 0; iter < 220; iter++) {
-    convd_conv_params p = random_params(&r);
-    convd_conv c;
-    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
-    uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
-    uint64_t budget = (uint64_t)rng_range(&r, 2048, (int64_t)(3 * total) + 4096);
     convd_engine_opts o = {.cpu_devices = (int)rng_range(&r, 1, 3), .cpu_threads = 2,
-                           .reference = (int)rng_range(&r, 0, 1), .device_memory = budget};
-    convd_engine *e;
-    ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
-    convd_plan pl;
-    if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
-      convd_engine_destroy(e);
-      continue;
-    }
-    char what[256];
-    snprintf(what, sizeof what, "case %d (%d %s devices, budget %" PRIu64 ", %" PRIu64 " ops)",
-             iter, o.cpu_devices, o.reference ? "reference" : "cpu", budget, pl.ops);
-    convd_job_stats st;
-    int rc = check_engine(e, &c, &r, what, &st);
-    convd_engine_destroy(e);
-    if (rc) {
-      FAIL_AT("%s", what);
-      return;
-    }
-    ASSERT_TRUE(st.ops_run == pl.ops);
-    multi += pl.ops > 1;
+                           .reference = (int)rng_range(&r, 0, 1)};
+    char label[64];
+    snprintf(label, sizeof label, "%d %s devices", o.cpu_devices, o.reference ? "reference" : "cpu");
+    uint64_t ops = 0;
+    int rc = random_case(&r, o, label, iter, &ops);
+    if (rc < 0) return;
+    if (rc > 0) continue;
+    multi += ops > 1;
     cases++;
   }
   printf("  %d cases, %d with more than one op\n", cases, multi);
@@ -358,7 +378,7 @@ static void test_cancel_drops_queued_ops(void) {
  * a CPU device (the heterogeneous pool), and on two device instances sharing the one GPU (the
  * code path of several GPUs). */
 static void test_gpu_random_plans(void) {
-  char why[256] = "", err[512];
+  char why[256] = "";
   if (convd_cuda_device_count(why, sizeof why) == 0) {
     printf("  not run here: %s\n", why);
     return;
@@ -369,36 +389,18 @@ static void test_gpu_random_plans(void) {
   } configs[] = {{"gpu", 0, 1}, {"gpu+cpu", 1, 1}, {"2 instances of one gpu", 0, 2}};
   rng r = {0x5eed0401};
   for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++) {
-    int multi = 0;
+    int multi = 0, cases = 0;
     for (int iter = 0; iter < 60; iter++) {
-      convd_conv_params p = random_params(&r);
-      convd_conv c;
-      ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
-      uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
-      uint64_t budget = (uint64_t)rng_range(&r, 4096, (int64_t)(3 * total) + 8192);
       convd_engine_opts o = {.cpu_devices = configs[k].cpu_devices, .cpu_threads = 2, .gpus = -1,
-                             .gpu_memory = budget, .gpu_instances = configs[k].instances,
-                             .device_memory = budget};
-      convd_engine *e;
-      ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
-      convd_plan pl;
-      if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
-        convd_engine_destroy(e);
-        continue;
-      }
-      char what[256];
-      snprintf(what, sizeof what, "%s case %d (budget %" PRIu64 ", %" PRIu64 " ops)", configs[k].name,
-               iter, budget, pl.ops);
-      convd_job_stats st;
-      int rc = check_engine(e, &c, &r, what, &st);
-      convd_engine_destroy(e);
-      if (rc) {
-        FAIL_AT("%s", what);
-        return;
-      }
-      multi += pl.ops > 1;
+                             .gpu_instances = configs[k].instances};
+      uint64_t ops = 0;
+      int rc = random_case(&r, o, configs[k].name, iter, &ops);
+      if (rc < 0) return;
+      if (rc > 0) continue;
+      multi += ops > 1;
+      cases++;
     }
-    printf("  %s: 60 cases, %d with more than one op\n", configs[k].name, multi);
+    printf("  %s: %d cases, %d with more than one op\n", configs[k].name, cases, multi);
   }
 }
 
