@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "band.h"
+#include "dtype.h"
 #include "convd/v1/convd.pb-c.h"
 #include "wire.h"
 
@@ -125,7 +126,10 @@ static void make_spec(spec_storage *s, const convd_conv_params *p) {
   s->pad.top = p->pad_top, s->pad.bottom = p->pad_bottom;
   s->pad.left = p->pad_left, s->pad.right = p->pad_right;
   s->spec.op = CONVD__V1__OP__OP_CONV2D;
-  s->spec.dtype = CONVD__V1__DTYPE__DTYPE_FLOAT32;
+  s->spec.dtype = p->dtype == CONVD_F16    ? CONVD__V1__DTYPE__DTYPE_FLOAT16
+                  : p->dtype == CONVD_BF16 ? CONVD__V1__DTYPE__DTYPE_BFLOAT16
+                                           : CONVD__V1__DTYPE__DTYPE_FLOAT32;
+  s->spec.allow_tf32 = p->allow_tf32 != 0;
   s->spec.input_shape = &s->in;
   s->spec.weight_shape = &s->wt;
   s->spec.has_bias = p->has_bias != 0;
@@ -157,8 +161,8 @@ enum { T_SEND = 1, T_RECV, T_MD, T_STATUS };
 typedef struct stream {
   convd_client *cl;
   const convd_conv *conv;
-  const float *x, *w, *b;
-  float *y;
+  const void *x, *w, *b; /* in the wire's dtype */
+  void *y;
   convd_client_stats *st;
   /* what to send next: 0 spec, 1 weights, 2 bias, 3 input bands, 4 close, 5 nothing */
   int phase;
@@ -190,7 +194,7 @@ static grpc_byte_buffer *next_request(stream *s) {
       case 1:
       case 2: {
         const int is_w = s->phase == 1;
-        size_t total = is_w ? s->conv->weight_bytes : s->conv->bias_bytes;
+        size_t total = is_w ? s->conv->weight_wire_bytes : s->conv->bias_wire_bytes;
         if (s->off >= total) {
           s->phase++;
           s->off = 0;
@@ -284,6 +288,56 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
   }
 }
 
+/* Tensors in the wire's dtype: the caller's floats as they are for float32, else narrowed
+ * copies (and an output buffer widened into the caller's y at the end). */
+typedef struct wire_tensors {
+  const void *x, *w, *b;
+  void *y;
+  void *own[4];
+} wire_tensors;
+
+static void wire_free(wire_tensors *t) {
+  for (int i = 0; i < 4; i++) free(t->own[i]);
+}
+
+static int wire_make(wire_tensors *t, const convd_conv *cv, const float *x, const float *w,
+                     const float *b, float *y, char *err, size_t errlen) {
+  memset(t, 0, sizeof *t);
+  const int dt = cv->p.dtype;
+  if (dt == CONVD_F32) {
+    t->x = x, t->w = w, t->b = b, t->y = y;
+    return 0;
+  }
+  const float *src[3] = {x, w, b};
+  const size_t elems[3] = {cv->input_elems, cv->weight_elems, b ? cv->bias_elems : 0};
+  for (int i = 0; i < 3; i++) {
+    if (elems[i] == 0) continue;
+    if ((t->own[i] = malloc(elems[i] * cv->wire_elem)) == NULL) break;
+    convd_dtype_encode(dt, src[i], t->own[i], elems[i]);
+  }
+  t->own[3] = malloc(cv->output_wire_bytes);
+  if (t->own[0] == NULL || t->own[1] == NULL || (elems[2] && t->own[2] == NULL) || t->own[3] == NULL) {
+    wire_free(t);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory narrowing the tensors to %s",
+                      convd_dtype_name(dt));
+  }
+  t->x = t->own[0], t->w = t->own[1], t->b = t->own[2], t->y = t->own[3];
+  return 0;
+}
+
+/* The call succeeded: the output reaches the caller as float32. */
+static void wire_done(wire_tensors *t, const convd_conv *cv, float *y) {
+  if (cv->p.dtype != CONVD_F32) convd_dtype_decode(cv->p.dtype, t->y, y, cv->output_elems);
+  wire_free(t);
+}
+
+static int conv2d_stream(convd_client *c, const convd_conv_params *p, const void *x,
+                         const void *w, const void *b, void *y, convd_client_stats *st,
+                         char *err, size_t errlen);
+static int conv2d_unary(convd_client *c, const convd_conv_params *p, const void *x,
+                        const void *w, const void *b, void *y, convd_client_stats *st, char *err,
+                        size_t errlen);
+
 int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
                         const float *w, const float *b, float *y, convd_client_stats *st,
                         char *err, size_t errlen) {
@@ -292,6 +346,40 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
   if (rc) return rc;
   if (p->has_bias && b == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  wire_tensors t;
+  if ((rc = wire_make(&t, &conv, x, w, b, y, err, errlen))) return rc;
+  rc = conv2d_stream(c, p, t.x, t.w, t.b, t.y, st, err, errlen);
+  if (rc == 0)
+    wire_done(&t, &conv, y);
+  else
+    wire_free(&t);
+  return rc;
+}
+
+int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
+                              const float *w, const float *b, float *y, convd_client_stats *st,
+                              char *err, size_t errlen) {
+  convd_conv conv;
+  int rc = convd_conv_init(&conv, p, err, errlen);
+  if (rc) return rc;
+  if (p->has_bias && b == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  wire_tensors t;
+  if ((rc = wire_make(&t, &conv, x, w, b, y, err, errlen))) return rc;
+  rc = conv2d_unary(c, p, t.x, t.w, t.b, t.y, st, err, errlen);
+  if (rc == 0)
+    wire_done(&t, &conv, y);
+  else
+    wire_free(&t);
+  return rc;
+}
+
+static int conv2d_stream(convd_client *c, const convd_conv_params *p, const void *x,
+                         const void *w, const void *b, void *y, convd_client_stats *st,
+                         char *err, size_t errlen) {
+  convd_conv conv;
+  int rc = convd_conv_init(&conv, p, err, errlen);
+  if (rc) return rc;
   if (st) {
     memset(st, 0, sizeof *st);
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
@@ -300,9 +388,9 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
   stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st, .t0 = now_seconds()};
   s.buf = malloc(c->o.chunk_bytes);
   if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
-  convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, sizeof(float)};
+  convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, conv.wire_elem};
   convd_band_iter_init(&s.in_it, &in_shape, c->o.chunk_bytes);
-  s.out_shape = (convd_band_shape){p->n, p->c_out, conv.h_out, conv.w_out, sizeof(float)};
+  s.out_shape = (convd_band_shape){p->n, p->c_out, conv.h_out, conv.w_out, conv.wire_elem};
 
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
@@ -406,10 +494,10 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
   }
   if (send_buf) grpc_byte_buffer_destroy(send_buf);
   if (recv_buf) grpc_byte_buffer_destroy(recv_buf);
-  if (status == GRPC_STATUS_OK && !s.local_rc && s.out_bytes_seen != conv.output_bytes) {
+  if (status == GRPC_STATUS_OK && !s.local_rc && s.out_bytes_seen != conv.output_wire_bytes) {
     char msg[160];
     snprintf(msg, sizeof msg, "the call ended with %zu of the output's %zu bytes received",
-             s.out_bytes_seen, conv.output_bytes);
+             s.out_bytes_seen, conv.output_wire_bytes);
     local_fail(&s, CONVD_EREMOTE, msg);
   }
   if (st) st->total_seconds = now_seconds() - s.t0;
@@ -476,31 +564,29 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   return rc;
 }
 
-int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
-                              const float *w, const float *b, float *y, convd_client_stats *st,
-                              char *err, size_t errlen) {
+static int conv2d_unary(convd_client *c, const convd_conv_params *p, const void *x,
+                        const void *w, const void *b, void *y, convd_client_stats *st, char *err,
+                        size_t errlen) {
   convd_conv conv;
   int rc = convd_conv_init(&conv, p, err, errlen);
   if (rc) return rc;
-  if (p->has_bias && b == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
   spec_storage sp;
   make_spec(&sp, p);
   Convd__V1__ConvCall req = CONVD__V1__CONV_CALL__INIT;
   req.spec = &sp.spec;
   req.input.data = (uint8_t *)x;
-  req.input.len = conv.input_bytes;
+  req.input.len = conv.input_wire_bytes;
   req.weight.data = (uint8_t *)w;
-  req.weight.len = conv.weight_bytes;
+  req.weight.len = conv.weight_wire_bytes;
   req.bias.data = (uint8_t *)b;
-  req.bias.len = conv.bias_bytes;
+  req.bias.len = conv.bias_wire_bytes;
   size_t req_bytes = protobuf_c_message_get_packed_size(&req.base);
-  if (req_bytes > c->o.max_message_bytes || conv.output_bytes + 1024 > c->o.max_message_bytes)
+  if (req_bytes > c->o.max_message_bytes || conv.output_wire_bytes + 1024 > c->o.max_message_bytes)
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "a unary call of %zu request bytes and %zu output bytes does not fit the "
                       "message limit of %zu bytes: use the streaming Conv2d call "
                       "(convd_client_conv2d)",
-                      req_bytes, conv.output_bytes, c->o.max_message_bytes);
+                      req_bytes, conv.output_wire_bytes, c->o.max_message_bytes);
   grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
   if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   rc = unary_call(c, c->m_unary, bb, &resp, err, errlen);
@@ -509,11 +595,11 @@ int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const
   Convd__V1__ConvResult *r = (Convd__V1__ConvResult *)convd_wire_unpack(resp, &convd__v1__conv_result__descriptor);
   grpc_byte_buffer_destroy(resp);
   if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ConvResult");
-  if (r->output.len != conv.output_bytes) {
+  if (r->output.len != conv.output_wire_bytes) {
     rc = convd_errf(err, errlen, CONVD_EREMOTE, "the response has %zu output bytes, expected %zu",
-                    r->output.len, conv.output_bytes);
+                    r->output.len, conv.output_wire_bytes);
   } else {
-    memcpy(y, r->output.data, conv.output_bytes);
+    memcpy(y, r->output.data, conv.output_wire_bytes);
     if (st) {
       memset(st, 0, sizeof *st);
       st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;

@@ -1,6 +1,8 @@
 /* libconvd_client: a convd client in C. Synchronous calls: each returns when its gRPC call has
  * ended. A client handle may be used by one thread at a time; use one per thread. Tensors are
- * float32, NCHW, in the caller's memory; nothing needs to fit in one gRPC message. */
+ * float32, NCHW, in the caller's memory; nothing needs to fit in one gRPC message. With
+ * p->dtype float16 or bfloat16 they travel narrowed (rounded to nearest even) and the output
+ * comes back widened; p->allow_tf32 lets GPUs use TF32 on float32 tensors. */
 #ifndef CONVD_CLIENT_H
 #define CONVD_CLIENT_H
 

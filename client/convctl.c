@@ -13,6 +13,7 @@
 #include "client.h"
 #include "npy.h"
 #include "plan.h"
+#include "dtype.h"
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -20,6 +21,7 @@ static void usage(FILE *f) {
           "  convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]\n"
           "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
           "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
+          "               [--dtype float32|float16|bfloat16] [--tf32]\n"
           "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
           "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
           "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
@@ -27,6 +29,8 @@ static void usage(FILE *f) {
           "\n"
           "Tensors are float32 .npy files: input N,C,H,W; weight C_out,C_in/groups,kH,kW;\n"
           "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"
+          "--dtype float16/bfloat16 sends them rounded to that type and returns its output\n"
+          "(written as float32); --tf32 lets GPUs use TF32 on float32 tensors.\n"
           "--padding takes one value, two (H,W) or four (top,bottom,left,right).\n");
 }
 
@@ -49,7 +53,8 @@ static int parse_list(const char *s, int64_t *v, int max) {
 typedef struct args {
   const char *server, *input, *weight, *bias, *output;
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
-  int unary;
+  const char *dtype;
+  int unary, tf32;
 } args;
 
 static int parse_args(int argc, char **argv, args *a) {
@@ -60,10 +65,15 @@ static int parse_args(int argc, char **argv, args *a) {
               {"--bias", &a->bias},         {"--output", &a->output},   {"--stride", &a->stride},
               {"--padding", &a->padding},   {"--dilation", &a->dilation}, {"--groups", &a->groups},
               {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout},
-              {"--devices", &a->devices},   {"--device-memory", &a->device_memory}};
+              {"--devices", &a->devices},   {"--device-memory", &a->device_memory},
+              {"--dtype", &a->dtype}};
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--unary") == 0) {
       a->unary = 1;
+      continue;
+    }
+    if (strcmp(argv[i], "--tf32") == 0) {
+      a->tf32 = 1;
       continue;
     }
     if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -158,6 +168,16 @@ static int parse_conv_options(const args *a, convd_conv_params *p) {
     if (parse_list(a->groups, v, 1) != 1) goto bad_list;
     p->groups = v[0];
   }
+  if (a->dtype) {
+    if (strcmp(a->dtype, "float32") == 0) p->dtype = CONVD_F32;
+    else if (strcmp(a->dtype, "float16") == 0) p->dtype = CONVD_F16;
+    else if (strcmp(a->dtype, "bfloat16") == 0) p->dtype = CONVD_BF16;
+    else {
+      fprintf(stderr, "convctl: --dtype %s: expected float32, float16 or bfloat16\n", a->dtype);
+      return -1;
+    }
+  }
+  p->allow_tf32 = a->tf32;
   return 0;
 bad_list:
   fprintf(stderr, "convctl: malformed --stride/--padding/--dilation/--groups value (see --help)\n");

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 
+#include "dtype.h"
 #include "err.h"
 
 void convd_conv_params_default(convd_conv_params *p) {
@@ -11,6 +12,16 @@ void convd_conv_params_default(convd_conv_params *p) {
   p->stride_h = p->stride_w = 1;
   p->dil_h = p->dil_w = 1;
   p->groups = 1;
+}
+
+int convd_conv_params_same(const convd_conv_params *a, const convd_conv_params *b) {
+  return a->n == b->n && a->c_in == b->c_in && a->h == b->h && a->w == b->w &&
+         a->c_out == b->c_out && a->c_per_group == b->c_per_group && a->kh == b->kh &&
+         a->kw == b->kw && a->has_bias == b->has_bias && a->stride_h == b->stride_h &&
+         a->stride_w == b->stride_w && a->pad_top == b->pad_top &&
+         a->pad_bottom == b->pad_bottom && a->pad_left == b->pad_left &&
+         a->pad_right == b->pad_right && a->dil_h == b->dil_h && a->dil_w == b->dil_w &&
+         a->groups == b->groups && a->dtype == b->dtype && a->allow_tf32 == b->allow_tf32;
 }
 
 int convd_size_mul(size_t a, size_t b, size_t *out) {
@@ -66,6 +77,10 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
       {"dilation height", p->dil_h, 1}, {"dilation width", p->dil_w, 1},
       {"groups", p->groups, 1},
   };
+  if (convd_dtype_size(p->dtype) == 0)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "dtype %d is not one this daemon serves (float32, float16, bfloat16)",
+                      p->dtype);
   for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
     int rc = check_range(fields[i].what, fields[i].v, fields[i].lo, err, errlen);
     if (rc) return rc;
@@ -120,6 +135,12 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
                       "output of %lldx%lldx%lldx%lld elements is too large", (long long)out[0],
                       (long long)out[1], (long long)out[2], (long long)out[3]);
   prod_bytes(bias, 1, sizeof(float), &c->bias_elems, &c->bias_bytes);
+  /* The wire's elements are at most 4 bytes, so these cannot overflow either. */
+  c->wire_elem = convd_dtype_size(p->dtype);
+  c->input_wire_bytes = c->input_elems * c->wire_elem;
+  c->weight_wire_bytes = c->weight_elems * c->wire_elem;
+  c->bias_wire_bytes = c->bias_elems * c->wire_elem;
+  c->output_wire_bytes = c->output_elems * c->wire_elem;
 
   /* macs = output elements * (C_in/groups * kH * kW); saturate, it only feeds statistics. */
   uint64_t m = (uint64_t)c->output_elems;

@@ -20,6 +20,8 @@ typedef struct convd_conv_params {
   int64_t pad_top, pad_bottom, pad_left, pad_right;
   int64_t dil_h, dil_w;
   int64_t groups;
+  int dtype;      /* enum convd_dtype (dtype.h): the wire's element type; host math is float32 */
+  int allow_tf32; /* 1: float32 ops may run on TF32 tensor cores (10-bit mantissa products) */
 } convd_conv_params;
 
 /* A checked convolution: the parameters plus everything derived from them. */
@@ -27,9 +29,14 @@ typedef struct convd_conv {
   convd_conv_params p;
   int64_t h_out, w_out;
   size_t input_elems, weight_elems, bias_elems, output_elems;
-  size_t input_bytes, weight_bytes, bias_bytes, output_bytes;
+  size_t input_bytes, weight_bytes, bias_bytes, output_bytes; /* as float32, on the host */
+  size_t wire_elem; /* bytes per element on the wire (dtype) */
+  size_t input_wire_bytes, weight_wire_bytes, bias_wire_bytes, output_wire_bytes;
   uint64_t macs; /* multiply-accumulates, saturating at UINT64_MAX */
 } convd_conv;
+
+/* 1 when a and b describe the same convolution (field by field: padding bytes never count). */
+int convd_conv_params_same(const convd_conv_params *a, const convd_conv_params *b);
 
 /* Fills params with the defaults a client may leave out (stride and dilation 1, no padding,
  * groups 1, no bias). Shapes stay zero and must be set. */

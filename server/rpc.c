@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "band.h"
+#include "dtype.h"
 #include "convd/v1/convd.pb-c.h"
 #include "wire.h"
 #include "err.h"
@@ -109,6 +110,7 @@ struct call {
   int64_t band_n, band_h0, band_h1, range_end;
   uint64_t rows_sent, rows_total;
   char *band_buf;
+  float *band_f32; /* output pieces as float32 before they are narrowed (float16, bfloat16) */
   uint64_t bytes_sent;
 
   /* Conv2dUnary */
@@ -222,6 +224,7 @@ static void call_free(call *c) {
   convd_job_destroy(c->job);
   convd_session_destroy(c->sess);
   free(c->band_buf);
+  free(c->band_f32);
   free(c->ready);
   free(c->ux);
   free(c->uy);
@@ -368,21 +371,24 @@ static void maybe_resume(call *c) {
  * send was started. */
 static int next_output_piece(call *c) {
   const convd_conv *cv = convd_session_conv(c->sess);
-  convd_band_shape shape = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
+  /* Pieces are whole elements of the wire's dtype; the rows are float32. */
+  const size_t chunk = c->rpc->cfg->chunk_bytes & ~(size_t)3;
+  convd_band_shape shape = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, cv->wire_elem};
+  const convd_band_shape rows_f32 = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
   if (!c->band_active) {
     if (c->ready_len == 0) return 0;
     struct out_range *r = &c->ready[0];
     /* A band: as many final rows as fit one chunk (at least one). */
     size_t row_bytes = convd_band_bytes(&shape, 0, 1);
-    int64_t rows = row_bytes >= c->rpc->cfg->chunk_bytes ? 1 : (int64_t)(c->rpc->cfg->chunk_bytes / row_bytes);
+    int64_t rows = row_bytes >= chunk ? 1 : (int64_t)(chunk / row_bytes);
     c->band_n = r->n;
     c->band_h0 = r->h0;
     c->band_h1 = r->h0 + rows < r->h1 ? r->h0 + rows : r->h1;
     r->h0 = c->band_h1;
     if (r->h0 == r->h1) memmove(c->ready, c->ready + 1, --c->ready_len * sizeof *c->ready);
     /* The iterator walks the pieces of this one band. */
-    convd_band_shape one = {1, cv->p.c_out, c->band_h1 - c->band_h0, cv->w_out, sizeof(float)};
-    convd_band_iter_init(&c->it, &one, c->rpc->cfg->chunk_bytes);
+    convd_band_shape one = {1, cv->p.c_out, c->band_h1 - c->band_h0, cv->w_out, cv->wire_elem};
+    convd_band_iter_init(&c->it, &one, chunk);
     c->it.rows_per_band = c->band_h1 - c->band_h0;
     c->band_active = 1;
   }
@@ -390,8 +396,19 @@ static int next_output_piece(call *c) {
     c->band_active = 0;
     return 0;
   }
-  convd_band_gather_rows(&shape, c->band_n, c->band_h0, c->band_h1, c->it.off, c->band_buf,
-                         c->it.len, job_out_row, c);
+  if (cv->p.dtype == CONVD_F32) {
+    convd_band_gather_rows(&shape, c->band_n, c->band_h0, c->band_h1, c->it.off, c->band_buf,
+                           c->it.len, job_out_row, c);
+  } else {
+    const size_t e0 = c->it.off / cv->wire_elem, ne = c->it.len / cv->wire_elem;
+    if (c->band_f32 == NULL && (c->band_f32 = malloc(chunk * 2)) == NULL) {
+      set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the output");
+      return 0;
+    }
+    convd_band_gather_rows(&rows_f32, c->band_n, c->band_h0, c->band_h1, e0 * sizeof(float),
+                           c->band_f32, ne * sizeof(float), job_out_row, c);
+    convd_dtype_encode(cv->p.dtype, c->band_f32, c->band_buf, ne);
+  }
   Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
   band.n = c->band_n;
   band.h_begin = c->band_h0;
@@ -570,12 +587,19 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
     sum.elapsed_seconds = now_seconds() - c->t_begin;
     sum.compute_seconds = st->compute_seconds;
     sum.ops_run = st->ops_run;
-    sum.bytes_received = c->conv.input_bytes + c->conv.weight_bytes + c->conv.bias_bytes;
-    sum.bytes_sent = c->conv.output_bytes;
+    sum.bytes_received =
+        c->conv.input_wire_bytes + c->conv.weight_wire_bytes + c->conv.bias_wire_bytes;
+    sum.bytes_sent = c->conv.output_wire_bytes;
+    /* Narrowed in place: element i's 2 bytes land at or before where its 4 bytes were read. */
+    if (c->conv.p.dtype != CONVD_F32)
+      for (size_t i = 0; i < c->conv.output_elems; i++) {
+        const float v = c->uy[i];
+        convd_dtype_encode(c->conv.p.dtype, &v, (char *)c->uy + i * c->conv.wire_elem, 1);
+      }
     Convd__V1__ConvResult res = CONVD__V1__CONV_RESULT__INIT;
     res.output_shape = &shape;
     res.output.data = (uint8_t *)c->uy;
-    res.output.len = c->conv.output_bytes;
+    res.output.len = c->conv.output_wire_bytes;
     res.summary = &sum;
     grpc_byte_buffer *bb = c->status_set ? NULL : convd_wire_pack(&res.base);
     if (c->status_set) {
@@ -679,18 +703,21 @@ static void handle_conv2d(call *c) {
   post_recv(c);
 }
 
-static int take_bytes(const char *what, const ProtobufCBinaryData *src, size_t want, float **dst,
-                      char *err, size_t errlen) {
-  if (src->len != want)
+/* A whole tensor of `elems` elements of the call's dtype, widened to float32 in an own, aligned
+ * buffer (protobuf-c's buffers carry no alignment promise for float access). */
+static int take_bytes(const char *what, const ProtobufCBinaryData *src, const convd_conv *cv,
+                      size_t elems, float **dst, char *err, size_t errlen) {
+  if (src->len != elems * cv->wire_elem)
     return convd_errf(err, errlen, CONVD_EINVAL,
-                      "%s has %zu bytes, but its shape needs %zu (float32, 4 bytes per element)",
-                      what, src->len, want);
-  if (want == 0) return 0;
-  /* Own, aligned copies: protobuf-c's buffers carry no alignment promise for float access. */
-  *dst = malloc(want);
+                      "%s has %zu bytes, but its shape needs %zu (%s, %zu bytes per element)",
+                      what, src->len, elems * cv->wire_elem, convd_dtype_name(cv->p.dtype),
+                      cv->wire_elem);
+  if (elems == 0) return 0;
+  *dst = malloc(elems * sizeof(float));
   if (*dst == NULL)
-    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now", want);
-  memcpy(*dst, src->data, want);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
+                      elems * sizeof(float));
+  convd_dtype_decode(cv->p.dtype, src->data, *dst, elems);
   return 0;
 }
 
@@ -708,16 +735,18 @@ static void handle_unary(call *c) {
   else if (m->spec == NULL)
     rc = convd_errf(err, sizeof err, CONVD_EINVAL, "ConvCall.spec is missing");
   if (rc == 0) rc = convd_spec_to_conv(m->spec, cfg->max_request_bytes, &c->conv, err, sizeof err);
-  if (rc == 0 && c->conv.output_bytes > cfg->max_message_bytes - 1024)
+  if (rc == 0 && c->conv.output_wire_bytes > cfg->max_message_bytes - 1024)
     rc = convd_errf(err, sizeof err, CONVD_ELIMIT,
                     "the output of %zu bytes does not fit in one response message (limit %" PRIu64
                     " bytes, --max-message-bytes): use the streaming Conv2d method",
-                    c->conv.output_bytes, cfg->max_message_bytes);
-  if (rc == 0) rc = take_bytes("ConvCall.input", &m->input, c->conv.input_bytes, &x, err, sizeof err);
-  if (rc == 0) rc = take_bytes("ConvCall.weight", &m->weight, c->conv.weight_bytes, &w, err, sizeof err);
+                    c->conv.output_wire_bytes, cfg->max_message_bytes);
+  if (rc == 0)
+    rc = take_bytes("ConvCall.input", &m->input, &c->conv, c->conv.input_elems, &x, err, sizeof err);
+  if (rc == 0)
+    rc = take_bytes("ConvCall.weight", &m->weight, &c->conv, c->conv.weight_elems, &w, err, sizeof err);
   if (rc == 0)
     rc = take_bytes(c->conv.p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
-                    &m->bias, c->conv.bias_bytes, &b, err, sizeof err);
+                    &m->bias, &c->conv, c->conv.bias_elems, &b, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc == 0 && (c->uy = malloc(c->conv.output_bytes)) == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",

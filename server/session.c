@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "band.h"
+#include "dtype.h"
 #include "err.h"
 
 struct convd_session {
@@ -13,9 +14,9 @@ struct convd_session {
   convd_conv conv;
   convd_band_shape in_shape;
   convd_job *job;
-  float *w, *b;       /* until handed to the job */
+  void *w, *b;        /* as they arrive (wire dtype), until handed to the job as float32 */
   int weights_given;
-  float *band;        /* the band being assembled */
+  void *band;         /* the band being assembled, in the wire's dtype */
   size_t band_cap;
   size_t w_recv, b_recv; /* bytes of weight / bias received, in order */
   uint8_t *row_seen;     /* N*H flags: row (n, h) announced by some band */
@@ -34,11 +35,23 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_byt
     return convd_errf(err, errlen, CONVD_ENOTSUP,
                       "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1)",
                       (int)spec->op);
-  if (spec->dtype != CONVD__V1__DTYPE__DTYPE_UNSPECIFIED &&
-      spec->dtype != CONVD__V1__DTYPE__DTYPE_FLOAT32)
-    return convd_errf(err, errlen, CONVD_ENOTSUP,
-                      "spec.dtype = %d is not a dtype this daemon serves (DTYPE_FLOAT32 = 1)",
-                      (int)spec->dtype);
+  int dtype;
+  switch (spec->dtype) {
+    case CONVD__V1__DTYPE__DTYPE_UNSPECIFIED:
+    case CONVD__V1__DTYPE__DTYPE_FLOAT32: dtype = CONVD_F32; break;
+    case CONVD__V1__DTYPE__DTYPE_FLOAT16: dtype = CONVD_F16; break;
+    case CONVD__V1__DTYPE__DTYPE_BFLOAT16: dtype = CONVD_BF16; break;
+    default:
+      return convd_errf(err, errlen, CONVD_ENOTSUP,
+                        "spec.dtype = %d is not a dtype this daemon serves (DTYPE_FLOAT32 = 1, "
+                        "DTYPE_FLOAT16 = 2, DTYPE_BFLOAT16 = 3)",
+                        (int)spec->dtype);
+  }
+  if (spec->allow_tf32 && dtype != CONVD_F32)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.allow_tf32 applies to float32 tensors; this call's dtype is %s: "
+                      "leave allow_tf32 unset",
+                      convd_dtype_name(dtype));
   if (spec->input_shape == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "spec.input_shape is missing: send the input's N, C, H, W");
@@ -71,6 +84,8 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_byt
     p.dil_w = spec->dilation->w;
   }
   p.groups = spec->groups == 0 ? 1 : spec->groups;
+  p.dtype = dtype;
+  p.allow_tf32 = spec->allow_tf32 ? 1 : 0;
   int rc = convd_conv_init(conv, &p, err, errlen);
   if (rc) return rc;
 
@@ -109,15 +124,15 @@ static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *
   if (rc) return rc;
   const convd_conv *c = &s->conv;
   s->rows_total = (size_t)c->p.n * (size_t)c->p.h; /* <= input elements, so no overflow */
-  s->w = malloc(c->weight_bytes);
-  s->b = c->bias_bytes ? malloc(c->bias_bytes) : NULL;
+  s->w = malloc(c->weight_wire_bytes);
+  s->b = c->bias_bytes ? malloc(c->bias_wire_bytes) : NULL;
   s->row_seen = calloc(s->rows_total, 1);
   if (!s->w || (c->bias_bytes && !s->b) || !s->row_seen)
     return convd_errf(err, errlen, CONVD_ENOMEM,
                       "the daemon cannot allocate %zu bytes for this request now; retry later or "
                       "send a smaller one",
                       c->weight_bytes + c->bias_bytes + s->rows_total);
-  s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, sizeof(float)};
+  s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, c->wire_elem};
   s->have_spec = 1;
   return 0;
 }
@@ -132,7 +147,7 @@ static int feed_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *
   if (ch->data.len > total - *recv)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "%s chunk at byte offset %" PRIu64 " with %zu bytes ends past the %s's %zu "
-                      "bytes (shape x 4 bytes per float32)",
+                      "bytes (its shape's elements x the dtype's size)",
                       what, ch->offset, ch->data.len, what, total);
   if (ch->data.len) memcpy((char *)dst + *recv, ch->data.data, ch->data.len);
   *recv += ch->data.len;
@@ -181,7 +196,7 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
     s->band_off = 0;
     s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
     if (s->band_len > s->band_cap) {
-      float *nb = realloc(s->band, s->band_len);
+      void *nb = realloc(s->band, s->band_len);
       if (nb == NULL)
         return convd_errf(err, errlen, CONVD_ENOMEM,
                           "the daemon cannot hold a band of %zu bytes now: send smaller bands",
@@ -193,32 +208,62 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
   if (b->data.len > s->band_len - s->band_off)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64 "): %zu bytes at "
-                      "offset %zu end past the band's %zu bytes (C x rows x W x 4 = %" PRId64
-                      " x %" PRId64 " x %" PRId64 " x 4)",
-                      b->n, b->h_begin, b->h_end, b->data.len, s->band_off, s->band_len, p->c_in,
-                      b->h_end - b->h_begin, p->w);
+                      "offset %zu end past the band's %zu bytes (C x rows x W x %zu = %" PRId64
+                      " x %" PRId64 " x %" PRId64 " x %zu, %s)",
+                      b->n, b->h_begin, b->h_end, b->data.len, s->band_off, s->band_len,
+                      s->conv.wire_elem, p->c_in, b->h_end - b->h_begin, p->w, s->conv.wire_elem,
+                      convd_dtype_name(p->dtype));
   if (b->data.len) memcpy((char *)s->band + s->band_off, b->data.data, b->data.len);
   s->band_off += b->data.len;
   if (s->band_off == s->band_len) {
     s->band_open = 0;
     s->rows_done += (size_t)(b->h_end - b->h_begin);
-    if (s->job) { /* the job takes the band over and reads it in place */
-      float *band = s->band;
-      s->band = NULL;
-      s->band_cap = 0;
+    if (s->job) { /* the job takes the band over (widened to float32) and reads it in place */
+      float *band;
+      if (p->dtype == CONVD_F32) {
+        band = s->band;
+        s->band = NULL;
+        s->band_cap = 0;
+      } else {
+        const size_t elems = s->band_len / s->conv.wire_elem;
+        if ((band = malloc(elems * sizeof(float))) == NULL)
+          return convd_errf(err, errlen, CONVD_ENOMEM,
+                            "the daemon cannot widen a band of %zu elements now: send smaller "
+                            "bands",
+                            elems);
+        convd_dtype_decode(p->dtype, s->band, band, elems);
+      }
       return convd_job_put_band(s->job, b->n, b->h_begin, b->h_end, band, CONVD_GIVE, err, errlen);
     }
   }
   return 0;
 }
 
+/* Widens a whole wire tensor of n elements to float32 in a new buffer, freeing the old one;
+ * float32 tensors are taken as they are. */
+static int widen(int dtype, void **t, size_t n) {
+  if (dtype == CONVD_F32 || *t == NULL) return 0;
+  float *f = malloc(n * sizeof(float));
+  if (f == NULL) return -1;
+  convd_dtype_decode(dtype, *t, f, n);
+  free(*t);
+  *t = f;
+  return 0;
+}
+
 /* Once weights and bias are whole, the job takes them over. */
-static void give_weights(convd_session *s) {
-  if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_bytes ||
-      s->b_recv != s->conv.bias_bytes)
-    return;
+static int give_weights(convd_session *s, char *err, size_t errlen) {
+  if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_wire_bytes ||
+      s->b_recv != s->conv.bias_wire_bytes)
+    return 0;
+  if (widen(s->conv.p.dtype, &s->w, s->conv.weight_elems) ||
+      widen(s->conv.p.dtype, &s->b, s->conv.bias_elems))
+    return convd_errf(err, errlen, CONVD_ENOMEM,
+                      "the daemon cannot widen %zu weights to float32 now; retry later",
+                      s->conv.weight_elems);
   s->weights_given = 1;
   convd_job_set_weights(s->job, s->w, s->b, CONVD_GIVE);
+  return 0;
 }
 
 int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *accepted,
@@ -241,18 +286,17 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
   switch (m->msg_case) {
     case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: {
       s->bytes_received += m->weight->data.len;
-      int rc = feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_bytes, err, errlen);
-      if (rc == 0) give_weights(s);
-      return rc;
+      int rc = feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_wire_bytes, err,
+                          errlen);
+      return rc ? rc : give_weights(s, err, errlen);
     }
     case CONVD__V1__CONV_REQUEST__MSG_BIAS: {
       if (!s->conv.p.has_bias)
         return convd_errf(err, errlen, CONVD_EINVAL,
                           "a bias chunk arrived but the spec says has_bias = false");
       s->bytes_received += m->bias->data.len;
-      int rc = feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_bytes, err, errlen);
-      if (rc == 0) give_weights(s);
-      return rc;
+      int rc = feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen);
+      return rc ? rc : give_weights(s, err, errlen);
     }
     case CONVD__V1__CONV_REQUEST__MSG_INPUT:
       s->bytes_received += m->input->data.len;
@@ -267,14 +311,14 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
 int convd_session_finish(convd_session *s, char *err, size_t errlen) {
   if (!s->have_spec)
     return convd_errf(err, errlen, CONVD_EINVAL, "the stream ended before the spec arrived");
-  if (s->w_recv != s->conv.weight_bytes)
+  if (s->w_recv != s->conv.weight_wire_bytes)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "weights incomplete at half-close: %zu of %zu bytes arrived", s->w_recv,
-                      s->conv.weight_bytes);
-  if (s->b_recv != s->conv.bias_bytes)
+                      s->conv.weight_wire_bytes);
+  if (s->b_recv != s->conv.bias_wire_bytes)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "bias incomplete at half-close: %zu of %zu bytes arrived", s->b_recv,
-                      s->conv.bias_bytes);
+                      s->conv.bias_wire_bytes);
   if (s->band_open)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input incomplete at half-close: band n = %" PRId64 " rows [%" PRId64
@@ -296,7 +340,8 @@ const convd_conv *convd_session_conv(const convd_session *s) { return &s->conv; 
 
 void convd_session_attach(convd_session *s, convd_job *job) {
   s->job = job;
-  give_weights(s); /* a zero-byte bias is complete at once; weights never are before data */
+  /* Weights are never complete before data arrives, so this only records the job. */
+  (void)give_weights(s, NULL, 0);
 }
 
 uint64_t convd_session_bytes_buffered(const convd_session *s) {

@@ -11,6 +11,7 @@
 #include "client.h"
 #include "daemon.h"
 #include "npy.h"
+#include "dtype.h"
 #include "ref.h"
 #include "testutil.h"
 
@@ -253,6 +254,63 @@ static void test_random_shapes(void) {
              p.kw, p.groups, p.stride_h, p.stride_w, p.dil_h, p.dil_w);
     if (rc) FAIL_AT("%s: %s", what, err);
     else if (check_close(what, pr.y, pr.want, pr.c.output_elems)) FAIL_AT("%s differs", what);
+    problem_free(&pr);
+  }
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
+/* float16 and bfloat16 through both calls: inputs a client could send (values of the type),
+ * narrowed and widened on the way, against the reference on the same values. The daemon
+ * computes in float32 and rounds each output once, so the bound is half an ulp of the type at
+ * the reference's magnitude plus the float32 accumulation's 1e-5. */
+static void test_half_dtypes(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  rng r = {0x5eed00f1};
+  char err[1024];
+  for (int i = 0; i < 24 && !test_failed; i++) {
+    convd_conv_params p = random_params(&r);
+    p.dtype = i % 2 ? CONVD_BF16 : CONVD_F16;
+    const double half_ulp = p.dtype == CONVD_F16 ? 0x1p-11 : 0x1p-8;
+    problem pr;
+    ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+    convd_dtype_round(p.dtype, pr.x, pr.c.input_elems);
+    convd_dtype_round(p.dtype, pr.w, pr.c.weight_elems);
+    if (pr.b) convd_dtype_round(p.dtype, pr.b, pr.c.bias_elems);
+    problem_reference(&pr);
+    convd_client_opts o = {.chunk_bytes = (size_t)rng_range(&r, 1024, 9001), .timeout_seconds = 60};
+    convd_client *cl;
+    ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+    int unary = i % 4 >= 2;
+    convd_client_stats st;
+    int rc = unary ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err)
+                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+    convd_client_destroy(cl);
+    if (rc) {
+      FAIL_AT("case %d (%s, %s): %s", i, convd_dtype_name(p.dtype), unary ? "unary" : "stream", err);
+      problem_free(&pr);
+      break;
+    }
+    double scale = 1;
+    for (size_t k = 0; k < pr.c.output_elems; k++)
+      if (fabs(pr.want[k]) > scale) scale = fabs(pr.want[k]);
+    size_t bad = 0, worst_at = 0;
+    double worst = 0;
+    for (size_t k = 0; k < pr.c.output_elems; k++) {
+      const double e = fabs((double)pr.y[k] - pr.want[k]);
+      const double tol = half_ulp * fabs(pr.want[k]) + 1e-5 * scale;
+      if (!(e <= tol)) bad++;
+      if (!(e <= worst)) worst = e, worst_at = k;
+    }
+    if (bad)
+      FAIL_AT("case %d (%s, %s): %zu of %zu elements beyond the bound; worst at %zu: got %a want %a",
+              i, convd_dtype_name(p.dtype), unary ? "unary" : "stream", bad, pr.c.output_elems,
+              worst_at, pr.y[worst_at], pr.want[worst_at]);
+    /* The wire carried 2-byte elements both ways. */
+    if (st.bytes_sent != pr.c.output_elems * 2 ||
+        st.bytes_received != (pr.c.input_elems + pr.c.weight_elems + pr.c.bias_elems) * 2)
+      FAIL_AT("case %d: the server counted %" PRIu64 " bytes in and %" PRIu64 " out, want 2 per element",
+              i, st.bytes_received, st.bytes_sent);
     problem_free(&pr);
   }
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
@@ -573,6 +631,7 @@ int main(int argc, char **argv) {
       {"golden_convctl", test_golden_convctl},
       {"golden_library_small_chunks", test_golden_library_small_chunks},
       {"random_shapes", test_random_shapes},
+      {"half_dtypes", test_half_dtypes},
       {"concurrent_clients", test_concurrent_clients},
       {"convctl_errors_and_devices", test_convctl_errors_and_devices},
       {"sigterm_drains_calls", test_sigterm_drains_calls},

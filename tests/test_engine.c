@@ -1,10 +1,11 @@
 /* Engine unit tests: the reference against every conv2d golden case, shape validation and its
- * messages, row-band cutting and placing, cancellation. */
+ * messages, row-band cutting and placing, cancellation, float16/bfloat16 conversion. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "band.h"
+#include "dtype.h"
 #include "err.h"
 #include "ref.h"
 #include "testutil.h"
@@ -225,6 +226,84 @@ static void test_reference_groups_split(void) {
   }
 }
 
+/* The value of v rounded to a binary format with `mant` fraction bits, smallest normal exponent
+ * emin and largest finite value max, computed in double by scaling (exact) and rint (to nearest
+ * even): an implementation independent of dtype.c's bit manipulation. */
+static double nearest_in_format(double v, int mant, int emin, double max) {
+  if (v == 0 || isnan(v) || isinf(v)) return v;
+  int e;
+  frexp(v, &e);            /* |v| = m * 2^e, m in [0.5, 1): the leading bit has exponent e - 1 */
+  int lead = e - 1 < emin ? emin : e - 1;
+  double r = ldexp(rint(ldexp(v, mant - lead)), lead - mant);
+  if (fabs(r) > max) return v > 0 ? INFINITY : -INFINITY;
+  return r;
+}
+
+static void check_format(int dtype, int mant, int emin, double max) {
+  /* Every bit pattern: widening is exact and narrowing gives the pattern back. */
+  for (uint32_t h = 0; h < 65536; h++) {
+    uint16_t b = (uint16_t)h, back;
+    float f;
+    convd_dtype_decode(dtype, &b, &f, 1);
+    convd_dtype_encode(dtype, &f, &back, 1);
+    if (isnan(f)) {
+      float g;
+      convd_dtype_decode(dtype, &back, &g, 1);
+      if (!isnan(g)) {
+        FAIL_AT("%s pattern 0x%04x: NaN came back as 0x%04x", convd_dtype_name(dtype), h, back);
+        return;
+      }
+      continue;
+    }
+    if (back != b) {
+      FAIL_AT("%s pattern 0x%04x -> %a -> 0x%04x", convd_dtype_name(dtype), h, f, back);
+      return;
+    }
+    if (!isinf(f) && nearest_in_format(f, mant, emin, max) != f) {
+      FAIL_AT("%s pattern 0x%04x widens to %a, not a value of the format", convd_dtype_name(dtype),
+              h, f);
+      return;
+    }
+    /* The midpoint to the next pattern up ties to the even one of the two. */
+    if ((h & 0x7fff) < 0x7f00 && !isinf(f)) {
+      uint16_t up = (uint16_t)(h + 1);
+      float g;
+      convd_dtype_decode(dtype, &up, &g, 1);
+      if (isinf(g) || isnan(g)) continue;
+      float mid = (float)(((double)f + (double)g) / 2);
+      uint16_t got;
+      convd_dtype_encode(dtype, &mid, &got, 1);
+      uint16_t want = (b & 1) ? up : b;
+      if (got != want) {
+        FAIL_AT("%s midpoint %a of 0x%04x and 0x%04x narrowed to 0x%04x, want 0x%04x",
+                convd_dtype_name(dtype), mid, b, up, got, want);
+        return;
+      }
+    }
+  }
+  /* Random floats over the whole exponent range, subnormals and overflow included. */
+  rng r = {0x5eed1234abcdULL};
+  for (int i = 0; i < 2000000; i++) {
+    uint32_t u = (uint32_t)rng_next(&r);
+    float f;
+    memcpy(&f, &u, 4);
+    if (isnan(f)) continue;
+    uint16_t h;
+    float got;
+    convd_dtype_encode(dtype, &f, &h, 1);
+    convd_dtype_decode(dtype, &h, &got, 1);
+    double want = nearest_in_format(f, mant, emin, max);
+    if ((double)got != want) {
+      FAIL_AT("%s: %a narrowed to %a, nearest is %a", convd_dtype_name(dtype), f, got, want);
+      return;
+    }
+  }
+}
+
+static void test_dtype_float16(void) { check_format(CONVD_F16, 10, -14, 65504.0); }
+
+static void test_dtype_bfloat16(void) { check_format(CONVD_BF16, 7, -126, 0x1.fep127); }
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"reference_golden", test_reference_golden},
@@ -233,6 +312,8 @@ int main(int argc, char **argv) {
       {"band_layout", test_band_layout},
       {"reference_cancel", test_reference_cancel},
       {"reference_groups_split", test_reference_groups_split},
+      {"dtype_float16", test_dtype_float16},
+      {"dtype_bfloat16", test_dtype_bfloat16},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }

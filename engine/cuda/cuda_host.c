@@ -9,9 +9,14 @@ static uint64_t round_pow2_down(uint64_t v) {
   return r;
 }
 
+/* Field by field: a struct's padding bytes are not part of its value. */
+static int same_key(const convd_cuda_algo_key *a, const convd_cuda_algo_key *b) {
+  return a->math == b->math && a->ws_limit == b->ws_limit && convd_conv_params_same(&a->p, &b->p);
+}
+
 void convd_cuda_algo_key_make(convd_cuda_algo_key *k, const convd_conv_params *p, int math,
                               uint64_t ws_limit) {
-  memset(k, 0, sizeof *k); /* padding too: keys are compared with memcmp */
+  memset(k, 0, sizeof *k);
   k->p = *p;
   k->math = math;
   k->ws_limit = round_pow2_down(ws_limit);
@@ -20,7 +25,7 @@ void convd_cuda_algo_key_make(convd_cuda_algo_key *k, const convd_conv_params *p
 int convd_cuda_algo_find(convd_cuda_algo_cache *c, const convd_cuda_algo_key *k, int *algo,
                          uint64_t *ws_bytes) {
   for (int i = 0; i < CONVD_CUDA_ALGO_CACHE; i++)
-    if (c->e[i].used && memcmp(&c->e[i].key, k, sizeof *k) == 0) {
+    if (c->e[i].used && same_key(&c->e[i].key, k)) {
       c->e[i].last_use = ++c->tick;
       *algo = c->e[i].algo;
       *ws_bytes = c->e[i].ws_bytes;

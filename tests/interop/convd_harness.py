@@ -75,6 +75,29 @@ def check_close(got, want):
     return worst
 
 
+def reference_conv2d(x, w, b, stride, padding, dilation, groups):
+    """conv2d in float64 with numpy, written for clarity (tests only)."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    top, bottom, left, right = padding
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, h, wd = x.shape
+    co, cg, kh, kw = w.shape
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = np.zeros((n, co, ho, wo))
+    og = co // groups
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            win = x[:, :, r0:r0 + stride[0] * (ho - 1) + 1:stride[0], c0:c0 + stride[1] * (wo - 1) + 1:stride[1]]
+            for g in range(groups):
+                y[:, g * og:(g + 1) * og] += np.einsum(
+                    "nchw,oc->nohw", win[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og, :, i, j])
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None, None]
+    return y
+
+
 def spec_from_params(pb, params, has_bias):
     s = pb.ConvSpec(op=pb.OP_CONV2D, dtype=pb.DTYPE_FLOAT32, has_bias=has_bias,
                     groups=params["groups"][0])
@@ -86,27 +109,27 @@ def spec_from_params(pb, params, has_bias):
     return s
 
 
-def conv_requests(pb, spec, x, w, b, chunk):
+def conv_requests(pb, spec, x, w, b, chunk, dtype="<f4"):
     """The client stream: spec, weight and bias chunks, input row bands in pieces <= chunk."""
     yield pb.ConvRequest(spec=spec)
     for name, t in (("weight", w), ("bias", b)):
         if t is None:
             continue
-        data = np.ascontiguousarray(t, dtype="<f4").tobytes()
+        data = np.ascontiguousarray(t, dtype=dtype).tobytes()
         for off in range(0, len(data), chunk):
             yield pb.ConvRequest(**{name: pb.TensorChunk(offset=off, data=data[off:off + chunk])})
     n_, c_, h_, w_ = x.shape
-    rows = max(1, chunk // (c_ * w_ * 4))
+    rows = max(1, chunk // (c_ * w_ * np.dtype(dtype).itemsize))
     for n in range(n_):
         for h0 in range(0, h_, rows):
             h1 = min(h_, h0 + rows)
-            band = np.ascontiguousarray(x[n, :, h0:h1, :], dtype="<f4").tobytes()
+            band = np.ascontiguousarray(x[n, :, h0:h1, :], dtype=dtype).tobytes()
             for off in range(0, len(band), chunk):
                 yield pb.ConvRequest(input=pb.RowBand(n=n, h_begin=h0, h_end=h1, offset=off,
                                                       data=band[off:off + chunk]))
 
 
-def collect_output(responses):
+def collect_output(responses, dtype="<f4"):
     """Assembles the server stream into (output array, accepted, summary)."""
     y = accepted = summary = None
     pending = {}
@@ -123,8 +146,8 @@ def collect_output(responses):
             assert o.offset == len(buf), f"band {key} piece at {o.offset}, expected {len(buf)}"
             buf += o.data
             c, width = y.shape[1], y.shape[3]
-            if len(buf) == c * (o.h_end - o.h_begin) * width * 4:
-                y[o.n, :, o.h_begin:o.h_end, :] = np.frombuffer(bytes(buf), "<f4").reshape(
+            if len(buf) == c * (o.h_end - o.h_begin) * width * np.dtype(dtype).itemsize:
+                y[o.n, :, o.h_begin:o.h_end, :] = np.frombuffer(bytes(buf), dtype).reshape(
                     c, o.h_end - o.h_begin, width)
                 del pending[key]
         elif kind == "summary":

@@ -96,6 +96,16 @@ def bad_streams():
            [spec(spec=base_spec())] + weights_and_bias() + [band(0, 0, 1, ROW // 2)],
            "has 64 of 128 bytes")
     yield ("data before the spec", [band(0, 0, 1, ROW)], "the first message must be the spec")
+    half = base_spec()
+    half.dtype = pb.DTYPE_FLOAT16
+    yield ("float32 band in a float16 call", [spec(spec=half), band(0, 0, 1, ROW)],
+           "C x rows x W x 2 = 4 x 1 x 8 x 2, float16")
+    yield ("float32 weights in a float16 call",
+           [spec(spec=half)] + weights_and_bias()[:1], "ends past the weight's 432 bytes")
+    tf32 = base_spec()
+    tf32.dtype = pb.DTYPE_BFLOAT16
+    tf32.allow_tf32 = True
+    yield ("TF32 on bfloat16", [spec(spec=tf32)], "allow_tf32 applies to float32 tensors")
     yield ("empty stream", [], "the stream ended before the spec arrived")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Interop: a Python client built by gRPC's standard tooling (protoc + grpc_python_plugin, from
 proto/) talks to convd: streaming Conv2d on every conv2d golden case with small chunks (so bands
-are split into pieces), Conv2dUnary, and ListDevices.
+are split into pieces), Conv2dUnary, the same cases in float16 (numpy's own float16 conversion
+on the client side), and ListDevices.
 
 usage: test_interop.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
 import sys
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 
 from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
-    load_golden, spec_from_params
+    load_golden, reference_conv2d, spec_from_params
 
 
 def main():
@@ -42,7 +43,22 @@ def main():
                 s = res.output_shape
                 yu = np.frombuffer(res.output, "<f4").reshape(s.d0, s.d1, s.d2, s.d3)
                 worst_u = check_close(yu, a["expected"])
-                print(f"ok   {name}: stream max error {worst:.3g}, unary {worst_u:.3g}")
+                # float16: numpy rounds the inputs; the answer is the float64 reference on those
+                # values, rounded once (half an ulp) after float32 accumulation (1e-5 of scale)
+                spec.dtype = pb.DTYPE_FLOAT16
+                x16, w16 = a["input"].astype("<f2"), a["weight"].astype("<f2")
+                b16 = b.astype("<f2") if b is not None else None
+                y16, _, s16 = collect_output(
+                    stub.Conv2d(conv_requests(pb, spec, x16, w16, b16, 2001, "<f2"), timeout=60), "<f2")
+                want = reference_conv2d(x16, w16, b16, params["stride"], params["padding"],
+                                        params["dilation"], params["groups"][0])
+                err16 = np.abs(y16.astype(np.float64) - want)
+                tol = 2.0 ** -11 * np.abs(want) + 1e-5 * max(1.0, float(np.abs(want).max()))
+                assert not np.isnan(err16).any() and (err16 <= tol).all(), \
+                    f"{name} float16: max error {np.nanmax(err16)}"
+                assert s16.bytes_sent == y16.size * 2, (s16.bytes_sent, y16.size)
+                print(f"ok   {name}: stream max error {worst:.3g}, unary {worst_u:.3g}, "
+                      f"float16 {float(err16.max()):.3g}")
                 cases += 1
             devs = stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices
             assert len(devs) >= 1 and devs[0].name and devs[0].healthy, devs
