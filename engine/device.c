@@ -19,13 +19,13 @@ static int ref_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
 convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const float *w,
                               uint64_t w_key, const float *b, float *y, const atomic_int *cancel) {
   const convd_conv_params *p = &conv->p;
-  convd_op_io io = {conv,
-                    convd_view_dense(x, p->c_in, p->h, p->w),
-                    convd_view_dense(w, p->c_per_group, p->kh, p->kw),
-                    w_key,
-                    b,
-                    convd_view_dense(y, p->c_out, conv->h_out, conv->w_out),
-                    cancel};
+  convd_op_io io = {.conv = conv,
+                    .x = convd_view_dense(x, p->c_in, p->h, p->w),
+                    .w = convd_view_dense(w, p->c_per_group, p->kh, p->kw),
+                    .w_key = w_key,
+                    .b = b,
+                    .y = convd_view_dense(y, p->c_out, conv->h_out, conv->w_out),
+                    .cancel = cancel};
   return io;
 }
 

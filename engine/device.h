@@ -29,6 +29,13 @@ typedef struct convd_op_io {
   convd_view y;           /* N x C_out x H_out x W_out, overwritten */
   const atomic_int *cancel; /* non-zero: the job was cancelled; a device may stop early and
                                return CONVD_ECANCELED (the reference polls it per output plane) */
+  /* A chain (only for devices that set `accumulates`): this op is input-channel block
+   * chain_pos of the chain_len blocks of one output tile, all handed to this device in order
+   * with nothing in between. The device keeps their sum where it likes (a GPU: in its memory,
+   * cuDNN's beta = 1) and writes y once, complete, at the last block; before that y is not
+   * touched. A chain that fails part-way is run again from its first block. chain_len <= 1: a
+   * lone op, y written at once. */
+  int chain_pos, chain_len;
 } convd_op_io;
 
 /* The io of an op on dense NCHW tensors. */
@@ -52,6 +59,7 @@ typedef struct convd_device {
   char name[64];
   char detail[128];
   uint64_t memory_budget; /* bytes one op may use on it (the planner's device_memory) */
+  int accumulates;        /* 1: takes chains (convd_op_io.chain_len), summing on the device */
 } convd_device;
 
 /* The reference kernel as a device: for validation, and where nothing faster exists. */

@@ -62,6 +62,7 @@ struct convd_job {
   /* input */
   float *w, *b;
   int w_owned;
+  uint64_t w_key;         /* the weights' content key, 0 = unknown */
   in_band **row_band;     /* per input row (N*H): its band, NULL until arrived or once read */
   uint32_t *in_refs;      /* ops still to read each row */
   uint8_t *in_seen;
@@ -316,8 +317,11 @@ static uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-/* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). */
-static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err, size_t errlen) {
+/* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). In a
+ * chain (chain_len > 1, devices that accumulate) the device sums the tile's input-channel
+ * blocks itself and writes the tile at the last one. */
+static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_pos, int chain_len,
+                  char *err, size_t errlen) {
   convd_engine *e = s->e;
   const convd_plan *pl = &j->plan;
   const convd_conv_params *p = &pl->conv.p;
@@ -328,9 +332,9 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err,
   convd_view tile = {ob->p + (size_t)op->oc0 * ob->cs + (size_t)(op->oh0 % pl->tile_h) * W_out +
                          (size_t)op->ow0,
                      (size_t)oc * ob->cs, ob->cs, W_out};
-  /* With one input-channel block the op writes the tile itself; with several, each block's
-   * partial sum is added in under acc_mu. */
-  const int direct = pl->icblocks == 1;
+  /* With one input-channel block, or in a chain, the op writes the tile itself; otherwise each
+   * block's partial sum is added in under acc_mu. */
+  const int direct = pl->icblocks == 1 || chain_len > 1;
   convd_view y = tile;
   if (!direct) {
     if (grow(&s->partial, &s->partial_cap, (size_t)(oc * th * tw)))
@@ -356,10 +360,17 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, char *err,
       convd_plan_gather_window(pl, op, in_row, j, s->win);
       x = convd_view_dense(s->win, lp->c_in, lp->h, lp->w);
     }
-    /* The weight block's identity for the device's cache: this job, this block. */
-    uint64_t key = mix64(mix64(mix64(j->id) ^ (uint64_t)op->oc0) ^ (uint64_t)op->wc0) | 1;
-    convd_op_io io = {&op->local, x, convd_plan_weight_view(pl, op, j->w), key,
-                      lp->has_bias ? j->b + op->oc0 : NULL, y, &j->stop};
+    /* The weight block's identity for the device's cache: the weights' content (when the caller
+     * named it, so that later jobs with the same weights find it) or this job, and the block's
+     * place and extent. */
+    uint64_t key = mix64(j->w_key ? j->w_key : j->id);
+    key = mix64(key ^ (uint64_t)op->oc0);
+    key = mix64(key ^ (uint64_t)op->oc1 << 1);
+    key = mix64(key ^ (uint64_t)op->wc0);
+    key = mix64(key ^ (uint64_t)lp->c_per_group) | 1;
+    convd_op_io io = {.conv = &op->local, .x = x, .w = convd_plan_weight_view(pl, op, j->w),
+                      .w_key = key, .b = lp->has_bias ? j->b + op->oc0 : NULL, .y = y,
+                      .cancel = &j->stop, .chain_pos = chain_pos, .chain_len = chain_len};
     double t0 = now_seconds();
     rc = s->dev->iface->run(s->dev->ctx, &io, err, errlen);
     double dt = now_seconds() - t0;
@@ -401,6 +412,93 @@ static int make_out_band(convd_job *j, const convd_plan_op *op) {
   return 0;
 }
 
+/* A device that accumulates takes the input-channel blocks of one tile together when the
+ * first block is what it picked and the others are still queued right behind it (ops of a tile
+ * are consecutive, and a tile row's ops are queued as one range). Returns the chain's length.
+ * e->mu held. */
+#define CHAIN_MAX 4096
+static int claim_chain(const dev_slot *s, convd_job *j, uint64_t opi, const convd_plan_op *op) {
+  const uint64_t icb = (uint64_t)j->plan.icblocks;
+  if (!s->dev->accumulates || icb < 2 || icb > CHAIN_MAX || opi % icb != 0 || op->empty ||
+      j->ready_len == 0)
+    return 1;
+  range *r = &j->ready[j->ready_head];
+  if (r->begin != opi + 1 || r->end < opi + icb) return 1;
+  r->begin += icb - 1;
+  if (r->begin == r->end) {
+    j->ready_head++;
+    j->ready_len--;
+  }
+  j->ready_ops -= icb - 1;
+  j->running += (int)(icb - 1);
+  return (int)icb;
+}
+
+static void requeue(convd_job *j, uint64_t opi) {
+  if (j->retry_len == j->retry_cap) {
+    size_t cap = j->retry_cap ? j->retry_cap * 2 : 8;
+    uint64_t *r = realloc(j->retry, cap * sizeof *r);
+    if (r == NULL) {
+      j->failed = 1;
+      atomic_store(&j->stop, 1);
+      snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory requeueing an op");
+      return;
+    }
+    j->retry = r;
+    j->retry_cap = cap;
+  }
+  j->retry[j->retry_len++] = opi;
+  j->ready_ops++;
+}
+
+/* Books the end of op opi on slot s: rc 0 done, else cancelled, out of memory (the job fails)
+ * or a device failure (the device is marked unhealthy and the op goes back to the queue).
+ * e->mu held. */
+static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_plan_op *op, int rc,
+                        int oom, double took, const char *err, events *es) {
+  convd_engine *e = s->e;
+  j->running--;
+  if (rc == 0 && !op->empty && op->local.macs > 0) {
+    const double spm = took / (double)op->local.macs;
+    s->sec_per_mac = s->measured ? 0.7 * s->sec_per_mac + 0.3 * spm : spm;
+    s->measured = 1;
+  }
+  if (rc == 0) {
+    s->completed_ops++;
+    j->stats.ops_run++;
+    if (s->index < 16) j->stats.ops_per_device[s->index]++;
+    j->ops_done++;
+    if (!op->empty && release_window(j, op)) add_event(es, j, 1, 0, 0, 0);
+    /* The op's tile row is done when its last op is: its output rows are final. */
+    const int64_t th = op->oh0 / j->plan.tile_h;
+    if (--j->tile_left[(size_t)(op->n * tiles_h(j) + th)] == 0 && !j->cancelled && !j->failed)
+      add_event(es, j, 0, op->n, op->oh0, op->oh1);
+  } else if (rc == CONVD_ECANCELED && (j->cancelled || j->failed)) {
+    /* stopped on purpose: nothing to retry, the device is fine */
+  } else if (rc == CONVD_ENOMEM || oom) {
+    j->failed = 1;
+    atomic_store(&j->stop, 1);
+    snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
+  } else {
+    /* The device failed: it takes no more work, the op goes back for another device. */
+    s->healthy = 0;
+    snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
+    int healthy = 0;
+    for (int i = 0; i < e->ndev; i++) healthy += e->devs[i].healthy;
+    if (healthy == 0) {
+      for (convd_job *x = e->jobs; x; x = x->next)
+        if (!x->failed) {
+          x->failed = 1;
+          atomic_store(&x->stop, 1);
+          snprintf(x->fail_msg, sizeof x->fail_msg, "no healthy device left; the last one failed: %s", err);
+        }
+    } else {
+      requeue(j, opi);
+    }
+    pthread_cond_broadcast(&e->cv);
+  }
+}
+
 static void *worker_main(void *arg) {
   dev_slot *s = arg;
   convd_engine *e = s->e;
@@ -436,71 +534,33 @@ static void *worker_main(void *arg) {
     e->busy++;
     convd_plan_op op;
     convd_plan_op_get(&j->plan, opi, &op);
+    const int chain = claim_chain(s, j, opi, &op);
     /* The output band of this op's tile row exists before any op writes into it. */
     int oom = make_out_band(j, &op);
     pthread_mutex_unlock(&e->mu);
 
+    /* A chain runs block after block; if one fails, every block of it runs again. */
     char err[256] = "";
-    const double t0 = now_seconds();
-    int rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
-                 : run_op(s, j, &op, err, sizeof err);
-    const double took = now_seconds() - t0;
+    double took[CHAIN_MAX];
+    int rc = 0;
+    for (int k = 0; k < chain && rc == 0; k++) {
+      convd_plan_op opk;
+      if (k == 0) opk = op;
+      else convd_plan_op_get(&j->plan, opi + (uint64_t)k, &opk);
+      const double t0 = now_seconds();
+      rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
+               : run_op(s, j, &opk, k, chain, err, sizeof err);
+      took[k] = now_seconds() - t0;
+    }
 
     pthread_mutex_lock(&e->mu);
-    j->running--;
     e->busy--;
     if (e->skipping > 0) pthread_cond_broadcast(&e->cv); /* speeds and ready work changed */
-    if (rc == 0 && !op.empty && op.local.macs > 0) {
-      const double spm = took / (double)op.local.macs;
-      s->sec_per_mac = s->measured ? 0.7 * s->sec_per_mac + 0.3 * spm : spm;
-      s->measured = 1;
-    }
-    if (rc == 0) {
-      s->completed_ops++;
-      j->stats.ops_run++;
-      if (s->index < 16) j->stats.ops_per_device[s->index]++;
-      j->ops_done++;
-      if (!op.empty && release_window(j, &op)) add_event(&es, j, 1, 0, 0, 0);
-      /* The op's tile row is done when its last op is: its output rows are final. */
-      const int64_t th = op.oh0 / j->plan.tile_h;
-      if (--j->tile_left[(size_t)(op.n * tiles_h(j) + th)] == 0 && !j->cancelled && !j->failed)
-        add_event(&es, j, 0, op.n, op.oh0, op.oh1);
-    } else if (rc == CONVD_ECANCELED && (j->cancelled || j->failed)) {
-      /* stopped on purpose: nothing to retry, the device is fine */
-    } else if (rc == CONVD_ENOMEM || oom) {
-      j->failed = 1;
-      atomic_store(&j->stop, 1);
-      snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
-    } else {
-      /* The device failed: it takes no more work, the op goes back for another device. */
-      s->healthy = 0;
-      snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
-      int healthy = 0;
-      for (int i = 0; i < e->ndev; i++) healthy += e->devs[i].healthy;
-      if (healthy == 0) {
-        for (convd_job *x = e->jobs; x; x = x->next)
-          if (!x->failed) {
-            x->failed = 1;
-            atomic_store(&x->stop, 1);
-            snprintf(x->fail_msg, sizeof x->fail_msg, "no healthy device left; the last one failed: %s", err);
-          }
-      } else if (j->retry_len == j->retry_cap) {
-        size_t cap = j->retry_cap ? j->retry_cap * 2 : 8;
-        uint64_t *r = realloc(j->retry, cap * sizeof *r);
-        if (r) {
-          j->retry = r;
-          j->retry_cap = cap;
-          j->retry[j->retry_len++] = opi;
-          j->ready_ops++;
-        } else {
-          j->failed = 1;
-          snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory requeueing an op");
-        }
-      } else {
-        j->retry[j->retry_len++] = opi;
-        j->ready_ops++;
-      }
-      pthread_cond_broadcast(&e->cv);
+    for (int k = 0; k < chain; k++) {
+      convd_plan_op opk;
+      if (k == 0) opk = op;
+      else convd_plan_op_get(&j->plan, opi + (uint64_t)k, &opk);
+      op_finished(s, j, opi + (uint64_t)k, &opk, rc, oom, took[k], err, &es);
     }
     maybe_done(j, &es);
     if (es.n) {

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cuda_host.h"
+#include "dtype.h"
 #include "testutil.h"
 
 static convd_conv_params params(int64_t c, int64_t h, int64_t w, int64_t o, int64_t k) {
@@ -77,10 +78,24 @@ static void test_layout(void) {
   ASSERT_EQ_INT(l.x_bytes, 8 * 22 * 32 * 4);
   ASSERT_EQ_INT(l.y_bytes, c.output_bytes);
   ASSERT_EQ_INT(l.w_bytes, c.weight_bytes);
-  ASSERT_TRUE(l.y_off % 256 == 0 && l.w_off % 256 == 0 && l.ws_off % 256 == 0);
-  ASSERT_TRUE(l.y_off >= l.x_off + l.x_bytes && l.w_off >= l.y_off + l.y_bytes &&
-              l.ws_off >= l.w_off + l.w_bytes);
+  ASSERT_EQ_INT(l.y_off, 0); /* the output first: channel blocks accumulate in place */
+  ASSERT_TRUE(l.x_off % 256 == 0 && l.w_off % 256 == 0 && l.b_off % 256 == 0 && l.ws_off % 256 == 0);
+  ASSERT_TRUE(l.x_off >= l.y_off + l.y_bytes && l.w_off >= l.x_off + l.x_bytes &&
+              l.b_off >= l.w_off + l.w_bytes && l.ws_off >= l.b_off + l.b_bytes);
   ASSERT_EQ_INT(l.ws_off + l.ws_bytes, 1 << 20);
+  /* float16: two bytes per element everywhere. */
+  convd_conv_params ph = p;
+  ph.dtype = CONVD_F16;
+  ph.has_bias = 1;
+  convd_conv ch;
+  ASSERT_OK(convd_conv_init(&ch, &ph, err, sizeof err), err);
+  convd_cuda_layout lh;
+  ASSERT_OK(convd_cuda_layout_make(&lh, &ch, 0, 1 << 20), "layout");
+  ASSERT_EQ_INT(lh.x_bytes, l.x_bytes / 2);
+  ASSERT_EQ_INT(lh.y_bytes, ch.output_elems * 2);
+  ASSERT_EQ_INT(lh.w_bytes, ch.weight_elems * 2);
+  ASSERT_EQ_INT(lh.b_bytes, 16 * 2);
+  ASSERT_TRUE(lh.ws_off >= lh.b_off + lh.b_bytes);
   /* Cached weights take no arena space. */
   convd_cuda_layout lc;
   ASSERT_OK(convd_cuda_layout_make(&lc, &c, 1, 1 << 20), "layout");

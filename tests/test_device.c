@@ -207,7 +207,7 @@ static void test_strided_views_all_devices(void) {
                  wv.p + (size_t)o * wv.ns + (size_t)i * wv.cs, (size_t)(p.kh * p.kw) * 4);
       convd_ref_conv2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
       for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
-      convd_op_io io = {&c, xv, wv, 0, p.has_bias ? b : NULL, yv, NULL};
+      convd_op_io io = {.conv = &c, .x = xv, .w = wv, .b = p.has_bias ? b : NULL, .y = yv};
       int rc = d->iface->run(d->ctx, &io, err, sizeof err);
       /* Read the view back densely, and count what changed outside it. */
       size_t outside = 0, inside = 0;

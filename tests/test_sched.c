@@ -23,6 +23,14 @@ typedef struct wrap {
   int delay_us;        /* throttle: sleep after each op */
   int fail_after;      /* fail every op after this many (0 = never) */
   atomic_int ran;
+  /* accumulate: takes chains as a GPU does, summing the blocks in its own buffer and writing
+   * the tile only at the last block; it checks the engine keeps the chain protocol */
+  int accumulate;
+  float *sum, *part;
+  size_t cap;
+  int next_pos, chain_len;
+  const float *chain_y;
+  atomic_int chains, violations;
 } wrap;
 
 static int wrap_supports(void *ctx, const convd_conv *c) {
@@ -36,7 +44,39 @@ static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
   if (w->fail_after > 0 && n > w->fail_after)
     return convd_errf(err, errlen, CONVD_EDEVICE, "test device failed on purpose after %d ops",
                       w->fail_after);
-  int rc = w->inner->iface->run(w->inner->ctx, io, err, errlen);
+  int rc;
+  if (io->chain_len > 1) {
+    const convd_conv *c = io->conv;
+    const int64_t oc = c->p.c_out, oh = c->h_out, ow = c->w_out, nn = c->p.n;
+    if (!w->accumulate || io->chain_pos != (io->chain_pos == 0 ? 0 : w->next_pos) ||
+        (io->chain_pos > 0 && (io->chain_len != w->chain_len || io->y.p != w->chain_y)))
+      atomic_fetch_add(&w->violations, 1);
+    if (c->output_elems > w->cap) {
+      free(w->sum), free(w->part);
+      w->sum = malloc(c->output_bytes), w->part = malloc(c->output_bytes);
+      w->cap = c->output_elems;
+    }
+    convd_op_io one = *io;
+    one.chain_pos = one.chain_len = 0;
+    one.y = convd_view_dense(io->chain_pos == 0 ? w->sum : w->part, oc, oh, ow);
+    rc = w->inner->iface->run(w->inner->ctx, &one, err, errlen);
+    if (rc == 0 && io->chain_pos > 0)
+      for (size_t i = 0; i < c->output_elems; i++) w->sum[i] += w->part[i];
+    w->next_pos = io->chain_pos + 1;
+    w->chain_len = io->chain_len;
+    w->chain_y = io->y.p;
+    if (rc == 0 && io->chain_pos == io->chain_len - 1) {
+      atomic_fetch_add(&w->chains, 1);
+      for (int64_t i = 0; i < nn; i++)
+        for (int64_t ch = 0; ch < oc; ch++)
+          for (int64_t y = 0; y < oh; y++)
+            memcpy(io->y.p + (size_t)i * io->y.ns + (size_t)ch * io->y.cs + (size_t)y * io->y.hs,
+                   w->sum + (((size_t)i * (size_t)oc + (size_t)ch) * (size_t)oh + (size_t)y) * (size_t)ow,
+                   (size_t)ow * sizeof(float));
+    }
+  } else {
+    rc = w->inner->iface->run(w->inner->ctx, io, err, errlen);
+  }
   if (w->delay_us) {
     struct timespec ts = {0, (long)w->delay_us * 1000};
     nanosleep(&ts, NULL);
@@ -47,6 +87,7 @@ static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
 static void wrap_destroy(void *ctx) {
   wrap *w = ctx;
   convd_device_destroy(w->inner);
+  free(w->sum), free(w->part);
   free(w);
 }
 
@@ -322,6 +363,72 @@ static void test_device_failure_mid_job(void) {
   convd_engine_destroy(e);
 }
 
+/* Devices that accumulate (as GPUs do, cuDNN's beta = 1) get each tile's input-channel blocks
+ * as one chain and write the tile once; beside a CPU device, and when one fails in the middle
+ * of a chain (every block of it runs again elsewhere), the result still equals the reference. */
+static void test_chains_accumulate_on_device(void) {
+  rng r = {0x5eed0406};
+  char err[256];
+  int chained_jobs = 0, cases = 0;
+  for (int iter = 0; iter < 60 && !test_failed; iter++) {
+    /* Many channels on small images, so that budgets cut channel blocks. */
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.n = rng_range(&r, 1, 2);
+    p.c_in = p.c_per_group = rng_range(&r, 16, 96);
+    p.c_out = rng_range(&r, 2, 24);
+    p.kh = rng_range(&r, 1, 3), p.kw = rng_range(&r, 1, 3);
+    p.h = rng_range(&r, 4, 20), p.w = rng_range(&r, 4, 20);
+    p.pad_top = p.pad_left = rng_range(&r, 0, 1);
+    p.pad_bottom = p.pad_right = rng_range(&r, 0, 2);
+    p.stride_h = p.stride_w = rng_range(&r, 1, 2);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+    const uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
+    const uint64_t budget = (uint64_t)rng_range(&r, 4096, (int64_t)total / 2 + 8192);
+    const int mode = iter % 3; /* 0 one accumulating device, 1 with a CPU device, 2 one fails */
+    convd_device *devs[2] = {test_wrapped_device("acc", 0, mode == 2 ? (int)rng_range(&r, 1, 6) : 0, budget),
+                             test_wrapped_device("plain", mode == 1 ? 300 : 0, 0, budget)};
+    wrap *acc = devs[0]->ctx;
+    acc->accumulate = 1;
+    devs[0]->accumulates = 1;
+    convd_engine_opts o = {.extra = devs, .n_extra = mode == 0 ? 1 : 2, .device_memory = budget};
+    if (mode == 0) convd_device_destroy(devs[1]);
+    convd_engine *e;
+    ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+    convd_plan pl;
+    if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+      convd_engine_destroy(e);
+      continue;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "case %d mode %d (%" PRIu64 " ops, %" PRId64 " channel blocks)", iter,
+             mode, pl.ops, pl.icblocks);
+    convd_job_stats st;
+    int rc = check_engine(e, &c, &r, what, &st);
+    const int chains = atomic_load(&acc->chains), bad = atomic_load(&acc->violations);
+    convd_engine_destroy(e);
+    if (rc) {
+      FAIL_AT("%s differs from the reference", what);
+      return;
+    }
+    if (bad) {
+      FAIL_AT("%s: %d chain protocol violations", what, bad);
+      return;
+    }
+    if (mode == 0 && pl.icblocks > 1 && chains == 0) {
+      FAIL_AT("%s: the lone accumulating device got no chain", what);
+      return;
+    }
+    chained_jobs += chains > 0;
+    cases++;
+  }
+  printf("  %d cases, %d ran chains\n", cases, chained_jobs);
+  ASSERT_TRUE(cases >= 40);
+  ASSERT_TRUE(chained_jobs >= 10);
+}
+
 /* Cancelling drops queued ops: a slow job ends early with CONVD_ECANCELED. */
 typedef struct cancel_state {
   pthread_mutex_t mu;
@@ -412,6 +519,7 @@ int main(int argc, char **argv) {
       {"slow_device_never_delays", test_slow_device_never_delays},
       {"device_failure_mid_job", test_device_failure_mid_job},
       {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
+      {"chains_accumulate_on_device", test_chains_accumulate_on_device},
       {"gpu_random_plans", test_gpu_random_plans},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);

@@ -2,6 +2,8 @@
 
 #include <string.h>
 
+#include "dtype.h"
+
 static uint64_t round_pow2_down(uint64_t v) {
   if (v == 0) return 0;
   uint64_t r = 1;
@@ -59,6 +61,7 @@ int convd_cuda_layout_make(convd_cuda_layout *l, const convd_conv *c, int weight
                            uint64_t arena_bytes) {
   const convd_conv_params *p = &c->p;
   memset(l, 0, sizeof *l);
+  const uint64_t elem = convd_dtype_size(p->dtype); /* tensors live on the GPU in the wire type */
   l->pad_h = p->pad_top < p->pad_bottom ? p->pad_top : p->pad_bottom;
   l->pad_w = p->pad_left < p->pad_right ? p->pad_left : p->pad_right;
   l->off_top = p->pad_top - l->pad_h;
@@ -67,15 +70,18 @@ int convd_cuda_layout_make(convd_cuda_layout *l, const convd_conv *c, int weight
   l->x_w = p->w + (p->pad_left - l->pad_w) + (p->pad_right - l->pad_w);
   /* Padding (hence the staged input) may be huge even when the window is small: checked in
    * long double before it is computed in 64 bits. */
-  long double xb = 4.0L * (long double)p->n * (long double)p->c_in * (long double)l->x_h * (long double)l->x_w;
-  if (xb > (long double)arena_bytes) return -1;
-  l->x_bytes = (uint64_t)p->n * (uint64_t)p->c_in * (uint64_t)l->x_h * (uint64_t)l->x_w * 4;
-  l->y_bytes = (uint64_t)c->output_bytes;
-  l->w_bytes = weights_cached ? 0 : (uint64_t)c->weight_bytes;
-  l->x_off = 0;
-  l->y_off = align256(l->x_off + l->x_bytes);
-  l->w_off = align256(l->y_off + l->y_bytes);
-  l->ws_off = align256(l->w_off + l->w_bytes);
+  long double xb = (long double)elem * (long double)p->n * (long double)p->c_in * (long double)l->x_h * (long double)l->x_w;
+  if (elem == 0 || xb > (long double)arena_bytes) return -1;
+  l->x_bytes = (uint64_t)p->n * (uint64_t)p->c_in * (uint64_t)l->x_h * (uint64_t)l->x_w * elem;
+  l->y_bytes = (uint64_t)c->output_elems * elem;
+  l->w_bytes = weights_cached ? 0 : (uint64_t)c->weight_elems * elem;
+  l->b_bytes = (uint64_t)c->bias_elems * elem;
+  /* The output first: the blocks of one tile share its place while their sum builds up. */
+  l->y_off = 0;
+  l->x_off = align256(l->y_off + l->y_bytes);
+  l->w_off = align256(l->x_off + l->x_bytes);
+  l->b_off = align256(l->w_off + l->w_bytes);
+  l->ws_off = align256(l->b_off + l->b_bytes);
   if (l->x_bytes > arena_bytes || l->y_bytes > arena_bytes || l->w_bytes > arena_bytes ||
       l->ws_off > arena_bytes)
     return -1;

@@ -42,8 +42,10 @@ int convd_cuda_algo_find(convd_cuda_algo_cache *c, const convd_cuda_algo_key *k,
 void convd_cuda_algo_put(convd_cuda_algo_cache *c, const convd_cuda_algo_key *k, int algo,
                          uint64_t ws_bytes);
 
-/* Where an op lies in the device arena (byte offsets, 256-byte aligned). The input is staged
- * with the asymmetric part of its padding made explicit (cuDNN pads symmetrically). */
+/* Where an op lies in the device arena (byte offsets, 256-byte aligned; elements of the op's
+ * dtype). The output comes first, so the input-channel blocks of one tile accumulate in one
+ * place. The input is staged with the asymmetric part of its padding made explicit (cuDNN pads
+ * symmetrically). */
 typedef struct convd_cuda_layout {
   int64_t x_h, x_w;        /* the staged input's rows and columns */
   int64_t pad_h, pad_w;    /* the symmetric padding left to cuDNN */
@@ -51,6 +53,7 @@ typedef struct convd_cuda_layout {
   uint64_t x_off, x_bytes;
   uint64_t y_off, y_bytes;
   uint64_t w_off, w_bytes; /* w_bytes 0 when the weight block comes from the cache */
+  uint64_t b_off, b_bytes; /* the bias, 0 bytes without one */
   uint64_t ws_off, ws_bytes; /* what is left for cuDNN's workspace */
 } convd_cuda_layout;
 
