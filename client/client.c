@@ -648,6 +648,13 @@ int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t 
     out[i].completed_ops = d->completed_ops;
     out[i].healthy = d->healthy;
     snprintf(out[i].detail, sizeof out[i].detail, "%s", d->detail ? d->detail : "");
+    out[i].busy_seconds = d->busy_seconds;
+    out[i].stats.weight_cache_hits = d->weight_cache_hits;
+    out[i].stats.weight_cache_misses = d->weight_cache_misses;
+    out[i].stats.weight_bytes_loaded = d->weight_bytes_loaded;
+    out[i].stats.bytes_to_device = d->bytes_to_device;
+    out[i].stats.bytes_from_device = d->bytes_from_device;
+    out[i].stats.kernel_ns = (uint64_t)(d->kernel_seconds * 1e9);
   }
   *devs = out;
   *n = r->n_devices;

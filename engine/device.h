@@ -42,6 +42,25 @@ typedef struct convd_op_io {
 convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const float *w,
                               uint64_t w_key, const float *b, float *y, const atomic_int *cancel);
 
+/* What a device counts over its life (for metrics and tests; all optional, zero when not
+ * counted). Read while ops run: values are monotonic and read without a lock. */
+typedef struct convd_device_stats {
+  uint64_t weight_cache_hits, weight_cache_misses; /* ops whose weight block was / was not cached */
+  uint64_t weight_bytes_loaded;  /* weight bytes copied into device-owned memory (GPU: uploaded) */
+  uint64_t bytes_to_device, bytes_from_device; /* all copies over the bus (GPU) */
+  uint64_t kernel_ns;            /* time the compute units ran convolutions (GPU: CUDA events) */
+} convd_device_stats;
+
+/* Copies counters that their owner updates with relaxed atomics. */
+static inline void convd_device_stats_load(const convd_device_stats *src, convd_device_stats *dst) {
+  dst->weight_cache_hits = __atomic_load_n(&src->weight_cache_hits, __ATOMIC_RELAXED);
+  dst->weight_cache_misses = __atomic_load_n(&src->weight_cache_misses, __ATOMIC_RELAXED);
+  dst->weight_bytes_loaded = __atomic_load_n(&src->weight_bytes_loaded, __ATOMIC_RELAXED);
+  dst->bytes_to_device = __atomic_load_n(&src->bytes_to_device, __ATOMIC_RELAXED);
+  dst->bytes_from_device = __atomic_load_n(&src->bytes_from_device, __ATOMIC_RELAXED);
+  dst->kernel_ns = __atomic_load_n(&src->kernel_ns, __ATOMIC_RELAXED);
+}
+
 typedef struct convd_device_iface {
   /* 1 when this device can run the op (all devices run float32 forward convolution today). */
   int (*supports)(void *ctx, const convd_conv *conv);
@@ -49,6 +68,8 @@ typedef struct convd_device_iface {
   int (*run)(void *ctx, const convd_op_io *io, char *err, size_t errlen);
   /* Optional (NULL): drop cached weight blocks, e.g. when a job ends. */
   void (*flush_cache)(void *ctx);
+  /* Optional (NULL): the device's counters; callable from any thread. */
+  void (*stats)(void *ctx, convd_device_stats *out);
   void (*destroy)(void *ctx);
 } convd_device_iface;
 

@@ -57,6 +57,7 @@ typedef struct cpu_ctx {
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
   uint64_t tick;
+  convd_device_stats st; /* updated with relaxed atomics: read from other threads */
   /* Primitives take their scratchpad from us (user mode): by default oneDNN keeps it in
    * thread-local storage of the creating thread, counted by the primitives alive on that thread,
    * so destroying a device from another thread than its worker leaked it. */
@@ -308,6 +309,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   /* Weights: from the cache, or reordered once and cached under the op's key. */
   dnnl_memory_t wei;
   wcache_entry *hit = cache_find(c, io->w_key, wei_md);
+  if (io->w_key) __atomic_fetch_add(hit ? &c->st.weight_cache_hits : &c->st.weight_cache_misses, 1, __ATOMIC_RELAXED);
   DNNL_TRY(dnnl_memory_create(&usr_wei, &usr_wei_md, c->eng, (void *)io->w.p));
   if (hit) {
     wei = hit->mem;
@@ -316,6 +318,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   } else {
     DNNL_TRY(dnnl_memory_create(&wei_tmp, wei_md, c->eng, DNNL_MEMORY_ALLOCATE));
     if ((rc = reorder(c, usr_wei, wei_tmp, err, errlen))) goto out;
+    __atomic_fetch_add(&c->st.weight_bytes_loaded, (uint64_t)dnnl_memory_desc_get_size(wei_md), __ATOMIC_RELAXED);
     wei = wei_tmp;
     if (io->w_key != 0) { /* the cache takes it */
       wcache_entry *e = cache_slot(c);
@@ -367,6 +370,10 @@ static void cpu_flush(void *ctx) {
   memset(c->cache, 0, sizeof c->cache);
 }
 
+static void cpu_stats(void *ctx, convd_device_stats *out) {
+  convd_device_stats_load(&((cpu_ctx *)ctx)->st, out);
+}
+
 static void cpu_destroy(void *ctx) {
   cpu_ctx *c = ctx;
   if (c == NULL) return;
@@ -386,7 +393,8 @@ static void cpu_destroy(void *ctx) {
 }
 
 static const convd_device_iface cpu_iface = {
-    .supports = cpu_supports, .run = cpu_run, .flush_cache = cpu_flush, .destroy = cpu_destroy};
+    .supports = cpu_supports, .run = cpu_run, .flush_cache = cpu_flush, .stats = cpu_stats,
+    .destroy = cpu_destroy};
 
 int convd_device_cpu_is_native(void) { return 1; }
 

@@ -609,7 +609,7 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
     return convd_errf(err, errlen, CONVD_EINVAL, "cpu devices = %d: at most 256", ncpu_dev);
   convd_engine *e = calloc(1, sizeof *e);
   if (e == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 1;
+  const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 2;
   ngpu *= per_gpu;
   e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
@@ -620,7 +620,8 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   for (int i = 0; rc == 0 && i < ngpu; i++) {
     char name[32];
     convd_device *d;
-    snprintf(name, sizeof name, "cuda%d", i);
+    if (per_gpu > 1) snprintf(name, sizeof name, "cuda%d.%d", i / per_gpu, i % per_gpu);
+    else snprintf(name, sizeof name, "cuda%d", i);
     rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &d, err, errlen);
     if (rc == 0) add_slot(e, d);
   }
@@ -698,6 +699,7 @@ int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out) 
   out->healthy = s->healthy;
   snprintf(out->detail, sizeof out->detail, "%s", s->healthy ? s->dev->detail : s->why);
   pthread_mutex_unlock(&e->mu);
+  if (s->dev->iface->stats) s->dev->iface->stats(s->dev->ctx, &out->stats);
   return 0;
 }
 
@@ -785,6 +787,12 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
 void convd_job_set_output(convd_job *j, float *y) {
   pthread_mutex_lock(&j->e->mu);
   j->y_target = y;
+  pthread_mutex_unlock(&j->e->mu);
+}
+
+void convd_job_set_weights_key(convd_job *j, uint64_t key) {
+  pthread_mutex_lock(&j->e->mu);
+  j->w_key = key;
   pthread_mutex_unlock(&j->e->mu);
 }
 

@@ -29,7 +29,9 @@ typedef struct convd_engine_opts {
   int n_extra;
   int gpus;               /* CUDA devices: -1 every visible GPU, 0 none, N the first N */
   uint64_t gpu_memory;    /* per-GPU budget; 0 = half of each GPU's free memory, at most 2 GiB */
-  int gpu_instances;      /* devices per GPU (0 = 1); more share it, as several GPUs would */
+  int gpu_instances;      /* devices per GPU (0 = 2), each with its own stream: one's copies
+                             overlap another's compute, and they share the GPU as several
+                             GPUs would be shared */
   char *notice;           /* when not NULL: why no GPU is used, for the log ("" when GPUs run) */
   size_t notice_len;
 } convd_engine_opts;
@@ -43,6 +45,7 @@ typedef struct convd_device_info {
   double busy_seconds;
   int healthy;
   char detail[256]; /* what runs on it, or why it is unhealthy */
+  convd_device_stats stats; /* the device's own counters */
 } convd_device_info;
 
 typedef struct convd_job_stats {
@@ -90,6 +93,9 @@ enum { CONVD_LEND = 0, CONVD_GIVE = 1 };
  * W_out tensor, which the caller keeps valid until done(). rows_ready still announces final
  * rows; convd_job_output_row points into y, and releasing rows frees nothing. */
 void convd_job_set_output(convd_job *j, float *y);
+/* Names the weights' content (e.g. a digest of them; 0 = unknown), before they are set: device
+ * weight caches then find blocks that an earlier job with the same weights left there. */
+void convd_job_set_weights_key(convd_job *j, uint64_t key);
 /* The weights (and bias, or NULL). */
 void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership);
 /* Input rows [h0, h1) of batch item n as one band (C x rows x W, the wire's band layout). The

@@ -37,6 +37,9 @@ static const opt opts[] = {
     {"gpu-memory", OPT_SIZE, F(gpu_memory), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "GPU memory per device for one op's tensors and workspace (cached weights take up to a "
      "quarter more); 0 = half the free memory, at most 2G"},
+    {"gpu-streams", OPT_INT, F(gpu_streams), "2", 1, 16,
+     "devices per GPU, each with its own CUDA stream, memory budget and worker: with 2, one "
+     "op's copies overlap another's compute"},
     {"cpu-threads", OPT_INT, F(cpu_threads), "0", 0, 4096,
      "threads for all CPU devices together; 0 = one per online CPU"},
     {"cpu-kernel", OPT_STRING, F(cpu_kernel), "onednn", 0, 0,

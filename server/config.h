@@ -16,6 +16,7 @@ typedef struct convd_config {
   int cpu_threads;
   int gpus;                   /* -1 all visible, 0 none, N the first N */
   uint64_t gpu_memory;        /* 0 = automatic */
+  int gpu_streams;            /* devices (streams) per GPU */
   uint64_t device_memory;
   char cpu_kernel[16];        /* "onednn" or "reference" */
   uint64_t chunk_bytes;

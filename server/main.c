@@ -119,6 +119,7 @@ int main(int argc, char **argv) {
                           .device_memory = cfg.device_memory,
                           .gpus = cfg.gpus,
                           .gpu_memory = cfg.gpu_memory,
+                          .gpu_instances = cfg.gpu_streams,
                           .notice = gpu_notice,
                           .notice_len = sizeof gpu_notice};
   if (!eo.reference && !convd_device_cpu_is_native())

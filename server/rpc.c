@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "band.h"
+#include "digest.h"
 #include "dtype.h"
 #include "convd/v1/convd.pb-c.h"
 #include "wire.h"
@@ -755,6 +756,7 @@ static void handle_unary(call *c) {
   if (rc == 0) {
     /* The job reads x in place (the call frees it once the job is gone) and writes into uy. */
     convd_job_set_output(c->job, c->uy);
+    convd_job_set_weights_key(c->job, convd_digest_weights(&c->conv, w));
     convd_job_set_weights(c->job, w, b, CONVD_GIVE);
     w = b = NULL;
     c->ux = x;
@@ -788,6 +790,13 @@ static void handle_list(call *c) {
       devs[i].completed_ops = info[i].completed_ops;
       devs[i].healthy = info[i].healthy != 0;
       devs[i].detail = info[i].detail;
+      devs[i].busy_seconds = info[i].busy_seconds;
+      devs[i].weight_cache_hits = info[i].stats.weight_cache_hits;
+      devs[i].weight_cache_misses = info[i].stats.weight_cache_misses;
+      devs[i].weight_bytes_loaded = info[i].stats.weight_bytes_loaded;
+      devs[i].bytes_to_device = info[i].stats.bytes_to_device;
+      devs[i].bytes_from_device = info[i].stats.bytes_from_device;
+      devs[i].kernel_seconds = (double)info[i].stats.kernel_ns * 1e-9;
       ptrs[i] = &devs[i];
     }
     Convd__V1__ListDevicesResponse resp = CONVD__V1__LIST_DEVICES_RESPONSE__INIT;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "band.h"
+#include "digest.h"
 #include "dtype.h"
 #include "err.h"
 
@@ -262,6 +263,7 @@ static int give_weights(convd_session *s, char *err, size_t errlen) {
                       "the daemon cannot widen %zu weights to float32 now; retry later",
                       s->conv.weight_elems);
   s->weights_given = 1;
+  convd_job_set_weights_key(s->job, convd_digest_weights(&s->conv, s->w));
   convd_job_set_weights(s->job, s->w, s->b, CONVD_GIVE);
   return 0;
 }

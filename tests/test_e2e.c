@@ -316,6 +316,56 @@ static void test_half_dtypes(void) {
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
 }
 
+/* Weight blocks stay on a device across calls, keyed by the weights' content: the same weights
+ * sent again (by another connection) load nothing, other weights of the same shape do. */
+static void test_weights_reused_across_calls(void) {
+  test_daemon d;
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  char err[512];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = p.c_per_group = 32, p.h = p.w = 24, p.c_out = 32, p.kh = p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  rng r = {0x5eed00f2};
+  problem pr;
+  ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+  problem_reference(&pr);
+  uint64_t loaded[4], hits[4];
+  for (int call = 0; call < 4 && !test_failed; call++) {
+    if (call == 3) { /* other weights, same shape: must not hit the first ones' blocks */
+      for (size_t i = 0; i < pr.c.weight_elems; i++) pr.w[i] = -pr.w[i];
+      for (size_t i = 0; i < pr.c.output_elems; i++) pr.want[i] = 0;
+    }
+    convd_client *cl;
+    ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
+    poison(pr.y, pr.c.output_elems);
+    int rc = call % 2 ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, NULL, pr.y, NULL, err, sizeof err)
+                      : convd_client_conv2d(cl, &p, pr.x, pr.w, NULL, pr.y, NULL, err, sizeof err);
+    if (rc) FAIL_AT("call %d: %s", call, err);
+    if (call == 3) problem_reference(&pr);
+    if (check_close("weights reuse", pr.y, pr.want, pr.c.output_elems)) FAIL_AT("call %d differs", call);
+    convd_device_info *devs;
+    size_t n;
+    ASSERT_OK(convd_client_list_devices(cl, &devs, &n, err, sizeof err), err);
+    loaded[call] = hits[call] = 0;
+    for (size_t i = 0; i < n; i++) {
+      loaded[call] += devs[i].stats.weight_bytes_loaded;
+      hits[call] += devs[i].stats.weight_cache_hits;
+    }
+    free(devs);
+    convd_client_destroy(cl);
+  }
+  printf("  weight bytes loaded after each call: %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64
+         "; cache hits %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n",
+         loaded[0], loaded[1], loaded[2], loaded[3], hits[0], hits[1], hits[2], hits[3]);
+  ASSERT_TRUE(loaded[0] > 0);
+  ASSERT_TRUE(loaded[1] == loaded[0] && loaded[2] == loaded[0]); /* nothing loaded again */
+  ASSERT_TRUE(hits[2] > hits[1] && hits[1] > hits[0]);
+  ASSERT_TRUE(loaded[3] > loaded[2]); /* new weights were loaded */
+  problem_free(&pr);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
 /* Several clients at once, each on its own thread and connection. */
 typedef struct worker {
   const char *target;
@@ -632,6 +682,7 @@ int main(int argc, char **argv) {
       {"golden_library_small_chunks", test_golden_library_small_chunks},
       {"random_shapes", test_random_shapes},
       {"half_dtypes", test_half_dtypes},
+      {"weights_reused_across_calls", test_weights_reused_across_calls},
       {"concurrent_clients", test_concurrent_clients},
       {"convctl_errors_and_devices", test_convctl_errors_and_devices},
       {"sigterm_drains_calls", test_sigterm_drains_calls},

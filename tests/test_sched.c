@@ -91,7 +91,8 @@ static void wrap_destroy(void *ctx) {
   free(w);
 }
 
-static const convd_device_iface wrap_iface = {wrap_supports, wrap_run, NULL, wrap_destroy};
+static const convd_device_iface wrap_iface = {
+    .supports = wrap_supports, .run = wrap_run, .destroy = wrap_destroy};
 
 static convd_device *test_wrapped_device(const char *name, int delay_us, int fail_after,
                                          uint64_t budget) {

@@ -47,6 +47,11 @@ typedef struct cuda_ctx {
   void *hy; /* the output, downloaded */
   size_t hy_cap;
   int chain_open; /* a chain's sum is building up at the arena's output place */
+  /* The convolution's time on the GPU, per staging slot: read back (into st.kernel_ns) before
+   * the slot's events are recorded again, and at every synchronisation. */
+  cudaEvent_t k_start[2], k_end[2];
+  int k_pending[2];
+  convd_device_stats st; /* relaxed atomics: read from other threads */
   convd_cuda_algo_cache algos;
 } cuda_ctx;
 
@@ -217,6 +222,18 @@ static int cuda_supports(void *ctx, const convd_conv *conv) {
   return p->n < (1 << 30) && p->c_in < (1 << 30) && p->h < (1 << 30) && p->w < (1 << 30);
 }
 
+static void count(uint64_t *field, uint64_t v) { __atomic_fetch_add(field, v, __ATOMIC_RELAXED); }
+
+/* Adds slot i's measured convolution time, waiting for it to finish. */
+static void harvest(cuda_ctx *c, int i) {
+  float ms = 0;
+  if (!c->k_pending[i]) return;
+  c->k_pending[i] = 0;
+  if (cudaEventSynchronize(c->k_end[i]) == cudaSuccess &&
+      cudaEventElapsedTime(&ms, c->k_start[i], c->k_end[i]) == cudaSuccess && ms > 0)
+    count(&c->st.kernel_ns, (uint64_t)((double)ms * 1e6));
+}
+
 /* Waits until the GPU has copied out of staging buffer *buf, then makes it hold `bytes`. */
 static int stage_buffer(void **buf, size_t *cap, cudaEvent_t done, size_t bytes, char *err,
                         size_t errlen) {
@@ -259,6 +276,8 @@ static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
   char *w_dev = cached ? (char *)wb->dev : c->arena + l.w_off, *b_dev = c->arena + l.b_off;
   const int s = c->slot;
   c->slot ^= 1;
+  harvest(c, s);
+  count(cached == 1 ? &c->st.weight_cache_hits : &c->st.weight_cache_misses, wkey != 0);
 
   /* Input, staged with its explicit padding; the weights when not cached, and the bias. */
   if ((rc = stage_buffer(&c->hx[s], &c->hx_cap[s], c->x_done[s], l.x_bytes, err, errlen))) goto out;
@@ -266,6 +285,7 @@ static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
   view_to_dense(dt, &io->x, p->n, p->c_in, p->h, p->w, c->hx[s], l.x_h, l.x_w, l.off_top, l.off_left);
   CU_TRY(cudaMemcpyAsync(x_dev, c->hx[s], l.x_bytes, cudaMemcpyHostToDevice, c->stream));
   CU_TRY(cudaEventRecord(c->x_done[s], c->stream));
+  count(&c->st.bytes_to_device, l.x_bytes);
   if (cached != 1 || io->b) {
     const uint64_t b_at = (w_dev_bytes + 255) & ~(uint64_t)255;
     if ((rc = stage_buffer(&c->hw[s], &c->hw_cap[s], c->w_done[s], b_at + l.b_bytes, err, errlen)))
@@ -274,10 +294,13 @@ static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
     if (cached != 1) {
       view_to_dense(dt, &io->w, p->c_out, p->c_per_group, p->kh, p->kw, hw, p->kh, p->kw, 0, 0);
       CU_TRY(cudaMemcpyAsync(w_dev, hw, w_dev_bytes, cudaMemcpyHostToDevice, c->stream));
+      count(&c->st.weight_bytes_loaded, w_dev_bytes);
+      count(&c->st.bytes_to_device, w_dev_bytes);
     }
     if (io->b) {
       convd_dtype_encode(dt, io->b, hw + b_at, (size_t)p->c_out);
       CU_TRY(cudaMemcpyAsync(b_dev, hw + b_at, l.b_bytes, cudaMemcpyHostToDevice, c->stream));
+      count(&c->st.bytes_to_device, l.b_bytes);
     }
     CU_TRY(cudaEventRecord(c->w_done[s], c->stream));
   }
@@ -309,12 +332,15 @@ static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
     goto out;
   /* The blocks of a chain after the first add onto the sum in place (beta = 1). */
   const float one = 1.0f, zero = 0.0f;
+  CU_TRY(cudaEventRecord(c->k_start[s], c->stream));
   DNN_TRY(cudnnConvolutionForward(c->dnn, &one, c->xd, x_dev, c->wd, w_dev, c->cd, algo, ws,
                                   (size_t)need, first ? &zero : &one, c->yd, y_dev));
   if (io->b) {
     DNN_TRY(cudnnSetTensor4dDescriptor(c->bd, CUDNN_TENSOR_NCHW, ty, 1, (int)p->c_out, 1, 1));
     DNN_TRY(cudnnAddTensor(c->dnn, &one, c->bd, b_dev, &one, c->yd, y_dev));
   }
+  CU_TRY(cudaEventRecord(c->k_end[s], c->stream));
+  c->k_pending[s] = 1;
   if (!last) { /* the sum stays on the GPU; the next block's staging overlaps this compute */
     c->chain_open = 1;
     goto out;
@@ -322,6 +348,9 @@ static int cuda_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
   if ((rc = grow_pinned(&c->hy, &c->hy_cap, l.y_bytes, err, errlen))) goto out;
   CU_TRY(cudaMemcpyAsync(c->hy, y_dev, l.y_bytes, cudaMemcpyDeviceToHost, c->stream));
   CU_TRY(cudaStreamSynchronize(c->stream));
+  count(&c->st.bytes_from_device, l.y_bytes);
+  harvest(c, 0);
+  harvest(c, 1);
   dense_to_view(dt, c->hy, p->n, p->c_out, conv->h_out, conv->w_out, &io->y);
 out:
   if (rc && cached == 2) { /* a block that never got its contents must not be found later */
@@ -361,13 +390,22 @@ static void cuda_destroy(void *ctx) {
     if (c->hw[i]) cudaFreeHost(c->hw[i]);
     if (c->x_done[i]) cudaEventDestroy(c->x_done[i]);
     if (c->w_done[i]) cudaEventDestroy(c->w_done[i]);
+    if (c->k_start[i]) cudaEventDestroy(c->k_start[i]);
+    if (c->k_end[i]) cudaEventDestroy(c->k_end[i]);
   }
   if (c->hy) cudaFreeHost(c->hy);
   free(c);
 }
 
-static const convd_device_iface cuda_iface = {
-    .supports = cuda_supports, .run = cuda_run, .flush_cache = cuda_flush, .destroy = cuda_destroy};
+static void cuda_stats(void *ctx, convd_device_stats *out) {
+  convd_device_stats_load(&((cuda_ctx *)ctx)->st, out);
+}
+
+static const convd_device_iface cuda_iface = {.supports = cuda_supports,
+                                              .run = cuda_run,
+                                              .flush_cache = cuda_flush,
+                                              .stats = cuda_stats,
+                                              .destroy = cuda_destroy};
 
 int convd_device_cuda_create(const char *name, int ordinal, uint64_t memory_budget,
                              convd_device **out, char *err, size_t errlen) {
@@ -403,6 +441,8 @@ int convd_device_cuda_create(const char *name, int ordinal, uint64_t memory_budg
   for (int i = 0; i < 2; i++) {
     CU_TRY(cudaEventCreateWithFlags(&c->x_done[i], cudaEventDisableTiming));
     CU_TRY(cudaEventCreateWithFlags(&c->w_done[i], cudaEventDisableTiming));
+    CU_TRY(cudaEventCreate(&c->k_start[i]));
+    CU_TRY(cudaEventCreate(&c->k_end[i]));
   }
   DNN_TRY(cudnnCreate(&c->dnn));
   DNN_TRY(cudnnSetStream(c->dnn, c->stream));
