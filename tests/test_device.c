@@ -1,11 +1,13 @@
 /* Every device kind against the reference: all golden conv2d cases and random shapes (groups,
  * depthwise, stride, dilation, asymmetric padding, N > 1, bias), outputs poisoned first; the
  * CPU device's weight cache. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cuda_device.h"
 #include "device.h"
+#include "dtype.h"
 #include "ref.h"
 #include "testutil.h"
 
@@ -262,12 +264,172 @@ static void test_cpu_weight_cache(void) {
   convd_device_destroy(d);
 }
 
+/* Reduced precision, on every golden case and every device kind: float16 and bfloat16 (inputs
+ * rounded to the type as a client sends them) and float32 with TF32 allowed. The answer is the
+ * float64 reference on the same inputs; the stated bounds, per element, with A the reference
+ * on |x|, |w|, |b| (what the sum's rounding errors scale with):
+ *   float16   2^-11 |want| + 2^-10 A   (output rounded to half; half intermediates in cuDNN)
+ *   bfloat16  2^-8  |want| + 2^-7  A
+ *   TF32                     2^-10 A   (both factors rounded to 10-bit mantissas)
+ * plus 1e-5 of max(1, max|want|) for float32 accumulation. Host devices compute in float32 and
+ * pass with room to spare; the GPU is what these bounds are for. */
+static void test_reduced_precision_all_devices(void) {
+  static const struct {
+    const char *name;
+    int dtype, tf32;
+    double rel, abs_sum;
+  } modes[] = {{"float16", CONVD_F16, 0, 0x1p-11, 0x1p-10},
+               {"bfloat16", CONVD_BF16, 0, 0x1p-8, 0x1p-7},
+               {"tf32", CONVD_F32, 1, 0, 0x1p-10}};
+  char names[64][128], err[512];
+  int n = golden_list(golden_root, names, 64);
+  for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    if (!kind_available(k)) continue;
+    convd_device *d;
+    ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+      double worst = 0; /* error / bound, the largest seen */
+      for (int i = 0; i < n; i++) {
+        golden g;
+        ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+        if (strcmp(g.op, "conv2d") != 0) {
+          golden_free(&g);
+          continue;
+        }
+        g.p.dtype = modes[m].dtype;
+        g.p.allow_tf32 = modes[m].tf32;
+        convd_conv c;
+        ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
+        convd_dtype_round(c.p.dtype, g.x, c.input_elems);
+        convd_dtype_round(c.p.dtype, g.w, c.weight_elems);
+        if (g.b) convd_dtype_round(c.p.dtype, g.b, c.bias_elems);
+        float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes), *aref = malloc(c.output_bytes);
+        float *ax = malloc(c.input_bytes), *aw = malloc(c.weight_bytes), *ab = malloc(c.bias_bytes + 4);
+        for (size_t e = 0; e < c.input_elems; e++) ax[e] = fabsf(g.x[e]);
+        for (size_t e = 0; e < c.weight_elems; e++) aw[e] = fabsf(g.w[e]);
+        for (size_t e = 0; e < c.bias_elems; e++) ab[e] = fabsf(g.b[e]);
+        convd_ref_conv2d(&c, g.x, g.w, g.b, ref, NULL);
+        convd_ref_conv2d(&c, ax, aw, g.b ? ab : NULL, aref, NULL);
+        poison(y, c.output_elems);
+        convd_op_io io = convd_op_io_dense(&c, g.x, g.w, 0, g.b, y, NULL);
+        int rc = d->iface->run(d->ctx, &io, err, sizeof err);
+        double scale = 1;
+        for (size_t e = 0; e < c.output_elems; e++)
+          if (fabs(ref[e]) > scale) scale = fabs(ref[e]);
+        size_t bad = 0, at = 0;
+        for (size_t e = 0; e < c.output_elems && rc == 0; e++) {
+          const double bound = modes[m].rel * fabs(ref[e]) + modes[m].abs_sum * aref[e] + 1e-5 * scale;
+          const double er = fabs((double)y[e] - ref[e]);
+          if (!(er <= bound)) bad++, at = e;
+          if (er / bound > worst) worst = er / bound;
+        }
+        if (rc) FAIL_AT("%s %s on %s: %s", names[i], modes[m].name, kinds[k].name, err);
+        else if (bad)
+          FAIL_AT("%s %s on %s: %zu of %zu elements beyond the bound, e.g. [%zu] got %g want %g (|x||w| %g)",
+                  names[i], modes[m].name, kinds[k].name, bad, c.output_elems, at, y[at], ref[at], aref[at]);
+        free(y), free(ref), free(aref), free(ax), free(aw), free(ab);
+        golden_free(&g);
+        if (test_failed) break;
+      }
+      printf("  %s %s: worst error %.3g of its bound\n", kinds[k].name, modes[m].name, worst);
+      if (test_failed) break;
+    }
+    convd_device_destroy(d);
+    if (test_failed) return;
+  }
+}
+
+/* A chain on a device that accumulates (the GPU): the input channels of random ops cut into
+ * blocks, run block after block with chain_pos/chain_len; y stays untouched until the last block
+ * and then holds the whole sum. */
+static void test_chains_on_accumulating_devices(void) {
+  char err[512];
+  for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+    if (!kind_available(k)) continue;
+    convd_device *d;
+    ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
+    if (!d->accumulates) {
+      convd_device_destroy(d);
+      continue;
+    }
+    rng r = {0x5eed0301};
+    for (int iter = 0; iter < 40 && !test_failed; iter++) {
+      convd_conv_params p;
+      convd_conv_params_default(&p);
+      p.n = rng_range(&r, 1, 2);
+      p.c_in = p.c_per_group = rng_range(&r, 4, 64);
+      p.c_out = rng_range(&r, 1, 32);
+      p.kh = rng_range(&r, 1, 5), p.kw = rng_range(&r, 1, 5);
+      p.pad_top = rng_range(&r, 0, 2), p.pad_bottom = rng_range(&r, 0, 2);
+      p.pad_left = rng_range(&r, 0, 2), p.pad_right = rng_range(&r, 0, 2);
+      p.stride_h = p.stride_w = rng_range(&r, 1, 2);
+      p.h = rng_range(&r, p.kh, 30), p.w = rng_range(&r, p.kw, 30);
+      p.has_bias = (int)rng_range(&r, 0, 1);
+      p.dtype = iter % 4 == 3 ? CONVD_F16 : CONVD_F32;
+      convd_conv c;
+      ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+      float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+      float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
+      double *want = malloc(c.output_elems * sizeof(double));
+      rng_fill(&r, x, c.input_elems);
+      rng_fill(&r, w, c.weight_elems);
+      rng_fill(&r, b, c.bias_elems);
+      convd_dtype_round(p.dtype, x, c.input_elems);
+      convd_dtype_round(p.dtype, w, c.weight_elems);
+      convd_dtype_round(p.dtype, b, c.bias_elems);
+      convd_ref_conv2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+      for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+      poison(y, c.output_elems);
+      const int64_t blocks = rng_range(&r, 2, p.c_in < 6 ? p.c_in : 6);
+      const int64_t per = (p.c_in + blocks - 1) / blocks;
+      int rc = 0, touched = 0;
+      int64_t nb = (p.c_in + per - 1) / per;
+      for (int64_t bk = 0; bk < nb && rc == 0; bk++) {
+        convd_conv_params bp = p;
+        bp.c_in = bp.c_per_group = (bk + 1) * per < p.c_in ? per : p.c_in - bk * per;
+        bp.has_bias = p.has_bias && bk == 0;
+        convd_conv bc;
+        ASSERT_OK(convd_conv_init(&bc, &bp, err, sizeof err), err);
+        convd_op_io io = {.conv = &bc,
+                          .x = {x + (size_t)(bk * per * p.h * p.w), (size_t)(p.c_in * p.h * p.w),
+                                (size_t)(p.h * p.w), (size_t)p.w},
+                          .w = {w + (size_t)(bk * per * p.kh * p.kw), (size_t)(p.c_in * p.kh * p.kw),
+                                (size_t)(p.kh * p.kw), (size_t)p.kw},
+                          .b = bp.has_bias ? b : NULL,
+                          .y = convd_view_dense(y, p.c_out, c.h_out, c.w_out),
+                          .chain_pos = (int)bk,
+                          .chain_len = (int)nb};
+        rc = d->iface->run(d->ctx, &io, err, sizeof err);
+        if (bk < nb - 1)
+          for (size_t i = 0; i < c.output_elems; i++) touched += !isnan(y[i]);
+      }
+      char what[160];
+      snprintf(what, sizeof what, "%s chain %d (%" PRId64 " blocks of %" PRId64 " channels, %s)",
+               kinds[k].name, iter, nb, per, convd_dtype_name(p.dtype));
+      if (rc) FAIL_AT("%s: %s", what, err);
+      else if (touched) FAIL_AT("%s: y was written before the last block", what);
+      else if (p.dtype == CONVD_F32 && check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+      else if (p.dtype != CONVD_F32)
+        for (size_t i = 0; i < c.output_elems; i++)
+          if (!(fabs(y[i] - want[i]) <= 2e-2 * (1 + fabs(want[i])))) {
+            FAIL_AT("%s: [%zu] got %g want %g", what, i, y[i], want[i]);
+            break;
+          }
+      free(x), free(w), free(b), free(y), free(ref), free(want);
+    }
+    convd_device_destroy(d);
+    if (test_failed) return;
+  }
+}
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"golden_all_devices", test_golden_all_devices},
       {"random_shapes_all_devices", test_random_shapes_all_devices},
       {"strided_views_all_devices", test_strided_views_all_devices},
       {"cpu_weight_cache", test_cpu_weight_cache},
+      {"reduced_precision_all_devices", test_reduced_precision_all_devices},
+      {"chains_on_accumulating_devices", test_chains_on_accumulating_devices},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }
