@@ -102,6 +102,7 @@ struct convd_engine {
   dev_slot *devs;
   int ndev;
   uint64_t device_memory;
+  uint64_t op_memory; /* planning cap, 0 = none */
   convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
   uint64_t next_job_id;
 };
@@ -613,6 +614,7 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   ngpu *= per_gpu;
   e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
+  e->op_memory = o.op_memory;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
   int rc = 0;
@@ -708,6 +710,7 @@ int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan,
   uint64_t budget = UINT64_MAX;
   for (int i = 0; i < e->ndev; i++)
     if (e->devs[i].dev->memory_budget < budget) budget = e->devs[i].dev->memory_budget;
+  if (e->op_memory && e->op_memory < budget) budget = e->op_memory;
   convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget};
   int rc = convd_plan_make(plan, conv, &o, err, errlen);
   if (rc == 0 && plan->ops > MAX_PLAN_OPS)

@@ -32,6 +32,8 @@ typedef struct convd_engine_opts {
   int gpu_instances;      /* devices per GPU (0 = 2), each with its own stream: one's copies
                              overlap another's compute, and they share the GPU as several
                              GPUs would be shared */
+  uint64_t op_memory;     /* the largest op the planner makes; 0 = the smallest device budget
+                             (a GPU's budget beyond it is left to cuDNN's workspace) */
   char *notice;           /* when not NULL: why no GPU is used, for the log ("" when GPUs run) */
   size_t notice_len;
 } convd_engine_opts;

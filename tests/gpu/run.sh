@@ -5,10 +5,13 @@
 #
 #   tests/gpu/run.sh            (writes logs under $OUT, default /tmp/convd-gpu)
 #
-# Runs: the CUDA device against every golden case, random shapes and strided views
+# Runs: the CUDA device against every golden case, random shapes and strided views, float16 /
+# bfloat16 / TF32 within their stated bounds, and chains of channel blocks summed on the GPU
 # (test_device); random tiled plans on the GPU alone, on the GPU beside a CPU device, and on two
 # device instances sharing the GPU (test_sched gpu_random_plans, plus the rest of test_sched);
-# the CUDA device's host-side logic (test_cuda_host). Exits non-zero when any of them fails.
+# the CUDA device's host-side logic (test_cuda_host). Then the benchmark tables (bench_gpu, with
+# PyTorch's conv2d as the peer) into $OUT/bench_gpu.md, unless NO_BENCH=1. Exits non-zero when
+# a test program fails.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/convd-gpu}
@@ -41,4 +44,10 @@ for t in test_cuda_host test_device test_sched; do
   fi
 done
 echo "GPU checks: $fails of 3 test programs failed"
+if [ "${NO_BENCH:-0}" != 1 ]; then
+  echo "== bench_gpu"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
+    > "$OUT/bench_gpu.md" 2>&1 || true
+  ./build-gpu/tests/bench_gpu ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench_gpu.md"
+fi
 exit $((fails > 0))
