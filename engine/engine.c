@@ -103,6 +103,8 @@ struct convd_engine {
   int ndev;
   uint64_t device_memory;
   uint64_t op_memory; /* planning cap, 0 = none */
+  void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
+  void *user;
   convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
   uint64_t next_job_id;
 };
@@ -482,8 +484,11 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
     snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
   } else {
     /* The device failed: it takes no more work, the op goes back for another device. */
+    if (s->healthy) {
+      snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
+      if (e->device_failed) e->device_failed(e->user, s->index, s->dev->name, err);
+    }
     s->healthy = 0;
-    snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
     int healthy = 0;
     for (int i = 0; i < e->ndev; i++) healthy += e->devs[i].healthy;
     if (healthy == 0) {
@@ -615,6 +620,8 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
+  e->device_failed = o.device_failed;
+  e->user = o.user;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
   int rc = 0;

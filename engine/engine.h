@@ -35,6 +35,10 @@ typedef struct convd_engine_opts {
   uint64_t op_memory;     /* the largest op the planner makes; 0 = the smallest device budget
                              (a GPU's budget beyond it is left to cuDNN's workspace) */
   char *notice;           /* when not NULL: why no GPU is used, for the log ("" when GPUs run) */
+  /* Optional: told once when a device fails and is taken out of service (for the log); runs on
+   * the device's worker thread under the engine's lock, so it must not call the engine. */
+  void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
+  void *user;
   size_t notice_len;
 } convd_engine_opts;
 

@@ -88,6 +88,13 @@ static void on_signal(uv_signal_t *h, int signum) {
   convd_rpc_drain(d->rpc, on_rpc_drained, d);
 }
 
+/* A device left service: its ops run elsewhere; the log and ListDevices say why. */
+static void log_device_failed(void *user, unsigned index, const char *name, const char *why) {
+  (void)user;
+  convd_log(CONVD_LOG_ERROR, "msg=\"device unhealthy, its ops go to the other devices\" device=%u name=%s why=\"%s\"",
+            index, name, why);
+}
+
 int main(int argc, char **argv) {
   convd_config cfg;
   char err[512];
@@ -121,7 +128,8 @@ int main(int argc, char **argv) {
                           .gpu_memory = cfg.gpu_memory,
                           .gpu_instances = cfg.gpu_streams,
                           .notice = gpu_notice,
-                          .notice_len = sizeof gpu_notice};
+                          .notice_len = sizeof gpu_notice,
+                          .device_failed = log_device_failed};
   if (!eo.reference && !convd_device_cpu_is_native())
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
   if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {

@@ -325,6 +325,20 @@ static void test_slow_device_never_delays(void) {
 }
 
 /* A device that fails mid-job: its op is retried elsewhere, nothing is lost, it is unhealthy. */
+typedef struct failed_log {
+  int calls;
+  unsigned index;
+  char why[256];
+} failed_log;
+
+static void on_device_failed(void *user, unsigned index, const char *name, const char *why) {
+  failed_log *l = user;
+  (void)name;
+  l->calls++;
+  l->index = index;
+  snprintf(l->why, sizeof l->why, "%s", why);
+}
+
 static void test_device_failure_mid_job(void) {
   char err[256];
   convd_conv_params p;
@@ -337,7 +351,9 @@ static void test_device_failure_mid_job(void) {
   uint64_t budget = 6000;
   convd_device *devs[2] = {test_wrapped_device("flaky", 200, 5, budget),
                            test_wrapped_device("steady", 200, 0, budget)};
-  convd_engine_opts o = {.extra = devs, .n_extra = 2, .device_memory = budget};
+  failed_log log = {0};
+  convd_engine_opts o = {.extra = devs, .n_extra = 2, .device_memory = budget,
+                         .device_failed = on_device_failed, .user = &log};
   convd_engine *e;
   ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
   rng r = {0x5eed0402};
@@ -350,6 +366,10 @@ static void test_device_failure_mid_job(void) {
   ASSERT_TRUE(!info.healthy);
   ASSERT_CONTAINS(info.detail, "failed on purpose");
   ASSERT_EQ_INT(convd_engine_healthy_devices(e), 1);
+  /* Told once, with the device and the reason (the daemon logs it). */
+  ASSERT_EQ_INT(log.calls, 1);
+  ASSERT_EQ_INT(log.index, 0);
+  ASSERT_CONTAINS(log.why, "failed on purpose");
   /* With the last device failing too, a job fails with the reason instead of hanging. */
   convd_engine_destroy(e);
   convd_device *bad[1] = {test_wrapped_device("doomed", 0, 1, budget)};
