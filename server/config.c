@@ -52,6 +52,9 @@ static const opt opts[] = {
      1024.0 * 1024 * 1024, "gRPC message size limit, both directions"},
     {"max-request-bytes", OPT_SIZE, F(max_request_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "largest input+weights+output one request may hold; 0 = half of physical memory"},
+    {"weights-memory", OPT_SIZE, F(weights_memory), "1G", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "bytes the weights registry (PutWeights) may hold; the least recently used weights no call "
+     "is using are evicted beyond it; 0 turns the registry off"},
     {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
      "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},

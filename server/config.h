@@ -22,6 +22,7 @@ typedef struct convd_config {
   uint64_t chunk_bytes;
   uint64_t max_message_bytes;
   uint64_t max_request_bytes; /* 0 in the table = half of physical memory, resolved at parse */
+  uint64_t weights_memory;    /* the weights registry's limit */
   double drain_timeout;       /* seconds */
   int log_level;              /* enum convd_log_level */
 } convd_config;

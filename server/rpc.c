@@ -21,17 +21,33 @@
 #include "wire.h"
 #include "err.h"
 #include "log.h"
+#include "registry.h"
 #include "session.h"
 #include "status.h"
 
 /* Requests kept posted per method, so bursts of new calls do not wait for a repost. */
 #define REQUESTS_PER_METHOD 8
 
-enum call_kind { K_CONV2D, K_UNARY, K_LIST, K_GENERIC, K_COUNT };
+enum call_kind {
+  K_CONV2D,
+  K_UNARY,
+  K_LIST,
+  K_PUT_WEIGHTS,
+  K_LIST_WEIGHTS,
+  K_DELETE_WEIGHTS,
+  K_GENERIC,
+  K_COUNT
+};
 static const char *const kind_path[K_COUNT] = {
-    "/convd.v1.Convolution/Conv2d", "/convd.v1.Convolution/Conv2dUnary",
-    "/convd.v1.Convolution/ListDevices", NULL};
-static const char *const kind_name[K_COUNT] = {"Conv2d", "Conv2dUnary", "ListDevices", "unknown"};
+    "/convd.v1.Convolution/Conv2d",       "/convd.v1.Convolution/Conv2dUnary",
+    "/convd.v1.Convolution/ListDevices",  "/convd.v1.Convolution/PutWeights",
+    "/convd.v1.Convolution/ListWeights",  "/convd.v1.Convolution/DeleteWeights",
+    NULL};
+static const char *const kind_name[K_COUNT] = {"Conv2d",     "Conv2dUnary", "ListDevices",
+                                               "PutWeights", "ListWeights", "DeleteWeights",
+                                               "unknown"};
+/* Methods whose client streams (the request is read message by message). */
+static int kind_streams_in(enum call_kind k) { return k == K_CONV2D || k == K_PUT_WEIGHTS; }
 
 /* Every completion-queue tag is one of these; the CQ thread calls fn(obj, ok). */
 typedef struct tag {
@@ -44,6 +60,7 @@ typedef struct call call;
 struct convd_rpc {
   const convd_config *cfg;
   convd_engine *engine;
+  convd_registry *registry; /* NULL when --weights-memory is 0 */
   grpc_server *server;
   grpc_completion_queue *cq;
   pthread_t thread;
@@ -117,6 +134,15 @@ struct call {
   /* Conv2dUnary */
   convd_conv conv;
   float *ux, *uy; /* input lent to the job, output the job writes into */
+  convd_weights *reg_w; /* registered weights the unary job uses (pinned) */
+
+  /* PutWeights */
+  int put_spec;
+  int64_t put_shape[4];
+  int put_bias, put_dtype;
+  size_t put_elem;
+  void *put_w, *put_b;
+  size_t put_w_recv, put_b_recv, put_w_total, put_b_total;
 };
 
 static double now_seconds(void) {
@@ -223,7 +249,10 @@ static void call_free(call *c) {
   grpc_call_details_destroy(&c->details);
   grpc_metadata_array_destroy(&c->md);
   convd_job_destroy(c->job);
-  convd_session_destroy(c->sess);
+  convd_session_destroy(c->sess); /* after the job: it may have lent registered weights */
+  if (c->reg_w) convd_registry_release(r->registry, c->reg_w);
+  free(c->put_w);
+  free(c->put_b);
   free(c->band_buf);
   free(c->band_f32);
   free(c->ready);
@@ -273,8 +302,8 @@ static int post_request(convd_rpc *r, enum call_kind kind) {
                                  &c->t_request);
   else
     e = grpc_server_request_registered_call(r->server, r->method[kind], &c->gc, &c->deadline,
-                                            &c->md, kind == K_CONV2D ? NULL : &c->payload, r->cq,
-                                            r->cq, &c->t_request);
+                                            &c->md, kind_streams_in(kind) ? NULL : &c->payload,
+                                            r->cq, r->cq, &c->t_request);
   if (e != GRPC_CALL_OK) {
     convd_log(CONVD_LOG_ERROR, "msg=\"cannot post a call request\" method=%s error=%d",
               kind_name[kind], (int)e);
@@ -588,8 +617,8 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
     sum.elapsed_seconds = now_seconds() - c->t_begin;
     sum.compute_seconds = st->compute_seconds;
     sum.ops_run = st->ops_run;
-    sum.bytes_received =
-        c->conv.input_wire_bytes + c->conv.weight_wire_bytes + c->conv.bias_wire_bytes;
+    sum.bytes_received = c->conv.input_wire_bytes +
+                         (c->reg_w ? 0 : c->conv.weight_wire_bytes + c->conv.bias_wire_bytes);
     sum.bytes_sent = c->conv.output_wire_bytes;
     /* Narrowed in place: element i's 2 bytes land at or before where its 4 bytes were read. */
     if (c->conv.p.dtype != CONVD_F32)
@@ -634,13 +663,17 @@ static void post_recv(call *c) {
   start_batch(c, &op, 1, &c->t_recv);
 }
 
+static void put_weights_recv(call *c, int ok, grpc_byte_buffer *bb);
+
 static void on_recv(void *obj, int ok) {
   call *c = obj;
   char err[1024];
   pthread_mutex_lock(&c->mu);
   grpc_byte_buffer *bb = c->recv_buf;
   c->recv_buf = NULL;
-  if (!ok || c->status_set || c->dead) {
+  if (c->kind == K_PUT_WEIGHTS) {
+    put_weights_recv(c, ok, bb);
+  } else if (!ok || c->status_set || c->dead) {
     c->recv_done = 1; /* the call failed, or we already answered */
   } else if (bb == NULL) {
     c->recv_done = 1; /* half-close: all input is here (the job runs on), or it is wrong */
@@ -689,7 +722,7 @@ static void on_recv(void *obj, int ok) {
 /* ---- method handlers (CQ thread, c->mu held) -------------------------------------------- */
 
 static void handle_conv2d(call *c) {
-  c->sess = convd_session_create(c->rpc->cfg->max_request_bytes);
+  c->sess = convd_session_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
   c->band_buf = malloc(c->rpc->cfg->chunk_bytes);
   if (c->sess == NULL || c->band_buf == NULL) {
     fail(c, CONVD_ENOMEM, "the daemon is out of memory");
@@ -735,7 +768,19 @@ static void handle_unary(call *c) {
                     "the request is not a valid convd.v1.ConvCall (protobuf decoding failed)");
   else if (m->spec == NULL)
     rc = convd_errf(err, sizeof err, CONVD_EINVAL, "ConvCall.spec is missing");
-  if (rc == 0) rc = convd_spec_to_conv(m->spec, cfg->max_request_bytes, &c->conv, err, sizeof err);
+  if (rc == 0 && m->spec->weights_id && m->spec->weights_id[0]) {
+    if (c->rpc->registry == NULL)
+      rc = convd_errf(err, sizeof err, CONVD_ENOTSUP, "this daemon has no weights registry (--weights-memory 0)");
+    else
+      rc = convd_registry_acquire(c->rpc->registry, m->spec->weights_id, &c->reg_w, err, sizeof err);
+    if (rc == 0 && (m->weight.len || m->bias.len))
+      rc = convd_errf(err, sizeof err, CONVD_EINVAL,
+                      "ConvCall carries weight or bias bytes and names registered weights "
+                      "(weights_id %s): send one or the other",
+                      c->reg_w->id);
+  }
+  if (rc == 0)
+    rc = convd_spec_to_conv(m->spec, c->reg_w, cfg->max_request_bytes, &c->conv, err, sizeof err);
   if (rc == 0 && c->conv.output_wire_bytes > cfg->max_message_bytes - 1024)
     rc = convd_errf(err, sizeof err, CONVD_ELIMIT,
                     "the output of %zu bytes does not fit in one response message (limit %" PRIu64
@@ -743,9 +788,9 @@ static void handle_unary(call *c) {
                     c->conv.output_wire_bytes, cfg->max_message_bytes);
   if (rc == 0)
     rc = take_bytes("ConvCall.input", &m->input, &c->conv, c->conv.input_elems, &x, err, sizeof err);
-  if (rc == 0)
+  if (rc == 0 && c->reg_w == NULL)
     rc = take_bytes("ConvCall.weight", &m->weight, &c->conv, c->conv.weight_elems, &w, err, sizeof err);
-  if (rc == 0)
+  if (rc == 0 && c->reg_w == NULL)
     rc = take_bytes(c->conv.p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
                     &m->bias, &c->conv, c->conv.bias_elems, &b, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
@@ -756,8 +801,13 @@ static void handle_unary(call *c) {
   if (rc == 0) {
     /* The job reads x in place (the call frees it once the job is gone) and writes into uy. */
     convd_job_set_output(c->job, c->uy);
-    convd_job_set_weights_key(c->job, convd_digest_weights(&c->conv, w));
-    convd_job_set_weights(c->job, w, b, CONVD_GIVE);
+    if (c->reg_w) { /* lent by the registry, pinned until the call ends */
+      convd_job_set_weights_key(c->job, c->reg_w->digest);
+      convd_job_set_weights(c->job, c->reg_w->w, c->reg_w->b, CONVD_LEND);
+    } else {
+      convd_job_set_weights_key(c->job, convd_digest_weights(&c->conv, w));
+      convd_job_set_weights(c->job, w, b, CONVD_GIVE);
+    }
     w = b = NULL;
     c->ux = x;
     x = NULL;
@@ -815,11 +865,239 @@ static void handle_list(call *c) {
   send_final(c, bb);
 }
 
+/* ---- the weights registry -------------------------------------------------------------- */
+
+static void send_message_final(call *c, const ProtobufCMessage *m) {
+  grpc_byte_buffer *bb = convd_wire_pack(m);
+  if (bb == NULL) {
+    fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  set_status(c, 0, "");
+  send_final(c, bb);
+}
+
+static int put_spec(call *c, const Convd__V1__WeightsSpec *sp, char *err, size_t errlen) {
+  const Convd__V1__Shape4 *sh = sp->weight_shape;
+  if (sh == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "spec.weight_shape is missing: send C_out, C_in/groups, kH, kW");
+  const int64_t d[4] = {sh->d0, sh->d1, sh->d2, sh->d3};
+  size_t elems = 1;
+  for (int i = 0; i < 4; i++) {
+    if (d[i] < 1 || d[i] > CONVD_DIM_MAX || convd_size_mul(elems, (size_t)d[i], &elems))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "weight shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                        ": every dimension must be between 1 and %" PRId64 " and the product fit memory",
+                        d[0], d[1], d[2], d[3], (int64_t)CONVD_DIM_MAX);
+    c->put_shape[i] = d[i];
+  }
+  switch (sp->dtype) {
+    case CONVD__V1__DTYPE__DTYPE_UNSPECIFIED:
+    case CONVD__V1__DTYPE__DTYPE_FLOAT32: c->put_dtype = CONVD_F32; break;
+    case CONVD__V1__DTYPE__DTYPE_FLOAT16: c->put_dtype = CONVD_F16; break;
+    case CONVD__V1__DTYPE__DTYPE_BFLOAT16: c->put_dtype = CONVD_BF16; break;
+    default:
+      return convd_errf(err, errlen, CONVD_ENOTSUP, "spec.dtype = %d is not one this daemon serves",
+                        (int)sp->dtype);
+  }
+  c->put_elem = convd_dtype_size(c->put_dtype);
+  c->put_bias = sp->has_bias;
+  size_t wbytes, fbytes;
+  if (convd_size_mul(elems, c->put_elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
+      fbytes > c->rpc->cfg->weights_memory)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "weights of %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+                      " do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
+                      d[0], d[1], d[2], d[3], c->rpc->cfg->weights_memory);
+  c->put_w_total = wbytes;
+  c->put_b_total = c->put_bias ? (size_t)d[0] * c->put_elem : 0;
+  c->put_w = malloc(wbytes);
+  c->put_b = c->put_b_total ? malloc(c->put_b_total) : NULL;
+  if (c->put_w == NULL || (c->put_b_total && c->put_b == NULL))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now", wbytes);
+  c->put_spec = 1;
+  return 0;
+}
+
+static int put_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *dst, size_t *recv,
+                     size_t total, char *err, size_t errlen) {
+  if (ch->offset != *recv)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s chunk at byte offset %" PRIu64 ", but %zu bytes have arrived: send chunks in order",
+                      what, ch->offset, *recv);
+  if (ch->data.len > total - *recv)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s chunk at byte offset %" PRIu64 " with %zu bytes ends past the %s's %zu bytes",
+                      what, ch->offset, ch->data.len, what, total);
+  if (ch->data.len) memcpy((char *)dst + *recv, ch->data.data, ch->data.len);
+  *recv += ch->data.len;
+  return 0;
+}
+
+/* The stream ended: the weights go into the registry (widened to float32). */
+static void put_weights_finish(call *c) {
+  char err[512];
+  if (!c->put_spec) {
+    fail(c, CONVD_EINVAL, "the stream ended before the spec arrived");
+    return;
+  }
+  if (c->put_w_recv != c->put_w_total || c->put_b_recv != c->put_b_total) {
+    snprintf(err, sizeof err, "incomplete at half-close: %zu of %zu weight bytes and %zu of %zu bias bytes arrived",
+             c->put_w_recv, c->put_w_total, c->put_b_recv, c->put_b_total);
+    fail(c, CONVD_EINVAL, err);
+    return;
+  }
+  const size_t we = c->put_w_total / c->put_elem, be = c->put_b_total / c->put_elem;
+  float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
+  if (w == NULL || (be && b == NULL)) {
+    free(w), free(b);
+    fail(c, CONVD_ENOMEM, "the daemon cannot widen the weights now; retry later");
+    return;
+  }
+  convd_dtype_decode(c->put_dtype, c->put_w, w, we);
+  if (be) convd_dtype_decode(c->put_dtype, c->put_b, b, be);
+  char id[CONVD_WEIGHTS_ID_LEN + 1];
+  uint64_t bytes = 0;
+  int already = 0;
+  int rc = convd_registry_put(c->rpc->registry, c->put_shape[0], c->put_shape[1], c->put_shape[2],
+                              c->put_shape[3], c->put_dtype, w, b, id, &bytes, &already, err, sizeof err);
+  if (rc) {
+    fail(c, rc, err);
+    return;
+  }
+  Convd__V1__PutWeightsResponse resp = CONVD__V1__PUT_WEIGHTS_RESPONSE__INIT;
+  resp.weights_id = id;
+  resp.bytes = bytes;
+  resp.already_present = already != 0;
+  send_message_final(c, &resp.base);
+}
+
+/* A PutWeights message (or the end of the stream). c->mu held. */
+static void put_weights_recv(call *c, int ok, grpc_byte_buffer *bb) {
+  char err[512];
+  if (!ok || c->status_set || c->dead) {
+    c->recv_done = 1;
+    return;
+  }
+  if (bb == NULL) {
+    c->recv_done = 1;
+    put_weights_finish(c);
+    return;
+  }
+  c->messages_in++;
+  Convd__V1__PutWeightsRequest *m =
+      (Convd__V1__PutWeightsRequest *)convd_wire_unpack(bb, &convd__v1__put_weights_request__descriptor);
+  int rc = 0;
+  if (m == NULL) {
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL,
+                    "message %" PRIu64 " is not a valid convd.v1.PutWeightsRequest", c->messages_in);
+  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_SPEC) {
+    rc = c->put_spec ? convd_errf(err, sizeof err, CONVD_EINVAL, "a second spec arrived")
+                     : put_spec(c, m->spec, err, sizeof err);
+  } else if (!c->put_spec) {
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "the first message must be the spec (the weights' shape)");
+  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_WEIGHT) {
+    rc = put_chunk("weight", m->weight, c->put_w, &c->put_w_recv, c->put_w_total, err, sizeof err);
+  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_BIAS) {
+    rc = !c->put_bias ? convd_errf(err, sizeof err, CONVD_EINVAL, "a bias chunk arrived but the spec says has_bias = false")
+                      : put_chunk("bias", m->bias, c->put_b, &c->put_b_recv, c->put_b_total, err, sizeof err);
+  } else {
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "a message with no content arrived");
+  }
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) fail(c, rc, err);
+  else post_recv(c);
+}
+
+static void handle_put_weights(call *c) {
+  if (c->rpc->registry == NULL) {
+    fail(c, CONVD_ENOTSUP, "this daemon runs without a weights registry (--weights-memory 0)");
+    return;
+  }
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->md_sent = 1;
+  if (start_batch(c, &op, 1, &c->t_md)) return;
+  post_recv(c);
+}
+
+static int dtype_to_wire(int dtype) {
+  return dtype == CONVD_F16 ? CONVD__V1__DTYPE__DTYPE_FLOAT16
+         : dtype == CONVD_BF16 ? CONVD__V1__DTYPE__DTYPE_BFLOAT16
+                               : CONVD__V1__DTYPE__DTYPE_FLOAT32;
+}
+
+static void handle_list_weights(call *c) {
+  convd_weights_info *v = NULL;
+  size_t n = 0;
+  convd_registry_stats st = {0};
+  if (c->rpc->registry) {
+    if (convd_registry_list(c->rpc->registry, &v, &n)) {
+      fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+      return;
+    }
+    convd_registry_stats_get(c->rpc->registry, &st);
+  }
+  Convd__V1__WeightsInfo *infos = calloc(n ? n : 1, sizeof *infos);
+  Convd__V1__WeightsInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+  Convd__V1__Shape4 *shapes = calloc(n ? n : 1, sizeof *shapes);
+  if (infos && ptrs && shapes) {
+    for (size_t i = 0; i < n; i++) {
+      convd__v1__weights_info__init(&infos[i]);
+      convd__v1__shape4__init(&shapes[i]);
+      shapes[i].d0 = v[i].meta.c_out, shapes[i].d1 = v[i].meta.c_per_group;
+      shapes[i].d2 = v[i].meta.kh, shapes[i].d3 = v[i].meta.kw;
+      infos[i].weights_id = v[i].meta.id;
+      infos[i].weight_shape = &shapes[i];
+      infos[i].has_bias = v[i].meta.has_bias != 0;
+      infos[i].dtype = dtype_to_wire(v[i].meta.dtype);
+      infos[i].bytes = v[i].meta.bytes;
+      infos[i].uses = v[i].uses;
+      infos[i].idle_seconds = v[i].idle_seconds;
+      infos[i].in_use = v[i].in_use;
+      ptrs[i] = &infos[i];
+    }
+    Convd__V1__ListWeightsResponse resp = CONVD__V1__LIST_WEIGHTS_RESPONSE__INIT;
+    resp.n_weights = n;
+    resp.weights = ptrs;
+    resp.bytes_used = st.bytes;
+    resp.bytes_limit = c->rpc->cfg->weights_memory;
+    resp.evictions = st.evictions;
+    send_message_final(c, &resp.base);
+  } else {
+    fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+  }
+  free(infos), free(ptrs), free(shapes), free(v);
+}
+
+static void handle_delete_weights(call *c) {
+  char err[256];
+  Convd__V1__DeleteWeightsRequest *m =
+      c->payload ? (Convd__V1__DeleteWeightsRequest *)convd_wire_unpack(
+                       c->payload, &convd__v1__delete_weights_request__descriptor)
+                 : NULL;
+  int rc;
+  if (m == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "the request is not a valid convd.v1.DeleteWeightsRequest");
+  else if (c->rpc->registry == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_ENOTFOUND, "this daemon runs without a weights registry");
+  else
+    rc = convd_registry_delete(c->rpc->registry, m->weights_id ? m->weights_id : "", err, sizeof err);
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) {
+    fail(c, rc, err);
+    return;
+  }
+  Convd__V1__DeleteWeightsResponse resp = CONVD__V1__DELETE_WEIGHTS_RESPONSE__INIT;
+  send_message_final(c, &resp.base);
+}
+
 static void handle_generic(call *c) {
   char msg[512];
   snprintf(msg, sizeof msg,
            "method %.*s is not served by convd; service convd.v1.Convolution has Conv2d, "
-           "Conv2dUnary and ListDevices",
+           "Conv2dUnary, ListDevices, PutWeights, ListWeights and DeleteWeights",
            (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200
                                                             : GRPC_SLICE_LENGTH(c->details.method)),
            (const char *)GRPC_SLICE_START_PTR(c->details.method));
@@ -864,6 +1142,9 @@ static void on_request(void *obj, int ok) {
       case K_CONV2D: handle_conv2d(c); break;
       case K_UNARY: handle_unary(c); break;
       case K_LIST: handle_list(c); break;
+      case K_PUT_WEIGHTS: handle_put_weights(c); break;
+      case K_LIST_WEIGHTS: handle_list_weights(c); break;
+      case K_DELETE_WEIGHTS: handle_delete_weights(c); break;
       default: handle_generic(c); break;
     }
   }
@@ -901,6 +1182,10 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   r->cfg = cfg;
   r->engine = engine;
+  if (cfg->weights_memory && (r->registry = convd_registry_create(cfg->weights_memory)) == NULL) {
+    free(r);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  }
   pthread_mutex_init(&r->mu, NULL);
   r->t_shutdown = (tag){on_shutdown, r};
 
@@ -928,7 +1213,9 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   for (int k = 0; k < K_GENERIC; k++)
     r->method[k] = grpc_server_register_method(
         r->server, kind_path[k], NULL,
-        k == K_CONV2D ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        kind_streams_in((enum call_kind)k) ? GRPC_SRM_PAYLOAD_NONE
+                                           : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+        0);
 
   grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
   *port = grpc_server_add_http2_port(r->server, cfg->listen, creds);
@@ -938,6 +1225,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
     grpc_completion_queue_shutdown(r->cq);
     grpc_completion_queue_destroy(r->cq);
     pthread_mutex_destroy(&r->mu);
+    convd_registry_destroy(r->registry);
     free(r);
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
@@ -956,6 +1244,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
     cq_main(r);
     grpc_server_destroy(r->server);
     grpc_completion_queue_destroy(r->cq);
+    convd_registry_destroy(r->registry);
     free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the server thread");
   }
@@ -999,6 +1288,7 @@ void convd_rpc_destroy(convd_rpc *r) {
   if (r->thread_started) pthread_join(r->thread, NULL);
   grpc_server_destroy(r->server);
   grpc_completion_queue_destroy(r->cq);
+  convd_registry_destroy(r->registry);
   pthread_mutex_destroy(&r->mu);
   free(r);
 }

@@ -11,6 +11,8 @@
 
 struct convd_session {
   uint64_t max_request_bytes;
+  convd_registry *registry;
+  convd_weights *reg_w; /* registered weights this call uses (pinned), or NULL */
   int have_spec;
   convd_conv conv;
   convd_band_shape in_shape;
@@ -30,8 +32,8 @@ struct convd_session {
   uint64_t bytes_received;
 };
 
-int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_bytes,
-                       convd_conv *conv, char *err, size_t errlen) {
+int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
+                       uint64_t max_request_bytes, convd_conv *conv, char *err, size_t errlen) {
   if (spec->op != CONVD__V1__OP__OP_UNSPECIFIED && spec->op != CONVD__V1__OP__OP_CONV2D)
     return convd_errf(err, errlen, CONVD_ENOTSUP,
                       "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1)",
@@ -56,20 +58,35 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_byt
   if (spec->input_shape == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "spec.input_shape is missing: send the input's N, C, H, W");
-  if (spec->weight_shape == NULL)
+  if (spec->weight_shape == NULL && reg == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "spec.weight_shape is missing: send the weights' C_out, C_in/groups, kH, kW");
+  if (reg && spec->weight_shape &&
+      (spec->weight_shape->d0 != reg->c_out || spec->weight_shape->d1 != reg->c_per_group ||
+       spec->weight_shape->d2 != reg->kh || spec->weight_shape->d3 != reg->kw))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.weight_shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                      " differs from weights %s, which are %" PRId64 ",%" PRId64 ",%" PRId64
+                      ",%" PRId64 ": leave weight_shape out or send theirs",
+                      spec->weight_shape->d0, spec->weight_shape->d1, spec->weight_shape->d2,
+                      spec->weight_shape->d3, reg->id, reg->c_out, reg->c_per_group, reg->kh,
+                      reg->kw);
   convd_conv_params p;
   convd_conv_params_default(&p);
   p.n = spec->input_shape->d0;
   p.c_in = spec->input_shape->d1;
   p.h = spec->input_shape->d2;
   p.w = spec->input_shape->d3;
-  p.c_out = spec->weight_shape->d0;
-  p.c_per_group = spec->weight_shape->d1;
-  p.kh = spec->weight_shape->d2;
-  p.kw = spec->weight_shape->d3;
-  p.has_bias = spec->has_bias ? 1 : 0;
+  if (reg) {
+    p.c_out = reg->c_out, p.c_per_group = reg->c_per_group, p.kh = reg->kh, p.kw = reg->kw;
+    p.has_bias = reg->has_bias;
+  } else {
+    p.c_out = spec->weight_shape->d0;
+    p.c_per_group = spec->weight_shape->d1;
+    p.kh = spec->weight_shape->d2;
+    p.kw = spec->weight_shape->d3;
+    p.has_bias = spec->has_bias ? 1 : 0;
+  }
   if (spec->stride) {
     p.stride_h = spec->stride->h;
     p.stride_w = spec->stride->w;
@@ -90,9 +107,10 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_byt
   int rc = convd_conv_init(conv, &p, err, errlen);
   if (rc) return rc;
 
+  /* Registered weights are held already: they do not count against this request. */
   size_t total;
-  if (convd_size_add(conv->input_bytes, conv->weight_bytes, &total) ||
-      convd_size_add(total, conv->bias_bytes, &total) ||
+  if (convd_size_add(conv->input_bytes, reg ? 0 : conv->weight_bytes, &total) ||
+      convd_size_add(total, reg ? 0 : conv->bias_bytes, &total) ||
       convd_size_add(total, conv->output_bytes, &total) || total > max_request_bytes)
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "request needs %zu bytes of input, %zu of weights and %zu of output, more "
@@ -102,15 +120,20 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_byt
   return 0;
 }
 
-convd_session *convd_session_create(uint64_t max_request_bytes) {
+convd_session *convd_session_create(uint64_t max_request_bytes, convd_registry *reg) {
   convd_session *s = calloc(1, sizeof *s);
-  if (s) s->max_request_bytes = max_request_bytes;
+  if (s) {
+    s->max_request_bytes = max_request_bytes;
+    s->registry = reg;
+  }
   return s;
 }
 
 void convd_session_destroy(convd_session *s) {
   if (s == NULL) return;
-  if (!s->weights_given) {
+  if (s->reg_w) { /* lent to the job, which has ended before its session */
+    convd_registry_release(s->registry, s->reg_w);
+  } else if (!s->weights_given) {
     free(s->w);
     free(s->b);
   }
@@ -121,14 +144,26 @@ void convd_session_destroy(convd_session *s) {
 
 static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *err,
                        size_t errlen) {
-  int rc = convd_spec_to_conv(spec, s->max_request_bytes, &s->conv, err, errlen);
+  int rc;
+  if (spec->weights_id && spec->weights_id[0]) {
+    if (s->registry == NULL)
+      return convd_errf(err, errlen, CONVD_ENOTSUP, "this daemon has no weights registry");
+    if ((rc = convd_registry_acquire(s->registry, spec->weights_id, &s->reg_w, err, errlen)))
+      return rc;
+  }
+  rc = convd_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);
   if (rc) return rc;
   const convd_conv *c = &s->conv;
   s->rows_total = (size_t)c->p.n * (size_t)c->p.h; /* <= input elements, so no overflow */
-  s->w = malloc(c->weight_wire_bytes);
-  s->b = c->bias_bytes ? malloc(c->bias_wire_bytes) : NULL;
+  if (s->reg_w) { /* the weights are whole already */
+    s->w_recv = c->weight_wire_bytes;
+    s->b_recv = c->bias_wire_bytes;
+  } else {
+    s->w = malloc(c->weight_wire_bytes);
+    s->b = c->bias_bytes ? malloc(c->bias_wire_bytes) : NULL;
+  }
   s->row_seen = calloc(s->rows_total, 1);
-  if (!s->w || (c->bias_bytes && !s->b) || !s->row_seen)
+  if ((!s->reg_w && (!s->w || (c->bias_bytes && !s->b))) || !s->row_seen)
     return convd_errf(err, errlen, CONVD_ENOMEM,
                       "the daemon cannot allocate %zu bytes for this request now; retry later or "
                       "send a smaller one",
@@ -257,6 +292,12 @@ static int give_weights(convd_session *s, char *err, size_t errlen) {
   if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_wire_bytes ||
       s->b_recv != s->conv.bias_wire_bytes)
     return 0;
+  if (s->reg_w) { /* lent by the registry, pinned until the session ends */
+    s->weights_given = 1;
+    convd_job_set_weights_key(s->job, s->reg_w->digest);
+    convd_job_set_weights(s->job, s->reg_w->w, s->reg_w->b, CONVD_LEND);
+    return 0;
+  }
   if (widen(s->conv.p.dtype, &s->w, s->conv.weight_elems) ||
       widen(s->conv.p.dtype, &s->b, s->conv.bias_elems))
     return convd_errf(err, errlen, CONVD_ENOMEM,
@@ -287,12 +328,22 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
                             "data came first");
   switch (m->msg_case) {
     case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: {
+      if (s->reg_w)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "a weight chunk arrived but the spec names registered weights "
+                          "(weights_id %s): send one or the other",
+                          s->reg_w->id);
       s->bytes_received += m->weight->data.len;
       int rc = feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_wire_bytes, err,
                           errlen);
       return rc ? rc : give_weights(s, err, errlen);
     }
     case CONVD__V1__CONV_REQUEST__MSG_BIAS: {
+      if (s->reg_w)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "a bias chunk arrived but the spec names registered weights "
+                          "(weights_id %s), whose bias is theirs",
+                          s->reg_w->id);
       if (!s->conv.p.has_bias)
         return convd_errf(err, errlen, CONVD_EINVAL,
                           "a bias chunk arrived but the spec says has_bias = false");
@@ -342,7 +393,7 @@ const convd_conv *convd_session_conv(const convd_session *s) { return &s->conv; 
 
 void convd_session_attach(convd_session *s, convd_job *job) {
   s->job = job;
-  /* Weights are never complete before data arrives, so this only records the job. */
+  /* Registered weights go to the job now; streamed ones are never whole before data arrives. */
   (void)give_weights(s, NULL, 0);
 }
 

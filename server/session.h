@@ -12,15 +12,18 @@
 
 #include "convd/v1/convd.pb-c.h"
 #include "engine.h"
+#include "registry.h"
 
 typedef struct convd_session convd_session;
 
 /* Converts a wire spec into engine parameters and checks them (shapes, op, dtype, limit).
- * max_request_bytes bounds input + weights + bias + output. */
-int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, uint64_t max_request_bytes,
-                       convd_conv *conv, char *err, size_t errlen);
+ * max_request_bytes bounds input + weights + bias + output. With registered weights (the
+ * spec's weights_id, already acquired as reg) their shape and bias are the weights'. */
+int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
+                       uint64_t max_request_bytes, convd_conv *conv, char *err, size_t errlen);
 
-convd_session *convd_session_create(uint64_t max_request_bytes);
+/* reg: the weights registry that spec.weights_id names entries of (NULL: none). */
+convd_session *convd_session_create(uint64_t max_request_bytes, convd_registry *reg);
 void convd_session_destroy(convd_session *s);
 
 /* Applies one client message. Returns 0, or a negative error with err set; after an error the

@@ -108,7 +108,7 @@ static void sink_done(void *user, int status, const char *err, const convd_job_s
 static void test_happy_path_uneven_pieces(void) {
   fixture f;
   fixture_init(&f);
-  convd_session *s = convd_session_create(1 << 20);
+  convd_session *s = convd_session_create(1 << 20, NULL);
   char err[1024];
   ASSERT_OK(feed_spec(s, &f.spec, err, sizeof err), err);
   const convd_conv *c = convd_session_conv(s);
@@ -321,7 +321,7 @@ static void test_stream_errors(void) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     fixture f;
     fixture_init(&f);
-    convd_session *s = convd_session_create(1 << 20);
+    convd_session *s = convd_session_create(1 << 20, NULL);
     char err[1024] = "";
     int rc = cases[i].fn(s, &f, err, sizeof err);
     convd_session_destroy(s);

@@ -1,0 +1,155 @@
+#!/usr/bin/python3
+"""convd as a shared service, through a Python gRPC client: the weights registry (round trip,
+dedupe, NOT_FOUND, eviction, deletion, no weight bytes to the devices on repeated calls).
+
+usage: test_service.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import sys
+
+import grpc
+import numpy as np
+
+from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
+    reference_conv2d
+
+pb = pb_grpc = None
+
+
+def put_requests(w, b, chunk=4096, dtype="<f4"):
+    spec = pb.WeightsSpec(has_bias=b is not None, dtype={"<f4": pb.DTYPE_FLOAT32, "<f2": pb.DTYPE_FLOAT16}[dtype])
+    spec.weight_shape.d0, spec.weight_shape.d1, spec.weight_shape.d2, spec.weight_shape.d3 = w.shape
+    yield pb.PutWeightsRequest(spec=spec)
+    for name, t in (("weight", w), ("bias", b)):
+        if t is None:
+            continue
+        data = np.ascontiguousarray(t, dtype=dtype).tobytes()
+        for off in range(0, len(data), chunk):
+            yield pb.PutWeightsRequest(**{name: pb.TensorChunk(offset=off, data=data[off:off + chunk])})
+
+
+def conv_spec(x_shape, weights_id, pad=1):
+    s = pb.ConvSpec(op=pb.OP_CONV2D, weights_id=weights_id)
+    s.input_shape.d0, s.input_shape.d1, s.input_shape.d2, s.input_shape.d3 = x_shape
+    s.padding.top = s.padding.bottom = s.padding.left = s.padding.right = pad
+    return s
+
+
+def device_counters(stub):
+    devs = stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices
+    return sum(d.weight_bytes_loaded for d in devs), sum(d.weight_cache_hits for d in devs)
+
+
+def expect_code(fn, code, words):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        assert e.code() == code, f"{e.code()} {e.details()}"
+        assert words in e.details(), f"{e.details()!r} lacks {words!r}"
+        return e.details()
+    raise AssertionError("the call succeeded")
+
+
+def test_registry(convd):
+    rng = np.random.default_rng(11)
+    # Room for two of the 32x32x3x3 (+bias) weights (36992 bytes each), not three.
+    daemon = Daemon(convd, "--weights-memory", "80000")
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            w1 = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+            b1 = rng.standard_normal(32, dtype=np.float32)
+            r1 = stub.PutWeights(put_requests(w1, b1, 5000), timeout=30)
+            assert len(r1.weights_id) == 32 and r1.bytes == (w1.size + b1.size) * 4 and not r1.already_present
+            # the same content again (other chunking): the same id, nothing added
+            r1b = stub.PutWeights(put_requests(w1, b1, 777), timeout=30)
+            assert r1b.weights_id == r1.weights_id and r1b.already_present
+            print(f"ok   PutWeights: id {r1.weights_id}, {r1.bytes} bytes; again: already_present")
+
+            # Conv2d and Conv2dUnary by id, against the reference, four times: the devices load
+            # the weights once
+            x = rng.standard_normal((1, 32, 20, 20), dtype=np.float32)
+            want = reference_conv2d(x, w1, b1, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+            loaded = []
+            for k in range(4):
+                if k % 2 == 0:
+                    y, acc, summary = collect_output(stub.Conv2d(
+                        conv_requests(pb, conv_spec(x.shape, r1.weights_id), x, None, None, 3000), timeout=30))
+                    assert summary.bytes_received == x.size * 4, summary.bytes_received
+                else:
+                    res = stub.Conv2dUnary(pb.ConvCall(spec=conv_spec(x.shape, r1.weights_id),
+                                                       input=x.tobytes()), timeout=30)
+                    y = np.frombuffer(res.output, "<f4").reshape(1, 32, 20, 20)
+                check_close(y, want)
+                loaded.append(device_counters(stub))
+            assert loaded[0][0] > 0 and all(l[0] == loaded[0][0] for l in loaded), loaded
+            assert loaded[3][1] > loaded[0][1], loaded
+            print(f"ok   4 calls by id match the reference; weight bytes loaded on the devices "
+                  f"{[l[0] for l in loaded]} (once), cache hits {[l[1] for l in loaded]}")
+
+            # a wrong shape, weight chunks beside an id, an unknown id
+            bad = conv_spec(x.shape, r1.weights_id)
+            bad.weight_shape.d0, bad.weight_shape.d1, bad.weight_shape.d2, bad.weight_shape.d3 = 16, 32, 3, 3
+            msg = expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=bad, input=x.tobytes()), timeout=10),
+                              grpc.StatusCode.INVALID_ARGUMENT, "differs from weights")
+            print(f"ok   wrong weight_shape: INVALID_ARGUMENT \"{msg}\"")
+            msg = expect_code(lambda: collect_output(stub.Conv2d(
+                conv_requests(pb, conv_spec(x.shape, r1.weights_id), x, w1, None, 3000), timeout=10)),
+                grpc.StatusCode.INVALID_ARGUMENT, "send one or the other")
+            print(f"ok   chunks beside an id: INVALID_ARGUMENT \"{msg}\"")
+            msg = expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=conv_spec(x.shape, "0" * 32),
+                                                                   input=x.tobytes()), timeout=10),
+                              grpc.StatusCode.NOT_FOUND, "is not in the registry")
+            print(f"ok   unknown id: NOT_FOUND \"{msg}\"")
+
+            # float16 weights: widened, listed with their dtype
+            w2 = rng.standard_normal((32, 32, 3, 3)).astype(np.float16)
+            r2 = stub.PutWeights(put_requests(w2, None, 4096, "<f2"), timeout=30)
+            lst = stub.ListWeights(pb.ListWeightsRequest(), timeout=10)
+            assert [i.weights_id for i in lst.weights] == [r2.weights_id, r1.weights_id], lst
+            assert lst.weights[0].dtype == pb.DTYPE_FLOAT16 and lst.weights[1].uses == 6  # 4 calls + 2 refused
+            assert lst.bytes_used == r1.bytes + r2.bytes and lst.bytes_limit == 80000
+            # a third set evicts the least recently used (w1: r2 was put after its last use)
+            w3 = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+            r3 = stub.PutWeights(put_requests(w3, None), timeout=30)
+            lst = stub.ListWeights(pb.ListWeightsRequest(), timeout=10)
+            assert [i.weights_id for i in lst.weights] == [r3.weights_id, r2.weights_id] and lst.evictions == 1, lst
+            msg = expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=conv_spec(x.shape, r1.weights_id),
+                                                                   input=x.tobytes()), timeout=10),
+                              grpc.StatusCode.NOT_FOUND, "evicted")
+            print(f"ok   eviction of the least recently used: NOT_FOUND \"{msg}\"")
+            # too large for the registry
+            big = np.zeros((64, 64, 3, 3), dtype=np.float32)
+            msg = expect_code(lambda: stub.PutWeights(put_requests(big, None), timeout=10),
+                              grpc.StatusCode.RESOURCE_EXHAUSTED, "--weights-memory")
+            print(f"ok   weights larger than the registry: RESOURCE_EXHAUSTED \"{msg}\"")
+            # float16 weights used by a float32 call give the float16 values' answer
+            y16 = np.frombuffer(stub.Conv2dUnary(pb.ConvCall(spec=conv_spec(x.shape, r2.weights_id),
+                                                             input=x.tobytes()), timeout=10).output,
+                                "<f4").reshape(1, 32, 20, 20)
+            check_close(y16, reference_conv2d(x, w2.astype(np.float32), None, [1, 1], [1, 1, 1, 1], [1, 1], 1))
+            # deletion
+            stub.DeleteWeights(pb.DeleteWeightsRequest(weights_id=r3.weights_id), timeout=10)
+            msg = expect_code(lambda: stub.DeleteWeights(pb.DeleteWeightsRequest(weights_id=r3.weights_id), timeout=10),
+                              grpc.StatusCode.NOT_FOUND, "is not in the registry")
+            assert [i.weights_id for i in stub.ListWeights(pb.ListWeightsRequest(), timeout=10).weights] == [r2.weights_id]
+            print("ok   ListWeights (most recent first, dtype, uses, bytes), DeleteWeights, NOT_FOUND after")
+            # a malformed PutWeights stream
+            msg = expect_code(lambda: stub.PutWeights(iter([pb.PutWeightsRequest(
+                weight=pb.TensorChunk(offset=0, data=b"\0" * 8))]), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the spec")
+            msg = expect_code(lambda: stub.PutWeights(iter(list(put_requests(w3, None))[:-1]), timeout=10),
+                              grpc.StatusCode.INVALID_ARGUMENT, "incomplete at half-close")
+            print(f"ok   malformed PutWeights streams: INVALID_ARGUMENT \"{msg}\"")
+    finally:
+        daemon.stop()
+
+
+def main():
+    global pb, pb_grpc
+    convd, stub_dir, _golden = sys.argv[1:4]
+    pb, pb_grpc = import_stubs(stub_dir)
+    test_registry(convd)
+    print("service: all checks passed")
+
+
+if __name__ == "__main__":
+    main()

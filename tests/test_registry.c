@@ -1,0 +1,118 @@
+/* The weights registry: ids from content, dedupe, pinning while in use, deletion while in use,
+ * least-recently-used eviction under the byte limit, and its error messages. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "registry.h"
+#include "testutil.h"
+
+/* C_out x 1 x 1 x 1 weights (4 * c_out bytes) filled with v. */
+static float *weights(int64_t c_out, float v) {
+  float *w = malloc((size_t)c_out * sizeof(float));
+  for (int64_t i = 0; i < c_out; i++) w[i] = v + (float)i;
+  return w;
+}
+
+static void test_ids_and_dedupe(void) {
+  char err[256], id1[33], id2[33], id3[33];
+  uint64_t bytes;
+  int already;
+  convd_registry *r = convd_registry_create(1 << 20);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), NULL, id1, &bytes, &already, err, sizeof err), err);
+  ASSERT_EQ_INT(bytes, 32);
+  ASSERT_EQ_INT(already, 0);
+  ASSERT_EQ_INT(strlen(id1), 32);
+  /* The same values again: the same id, nothing added. */
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 1, weights(8, 1), NULL, id2, &bytes, &already, err, sizeof err), err);
+  ASSERT_EQ_INT(already, 1);
+  ASSERT_TRUE(strcmp(id1, id2) == 0);
+  /* Other values, the same values with a bias, the same values as another shape: new ids. */
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 2), NULL, id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_TRUE(strcmp(id1, id3) != 0 && !already);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), weights(8, 0), id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_TRUE(strcmp(id1, id3) != 0 && !already && bytes == 64);
+  ASSERT_OK(convd_registry_put(r, 4, 2, 1, 1, 0, weights(8, 1), NULL, id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_TRUE(strcmp(id1, id3) != 0 && !already);
+  convd_registry_stats st;
+  convd_registry_stats_get(r, &st);
+  ASSERT_EQ_INT(st.entries, 4);
+  ASSERT_EQ_INT(st.bytes, 32 + 32 + 64 + 32);
+  ASSERT_EQ_INT(st.dedupes, 1);
+  /* The entry holds the values. */
+  convd_weights *w;
+  ASSERT_OK(convd_registry_acquire(r, id1, &w, err, sizeof err), err);
+  ASSERT_TRUE(w->c_out == 8 && w->w[3] == 4.0f && w->b == NULL && w->digest != 0);
+  convd_registry_release(r, w);
+  /* Unknown ids: NOT_FOUND with a message that says what to do. */
+  ASSERT_EQ_INT(convd_registry_acquire(r, "00000000000000000000000000000000", &w, err, sizeof err), CONVD_ENOTFOUND);
+  ASSERT_CONTAINS(err, "PutWeights them again");
+  ASSERT_EQ_INT(convd_registry_delete(r, "nope", err, sizeof err), CONVD_ENOTFOUND);
+  convd_registry_destroy(r);
+}
+
+static void test_eviction_lru_and_pinning(void) {
+  char err[256], a[33], b[33], c[33], d[33];
+  uint64_t bytes;
+  int already;
+  /* Room for three entries of 400 bytes. */
+  convd_registry *r = convd_registry_create(1200);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 1), NULL, a, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 2), NULL, b, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 3), NULL, c, &bytes, &already, err, sizeof err), err);
+  /* a is used (so b is now the least recently used) and pinned. */
+  convd_weights *wa;
+  ASSERT_OK(convd_registry_acquire(r, a, &wa, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 4), NULL, d, &bytes, &already, err, sizeof err), err);
+  convd_weights *w;
+  ASSERT_EQ_INT(convd_registry_acquire(r, b, &w, err, sizeof err), CONVD_ENOTFOUND); /* evicted */
+  ASSERT_OK(convd_registry_acquire(r, c, &w, err, sizeof err), err);
+  convd_registry_release(r, w);
+  /* Listing: most recently used first. */
+  convd_weights_info *list;
+  size_t n;
+  ASSERT_OK(convd_registry_list(r, &list, &n), "list");
+  ASSERT_EQ_INT(n, 3);
+  ASSERT_TRUE(strcmp(list[0].meta.id, c) == 0 && strcmp(list[1].meta.id, d) == 0 &&
+              strcmp(list[2].meta.id, a) == 0);
+  ASSERT_EQ_INT(list[2].in_use, 1);
+  free(list);
+  /* Two more: c and d go (LRU among the unused); a is pinned and stays. */
+  char e[33], f[33];
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 5), NULL, e, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 6), NULL, f, &bytes, &already, err, sizeof err), err);
+  ASSERT_EQ_INT(convd_registry_acquire(r, d, &w, err, sizeof err), CONVD_ENOTFOUND);
+  ASSERT_EQ_INT(convd_registry_acquire(r, c, &w, err, sizeof err), CONVD_ENOTFOUND);
+  ASSERT_OK(convd_registry_acquire(r, a, &w, err, sizeof err), err);
+  convd_registry_release(r, w);
+  /* Pin everything: a put that cannot evict anything says so. */
+  convd_weights *we, *wf;
+  ASSERT_OK(convd_registry_acquire(r, e, &we, err, sizeof err), err);
+  ASSERT_OK(convd_registry_acquire(r, f, &wf, err, sizeof err), err);
+  char g[33];
+  ASSERT_EQ_INT(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 7), NULL, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
+  ASSERT_CONTAINS(err, "that calls are using now");
+  /* Larger than the limit itself. */
+  ASSERT_EQ_INT(convd_registry_put(r, 400, 1, 1, 1, 0, weights(400, 7), NULL, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
+  ASSERT_CONTAINS(err, "--weights-memory");
+  /* Deleting an entry in use: gone for new calls, alive for its user (ASan checks the read). */
+  ASSERT_OK(convd_registry_delete(r, a, err, sizeof err), err);
+  ASSERT_EQ_INT(convd_registry_acquire(r, a, &w, err, sizeof err), CONVD_ENOTFOUND);
+  ASSERT_TRUE(wa->w[99] == 100.0f);
+  convd_registry_release(r, wa);
+  convd_registry_release(r, we);
+  convd_registry_release(r, wf);
+  convd_registry_stats st;
+  convd_registry_stats_get(r, &st);
+  ASSERT_EQ_INT(st.entries, 2);
+  ASSERT_EQ_INT(st.evictions, 3);
+  convd_registry_destroy(r);
+}
+
+int main(int argc, char **argv) {
+  static const test_case tests[] = {
+      {"ids_and_dedupe", test_ids_and_dedupe},
+      {"eviction_lru_and_pinning", test_eviction_lru_and_pinning},
+  };
+  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+}
