@@ -58,6 +58,8 @@ static const opt opts[] = {
     {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
      "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},
+    {"log-file", OPT_STRING, F(log_file), "", -1, 0,
+     "append the log to this file instead of stderr; SIGHUP reopens it (log rotation)"},
 };
 #undef F
 #define NOPTS (sizeof opts / sizeof opts[0])
@@ -75,9 +77,10 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, int source,
   char *dst = (char *)cfg + o->offset;
   switch (o->type) {
     case OPT_STRING:
-      if (strlen(val) >= o->size || val[0] == '\0')
-        return convd_errf(err, errlen, CONVD_EINVAL, "%s: must be 1 to %zu characters", label,
-                          o->size - 1);
+      /* lo < 0 marks a string that may be empty */
+      if (strlen(val) >= o->size || (val[0] == '\0' && o->lo >= 0))
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s: must be %d to %zu characters", label,
+                          o->lo < 0 ? 0 : 1, o->size - 1);
       strcpy(dst, val);
       return 0;
     case OPT_INT: {

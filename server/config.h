@@ -25,6 +25,7 @@ typedef struct convd_config {
   uint64_t weights_memory;    /* the weights registry's limit */
   double drain_timeout;       /* seconds */
   int log_level;              /* enum convd_log_level */
+  char log_file[1024];        /* "" = stderr */
 } convd_config;
 
 enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };

@@ -1,11 +1,37 @@
 #include "log.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 int convd_log_level = CONVD_LOG_INFO;
+
+/* The log file, or NULL for stderr; swapped under the lock so a line never goes to a closed
+ * stream. */
+static FILE *log_file;
+static char log_path[1024];
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+
+int convd_log_open(const char *path) {
+  if (path == NULL || path[0] == '\0') return 0;
+  snprintf(log_path, sizeof log_path, "%s", path);
+  return convd_log_reopen();
+}
+
+int convd_log_reopen(void) {
+  if (log_path[0] == '\0') return 0;
+  FILE *f = fopen(log_path, "a");
+  if (f == NULL) return -1;
+  setvbuf(f, NULL, _IOLBF, 0);
+  pthread_mutex_lock(&log_mu);
+  FILE *old = log_file;
+  log_file = f;
+  pthread_mutex_unlock(&log_mu);
+  if (old) fclose(old);
+  return 0;
+}
 
 static const char *const names[] = {"debug", "info", "warn", "error"};
 
@@ -38,5 +64,7 @@ void convd_log_write(int level, const char *fmt, ...) {
     line[len] = '\n';
     line[len + 1] = '\0';
   }
-  fputs(line, stderr);
+  pthread_mutex_lock(&log_mu);
+  fputs(line, log_file ? log_file : stderr);
+  pthread_mutex_unlock(&log_mu);
 }

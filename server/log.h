@@ -1,4 +1,4 @@
-/* One line per event on stderr, logfmt: `ts=... level=info msg="..." key=value ...`. The macro
+/* One line per event on stderr (or a file, reopened on SIGHUP for log rotation), logfmt: `ts=... level=info msg="..." key=value ...`. The macro
  * checks the level before evaluating its arguments. */
 #ifndef CONVD_LOG_H
 #define CONVD_LOG_H
@@ -9,6 +9,10 @@ extern int convd_log_level;
 
 void convd_log_write(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int convd_log_parse_level(const char *s); /* -1 when unknown */
+/* Log to path (appending) instead of stderr; NULL or "" = stderr. Returns 0 or -1 (errno). */
+int convd_log_open(const char *path);
+/* Reopens the log file (after a rotation renamed it); 0, or -1 keeping the old one. */
+int convd_log_reopen(void);
 const char *convd_log_level_name(int level);
 
 #define convd_log(level, ...)                                         \

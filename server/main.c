@@ -1,8 +1,9 @@
 /* convd: the daemon. Parses the configuration, starts the engine and the gRPC server, then runs a
- * libuv loop whose only jobs are signals and the shutdown sequence:
- *   SIGTERM/SIGINT -> drain: new calls get UNAVAILABLE, calls in flight finish (cancelled after
- *   --drain-timeout; a second signal cancels at once) -> a short linger so clients read their
- *   last frames -> gRPC shutdown -> exit 0. */
+ * libuv loop for signals, health changes and the shutdown sequence:
+ *   SIGTERM/SIGINT -> drain: health NOT_SERVING, new calls get UNAVAILABLE, calls in flight
+ *   finish (cancelled after --drain-timeout; a second signal cancels at once) -> a short linger
+ *   so clients read their last frames -> gRPC shutdown -> exit 0.
+ *   SIGHUP -> the log file is reopened (log rotation). */
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <signal.h>
@@ -23,9 +24,9 @@
 
 typedef struct daemon_state {
   uv_loop_t *loop;
-  uv_signal_t sigint, sigterm;
+  uv_signal_t sigint, sigterm, sighup;
   uv_timer_t drain_timer, linger_timer;
-  uv_async_t drained, stopped;
+  uv_async_t drained, stopped, health;
   convd_rpc *rpc;
   const convd_config *cfg;
   int shutting_down;
@@ -62,9 +63,10 @@ static void on_stopped(uv_async_t *h) {
    * clean exit into a kill while the engine and gRPC shut down. */
   signal(SIGTERM, SIG_IGN);
   signal(SIGINT, SIG_IGN);
-  uv_handle_t *handles[] = {(uv_handle_t *)&d->sigint,       (uv_handle_t *)&d->sigterm,
-                            (uv_handle_t *)&d->drain_timer,  (uv_handle_t *)&d->linger_timer,
-                            (uv_handle_t *)&d->drained,      (uv_handle_t *)&d->stopped};
+  uv_handle_t *handles[] = {(uv_handle_t *)&d->sigint,      (uv_handle_t *)&d->sigterm,
+                            (uv_handle_t *)&d->sighup,      (uv_handle_t *)&d->drain_timer,
+                            (uv_handle_t *)&d->linger_timer, (uv_handle_t *)&d->drained,
+                            (uv_handle_t *)&d->stopped,     (uv_handle_t *)&d->health};
   for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++) uv_close(handles[i], NULL);
 }
 
@@ -88,11 +90,24 @@ static void on_signal(uv_signal_t *h, int signum) {
   convd_rpc_drain(d->rpc, on_rpc_drained, d);
 }
 
-/* A device left service: its ops run elsewhere; the log and ListDevices say why. */
-static void log_device_failed(void *user, unsigned index, const char *name, const char *why) {
-  (void)user;
+/* A device left service (engine thread, under its lock): its ops run elsewhere; the log and
+ * ListDevices say why, and the health service re-checks from the loop. */
+static void on_device_failed(void *user, unsigned index, const char *name, const char *why) {
+  daemon_state *d = user;
   convd_log(CONVD_LOG_ERROR, "msg=\"device unhealthy, its ops go to the other devices\" device=%u name=%s why=\"%s\"",
             index, name, why);
+  uv_async_send(&d->health);
+}
+
+static void on_health(uv_async_t *h) {
+  daemon_state *d = h->data;
+  if (d->rpc) convd_rpc_health_changed(d->rpc);
+}
+
+static void on_sighup(uv_signal_t *h, int signum) {
+  (void)h, (void)signum;
+  if (convd_log_reopen() == 0) convd_log(CONVD_LOG_INFO, "msg=\"SIGHUP: log reopened\"");
+  else convd_log(CONVD_LOG_ERROR, "msg=\"SIGHUP: cannot reopen the log file, still writing the old one\"");
 }
 
 int main(int argc, char **argv) {
@@ -118,6 +133,14 @@ int main(int argc, char **argv) {
    * the 1 GiB streamed test). */
   mallopt(M_ARENA_MAX, 1);
 
+  if (convd_log_open(cfg.log_file)) {
+    fprintf(stderr, "convd: --log-file %s: cannot open it for appending\n", cfg.log_file);
+    return 2;
+  }
+  /* The loop's handles first: the engine may report a failed device from its first op. */
+  daemon_state d = {.loop = uv_default_loop(), .cfg = &cfg};
+  uv_async_init(d.loop, &d.health, on_health);
+  d.health.data = &d;
   convd_engine *engine;
   char gpu_notice[256] = "";
   convd_engine_opts eo = {.cpu_devices = cfg.cpu_devices,
@@ -129,7 +152,8 @@ int main(int argc, char **argv) {
                           .gpu_instances = cfg.gpu_streams,
                           .notice = gpu_notice,
                           .notice_len = sizeof gpu_notice,
-                          .device_failed = log_device_failed};
+                          .device_failed = on_device_failed,
+                          .user = &d};
   if (!eo.reference && !convd_device_cpu_is_native())
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
   if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {
@@ -145,7 +169,6 @@ int main(int argc, char **argv) {
   }
 
   grpc_init();
-  daemon_state d = {.loop = uv_default_loop(), .cfg = &cfg};
   int port = 0;
   if ((rc = convd_rpc_start(&cfg, engine, &d.rpc, &port, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
@@ -155,14 +178,16 @@ int main(int argc, char **argv) {
   }
   uv_signal_init(d.loop, &d.sigint);
   uv_signal_init(d.loop, &d.sigterm);
+  uv_signal_init(d.loop, &d.sighup);
   uv_timer_init(d.loop, &d.drain_timer);
   uv_timer_init(d.loop, &d.linger_timer);
   uv_async_init(d.loop, &d.drained, on_drained);
   uv_async_init(d.loop, &d.stopped, on_stopped);
-  d.sigint.data = d.sigterm.data = d.drain_timer.data = d.linger_timer.data = &d;
+  d.sigint.data = d.sigterm.data = d.sighup.data = d.drain_timer.data = d.linger_timer.data = &d;
   d.drained.data = d.stopped.data = &d;
   uv_signal_start(&d.sigint, on_signal, SIGINT);
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&d.sighup, on_sighup, SIGHUP);
 
   /* Scripts and tests wait for this exact line: the server accepts calls from now on. */
   printf("convd listening on %.*s:%d\n", (int)(colon - cfg.listen), cfg.listen, port);

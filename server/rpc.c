@@ -18,6 +18,7 @@
 #include "digest.h"
 #include "dtype.h"
 #include "convd/v1/convd.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
 #include "wire.h"
 #include "err.h"
 #include "log.h"
@@ -35,6 +36,8 @@ enum call_kind {
   K_PUT_WEIGHTS,
   K_LIST_WEIGHTS,
   K_DELETE_WEIGHTS,
+  K_HEALTH_CHECK,
+  K_HEALTH_WATCH,
   K_GENERIC,
   K_COUNT
 };
@@ -42,10 +45,11 @@ static const char *const kind_path[K_COUNT] = {
     "/convd.v1.Convolution/Conv2d",       "/convd.v1.Convolution/Conv2dUnary",
     "/convd.v1.Convolution/ListDevices",  "/convd.v1.Convolution/PutWeights",
     "/convd.v1.Convolution/ListWeights",  "/convd.v1.Convolution/DeleteWeights",
+    "/grpc.health.v1.Health/Check",       "/grpc.health.v1.Health/Watch",
     NULL};
-static const char *const kind_name[K_COUNT] = {"Conv2d",     "Conv2dUnary", "ListDevices",
-                                               "PutWeights", "ListWeights", "DeleteWeights",
-                                               "unknown"};
+static const char *const kind_name[K_COUNT] = {"Conv2d",      "Conv2dUnary",  "ListDevices",
+                                               "PutWeights",  "ListWeights",  "DeleteWeights",
+                                               "HealthCheck", "HealthWatch",  "unknown"};
 /* Methods whose client streams (the request is read message by message). */
 static int kind_streams_in(enum call_kind k) { return k == K_CONV2D || k == K_PUT_WEIGHTS; }
 
@@ -61,6 +65,8 @@ struct convd_rpc {
   const convd_config *cfg;
   convd_engine *engine;
   convd_registry *registry; /* NULL when --weights-memory is 0 */
+  /* Health, read by health calls without r->mu: 1 while not draining and a device is healthy. */
+  atomic_int serving, health_draining;
   grpc_server *server;
   grpc_completion_queue *cq;
   pthread_t thread;
@@ -136,6 +142,9 @@ struct call {
   float *ux, *uy; /* input lent to the job, output the job writes into */
   convd_weights *reg_w; /* registered weights the unary job uses (pinned) */
 
+  /* Health Watch: the service watched (-1 unknown) and the status last sent (-1 none) */
+  int watch_unknown, watch_sent;
+
   /* PutWeights */
   int put_spec;
   int64_t put_shape[4];
@@ -157,6 +166,8 @@ static void on_close(void *obj, int ok);
 static void on_recv(void *obj, int ok);
 static void on_send(void *obj, int ok);
 static void on_final(void *obj, int ok);
+typedef struct call call;
+static void watch_pump(call *c);
 
 /* ---- call lifetime --------------------------------------------------------------------------- */
 
@@ -541,6 +552,8 @@ static void on_send(void *obj, int ok) {
   if (!ok) {
     c->dead = 1; /* the call is over (client gone or cancelled): RECV_CLOSE will tell */
     atomic_store(&c->cancel, 1);
+  } else if (c->kind == K_HEALTH_WATCH) {
+    watch_pump(c);
   } else {
     pump(c);
   }
@@ -1093,11 +1106,121 @@ static void handle_delete_weights(call *c) {
   send_message_final(c, &resp.base);
 }
 
+/* ---- grpc.health.v1.Health --------------------------------------------------------------- */
+
+/* "" (the server) and our service are known; 1 known, 0 not. */
+static int health_known(const char *service) {
+  return service == NULL || service[0] == '\0' || strcmp(service, "convd.v1.Convolution") == 0;
+}
+
+static int health_status(convd_rpc *r) {
+  return atomic_load(&r->serving) && !atomic_load(&r->health_draining)
+             ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+             : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+static void handle_health_check(call *c) {
+  Grpc__Health__V1__HealthCheckRequest *m =
+      c->payload ? (Grpc__Health__V1__HealthCheckRequest *)convd_wire_unpack(
+                       c->payload, &grpc__health__v1__health_check_request__descriptor)
+                 : NULL;
+  if (m == NULL) {
+    fail(c, CONVD_EINVAL, "the request is not a valid grpc.health.v1.HealthCheckRequest");
+    return;
+  }
+  int known = health_known(m->service);
+  char msg[256];
+  snprintf(msg, sizeof msg, "unknown service \"%.100s\": convd serves \"\" and \"convd.v1.Convolution\"",
+           m->service);
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (!known) {
+    fail(c, CONVD_ENOTFOUND, msg);
+    return;
+  }
+  Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+  resp.status = health_status(c->rpc);
+  send_message_final(c, &resp.base);
+}
+
+/* Sends the watched status when it changed; ends the stream once NOT_SERVING went out during a
+ * drain (so that the drain completes). c->mu held. */
+static void watch_pump(call *c) {
+  if (c->sending || c->status_started || c->dead) return;
+  const int st = c->watch_unknown ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
+                                  : health_status(c->rpc);
+  if (st != c->watch_sent) {
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = st;
+    c->watch_sent = st;
+    start_send(c, &resp.base);
+    return;
+  }
+  if (atomic_load(&c->rpc->health_draining)) {
+    set_status(c, 0, "");
+    send_final(c, NULL);
+  }
+}
+
+static void handle_health_watch(call *c) {
+  Grpc__Health__V1__HealthCheckRequest *m =
+      c->payload ? (Grpc__Health__V1__HealthCheckRequest *)convd_wire_unpack(
+                       c->payload, &grpc__health__v1__health_check_request__descriptor)
+                 : NULL;
+  if (m == NULL) {
+    fail(c, CONVD_EINVAL, "the request is not a valid grpc.health.v1.HealthCheckRequest");
+    return;
+  }
+  c->watch_unknown = !health_known(m->service);
+  c->watch_sent = -1;
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->md_sent = 1;
+  if (start_batch(c, &op, 1, &c->t_md)) return;
+  watch_pump(c);
+}
+
+/* Health may have changed (drain, a device failed): every watcher re-checks. Not called with
+ * any call's mutex held. */
+static void health_notify(convd_rpc *r) {
+  call **w = NULL;
+  size_t n = 0, cap = 0;
+  pthread_mutex_lock(&r->mu);
+  for (call *c = r->active; c; c = c->next) {
+    if (c->kind != K_HEALTH_WATCH) continue;
+    if (n == cap) {
+      cap = cap ? cap * 2 : 8;
+      call **nw = realloc(w, cap * sizeof *w);
+      if (nw == NULL) break;
+      w = nw;
+    }
+    pthread_mutex_lock(&c->mu);
+    call_ref_locked(c);
+    pthread_mutex_unlock(&c->mu);
+    w[n++] = c;
+  }
+  pthread_mutex_unlock(&r->mu);
+  for (size_t i = 0; i < n; i++) {
+    pthread_mutex_lock(&w[i]->mu);
+    watch_pump(w[i]);
+    pthread_mutex_unlock(&w[i]->mu);
+    call_unref(w[i]);
+  }
+  free(w);
+}
+
+void convd_rpc_health_changed(convd_rpc *r) {
+  atomic_store(&r->serving, convd_engine_healthy_devices(r->engine) > 0);
+  health_notify(r);
+}
+
 static void handle_generic(call *c) {
   char msg[512];
   snprintf(msg, sizeof msg,
            "method %.*s is not served by convd; service convd.v1.Convolution has Conv2d, "
-           "Conv2dUnary, ListDevices, PutWeights, ListWeights and DeleteWeights",
+           "Conv2dUnary, ListDevices, PutWeights, ListWeights and DeleteWeights; "
+           "grpc.health.v1.Health has Check and Watch",
            (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200
                                                             : GRPC_SLICE_LENGTH(c->details.method)),
            (const char *)GRPC_SLICE_START_PTR(c->details.method));
@@ -1134,7 +1257,9 @@ static void on_request(void *obj, int ok) {
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   op.data.recv_close_on_server.cancelled = &c->client_cancelled;
-  if (start_batch(c, &op, 1, &c->t_close) == 0 && draining) {
+  /* While draining, new calls are refused, but health calls answer (NOT_SERVING). */
+  if (start_batch(c, &op, 1, &c->t_close) == 0 && draining && c->kind != K_HEALTH_CHECK &&
+      c->kind != K_HEALTH_WATCH) {
     set_status(c, CONVD_EUNAVAIL, "convd is shutting down and takes no new calls; retry on another instance or after it restarts");
     send_final(c, NULL);
   } else if (!c->dead) {
@@ -1145,6 +1270,8 @@ static void on_request(void *obj, int ok) {
       case K_PUT_WEIGHTS: handle_put_weights(c); break;
       case K_LIST_WEIGHTS: handle_list_weights(c); break;
       case K_DELETE_WEIGHTS: handle_delete_weights(c); break;
+      case K_HEALTH_CHECK: handle_health_check(c); break;
+      case K_HEALTH_WATCH: handle_health_watch(c); break;
       default: handle_generic(c); break;
     }
   }
@@ -1182,6 +1309,8 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
   if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   r->cfg = cfg;
   r->engine = engine;
+  atomic_init(&r->serving, convd_engine_healthy_devices(engine) > 0);
+  atomic_init(&r->health_draining, 0);
   if (cfg->weights_memory && (r->registry = convd_registry_create(cfg->weights_memory)) == NULL) {
     free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
@@ -1259,6 +1388,8 @@ void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
   r->drained = drained;
   r->drained_user = user;
   pthread_mutex_unlock(&r->mu);
+  atomic_store(&r->health_draining, 1);
+  health_notify(r); /* watchers get NOT_SERVING, and their streams end */
   rpc_maybe_drained(r);
 }
 

@@ -21,6 +21,10 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **o
  * when none is in flight). Call once. */
 void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user);
 
+/* Health may have changed (a device failed): Check answers and Watch streams follow. Call it
+ * from a thread that holds no engine lock (the daemon's event loop). */
+void convd_rpc_health_changed(convd_rpc *r);
+
 /* Cancels every call in flight (drain timeout, second signal): each ends UNAVAILABLE. */
 void convd_rpc_cancel_all(convd_rpc *r);
 

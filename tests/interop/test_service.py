@@ -1,9 +1,14 @@
 #!/usr/bin/python3
 """convd as a shared service, through a Python gRPC client: the weights registry (round trip,
-dedupe, NOT_FOUND, eviction, deletion, no weight bytes to the devices on repeated calls).
+dedupe, NOT_FOUND, eviction, deletion, no weight bytes to the devices on repeated calls); the
+health service's Check and Watch through a drain (SIGTERM during load: NOT_SERVING, new calls
+UNAVAILABLE, every accepted call completes, exit 0).
 
 usage: test_service.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import signal
 import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -11,7 +16,7 @@ import numpy as np
 from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
     reference_conv2d
 
-pb = pb_grpc = None
+pb = pb_grpc = hpb = hpb_grpc = None
 
 
 def put_requests(w, b, chunk=4096, dtype="<f4"):
@@ -143,11 +148,96 @@ def test_registry(convd):
         daemon.stop()
 
 
+def test_health_through_drain(convd):
+    # the reference kernel makes calls slow enough to be in flight when SIGTERM comes
+    daemon = Daemon(convd, "--cpu-kernel", "reference", "--drain-timeout", "60")
+    rng = np.random.default_rng(12)
+    SERVING, NOT_SERVING = hpb.HealthCheckResponse.SERVING, hpb.HealthCheckResponse.NOT_SERVING
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            health = hpb_grpc.HealthStub(ch)
+            stub = pb_grpc.ConvolutionStub(ch)
+            for svc in ("", "convd.v1.Convolution"):
+                assert health.Check(hpb.HealthCheckRequest(service=svc), timeout=10).status == SERVING
+            msg = expect_code(lambda: health.Check(hpb.HealthCheckRequest(service="nope.Svc"), timeout=10),
+                              grpc.StatusCode.NOT_FOUND, "unknown service")
+            print(f"ok   Check: SERVING for \"\" and convd.v1.Convolution; unknown: NOT_FOUND \"{msg}\"")
+            unknown = list(health.Watch(hpb.HealthCheckRequest(service="nope.Svc"), timeout=2)
+                           .__iter__().__next__() for _ in range(1))
+            assert unknown[0].status == hpb.HealthCheckResponse.SERVICE_UNKNOWN, unknown
+            watch = health.Watch(hpb.HealthCheckRequest(service=""), timeout=120)
+            seen = []
+            first = threading.Event()
+
+            def read_watch():
+                for r in watch:
+                    seen.append(r.status)
+                    first.set()
+            reader = threading.Thread(target=read_watch)
+            reader.start()
+            assert first.wait(10) and seen[0] == SERVING, seen
+
+            # load: calls in flight when SIGTERM comes, each must complete with the right answer
+            x = rng.standard_normal((1, 32, 96, 96), dtype=np.float32)
+            w = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+            want = reference_conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+            spec = conv_spec(x.shape, "")
+            spec.weight_shape.d0, spec.weight_shape.d1, spec.weight_shape.d2, spec.weight_shape.d3 = w.shape
+            results = []
+
+            def one_call():
+                try:
+                    y, _, _ = collect_output(stub.Conv2d(conv_requests(pb, spec, x, w, None, 4000), timeout=120))
+                    check_close(y, want)
+                    results.append("ok")
+                except grpc.RpcError as e:
+                    results.append(f"{e.code()} {e.details()}")
+                except AssertionError as e:
+                    results.append(f"wrong answer: {e}")
+            calls = [threading.Thread(target=one_call) for _ in range(6)]
+            for t in calls:
+                t.start()
+            # wait until they are in flight (the daemon has accepted them)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                devs = stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices
+                if sum(d.completed_ops for d in devs) > 0:
+                    break
+                time.sleep(0.01)
+            daemon.proc.send_signal(signal.SIGTERM)
+            in_flight = 6 - len(results)
+            assert in_flight > 0, "every call ended before SIGTERM: the test proves nothing"
+            t0 = time.time()
+            while time.time() - t0 < 10 and NOT_SERVING not in seen:
+                time.sleep(0.01)
+            assert NOT_SERVING in seen, seen
+            during = health.Check(hpb.HealthCheckRequest(service=""), timeout=10).status
+            refused = expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes(),
+                                                                       weight=w.tobytes()), timeout=10),
+                                  grpc.StatusCode.UNAVAILABLE, "shutting down")
+            for t in calls:
+                t.join(120)
+            reader.join(30)
+            assert not reader.is_alive(), "the Watch stream did not end during the drain"
+            assert during == NOT_SERVING, during
+            assert results == ["ok"] * 6, results
+            print(f"ok   drain: Watch saw {seen} and ended, Check NOT_SERVING, a new call "
+                  f"UNAVAILABLE (\"{refused}\"), all 6 calls completed correctly ({in_flight} "
+                  f"were in flight at SIGTERM)")
+    finally:
+        rc = daemon.proc.wait(60)
+        assert rc == 0, f"convd exited with {rc}"
+    print("ok   the daemon exited 0 after the drain")
+
+
 def main():
-    global pb, pb_grpc
+    global pb, pb_grpc, hpb, hpb_grpc
     convd, stub_dir, _golden = sys.argv[1:4]
     pb, pb_grpc = import_stubs(stub_dir)
+    from grpc_health_v1 import health_pb2, health_pb2_grpc  # noqa: E402
+    hpb, hpb_grpc = health_pb2, health_pb2_grpc
     test_registry(convd)
+    test_health_through_drain(convd)
     print("service: all checks passed")
 
 
