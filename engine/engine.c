@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -63,6 +64,10 @@ struct convd_job {
   float *w, *b;
   int w_owned;
   uint64_t w_key;         /* the weights' content key, 0 = unknown */
+  int priority;
+  int counted; /* in e->pending_ops and e->njobs */
+  double t_first_ready; /* 0 until an op was first queued */
+  int started;          /* a device has started one of its ops */
   in_band **row_band;     /* per input row (N*H): its band, NULL until arrived or once read */
   uint32_t *in_refs;      /* ops still to read each row */
   uint8_t *in_seen;
@@ -103,6 +108,8 @@ struct convd_engine {
   int ndev;
   uint64_t device_memory;
   uint64_t op_memory; /* planning cap, 0 = none */
+  uint64_t max_pending_ops, pending_ops; /* admission */
+  uint64_t njobs;
   void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
   void *user;
   convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
@@ -155,6 +162,7 @@ static void maybe_queue(convd_job *j, int64_t n, int64_t th) {
   size_t k = (size_t)(n * tiles_h(j) + th);
   if (j->queued[k] || j->missing[k] > 0 || j->w == NULL || j->cancelled || j->failed) return;
   j->queued[k] = 1;
+  if (j->t_first_ready == 0) j->t_first_ready = now_seconds();
   uint64_t per = ops_per_tile_row(j);
   if (push_ready(j, (uint64_t)k * per, (uint64_t)(k + 1) * per)) {
     j->failed = 1;
@@ -254,10 +262,15 @@ static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_jo
 /* Takes the next op for slot s, round-robin over jobs. e->mu held. */
 static convd_job *pick(convd_engine *e, const dev_slot *s, uint64_t *op) {
   if (e->jobs == NULL) return NULL;
+  /* The highest priority that has work; jobs below it wait. */
+  int top = 0, any = 0;
+  for (convd_job *x = e->jobs; x; x = x->next)
+    if (job_has_work(x) && (!any || x->priority > top)) top = x->priority, any = 1;
+  if (!any) return NULL;
   convd_job *start = e->rr ? e->rr : e->jobs;
   convd_job *j = start;
   do {
-    if (job_has_work(j) && worth_taking(e, s, j)) {
+    if (j->priority == top && job_has_work(j) && worth_taking(e, s, j)) {
       if (j->retry_len > 0) {
         *op = j->retry[--j->retry_len];
       } else {
@@ -270,6 +283,10 @@ static convd_job *pick(convd_engine *e, const dev_slot *s, uint64_t *op) {
       }
       j->ready_ops--;
       j->running++;
+      if (!j->started) {
+        j->started = 1;
+        j->stats.queue_seconds = now_seconds() - j->t_first_ready;
+      }
       e->rr = j->next ? j->next : e->jobs;
       return j;
     }
@@ -468,6 +485,7 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
   }
   if (rc == 0) {
     s->completed_ops++;
+    e->pending_ops--;
     j->stats.ops_run++;
     if (s->index < 16) j->stats.ops_per_device[s->index]++;
     j->ops_done++;
@@ -620,6 +638,7 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
+  e->max_pending_ops = o.max_pending_ops;
   e->device_failed = o.device_failed;
   e->user = o.user;
   pthread_mutex_init(&e->mu, NULL);
@@ -782,6 +801,20 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   j->stats.ops = j->plan.ops;
   j->macs_per_op = (double)conv->macs / (double)(j->plan.ops ? j->plan.ops : 1);
   pthread_mutex_lock(&e->mu);
+  if (e->max_pending_ops && e->pending_ops + j->plan.ops > e->max_pending_ops) {
+    const uint64_t pending = e->pending_ops;
+    pthread_mutex_unlock(&e->mu);
+    int rc2 = convd_errf(err, errlen, CONVD_ELIMIT,
+                         "the daemon has %" PRIu64 " elemental ops queued or running; this request "
+                         "adds %" PRIu64 ", over its limit of %" PRIu64 " (--max-queue-ops): retry "
+                         "later or on another instance",
+                         pending, j->plan.ops, e->max_pending_ops);
+    convd_job_destroy(j);
+    return rc2;
+  }
+  e->pending_ops += j->plan.ops;
+  e->njobs++;
+  j->counted = 1;
   j->id = ++e->next_job_id;
   j->next = e->jobs;
   if (e->jobs) e->jobs->prev = j;
@@ -798,6 +831,25 @@ void convd_job_set_output(convd_job *j, float *y) {
   pthread_mutex_lock(&j->e->mu);
   j->y_target = y;
   pthread_mutex_unlock(&j->e->mu);
+}
+
+void convd_job_set_priority(convd_job *j, int priority) {
+  pthread_mutex_lock(&j->e->mu);
+  j->priority = priority;
+  pthread_mutex_unlock(&j->e->mu);
+}
+
+void convd_engine_load_get(convd_engine *e, convd_engine_load *out) {
+  memset(out, 0, sizeof *out);
+  pthread_mutex_lock(&e->mu);
+  out->jobs = e->njobs;
+  out->pending_ops = e->pending_ops;
+  out->running_ops = (uint64_t)e->busy;
+  for (convd_job *j = e->jobs; j; j = j->next) {
+    if (!j->cancelled && !j->failed) out->ready_ops += j->ready_ops;
+    out->bytes_held += j->bytes_held;
+  }
+  pthread_mutex_unlock(&e->mu);
 }
 
 void convd_job_set_weights_key(convd_job *j, uint64_t key) {
@@ -936,6 +988,10 @@ void convd_job_destroy(convd_job *j) {
   if (j == NULL) return;
   convd_engine *e = j->e;
   pthread_mutex_lock(&e->mu);
+  if (j->counted) {
+    e->pending_ops -= j->plan.ops - j->ops_done;
+    e->njobs--;
+  }
   if (j->prev || j->next || e->jobs == j) {
     if (j->prev) j->prev->next = j->next;
     else if (e->jobs == j) e->jobs = j->next;

@@ -35,12 +35,23 @@ typedef struct convd_engine_opts {
   uint64_t op_memory;     /* the largest op the planner makes; 0 = the smallest device budget
                              (a GPU's budget beyond it is left to cuDNN's workspace) */
   char *notice;           /* when not NULL: why no GPU is used, for the log ("" when GPUs run) */
+  size_t notice_len;
   /* Optional: told once when a device fails and is taken out of service (for the log); runs on
    * the device's worker thread under the engine's lock, so it must not call the engine. */
   void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
   void *user;
-  size_t notice_len;
+  uint64_t max_pending_ops; /* admission: a job whose plan would take the ops not yet done
+                               over this is refused (CONVD_ELIMIT); 0 = no limit */
 } convd_engine_opts;
+
+/* What the engine is doing now (metrics, and tests that check it returns to idle). */
+typedef struct convd_engine_load {
+  uint64_t jobs;          /* jobs created and not yet destroyed */
+  uint64_t pending_ops;   /* ops of those jobs not yet done (waiting for input, queued or running) */
+  uint64_t ready_ops;     /* ops queued for a device now */
+  uint64_t running_ops;   /* ops on a device now */
+  uint64_t bytes_held;    /* input and output rows the jobs hold */
+} convd_engine_load;
 
 typedef struct convd_device_info {
   unsigned index;
@@ -60,6 +71,7 @@ typedef struct convd_job_stats {
   double compute_seconds;  /* device time spent on this job */
   uint64_t ops_per_device[16]; /* the first 16 devices */
   uint64_t peak_bytes_held;    /* input and output rows held at most at once */
+  double queue_seconds;        /* from its first op being ready to a device starting it */
 } convd_job_stats;
 
 typedef struct convd_job_cbs {
@@ -83,6 +95,7 @@ int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out);
 uint64_t convd_engine_device_memory(const convd_engine *e);
 /* Healthy devices now. */
 int convd_engine_healthy_devices(convd_engine *e);
+void convd_engine_load_get(convd_engine *e, convd_engine_load *out);
 
 /* Plans conv for this engine's devices and budget. */
 int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
@@ -99,6 +112,9 @@ enum { CONVD_LEND = 0, CONVD_GIVE = 1 };
  * W_out tensor, which the caller keeps valid until done(). rows_ready still announces final
  * rows; convd_job_output_row points into y, and releasing rows frees nothing. */
 void convd_job_set_output(convd_job *j, float *y);
+/* Jobs with a higher priority have their ready ops taken first; equal priorities share the
+ * devices round-robin. Default 0. */
+void convd_job_set_priority(convd_job *j, int priority);
 /* Names the weights' content (e.g. a digest of them; 0 = unknown), before they are set: device
  * weight caches then find blocks that an earlier job with the same weights left there. */
 void convd_job_set_weights_key(convd_job *j, uint64_t key);

@@ -52,11 +52,19 @@ static const opt opts[] = {
      1024.0 * 1024 * 1024, "gRPC message size limit, both directions"},
     {"max-request-bytes", OPT_SIZE, F(max_request_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "largest input+weights+output one request may hold; 0 = half of physical memory"},
+    {"max-inflight-bytes", OPT_SIZE, F(max_inflight_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "admission: bytes all calls in flight may hold together (a streamed call counts what it "
+     "holds at most); beyond it a call gets RESOURCE_EXHAUSTED at once; 0 = physical memory * 3/4"},
+    {"max-queue-ops", OPT_SIZE, F(max_queue_ops), "1M", 1, 1e15,
+     "admission: elemental ops queued or running for all calls together; a call whose plan "
+     "would go beyond gets RESOURCE_EXHAUSTED at once"},
     {"weights-memory", OPT_SIZE, F(weights_memory), "1G", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "bytes the weights registry (PutWeights) may hold; the least recently used weights no call "
      "is using are evicted beyond it; 0 turns the registry off"},
     {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
      "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
+    {"metrics-listen", OPT_STRING, F(metrics_listen), "", -1, 0,
+     "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9464); empty = off"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},
     {"log-file", OPT_STRING, F(log_file), "", -1, 0,
      "append the log to this file instead of stderr; SIGHUP reopens it (log rotation)"},
@@ -194,6 +202,11 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
   if (strcmp(cfg->cpu_kernel, "onednn") != 0 && strcmp(cfg->cpu_kernel, "reference") != 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "--cpu-kernel=%s: expected onednn or reference",
                       cfg->cpu_kernel);
+  if (cfg->max_inflight_bytes == 0) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    cfg->max_inflight_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 4 * 3
+                                                    : UINT64_C(8) << 30;
+  }
   if (cfg->max_request_bytes == 0) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     cfg->max_request_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2

@@ -23,9 +23,12 @@ typedef struct convd_config {
   uint64_t max_message_bytes;
   uint64_t max_request_bytes; /* 0 in the table = half of physical memory, resolved at parse */
   uint64_t weights_memory;    /* the weights registry's limit */
+  uint64_t max_inflight_bytes; /* admission: bytes of all calls in flight */
+  uint64_t max_queue_ops;      /* admission: elemental ops not yet done */
   double drain_timeout;       /* seconds */
   int log_level;              /* enum convd_log_level */
   char log_file[1024];        /* "" = stderr */
+  char metrics_listen[256];   /* "" = no metrics endpoint */
 } convd_config;
 
 enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };

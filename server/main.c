@@ -15,6 +15,8 @@
 #include "engine.h"
 #include "err.h"
 #include "log.h"
+#include "http.h"
+#include "metrics.h"
 #include "rpc.h"
 
 /* After the last call ended, gRPC's shutdown closes connections at once; this pause lets
@@ -28,6 +30,9 @@ typedef struct daemon_state {
   uv_timer_t drain_timer, linger_timer;
   uv_async_t drained, stopped, health;
   convd_rpc *rpc;
+  convd_engine *engine;
+  convd_metrics *metrics;
+  convd_http *http;
   const convd_config *cfg;
   int shutting_down;
 } daemon_state;
@@ -68,6 +73,8 @@ static void on_stopped(uv_async_t *h) {
                             (uv_handle_t *)&d->linger_timer, (uv_handle_t *)&d->drained,
                             (uv_handle_t *)&d->stopped,     (uv_handle_t *)&d->health};
   for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++) uv_close(handles[i], NULL);
+  convd_http_close(d->http);
+  d->http = NULL;
 }
 
 static void on_drain_timeout(uv_timer_t *t) {
@@ -97,6 +104,13 @@ static void on_device_failed(void *user, unsigned index, const char *name, const
   convd_log(CONVD_LOG_ERROR, "msg=\"device unhealthy, its ops go to the other devices\" device=%u name=%s why=\"%s\"",
             index, name, why);
   uv_async_send(&d->health);
+}
+
+static char *render_metrics(void *user, size_t *len) {
+  daemon_state *d = user;
+  convd_metrics_gauges g;
+  convd_rpc_gauges(d->rpc, &g);
+  return convd_metrics_render(d->metrics, d->engine, convd_rpc_registry(d->rpc), &g, len);
 }
 
 static void on_health(uv_async_t *h) {
@@ -153,6 +167,7 @@ int main(int argc, char **argv) {
                           .notice = gpu_notice,
                           .notice_len = sizeof gpu_notice,
                           .device_failed = on_device_failed,
+                          .max_pending_ops = cfg.max_queue_ops,
                           .user = &d};
   if (!eo.reference && !convd_device_cpu_is_native())
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
@@ -170,7 +185,9 @@ int main(int argc, char **argv) {
 
   grpc_init();
   int port = 0;
-  if ((rc = convd_rpc_start(&cfg, engine, &d.rpc, &port, err, sizeof err)) != 0) {
+  d.engine = engine;
+  d.metrics = convd_metrics_create();
+  if (d.metrics == NULL || (rc = convd_rpc_start(&cfg, engine, d.metrics, &d.rpc, &port, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
     convd_engine_destroy(engine);
     grpc_shutdown_blocking();
@@ -189,8 +206,19 @@ int main(int argc, char **argv) {
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);
   uv_signal_start(&d.sighup, on_sighup, SIGHUP);
 
+  int metrics_port = 0;
+  if (cfg.metrics_listen[0] &&
+      convd_http_start(d.loop, cfg.metrics_listen, render_metrics, &d, &d.http, &metrics_port, err, sizeof err)) {
+    fprintf(stderr, "convd: %s\n", err);
+    return 1;
+  }
   /* Scripts and tests wait for this exact line: the server accepts calls from now on. */
   printf("convd listening on %.*s:%d\n", (int)(colon - cfg.listen), cfg.listen, port);
+  if (d.http) {
+    const char *mc = strrchr(cfg.metrics_listen, ':');
+    printf("convd metrics on http://%.*s:%d/metrics\n", (int)(mc - cfg.metrics_listen),
+           cfg.metrics_listen, metrics_port);
+  }
   fflush(stdout);
   convd_log(CONVD_LOG_INFO,
             "msg=\"listening\" address=%.*s:%d chunk_bytes=%llu max_message_bytes=%llu "
@@ -202,6 +230,7 @@ int main(int argc, char **argv) {
 
   convd_rpc_destroy(d.rpc);
   convd_engine_destroy(engine);
+  convd_metrics_destroy(d.metrics);
   uv_loop_close(d.loop);
   grpc_shutdown_blocking();
   return 0;

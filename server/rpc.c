@@ -65,6 +65,9 @@ struct convd_rpc {
   const convd_config *cfg;
   convd_engine *engine;
   convd_registry *registry; /* NULL when --weights-memory is 0 */
+  convd_metrics *metrics;   /* may be NULL */
+  /* Admission: bytes the calls in flight may hold (each call's share is in call.held). */
+  _Atomic uint64_t inflight_bytes;
   /* Health, read by health calls without r->mu: 1 while not draining and a device is healthy. */
   atomic_int serving, health_draining;
   grpc_server *server;
@@ -142,6 +145,7 @@ struct call {
   float *ux, *uy; /* input lent to the job, output the job writes into */
   convd_weights *reg_w; /* registered weights the unary job uses (pinned) */
 
+  uint64_t held; /* what this call counts in rpc.inflight_bytes */
   /* Health Watch: the service watched (-1 unknown) and the status last sent (-1 none) */
   int watch_unknown, watch_sent;
 
@@ -202,11 +206,21 @@ static call *call_new(convd_rpc *r, enum call_kind kind) {
   return c;
 }
 
+/* gRPC ends a call whose deadline passed the same way as one the client cancelled; the
+ * deadline tells them apart. The server's deadline is the client's plus the time the headers
+ * took to arrive, so the client's own expiry can reach us a little before ours: 100 ms early
+ * still counts as the deadline. */
+static const char *cancel_status(const call *c) {
+  gpr_timespec now = gpr_now(c->deadline.clock_type);
+  gpr_timespec slack = gpr_time_from_millis(100, GPR_TIMESPAN);
+  return gpr_time_cmp(gpr_time_add(now, slack), c->deadline) >= 0 ? "DEADLINE_EXCEEDED" : "CANCELLED";
+}
+
 static void call_log_end(call *c) {
   const char *status = c->status_set ? convd_wire_status_name(c->status)
-                       : c->client_cancelled ? "CANCELLED"
+                       : c->client_cancelled ? cancel_status(c)
                                              : "UNKNOWN";
-  if (c->client_cancelled && !c->status_started) status = "CANCELLED";
+  if (c->client_cancelled && !c->status_started) status = cancel_status(c);
   int level = c->status_set && c->status == GRPC_STATUS_OK ? CONVD_LOG_INFO : CONVD_LOG_WARN;
   char shapes[160] = "";
   const convd_conv *cv = c->sess ? convd_session_conv(c->sess) : &c->conv;
@@ -216,6 +230,16 @@ static void call_log_end(call *c) {
              "x%" PRId64 "x%" PRId64 " output=%" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64,
              cv->p.n, cv->p.c_in, cv->p.h, cv->p.w, cv->p.c_out, cv->p.c_per_group, cv->p.kh,
              cv->p.kw, cv->p.n, cv->p.c_out, cv->h_out, cv->w_out);
+  if (c->rpc->metrics) {
+    uint64_t in = 0, out = 0;
+    if (c->sess) in = convd_session_bytes_received(c->sess), out = c->bytes_sent;
+    else if (c->kind == K_UNARY && c->status_set && c->status == GRPC_STATUS_OK)
+      in = c->conv.input_wire_bytes + (c->reg_w ? 0 : c->conv.weight_wire_bytes + c->conv.bias_wire_bytes),
+      out = c->conv.output_wire_bytes;
+    else if (c->kind == K_PUT_WEIGHTS) in = c->put_w_recv + c->put_b_recv;
+    convd_metrics_call_ended(c->rpc->metrics, kind_name[c->kind], status, now_seconds() - c->t_begin,
+                             c->job && c->stats.ops_run ? c->stats.queue_seconds : -1, in, out);
+  }
   convd_log(level,
             "msg=\"call ended\" method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
             " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
@@ -262,6 +286,7 @@ static void call_free(call *c) {
   convd_job_destroy(c->job);
   convd_session_destroy(c->sess); /* after the job: it may have lent registered weights */
   if (c->reg_w) convd_registry_release(r->registry, c->reg_w);
+  if (c->held) atomic_fetch_sub(&r->inflight_bytes, c->held);
   free(c->put_w);
   free(c->put_b);
   free(c->band_buf);
@@ -536,6 +561,11 @@ static void on_close(void *obj, int ok) {
   pthread_mutex_lock(&c->mu);
   c->closed_cancelled = c->client_cancelled;
   if (c->closed_cancelled) {
+    /* The call is over for the client: its work stops now (queued ops dropped). */
+    if (strcmp(cancel_status(c), "DEADLINE_EXCEEDED") == 0)
+      set_status(c, CONVD_ETIMEDOUT, "the call's deadline passed");
+    else
+      set_status(c, CONVD_ECANCELED, "the client cancelled the call");
     atomic_store(&c->cancel, 1);
     if (c->job && !c->job_done) convd_job_cancel(c->job);
   }
@@ -659,13 +689,38 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
   call_unref(c);
 }
 
-/* Creates the call's engine job; it holds a ref on the call until its done(). c->mu held. */
-static int create_job(call *c, const convd_conv *conv, char *err, size_t errlen) {
+/* Creates the call's engine job; it holds a ref on the call until its done(). Then admission:
+ * the bytes this call may hold must fit beside the other calls' (--max-inflight-bytes); when
+ * they do not, the call is refused (the caller's fail() cancels the job). A unary call holds
+ * its whole tensors; a streamed one at most a few tile rows (what backpressure allows) plus
+ * its weights. c->mu held. */
+static int create_job(call *c, const convd_conv *conv, int priority, int registered, char *err,
+                      size_t errlen) {
   convd_job_cbs cbs = {.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
                        .done = on_job_done};
   int rc = convd_job_create(c->rpc->engine, conv, &cbs, &c->job, err, errlen);
-  if (rc == 0) call_ref_locked(c);
-  return rc;
+  if (rc) return rc;
+  call_ref_locked(c);
+  convd_job_set_priority(c->job, priority);
+  uint64_t rows = (uint64_t)conv->input_bytes + (uint64_t)conv->output_bytes;
+  if (c->kind == K_CONV2D) {
+    uint64_t hint = convd_job_memory_hint(c->job);
+    uint64_t lim = (hint > (64u << 20) ? hint : (64u << 20)) + c->rpc->cfg->chunk_bytes;
+    if (rows > lim) rows = lim;
+  }
+  const uint64_t hold = rows + (registered ? 0 : (uint64_t)conv->weight_bytes + conv->bias_bytes);
+  const uint64_t limit = c->rpc->cfg->max_inflight_bytes;
+  const uint64_t before = atomic_fetch_add(&c->rpc->inflight_bytes, hold);
+  if (before + hold > limit) {
+    atomic_fetch_sub(&c->rpc->inflight_bytes, hold);
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "the daemon holds %" PRIu64 " bytes for calls in flight; this call needs "
+                      "%" PRIu64 " more, over its limit of %" PRIu64
+                      " (--max-inflight-bytes): retry later or on another instance",
+                      before, hold, limit);
+  }
+  c->held = hold;
+  return 0;
 }
 
 static void post_recv(call *c) {
@@ -708,7 +763,8 @@ static void on_recv(void *obj, int ok) {
       protobuf_c_message_free_unpacked(&m->base, NULL);
       if (rc == 0 && accepted) {
         const convd_conv *cv = convd_session_conv(c->sess);
-        rc = create_job(c, cv, err, sizeof err);
+        rc = create_job(c, cv, convd_session_priority(c->sess),
+                        convd_session_registered_weights(c->sess), err, sizeof err);
         if (rc == 0) {
           convd_session_attach(c->sess, c->job);
           c->rows_total = (uint64_t)cv->p.n * (uint64_t)cv->h_out;
@@ -806,11 +862,12 @@ static void handle_unary(call *c) {
   if (rc == 0 && c->reg_w == NULL)
     rc = take_bytes(c->conv.p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
                     &m->bias, &c->conv, c->conv.bias_elems, &b, err, sizeof err);
+  const int priority = m && m->spec ? m->spec->priority : 0;
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc == 0 && (c->uy = malloc(c->conv.output_bytes)) == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
                     c->conv.output_bytes);
-  if (rc == 0) rc = create_job(c, &c->conv, err, sizeof err);
+  if (rc == 0) rc = create_job(c, &c->conv, priority, c->reg_w != NULL, err, sizeof err);
   if (rc == 0) {
     /* The job reads x in place (the call frees it once the job is gone) and writes into uy. */
     convd_job_set_output(c->job, c->uy);
@@ -1210,6 +1267,17 @@ static void health_notify(convd_rpc *r) {
   free(w);
 }
 
+void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
+  pthread_mutex_lock(&r->mu);
+  g->calls_in_flight = (uint64_t)r->n_active;
+  pthread_mutex_unlock(&r->mu);
+  g->inflight_bytes = atomic_load(&r->inflight_bytes);
+  g->inflight_limit = r->cfg->max_inflight_bytes;
+  g->serving = health_status(r) == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+}
+
+convd_registry *convd_rpc_registry(convd_rpc *r) { return r->registry; }
+
 void convd_rpc_health_changed(convd_rpc *r) {
   atomic_store(&r->serving, convd_engine_healthy_devices(r->engine) > 0);
   health_notify(r);
@@ -1302,15 +1370,17 @@ static void *cq_main(void *arg) {
   return NULL;
 }
 
-int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **out, int *port,
-                    char *err, size_t errlen) {
+int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
+                    convd_rpc **out, int *port, char *err, size_t errlen) {
   *out = NULL;
   convd_rpc *r = calloc(1, sizeof *r);
   if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   r->cfg = cfg;
   r->engine = engine;
+  r->metrics = metrics;
   atomic_init(&r->serving, convd_engine_healthy_devices(engine) > 0);
   atomic_init(&r->health_draining, 0);
+  atomic_init(&r->inflight_bytes, 0);
   if (cfg->weights_memory && (r->registry = convd_registry_create(cfg->weights_memory)) == NULL) {
     free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");

@@ -8,13 +8,19 @@
 
 #include "config.h"
 #include "engine.h"
+#include "metrics.h"
+#include "registry.h"
 
 typedef struct convd_rpc convd_rpc;
 
 /* Binds cfg->listen and starts serving. *port receives the bound port (useful with port 0).
  * The engine must outlive the server. */
-int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_rpc **out, int *port,
-                    char *err, size_t errlen);
+int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
+                    convd_rpc **out, int *port, char *err, size_t errlen);
+
+/* For a metrics scrape: the server's gauges, and its weights registry (NULL when off). */
+void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g);
+convd_registry *convd_rpc_registry(convd_rpc *r);
 
 /* Starts draining: calls that arrive from now on are answered UNAVAILABLE at once, calls in
  * flight go on. drained(user) runs once, on whichever thread ends the last call (or at once

@@ -13,6 +13,7 @@ struct convd_session {
   uint64_t max_request_bytes;
   convd_registry *registry;
   convd_weights *reg_w; /* registered weights this call uses (pinned), or NULL */
+  int priority;
   int have_spec;
   convd_conv conv;
   convd_band_shape in_shape;
@@ -153,6 +154,7 @@ static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *
   }
   rc = convd_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);
   if (rc) return rc;
+  s->priority = spec->priority;
   const convd_conv *c = &s->conv;
   s->rows_total = (size_t)c->p.n * (size_t)c->p.h; /* <= input elements, so no overflow */
   if (s->reg_w) { /* the weights are whole already */
@@ -402,3 +404,7 @@ uint64_t convd_session_bytes_buffered(const convd_session *s) {
 }
 
 uint64_t convd_session_bytes_received(const convd_session *s) { return s->bytes_received; }
+
+int convd_session_priority(const convd_session *s) { return s->priority; }
+
+int convd_session_registered_weights(const convd_session *s) { return s->reg_w != NULL; }

@@ -43,5 +43,8 @@ void convd_session_attach(convd_session *s, convd_job *job);
 /* Bytes of the band being assembled. */
 uint64_t convd_session_bytes_buffered(const convd_session *s);
 uint64_t convd_session_bytes_received(const convd_session *s);
+/* The spec's priority, and whether its weights come from the registry. */
+int convd_session_priority(const convd_session *s);
+int convd_session_registered_weights(const convd_session *s);
 
 #endif

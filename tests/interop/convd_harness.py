@@ -25,6 +25,14 @@ class Daemon:
             self.proc.kill()
             raise RuntimeError(f"convd did not report its port: {line!r}\n{self.read_log()}")
         self.target = f"127.0.0.1:{m.group(2)}"
+        self.metrics_url = None
+        if "--metrics-listen" in extra:
+            line = self.proc.stdout.readline()
+            m = re.match(r"convd metrics on (http://\S+)$", line.strip())
+            if not m:
+                self.proc.kill()
+                raise RuntimeError(f"convd did not report its metrics address: {line!r}")
+            self.metrics_url = m.group(1)
 
     def read_log(self):
         with open(self.log.name, errors="replace") as f:

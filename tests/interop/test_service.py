@@ -2,11 +2,16 @@
 """convd as a shared service, through a Python gRPC client: the weights registry (round trip,
 dedupe, NOT_FOUND, eviction, deletion, no weight bytes to the devices on repeated calls); the
 health service's Check and Watch through a drain (SIGTERM during load: NOT_SERVING, new calls
-UNAVAILABLE, every accepted call completes, exit 0).
+UNAVAILABLE, every accepted call completes, exit 0); the Prometheus endpoint (the scrape parses,
+counters move with the calls); a deadline and a cancel mid-job returning the daemon to idle
+within a second; admission limits answering RESOURCE_EXHAUSTED at once under a bounded burst.
 
 usage: test_service.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import re
 import signal
 import sys
+import urllib.error
+import urllib.request
 import threading
 import time
 
@@ -230,6 +235,177 @@ def test_health_through_drain(convd):
     print("ok   the daemon exited 0 after the drain")
 
 
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\\]|\\\\.)*"'
+                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\\]|\\\\.)*")*)?\})? '
+                         r'(-?[0-9.eE+-]+|NaN|\+Inf|-Inf)$')
+
+
+def scrape(url):
+    """GET /metrics, parsed as the Prometheus text format: every line is a comment (HELP/TYPE)
+    or a sample; returns {(name, labels): value}."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200, r.status
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers["Content-Type"]
+        body = r.read().decode()
+    samples, typed = {}, set()
+    for line in body.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            assert len(parts) == 4, line
+            if parts[1] == "TYPE":
+                assert parts[3] in ("counter", "gauge", "histogram"), line
+                typed.add(parts[2])
+            continue
+        m = METRIC_LINE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        name = m.group(1)
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or base in typed, f"{name} has no TYPE line"
+        samples[(name, m.group(3) or "")] = float(m.group(5))
+    return samples
+
+
+def metric(samples, name, **labels):
+    """The sum of name's samples whose labels include the given ones."""
+    return sum(v for (n, lbl), v in samples.items()
+               if n == name and all(f'{k}="{val}"' in lbl for k, val in labels.items()))
+
+
+def wait_idle(url, within):
+    """The daemon holds nothing for calls any more: returns seconds it took, or fails."""
+    t0 = time.time()
+    while True:
+        s = scrape(url)
+        idle = {k: metric(s, k) for k in ("convd_calls_in_flight", "convd_inflight_jobs", "convd_pending_ops",
+                                           "convd_queued_ops", "convd_running_ops", "convd_job_bytes_held",
+                                           "convd_inflight_bytes")}
+        if all(v == 0 for v in idle.values()):
+            return time.time() - t0
+        if time.time() - t0 > within:
+            raise AssertionError(f"not idle {within} s after the call ended: {idle}")
+        time.sleep(0.02)
+
+
+def test_metrics_deadlines_admission(convd):
+    rng = np.random.default_rng(13)
+    daemon = Daemon(convd, "--metrics-listen", "127.0.0.1:0", "--cpu-kernel", "reference",
+                    "--device-memory", "1M", "--max-inflight-bytes", "20M", "--max-queue-ops", "100",
+                    "--max-message-bytes", "16M")
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            s0 = scrape(daemon.metrics_url)
+            assert metric(s0, "convd_serving") == 1 and metric(s0, "convd_calls_in_flight") == 0
+            # counters move with the calls
+            x = rng.standard_normal((1, 8, 16, 16), dtype=np.float32)
+            w = rng.standard_normal((8, 8, 3, 3), dtype=np.float32)
+            spec = conv_spec(x.shape, "")
+            spec.weight_shape.d0, spec.weight_shape.d1, spec.weight_shape.d2, spec.weight_shape.d3 = w.shape
+            for _ in range(3):
+                stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes(), weight=w.tobytes()), timeout=30)
+            expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes()[:-4], weight=w.tobytes()),
+                                                 timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "has")
+            s1 = scrape(daemon.metrics_url)
+            ok = metric(s1, "convd_requests_total", method="Conv2dUnary", status="OK")
+            bad = metric(s1, "convd_requests_total", method="Conv2dUnary", status="INVALID_ARGUMENT")
+            assert ok == 3 and bad == 1, (ok, bad)
+            assert metric(s1, "convd_received_bytes_total") == 3 * (x.nbytes + w.nbytes)
+            assert metric(s1, "convd_sent_bytes_total") == 3 * 8 * 16 * 16 * 4
+            assert metric(s1, 'convd_request_duration_seconds_count', method="Conv2dUnary") == 4
+            assert metric(s1, "convd_device_ops_total") >= 3
+            assert metric(s1, "convd_device_busy_seconds_total") > 0
+            print(f"ok   the scrape parses as Prometheus text ({len(s1)} samples); requests, bytes, "
+                  f"durations and device ops moved as the calls did")
+
+            # a deadline and a cancel in the middle of long jobs: back to idle within a second
+            xb = rng.standard_normal((1, 32, 256, 256), dtype=np.float32)
+            wb = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+            big = conv_spec(xb.shape, "")
+            big.weight_shape.d0, big.weight_shape.d1, big.weight_shape.d2, big.weight_shape.d3 = wb.shape
+            t0 = time.time()
+            expect_code(lambda: collect_output(stub.Conv2d(conv_requests(pb, big, xb, wb, None, 60000), timeout=0.5)),
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "")
+            took = time.time() - t0
+            idle_after_deadline = wait_idle(daemon.metrics_url, 1.0)
+            responses = stub.Conv2d(conv_requests(pb, big, xb, wb, None, 60000), timeout=60)
+            first = next(responses)  # accepted: the job is running
+            assert first.WhichOneof("msg") == "accepted"
+            time.sleep(0.3)
+            s_mid = scrape(daemon.metrics_url)
+            assert metric(s_mid, "convd_inflight_jobs") >= 1 and metric(s_mid, "convd_pending_ops") > 0, s_mid
+            responses.cancel()
+            idle_after_cancel = wait_idle(daemon.metrics_url, 1.0)
+            s2 = scrape(daemon.metrics_url)
+            assert metric(s2, "convd_requests_total", method="Conv2d", status="DEADLINE_EXCEEDED") == 1, \
+                [(k, v) for k, v in s2.items() if k[0] == "convd_requests_total"]
+            assert metric(s2, "convd_requests_total", method="Conv2d", status="CANCELLED") == 1
+            print(f"ok   deadline (0.5 s; the call ended after {took:.2f} s) and cancel mid-job: idle again "
+                  f"{idle_after_deadline:.3f} s and {idle_after_cancel:.3f} s later (no jobs, ops, "
+                  f"rows or admitted bytes left); counted as DEADLINE_EXCEEDED and CANCELLED")
+
+            # admission: a burst of 12 unary calls of 8 MiB each against 20 MiB in flight
+            xa = rng.standard_normal((1, 16, 256, 256), dtype=np.float32)  # 4 MiB in, 4 MiB out
+            wa = rng.standard_normal((16, 16, 1, 1), dtype=np.float32)
+            sa = conv_spec(xa.shape, "", pad=0)
+            sa.weight_shape.d0, sa.weight_shape.d1, sa.weight_shape.d2, sa.weight_shape.d3 = wa.shape
+            req = pb.ConvCall(spec=sa, input=xa.tobytes(), weight=wa.tobytes())
+            want = np.einsum("nchw,oc->nohw", xa.astype(np.float64), wa[:, :, 0, 0].astype(np.float64))
+            outcomes, refused_ms = [], []
+            opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+            with grpc.insecure_channel(daemon.target, options=opts) as ch2:
+                stub2 = pb_grpc.ConvolutionStub(ch2)
+
+                def burst_call():
+                    t = time.time()
+                    try:
+                        res = stub2.Conv2dUnary(req, timeout=60)
+                        check_close(np.frombuffer(res.output, "<f4").reshape(want.shape), want)
+                        outcomes.append("ok")
+                    except grpc.RpcError as e:
+                        admission = "--max-inflight-bytes" in (e.details() or "") or \
+                            "--max-queue-ops" in (e.details() or "")
+                        outcomes.append(e.code() if admission else f"{e.code()} {e.details()}")
+                        refused_ms.append((time.time() - t) * 1e3)
+                    except AssertionError as e:
+                        outcomes.append(f"wrong answer: {e}")
+                threads = [threading.Thread(target=burst_call) for _ in range(12)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+            n_ok = outcomes.count("ok")
+            n_ex = outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert n_ok + n_ex == 12 and n_ok >= 1 and n_ex >= 1, outcomes
+            assert daemon.alive()
+            wait_idle(daemon.metrics_url, 1.0)
+            print(f"ok   burst of 12 x 8 MiB against --max-inflight-bytes 20M: {n_ok} served correctly, "
+                  f"{n_ex} RESOURCE_EXHAUSTED after {max(refused_ms):.0f} ms at most; idle after")
+            # a plan larger than --max-queue-ops is refused at once
+            xq = rng.standard_normal((1, 64, 256, 256), dtype=np.float32)
+            sq = conv_spec(xq.shape, "")
+            sq.weight_shape.d0, sq.weight_shape.d1, sq.weight_shape.d2, sq.weight_shape.d3 = 64, 64, 3, 3
+            wq = np.zeros((64, 64, 3, 3), dtype=np.float32)
+            t = time.time()
+            msg = expect_code(lambda: collect_output(stub.Conv2d(conv_requests(pb, sq, xq, wq, None, 60000), timeout=30)),
+                              grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-queue-ops")
+            print(f"ok   a plan over --max-queue-ops: RESOURCE_EXHAUSTED in {(time.time() - t) * 1e3:.0f} ms \"{msg}\"")
+            wait_idle(daemon.metrics_url, 1.0)
+            # one correct call after all that
+            stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes(), weight=w.tobytes()), timeout=30)
+            # anything but GET /metrics
+            for path, method, code in (("/other", "GET", 404), ("/metrics", "POST", 405)):
+                try:
+                    urllib.request.urlopen(urllib.request.Request(daemon.metrics_url.replace("/metrics", path),
+                                                                  method=method, data=b"" if method == "POST" else None),
+                                           timeout=10)
+                    raise AssertionError(f"{method} {path} succeeded")
+                except urllib.error.HTTPError as e:
+                    assert e.code == code, (path, e.code)
+            print("ok   GET /other: 404, POST /metrics: 405")
+    finally:
+        daemon.stop()
+
+
 def main():
     global pb, pb_grpc, hpb, hpb_grpc
     convd, stub_dir, _golden = sys.argv[1:4]
@@ -238,6 +414,7 @@ def main():
     hpb, hpb_grpc = health_pb2, health_pb2_grpc
     test_registry(convd)
     test_health_through_drain(convd)
+    test_metrics_deadlines_admission(convd)
     print("service: all checks passed")
 
 
