@@ -22,6 +22,7 @@
 #include "wire.h"
 #include "err.h"
 #include "log.h"
+#include "reflect.h"
 #include "registry.h"
 #include "session.h"
 #include "status.h"
@@ -38,6 +39,8 @@ enum call_kind {
   K_DELETE_WEIGHTS,
   K_HEALTH_CHECK,
   K_HEALTH_WATCH,
+  K_REFLECT,
+  K_REFLECT_ALPHA,
   K_GENERIC,
   K_COUNT
 };
@@ -46,12 +49,17 @@ static const char *const kind_path[K_COUNT] = {
     "/convd.v1.Convolution/ListDevices",  "/convd.v1.Convolution/PutWeights",
     "/convd.v1.Convolution/ListWeights",  "/convd.v1.Convolution/DeleteWeights",
     "/grpc.health.v1.Health/Check",       "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     NULL};
 static const char *const kind_name[K_COUNT] = {"Conv2d",      "Conv2dUnary",  "ListDevices",
                                                "PutWeights",  "ListWeights",  "DeleteWeights",
-                                               "HealthCheck", "HealthWatch",  "unknown"};
+                                               "HealthCheck", "HealthWatch",  "Reflection",
+                                               "ReflectionV1alpha", "unknown"};
 /* Methods whose client streams (the request is read message by message). */
-static int kind_streams_in(enum call_kind k) { return k == K_CONV2D || k == K_PUT_WEIGHTS; }
+static int kind_streams_in(enum call_kind k) {
+  return k == K_CONV2D || k == K_PUT_WEIGHTS || k == K_REFLECT || k == K_REFLECT_ALPHA;
+}
 
 /* Every completion-queue tag is one of these; the CQ thread calls fn(obj, ok). */
 typedef struct tag {
@@ -584,6 +592,14 @@ static void on_send(void *obj, int ok) {
     atomic_store(&c->cancel, 1);
   } else if (c->kind == K_HEALTH_WATCH) {
     watch_pump(c);
+  } else if (c->kind == K_REFLECT || c->kind == K_REFLECT_ALPHA) {
+    /* one answer per request: read the next request once this answer went out */
+    if (c->recv_done) {
+      set_status(c, 0, "");
+      send_final(c, NULL);
+    } else if (!c->status_set) {
+      post_recv(c);
+    }
   } else {
     pump(c);
   }
@@ -732,6 +748,7 @@ static void post_recv(call *c) {
 }
 
 static void put_weights_recv(call *c, int ok, grpc_byte_buffer *bb);
+static void reflect_recv(call *c, int ok, grpc_byte_buffer *bb);
 
 static void on_recv(void *obj, int ok) {
   call *c = obj;
@@ -741,6 +758,8 @@ static void on_recv(void *obj, int ok) {
   c->recv_buf = NULL;
   if (c->kind == K_PUT_WEIGHTS) {
     put_weights_recv(c, ok, bb);
+  } else if (c->kind == K_REFLECT || c->kind == K_REFLECT_ALPHA) {
+    reflect_recv(c, ok, bb);
   } else if (!ok || c->status_set || c->dead) {
     c->recv_done = 1; /* the call failed, or we already answered */
   } else if (bb == NULL) {
@@ -1283,12 +1302,68 @@ void convd_rpc_health_changed(convd_rpc *r) {
   health_notify(r);
 }
 
+/* ---- server reflection --------------------------------------------------------------------- */
+
+static void handle_reflect(call *c) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->md_sent = 1;
+  if (start_batch(c, &op, 1, &c->t_md)) return;
+  post_recv(c);
+}
+
+/* A reflection request (or the end of the stream): answered, then the next one is read.
+ * c->mu held. */
+static void reflect_recv(call *c, int ok, grpc_byte_buffer *bb) {
+  if (!ok || c->status_set || c->dead) {
+    c->recv_done = 1;
+    return;
+  }
+  if (bb == NULL) { /* half-close: done once the last answer went out */
+    c->recv_done = 1;
+    if (!c->sending) {
+      set_status(c, 0, "");
+      send_final(c, NULL);
+    }
+    return;
+  }
+  Grpc__Reflection__V1__ServerReflectionRequest *rq =
+      (Grpc__Reflection__V1__ServerReflectionRequest *)convd_wire_unpack(
+          bb, &grpc__reflection__v1__server_reflection_request__descriptor);
+  if (rq == NULL) {
+    fail(c, CONVD_EINVAL, "the message is not a valid grpc.reflection.v1.ServerReflectionRequest");
+    return;
+  }
+  size_t len = 0;
+  uint8_t *out = convd_reflect_answer(rq, &len);
+  protobuf_c_message_free_unpacked(&rq->base, NULL);
+  if (out == NULL) {
+    fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  grpc_slice sl = grpc_slice_new(out, len, free);
+  grpc_byte_buffer *resp = grpc_raw_byte_buffer_create(&sl, 1);
+  grpc_slice_unref(sl);
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_MESSAGE;
+  op.data.send_message.send_message = resp;
+  c->send_buf = resp;
+  c->sending = 1;
+  if (start_batch(c, &op, 1, &c->t_send)) {
+    c->sending = 0;
+    grpc_byte_buffer_destroy(resp);
+    c->send_buf = NULL;
+  }
+}
+
 static void handle_generic(call *c) {
   char msg[512];
   snprintf(msg, sizeof msg,
            "method %.*s is not served by convd; service convd.v1.Convolution has Conv2d, "
            "Conv2dUnary, ListDevices, PutWeights, ListWeights and DeleteWeights; "
-           "grpc.health.v1.Health has Check and Watch",
+           "grpc.health.v1.Health has Check and Watch; server reflection is served (v1, v1alpha)",
            (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200
                                                             : GRPC_SLICE_LENGTH(c->details.method)),
            (const char *)GRPC_SLICE_START_PTR(c->details.method));
@@ -1340,6 +1415,8 @@ static void on_request(void *obj, int ok) {
       case K_DELETE_WEIGHTS: handle_delete_weights(c); break;
       case K_HEALTH_CHECK: handle_health_check(c); break;
       case K_HEALTH_WATCH: handle_health_watch(c); break;
+      case K_REFLECT:
+      case K_REFLECT_ALPHA: handle_reflect(c); break;
       default: handle_generic(c); break;
     }
   }

@@ -4,7 +4,9 @@ dedupe, NOT_FOUND, eviction, deletion, no weight bytes to the devices on repeate
 health service's Check and Watch through a drain (SIGTERM during load: NOT_SERVING, new calls
 UNAVAILABLE, every accepted call completes, exit 0); the Prometheus endpoint (the scrape parses,
 counters move with the calls); a deadline and a cancel mid-job returning the daemon to idle
-within a second; admission limits answering RESOURCE_EXHAUSTED at once under a bounded burst.
+within a second; admission limits answering RESOURCE_EXHAUSTED at once under a bounded burst;
+server reflection (v1 and v1alpha): listing the services, and calling ListDevices with message
+classes built from the descriptors the daemon served, with no proto file.
 
 usage: test_service.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
 import re
@@ -406,6 +408,56 @@ def test_metrics_deadlines_admission(convd):
         daemon.stop()
 
 
+def test_reflection(convd):
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_reflection_v1 import reflection_pb2 as rpb
+    daemon = Daemon(convd)
+    try:
+        with grpc.insecure_channel(daemon.target) as ch:
+            want = ["convd.v1.Convolution", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection"]
+            for pkg in ("v1", "v1alpha"):
+                info = ch.stream_stream(f"/grpc.reflection.{pkg}.ServerReflection/ServerReflectionInfo",
+                                        request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+                                        response_deserializer=rpb.ServerReflectionResponse.FromString)
+                reqs = [rpb.ServerReflectionRequest(list_services=""),
+                        rpb.ServerReflectionRequest(file_containing_symbol="convd.v1.Convolution"),
+                        rpb.ServerReflectionRequest(file_containing_symbol="convd.v1.ConvSpec.weights_id"),
+                        rpb.ServerReflectionRequest(file_by_filename="grpc/health/v1/health.proto"),
+                        rpb.ServerReflectionRequest(file_containing_symbol="no.such.Thing")]
+                resps = list(info(iter(reqs), timeout=10))
+                assert len(resps) == 5, resps
+                names = [sv.name for sv in resps[0].list_services_response.service]
+                assert names == want, names
+                files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                         for b in resps[1].file_descriptor_response.file_descriptor_proto]
+                assert [f.name for f in files] == ["convd/v1/convd.proto"], files
+                conv_svc = [sv for sv in files[0].service if sv.name == "Convolution"][0]
+                methods = [m.name for m in conv_svc.method]
+                assert {"Conv2d", "Conv2dUnary", "ListDevices", "PutWeights"} <= set(methods), methods
+                assert resps[2].file_descriptor_response.file_descriptor_proto[0] == \
+                    resps[1].file_descriptor_response.file_descriptor_proto[0]
+                hf = descriptor_pb2.FileDescriptorProto.FromString(
+                    resps[3].file_descriptor_response.file_descriptor_proto[0])
+                assert hf.package == "grpc.health.v1" and hf.service[0].name == "Health"
+                assert resps[4].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0], resps[4]
+                print(f"ok   reflection {pkg}: {names}; convd.proto with {len(methods)} methods; "
+                      f"an unknown symbol: NOT_FOUND \"{resps[4].error_response.error_message}\"")
+            # a client with no proto file: message classes from the served descriptors
+            pool = descriptor_pool.DescriptorPool()
+            pool.Add(files[0])
+            factory = message_factory.MessageFactory(pool)  # protobuf 3.x (Debian 12)
+            req_cls = factory.GetPrototype(pool.FindMessageTypeByName("convd.v1.ListDevicesRequest"))
+            resp_cls = factory.GetPrototype(pool.FindMessageTypeByName("convd.v1.ListDevicesResponse"))
+            call = ch.unary_unary("/convd.v1.Convolution/ListDevices", request_serializer=req_cls.SerializeToString,
+                                  response_deserializer=resp_cls.FromString)
+            devs = call(req_cls(), timeout=10).devices
+            assert len(devs) >= 1 and devs[0].healthy, devs
+            print(f"ok   ListDevices through classes built from reflection only: {[d.name for d in devs]}")
+    finally:
+        daemon.stop()
+
+
 def main():
     global pb, pb_grpc, hpb, hpb_grpc
     convd, stub_dir, _golden = sys.argv[1:4]
@@ -415,6 +467,7 @@ def main():
     test_registry(convd)
     test_health_through_drain(convd)
     test_metrics_deadlines_admission(convd)
+    test_reflection(convd)
     print("service: all checks passed")
 
 
