@@ -7,6 +7,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <ctype.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -76,6 +77,7 @@ struct convd_rpc {
   convd_metrics *metrics;   /* may be NULL */
   /* Admission: bytes the calls in flight may hold (each call's share is in call.held). */
   _Atomic uint64_t inflight_bytes;
+  _Atomic uint64_t next_rid;
   /* Health, read by health calls without r->mu: 1 while not draining and a device is healthy. */
   atomic_int serving, health_draining;
   grpc_server *server;
@@ -114,6 +116,7 @@ struct call {
   atomic_int cancel;    /* polled by the engine */
   double t_begin;
   char peer[96];
+  char rid[72]; /* request id: the client's x-request-id, or one made here */
 
   /* sending */
   int md_sent, sending, dead; /* dead: a send failed, the client is gone */
@@ -249,9 +252,9 @@ static void call_log_end(call *c) {
                              c->job && c->stats.ops_run ? c->stats.queue_seconds : -1, in, out);
   }
   convd_log(level,
-            "msg=\"call ended\" method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
+            "msg=\"call ended\" rid=%s method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
             " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
-            kind_name[c->kind], c->peer[0] ? c->peer : "-", status,
+            c->rid, kind_name[c->kind], c->peer[0] ? c->peer : "-", status,
             (now_seconds() - c->t_begin) * 1e3, c->stats.ops_run, c->stats.compute_seconds,
             c->stats.peak_bytes_held, shapes,
             c->status_set && c->status != GRPC_STATUS_OK ? " error=\"" : "",
@@ -1371,6 +1374,22 @@ static void handle_generic(call *c) {
   send_final(c, NULL);
 }
 
+/* The client's x-request-id (letters, digits, - _ . : only, at most 64), so that its logs and
+ * ours join up; else a number of our own. */
+static void set_request_id(call *c, convd_rpc *r) {
+  for (size_t i = 0; i < c->md.count; i++) {
+    const grpc_slice k = c->md.metadata[i].key, v = c->md.metadata[i].value;
+    if (GRPC_SLICE_LENGTH(k) != 12 || memcmp(GRPC_SLICE_START_PTR(k), "x-request-id", 12) != 0) continue;
+    size_t n = GRPC_SLICE_LENGTH(v), j = 0;
+    const unsigned char *p = GRPC_SLICE_START_PTR(v);
+    for (size_t t = 0; t < n && j < 64; t++)
+      if (isalnum(p[t]) || p[t] == '-' || p[t] == '_' || p[t] == '.' || p[t] == ':') c->rid[j++] = (char)p[t];
+    c->rid[j] = '\0';
+    if (j) return;
+  }
+  snprintf(c->rid, sizeof c->rid, "r%" PRIu64, atomic_fetch_add(&r->next_rid, 1) + 1);
+}
+
 static void on_request(void *obj, int ok) {
   call *c = obj;
   convd_rpc *r = c->rpc;
@@ -1389,6 +1408,7 @@ static void on_request(void *obj, int ok) {
   if (repost) post_request(r, c->kind);
 
   c->t_begin = now_seconds();
+  set_request_id(c, r);
   char *peer = grpc_call_get_peer(c->gc);
   if (peer) {
     snprintf(c->peer, sizeof c->peer, "%s", peer);

@@ -384,6 +384,116 @@ static void test_device_failure_mid_job(void) {
   convd_engine_destroy(e);
 }
 
+/* Priorities: a high-priority job created after a long low-priority one has its ops run first
+ * and ends while the low one still has most of its ops left; the admission limit on pending
+ * ops refuses a job that would go over it and takes it once the others are done. */
+typedef struct prio_state {
+  pthread_mutex_t mu;
+  int order[8], n;
+  uint64_t low_done_at_high_end; /* ops of the low job done when the high one ended */
+  convd_job *low;
+} prio_state;
+typedef struct prio_user {
+  prio_state *st;
+  int which;
+} prio_user;
+static void p_rows(void *user, int64_t n, int64_t h0, int64_t h1) { (void)user, (void)n, (void)h0, (void)h1; }
+static void p_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  prio_user *u = user;
+  (void)status, (void)err;
+  pthread_mutex_lock(&u->st->mu);
+  u->st->order[u->st->n++] = u->which;
+  pthread_mutex_unlock(&u->st->mu);
+  (void)st;
+}
+
+static void test_priority_and_admission(void) {
+  char err[256];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = p.c_per_group = 4, p.h = 64, p.w = 64, p.c_out = 4, p.kh = p.kw = 3;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  const uint64_t budget = 8192;
+  convd_device *devs[1] = {test_wrapped_device("slow", 3000, 0, budget)};
+  convd_engine_opts o = {.extra = devs, .n_extra = 1, .device_memory = budget, .max_pending_ops = 0};
+  convd_engine *e;
+  ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+  convd_plan pl;
+  ASSERT_OK(convd_engine_plan(e, &c, &pl, err, sizeof err), err);
+  ASSERT_TRUE(pl.ops >= 16);
+  float *x = calloc(c.input_elems, 4), *w = calloc(c.weight_elems, 4);
+  float *y0 = malloc(c.output_bytes), *y1 = malloc(c.output_bytes);
+  prio_state st = {.mu = PTHREAD_MUTEX_INITIALIZER};
+  prio_user u_low = {&st, 0}, u_high = {&st, 1};
+  convd_job_cbs cb_low = {.user = &u_low, .rows_ready = p_rows, .done = p_done};
+  convd_job_cbs cb_high = {.user = &u_high, .rows_ready = p_rows, .done = p_done};
+  convd_job *low, *high;
+  ASSERT_OK(convd_job_create(e, &c, &cb_low, &low, err, sizeof err), err);
+  convd_job_set_priority(low, -1);
+  convd_job_set_output(low, y0);
+  convd_job_set_weights(low, w, NULL, CONVD_LEND);
+  ASSERT_OK(convd_job_put_band(low, 0, 0, p.h, x, CONVD_LEND, err, sizeof err), err);
+  ASSERT_OK(convd_job_create(e, &c, &cb_high, &high, err, sizeof err), err);
+  convd_job_set_priority(high, 5);
+  convd_job_set_output(high, y1);
+  convd_job_set_weights(high, w, NULL, CONVD_LEND);
+  ASSERT_OK(convd_job_put_band(high, 0, 0, p.h, x, CONVD_LEND, err, sizeof err), err);
+  convd_engine_load ld;
+  int measured = 0;
+  for (int i = 0; i < 20000; i++) { /* at most 20 s */
+    pthread_mutex_lock(&st.mu);
+    int n = st.n;
+    pthread_mutex_unlock(&st.mu);
+    if (n == 2) break;
+    if (n == 1 && st.order[0] == 1 && !measured) {
+      measured = 1;
+      convd_engine_load_get(e, &ld);
+      st.low_done_at_high_end = pl.ops - ld.pending_ops; /* the high job has none left */
+    }
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+  }
+  ASSERT_EQ_INT(st.n, 2);
+  ASSERT_EQ_INT(st.order[0], 1); /* the high-priority job ended first */
+  printf("  %" PRIu64 " ops per job; the low-priority one had done %" PRIu64 " when the high one ended\n",
+         pl.ops, st.low_done_at_high_end);
+  ASSERT_TRUE(st.low_done_at_high_end < pl.ops / 2);
+  convd_job_destroy(low);
+  convd_job_destroy(high);
+  convd_engine_load_get(e, &ld);
+  ASSERT_TRUE(ld.jobs == 0 && ld.pending_ops == 0 && ld.ready_ops == 0 && ld.bytes_held == 0);
+  convd_engine_destroy(e);
+
+  /* Admission: room for one plan's ops, not two. */
+  convd_device *d2[1] = {test_wrapped_device("slow", 0, 0, budget)};
+  convd_engine_opts o2 = {.extra = d2, .n_extra = 1, .device_memory = budget,
+                          .max_pending_ops = pl.ops + pl.ops / 2};
+  ASSERT_OK(convd_engine_create(&o2, &e, err, sizeof err), err);
+  ASSERT_OK(convd_job_create(e, &c, &cb_low, &low, err, sizeof err), err);
+  ASSERT_EQ_INT(convd_job_create(e, &c, &cb_high, &high, err, sizeof err), CONVD_ELIMIT);
+  ASSERT_CONTAINS(err, "--max-queue-ops");
+  convd_job_cancel(low);
+  for (int i = 0; i < 5000; i++) {
+    pthread_mutex_lock(&st.mu);
+    int n = st.n;
+    pthread_mutex_unlock(&st.mu);
+    if (n == 3) break;
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+  }
+  convd_job_destroy(low);
+  ASSERT_OK(convd_job_create(e, &c, &cb_high, &high, err, sizeof err), err); /* room again */
+  convd_job_cancel(high);
+  for (int i = 0; i < 5000 && st.n < 4; i++) {
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+  }
+  convd_job_destroy(high);
+  convd_engine_destroy(e);
+  free(x), free(w), free(y0), free(y1);
+}
+
 /* Devices that accumulate (as GPUs do, cuDNN's beta = 1) get each tile's input-channel blocks
  * as one chain and write the tile once; beside a CPU device, and when one fails in the middle
  * of a chain (every block of it runs again elsewhere), the result still equals the reference. */
@@ -541,6 +651,7 @@ int main(int argc, char **argv) {
       {"device_failure_mid_job", test_device_failure_mid_job},
       {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
       {"chains_accumulate_on_device", test_chains_accumulate_on_device},
+      {"priority_and_admission", test_priority_and_admission},
       {"gpu_random_plans", test_gpu_random_plans},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);

@@ -17,7 +17,7 @@ class Daemon:
     def __init__(self, binary, *extra):
         self.log = tempfile.NamedTemporaryFile(prefix="convd-py-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--log-level", "warn", *extra],
+            [binary, "--listen", "127.0.0.1:0", "--log-level", "info", *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
         m = re.match(r"convd listening on (\S+):(\d+)$", line.strip())

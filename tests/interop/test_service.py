@@ -451,9 +451,15 @@ def test_reflection(convd):
             resp_cls = factory.GetPrototype(pool.FindMessageTypeByName("convd.v1.ListDevicesResponse"))
             call = ch.unary_unary("/convd.v1.Convolution/ListDevices", request_serializer=req_cls.SerializeToString,
                                   response_deserializer=resp_cls.FromString)
-            devs = call(req_cls(), timeout=10).devices
+            devs = call(req_cls(), timeout=10, metadata=[("x-request-id", "trace-42.a")]).devices
             assert len(devs) >= 1 and devs[0].healthy, devs
             print(f"ok   ListDevices through classes built from reflection only: {[d.name for d in devs]}")
+            # the client's request id is the log line's
+            t0 = time.time()
+            while "rid=trace-42.a method=ListDevices" not in daemon.read_log():
+                assert time.time() - t0 < 5, daemon.read_log()
+                time.sleep(0.02)
+            print("ok   the log's call line carries the client's x-request-id")
     finally:
         daemon.stop()
 
