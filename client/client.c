@@ -16,11 +16,12 @@
 #include "band.h"
 #include "dtype.h"
 #include "convd/v1/convd.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
 #include "wire.h"
 
 struct convd_client {
   grpc_channel *ch;
-  void *m_conv2d, *m_unary, *m_list;
+  void *m_conv2d, *m_unary, *m_list, *m_health;
   convd_client_opts o;
   int last_status;
 };
@@ -70,6 +71,7 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   c->m_conv2d = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2d", NULL, NULL);
   c->m_unary = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2dUnary", NULL, NULL);
   c->m_list = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/ListDevices", NULL, NULL);
+  c->m_health = grpc_channel_register_call(c->ch, "/grpc.health.v1.Health/Check", NULL, NULL);
   *out = c;
   return 0;
 }
@@ -658,6 +660,24 @@ int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t 
   }
   *devs = out;
   *n = r->n_devices;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}
+
+int convd_client_health(convd_client *c, const char *service, int *serving, char *err, size_t errlen) {
+  *serving = 0;
+  Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+  req.service = (char *)(service ? service : "");
+  grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
+  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  int rc = unary_call(c, c->m_health, bb, &resp, err, errlen);
+  grpc_byte_buffer_destroy(bb);
+  if (rc) return rc;
+  Grpc__Health__V1__HealthCheckResponse *r = (Grpc__Health__V1__HealthCheckResponse *)convd_wire_unpack(
+      resp, &grpc__health__v1__health_check_response__descriptor);
+  grpc_byte_buffer_destroy(resp);
+  if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a HealthCheckResponse");
+  *serving = r->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
   protobuf_c_message_free_unpacked(&r->base, NULL);
   return 0;
 }

@@ -55,6 +55,9 @@ int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const
 int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t *n, char *err,
                               size_t errlen);
 
+/* grpc.health.v1 Check of service ("" = the server): *serving 1 for SERVING, else 0. */
+int convd_client_health(convd_client *c, const char *service, int *serving, char *err, size_t errlen);
+
 /* The gRPC status code of this client's last failed call (0 when it succeeded), for callers
  * that want to tell e.g. UNIMPLEMENTED from INVALID_ARGUMENT exactly. */
 int convd_client_last_status(const convd_client *c);

@@ -23,6 +23,8 @@ static void usage(FILE *f) {
           "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
           "               [--dtype float32|float16|bfloat16] [--tf32]\n"
           "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
+          "  convctl health --server HOST:PORT [--service NAME] [--timeout SECONDS]\n"
+          "               (exit 0 when SERVING: for container health checks)\n"
           "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
           "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
           "               [--device-memory BYTES (K/M/G suffixes; default 64M)]\n"
@@ -53,7 +55,7 @@ static int parse_list(const char *s, int64_t *v, int max) {
 typedef struct args {
   const char *server, *input, *weight, *bias, *output;
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
-  const char *dtype;
+  const char *dtype, *service;
   int unary, tf32;
 } args;
 
@@ -66,7 +68,7 @@ static int parse_args(int argc, char **argv, args *a) {
               {"--padding", &a->padding},   {"--dilation", &a->dilation}, {"--groups", &a->groups},
               {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout},
               {"--devices", &a->devices},   {"--device-memory", &a->device_memory},
-              {"--dtype", &a->dtype}};
+              {"--dtype", &a->dtype},       {"--service", &a->service}};
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--unary") == 0) {
       a->unary = 1;
@@ -308,6 +310,22 @@ static int cmd_devices(const args *a) {
   return 0;
 }
 
+static int cmd_health(const args *a) {
+  convd_client *c;
+  int rc = client_from_args(a, &c);
+  if (rc) return rc;
+  char err[512];
+  int serving = 0;
+  rc = convd_client_health(c, a->service ? a->service : "", &serving, err, sizeof err);
+  convd_client_destroy(c);
+  if (rc) {
+    fprintf(stderr, "convctl: %s\n", err);
+    return 1;
+  }
+  printf("%s\n", serving ? "SERVING" : "NOT_SERVING");
+  return serving ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
   if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
     usage(argc < 2 ? stderr : stdout);
@@ -315,12 +333,13 @@ int main(int argc, char **argv) {
   }
   args a = {0};
   if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0 &&
-      strcmp(argv[1], "plan") != 0) {
+      strcmp(argv[1], "plan") != 0 && strcmp(argv[1], "health") != 0) {
     fprintf(stderr, "convctl: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
   }
   if (parse_args(argc, argv, &a)) return 2;
   if (strcmp(argv[1], "plan") == 0) return cmd_plan(&a);
+  if (strcmp(argv[1], "health") == 0) return cmd_health(&a);
   return strcmp(argv[1], "conv") == 0 ? cmd_conv(&a) : cmd_devices(&a);
 }

@@ -473,6 +473,17 @@ static void test_convctl_errors_and_devices(void) {
   ASSERT_EQ_INT(rc, 0);
   ASSERT_CONTAINS(msg, "cpu0");
   ASSERT_CONTAINS(msg, "healthy");
+  /* the container health check: exit 0 and SERVING; an unknown service: exit 1, NOT_FOUND */
+  char *argv5[] = {CONVCTL_BIN, "health", "--server", d.target, NULL};
+  rc = test_run(argv5, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.out", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 0);
+  ASSERT_CONTAINS(msg, "SERVING");
+  char *argv6[] = {CONVCTL_BIN, "health", "--server", d.target, "--service", "x.Y", NULL};
+  rc = test_run(argv6, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 1);
+  ASSERT_CONTAINS(msg, "NOT_FOUND");
   unlink(x), unlink(w), unlink(y);
   /* A second daemon on the same port fails to start and says why (no silent port sharing). */
   char *argv4[] = {CONVD_BIN, "--listen", d.target, NULL};
