@@ -101,4 +101,10 @@ else:
         problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
         assert r.returncode == 0 and not problems, "\n".join(problems)
     print("ok   systemd unit: systemd-analyze verify passes")
+# ---- docs/operations.md names every flag ---------------------------------------------------------
+ops = open(os.path.join(src, "docs", "operations.md")).read()
+flags = re.findall(r"^  (--[a-z-]+)", help_text, re.M)
+missing = [f for f in flags if f"`{f}`" not in ops]
+assert not missing, f"docs/operations.md lacks {missing}"
+print(f"ok   docs/operations.md lists all {len(flags)} flags")
 print("deploy: all checks passed")

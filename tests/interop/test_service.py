@@ -9,6 +9,7 @@ server reflection (v1 and v1alpha): listing the services, and calling ListDevice
 classes built from the descriptors the daemon served, with no proto file.
 
 usage: test_service.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import os
 import re
 import signal
 import sys
@@ -316,6 +317,10 @@ def test_metrics_deadlines_admission(convd):
             assert metric(s1, 'convd_request_duration_seconds_count', method="Conv2dUnary") == 4
             assert metric(s1, "convd_device_ops_total") >= 3
             assert metric(s1, "convd_device_busy_seconds_total") > 0
+            ops_doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "operations.md")).read()
+            names = {re.sub(r"_(bucket|sum|count)$", "", n) for n, _ in s1}
+            undocumented = sorted(n for n in names if f"`{n}`" not in ops_doc)
+            assert not undocumented, f"docs/operations.md lacks {undocumented}"
             print(f"ok   the scrape parses as Prometheus text ({len(s1)} samples); requests, bytes, "
                   f"durations and device ops moved as the calls did")
 
