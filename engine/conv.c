@@ -21,7 +21,9 @@ int convd_conv_params_same(const convd_conv_params *a, const convd_conv_params *
          a->stride_w == b->stride_w && a->pad_top == b->pad_top &&
          a->pad_bottom == b->pad_bottom && a->pad_left == b->pad_left &&
          a->pad_right == b->pad_right && a->dil_h == b->dil_h && a->dil_w == b->dil_w &&
-         a->groups == b->groups && a->dtype == b->dtype && a->allow_tf32 == b->allow_tf32;
+         a->groups == b->groups && a->dtype == b->dtype && a->allow_tf32 == b->allow_tf32 &&
+         a->transposed == b->transposed && a->out_pad_h == b->out_pad_h &&
+         a->out_pad_w == b->out_pad_w;
 }
 
 int convd_size_mul(size_t a, size_t b, size_t *out) {
@@ -104,20 +106,50 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
   /* All operands are below 2^31, so these int64 sums and products cannot overflow. */
   int64_t kh_eff = p->dil_h * (p->kh - 1) + 1;
   int64_t kw_eff = p->dil_w * (p->kw - 1) + 1;
-  int64_t hp = p->h + p->pad_top + p->pad_bottom;
-  int64_t wp = p->w + p->pad_left + p->pad_right;
-  if (kh_eff > hp || kw_eff > wp) {
-    if (p->dil_h == 1 && p->dil_w == 1)
+  if (p->transposed) {
+    if (p->out_pad_h < 0 || p->out_pad_w < 0 ||
+        (p->out_pad_h >= p->stride_h && p->out_pad_h >= p->dil_h) ||
+        (p->out_pad_w >= p->stride_w && p->out_pad_w >= p->dil_w))
       return convd_errf(err, errlen, CONVD_EINVAL,
-                        "kernel %lldx%lld is larger than padded input %lldx%lld", (long long)p->kh,
-                        (long long)p->kw, (long long)hp, (long long)wp);
+                        "output_padding %lld,%lld: each must be smaller than its axis's stride or "
+                        "dilation (stride %lld,%lld, dilation %lld,%lld)",
+                        (long long)p->out_pad_h, (long long)p->out_pad_w, (long long)p->stride_h,
+                        (long long)p->stride_w, (long long)p->dil_h, (long long)p->dil_w);
+    /* The full output, before the padding crops it. */
+    const int64_t fh = (p->h - 1) * p->stride_h + kh_eff + p->out_pad_h;
+    const int64_t fw = (p->w - 1) * p->stride_w + kw_eff + p->out_pad_w;
+    c->h_out = fh - p->pad_top - p->pad_bottom;
+    c->w_out = fw - p->pad_left - p->pad_right;
+    if (c->h_out > CONVD_DIM_MAX || c->w_out > CONVD_DIM_MAX)
+      return convd_errf(err, errlen, CONVD_EINVAL, "transpose output %lldx%lld: each side must be at most %lld",
+                        (long long)c->h_out, (long long)c->w_out, (long long)CONVD_DIM_MAX);
+    if (c->h_out < 1 || c->w_out < 1)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "transpose output %lldx%lld: the padding (%lld+%lld, %lld+%lld) crops away "
+                        "the whole %lldx%lld result",
+                        (long long)c->h_out, (long long)c->w_out, (long long)p->pad_top,
+                        (long long)p->pad_bottom, (long long)p->pad_left, (long long)p->pad_right,
+                        (long long)fh, (long long)fw);
+  } else if (p->out_pad_h || p->out_pad_w) {
     return convd_errf(err, errlen, CONVD_EINVAL,
-                      "kernel %lldx%lld (dilated %lldx%lld) is larger than padded input %lldx%lld",
-                      (long long)p->kh, (long long)p->kw, (long long)kh_eff, (long long)kw_eff,
-                      (long long)hp, (long long)wp);
+                      "output_padding applies to transpose convolution only");
   }
-  c->h_out = (hp - kh_eff) / p->stride_h + 1;
-  c->w_out = (wp - kw_eff) / p->stride_w + 1;
+  if (!p->transposed) {
+    int64_t hp = p->h + p->pad_top + p->pad_bottom;
+    int64_t wp = p->w + p->pad_left + p->pad_right;
+    if (kh_eff > hp || kw_eff > wp) {
+      if (p->dil_h == 1 && p->dil_w == 1)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "kernel %lldx%lld is larger than padded input %lldx%lld", (long long)p->kh,
+                          (long long)p->kw, (long long)hp, (long long)wp);
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "kernel %lldx%lld (dilated %lldx%lld) is larger than padded input %lldx%lld",
+                        (long long)p->kh, (long long)p->kw, (long long)kh_eff, (long long)kw_eff,
+                        (long long)hp, (long long)wp);
+    }
+    c->h_out = (hp - kh_eff) / p->stride_h + 1;
+    c->w_out = (wp - kw_eff) / p->stride_w + 1;
+  }
 
   const int64_t in[4] = {p->n, p->c_in, p->h, p->w};
   const int64_t wt[4] = {p->c_out, p->c_per_group, p->kh, p->kw};
@@ -142,9 +174,10 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
   c->bias_wire_bytes = c->bias_elems * c->wire_elem;
   c->output_wire_bytes = c->output_elems * c->wire_elem;
 
-  /* macs = output elements * (C_in/groups * kH * kW); saturate, it only feeds statistics. */
-  uint64_t m = (uint64_t)c->output_elems;
-  if (__builtin_mul_overflow(m, (uint64_t)p->c_per_group, &m) ||
+  /* macs = output elements * (C_in/groups * kH * kW), for a transpose input elements *
+   * (C_out/groups * kH * kW); saturate, it only feeds statistics. */
+  uint64_t m = p->transposed ? (uint64_t)c->input_elems : (uint64_t)c->output_elems;
+  if (__builtin_mul_overflow(m, (uint64_t)(p->transposed ? p->c_out / p->groups : p->c_per_group), &m) ||
       __builtin_mul_overflow(m, (uint64_t)p->kh, &m) || __builtin_mul_overflow(m, (uint64_t)p->kw, &m))
     m = UINT64_MAX;
   c->macs = m;

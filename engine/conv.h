@@ -20,6 +20,12 @@ typedef struct convd_conv_params {
   int64_t pad_top, pad_bottom, pad_left, pad_right;
   int64_t dil_h, dil_w;
   int64_t groups;
+  /* Transpose convolution (PyTorch's conv_transpose2d): weights are (C_in, C_out/groups, kH,
+   * kW), c_out and c_per_group (= C_in/groups) keep their meaning; the padding crops the full
+   * output on each side and out_pad_h/w add rows/columns at the bottom/right (each smaller than
+   * the stride or the dilation of its axis). */
+  int transposed;
+  int64_t out_pad_h, out_pad_w;
   int dtype;      /* enum convd_dtype (dtype.h): the wire's element type; host math is float32 */
   int allow_tf32; /* 1: float32 ops may run on TF32 tensor cores (10-bit mantissa products) */
 } convd_conv_params;

@@ -19,4 +19,9 @@ int convd_ref_conv2d(const convd_conv *c, const float *x, const float *w, const 
 int convd_ref_conv2d_view(const convd_conv *c, convd_view x, convd_view w, const float *b,
                           convd_view y, const atomic_int *cancel);
 
+/* y = conv_transpose2d(x, w) + b (c->p.transposed), written in the scatter form for clarity:
+ * weights (C_in, C_out/groups, kH, kW). Returns 0, CONVD_ENOMEM or CONVD_ECANCELED. */
+int convd_ref_conv_transpose2d(const convd_conv *c, const float *x, const float *w, const float *b,
+                               float *y, const atomic_int *cancel);
+
 #endif

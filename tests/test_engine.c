@@ -226,6 +226,101 @@ static void test_reference_groups_split(void) {
   }
 }
 
+/* The transpose reference against every conv_transpose2d golden case. */
+static void test_reference_transpose_golden(void) {
+  char names[64][128], err[512];
+  int n = golden_list(golden_root, names, 64), cases = 0;
+  for (int i = 0; i < n; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv_transpose2d") != 0) {
+      golden_free(&g);
+      continue;
+    }
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
+    ASSERT_TRUE(c.h_out == g.output[2] && c.w_out == g.output[3] && c.p.c_out == g.output[1]);
+    float *y = malloc(c.output_bytes);
+    poison(y, c.output_elems);
+    ASSERT_OK(convd_ref_conv_transpose2d(&c, g.x, g.w, g.b, y, NULL), "reference");
+    int rc = check_close(names[i], y, g.expected, c.output_elems);
+    free(y);
+    golden_free(&g);
+    if (rc) {
+      FAIL_AT("%s", names[i]);
+      return;
+    }
+    cases++;
+  }
+  ASSERT_TRUE(cases >= 4);
+}
+
+/* The scatter-form reference against the gather form written here from the definition
+ * (y[oy] sums x[iy] w[ky] over oy + pad = iy * stride + ky * dilation), on random shapes:
+ * strides 1-4, kernels 1-7, dilation, asymmetric padding, output padding, groups, bias. */
+static void test_reference_transpose_random(void) {
+  rng r = {0x5eed7777};
+  char err[256];
+  int cases = 0;
+  for (int iter = 0; iter < 300; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.groups = rng_range(&r, 1, 3);
+    p.n = rng_range(&r, 1, 2);
+    p.c_per_group = rng_range(&r, 1, 4);
+    p.c_in = p.groups * p.c_per_group;
+    p.c_out = p.groups * rng_range(&r, 1, 4);
+    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
+    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
+    p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
+    p.h = rng_range(&r, 1, 9), p.w = rng_range(&r, 1, 9);
+    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
+    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
+    p.pad_top = rng_range(&r, 0, 4), p.pad_bottom = rng_range(&r, 0, 4);
+    p.pad_left = rng_range(&r, 0, 4), p.pad_right = rng_range(&r, 0, 4);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) continue; /* cropped away entirely */
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *y = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, x, c.input_elems), rng_fill(&r, w, c.weight_elems), rng_fill(&r, b, c.bias_elems);
+    const int64_t opg = p.c_out / p.groups;
+    for (int64_t n = 0; n < p.n; n++)
+      for (int64_t oc = 0; oc < p.c_out; oc++)
+        for (int64_t oy = 0; oy < c.h_out; oy++)
+          for (int64_t ox = 0; ox < c.w_out; ox++) {
+            double acc = p.has_bias ? b[oc] : 0;
+            const int64_t g = oc / opg;
+            for (int64_t icg = 0; icg < p.c_per_group; icg++)
+              for (int64_t ky = 0; ky < p.kh; ky++)
+                for (int64_t kx = 0; kx < p.kw; kx++) {
+                  const int64_t ty = oy + p.pad_top - ky * p.dil_h, tx = ox + p.pad_left - kx * p.dil_w;
+                  if (ty < 0 || tx < 0 || ty % p.stride_h || tx % p.stride_w) continue;
+                  const int64_t iy = ty / p.stride_h, ix = tx / p.stride_w;
+                  if (iy >= p.h || ix >= p.w) continue;
+                  const int64_t ic = g * p.c_per_group + icg;
+                  acc += (double)x[((n * p.c_in + ic) * p.h + iy) * p.w + ix] *
+                         (double)w[((ic * opg + oc % opg) * p.kh + ky) * p.kw + kx];
+                }
+            want[((n * p.c_out + oc) * c.h_out + oy) * c.w_out + ox] = acc;
+          }
+    poison(y, c.output_elems);
+    ASSERT_OK(convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, y, NULL), "reference");
+    char what[96];
+    snprintf(what, sizeof what, "transpose case %d", iter);
+    int rc = check_close(what, y, want, c.output_elems);
+    free(x), free(w), free(b), free(y), free(want);
+    if (rc) {
+      FAIL_AT("%s", what);
+      return;
+    }
+    cases++;
+  }
+  ASSERT_TRUE(cases >= 250);
+}
+
 /* The value of v rounded to a binary format with `mant` fraction bits, smallest normal exponent
  * emin and largest finite value max, computed in double by scaling (exact) and rint (to nearest
  * even): an implementation independent of dtype.c's bit manipulation. */
@@ -312,6 +407,8 @@ int main(int argc, char **argv) {
       {"band_layout", test_band_layout},
       {"reference_cancel", test_reference_cancel},
       {"reference_groups_split", test_reference_groups_split},
+      {"reference_transpose_golden", test_reference_transpose_golden},
+      {"reference_transpose_random", test_reference_transpose_random},
       {"dtype_float16", test_dtype_float16},
       {"dtype_bfloat16", test_dtype_bfloat16},
   };

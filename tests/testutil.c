@@ -129,7 +129,7 @@ int golden_load(const char *root, const char *name, golden *g, char *err, size_t
   if (f == NULL) return convd_errf(err, errlen, CONVD_EIO, "%s: cannot open", path);
   convd_conv_params *p = &g->p;
   convd_conv_params_default(p);
-  long long v[4];
+  long long v[4], wshape[4] = {0};
   char line[256];
   while (fgets(line, sizeof line, f)) {
     int n = sscanf(line, "%63s %lld %lld %lld %lld", key, &v[0], &v[1], &v[2], &v[3]);
@@ -137,18 +137,27 @@ int golden_load(const char *root, const char *name, golden *g, char *err, size_t
     if (strcmp(key, "op") == 0) sscanf(line, "%*s %31s", g->op);
     else if (strcmp(key, "input") == 0 && n == 5) p->n = v[0], p->c_in = v[1], p->h = v[2], p->w = v[3];
     else if (strcmp(key, "weight") == 0 && n == 5)
-      p->c_out = v[0], p->c_per_group = v[1], p->kh = v[2], p->kw = v[3];
+      for (int i = 0; i < 4; i++) wshape[i] = v[i];
     else if (strcmp(key, "bias") == 0 && n == 2) p->has_bias = (int)v[0];
     else if (strcmp(key, "stride") == 0 && n == 3) p->stride_h = v[0], p->stride_w = v[1];
     else if (strcmp(key, "padding") == 0 && n == 5)
       p->pad_top = v[0], p->pad_bottom = v[1], p->pad_left = v[2], p->pad_right = v[3];
     else if (strcmp(key, "dilation") == 0 && n == 3) p->dil_h = v[0], p->dil_w = v[1];
     else if (strcmp(key, "groups") == 0 && n == 2) p->groups = v[0];
+    else if (strcmp(key, "output_padding") == 0 && n == 3) p->out_pad_h = v[0], p->out_pad_w = v[1];
     else if (strcmp(key, "output") == 0 && n == 5)
       for (int i = 0; i < 4; i++) g->output[i] = v[i];
   }
   fclose(f);
-  if (strcmp(g->op, "conv2d") != 0) return 0; /* other ops: parameters only */
+  p->kh = wshape[2], p->kw = wshape[3];
+  if (strcmp(g->op, "conv_transpose2d") == 0) { /* weights (C_in, C_out/groups, kH, kW) */
+    p->transposed = 1;
+    p->c_out = wshape[1] * p->groups;
+    p->c_per_group = p->groups ? wshape[0] / p->groups : 0;
+  } else {
+    p->c_out = wshape[0], p->c_per_group = wshape[1];
+  }
+  if (strcmp(g->op, "conv2d") != 0 && strcmp(g->op, "conv_transpose2d") != 0) return 0;
   convd_conv c;
   int rc = convd_conv_init(&c, p, err, errlen);
   if (rc) return rc;

@@ -81,7 +81,7 @@ void rng_fill(rng *r, float *p, size_t n);          /* uniform in [-1, 1) */
 /* One case of tests/golden. */
 typedef struct golden {
   char dir[512];
-  char op[32];
+  char op[32]; /* "conv2d" or "conv_transpose2d" (then p.transposed is set) */
   convd_conv_params p;
   int64_t output[4];
   float *x, *w, *b; /* b NULL without bias */
