@@ -8,6 +8,7 @@
 #include "dtype.h"
 #include "err.h"
 #include "ref.h"
+#include "transpose.h"
 #include "testutil.h"
 
 static const char *golden_root = GOLDEN_DIR;
@@ -321,6 +322,99 @@ static void test_reference_transpose_random(void) {
   ASSERT_TRUE(cases >= 250);
 }
 
+/* Kernel segregation on its own: every phase computed as a forward convolution of the input
+ * (the forward reference on the phase's window and segregated weights), interleaved, equals the
+ * transpose reference; the phases' q ranges partition the output. */
+static void test_transpose_phases(void) {
+  rng r = {0x5eed7778};
+  char err[256];
+  int cases = 0;
+  for (int iter = 0; iter < 300; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.groups = rng_range(&r, 1, 3);
+    p.n = rng_range(&r, 1, 2);
+    p.c_per_group = rng_range(&r, 1, 3);
+    p.c_in = p.groups * p.c_per_group;
+    p.c_out = p.groups * rng_range(&r, 1, 3);
+    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
+    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
+    p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
+    p.h = rng_range(&r, 1, 9), p.w = rng_range(&r, 1, 9);
+    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
+    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
+    p.pad_top = rng_range(&r, 0, 4), p.pad_bottom = rng_range(&r, 0, 4);
+    p.pad_left = rng_range(&r, 0, 4), p.pad_right = rng_range(&r, 0, 4);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) continue;
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes), *seg = malloc(c.weight_bytes);
+    rng_fill(&r, x, c.input_elems), rng_fill(&r, w, c.weight_elems), rng_fill(&r, b, c.bias_elems);
+    ASSERT_OK(convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL), "reference");
+    size_t off[16];
+    convd_transpose_segregate(&c, w, seg, off);
+    poison(y, c.output_elems);
+    size_t covered = 0;
+    for (int64_t ry = 0; ry < p.stride_h; ry++)
+      for (int64_t rx = 0; rx < p.stride_w; rx++) {
+        convd_phase_axis ay, ax;
+        convd_phase_axis_make(p.stride_h, p.dil_h, p.kh, p.pad_top, c.h_out, ry, &ay);
+        convd_phase_axis_make(p.stride_w, p.dil_w, p.kw, p.pad_left, c.w_out, rx, &ax);
+        const int64_t qh = ay.q1 - ay.q0, qw = ax.q1 - ax.q0;
+        covered += (size_t)(qh * qw);
+        if (qh == 0 || qw == 0) continue;
+        int64_t i0, i1, j0, j1, pt, pb, pl, pr;
+        int any = convd_phase_window(&ay, p.h, ay.q0, ay.q1, &i0, &i1, &pt, &pb) &
+                  convd_phase_window(&ax, p.w, ax.q0, ax.q1, &j0, &j1, &pl, &pr);
+        float *py = malloc((size_t)(p.n * p.c_out * qh * qw) * sizeof(float));
+        if (any) {
+          convd_conv_params f;
+          convd_conv_params_default(&f);
+          f.n = p.n, f.c_in = p.c_in, f.h = i1 - i0, f.w = j1 - j0, f.c_out = p.c_out;
+          f.c_per_group = p.c_per_group, f.kh = ay.taps, f.kw = ax.taps, f.groups = p.groups;
+          f.dil_h = ay.dil, f.dil_w = ax.dil;
+          f.pad_top = pt, f.pad_bottom = pb, f.pad_left = pl, f.pad_right = pr;
+          f.has_bias = p.has_bias;
+          convd_conv fc;
+          ASSERT_OK(convd_conv_init(&fc, &f, err, sizeof err), err);
+          ASSERT_EQ_INT(fc.h_out, qh);
+          ASSERT_EQ_INT(fc.w_out, qw);
+          convd_view xv = {x + (size_t)(i0 * p.w + j0), (size_t)(p.c_in * p.h * p.w), (size_t)(p.h * p.w), (size_t)p.w};
+          ASSERT_OK(convd_ref_conv2d_view(&fc, xv, convd_view_dense(seg + off[ry * p.stride_w + rx], p.c_per_group, ay.taps, ax.taps),
+                                          p.has_bias ? b : NULL, convd_view_dense(py, p.c_out, qh, qw), NULL), "phase");
+        } else { /* no tap or no input row reaches it: the bias */
+          for (int64_t n = 0; n < p.n; n++)
+            for (int64_t co = 0; co < p.c_out; co++)
+              for (int64_t t = 0; t < qh * qw; t++) py[(n * p.c_out + co) * qh * qw + t] = p.has_bias ? b[co] : 0;
+        }
+        for (int64_t n = 0; n < p.n; n++)
+          for (int64_t co = 0; co < p.c_out; co++)
+            for (int64_t t = 0; t < qh; t++)
+              for (int64_t u = 0; u < qw; u++) {
+                const int64_t oy = p.stride_h * (ay.q0 + t) + ry - p.pad_top;
+                const int64_t ox = p.stride_w * (ax.q0 + u) + rx - p.pad_left;
+                y[((n * p.c_out + co) * c.h_out + oy) * c.w_out + ox] = py[((n * p.c_out + co) * qh + t) * qw + u];
+              }
+        free(py);
+      }
+    ASSERT_EQ_INT(covered, (size_t)(c.h_out * c.w_out));
+    double *want = malloc(c.output_elems * sizeof(double));
+    for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+    char what[64];
+    snprintf(what, sizeof what, "segregated transpose case %d", iter);
+    int rc = check_close(what, y, want, c.output_elems);
+    free(x), free(w), free(b), free(y), free(ref), free(seg), free(want);
+    if (rc) {
+      FAIL_AT("%s", what);
+      return;
+    }
+    cases++;
+  }
+  ASSERT_TRUE(cases >= 250);
+}
+
 /* The value of v rounded to a binary format with `mant` fraction bits, smallest normal exponent
  * emin and largest finite value max, computed in double by scaling (exact) and rint (to nearest
  * even): an implementation independent of dtype.c's bit manipulation. */
@@ -409,6 +503,7 @@ int main(int argc, char **argv) {
       {"reference_groups_split", test_reference_groups_split},
       {"reference_transpose_golden", test_reference_transpose_golden},
       {"reference_transpose_random", test_reference_transpose_random},
+      {"transpose_phases", test_transpose_phases},
       {"dtype_float16", test_dtype_float16},
       {"dtype_bfloat16", test_dtype_bfloat16},
   };
