@@ -63,6 +63,7 @@ struct convd_job {
   /* input */
   float *w, *b;
   int w_owned;
+  float *wseg;            /* a transpose's segregated weights, made when the weights arrive */
   uint64_t w_key;         /* the weights' content key, 0 = unknown */
   int priority;
   int counted; /* in e->pending_ops and e->njobs */
@@ -345,16 +346,22 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
   convd_engine *e = s->e;
   const convd_plan *pl = &j->plan;
   const convd_conv_params *p = &pl->conv.p;
-  const int64_t oc = op->oc1 - op->oc0, th = op->oh1 - op->oh0, tw = op->ow1 - op->ow0;
+  const int64_t oc = op->oc1 - op->oc0;
+  /* What the op computes: its output tile, or for a transpose its phase rows and columns. */
+  const int64_t th = pl->transposed ? op->qh1 - op->qh0 : op->oh1 - op->oh0;
+  const int64_t tw = pl->transposed ? op->qw1 - op->qw0 : op->ow1 - op->ow0;
   /* Where the op's tile lies in its tile row's output band. */
-  const out_band *ob = &j->out[(size_t)(op->n * pl->tiles_h + op->oh0 / pl->tile_h)];
+  const out_band *ob = &j->out[(size_t)(op->n * pl->tiles_h + op->trow)];
+  int64_t band0, band1;
+  convd_plan_tile_rows(pl, op->trow, &band0, &band1);
   const size_t W_out = (size_t)pl->conv.w_out;
-  convd_view tile = {ob->p + (size_t)op->oc0 * ob->cs + (size_t)(op->oh0 % pl->tile_h) * W_out +
+  convd_view tile = {ob->p + (size_t)op->oc0 * ob->cs + (size_t)(op->oh0 - band0) * W_out +
                          (size_t)op->ow0,
                      (size_t)oc * ob->cs, ob->cs, W_out};
   /* With one input-channel block, or in a chain, the op writes the tile itself; otherwise each
-   * block's partial sum is added in under acc_mu. */
-  const int direct = pl->icblocks == 1 || chain_len > 1;
+   * block's partial sum is added in under acc_mu. A transpose's phase always goes through the
+   * partial: it lands interleaved with the other phases. */
+  const int direct = !pl->transposed && (pl->icblocks == 1 || chain_len > 1);
   convd_view y = tile;
   if (!direct) {
     if (grow(&s->partial, &s->partial_cap, (size_t)(oc * th * tw)))
@@ -368,11 +375,11 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
     const convd_conv_params *lp = &op->local.p;
     /* The input window: in place when one band holds all its rows, else gathered. */
     const size_t W = (size_t)p->w, row0 = (size_t)op->n * (size_t)p->h;
-    const in_band *b0 = j->row_band[row0 + (size_t)op->ih0];
+    const in_band *b0 = j->row_band[row0 + (size_t)op->xh0];
     convd_view x;
-    if (b0 == j->row_band[row0 + (size_t)(op->ih1 - 1)]) {
+    if (b0 == j->row_band[row0 + (size_t)(op->xh1 - 1)]) {
       const size_t bcs = (size_t)(b0->h1 - b0->h0) * W;
-      x = (convd_view){b0->p + (size_t)op->ic0 * bcs + (size_t)(op->ih0 - b0->h0) * W + (size_t)op->iw0,
+      x = (convd_view){b0->p + (size_t)op->ic0 * bcs + (size_t)(op->xh0 - b0->h0) * W + (size_t)op->xw0,
                        (size_t)lp->c_in * bcs, bcs, W};
     } else {
       if (grow(&s->win, &s->win_cap, op->local.input_elems))
@@ -387,8 +394,10 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
     key = mix64(key ^ (uint64_t)op->oc0);
     key = mix64(key ^ (uint64_t)op->oc1 << 1);
     key = mix64(key ^ (uint64_t)op->wc0);
-    key = mix64(key ^ (uint64_t)lp->c_per_group) | 1;
-    convd_op_io io = {.conv = &op->local, .x = x, .w = convd_plan_weight_view(pl, op, j->w),
+    key = mix64(key ^ (uint64_t)lp->c_per_group);
+    key = mix64(key ^ (uint64_t)(op->ry << 20 | op->rx) ^ (uint64_t)pl->transposed << 63) | 1;
+    convd_op_io io = {.conv = &op->local, .x = x,
+                      .w = convd_plan_weight_view(pl, op, pl->transposed ? j->wseg : j->w),
                       .w_key = key, .b = lp->has_bias ? j->b + op->oc0 : NULL, .y = y,
                       .cancel = &j->stop, .chain_pos = chain_pos, .chain_len = chain_len};
     double t0 = now_seconds();
@@ -401,8 +410,9 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
   }
   if (rc || direct) return rc;
   pthread_mutex_lock(&j->acc_mu);
-  convd_plan_accumulate(pl, op, s->partial, tile, j->tile_written[op->tile]);
-  j->tile_written[op->tile] = 1;
+  const int add = pl->icblocks > 1 && j->tile_written[op->tile];
+  convd_plan_accumulate(pl, op, s->partial, tile, add);
+  if (pl->icblocks > 1) j->tile_written[op->tile] = 1;
   pthread_mutex_unlock(&j->acc_mu);
   return 0;
 }
@@ -410,10 +420,11 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
 /* The output band of op's tile row, made when its first op starts. e->mu held. */
 static int make_out_band(convd_job *j, const convd_plan_op *op) {
   const convd_plan *pl = &j->plan;
-  const int64_t th = op->oh0 / pl->tile_h, h0 = th * pl->tile_h;
+  const int64_t th = op->trow;
   out_band *ob = &j->out[(size_t)(op->n * pl->tiles_h + th)];
   if (ob->p) return 0;
-  const int64_t h1 = h0 + pl->tile_h < pl->conv.h_out ? h0 + pl->tile_h : pl->conv.h_out;
+  int64_t h0, h1;
+  convd_plan_tile_rows(pl, th, &h0, &h1);
   const size_t C = (size_t)pl->conv.p.c_out, H = (size_t)pl->conv.h_out, W = (size_t)pl->conv.w_out;
   ob->unreleased = (uint32_t)(h1 - h0);
   if (j->y_target) {
@@ -440,7 +451,7 @@ static int make_out_band(convd_job *j, const convd_plan_op *op) {
 static int claim_chain(const dev_slot *s, convd_job *j, uint64_t opi, const convd_plan_op *op) {
   const uint64_t icb = (uint64_t)j->plan.icblocks;
   if (!s->dev->accumulates || icb < 2 || icb > CHAIN_MAX || opi % icb != 0 || op->empty ||
-      j->ready_len == 0)
+      j->ready_len == 0 || j->plan.transposed)
     return 1;
   range *r = &j->ready[j->ready_head];
   if (r->begin != opi + 1 || r->end < opi + icb) return 1;
@@ -491,9 +502,12 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
     j->ops_done++;
     if (!op->empty && release_window(j, op)) add_event(es, j, 1, 0, 0, 0);
     /* The op's tile row is done when its last op is: its output rows are final. */
-    const int64_t th = op->oh0 / j->plan.tile_h;
-    if (--j->tile_left[(size_t)(op->n * tiles_h(j) + th)] == 0 && !j->cancelled && !j->failed)
-      add_event(es, j, 0, op->n, op->oh0, op->oh1);
+    const int64_t th = op->trow;
+    if (--j->tile_left[(size_t)(op->n * tiles_h(j) + th)] == 0 && !j->cancelled && !j->failed) {
+      int64_t h0, h1;
+      convd_plan_tile_rows(&j->plan, th, &h0, &h1);
+      if (h1 > h0) add_event(es, j, 0, op->n, h0, h1);
+    }
   } else if (rc == CONVD_ECANCELED && (j->cancelled || j->failed)) {
     /* stopped on purpose: nothing to retry, the device is fine */
   } else if (rc == CONVD_ENOMEM || oom) {
@@ -774,8 +788,9 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   j->queued = calloc(groups, 1);
   j->tile_left = calloc(groups, sizeof *j->tile_left);
   if (j->plan.icblocks > 1) j->tile_written = calloc((size_t)(j->plan.ops / (uint64_t)j->plan.icblocks), 1);
+  if (j->plan.transposed) j->wseg = malloc(conv->weight_bytes);
   if (!j->row_band || !j->in_refs || !j->in_seen || !j->out || !j->missing || !j->queued ||
-      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written)) {
+      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written) || (j->plan.transposed && !j->wseg)) {
     convd_job_destroy(j);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   }
@@ -864,6 +879,7 @@ void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership) {
   j->w = w;
   j->b = b;
   j->w_owned = ownership == CONVD_GIVE;
+  if (j->wseg) convd_plan_segregate(&j->plan, w, j->wseg);
   for (int64_t n = 0; n < j->plan.conv.p.n; n++)
     for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
   pthread_cond_broadcast(&e->cv);
@@ -916,13 +932,15 @@ int convd_job_put_band(convd_job *j, int64_t n, int64_t h0, int64_t h1, float *b
 }
 
 static out_band *band_of_row(convd_job *j, int64_t n, int64_t h) {
-  return &j->out[(size_t)(n * j->plan.tiles_h + h / j->plan.tile_h)];
+  return &j->out[(size_t)(n * j->plan.tiles_h + convd_plan_row_tile(&j->plan, h))];
 }
 
 const float *convd_job_output_row(convd_job *j, int64_t n, int64_t h, size_t *cstride) {
   const out_band *ob = band_of_row(j, n, h);
+  int64_t h0, h1;
+  convd_plan_tile_rows(&j->plan, convd_plan_row_tile(&j->plan, h), &h0, &h1);
   *cstride = ob->cs;
-  return ob->p + (size_t)(h % j->plan.tile_h) * (size_t)j->plan.conv.w_out;
+  return ob->p + (size_t)(h - h0) * (size_t)j->plan.conv.w_out;
 }
 
 void convd_job_release_rows(convd_job *j, int64_t n, int64_t h0, int64_t h1) {
@@ -960,7 +978,9 @@ uint64_t convd_job_memory_hint(convd_job *j) {
   int64_t a, b;
   convd_plan_tile_row_window(pl, 0, &a, &b);
   uint64_t in = (uint64_t)(b - a) * (uint64_t)p->c_in * (uint64_t)p->w * 4;
-  uint64_t outb = (uint64_t)pl->tile_h * (uint64_t)p->c_out * (uint64_t)pl->conv.w_out * 4;
+  int64_t o0, o1;
+  convd_plan_tile_rows(pl, pl->tiles_h > 1 ? 1 : 0, &o0, &o1); /* a whole tile row's rows */
+  uint64_t outb = (uint64_t)(o1 - o0) * (uint64_t)p->c_out * (uint64_t)pl->conv.w_out * 4;
   return 2 * (in + outb);
 }
 
@@ -1012,6 +1032,7 @@ void convd_job_destroy(convd_job *j) {
   free(j->row_band), free(j->in_refs), free(j->in_seen), free(j->out), free(j->tile_written);
   free(j->missing), free(j->queued), free(j->tile_left), free(j->ready), free(j->retry);
   if (j->w_owned) free(j->w), free(j->b);
+  free(j->wseg);
   pthread_mutex_destroy(&j->acc_mu);
   free(j);
 }

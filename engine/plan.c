@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "err.h"
+#include "transpose.h"
 
 /* Spatial tiles and channel blocks are first cut down to this size, then the other way. */
 #define PREFERRED_TILE 128
@@ -38,10 +39,47 @@ static uint64_t op_bytes(const convd_conv *c, int64_t th, int64_t tw, int64_t gb
   return bytes > (long double)UINT64_MAX ? UINT64_MAX : (uint64_t)bytes;
 }
 
-int convd_plan_make(convd_plan *pl, const convd_conv *c, const convd_plan_opts *o, char *err,
+static int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+/* A transpose as the forward convolution its largest phase op is: stride 1, the longest
+ * sub-kernel, its dilation, and the phase rows and columns as the output. Ops are sized on it. */
+static void phase_space_conv(const convd_conv *c, convd_conv *v, int64_t *qa_h, int64_t *qa_w) {
+  const convd_conv_params *p = &c->p;
+  *v = *c;
+  int64_t qb_h, qb_w;
+  convd_phase_q_range(p->stride_h, p->pad_top, c->h_out, qa_h, &qb_h);
+  convd_phase_q_range(p->stride_w, p->pad_left, c->w_out, qa_w, &qb_w);
+  const int64_t gh = gcd64(p->stride_h, p->dil_h), gw = gcd64(p->stride_w, p->dil_w);
+  v->p.transposed = 0;
+  v->p.stride_h = v->p.stride_w = 1;
+  v->p.kh = ceil_div(p->kh, p->stride_h / gh);
+  v->p.kw = ceil_div(p->kw, p->stride_w / gw);
+  v->p.dil_h = p->dil_h / gh;
+  v->p.dil_w = p->dil_w / gw;
+  v->h_out = qb_h - *qa_h;
+  v->w_out = qb_w - *qa_w;
+}
+
+int convd_plan_make(convd_plan *pl, const convd_conv *real, const convd_plan_opts *o, char *err,
                     size_t errlen) {
   memset(pl, 0, sizeof *pl);
-  pl->conv = *c;
+  pl->conv = *real;
+  pl->phases = 1;
+  convd_conv virt;
+  const convd_conv *c = real;
+  if (real->p.transposed) { /* tiles in phase space, one op per phase */
+    phase_space_conv(real, &virt, &pl->qa_h, &pl->qa_w);
+    c = &virt;
+    pl->transposed = 1;
+    pl->phases = real->p.stride_h * real->p.stride_w;
+  }
   const convd_conv_params *p = &c->p;
   const int64_t cpg = p->c_per_group, opg = p->c_out / p->groups;
   const uint64_t budget = o->device_memory;
@@ -93,7 +131,7 @@ int convd_plan_make(convd_plan *pl, const convd_conv *c, const convd_plan_opts *
   for (;;) {
     uint64_t ops = (uint64_t)p->n * (uint64_t)ceil_div(c->h_out, th) *
                    (uint64_t)ceil_div(c->w_out, tw) * (uint64_t)ceil_div(p->groups, gblk) *
-                   (uint64_t)ceil_div(opg, ocb) * (uint64_t)ceil_div(cpg, icb);
+                   (uint64_t)ceil_div(opg, ocb) * (uint64_t)ceil_div(cpg, icb) * (uint64_t)pl->phases;
     uint64_t macs = (uint64_t)th * (uint64_t)tw * (uint64_t)(gblk * ocb) * (uint64_t)icb *
                     (uint64_t)(p->kh * p->kw);
     if (devices == 1 || ops >= (uint64_t)devices * 4 || macs / 2 < MIN_BALANCE_MACS || th == 1) break;
@@ -107,10 +145,13 @@ int convd_plan_make(convd_plan *pl, const convd_conv *c, const convd_plan_opts *
   pl->icblocks = ceil_div(cpg, icb);
   pl->ocblocks = ceil_div(opg, ocb);
   pl->ops = (uint64_t)p->n * (uint64_t)pl->tiles_h * (uint64_t)pl->tiles_w * (uint64_t)pl->gblocks *
-            (uint64_t)pl->ocblocks * (uint64_t)pl->icblocks;
+            (uint64_t)pl->ocblocks * (uint64_t)pl->icblocks * (uint64_t)pl->phases;
   pl->op_bytes = op_bytes(c, th, tw, gblk, icb, ocb);
   return 0;
 }
+
+static void transpose_op(const convd_plan *pl, int64_t th, int64_t tw, int64_t phase,
+                         convd_plan_op *op);
 
 void convd_plan_op_get(const convd_plan *pl, uint64_t i, convd_plan_op *op) {
   const convd_conv *c = &pl->conv;
@@ -124,22 +165,29 @@ void convd_plan_op_get(const convd_plan *pl, uint64_t i, convd_plan_op *op) {
   t /= (uint64_t)pl->ocblocks;
   int64_t gb = (int64_t)(t % (uint64_t)pl->gblocks);
   t /= (uint64_t)pl->gblocks;
+  int64_t phase = (int64_t)(t % (uint64_t)pl->phases);
+  t /= (uint64_t)pl->phases;
   int64_t tw = (int64_t)(t % (uint64_t)pl->tiles_w);
   t /= (uint64_t)pl->tiles_w;
   int64_t th = (int64_t)(t % (uint64_t)pl->tiles_h);
   op->n = (int64_t)(t / (uint64_t)pl->tiles_h);
 
-  op->oh0 = th * pl->tile_h;
-  op->oh1 = op->oh0 + pl->tile_h < c->h_out ? op->oh0 + pl->tile_h : c->h_out;
-  op->ow0 = tw * pl->tile_w;
-  op->ow1 = op->ow0 + pl->tile_w < c->w_out ? op->ow0 + pl->tile_w : c->w_out;
-  int64_t a0, a1, b0, b1;
-  axis_window(op->oh0, op->oh1, p->stride_h, p->pad_top, p->kh, p->dil_h, &a0, &a1);
-  axis_window(op->ow0, op->ow1, p->stride_w, p->pad_left, p->kw, p->dil_w, &b0, &b1);
-  op->ih0 = a0 < 0 ? 0 : a0;
-  op->ih1 = a1 > p->h ? p->h : a1;
-  op->iw0 = b0 < 0 ? 0 : b0;
-  op->iw1 = b1 > p->w ? p->w : b1;
+  op->trow = th;
+  int64_t a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+  if (pl->transposed) {
+    transpose_op(pl, th, tw, phase, op);
+  } else {
+    op->oh0 = th * pl->tile_h;
+    op->oh1 = op->oh0 + pl->tile_h < c->h_out ? op->oh0 + pl->tile_h : c->h_out;
+    op->ow0 = tw * pl->tile_w;
+    op->ow1 = op->ow0 + pl->tile_w < c->w_out ? op->ow0 + pl->tile_w : c->w_out;
+    axis_window(op->oh0, op->oh1, p->stride_h, p->pad_top, p->kh, p->dil_h, &a0, &a1);
+    axis_window(op->ow0, op->ow1, p->stride_w, p->pad_left, p->kw, p->dil_w, &b0, &b1);
+    op->ih0 = op->xh0 = a0 < 0 ? 0 : a0;
+    op->ih1 = op->xh1 = a1 > p->h ? p->h : a1;
+    op->iw0 = op->xw0 = b0 < 0 ? 0 : b0;
+    op->iw1 = op->xw1 = b1 > p->w ? p->w : b1;
+  }
 
   const int64_t cpg = p->c_per_group, opg = p->c_out / p->groups;
   int64_t g0 = gb * pl->gblk, g1 = g0 + pl->gblk < p->groups ? g0 + pl->gblk : p->groups;
@@ -154,30 +202,129 @@ void convd_plan_op_get(const convd_plan *pl, uint64_t i, convd_plan_op *op) {
   op->oc1 = whole ? g1 * opg : g0 * opg + o1;
   op->icblock = (int)ib;
   op->icblocks = (int)pl->icblocks;
-  op->empty = op->ih1 <= op->ih0 || op->iw1 <= op->iw0;
-  if (op->empty) return;
-
   convd_conv_params lp;
   convd_conv_params_default(&lp);
+  if (pl->transposed) {
+    /* the phase as a forward convolution of its window: stride 1, the reversed sub-kernel */
+    convd_phase_axis ay, ax;
+    convd_phase_axis_make(p->stride_h, p->dil_h, p->kh, p->pad_top, c->h_out, op->ry, &ay);
+    convd_phase_axis_make(p->stride_w, p->dil_w, p->kw, p->pad_left, c->w_out, op->rx, &ax);
+    int64_t pt, pb, pl_, pr;
+    int win = convd_phase_window(&ay, p->h, op->qh0, op->qh1, &op->xh0, &op->xh1, &pt, &pb) &
+              convd_phase_window(&ax, p->w, op->qw0, op->qw1, &op->xw0, &op->xw1, &pl_, &pr);
+    op->empty = !win;
+    lp.kh = ay.taps, lp.kw = ax.taps;
+    lp.dil_h = ay.dil, lp.dil_w = ax.dil;
+    lp.pad_top = pt, lp.pad_bottom = pb, lp.pad_left = pl_, lp.pad_right = pr;
+  } else {
+    op->empty = op->ih1 <= op->ih0 || op->iw1 <= op->iw0;
+    lp.kh = p->kh, lp.kw = p->kw;
+    lp.stride_h = p->stride_h, lp.stride_w = p->stride_w;
+    lp.dil_h = p->dil_h, lp.dil_w = p->dil_w;
+    lp.pad_top = op->ih0 - a0, lp.pad_bottom = a1 - op->ih1;
+    lp.pad_left = op->iw0 - b0, lp.pad_right = b1 - op->iw1;
+  }
+  if (op->empty) return;
   lp.n = 1;
   lp.c_in = op->ic1 - op->ic0;
-  lp.h = op->ih1 - op->ih0;
-  lp.w = op->iw1 - op->iw0;
+  lp.h = op->xh1 - op->xh0;
+  lp.w = op->xw1 - op->xw0;
   lp.c_out = op->oc1 - op->oc0;
   lp.groups = whole ? g1 - g0 : 1;
   lp.c_per_group = op->wc1 - op->wc0;
-  lp.kh = p->kh, lp.kw = p->kw;
-  lp.stride_h = p->stride_h, lp.stride_w = p->stride_w;
-  lp.dil_h = p->dil_h, lp.dil_w = p->dil_w;
-  lp.pad_top = op->ih0 - a0, lp.pad_bottom = a1 - op->ih1;
-  lp.pad_left = op->iw0 - b0, lp.pad_right = b1 - op->iw1;
   lp.has_bias = p->has_bias && op->icblock == 0;
+  lp.dtype = p->dtype;
+  lp.allow_tf32 = p->allow_tf32;
   /* A window that is all padding along one axis but the kernel still "fits" cannot happen:
    * the window is clipped to real rows and the op's padding restores the exact output size. */
   convd_conv_init(&op->local, &lp, NULL, 0);
 }
 
+/* A transpose's tile (th, tw) of phase rows/columns, for one phase: which q it has, which output
+ * rows and columns the tile covers, and the input the tile row reads over all phases. */
+static void phase_tile(const convd_plan *pl, int64_t t, int horizontal, int64_t r, int64_t *q0,
+                       int64_t *q1) {
+  const convd_conv *c = &pl->conv;
+  const convd_conv_params *p = &c->p;
+  convd_phase_axis a;
+  const int64_t tile = horizontal ? pl->tile_w : pl->tile_h, qa = horizontal ? pl->qa_w : pl->qa_h;
+  convd_phase_axis_make(horizontal ? p->stride_w : p->stride_h, horizontal ? p->dil_w : p->dil_h,
+                        horizontal ? p->kw : p->kh, horizontal ? p->pad_left : p->pad_top,
+                        horizontal ? c->w_out : c->h_out, r, &a);
+  *q0 = qa + t * tile > a.q0 ? qa + t * tile : a.q0;
+  *q1 = qa + (t + 1) * tile < a.q1 ? qa + (t + 1) * tile : a.q1;
+  if (*q1 < *q0) *q1 = *q0;
+}
+
+/* Output rows (or columns) of transpose tile t: [base + t*s*tile, ...) clipped. */
+static void phase_tile_out(const convd_plan *pl, int64_t t, int horizontal, int64_t *o0, int64_t *o1) {
+  const convd_conv *c = &pl->conv;
+  const convd_conv_params *p = &c->p;
+  const int64_t s = horizontal ? p->stride_w : p->stride_h, tile = horizontal ? pl->tile_w : pl->tile_h;
+  const int64_t base = s * (horizontal ? pl->qa_w : pl->qa_h) - (horizontal ? p->pad_left : p->pad_top);
+  const int64_t out = horizontal ? c->w_out : c->h_out;
+  *o0 = base + t * s * tile < 0 ? 0 : base + t * s * tile;
+  *o1 = base + (t + 1) * s * tile < out ? base + (t + 1) * s * tile : out;
+}
+
+/* The input a transpose tile reads, over all its phases (rows or columns). */
+static void phase_tile_window(const convd_plan *pl, int64_t t, int horizontal, int64_t *i0, int64_t *i1) {
+  const convd_conv *c = &pl->conv;
+  const convd_conv_params *p = &c->p;
+  const int64_t s = horizontal ? p->stride_w : p->stride_h;
+  int any = 0;
+  *i0 = *i1 = 0;
+  for (int64_t r = 0; r < s; r++) {
+    convd_phase_axis a;
+    convd_phase_axis_make(s, horizontal ? p->dil_w : p->dil_h, horizontal ? p->kw : p->kh,
+                          horizontal ? p->pad_left : p->pad_top, horizontal ? c->w_out : c->h_out, r, &a);
+    int64_t q0, q1, w0, w1, pa, pb;
+    phase_tile(pl, t, horizontal, r, &q0, &q1);
+    if (!convd_phase_window(&a, horizontal ? p->w : p->h, q0, q1, &w0, &w1, &pa, &pb)) continue;
+    if (!any || w0 < *i0) *i0 = w0;
+    if (!any || w1 > *i1) *i1 = w1;
+    any = 1;
+  }
+}
+
+static void transpose_op(const convd_plan *pl, int64_t th, int64_t tw, int64_t phase,
+                         convd_plan_op *op) {
+  const convd_conv_params *p = &pl->conv.p;
+  op->ry = phase / p->stride_w;
+  op->rx = phase % p->stride_w;
+  phase_tile(pl, th, 0, op->ry, &op->qh0, &op->qh1);
+  phase_tile(pl, tw, 1, op->rx, &op->qw0, &op->qw1);
+  phase_tile_out(pl, th, 0, &op->oh0, &op->oh1);
+  phase_tile_out(pl, tw, 1, &op->ow0, &op->ow1);
+  phase_tile_window(pl, th, 0, &op->ih0, &op->ih1);
+  phase_tile_window(pl, tw, 1, &op->iw0, &op->iw1);
+}
+
+void convd_plan_tile_rows(const convd_plan *pl, int64_t th, int64_t *oh0, int64_t *oh1) {
+  if (pl->transposed) {
+    phase_tile_out(pl, th, 0, oh0, oh1);
+    return;
+  }
+  *oh0 = th * pl->tile_h;
+  *oh1 = *oh0 + pl->tile_h < pl->conv.h_out ? *oh0 + pl->tile_h : pl->conv.h_out;
+}
+
+int64_t convd_plan_row_tile(const convd_plan *pl, int64_t oh) {
+  if (!pl->transposed) return oh / pl->tile_h;
+  const convd_conv_params *p = &pl->conv.p;
+  const int64_t base = p->stride_h * pl->qa_h - p->pad_top;
+  return (oh - base) / (p->stride_h * pl->tile_h);
+}
+
+void convd_plan_segregate(const convd_plan *pl, const float *w, float *wseg) {
+  convd_transpose_segregate(&pl->conv, w, wseg, NULL);
+}
+
 void convd_plan_tile_row_window(const convd_plan *pl, int64_t th, int64_t *ih0, int64_t *ih1) {
+  if (pl->transposed) {
+    phase_tile_window(pl, th, 0, ih0, ih1);
+    return;
+  }
   const convd_conv_params *p = &pl->conv.p;
   int64_t o0 = th * pl->tile_h, o1 = o0 + pl->tile_h < pl->conv.h_out ? o0 + pl->tile_h : pl->conv.h_out;
   int64_t a0, a1;
@@ -211,19 +358,50 @@ void convd_plan_describe(const convd_plan *pl, char *buf, size_t len) {
 
 void convd_plan_gather_window(const convd_plan *pl, const convd_plan_op *op, convd_row_fn row,
                               void *ctx, float *dst) {
-  const int64_t w = op->iw1 - op->iw0;
+  const int64_t w = op->xw1 - op->xw0;
   for (int64_t c = op->ic0; c < op->ic1; c++)
-    for (int64_t h = op->ih0; h < op->ih1; h++) {
+    for (int64_t h = op->xh0; h < op->xh1; h++) {
       size_t cstride;
       const float *r = row(ctx, op->n, h, &cstride);
-      memcpy(dst, r + (size_t)c * cstride + (size_t)op->iw0, (size_t)w * sizeof(float));
+      memcpy(dst, r + (size_t)c * cstride + (size_t)op->xw0, (size_t)w * sizeof(float));
       dst += w;
     }
   (void)pl;
 }
 
+/* Where phase (ry, rx)'s block starts in the segregated weights: the blocks before it hold, per
+ * (output channel, input channel of its group), the taps of the phases before it; the phases
+ * partition each axis's taps, so the rows' taps before ry times all kW columns, plus ry's taps
+ * times the columns' taps before rx. */
+static size_t phase_offset(const convd_plan *pl, int64_t ry, int64_t rx, int64_t *ty, int64_t *tx) {
+  const convd_conv *c = &pl->conv;
+  const convd_conv_params *p = &c->p;
+  int64_t before_y = 0, before_x = 0;
+  convd_phase_axis a;
+  for (int64_t r = 0; r < ry; r++) {
+    convd_phase_axis_make(p->stride_h, p->dil_h, p->kh, p->pad_top, c->h_out, r, &a);
+    before_y += a.taps;
+  }
+  for (int64_t r = 0; r < rx; r++) {
+    convd_phase_axis_make(p->stride_w, p->dil_w, p->kw, p->pad_left, c->w_out, r, &a);
+    before_x += a.taps;
+  }
+  convd_phase_axis_make(p->stride_h, p->dil_h, p->kh, p->pad_top, c->h_out, ry, &a);
+  *ty = a.taps;
+  convd_phase_axis_make(p->stride_w, p->dil_w, p->kw, p->pad_left, c->w_out, rx, &a);
+  *tx = a.taps;
+  return (size_t)p->c_out * (size_t)p->c_per_group * (size_t)(before_y * p->kw + *ty * before_x);
+}
+
 convd_view convd_plan_weight_view(const convd_plan *pl, const convd_plan_op *op, const float *w) {
   const convd_conv_params *p = &pl->conv.p;
+  if (pl->transposed) {
+    int64_t ty, tx;
+    const size_t base = phase_offset(pl, op->ry, op->rx, &ty, &tx), k = (size_t)(ty * tx);
+    convd_view v = {(float *)w + base + ((size_t)op->oc0 * (size_t)p->c_per_group + (size_t)op->wc0) * k,
+                    (size_t)p->c_per_group * k, k, (size_t)tx};
+    return v;
+  }
   const size_t k = (size_t)(p->kh * p->kw);
   convd_view v = {(float *)w + ((size_t)op->oc0 * (size_t)p->c_per_group + (size_t)op->wc0) * k,
                   (size_t)p->c_per_group * k, k, (size_t)p->kw};
@@ -232,8 +410,23 @@ convd_view convd_plan_weight_view(const convd_plan *pl, const convd_plan_op *op,
 
 void convd_plan_accumulate(const convd_plan *pl, const convd_plan_op *op, const float *partial,
                            convd_view out, int add) {
+  if (pl->transposed) { /* interleave: phase row q lands on output row s*q + ry - pad */
+    const convd_conv_params *p = &pl->conv.p;
+    const int64_t qh = op->qh1 - op->qh0, qw = op->qw1 - op->qw0, sw = p->stride_w;
+    const int64_t y0 = p->stride_h * op->qh0 + op->ry - p->pad_top - op->oh0;
+    const int64_t x0 = sw * op->qw0 + op->rx - p->pad_left - op->ow0;
+    for (int64_t c = 0; c < op->oc1 - op->oc0; c++)
+      for (int64_t t = 0; t < qh; t++) {
+        float *r = out.p + (size_t)c * out.cs + (size_t)(y0 + t * p->stride_h) * out.hs + (size_t)x0;
+        const float *src = partial + ((size_t)c * (size_t)qh + (size_t)t) * (size_t)qw;
+        if (add)
+          for (int64_t u = 0; u < qw; u++) r[u * sw] += src[u];
+        else
+          for (int64_t u = 0; u < qw; u++) r[u * sw] = src[u];
+      }
+    return;
+  }
   const int64_t w = op->ow1 - op->ow0, h = op->oh1 - op->oh0;
-  (void)pl;
   for (int64_t c = 0; c < op->oc1 - op->oc0; c++)
     for (int64_t y = 0; y < h; y++) {
       float *r = out.p + (size_t)c * out.cs + (size_t)y * out.hs;
@@ -247,7 +440,9 @@ void convd_plan_accumulate(const convd_plan *pl, const convd_plan_op *op, const 
 
 void convd_plan_fill_empty(const convd_plan *pl, const convd_plan_op *op, const float *bias,
                            convd_view out) {
-  const int64_t w = op->ow1 - op->ow0, h = op->oh1 - op->oh0;
+  /* a transpose's op writes its phase rows and columns (dense, then interleaved) */
+  const int64_t w = pl->transposed ? op->qw1 - op->qw0 : op->ow1 - op->ow0;
+  const int64_t h = pl->transposed ? op->qh1 - op->qh0 : op->oh1 - op->oh0;
   for (int64_t c = op->oc0; c < op->oc1; c++) {
     float v = pl->conv.p.has_bias && op->icblock == 0 && bias ? bias[c] : 0.0f;
     for (int64_t y = 0; y < h; y++) {

@@ -26,15 +26,23 @@ typedef struct convd_plan_opts {
                              and output tile, twice (double buffering) */
 } convd_plan_opts;
 
+/* A transpose convolution (conv.p.transposed) is planned in phase space (transpose.h): tiles
+ * are ranges of phase rows and columns q, each op computes one phase (ry, rx) of one tile as a
+ * forward convolution of the input, and its output interleaves into the output rows
+ * s*q + ry - pad. Tile row T covers the output rows of q in [qa + T*tile_h, ...) for every phase:
+ * s_h * tile_h consecutive rows. */
 typedef struct convd_plan {
   convd_conv conv;
-  int64_t tile_h, tile_w;     /* output tile */
+  int64_t tile_h, tile_w;     /* output tile (transpose: in phase rows and columns q) */
   int64_t tiles_h, tiles_w;
   int64_t gblk, gblocks;      /* groups per op, group blocks */
   int64_t icb, icblocks;      /* input channels per op within a group block's group */
   int64_t ocb, ocblocks;      /* output channels per op within a group */
   uint64_t ops;
   uint64_t op_bytes;          /* the largest op's footprint, double-buffered */
+  int transposed;
+  int64_t phases;             /* transpose: stride_h * stride_w phases per tile, else 1 */
+  int64_t qa_h, qa_w;         /* transpose: the first phase row and column */
 } convd_plan;
 
 /* Everything one op needs to know. Channel ranges are absolute. */
@@ -49,6 +57,11 @@ typedef struct convd_plan_op {
   int icblock, icblocks;      /* position among the input-channel blocks of its tile */
   int empty;                  /* the window lies wholly in the padding: the result is the bias */
   convd_conv local;           /* the op as a convolution of its window (valid unless empty) */
+  int64_t trow;               /* its tile row */
+  int64_t xh0, xh1, xw0, xw1; /* the input window the op reads (the same as ih/iw except for a
+                                 transpose, whose ih/iw are its tile row's window) */
+  /* transpose: the phase, and its phase rows and columns in this tile (maybe none) */
+  int64_t ry, rx, qh0, qh1, qw0, qw1;
 } convd_plan_op;
 
 /* Makes a plan; fails (CONVD_ELIMIT) only when even the smallest op (one output element, one
@@ -61,6 +74,12 @@ void convd_plan_op_get(const convd_plan *plan, uint64_t i, convd_plan_op *op);
 
 /* Input rows [ih0, ih1) read by the ops of tile row th (all columns and channels). */
 void convd_plan_tile_row_window(const convd_plan *plan, int64_t th, int64_t *ih0, int64_t *ih1);
+/* Output rows [oh0, oh1) of tile row th, and the tile row of output row oh. */
+void convd_plan_tile_rows(const convd_plan *plan, int64_t th, int64_t *oh0, int64_t *oh1);
+int64_t convd_plan_row_tile(const convd_plan *plan, int64_t oh);
+/* A transpose's weights, segregated once per job (transpose.h) into wseg (weight_elems floats):
+ * the plan's weight views point into them. */
+void convd_plan_segregate(const convd_plan *plan, const float *w, float *wseg);
 
 /* Row access, so that ops can be cut from a whole NCHW tensor or from rows held one by one:
  * returns the start of row h of batch item n, with channel c at offset c * *cstride. */
@@ -71,11 +90,14 @@ typedef const float *(*convd_row_fn)(void *ctx, int64_t n, int64_t h, size_t *cs
 void convd_plan_gather_window(const convd_plan *plan, const convd_plan_op *op, convd_row_fn row,
                               void *ctx, float *dst);
 
-/* op's weight block (oc, wc, kH, kW) as a view into the whole weight tensor w. */
+/* op's weight block (oc, wc, kH, kW) as a view into the whole weight tensor w (a transpose: into
+ * the segregated weights). */
 convd_view convd_plan_weight_view(const convd_plan *plan, const convd_plan_op *op, const float *w);
 
 /* Writes op's output partial (dense oc x th x tw) into out, the view of the op's output tile
- * (its origin at channel oc0, row oh0, column ow0): copied when add is 0, else added. */
+ * (its origin at channel oc0, row oh0, column ow0): copied when add is 0, else added. For a
+ * transpose the partial holds the op's phase rows and columns, and they land interleaved at
+ * their output positions (out's origin still at oc0, oh0, ow0). */
 void convd_plan_accumulate(const convd_plan *plan, const convd_plan_op *op, const float *partial,
                            convd_view out, int add);
 

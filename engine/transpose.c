@@ -67,7 +67,7 @@ void convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, 
       convd_phase_axis ay, ax;
       convd_phase_axis_make(p->stride_h, p->dil_h, p->kh, p->pad_top, c->h_out, ry, &ay);
       convd_phase_axis_make(p->stride_w, p->dil_w, p->kw, p->pad_left, c->w_out, rx, &ax);
-      off[ry * p->stride_w + rx] = at;
+      if (off) off[ry * p->stride_w + rx] = at;
       /* forward block [co][ci_l][u][v] = w[ci][co_l][k0 + (taps-1-u)*kstep][...] (reversed) */
       for (int64_t co = 0; co < p->c_out; co++) {
         const int64_t g = co / opg, col = co % opg;

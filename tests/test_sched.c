@@ -384,6 +384,110 @@ static void test_device_failure_mid_job(void) {
   convd_engine_destroy(e);
 }
 
+/* Transpose convolution through the planner and scheduler: random transposes (strides 1-4,
+ * kernels 1-7, dilation, asymmetric padding, output padding, groups, odd and even sizes) with
+ * random budgets that force multi-tile, multi-phase, multi-block plans, on CPU and reference
+ * devices, against the transpose reference; and every conv_transpose2d golden case forced
+ * through small budgets. */
+static void test_transpose_random_plans(void) {
+  rng r = {0x5eed0407};
+  char err[512];
+  int cases = 0, multi = 0, blocks = 0;
+  for (int iter = 0; iter < 150 && !test_failed; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.groups = rng_range(&r, 1, 3);
+    p.n = rng_range(&r, 1, 2);
+    p.c_per_group = rng_range(&r, 1, iter % 2 ? 40 : 8);
+    p.c_in = p.groups * p.c_per_group;
+    p.c_out = p.groups * rng_range(&r, 1, 8);
+    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
+    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
+    p.dil_h = rng_range(&r, 1, 2), p.dil_w = rng_range(&r, 1, 2);
+    p.h = rng_range(&r, 1, 32), p.w = rng_range(&r, 1, 32);
+    if (iter % 3 == 0) { /* many channels on a small image: budgets cut channel blocks */
+      p.groups = 1;
+      p.c_in = p.c_per_group = rng_range(&r, 32, 96);
+      p.c_out = rng_range(&r, 8, 32);
+      p.h = rng_range(&r, 1, 6), p.w = rng_range(&r, 1, 6);
+    }
+    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
+    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
+    p.pad_top = rng_range(&r, 0, 3), p.pad_bottom = rng_range(&r, 0, 3);
+    p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) continue;
+    const uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
+    convd_engine_opts o = {.cpu_devices = (int)rng_range(&r, 1, 2), .cpu_threads = 2,
+                           .reference = (int)rng_range(&r, 0, 1),
+                           .device_memory = (uint64_t)rng_range(&r, 2048, (int64_t)total / 3 + 8192)};
+    convd_engine *e;
+    ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+    convd_plan pl;
+    if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+      convd_engine_destroy(e);
+      continue;
+    }
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, x, c.input_elems), rng_fill(&r, w, c.weight_elems), rng_fill(&r, b, c.bias_elems);
+    convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+    for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+    poison(y, c.output_elems);
+    convd_job_stats st;
+    char what[200];
+    snprintf(what, sizeof what, "transpose case %d (s%" PRId64 ",%" PRId64 " k%" PRId64 "x%" PRId64
+             " d%" PRId64 ",%" PRId64 " g%" PRId64 ", %" PRIu64 " ops, budget %" PRIu64 ")",
+             iter, p.stride_h, p.stride_w, p.kh, p.kw, p.dil_h, p.dil_w, p.groups, pl.ops, o.device_memory);
+    int rc = convd_engine_run(e, &c, x, w, p.has_bias ? b : NULL, y, &st, err, sizeof err);
+    if (rc) FAIL_AT("%s: %s", what, err);
+    else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+    else if (st.ops_run != pl.ops) FAIL_AT("%s: %" PRIu64 " ops run", what, st.ops_run);
+    cases++;
+    multi += pl.tiles_h * pl.tiles_w > 1;
+    blocks += pl.icblocks > 1;
+    free(x), free(w), free(b), free(y), free(ref), free(want);
+    convd_engine_destroy(e);
+  }
+  printf("  %d transposes, %d with several tiles, %d with input-channel blocks\n", cases, multi, blocks);
+  ASSERT_TRUE(cases >= 120 && multi >= 40 && blocks >= 10);
+
+  /* golden transposes, forced through small budgets */
+  char names[64][128];
+  int n = golden_list(golden_root, names, 64), gcases = 0;
+  for (int i = 0; i < n && !test_failed; i++) {
+    golden g;
+    ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
+    if (strcmp(g.op, "conv_transpose2d") != 0) {
+      golden_free(&g);
+      continue;
+    }
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
+    for (uint64_t budget = 4096; budget <= 65536; budget *= 4) {
+      convd_engine_opts o = {.cpu_devices = 2, .cpu_threads = 2, .device_memory = budget};
+      convd_engine *e;
+      ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
+      float *y = malloc(c.output_bytes);
+      poison(y, c.output_elems);
+      convd_job_stats st;
+      char what[200];
+      snprintf(what, sizeof what, "%.120s with budget %" PRIu64, names[i], budget);
+      int rc = convd_engine_run(e, &c, g.x, g.w, g.b, y, &st, err, sizeof err);
+      if (rc) FAIL_AT("%s: %s", what, err);
+      else if (check_close(what, y, g.expected, c.output_elems)) FAIL_AT("%s differs", what);
+      free(y);
+      convd_engine_destroy(e);
+      gcases++;
+    }
+    golden_free(&g);
+  }
+  ASSERT_TRUE(gcases >= 12);
+}
+
 /* Priorities: a high-priority job created after a long low-priority one has its ops run first
  * and ends while the low one still has most of its ops left; the admission limit on pending
  * ops refuses a job that would go over it and takes it once the others are done. */
@@ -652,6 +756,7 @@ int main(int argc, char **argv) {
       {"cancel_drops_queued_ops", test_cancel_drops_queued_ops},
       {"chains_accumulate_on_device", test_chains_accumulate_on_device},
       {"priority_and_admission", test_priority_and_admission},
+      {"transpose_random_plans", test_transpose_random_plans},
       {"gpu_random_plans", test_gpu_random_plans},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
