@@ -110,7 +110,7 @@ static void cq_destroy(grpc_completion_queue *cq) {
 typedef struct spec_storage {
   Convd__V1__ConvSpec spec;
   Convd__V1__Shape4 in, wt;
-  Convd__V1__Pair stride, dil;
+  Convd__V1__Pair stride, dil, outpad;
   Convd__V1__Padding pad;
 } spec_storage;
 
@@ -122,12 +122,20 @@ static void make_spec(spec_storage *s, const convd_conv_params *p) {
   convd__v1__pair__init(&s->dil);
   convd__v1__padding__init(&s->pad);
   s->in.d0 = p->n, s->in.d1 = p->c_in, s->in.d2 = p->h, s->in.d3 = p->w;
-  s->wt.d0 = p->c_out, s->wt.d1 = p->c_per_group, s->wt.d2 = p->kh, s->wt.d3 = p->kw;
+  if (p->transposed) /* PyTorch's conv_transpose2d layout: (C_in, C_out/groups, kH, kW) */
+    s->wt.d0 = p->c_in, s->wt.d1 = p->c_out / p->groups, s->wt.d2 = p->kh, s->wt.d3 = p->kw;
+  else
+    s->wt.d0 = p->c_out, s->wt.d1 = p->c_per_group, s->wt.d2 = p->kh, s->wt.d3 = p->kw;
   s->stride.h = p->stride_h, s->stride.w = p->stride_w;
   s->dil.h = p->dil_h, s->dil.w = p->dil_w;
   s->pad.top = p->pad_top, s->pad.bottom = p->pad_bottom;
   s->pad.left = p->pad_left, s->pad.right = p->pad_right;
-  s->spec.op = CONVD__V1__OP__OP_CONV2D;
+  s->spec.op = p->transposed ? CONVD__V1__OP__OP_CONV_TRANSPOSE2D : CONVD__V1__OP__OP_CONV2D;
+  if (p->transposed) {
+    convd__v1__pair__init(&s->outpad);
+    s->outpad.h = p->out_pad_h, s->outpad.w = p->out_pad_w;
+    s->spec.output_padding = &s->outpad;
+  }
   s->spec.dtype = p->dtype == CONVD_F16    ? CONVD__V1__DTYPE__DTYPE_FLOAT16
                   : p->dtype == CONVD_BF16 ? CONVD__V1__DTYPE__DTYPE_BFLOAT16
                                            : CONVD__V1__DTYPE__DTYPE_FLOAT32;

@@ -38,7 +38,8 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
                         char *err, size_t errlen);
 void convd_client_destroy(convd_client *c);
 
-/* y = conv2d(x, w) + b through the streaming Conv2d call. y must hold the output (see
+/* y = conv2d(x, w) + b through the streaming Conv2d call (p->transposed: conv_transpose2d, w in
+ * its (C_in, C_out/groups, kH, kW) layout). y must hold the output (see
  * convd_conv_init for its shape); b may be NULL when p->has_bias is 0. On failure returns a
  * negative code (CONVD_EINVAL for INVALID_ARGUMENT, ...) and err holds "STATUS: server message".
  * stats may be NULL. */

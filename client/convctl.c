@@ -22,6 +22,8 @@ static void usage(FILE *f) {
           "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
           "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
           "               [--dtype float32|float16|bfloat16] [--tf32]\n"
+          "  convctl conv-transpose (the options of conv) [--output-padding OH,OW]\n"
+          "               weights (C_in, C_out/groups, kH, kW), as PyTorch's conv_transpose2d\n"
           "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
           "  convctl health --server HOST:PORT [--service NAME] [--timeout SECONDS]\n"
           "               (exit 0 when SERVING: for container health checks)\n"
@@ -55,7 +57,7 @@ static int parse_list(const char *s, int64_t *v, int max) {
 typedef struct args {
   const char *server, *input, *weight, *bias, *output;
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
-  const char *dtype, *service;
+  const char *dtype, *service, *output_padding;
   int unary, tf32;
 } args;
 
@@ -68,7 +70,8 @@ static int parse_args(int argc, char **argv, args *a) {
               {"--padding", &a->padding},   {"--dilation", &a->dilation}, {"--groups", &a->groups},
               {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout},
               {"--devices", &a->devices},   {"--device-memory", &a->device_memory},
-              {"--dtype", &a->dtype},       {"--service", &a->service}};
+              {"--dtype", &a->dtype},       {"--service", &a->service},
+              {"--output-padding", &a->output_padding}};
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--unary") == 0) {
       a->unary = 1;
@@ -218,13 +221,23 @@ static int cmd_plan(const args *a) {
   return 0;
 }
 
-static int cmd_conv(const args *a) {
+static int cmd_conv(const args *a, int transposed) {
   if (!a->input || !a->weight || !a->output) {
     fprintf(stderr, "convctl conv: --input, --weight and --output are required\n");
     return 2;
   }
   convd_conv_params p;
   if (parse_conv_options(a, &p)) return 2;
+  p.transposed = transposed;
+  if (a->output_padding) {
+    int64_t v[2];
+    int n = parse_list(a->output_padding, v, 2);
+    if (!transposed || n < 1) {
+      fprintf(stderr, "convctl: --output-padding OH,OW belongs to conv-transpose\n");
+      return 2;
+    }
+    p.out_pad_h = v[0], p.out_pad_w = n == 2 ? v[1] : v[0];
+  }
 
   convd_npy x = {0}, w = {0}, b = {0};
   int rc = 2;
@@ -234,7 +247,11 @@ static int cmd_conv(const args *a) {
       (a->bias && load_f32("bias", a->bias, 1, &b)))
     goto out;
   p.n = x.shape[0], p.c_in = x.shape[1], p.h = x.shape[2], p.w = x.shape[3];
-  p.c_out = w.shape[0], p.c_per_group = w.shape[1], p.kh = w.shape[2], p.kw = w.shape[3];
+  if (transposed) /* weights (C_in, C_out/groups, kH, kW) */
+    p.c_out = w.shape[1] * p.groups, p.c_per_group = w.shape[0] / (p.groups > 0 ? p.groups : 1);
+  else
+    p.c_out = w.shape[0], p.c_per_group = w.shape[1];
+  p.kh = w.shape[2], p.kw = w.shape[3];
   if (a->bias) {
     if (b.shape[0] != p.c_out) {
       fprintf(stderr, "convctl: bias %s has %" PRId64 " values, the weight has %" PRId64
@@ -333,7 +350,8 @@ int main(int argc, char **argv) {
   }
   args a = {0};
   if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0 &&
-      strcmp(argv[1], "plan") != 0 && strcmp(argv[1], "health") != 0) {
+      strcmp(argv[1], "plan") != 0 && strcmp(argv[1], "health") != 0 &&
+      strcmp(argv[1], "conv-transpose") != 0) {
     fprintf(stderr, "convctl: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
@@ -341,5 +359,6 @@ int main(int argc, char **argv) {
   if (parse_args(argc, argv, &a)) return 2;
   if (strcmp(argv[1], "plan") == 0) return cmd_plan(&a);
   if (strcmp(argv[1], "health") == 0) return cmd_health(&a);
-  return strcmp(argv[1], "conv") == 0 ? cmd_conv(&a) : cmd_devices(&a);
+  if (strcmp(argv[1], "conv-transpose") == 0) return cmd_conv(&a, 1);
+  return strcmp(argv[1], "conv") == 0 ? cmd_conv(&a, 0) : cmd_devices(&a);
 }

@@ -107,6 +107,12 @@ int convd_conv_init(convd_conv *c, const convd_conv_params *p, char *err, size_t
   int64_t kh_eff = p->dil_h * (p->kh - 1) + 1;
   int64_t kw_eff = p->dil_w * (p->kw - 1) + 1;
   if (p->transposed) {
+    /* one op dimension per phase: bounded so that a plan's bookkeeping stays small */
+    if (p->stride_h * p->stride_w > 4096)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "transpose stride %lldx%lld: at most 4096 phases (stride_h * stride_w) "
+                        "are served",
+                        (long long)p->stride_h, (long long)p->stride_w);
     if (p->out_pad_h < 0 || p->out_pad_w < 0 ||
         (p->out_pad_h >= p->stride_h && p->out_pad_h >= p->dil_h) ||
         (p->out_pad_w >= p->stride_w && p->out_pad_w >= p->dil_w))

@@ -79,10 +79,12 @@ static entry *find(convd_registry *r, const char *id) {
 }
 
 int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, int64_t kh,
-                       int64_t kw, int dtype, float *w, float *b, char id[CONVD_WEIGHTS_ID_LEN + 1],
+                       int64_t kw, int dtype, float *w, float *b, int64_t b_elems,
+                       char id[CONVD_WEIGHTS_ID_LEN + 1],
                        uint64_t *bytes, int *already, char *err, size_t errlen) {
   *already = 0;
-  if (c_out < 1 || c_per_group < 1 || kh < 1 || kw < 1 || w == NULL) {
+  if (b == NULL) b_elems = 0;
+  if (c_out < 1 || c_per_group < 1 || kh < 1 || kw < 1 || w == NULL || (b && b_elems < 1)) {
     free(w), free(b);
     return convd_errf(err, errlen, CONVD_EINVAL, "weights need a shape of at least 1 in every dimension");
   }
@@ -94,16 +96,16 @@ int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, in
     free(w), free(b);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory hashing weights");
   }
-  const int64_t shape[5] = {c_out, c_per_group, kh, kw, b != NULL};
+  const int64_t shape[5] = {c_out, c_per_group, kh, kw, b_elems};
   XXH3_128bits_reset(hs);
   XXH3_128bits_update(hs, shape, sizeof shape);
   XXH3_128bits_update(hs, w, elems * sizeof(float));
-  if (b) XXH3_128bits_update(hs, b, (size_t)c_out * sizeof(float));
+  if (b) XXH3_128bits_update(hs, b, (size_t)b_elems * sizeof(float));
   XXH128_hash_t h = XXH3_128bits_digest(hs);
   XXH3_freeState(hs);
   char hex[CONVD_WEIGHTS_ID_LEN + 1];
   snprintf(hex, sizeof hex, "%016" PRIx64 "%016" PRIx64, (uint64_t)h.high64, (uint64_t)h.low64);
-  const uint64_t need = (uint64_t)(elems + (b ? (size_t)c_out : 0)) * sizeof(float);
+  const uint64_t need = (uint64_t)(elems + (size_t)b_elems) * sizeof(float);
 
   pthread_mutex_lock(&r->mu);
   r->st.puts++;
@@ -159,6 +161,7 @@ int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, in
   memcpy(e->w.id, hex, sizeof hex);
   e->w.c_out = c_out, e->w.c_per_group = c_per_group, e->w.kh = kh, e->w.kw = kw;
   e->w.has_bias = b != NULL;
+  e->w.b_elems = b_elems;
   e->w.dtype = dtype;
   e->w.w = w, e->w.b = b;
   e->w.weight_elems = elems;

@@ -20,6 +20,7 @@ typedef struct convd_weights {
   int has_bias;
   int dtype;        /* as uploaded */
   float *w, *b;     /* float32 values; b NULL without bias */
+  int64_t b_elems;  /* bias values (C_out of the calls that may use them) */
   size_t weight_elems;
   uint64_t digest;  /* names the content for device weight caches */
   uint64_t bytes;   /* what the entry counts against the limit */
@@ -41,13 +42,15 @@ convd_registry *convd_registry_create(uint64_t limit_bytes);
 /* Every entry must have been released. */
 void convd_registry_destroy(convd_registry *r);
 
-/* Registers weights (C_out x C_in/groups x kH x kW float32 values in w, C_out in b or NULL),
- * taking w and b over in every case. On success *id holds the content's id and *already says
+/* Registers weights (d0 x d1 x kH x kW float32 values in w: conv2d's or conv_transpose2d's
+ * layout, as the calls will name it; b_elems bias values in b, or NULL), taking w and b over in
+ * every case. On success *id holds the content's id and *already says
  * whether the same content was registered before (then nothing was added). Returns 0,
  * CONVD_ELIMIT when the entry cannot fit even after evicting everything unused, or CONVD_EINVAL
  * for a bad shape. */
 int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, int64_t kh,
-                       int64_t kw, int dtype, float *w, float *b, char id[CONVD_WEIGHTS_ID_LEN + 1],
+                       int64_t kw, int dtype, float *w, float *b, int64_t b_elems,
+                       char id[CONVD_WEIGHTS_ID_LEN + 1],
                        uint64_t *bytes, int *already, char *err, size_t errlen);
 
 /* The entry for id, pinned until convd_registry_release; CONVD_ENOTFOUND with a message when the

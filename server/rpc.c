@@ -167,6 +167,7 @@ struct call {
   size_t put_elem;
   void *put_w, *put_b;
   size_t put_w_recv, put_b_recv, put_w_total, put_b_total;
+  int64_t put_b_elems;
 };
 
 static double now_seconds(void) {
@@ -994,6 +995,11 @@ static int put_spec(call *c, const Convd__V1__WeightsSpec *sp, char *err, size_t
   }
   c->put_elem = convd_dtype_size(c->put_dtype);
   c->put_bias = sp->has_bias;
+  /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
+  const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
+  if (sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D && (groups < 1 || groups > CONVD_DIM_MAX))
+    return convd_errf(err, errlen, CONVD_EINVAL, "spec.groups = %" PRId64 ": must be at least 1", groups);
+  c->put_b_elems = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D ? d[1] * groups : d[0];
   size_t wbytes, fbytes;
   if (convd_size_mul(elems, c->put_elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
       fbytes > c->rpc->cfg->weights_memory)
@@ -1002,7 +1008,7 @@ static int put_spec(call *c, const Convd__V1__WeightsSpec *sp, char *err, size_t
                       " do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
                       d[0], d[1], d[2], d[3], c->rpc->cfg->weights_memory);
   c->put_w_total = wbytes;
-  c->put_b_total = c->put_bias ? (size_t)d[0] * c->put_elem : 0;
+  c->put_b_total = c->put_bias ? (size_t)c->put_b_elems * c->put_elem : 0;
   c->put_w = malloc(wbytes);
   c->put_b = c->put_b_total ? malloc(c->put_b_total) : NULL;
   if (c->put_w == NULL || (c->put_b_total && c->put_b == NULL))
@@ -1052,7 +1058,8 @@ static void put_weights_finish(call *c) {
   uint64_t bytes = 0;
   int already = 0;
   int rc = convd_registry_put(c->rpc->registry, c->put_shape[0], c->put_shape[1], c->put_shape[2],
-                              c->put_shape[3], c->put_dtype, w, b, id, &bytes, &already, err, sizeof err);
+                              c->put_shape[3], c->put_dtype, w, b, (int64_t)be, id, &bytes, &already,
+                              err, sizeof err);
   if (rc) {
     fail(c, rc, err);
     return;

@@ -35,10 +35,13 @@ struct convd_session {
 
 int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
                        uint64_t max_request_bytes, convd_conv *conv, char *err, size_t errlen) {
-  if (spec->op != CONVD__V1__OP__OP_UNSPECIFIED && spec->op != CONVD__V1__OP__OP_CONV2D)
+  if (spec->op != CONVD__V1__OP__OP_UNSPECIFIED && spec->op != CONVD__V1__OP__OP_CONV2D &&
+      spec->op != CONVD__V1__OP__OP_CONV_TRANSPOSE2D)
     return convd_errf(err, errlen, CONVD_ENOTSUP,
-                      "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1)",
+                      "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1, "
+                      "OP_CONV_TRANSPOSE2D = 2)",
                       (int)spec->op);
+  const int transposed = spec->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
   int dtype;
   switch (spec->dtype) {
     case CONVD__V1__DTYPE__DTYPE_UNSPECIFIED:
@@ -78,15 +81,45 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg
   p.c_in = spec->input_shape->d1;
   p.h = spec->input_shape->d2;
   p.w = spec->input_shape->d3;
+  /* The weight tensor's four dimensions as sent (or registered); their meaning is the op's. */
+  int64_t d0, d1;
   if (reg) {
-    p.c_out = reg->c_out, p.c_per_group = reg->c_per_group, p.kh = reg->kh, p.kw = reg->kw;
+    d0 = reg->c_out, d1 = reg->c_per_group, p.kh = reg->kh, p.kw = reg->kw;
     p.has_bias = reg->has_bias;
   } else {
-    p.c_out = spec->weight_shape->d0;
-    p.c_per_group = spec->weight_shape->d1;
+    d0 = spec->weight_shape->d0, d1 = spec->weight_shape->d1;
     p.kh = spec->weight_shape->d2;
     p.kw = spec->weight_shape->d3;
     p.has_bias = spec->has_bias ? 1 : 0;
+  }
+  p.groups = spec->groups == 0 ? 1 : spec->groups;
+  if (transposed) { /* (C_in, C_out/groups, kH, kW) */
+    if (d0 != p.c_in)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "transpose weight shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                        ": its first dimension must be the input's %" PRId64
+                        " channels (weights are C_in, C_out/groups, kH, kW)",
+                        d0, d1, p.kh, p.kw, p.c_in);
+    if (d1 < 1 || d1 > CONVD_DIM_MAX || p.groups < 1 || p.groups > CONVD_DIM_MAX || d1 * p.groups > CONVD_DIM_MAX)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "transpose weight C_out/groups = %" PRId64 " with groups %" PRId64
+                        ": must be at least 1, and C_out at most %" PRId64,
+                        d1, p.groups, (int64_t)CONVD_DIM_MAX);
+    p.transposed = 1;
+    p.c_out = d1 * p.groups;
+    p.c_per_group = p.c_in / p.groups;
+    if (p.c_in % p.groups != 0)
+      return convd_errf(err, errlen, CONVD_EINVAL, "groups = %" PRId64 " does not divide the %" PRId64 " input channels",
+                        p.groups, p.c_in);
+    if (spec->output_padding) {
+      p.out_pad_h = spec->output_padding->h;
+      p.out_pad_w = spec->output_padding->w;
+    }
+  } else {
+    p.c_out = d0, p.c_per_group = d1;
+    if (spec->output_padding && (spec->output_padding->h || spec->output_padding->w))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "spec.output_padding applies to OP_CONV_TRANSPOSE2D only");
   }
   if (spec->stride) {
     p.stride_h = spec->stride->h;
@@ -102,11 +135,15 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg
     p.dil_h = spec->dilation->h;
     p.dil_w = spec->dilation->w;
   }
-  p.groups = spec->groups == 0 ? 1 : spec->groups;
   p.dtype = dtype;
   p.allow_tf32 = spec->allow_tf32 ? 1 : 0;
   int rc = convd_conv_init(conv, &p, err, errlen);
   if (rc) return rc;
+  if (reg && reg->has_bias && reg->b_elems != p.c_out)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "weights %s carry %" PRId64 " bias values, but this call has %" PRId64
+                      " output channels (a transpose's C_out is weight_shape.d1 times groups)",
+                      reg->id, reg->b_elems, p.c_out);
 
   /* Registered weights are held already: they do not count against this request. */
   size_t total;

@@ -100,8 +100,8 @@ static void test_golden_convctl(void) {
   for (int i = 0; i < n && !test_failed; i++) {
     golden g;
     ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
-    if (strcmp(g.op, "conv2d") != 0) continue;
-    char in[640], wt[640], bs[640], out[8448], stride[64], pad[128], dil[64], groups[32];
+    const int transposed = strcmp(g.op, "conv_transpose2d") == 0;
+    char in[640], wt[640], bs[640], out[8448], stride[64], pad[128], dil[64], groups[32], opad[64];
     snprintf(in, sizeof in, "%s/input.npy", g.dir);
     snprintf(wt, sizeof wt, "%s/weight.npy", g.dir);
     snprintf(bs, sizeof bs, "%s/bias.npy", g.dir);
@@ -111,11 +111,13 @@ static void test_golden_convctl(void) {
              (long long)g.p.pad_bottom, (long long)g.p.pad_left, (long long)g.p.pad_right);
     snprintf(dil, sizeof dil, "%lld,%lld", (long long)g.p.dil_h, (long long)g.p.dil_w);
     snprintf(groups, sizeof groups, "%lld", (long long)g.p.groups);
-    char *argv[32] = {CONVCTL_BIN, "conv", "--server", d.target, "--input", in, "--weight", wt,
-                      "--stride", stride, "--padding", pad, "--dilation", dil, "--groups", groups,
-                      "--output", out};
+    snprintf(opad, sizeof opad, "%lld,%lld", (long long)g.p.out_pad_h, (long long)g.p.out_pad_w);
+    char *argv[32] = {CONVCTL_BIN, transposed ? "conv-transpose" : "conv", "--server", d.target,
+                      "--input", in, "--weight", wt, "--stride", stride, "--padding", pad,
+                      "--dilation", dil, "--groups", groups, "--output", out};
     int argc = 18;
     if (g.p.has_bias) argv[argc++] = "--bias", argv[argc++] = bs;
+    if (transposed) argv[argc++] = "--output-padding", argv[argc++] = opad;
     argv[argc] = NULL;
     int rc = test_run(argv, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 120);
     if (rc != 0) {
@@ -140,7 +142,7 @@ static void test_golden_convctl(void) {
     golden_free(&g);
   }
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
-  ASSERT_TRUE(ran >= 15);
+  ASSERT_TRUE(ran >= 19); /* 15 conv2d, 4 conv_transpose2d */
 }
 
 /* Golden vectors through the library: unary, and streaming with tiny chunks both ways so that
@@ -158,7 +160,7 @@ static void test_golden_library_small_chunks(void) {
   for (int i = 0; i < n && !test_failed; i++) {
     golden g;
     ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
-    if (strcmp(g.op, "conv2d") == 0) {
+    if (strcmp(g.op, "conv2d") == 0 || strcmp(g.op, "conv_transpose2d") == 0) {
       convd_conv c;
       convd_conv_init(&c, &g.p, err, sizeof err);
       float *y = malloc(c.output_bytes);

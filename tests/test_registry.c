@@ -19,20 +19,20 @@ static void test_ids_and_dedupe(void) {
   uint64_t bytes;
   int already;
   convd_registry *r = convd_registry_create(1 << 20);
-  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), NULL, id1, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), NULL, 0, id1, &bytes, &already, err, sizeof err), err);
   ASSERT_EQ_INT(bytes, 32);
   ASSERT_EQ_INT(already, 0);
   ASSERT_EQ_INT(strlen(id1), 32);
   /* The same values again: the same id, nothing added. */
-  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 1, weights(8, 1), NULL, id2, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 1, weights(8, 1), NULL, 0, id2, &bytes, &already, err, sizeof err), err);
   ASSERT_EQ_INT(already, 1);
   ASSERT_TRUE(strcmp(id1, id2) == 0);
   /* Other values, the same values with a bias, the same values as another shape: new ids. */
-  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 2), NULL, id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 2), NULL, 0, id3, &bytes, &already, err, sizeof err), err);
   ASSERT_TRUE(strcmp(id1, id3) != 0 && !already);
-  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), weights(8, 0), id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 8, 1, 1, 1, 0, weights(8, 1), weights(8, 0), 8, id3, &bytes, &already, err, sizeof err), err);
   ASSERT_TRUE(strcmp(id1, id3) != 0 && !already && bytes == 64);
-  ASSERT_OK(convd_registry_put(r, 4, 2, 1, 1, 0, weights(8, 1), NULL, id3, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 4, 2, 1, 1, 0, weights(8, 1), NULL, 0, id3, &bytes, &already, err, sizeof err), err);
   ASSERT_TRUE(strcmp(id1, id3) != 0 && !already);
   convd_registry_stats st;
   convd_registry_stats_get(r, &st);
@@ -57,13 +57,13 @@ static void test_eviction_lru_and_pinning(void) {
   int already;
   /* Room for three entries of 400 bytes. */
   convd_registry *r = convd_registry_create(1200);
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 1), NULL, a, &bytes, &already, err, sizeof err), err);
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 2), NULL, b, &bytes, &already, err, sizeof err), err);
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 3), NULL, c, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 1), NULL, 0, a, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 2), NULL, 0, b, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 3), NULL, 0, c, &bytes, &already, err, sizeof err), err);
   /* a is used (so b is now the least recently used) and pinned. */
   convd_weights *wa;
   ASSERT_OK(convd_registry_acquire(r, a, &wa, err, sizeof err), err);
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 4), NULL, d, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 4), NULL, 0, d, &bytes, &already, err, sizeof err), err);
   convd_weights *w;
   ASSERT_EQ_INT(convd_registry_acquire(r, b, &w, err, sizeof err), CONVD_ENOTFOUND); /* evicted */
   ASSERT_OK(convd_registry_acquire(r, c, &w, err, sizeof err), err);
@@ -79,8 +79,8 @@ static void test_eviction_lru_and_pinning(void) {
   free(list);
   /* Two more: c and d go (LRU among the unused); a is pinned and stays. */
   char e[33], f[33];
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 5), NULL, e, &bytes, &already, err, sizeof err), err);
-  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 6), NULL, f, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 5), NULL, 0, e, &bytes, &already, err, sizeof err), err);
+  ASSERT_OK(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 6), NULL, 0, f, &bytes, &already, err, sizeof err), err);
   ASSERT_EQ_INT(convd_registry_acquire(r, d, &w, err, sizeof err), CONVD_ENOTFOUND);
   ASSERT_EQ_INT(convd_registry_acquire(r, c, &w, err, sizeof err), CONVD_ENOTFOUND);
   ASSERT_OK(convd_registry_acquire(r, a, &w, err, sizeof err), err);
@@ -90,10 +90,10 @@ static void test_eviction_lru_and_pinning(void) {
   ASSERT_OK(convd_registry_acquire(r, e, &we, err, sizeof err), err);
   ASSERT_OK(convd_registry_acquire(r, f, &wf, err, sizeof err), err);
   char g[33];
-  ASSERT_EQ_INT(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 7), NULL, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
+  ASSERT_EQ_INT(convd_registry_put(r, 100, 1, 1, 1, 0, weights(100, 7), NULL, 0, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
   ASSERT_CONTAINS(err, "that calls are using now");
   /* Larger than the limit itself. */
-  ASSERT_EQ_INT(convd_registry_put(r, 400, 1, 1, 1, 0, weights(400, 7), NULL, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
+  ASSERT_EQ_INT(convd_registry_put(r, 400, 1, 1, 1, 0, weights(400, 7), NULL, 0, g, &bytes, &already, err, sizeof err), CONVD_ELIMIT);
   ASSERT_CONTAINS(err, "--weights-memory");
   /* Deleting an entry in use: gone for new calls, alive for its user (ASan checks the read). */
   ASSERT_OK(convd_registry_delete(r, a, err, sizeof err), err);

@@ -196,7 +196,7 @@ static int s_groups(convd_session *s, fixture *f, char *err, size_t n) {
   return feed_spec(s, &f->spec, err, n);
 }
 static int s_bad_op(convd_session *s, fixture *f, char *err, size_t n) {
-  f->spec.op = 2;
+  f->spec.op = 7; /* not an Op this daemon knows */
   return feed_spec(s, &f->spec, err, n);
 }
 static int s_bad_dtype(convd_session *s, fixture *f, char *err, size_t n) {
@@ -298,7 +298,7 @@ static void test_stream_errors(void) {
       {"no weight shape", s_no_weight_shape, CONVD_EINVAL, "spec.weight_shape is missing"},
       {"kernel too large", s_kernel_too_large, CONVD_EINVAL, "kernel 9x3 is larger than padded input 7x6"},
       {"groups", s_groups, CONVD_EINVAL, "groups = 2 does not divide the 3 input channels"},
-      {"op", s_bad_op, CONVD_ENOTSUP, "spec.op = 2 is not an operation"},
+      {"op", s_bad_op, CONVD_ENOTSUP, "spec.op = 7 is not an operation"},
       {"dtype", s_bad_dtype, CONVD_ENOTSUP, "spec.dtype = 7"},
       {"too large", s_too_large, CONVD_ELIMIT, "--max-request-bytes"},
       {"weight order", s_weight_out_of_order, CONVD_EINVAL, "weight chunk at byte offset 8, but 0 bytes have arrived"},

@@ -107,8 +107,11 @@ def reference_conv2d(x, w, b, stride, padding, dilation, groups):
 
 
 def spec_from_params(pb, params, has_bias):
-    s = pb.ConvSpec(op=pb.OP_CONV2D, dtype=pb.DTYPE_FLOAT32, has_bias=has_bias,
-                    groups=params["groups"][0])
+    transposed = params.get("op") == "conv_transpose2d"
+    s = pb.ConvSpec(op=pb.OP_CONV_TRANSPOSE2D if transposed else pb.OP_CONV2D, dtype=pb.DTYPE_FLOAT32,
+                    has_bias=has_bias, groups=params["groups"][0])
+    if transposed:
+        s.output_padding.h, s.output_padding.w = params.get("output_padding", [0, 0])
     s.input_shape.d0, s.input_shape.d1, s.input_shape.d2, s.input_shape.d3 = params["input"]
     s.weight_shape.d0, s.weight_shape.d1, s.weight_shape.d2, s.weight_shape.d3 = params["weight"]
     s.stride.h, s.stride.w = params["stride"]

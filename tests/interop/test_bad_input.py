@@ -102,6 +102,17 @@ def bad_streams():
            "C x rows x W x 2 = 4 x 1 x 8 x 2, float16")
     yield ("float32 weights in a float16 call",
            [spec(spec=half)] + weights_and_bias()[:1], "ends past the weight's 432 bytes")
+    tr = base_spec(weight=[4, 6, 3, 3])  # transpose layout: C_in first
+    tr.op = pb.OP_CONV_TRANSPOSE2D
+    tr.stride.h = tr.stride.w = 2
+    tr.output_padding.h, tr.output_padding.w = 2, 0
+    yield ("output padding not below the stride", [spec(spec=tr)], "output_padding 2,0")
+    trw = base_spec()
+    trw.op = pb.OP_CONV_TRANSPOSE2D  # weight 6x4x3x3 with 4 input channels: C_in must come first
+    yield ("transpose weights in the conv2d layout", [spec(spec=trw)], "must be the input's 4 channels")
+    op_on_conv = base_spec()
+    op_on_conv.output_padding.h = 1
+    yield ("output padding on conv2d", [spec(spec=op_on_conv)], "applies to OP_CONV_TRANSPOSE2D only")
     tf32 = base_spec()
     tf32.dtype = pb.DTYPE_BFLOAT16
     tf32.allow_tf32 = True

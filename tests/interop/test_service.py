@@ -22,13 +22,15 @@ import grpc
 import numpy as np
 
 from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
-    reference_conv2d
+    load_golden, reference_conv2d, spec_from_params
 
 pb = pb_grpc = hpb = hpb_grpc = None
+golden_dir = None
 
 
-def put_requests(w, b, chunk=4096, dtype="<f4"):
-    spec = pb.WeightsSpec(has_bias=b is not None, dtype={"<f4": pb.DTYPE_FLOAT32, "<f2": pb.DTYPE_FLOAT16}[dtype])
+def put_requests(w, b, chunk=4096, dtype="<f4", op=0, groups=0):
+    spec = pb.WeightsSpec(has_bias=b is not None, dtype={"<f4": pb.DTYPE_FLOAT32, "<f2": pb.DTYPE_FLOAT16}[dtype],
+                          op=op, groups=groups)
     spec.weight_shape.d0, spec.weight_shape.d1, spec.weight_shape.d2, spec.weight_shape.d3 = w.shape
     yield pb.PutWeightsRequest(spec=spec)
     for name, t in (("weight", w), ("bias", b)):
@@ -97,6 +99,20 @@ def test_registry(convd):
             assert loaded[3][1] > loaded[0][1], loaded
             print(f"ok   4 calls by id match the reference; weight bytes loaded on the devices "
                   f"{[l[0] for l in loaded]} (once), cache hits {[l[1] for l in loaded]}")
+
+            # transpose weights (C_in, C_out/groups, kH, kW) by id: a golden conv_transpose2d case
+            for name, params, a in load_golden(golden_dir):
+                if name != "transpose_s2_k4_p1":
+                    continue
+                rt = stub.PutWeights(put_requests(a["weight"], a.get("bias"), op=pb.OP_CONV_TRANSPOSE2D,
+                                                  groups=params["groups"][0]), timeout=30)
+                ts = spec_from_params(pb, params, a.get("bias") is not None)
+                ts.weights_id = rt.weights_id
+                ts.ClearField("weight_shape")
+                yt, _, _ = collect_output(stub.Conv2d(conv_requests(pb, ts, a["input"], None, None, 3000), timeout=30))
+                worst = check_close(yt, a["expected"])
+                stub.DeleteWeights(pb.DeleteWeightsRequest(weights_id=rt.weights_id), timeout=10)
+                print(f"ok   a conv_transpose2d golden case by weights_id: max error {worst:.3g}")
 
             # a wrong shape, weight chunks beside an id, an unknown id
             bad = conv_spec(x.shape, r1.weights_id)
@@ -470,8 +486,8 @@ def test_reflection(convd):
 
 
 def main():
-    global pb, pb_grpc, hpb, hpb_grpc
-    convd, stub_dir, _golden = sys.argv[1:4]
+    global pb, pb_grpc, hpb, hpb_grpc, golden_dir
+    convd, stub_dir, golden_dir = sys.argv[1:4]
     pb, pb_grpc = import_stubs(stub_dir)
     from grpc_health_v1 import health_pb2, health_pb2_grpc  # noqa: E402
     hpb, hpb_grpc = health_pb2, health_pb2_grpc
