@@ -449,6 +449,20 @@ static void test_transpose_random_plans(void) {
     if (rc) FAIL_AT("%s: %s", what, err);
     else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
     else if (st.ops_run != pl.ops) FAIL_AT("%s: %" PRIu64 " ops run", what, st.ops_run);
+    /* where a GPU is visible (tests/gpu/run.sh), the same case on its streams */
+    static int gpus = -1;
+    char why[256];
+    if (gpus < 0) gpus = convd_cuda_device_count(why, sizeof why);
+    if (gpus > 0 && !test_failed) {
+      convd_engine_opts og = {.gpus = -1, .gpu_memory = o.device_memory < (1u << 20) ? (1u << 20) : o.device_memory};
+      convd_engine *eg;
+      ASSERT_OK(convd_engine_create(&og, &eg, err, sizeof err), err);
+      poison(y, c.output_elems);
+      rc = convd_engine_run(eg, &c, x, w, p.has_bias ? b : NULL, y, &st, err, sizeof err);
+      if (rc) FAIL_AT("%s on the GPU: %s", what, err);
+      else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs on the GPU", what);
+      convd_engine_destroy(eg);
+    }
     cases++;
     multi += pl.tiles_h * pl.tiles_w > 1;
     blocks += pl.icblocks > 1;

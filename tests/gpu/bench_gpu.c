@@ -10,6 +10,8 @@
  *    with the share of the wall time the GPU spent in convolution kernels.
  * 3. A tiled job on the GPU alone and on the GPU plus a CPU device: the mixed pool must not be
  *    slower.
+ * 4. Transpose layers (DCGAN, a segmentation upsampler) through the engine on the GPU streams
+ *    (kernel segregation: one forward op per phase) against PyTorch's conv_transpose2d.
  *
  * usage: bench_gpu [--repeats N] [--no-tiled] [--no-torch] */
 #include <math.h>
@@ -269,6 +271,74 @@ static void tiled_tables(int use_torch) {
   free(x), free(w), free(b), free(y);
 }
 
+static void transpose_table(int repeats, int use_torch) {
+  static const struct {
+    const char *name;
+    int64_t ci, h, co, k, s, p, op;
+  } t[] = {{"DCGAN 1x1024x4x4 -> 512, k4 s2 p1", 1024, 4, 512, 4, 2, 1, 0},
+           {"DCGAN 1x512x8x8 -> 256, k4 s2 p1", 512, 8, 256, 4, 2, 1, 0},
+           {"DCGAN 1x256x16x16 -> 128, k4 s2 p1", 256, 16, 128, 4, 2, 1, 0},
+           {"DCGAN 1x128x32x32 -> 3, k4 s2 p1", 128, 32, 3, 4, 2, 1, 0},
+           {"upsampler 1x256x64x64 -> 128, k3 s2 p1 op1", 256, 64, 128, 3, 2, 1, 1}};
+  const size_t nt = sizeof t / sizeof t[0];
+  double t_dev[8] = {0}, t_copy[8] = {0};
+  if (use_torch) {
+    char specs[2048];
+    size_t len = 0;
+    for (size_t i = 0; i < nt; i++)
+      len += (size_t)snprintf(specs + len, sizeof specs - len, " T:1,%lld,%lld,%lld:%lld,%lld,%lld:%lld:%lld:%lld:f32",
+                              (long long)t[i].ci, (long long)t[i].h, (long long)t[i].h, (long long)t[i].ci,
+                              (long long)t[i].co, (long long)t[i].k, (long long)t[i].s, (long long)t[i].p,
+                              (long long)t[i].op);
+    torch_times(specs, (int)nt, repeats, t_dev, t_copy);
+  }
+  printf("\nTranspose layers, float32, through the engine on every GPU stream (host memory to host memory):\n\n");
+  printf("| layer | ops | convd GFLOP/s | PyTorch on-GPU GFLOP/s | PyTorch with copies GFLOP/s | convd / PyTorch with copies |\n");
+  printf("|---|---:|---:|---:|---:|---:|\n");
+  char err[512];
+  convd_engine *e;
+  convd_engine_opts o = {.gpus = -1};
+  if (convd_engine_create(&o, &e, err, sizeof err)) {
+    fprintf(stderr, "bench_gpu: %s\n", err);
+    return;
+  }
+  for (size_t i = 0; i < nt; i++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.n = 1, p.c_in = p.c_per_group = t[i].ci, p.h = p.w = t[i].h, p.c_out = t[i].co;
+    p.kh = p.kw = t[i].k, p.stride_h = p.stride_w = t[i].s;
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = t[i].p;
+    p.out_pad_h = p.out_pad_w = t[i].op;
+    p.has_bias = 1;
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) continue;
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes), *y = malloc(c.output_bytes);
+    fill(x, c.input_elems, 11), fill(w, c.weight_elems, 12), fill(b, c.bias_elems, 13);
+    convd_job_stats st;
+    double *ts = malloc(sizeof(double) * (size_t)repeats);
+    int rc = 0;
+    for (int k = 0; k < 3 && rc == 0; k++) rc = convd_engine_run(e, &c, x, w, b, y, &st, err, sizeof err);
+    for (int k = 0; k < repeats && rc == 0; k++) {
+      double t0 = now();
+      rc = convd_engine_run(e, &c, x, w, b, y, &st, err, sizeof err);
+      ts[k] = now() - t0;
+    }
+    if (rc == 0) {
+      qsort(ts, (size_t)repeats, sizeof *ts, cmp_double);
+      const double gflop = 2.0 * (double)c.macs / 1e9, ours = gflop / ts[repeats / 2];
+      printf("| %s | %llu | %.0f | %.0f | %.0f | %.2f |\n", t[i].name, (unsigned long long)st.ops, ours,
+             t_dev[i] > 0 ? gflop / t_dev[i] : 0, t_copy[i] > 0 ? gflop / t_copy[i] : 0,
+             t_copy[i] > 0 ? ours / (gflop / t_copy[i]) : 0);
+    } else {
+      printf("| %s | failed: %s | | | | |\n", t[i].name, err);
+    }
+    fflush(stdout);
+    free(ts), free(x), free(w), free(b), free(y);
+  }
+  convd_engine_destroy(e);
+}
+
 int main(int argc, char **argv) {
   int repeats = 20, tiled = 1, use_torch = 1;
   for (int i = 1; i < argc; i++) {
@@ -288,5 +358,6 @@ int main(int argc, char **argv) {
   }
   elemental_table(repeats, use_torch);
   if (tiled) tiled_tables(use_torch);
+  transpose_table(repeats, use_torch);
   return 0;
 }

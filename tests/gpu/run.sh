@@ -7,7 +7,7 @@
 #
 # Runs: the CUDA device against every golden case, random shapes and strided views, float16 /
 # bfloat16 / TF32 within their stated bounds, and chains of channel blocks summed on the GPU
-# (test_device); random tiled plans on the GPU alone, on the GPU beside a CPU device, and on two
+# (test_device); random tiled plans (forward and transpose) on the GPU alone, on the GPU beside a CPU device, and on two
 # device instances sharing the GPU (test_sched gpu_random_plans, plus the rest of test_sched);
 # the CUDA device's host-side logic (test_cuda_host). Then the benchmark tables (bench_gpu, with
 # PyTorch's conv2d as the peer) into $OUT/bench_gpu.md, unless NO_BENCH=1. Exits non-zero when

@@ -2,6 +2,7 @@
 """PyTorch's conv2d on the GPU, bench_gpu's peer column, with torch.backends.cudnn.benchmark = True.
 
 usage: torch_gpu.py REPEATS SPEC...   SPEC = n,c,h,w:o,i,kh,kw:sh,sw:ph,pw:groups:MODE
+                                     or T:n,c,h,w:ci,co,k:s:p:op:MODE (conv_transpose2d)
 MODE: f32 (strict: TF32 off), tf32, f16, bf16.
 prints one line per spec: "DEVICE_S COPIES_S", the median seconds of one conv2d on tensors already
 on the GPU (CUDA events), and of one with its copies (input from pinned host memory to the GPU,
@@ -32,7 +33,38 @@ def median_device(fn):
     return statistics.median(times)
 
 
+def measure_transpose(spec):
+    _, x_s, w_s, s, p, op, mode = spec.split(":")
+    torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    dt = DTYPES[mode]
+    x_host = torch.randn(*map(int, x_s.split(",")), dtype=dt).pin_memory()
+    x = x_host.to(dev)
+    ci, co, k = map(int, w_s.split(","))
+    w = torch.randn(ci, co, k, k, dtype=dt, device=dev)
+    b = torch.randn(co, dtype=dt, device=dev)
+    s, p, op = int(s), int(p), int(op)
+    y_host = torch.empty(F.conv_transpose2d(x, w, b, s, p, op).shape, dtype=dt).pin_memory()
+
+    def device_only():
+        F.conv_transpose2d(x, w, b, s, p, op)
+
+    def with_copies():
+        y_host.copy_(F.conv_transpose2d(x_host.to(dev, non_blocking=True), w, b, s, p, op), non_blocking=True)
+
+    for _ in range(3):
+        device_only()
+        with_copies()
+    torch.cuda.synchronize()
+    best = [float("inf"), float("inf")]
+    for _ in range(2):
+        best[0] = min(best[0], median_device(device_only))
+        best[1] = min(best[1], median_device(with_copies))
+    return best
+
+
 def measure(spec):
+    if spec.startswith("T:"):
+        return measure_transpose(spec)
     x_s, w_s, s_s, p_s, g_s, mode = spec.split(":")
     torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
     torch.backends.cudnn.allow_tf32 = mode == "tf32"
