@@ -368,6 +368,41 @@ static void test_weights_reused_across_calls(void) {
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
 }
 
+/* A transpose large enough to be tiled, streamed both ways through a daemon with a small op
+ * budget: many ops over several tile rows, the result equal to the transpose reference. */
+static void test_transpose_streamed_tiled(void) {
+  test_daemon d;
+  const char *extra[] = {"--device-memory", "256K", NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  char err[512];
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.transposed = 1;
+  p.n = 2, p.c_in = p.c_per_group = 16, p.h = 96, p.w = 80, p.c_out = 12, p.kh = p.kw = 4;
+  p.stride_h = p.stride_w = 2, p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  p.has_bias = 1;
+  rng r = {0x5eed00f3};
+  problem pr;
+  ASSERT_TRUE(problem_init(&pr, &p, &r) == 0);
+  float *ref = malloc(pr.c.output_bytes);
+  ASSERT_OK(convd_ref_conv_transpose2d(&pr.c, pr.x, pr.w, pr.b, ref, NULL), "reference");
+  for (size_t i = 0; i < pr.c.output_elems; i++) pr.want[i] = ref[i];
+  free(ref);
+  convd_client_opts o = {.chunk_bytes = 50000, .timeout_seconds = 120};
+  convd_client *cl;
+  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  convd_client_stats st;
+  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  convd_client_destroy(cl);
+  if (rc) FAIL_AT("%s", err);
+  else if (check_close("streamed tiled transpose", pr.y, pr.want, pr.c.output_elems)) FAIL_AT("differs");
+  printf("  %" PRIu64 " elemental ops, output %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 "\n",
+         st.elemental_ops, st.output_shape[0], st.output_shape[1], st.output_shape[2], st.output_shape[3]);
+  ASSERT_TRUE(st.elemental_ops >= 32);
+  problem_free(&pr);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+}
+
 /* Several clients at once, each on its own thread and connection. */
 typedef struct worker {
   const char *target;
@@ -696,6 +731,7 @@ int main(int argc, char **argv) {
       {"random_shapes", test_random_shapes},
       {"half_dtypes", test_half_dtypes},
       {"weights_reused_across_calls", test_weights_reused_across_calls},
+      {"transpose_streamed_tiled", test_transpose_streamed_tiled},
       {"concurrent_clients", test_concurrent_clients},
       {"convctl_errors_and_devices", test_convctl_errors_and_devices},
       {"sigterm_drains_calls", test_sigterm_drains_calls},
