@@ -217,6 +217,59 @@ static int run_pointwise(const convd_op_io *io, char *err, size_t errlen) {
   return 0;
 }
 
+/* Few output positions and a long reduction (deep layers on small images, a transpose's phases
+ * of a DCGAN generator): oneDNN's direct convolution has too little spatial work to spread and
+ * reorders the whole weight block each time; as im2col + sgemm the weights are used where they
+ * lie (each output channel's C_in/groups x kH x kW taps are contiguous) and the columns are small. */
+#define SMALL_SPATIAL_MAX 64
+static int is_small_spatial(const convd_op_io *io) {
+  const convd_conv_params *p = &io->conv->p;
+  const int64_t hw = io->conv->h_out * io->conv->w_out, k = p->c_per_group * p->kh * p->kw;
+  return hw <= SMALL_SPATIAL_MAX && k >= 256 && io->y.hs == (size_t)io->conv->w_out &&
+         io->w.hs == (size_t)p->kw && io->w.cs == (size_t)(p->kh * p->kw);
+}
+
+static int run_small_spatial(cpu_ctx *c, const convd_op_io *io, char *err, size_t errlen) {
+  const convd_conv *cv = io->conv;
+  const convd_conv_params *p = &cv->p;
+  const int64_t og = p->c_out / p->groups, ig = p->c_per_group, hw = cv->h_out * cv->w_out;
+  const int64_t k = ig * p->kh * p->kw;
+  if (grow(&c->src_buf, &c->src_cap, (size_t)(k * hw) * sizeof(float)))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging an op's columns");
+  float *cols = c->src_buf;
+  for (int64_t n = 0; n < p->n; n++)
+    for (int64_t g = 0; g < p->groups; g++) {
+      /* cols[(ci, ky, kx)][(oy, ox)]: the input under each tap, zero in the padding */
+      float *col = cols;
+      for (int64_t ci = 0; ci < ig; ci++) {
+        const float *xp = io->x.p + (size_t)n * io->x.ns + (size_t)(g * ig + ci) * io->x.cs;
+        for (int64_t ky = 0; ky < p->kh; ky++)
+          for (int64_t kx = 0; kx < p->kw; kx++)
+            for (int64_t oy = 0; oy < cv->h_out; oy++) {
+              const int64_t iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
+              for (int64_t ox = 0; ox < cv->w_out; ox++) {
+                const int64_t ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
+                *col++ = iy >= 0 && iy < p->h && ix >= 0 && ix < p->w ? xp[(size_t)iy * io->x.hs + (size_t)ix] : 0.0f;
+              }
+            }
+      }
+      float *y = io->y.p + (size_t)n * io->y.ns + (size_t)(g * og) * io->y.cs;
+      const float *w = io->w.p + (size_t)(g * og) * io->w.ns;
+      float beta = 0.0f;
+      if (io->b) {
+        for (int64_t o = 0; o < og; o++)
+          for (int64_t i = 0; i < hw; i++) y[(size_t)o * io->y.cs + (size_t)i] = io->b[g * og + o];
+        beta = 1.0f;
+      }
+      dnnl_status_t st = dnnl_sgemm('N', 'N', og, hw, k, 1.0f, w, (dnnl_dim_t)io->w.ns, cols, hw, beta,
+                                    y, (dnnl_dim_t)io->y.cs);
+      if (st != dnnl_success)
+        return convd_errf(err, errlen, CONVD_EDEVICE, "oneDNN sgemm (%lld x %lld x %lld) failed with status %d",
+                          (long long)og, (long long)hw, (long long)k, (int)st);
+    }
+  return 0;
+}
+
 static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   cpu_ctx *c = ctx;
   const convd_conv_params *p = &io->conv->p;
@@ -228,6 +281,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     return 0;
   }
   if (is_pointwise(io)) return run_pointwise(io, err, errlen);
+  if (is_small_spatial(io)) return run_small_spatial(c, io, err, errlen);
   dnnl_primitive_desc_t pd = NULL;
   dnnl_primitive_t prim = NULL;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;

@@ -879,7 +879,11 @@ void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership) {
   j->w = w;
   j->b = b;
   j->w_owned = ownership == CONVD_GIVE;
-  if (j->wseg) convd_plan_segregate(&j->plan, w, j->wseg);
+  if (j->wseg && convd_plan_segregate(&j->plan, w, j->wseg)) {
+    j->failed = 1;
+    atomic_store(&j->stop, 1);
+    snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory segregating a transpose's weights");
+  }
   for (int64_t n = 0; n < j->plan.conv.p.n; n++)
     for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
   pthread_cond_broadcast(&e->cv);

@@ -316,8 +316,8 @@ int64_t convd_plan_row_tile(const convd_plan *pl, int64_t oh) {
   return (oh - base) / (p->stride_h * pl->tile_h);
 }
 
-void convd_plan_segregate(const convd_plan *pl, const float *w, float *wseg) {
-  convd_transpose_segregate(&pl->conv, w, wseg, NULL);
+int convd_plan_segregate(const convd_plan *pl, const float *w, float *wseg) {
+  return convd_transpose_segregate(&pl->conv, w, wseg, NULL);
 }
 
 void convd_plan_tile_row_window(const convd_plan *pl, int64_t th, int64_t *ih0, int64_t *ih1) {

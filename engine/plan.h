@@ -79,7 +79,7 @@ void convd_plan_tile_rows(const convd_plan *plan, int64_t th, int64_t *oh0, int6
 int64_t convd_plan_row_tile(const convd_plan *plan, int64_t oh);
 /* A transpose's weights, segregated once per job (transpose.h) into wseg (weight_elems floats):
  * the plan's weight views point into them. */
-void convd_plan_segregate(const convd_plan *plan, const float *w, float *wseg);
+int convd_plan_segregate(const convd_plan *plan, const float *w, float *wseg); /* 0 or -1 (memory) */
 
 /* Row access, so that ops can be cut from a whole NCHW tensor or from rows held one by one:
  * returns the start of row h of batch item n, with channel c at offset c * *cstride. */

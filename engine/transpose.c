@@ -1,5 +1,7 @@
 #include "transpose.h"
 
+#include <stdlib.h>
+
 static int64_t gcd64(int64_t a, int64_t b) {
   while (b) {
     int64_t t = a % b;
@@ -58,30 +60,65 @@ int convd_phase_window(const convd_phase_axis *a, int64_t in, int64_t qa, int64_
   return 1;
 }
 
-void convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, size_t *off) {
+int convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, size_t *off) {
   const convd_conv_params *p = &c->p;
-  const int64_t opg = p->c_out / p->groups, cpg = p->c_per_group;
+  const int64_t opg = p->c_out / p->groups, cpg = p->c_per_group, sh = p->stride_h, sw = p->stride_w;
+  const size_t pairs = (size_t)p->c_out * (size_t)cpg; /* (output channel, input channel) pairs */
+  /* Where each kernel row and column goes: its phase, its place in the reversed sub-kernel, and
+   * the phases' tap counts. Phase blocks follow each other in phase order (ry major). */
+  int64_t ty[4096], tx[4096]; /* stride <= 4096 per axis is checked by convd_conv_init */
+  int64_t *ry_of = calloc((size_t)p->kh, sizeof *ry_of), *u_of = calloc((size_t)p->kh, sizeof *u_of);
+  int64_t *rx_of = calloc((size_t)p->kw, sizeof *rx_of), *v_of = calloc((size_t)p->kw, sizeof *v_of);
+  size_t *base = calloc((size_t)(sh * sw), sizeof *base);
+  if (!ry_of || !u_of || !rx_of || !v_of || !base) {
+    free(ry_of), free(u_of), free(rx_of), free(v_of), free(base);
+    return -1;
+  }
+  for (int64_t r = 0; r < sh; r++) {
+    convd_phase_axis a;
+    convd_phase_axis_make(sh, p->dil_h, p->kh, p->pad_top, c->h_out, r, &a);
+    ty[r] = a.taps;
+    for (int64_t u = 0; u < a.taps; u++) {
+      const int64_t ky = a.k0 + (a.taps - 1 - u) * a.kstep;
+      ry_of[ky] = r, u_of[ky] = u;
+    }
+  }
+  for (int64_t r = 0; r < sw; r++) {
+    convd_phase_axis a;
+    convd_phase_axis_make(sw, p->dil_w, p->kw, p->pad_left, c->w_out, r, &a);
+    tx[r] = a.taps;
+    for (int64_t v = 0; v < a.taps; v++) {
+      const int64_t kx = a.k0 + (a.taps - 1 - v) * a.kstep;
+      rx_of[kx] = r, v_of[kx] = v;
+    }
+  }
   size_t at = 0;
-  for (int64_t ry = 0; ry < p->stride_h; ry++)
-    for (int64_t rx = 0; rx < p->stride_w; rx++) {
-      convd_phase_axis ay, ax;
-      convd_phase_axis_make(p->stride_h, p->dil_h, p->kh, p->pad_top, c->h_out, ry, &ay);
-      convd_phase_axis_make(p->stride_w, p->dil_w, p->kw, p->pad_left, c->w_out, rx, &ax);
-      if (off) off[ry * p->stride_w + rx] = at;
-      /* forward block [co][ci_l][u][v] = w[ci][co_l][k0 + (taps-1-u)*kstep][...] (reversed) */
-      for (int64_t co = 0; co < p->c_out; co++) {
+  for (int64_t ry = 0; ry < sh; ry++)
+    for (int64_t rx = 0; rx < sw; rx++) {
+      if (off) off[ry * sw + rx] = at;
+      base[ry * sw + rx] = at;
+      at += pairs * (size_t)(ty[ry] * tx[rx]);
+    }
+  /* Blocks of output x input channels, so that both the reads (the weights of one input channel
+   * for a run of output channels are contiguous) and the writes (one output channel's taps for a
+   * run of input channels are contiguous within each phase) stay in cache. */
+  enum { BLOCK = 32 };
+  for (int64_t co0 = 0; co0 < p->c_out; co0 += BLOCK)
+    for (int64_t ci0 = 0; ci0 < cpg; ci0 += BLOCK)
+      for (int64_t co = co0; co < co0 + BLOCK && co < p->c_out; co++) {
         const int64_t g = co / opg, col = co % opg;
-        for (int64_t cil = 0; cil < cpg; cil++) {
-          const int64_t ci = g * cpg + cil;
-          const float *src = w + ((size_t)ci * (size_t)opg + (size_t)col) * (size_t)p->kh * (size_t)p->kw;
-          for (int64_t u = 0; u < ay.taps; u++) {
-            const int64_t ky = ay.k0 + (ay.taps - 1 - u) * ay.kstep;
-            for (int64_t v = 0; v < ax.taps; v++) {
-              const int64_t kx = ax.k0 + (ax.taps - 1 - v) * ax.kstep;
-              dst[at++] = src[(size_t)ky * (size_t)p->kw + (size_t)kx];
+        for (int64_t cil = ci0; cil < ci0 + BLOCK && cil < cpg; cil++) {
+          const float *src = w + ((size_t)(g * cpg + cil) * (size_t)opg + (size_t)col) * (size_t)p->kh * (size_t)p->kw;
+          const size_t pair = (size_t)co * (size_t)cpg + (size_t)cil;
+          for (int64_t ky = 0; ky < p->kh; ky++) {
+            const int64_t ry = ry_of[ky], u = u_of[ky];
+            for (int64_t kx = 0; kx < p->kw; kx++) {
+              const int64_t rx = rx_of[kx], n = ty[ry] * tx[rx];
+              dst[base[ry * sw + rx] + pair * (size_t)n + (size_t)(u * tx[rx] + v_of[kx])] = src[ky * p->kw + kx];
             }
           }
         }
       }
-    }
+  free(ry_of), free(u_of), free(rx_of), free(v_of), free(base);
+  return 0;
 }

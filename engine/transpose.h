@@ -39,7 +39,8 @@ int convd_phase_window(const convd_phase_axis *a, int64_t in, int64_t qa, int64_
 /* The segregated weights of c (a transpose): for each phase (ry, rx), in phase order (ry
  * major), a dense forward weight block (C_out, C_in/groups, taps_y, taps_x) made from the
  * (C_in, C_out/groups, kH, kW) weights w; the blocks partition the weights, so dst holds
- * c->weight_elems floats. off[ry * s_w + rx] receives each block's offset (off may be NULL). */
-void convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, size_t *off);
+ * c->weight_elems floats. off[ry * s_w + rx] receives each block's offset (off may be NULL).
+ * Returns 0, or -1 when out of memory (for a few index arrays). */
+int convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, size_t *off);
 
 #endif

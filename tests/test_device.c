@@ -106,6 +106,15 @@ static void test_random_shapes_all_devices(void) {
       p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
       p.h = rng_range(&r, (p.kh - 1) * p.dil_h + 1, 40);
       p.w = rng_range(&r, (p.kw - 1) * p.dil_w + 1, 40);
+      if (kind == 3) { /* few outputs, a long reduction: the CPU device's im2col + sgemm path */
+        p.groups = rng_range(&r, 1, 2);
+        p.c_per_group = rng_range(&r, 32, 80);
+        p.c_in = p.groups * p.c_per_group;
+        p.c_out = p.groups * rng_range(&r, 1, 16);
+        p.kh = rng_range(&r, 2, 3), p.kw = rng_range(&r, 2, 3);
+        p.h = rng_range(&r, (p.kh - 1) * p.dil_h + 1, 7);
+        p.w = rng_range(&r, (p.kw - 1) * p.dil_w + 1, 7);
+      }
       p.has_bias = (int)rng_range(&r, 0, 1);
       convd_conv c;
       ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
@@ -139,7 +148,8 @@ static void test_random_shapes_all_devices(void) {
 
 /* Ops read windows of row bands and write tiles of output rows through strided views: every
  * device kind must honour the strides, for the general path and for the CPU device's own
- * kernels (pointwise as sgemm, depthwise direct), and write nothing outside the view. */
+ * kernels (pointwise as sgemm, depthwise direct, small outputs as im2col + sgemm), and write
+ * nothing outside the view. */
 static void test_strided_views_all_devices(void) {
   char err[512];
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
@@ -147,10 +157,10 @@ static void test_strided_views_all_devices(void) {
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
     rng r = {0x5eed0302};
-    for (int iter = 0; iter < 90; iter++) {
+    for (int iter = 0; iter < 120; iter++) {
       convd_conv_params p;
       convd_conv_params_default(&p);
-      int64_t kind = iter % 3; /* general, pointwise, depthwise */
+      int64_t kind = iter % 4; /* general, pointwise, depthwise, small spatial */
       p.n = rng_range(&r, 1, 2);
       p.c_per_group = rng_range(&r, 1, 12);
       p.c_in = p.c_per_group;
@@ -175,6 +185,15 @@ static void test_strided_views_all_devices(void) {
       }
       p.h = rng_range(&r, (p.kh - 1) * p.dil_h + 1, 40);
       p.w = rng_range(&r, (p.kw - 1) * p.dil_w + 1, 40);
+      if (kind == 3) { /* few outputs, a long reduction: the CPU device's im2col + sgemm path */
+        p.groups = rng_range(&r, 1, 2);
+        p.c_per_group = rng_range(&r, 32, 80);
+        p.c_in = p.groups * p.c_per_group;
+        p.c_out = p.groups * rng_range(&r, 1, 16);
+        p.kh = rng_range(&r, 2, 3), p.kw = rng_range(&r, 2, 3);
+        p.h = rng_range(&r, (p.kh - 1) * p.dil_h + 1, 7);
+        p.w = rng_range(&r, (p.kw - 1) * p.dil_w + 1, 7);
+      }
       p.has_bias = (int)rng_range(&r, 0, 1);
       convd_conv c;
       ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);

@@ -357,7 +357,7 @@ static void test_transpose_phases(void) {
     rng_fill(&r, x, c.input_elems), rng_fill(&r, w, c.weight_elems), rng_fill(&r, b, c.bias_elems);
     ASSERT_OK(convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL), "reference");
     size_t off[16];
-    convd_transpose_segregate(&c, w, seg, off);
+    ASSERT_OK(convd_transpose_segregate(&c, w, seg, off), "segregate");
     poison(y, c.output_elems);
     size_t covered = 0;
     for (int64_t ry = 0; ry < p.stride_h; ry++)
