@@ -63,7 +63,12 @@ struct convd_job {
   /* input */
   float *w, *b;
   int w_owned;
-  float *wseg;            /* a transpose's segregated weights, made when the weights arrive */
+  /* A transpose's segregated weights: made by the first worker that needs them (never on the
+   * caller's thread), or found in the engine's cache when the weights' content key matches. */
+  float *wseg;
+  int wseg_own;           /* wseg is the job's to free (else a cache entry's) */
+  int wseg_slot;          /* the cache entry it holds a reference on, or -1 */
+  pthread_mutex_t seg_mu;
   uint64_t w_key;         /* the weights' content key, 0 = unknown */
   int priority;
   int counted; /* in e->pending_ops and e->njobs */
@@ -111,6 +116,16 @@ struct convd_engine {
   uint64_t op_memory; /* planning cap, 0 = none */
   uint64_t max_pending_ops, pending_ops; /* admission */
   uint64_t njobs;
+  /* Segregated transpose weights of recent jobs, by content key and geometry (SEG_CACHE
+   * entries, at most SEG_CACHE_BYTES): repeated calls with the same weights skip the pass. */
+  struct seg_entry {
+    uint64_t key;
+    float *w;
+    size_t bytes;
+    unsigned refs;
+    uint64_t last_use;
+  } segs[8];
+  uint64_t seg_tick;
   void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
   void *user;
   convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
@@ -338,6 +353,70 @@ static uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+#define SEG_CACHE_BYTES (UINT64_C(256) << 20)
+
+/* The job's segregated transpose weights, made once (by the first worker to need them) or taken
+ * from the engine's cache. Outside e->mu. Returns 0 or CONVD_ENOMEM. */
+static int ensure_segregated(convd_engine *e, convd_job *j, char *err, size_t errlen) {
+  pthread_mutex_lock(&j->seg_mu);
+  if (j->wseg) {
+    pthread_mutex_unlock(&j->seg_mu);
+    return 0;
+  }
+  const convd_conv_params *p = &j->plan.conv.p;
+  const int n = (int)(sizeof e->segs / sizeof e->segs[0]);
+  /* the content key, and the geometry the phase blocks depend on */
+  uint64_t key = 0;
+  if (j->w_key) {
+    key = mix64(j->w_key ^ 0x5e9a7e);
+    const int64_t g[] = {p->c_out, p->c_per_group, p->kh, p->kw, p->stride_h, p->stride_w,
+                         p->dil_h, p->dil_w, p->groups};
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) key = mix64(key ^ (uint64_t)g[i]);
+    key |= 1;
+    pthread_mutex_lock(&e->mu);
+    for (int i = 0; i < n; i++)
+      if (e->segs[i].w && e->segs[i].key == key) {
+        e->segs[i].refs++;
+        e->segs[i].last_use = ++e->seg_tick;
+        j->wseg = e->segs[i].w;
+        j->wseg_slot = i;
+        break;
+      }
+    pthread_mutex_unlock(&e->mu);
+  }
+  int rc = 0;
+  if (j->wseg == NULL) {
+    const size_t bytes = j->plan.conv.weight_bytes;
+    float *w = malloc(bytes);
+    if (w == NULL || convd_plan_segregate(&j->plan, j->w, w)) {
+      free(w);
+      rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory segregating a transpose's weights");
+    } else {
+      j->wseg = w;
+      j->wseg_own = 1;
+      if (key && bytes <= SEG_CACHE_BYTES) { /* keep it for later jobs with the same weights */
+        pthread_mutex_lock(&e->mu);
+        uint64_t total = bytes;
+        int victim = -1;
+        for (int i = 0; i < n; i++) {
+          total += e->segs[i].bytes;
+          if (e->segs[i].refs == 0 && (victim < 0 || e->segs[i].last_use < e->segs[victim].last_use))
+            victim = i;
+        }
+        if (victim >= 0 && total - e->segs[victim].bytes <= SEG_CACHE_BYTES) {
+          free(e->segs[victim].w);
+          e->segs[victim] = (struct seg_entry){key, w, bytes, 1, ++e->seg_tick};
+          j->wseg_own = 0;
+          j->wseg_slot = victim;
+        }
+        pthread_mutex_unlock(&e->mu);
+      }
+    }
+  }
+  pthread_mutex_unlock(&j->seg_mu);
+  return rc;
+}
+
 /* Runs op on the slot's device, outside e->mu. Returns 0 or an error (device failure). In a
  * chain (chain_len > 1, devices that accumulate) the device sums the tile's input-channel
  * blocks itself and writes the tile at the last one. */
@@ -369,6 +448,7 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
     y = convd_view_dense(s->partial, oc, th, tw);
   }
   int rc = 0;
+  if (!op->empty && pl->transposed && (rc = ensure_segregated(e, j, err, errlen))) return rc;
   if (op->empty) {
     convd_plan_fill_empty(pl, op, j->b, y);
   } else {
@@ -709,6 +789,7 @@ void convd_engine_destroy(convd_engine *e) {
     free(s->wblk);
     free(s->partial);
   }
+  for (size_t i = 0; i < sizeof e->segs / sizeof e->segs[0]; i++) free(e->segs[i].w);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->mu);
   free(e->devs);
@@ -770,6 +851,8 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   if (j == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   j->e = e;
   j->cb = *cbs;
+  j->wseg_slot = -1;
+  pthread_mutex_init(&j->seg_mu, NULL);
   atomic_init(&j->stop, 0);
   pthread_mutex_init(&j->acc_mu, NULL);
   int rc = convd_engine_plan(e, conv, &j->plan, err, errlen);
@@ -788,9 +871,8 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   j->queued = calloc(groups, 1);
   j->tile_left = calloc(groups, sizeof *j->tile_left);
   if (j->plan.icblocks > 1) j->tile_written = calloc((size_t)(j->plan.ops / (uint64_t)j->plan.icblocks), 1);
-  if (j->plan.transposed) j->wseg = malloc(conv->weight_bytes);
   if (!j->row_band || !j->in_refs || !j->in_seen || !j->out || !j->missing || !j->queued ||
-      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written) || (j->plan.transposed && !j->wseg)) {
+      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written)) {
     convd_job_destroy(j);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   }
@@ -879,11 +961,7 @@ void convd_job_set_weights(convd_job *j, float *w, float *b, int ownership) {
   j->w = w;
   j->b = b;
   j->w_owned = ownership == CONVD_GIVE;
-  if (j->wseg && convd_plan_segregate(&j->plan, w, j->wseg)) {
-    j->failed = 1;
-    atomic_store(&j->stop, 1);
-    snprintf(j->fail_msg, sizeof j->fail_msg, "out of memory segregating a transpose's weights");
-  }
+
   for (int64_t n = 0; n < j->plan.conv.p.n; n++)
     for (int64_t th = 0; th < j->plan.tiles_h; th++) maybe_queue(j, n, th);
   pthread_cond_broadcast(&e->cv);
@@ -1036,7 +1114,13 @@ void convd_job_destroy(convd_job *j) {
   free(j->row_band), free(j->in_refs), free(j->in_seen), free(j->out), free(j->tile_written);
   free(j->missing), free(j->queued), free(j->tile_left), free(j->ready), free(j->retry);
   if (j->w_owned) free(j->w), free(j->b);
-  free(j->wseg);
+  if (j->wseg_own) free(j->wseg);
+  if (j->wseg_slot >= 0) {
+    pthread_mutex_lock(&e->mu);
+    e->segs[j->wseg_slot].refs--;
+    pthread_mutex_unlock(&e->mu);
+  }
+  pthread_mutex_destroy(&j->seg_mu);
   pthread_mutex_destroy(&j->acc_mu);
   free(j);
 }
