@@ -813,6 +813,16 @@ static void on_recv(void *obj, int ok) {
 
 /* ---- method handlers (CQ thread, c->mu held) -------------------------------------------- */
 
+/* Sends the initial metadata now, so that a streaming client's first read does not wait for
+ * its whole upload. Returns 0, or -1 when the batch could not start. */
+static int send_initial_metadata(call *c) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->md_sent = 1;
+  return start_batch(c, &op, 1, &c->t_md);
+}
+
 static void handle_conv2d(call *c) {
   c->sess = convd_session_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
   c->band_buf = malloc(c->rpc->cfg->chunk_bytes);
@@ -820,13 +830,7 @@ static void handle_conv2d(call *c) {
     fail(c, CONVD_ENOMEM, "the daemon is out of memory");
     return;
   }
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_SEND_INITIAL_METADATA;
-  c->md_sent = 1;
-  /* Initial metadata now, so a client's first read does not wait for the whole upload. */
-  if (start_batch(c, &op, 1, &c->t_md)) return;
-  post_recv(c);
+  if (send_initial_metadata(c) == 0) post_recv(c);
 }
 
 /* A whole tensor of `elems` elements of the call's dtype, widened to float32 in an own, aligned
@@ -1113,12 +1117,7 @@ static void handle_put_weights(call *c) {
     fail(c, CONVD_ENOTSUP, "this daemon runs without a weights registry (--weights-memory 0)");
     return;
   }
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_SEND_INITIAL_METADATA;
-  c->md_sent = 1;
-  if (start_batch(c, &op, 1, &c->t_md)) return;
-  post_recv(c);
+  if (send_initial_metadata(c) == 0) post_recv(c);
 }
 
 static int dtype_to_wire(int dtype) {
@@ -1259,12 +1258,7 @@ static void handle_health_watch(call *c) {
   c->watch_unknown = !health_known(m->service);
   c->watch_sent = -1;
   protobuf_c_message_free_unpacked(&m->base, NULL);
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_SEND_INITIAL_METADATA;
-  c->md_sent = 1;
-  if (start_batch(c, &op, 1, &c->t_md)) return;
-  watch_pump(c);
+  if (send_initial_metadata(c) == 0) watch_pump(c);
 }
 
 /* Health may have changed (drain, a device failed): every watcher re-checks. Not called with
@@ -1315,12 +1309,7 @@ void convd_rpc_health_changed(convd_rpc *r) {
 /* ---- server reflection --------------------------------------------------------------------- */
 
 static void handle_reflect(call *c) {
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_SEND_INITIAL_METADATA;
-  c->md_sent = 1;
-  if (start_batch(c, &op, 1, &c->t_md)) return;
-  post_recv(c);
+  if (send_initial_metadata(c) == 0) post_recv(c);
 }
 
 /* A reflection request (or the end of the stream): answered, then the next one is read.

@@ -259,6 +259,29 @@ static void test_reference_transpose_golden(void) {
   ASSERT_TRUE(cases >= 4);
 }
 
+/* A random transpose: strides 1-4, kernels 1-7, dilation 1-3, asymmetric padding, output
+ * padding, groups, bias, up to `ch` channels per group. */
+static convd_conv_params random_transpose(rng *r, int64_t ch) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.transposed = 1;
+  p.groups = rng_range(r, 1, 3);
+  p.n = rng_range(r, 1, 2);
+  p.c_per_group = rng_range(r, 1, ch);
+  p.c_in = p.groups * p.c_per_group;
+  p.c_out = p.groups * rng_range(r, 1, ch);
+  p.kh = rng_range(r, 1, 7), p.kw = rng_range(r, 1, 7);
+  p.stride_h = rng_range(r, 1, 4), p.stride_w = rng_range(r, 1, 4);
+  p.dil_h = rng_range(r, 1, 3), p.dil_w = rng_range(r, 1, 3);
+  p.h = rng_range(r, 1, 9), p.w = rng_range(r, 1, 9);
+  p.out_pad_h = rng_range(r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
+  p.out_pad_w = rng_range(r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
+  p.pad_top = rng_range(r, 0, 4), p.pad_bottom = rng_range(r, 0, 4);
+  p.pad_left = rng_range(r, 0, 4), p.pad_right = rng_range(r, 0, 4);
+  p.has_bias = (int)rng_range(r, 0, 1);
+  return p;
+}
+
 /* The scatter-form reference against the gather form written here from the definition
  * (y[oy] sums x[iy] w[ky] over oy + pad = iy * stride + ky * dilation), on random shapes:
  * strides 1-4, kernels 1-7, dilation, asymmetric padding, output padding, groups, bias. */
@@ -267,23 +290,7 @@ static void test_reference_transpose_random(void) {
   char err[256];
   int cases = 0;
   for (int iter = 0; iter < 300; iter++) {
-    convd_conv_params p;
-    convd_conv_params_default(&p);
-    p.transposed = 1;
-    p.groups = rng_range(&r, 1, 3);
-    p.n = rng_range(&r, 1, 2);
-    p.c_per_group = rng_range(&r, 1, 4);
-    p.c_in = p.groups * p.c_per_group;
-    p.c_out = p.groups * rng_range(&r, 1, 4);
-    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
-    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
-    p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
-    p.h = rng_range(&r, 1, 9), p.w = rng_range(&r, 1, 9);
-    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
-    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
-    p.pad_top = rng_range(&r, 0, 4), p.pad_bottom = rng_range(&r, 0, 4);
-    p.pad_left = rng_range(&r, 0, 4), p.pad_right = rng_range(&r, 0, 4);
-    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv_params p = random_transpose(&r, 4);
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) continue; /* cropped away entirely */
     float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
@@ -333,23 +340,7 @@ static void test_transpose_phases(void) {
   char err[256];
   int cases = 0;
   for (int iter = 0; iter < 300; iter++) {
-    convd_conv_params p;
-    convd_conv_params_default(&p);
-    p.transposed = 1;
-    p.groups = rng_range(&r, 1, 3);
-    p.n = rng_range(&r, 1, 2);
-    p.c_per_group = rng_range(&r, 1, 3);
-    p.c_in = p.groups * p.c_per_group;
-    p.c_out = p.groups * rng_range(&r, 1, 3);
-    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
-    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
-    p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
-    p.h = rng_range(&r, 1, 9), p.w = rng_range(&r, 1, 9);
-    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
-    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
-    p.pad_top = rng_range(&r, 0, 4), p.pad_bottom = rng_range(&r, 0, 4);
-    p.pad_left = rng_range(&r, 0, 4), p.pad_right = rng_range(&r, 0, 4);
-    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv_params p = random_transpose(&r, 3);
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) continue;
     float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
