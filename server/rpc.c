@@ -277,6 +277,9 @@ static void rpc_maybe_drained(convd_rpc *r) {
 
 static void call_free(call *c) {
   convd_rpc *r = c->rpc;
+  /* Logged and counted before it leaves the active list: once calls_in_flight reads 0, every
+   * ended call is in the metrics. */
+  if (c->gc) call_log_end(c);
   pthread_mutex_lock(&r->mu);
   if (c->in_active) {
     if (c->prev) c->prev->next = c->next;
@@ -285,10 +288,7 @@ static void call_free(call *c) {
     r->n_active--;
   }
   pthread_mutex_unlock(&r->mu);
-  if (c->gc) {
-    call_log_end(c);
-    grpc_call_unref(c->gc);
-  }
+  if (c->gc) grpc_call_unref(c->gc);
   if (c->payload) grpc_byte_buffer_destroy(c->payload);
   if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
   if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);

@@ -324,9 +324,16 @@ def test_metrics_deadlines_admission(convd):
                 stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes(), weight=w.tobytes()), timeout=30)
             expect_code(lambda: stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes()[:-4], weight=w.tobytes()),
                                                  timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "has")
-            s1 = scrape(daemon.metrics_url)
-            ok = metric(s1, "convd_requests_total", method="Conv2dUnary", status="OK")
-            bad = metric(s1, "convd_requests_total", method="Conv2dUnary", status="INVALID_ARGUMENT")
+            # a call is counted when the daemon has finished with it, just after the client got
+            # its status: the scrape may come first, so wait for the counters (at most 2 s)
+            t0 = time.time()
+            while True:
+                s1 = scrape(daemon.metrics_url)
+                ok = metric(s1, "convd_requests_total", method="Conv2dUnary", status="OK")
+                bad = metric(s1, "convd_requests_total", method="Conv2dUnary", status="INVALID_ARGUMENT")
+                if (ok, bad) == (3, 1) or time.time() - t0 > 2:
+                    break
+                time.sleep(0.01)
             assert ok == 3 and bad == 1, (ok, bad)
             assert metric(s1, "convd_received_bytes_total") == 3 * (x.nbytes + w.nbytes)
             assert metric(s1, "convd_sent_bytes_total") == 3 * 8 * 16 * 16 * 4
