@@ -349,8 +349,10 @@ def test_metrics_deadlines_admission(convd):
 
             # a deadline and a cancel in the middle of long jobs: back to idle within a second
             xb = rng.standard_normal((1, 32, 256, 256), dtype=np.float32)
-            wb = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
-            big = conv_spec(xb.shape, "")
+            # 5x5: 1.7 G multiply-adds on the reference kernel (64 ops), seconds of work in 16 MiB
+            # of rows (3x3 sometimes finished inside the 0.5 s deadline)
+            wb = rng.standard_normal((32, 32, 5, 5), dtype=np.float32)
+            big = conv_spec(xb.shape, "", pad=2)
             big.weight_shape.d0, big.weight_shape.d1, big.weight_shape.d2, big.weight_shape.d3 = wb.shape
             t0 = time.time()
             expect_code(lambda: collect_output(stub.Conv2d(conv_requests(pb, big, xb, wb, None, 60000), timeout=0.5)),
