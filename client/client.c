@@ -341,16 +341,18 @@ static void wire_done(wire_tensors *t, const convd_conv *cv, float *y) {
   wire_free(t);
 }
 
-static int conv2d_stream(convd_client *c, const convd_conv_params *p, const void *x,
-                         const void *w, const void *b, void *y, convd_client_stats *st,
-                         char *err, size_t errlen);
-static int conv2d_unary(convd_client *c, const convd_conv_params *p, const void *x,
-                        const void *w, const void *b, void *y, convd_client_stats *st, char *err,
-                        size_t errlen);
+/* The calls proper, on tensors already in the wire's dtype; conv is p checked. */
+typedef int (*wire_call)(convd_client *c, const convd_conv *conv, const void *x, const void *w,
+                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
+static int conv2d_stream(convd_client *c, const convd_conv *conv, const void *x, const void *w,
+                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
+static int conv2d_unary(convd_client *c, const convd_conv *conv, const void *x, const void *w,
+                        const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
 
-int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
-                        const float *w, const float *b, float *y, convd_client_stats *st,
-                        char *err, size_t errlen) {
+/* Checks p, narrows the tensors to the wire's dtype, makes the call and widens the output. */
+static int conv_via_wire(convd_client *c, const convd_conv_params *p, const float *x,
+                         const float *w, const float *b, float *y, convd_client_stats *st,
+                         char *err, size_t errlen, wire_call call) {
   convd_conv conv;
   int rc = convd_conv_init(&conv, p, err, errlen);
   if (rc) return rc;
@@ -358,38 +360,31 @@ int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float
     return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
   wire_tensors t;
   if ((rc = wire_make(&t, &conv, x, w, b, y, err, errlen))) return rc;
-  rc = conv2d_stream(c, p, t.x, t.w, t.b, t.y, st, err, errlen);
+  rc = call(c, &conv, t.x, t.w, t.b, t.y, st, err, errlen);
   if (rc == 0)
     wire_done(&t, &conv, y);
   else
     wire_free(&t);
   return rc;
+}
+
+int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
+                        const float *w, const float *b, float *y, convd_client_stats *st,
+                        char *err, size_t errlen) {
+  return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_stream);
 }
 
 int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
                               const float *w, const float *b, float *y, convd_client_stats *st,
                               char *err, size_t errlen) {
-  convd_conv conv;
-  int rc = convd_conv_init(&conv, p, err, errlen);
-  if (rc) return rc;
-  if (p->has_bias && b == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
-  wire_tensors t;
-  if ((rc = wire_make(&t, &conv, x, w, b, y, err, errlen))) return rc;
-  rc = conv2d_unary(c, p, t.x, t.w, t.b, t.y, st, err, errlen);
-  if (rc == 0)
-    wire_done(&t, &conv, y);
-  else
-    wire_free(&t);
-  return rc;
+  return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_unary);
 }
 
-static int conv2d_stream(convd_client *c, const convd_conv_params *p, const void *x,
-                         const void *w, const void *b, void *y, convd_client_stats *st,
-                         char *err, size_t errlen) {
-  convd_conv conv;
-  int rc = convd_conv_init(&conv, p, err, errlen);
-  if (rc) return rc;
+static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, const void *w,
+                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
+  const convd_conv_params *p = &cv->p;
+  const convd_conv conv = *cv;
+  int rc;
   if (st) {
     memset(st, 0, sizeof *st);
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
@@ -574,12 +569,11 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   return rc;
 }
 
-static int conv2d_unary(convd_client *c, const convd_conv_params *p, const void *x,
-                        const void *w, const void *b, void *y, convd_client_stats *st, char *err,
-                        size_t errlen) {
-  convd_conv conv;
-  int rc = convd_conv_init(&conv, p, err, errlen);
-  if (rc) return rc;
+static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, const void *w,
+                        const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
+  const convd_conv_params *p = &cv->p;
+  const convd_conv conv = *cv;
+  int rc;
   spec_storage sp;
   make_spec(&sp, p);
   Convd__V1__ConvCall req = CONVD__V1__CONV_CALL__INIT;

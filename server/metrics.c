@@ -121,6 +121,12 @@ static void header(text *t, const char *name, const char *type, const char *help
   put(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* One unlabelled series with its HELP and TYPE lines. */
+static void scalar(text *t, const char *name, const char *type, const char *help, uint64_t v) {
+  header(t, name, type, help);
+  put(t, "%s %" PRIu64 "\n", name, v);
+}
+
 static void put_histogram(text *t, const char *name, const char *method, const histogram *h) {
   uint64_t cum = 0;
   for (size_t i = 0; i < NBUCKETS; i++) {
@@ -152,32 +158,21 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
          "Time a call's first elemental op waited for a device, by method.");
   for (int i = 0; i < m->nmethods; i++)
     if (m->methods[i].queue.n) put_histogram(&t, "convd_queue_wait_seconds", m->methods[i].name, &m->methods[i].queue);
-  header(&t, "convd_received_bytes_total", "counter", "Tensor bytes received (weights, bias, input).");
-  put(&t, "convd_received_bytes_total %" PRIu64 "\n", m->bytes_in);
-  header(&t, "convd_sent_bytes_total", "counter", "Tensor bytes sent (output).");
-  put(&t, "convd_sent_bytes_total %" PRIu64 "\n", m->bytes_out);
+  scalar(&t, "convd_received_bytes_total", "counter", "Tensor bytes received (weights, bias, input).", (uint64_t)(m->bytes_in));
+  scalar(&t, "convd_sent_bytes_total", "counter", "Tensor bytes sent (output).", (uint64_t)(m->bytes_out));
   pthread_mutex_unlock(&m->mu);
 
   convd_engine_load ld;
   convd_engine_load_get(e, &ld);
-  header(&t, "convd_serving", "gauge", "1 while the health service says SERVING.");
-  put(&t, "convd_serving %d\n", g->serving);
-  header(&t, "convd_calls_in_flight", "gauge", "Calls in progress (all methods).");
-  put(&t, "convd_calls_in_flight %" PRIu64 "\n", g->calls_in_flight);
-  header(&t, "convd_inflight_jobs", "gauge", "Convolution jobs in the engine.");
-  put(&t, "convd_inflight_jobs %" PRIu64 "\n", ld.jobs);
-  header(&t, "convd_pending_ops", "gauge", "Elemental ops of those jobs not yet done.");
-  put(&t, "convd_pending_ops %" PRIu64 "\n", ld.pending_ops);
-  header(&t, "convd_queued_ops", "gauge", "Elemental ops ready and waiting for a device.");
-  put(&t, "convd_queued_ops %" PRIu64 "\n", ld.ready_ops);
-  header(&t, "convd_running_ops", "gauge", "Elemental ops on a device now.");
-  put(&t, "convd_running_ops %" PRIu64 "\n", ld.running_ops);
-  header(&t, "convd_job_bytes_held", "gauge", "Input and output rows the jobs hold.");
-  put(&t, "convd_job_bytes_held %" PRIu64 "\n", ld.bytes_held);
-  header(&t, "convd_inflight_bytes", "gauge", "Bytes admitted for calls in flight (--max-inflight-bytes).");
-  put(&t, "convd_inflight_bytes %" PRIu64 "\n", g->inflight_bytes);
-  header(&t, "convd_inflight_bytes_limit", "gauge", "The admission limit on bytes in flight.");
-  put(&t, "convd_inflight_bytes_limit %" PRIu64 "\n", g->inflight_limit);
+  scalar(&t, "convd_serving", "gauge", "1 while the health service says SERVING.", (uint64_t)(g->serving));
+  scalar(&t, "convd_calls_in_flight", "gauge", "Calls in progress (all methods).", (uint64_t)(g->calls_in_flight));
+  scalar(&t, "convd_inflight_jobs", "gauge", "Convolution jobs in the engine.", (uint64_t)(ld.jobs));
+  scalar(&t, "convd_pending_ops", "gauge", "Elemental ops of those jobs not yet done.", (uint64_t)(ld.pending_ops));
+  scalar(&t, "convd_queued_ops", "gauge", "Elemental ops ready and waiting for a device.", (uint64_t)(ld.ready_ops));
+  scalar(&t, "convd_running_ops", "gauge", "Elemental ops on a device now.", (uint64_t)(ld.running_ops));
+  scalar(&t, "convd_job_bytes_held", "gauge", "Input and output rows the jobs hold.", (uint64_t)(ld.bytes_held));
+  scalar(&t, "convd_inflight_bytes", "gauge", "Bytes admitted for calls in flight (--max-inflight-bytes).", (uint64_t)(g->inflight_bytes));
+  scalar(&t, "convd_inflight_bytes_limit", "gauge", "The admission limit on bytes in flight.", (uint64_t)(g->inflight_limit));
 
   const size_t nd = convd_engine_device_count(e);
   convd_device_info *info = calloc(nd ? nd : 1, sizeof *info);
@@ -225,22 +220,14 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
 
   convd_registry_stats rs = {0};
   if (reg) convd_registry_stats_get(reg, &rs);
-  header(&t, "convd_weights_registry_bytes", "gauge", "Bytes of weights in the registry.");
-  put(&t, "convd_weights_registry_bytes %" PRIu64 "\n", rs.bytes);
-  header(&t, "convd_weights_registry_limit_bytes", "gauge", "The registry's limit (--weights-memory).");
-  put(&t, "convd_weights_registry_limit_bytes %" PRIu64 "\n", rs.limit);
-  header(&t, "convd_weights_registry_entries", "gauge", "Weights in the registry.");
-  put(&t, "convd_weights_registry_entries %" PRIu64 "\n", rs.entries);
-  header(&t, "convd_weights_registry_puts_total", "counter", "PutWeights calls that completed.");
-  put(&t, "convd_weights_registry_puts_total %" PRIu64 "\n", rs.puts);
-  header(&t, "convd_weights_registry_dedupes_total", "counter", "Puts of weights already registered.");
-  put(&t, "convd_weights_registry_dedupes_total %" PRIu64 "\n", rs.dedupes);
-  header(&t, "convd_weights_registry_hits_total", "counter", "Calls whose weights_id was found.");
-  put(&t, "convd_weights_registry_hits_total %" PRIu64 "\n", rs.hits);
-  header(&t, "convd_weights_registry_misses_total", "counter", "Calls whose weights_id was not found.");
-  put(&t, "convd_weights_registry_misses_total %" PRIu64 "\n", rs.misses);
-  header(&t, "convd_weights_registry_evictions_total", "counter", "Weights evicted to make room.");
-  put(&t, "convd_weights_registry_evictions_total %" PRIu64 "\n", rs.evictions);
+  scalar(&t, "convd_weights_registry_bytes", "gauge", "Bytes of weights in the registry.", (uint64_t)(rs.bytes));
+  scalar(&t, "convd_weights_registry_limit_bytes", "gauge", "The registry's limit (--weights-memory).", (uint64_t)(rs.limit));
+  scalar(&t, "convd_weights_registry_entries", "gauge", "Weights in the registry.", (uint64_t)(rs.entries));
+  scalar(&t, "convd_weights_registry_puts_total", "counter", "PutWeights calls that completed.", (uint64_t)(rs.puts));
+  scalar(&t, "convd_weights_registry_dedupes_total", "counter", "Puts of weights already registered.", (uint64_t)(rs.dedupes));
+  scalar(&t, "convd_weights_registry_hits_total", "counter", "Calls whose weights_id was found.", (uint64_t)(rs.hits));
+  scalar(&t, "convd_weights_registry_misses_total", "counter", "Calls whose weights_id was not found.", (uint64_t)(rs.misses));
+  scalar(&t, "convd_weights_registry_evictions_total", "counter", "Weights evicted to make room.", (uint64_t)(rs.evictions));
   if (t.failed) {
     free(t.p);
     return NULL;

@@ -401,13 +401,8 @@ static void send_final(call *c, grpc_byte_buffer *response) {
   start_batch(c, ops, n, &c->t_final);
 }
 
-static void start_send(call *c, const ProtobufCMessage *m) {
-  grpc_byte_buffer *bb = convd_wire_pack(m);
-  if (bb == NULL) {
-    set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
-    send_final(c, NULL);
-    return;
-  }
+/* Sends bb as the call's next message; on_send runs when it went out. */
+static void send_buffer(call *c, grpc_byte_buffer *bb) {
   grpc_op op;
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_SEND_MESSAGE;
@@ -419,6 +414,16 @@ static void start_send(call *c, const ProtobufCMessage *m) {
     grpc_byte_buffer_destroy(bb);
     c->send_buf = NULL;
   }
+}
+
+static void start_send(call *c, const ProtobufCMessage *m) {
+  grpc_byte_buffer *bb = convd_wire_pack(m);
+  if (bb == NULL) {
+    set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
+    send_final(c, NULL);
+    return;
+  }
+  send_buffer(c, bb);
 }
 
 static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
@@ -1344,17 +1349,7 @@ static void reflect_recv(call *c, int ok, grpc_byte_buffer *bb) {
   grpc_slice sl = grpc_slice_new(out, len, free);
   grpc_byte_buffer *resp = grpc_raw_byte_buffer_create(&sl, 1);
   grpc_slice_unref(sl);
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_SEND_MESSAGE;
-  op.data.send_message.send_message = resp;
-  c->send_buf = resp;
-  c->sending = 1;
-  if (start_batch(c, &op, 1, &c->t_send)) {
-    c->sending = 0;
-    grpc_byte_buffer_destroy(resp);
-    c->send_buf = NULL;
-  }
+  send_buffer(c, resp);
 }
 
 static void handle_generic(call *c) {
