@@ -8,6 +8,7 @@
 
 #include "err.h"
 #include "log.h"
+#include "wire.h"
 
 #ifndef CONVD_VERSION
 #define CONVD_VERSION "0.1.0"
@@ -193,12 +194,12 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
   }
 
   /* A data payload plus the message's own framing must fit in one gRPC message. */
-  if (cfg->chunk_bytes + 1024 > cfg->max_message_bytes)
+  if (cfg->chunk_bytes + CONVD_WIRE_FRAMING_SLACK > cfg->max_message_bytes)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "chunk-bytes=%llu leaves no room for message framing within "
-                      "max-message-bytes=%llu: keep chunk-bytes at most max-message-bytes - 1024",
+                      "max-message-bytes=%llu: keep chunk-bytes at most max-message-bytes - %d",
                       (unsigned long long)cfg->chunk_bytes,
-                      (unsigned long long)cfg->max_message_bytes);
+                      (unsigned long long)cfg->max_message_bytes, CONVD_WIRE_FRAMING_SLACK);
   if (strcmp(cfg->cpu_kernel, "onednn") != 0 && strcmp(cfg->cpu_kernel, "reference") != 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "--cpu-kernel=%s: expected onednn or reference",
                       cfg->cpu_kernel);

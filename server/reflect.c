@@ -1,18 +1,36 @@
+/* Server reflection (grpc.reflection.v1 and v1alpha): the service's handlers and the answers,
+ * from the descriptors built into the daemon and the services of the method table.
+ *
+ * Threads: the handlers run on the completion-queue thread with the call's mutex held;
+ * convd_reflect_answer is pure and runs on any thread. */
 #include "reflect.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "err.h"
 #include "grpc/reflection/v1/reflection.pb-c.h"
+#include "services.h"
+#include "wire.h"
 
 /* protoc's FileDescriptorSet of every served file (cmake/embed.cmake). */
 extern const unsigned char convd_descriptor_set[];
 extern const size_t convd_descriptor_set_len;
 
-const char *const convd_reflect_services[] = {"convd.v1.Convolution", "grpc.health.v1.Health",
-                                              "grpc.reflection.v1.ServerReflection",
-                                              "grpc.reflection.v1alpha.ServerReflection", NULL};
+#define MAX_SERVICES 8
+
+/* The services of the method table, each once (the table keeps a service's methods together). */
+static size_t list_services(char names[MAX_SERVICES][96]) {
+  size_t n = 0;
+  for (size_t i = 0; convd_methods[i].path; i++) {
+    const char *svc = convd_methods[i].path + 1, *slash = strchr(svc, '/');
+    char name[96];
+    snprintf(name, sizeof name, "%.*s", (int)(slash - svc), svc);
+    if ((n == 0 || strcmp(names[n - 1], name) != 0) && n < MAX_SERVICES) memcpy(names[n++], name, sizeof name);
+  }
+  return n;
+}
 
 /* ---- just enough of the protobuf wire format to walk descriptors ---------------------------- */
 
@@ -108,8 +126,9 @@ uint8_t *convd_reflect_answer(Grpc__Reflection__V1__ServerReflectionRequest *rq,
   Grpc__Reflection__V1__ListServiceResponse lsr = GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
   Grpc__Reflection__V1__ErrorResponse er = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
   Grpc__Reflection__V1__ExtensionNumberResponse enr = GRPC__REFLECTION__V1__EXTENSION_NUMBER_RESPONSE__INIT;
-  Grpc__Reflection__V1__ServiceResponse svc[8];
-  Grpc__Reflection__V1__ServiceResponse *svcp[8];
+  Grpc__Reflection__V1__ServiceResponse svc[MAX_SERVICES];
+  Grpc__Reflection__V1__ServiceResponse *svcp[MAX_SERVICES];
+  char names[MAX_SERVICES][96];
   ProtobufCBinaryData files[8];
   char msg[300];
   resp.valid_host = rq->host ? rq->host : (char *)"";
@@ -119,11 +138,11 @@ uint8_t *convd_reflect_answer(Grpc__Reflection__V1__ServerReflectionRequest *rq,
   char v1buf[256];
   switch (rq->message_request_case) {
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES: {
-      size_t n = 0;
-      for (; convd_reflect_services[n] && n < 8; n++) {
-        grpc__reflection__v1__service_response__init(&svc[n]);
-        svc[n].name = (char *)convd_reflect_services[n];
-        svcp[n] = &svc[n];
+      const size_t n = list_services(names);
+      for (size_t i = 0; i < n; i++) {
+        grpc__reflection__v1__service_response__init(&svc[i]);
+        svc[i].name = names[i];
+        svcp[i] = &svc[i];
       }
       lsr.n_service = n;
       lsr.service = svcp;
@@ -182,3 +201,45 @@ uint8_t *convd_reflect_answer(Grpc__Reflection__V1__ServerReflectionRequest *rq,
   if (out) grpc__reflection__v1__server_reflection_response__pack(&resp, out);
   return out;
 }
+
+/* ---- the service ------------------------------------------------------------------------- */
+
+static void reflect_start(convd_call *c) {
+  if (convd_call_send_initial_metadata(c) == 0) convd_call_recv(c);
+}
+
+/* A request is answered, then the next one is read; at half-close the stream ends once the
+ * last answer went out. */
+static void reflect_recv(convd_call *c, grpc_byte_buffer *bb) {
+  if (bb == NULL) {
+    convd_call_finish_ok(c);
+    return;
+  }
+  Grpc__Reflection__V1__ServerReflectionRequest *rq =
+      (Grpc__Reflection__V1__ServerReflectionRequest *)convd_wire_unpack(
+          bb, &grpc__reflection__v1__server_reflection_request__descriptor);
+  if (rq == NULL) {
+    convd_call_fail(c, CONVD_EINVAL, "the message is not a valid grpc.reflection.v1.ServerReflectionRequest");
+    return;
+  }
+  size_t len = 0;
+  uint8_t *out = convd_reflect_answer(rq, &len);
+  protobuf_c_message_free_unpacked(&rq->base, NULL);
+  if (out == NULL) {
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  grpc_slice sl = grpc_slice_new(out, len, free);
+  grpc_byte_buffer *resp = grpc_raw_byte_buffer_create(&sl, 1);
+  grpc_slice_unref(sl);
+  convd_call_send_buffer(c, resp);
+}
+
+/* One answer per request: the next request is read once this answer went out. */
+static void reflect_sent(convd_call *c) {
+  if (c->recv_done) convd_call_finish_ok(c);
+  else if (!c->status_set) convd_call_recv(c);
+}
+
+const convd_handlers convd_reflection_handlers = {
+    .start = reflect_start, .recv = reflect_recv, .sent = reflect_sent};

@@ -1,6 +1,6 @@
 /* Server reflection (grpc.reflection.v1 and v1alpha): answers one ServerReflectionRequest with
  * its ServerReflectionResponse from the descriptors built into the daemon (convd.v1, the health
- * service, reflection itself). Protobuf only; the gRPC side streams the messages. */
+ * service, reflection itself). The service's handlers are in services.h. */
 #ifndef CONVD_REFLECT_H
 #define CONVD_REFLECT_H
 
@@ -8,9 +8,6 @@
 #include <stdint.h>
 
 #include "grpc/reflection/v1/reflection.pb-c.h"
-
-/* The services a client can list. */
-extern const char *const convd_reflect_services[];
 
 /* The packed response to rq (NULL when out of memory; *len gets the size). Unknown files and
  * symbols get an error_response (NOT_FOUND), as the protocol says. free() the result. */

@@ -1,3 +1,4 @@
+/* See registry.h. Threads: any; one mutex (registry.mu) guards the entries, their pins and the counters. */
 #include "registry.h"
 
 #include <inttypes.h>
@@ -8,6 +9,7 @@
 #include <time.h>
 #include <xxhash.h>
 
+#include "clock.h"
 #include "err.h"
 
 typedef struct entry {
@@ -24,12 +26,6 @@ struct convd_registry {
   entry *head; /* most recently used */
   convd_registry_stats st;
 };
-
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 convd_registry *convd_registry_create(uint64_t limit_bytes) {
   convd_registry *r = calloc(1, sizeof *r);
@@ -116,7 +112,7 @@ int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, in
       if (e->next) e->next->prev = e->prev;
       push_front(r, e);
     }
-    e->last_use = now_seconds();
+    e->last_use = convd_now_seconds();
     r->st.dedupes++;
     *already = 1;
     *bytes = e->w.bytes;
@@ -168,7 +164,7 @@ int convd_registry_put(convd_registry *r, int64_t c_out, int64_t c_per_group, in
   e->w.digest = (uint64_t)h.low64 ? (uint64_t)h.low64 : 1;
   e->w.bytes = need;
   e->registered = 1;
-  e->last_use = now_seconds();
+  e->last_use = convd_now_seconds();
   push_front(r, e);
   r->st.entries++;
   r->st.bytes += need;
@@ -194,7 +190,7 @@ int convd_registry_acquire(convd_registry *r, const char *id, convd_weights **ou
   r->st.hits++;
   e->refs++;
   e->uses++;
-  e->last_use = now_seconds();
+  e->last_use = convd_now_seconds();
   if (e->prev) { /* most recently used first */
     e->prev->next = e->next;
     if (e->next) e->next->prev = e->prev;
@@ -210,7 +206,7 @@ void convd_registry_release(convd_registry *r, convd_weights *w) {
   entry *e = (entry *)w;
   pthread_mutex_lock(&r->mu);
   int gone = --e->refs == 0 && !e->registered;
-  e->last_use = now_seconds();
+  e->last_use = convd_now_seconds();
   pthread_mutex_unlock(&r->mu);
   if (gone) entry_free(e);
 }
@@ -237,7 +233,7 @@ int convd_registry_list(convd_registry *r, convd_weights_info **out, size_t *n) 
     pthread_mutex_unlock(&r->mu);
     return CONVD_ENOMEM;
   }
-  const double t = now_seconds();
+  const double t = convd_now_seconds();
   size_t i = 0;
   for (entry *e = r->head; e && i < count; e = e->next, i++) {
     v[i].meta = e->w;

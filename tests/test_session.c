@@ -7,7 +7,7 @@
 #include "band.h"
 #include "err.h"
 #include "ref.h"
-#include "session.h"
+#include "conv_stream.h"
 #include "testutil.h"
 
 /* Shapes for the tests: input 2x3x5x4, weight 4x3x3x3, padding 1, bias. */
@@ -31,15 +31,15 @@ static void fixture_init(fixture *f) {
   f->spec.has_bias = 1;
 }
 
-static int feed_spec(convd_session *s, Convd__V1__ConvSpec *spec, char *err, size_t errlen) {
+static int feed_spec(convd_stream *s, Convd__V1__ConvSpec *spec, char *err, size_t errlen) {
   Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
   m.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
   m.spec = spec;
   int accepted;
-  return convd_session_feed(s, &m, &accepted, err, errlen);
+  return convd_stream_feed(s, &m, &accepted, err, errlen);
 }
 
-static int feed_chunk(convd_session *s, int bias, uint64_t off, const void *data, size_t len,
+static int feed_chunk(convd_stream *s, int bias, uint64_t off, const void *data, size_t len,
                       char *err, size_t errlen) {
   Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
   ch.offset = off;
@@ -50,10 +50,10 @@ static int feed_chunk(convd_session *s, int bias, uint64_t off, const void *data
   if (bias) m.bias = &ch;
   else m.weight = &ch;
   int accepted;
-  return convd_session_feed(s, &m, &accepted, err, errlen);
+  return convd_stream_feed(s, &m, &accepted, err, errlen);
 }
 
-static int feed_band(convd_session *s, int64_t n, int64_t h0, int64_t h1, uint64_t off,
+static int feed_band(convd_stream *s, int64_t n, int64_t h0, int64_t h1, uint64_t off,
                      const void *data, size_t len, char *err, size_t errlen) {
   Convd__V1__RowBand b = CONVD__V1__ROW_BAND__INIT;
   b.n = n, b.h_begin = h0, b.h_end = h1, b.offset = off;
@@ -63,14 +63,14 @@ static int feed_band(convd_session *s, int64_t n, int64_t h0, int64_t h1, uint64
   m.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT;
   m.input = &b;
   int accepted;
-  return convd_session_feed(s, &m, &accepted, err, errlen);
+  return convd_stream_feed(s, &m, &accepted, err, errlen);
 }
 
 static const size_t WBYTES = 4 * 3 * 3 * 3 * 4, BBYTES = 4 * 4, ROW = 3 * 4 * 4; /* ROW: all channels */
 static char zeros[4096];
 
 /* Sends everything but what `skip` names: 'w' weights, 'b' bias, 'r' the last row. */
-static int feed_all_but(convd_session *s, char skip, char *err, size_t errlen) {
+static int feed_all_but(convd_stream *s, char skip, char *err, size_t errlen) {
   int rc = 0;
   if (skip != 'w' && (rc = feed_chunk(s, 0, 0, zeros, WBYTES, err, errlen))) return rc;
   if (skip != 'b' && (rc = feed_chunk(s, 1, 0, zeros, BBYTES, err, errlen))) return rc;
@@ -108,10 +108,10 @@ static void sink_done(void *user, int status, const char *err, const convd_job_s
 static void test_happy_path_uneven_pieces(void) {
   fixture f;
   fixture_init(&f);
-  convd_session *s = convd_session_create(1 << 20, NULL);
+  convd_stream *s = convd_stream_create(1 << 20, NULL);
   char err[1024];
   ASSERT_OK(feed_spec(s, &f.spec, err, sizeof err), err);
-  const convd_conv *c = convd_session_conv(s);
+  const convd_conv *c = convd_stream_conv(s);
   ASSERT_EQ_INT(c->h_out, 5);
   /* A real job on two devices with a budget that cuts the output into tiles. */
   convd_engine *e;
@@ -125,7 +125,7 @@ static void test_happy_path_uneven_pieces(void) {
   ASSERT_OK(convd_job_create(e, c, &cbs, &k.job, err, sizeof err), err);
   pthread_mutex_unlock(&k.mu);
   ASSERT_TRUE(convd_job_plan(k.job)->ops > 1);
-  convd_session_attach(s, k.job);
+  convd_stream_attach(s, k.job);
   rng r = {0x5eed0010};
   float x[2 * 3 * 5 * 4], w[108], b[4];
   rng_fill(&r, x, 120);
@@ -148,8 +148,8 @@ static void test_happy_path_uneven_pieces(void) {
       ASSERT_OK(feed_band(s, bands[i][0], bands[i][1], bands[i][2], off, piece, take, err, sizeof err), err);
     }
   }
-  ASSERT_OK(convd_session_finish(s, err, sizeof err), err);
-  ASSERT_EQ_INT(convd_session_bytes_received(s), sizeof x + sizeof w + sizeof b);
+  ASSERT_OK(convd_stream_finish(s, err, sizeof err), err);
+  ASSERT_EQ_INT(convd_stream_bytes_received(s), sizeof x + sizeof w + sizeof b);
   pthread_mutex_lock(&k.mu);
   while (!k.done) pthread_cond_wait(&k.cv, &k.mu);
   pthread_mutex_unlock(&k.mu);
@@ -161,127 +161,127 @@ static void test_happy_path_uneven_pieces(void) {
   for (int i = 0; i < 160; i++) want[i] = ref[i];
   ASSERT_TRUE(check_close("reassembled and computed", y, want, 160) == 0);
   convd_job_destroy(k.job);
-  convd_session_destroy(s);
+  convd_stream_destroy(s);
   convd_engine_destroy(e);
 }
 
-typedef int (*stream_fn)(convd_session *s, fixture *f, char *err, size_t errlen);
+typedef int (*stream_fn)(convd_stream *s, fixture *f, char *err, size_t errlen);
 
-static int s_data_first(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_data_first(convd_stream *s, fixture *f, char *err, size_t n) {
   (void)f;
   return feed_chunk(s, 0, 0, zeros, 4, err, n);
 }
-static int s_two_specs(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_two_specs(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_spec(s, &f->spec, err, n);
 }
-static int s_zero_dim(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_zero_dim(convd_stream *s, fixture *f, char *err, size_t n) {
   f->in.d2 = 0;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_negative_dim(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_negative_dim(convd_stream *s, fixture *f, char *err, size_t n) {
   f->wt.d0 = -4;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_no_weight_shape(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_no_weight_shape(convd_stream *s, fixture *f, char *err, size_t n) {
   f->spec.weight_shape = NULL;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_kernel_too_large(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_kernel_too_large(convd_stream *s, fixture *f, char *err, size_t n) {
   f->wt.d2 = 9;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_groups(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_groups(convd_stream *s, fixture *f, char *err, size_t n) {
   f->spec.groups = 2;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_bad_op(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_bad_op(convd_stream *s, fixture *f, char *err, size_t n) {
   f->spec.op = 7; /* not an Op this daemon knows */
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_bad_dtype(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_bad_dtype(convd_stream *s, fixture *f, char *err, size_t n) {
   f->spec.dtype = 7;
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_too_large(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_too_large(convd_stream *s, fixture *f, char *err, size_t n) {
   f->in.d2 = f->in.d3 = 4096; /* 2*3*4096*4096*4 bytes > the 1 MiB limit used here */
   return feed_spec(s, &f->spec, err, n);
 }
-static int s_weight_out_of_order(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_weight_out_of_order(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_chunk(s, 0, 8, zeros, 8, err, n);
 }
-static int s_weight_too_long(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_weight_too_long(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_chunk(s, 0, 0, zeros, WBYTES + 4, err, n);
 }
-static int s_unwanted_bias(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_unwanted_bias(convd_stream *s, fixture *f, char *err, size_t n) {
   f->spec.has_bias = 0;
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_chunk(s, 1, 0, zeros, 16, err, n);
 }
-static int s_band_n_range(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_n_range(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_band(s, 2, 0, 1, 0, zeros, ROW, err, n);
 }
-static int s_band_beyond_h(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_beyond_h(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_band(s, 0, 4, 6, 0, zeros, 2 * ROW, err, n);
 }
-static int s_band_empty_range(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_empty_range(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_band(s, 0, 3, 3, 0, zeros, 0, err, n);
 }
-static int s_band_overlap(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_overlap(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_band(s, 0, 0, 3, 0, zeros, 3 * ROW, err, n);
   return rc ? rc : feed_band(s, 0, 2, 4, 0, zeros, 2 * ROW, err, n);
 }
-static int s_band_too_long(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_too_long(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_band(s, 0, 0, 1, 0, zeros, ROW + 4, err, n);
 }
-static int s_band_interleaved(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_interleaved(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_band(s, 0, 0, 1, 0, zeros, 8, err, n);
   return rc ? rc : feed_band(s, 0, 1, 2, 0, zeros, 8, err, n);
 }
-static int s_band_first_offset(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_band_first_offset(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   return rc ? rc : feed_band(s, 0, 0, 1, 8, zeros, 8, err, n);
 }
-static int s_missing_weights(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_missing_weights(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_all_but(s, 'w', err, n);
-  return rc ? rc : convd_session_finish(s, err, n);
+  return rc ? rc : convd_stream_finish(s, err, n);
 }
-static int s_missing_bias(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_missing_bias(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_all_but(s, 'b', err, n);
-  return rc ? rc : convd_session_finish(s, err, n);
+  return rc ? rc : convd_stream_finish(s, err, n);
 }
-static int s_missing_row(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_missing_row(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_all_but(s, 'r', err, n);
-  return rc ? rc : convd_session_finish(s, err, n);
+  return rc ? rc : convd_stream_finish(s, err, n);
 }
-static int s_open_band_at_close(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_open_band_at_close(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (!rc) rc = feed_chunk(s, 0, 0, zeros, WBYTES, err, n);
   if (!rc) rc = feed_chunk(s, 1, 0, zeros, BBYTES, err, n);
   if (!rc) rc = feed_band(s, 0, 0, 1, 0, zeros, 8, err, n);
-  return rc ? rc : convd_session_finish(s, err, n);
+  return rc ? rc : convd_stream_finish(s, err, n);
 }
-static int s_no_spec_at_close(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_no_spec_at_close(convd_stream *s, fixture *f, char *err, size_t n) {
   (void)f;
-  return convd_session_finish(s, err, n);
+  return convd_stream_finish(s, err, n);
 }
-static int s_empty_message(convd_session *s, fixture *f, char *err, size_t n) {
+static int s_empty_message(convd_stream *s, fixture *f, char *err, size_t n) {
   int rc = feed_spec(s, &f->spec, err, n);
   if (rc) return rc;
   Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
   int accepted;
-  return convd_session_feed(s, &m, &accepted, err, n);
+  return convd_stream_feed(s, &m, &accepted, err, n);
 }
 
 static void test_stream_errors(void) {
@@ -321,10 +321,10 @@ static void test_stream_errors(void) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     fixture f;
     fixture_init(&f);
-    convd_session *s = convd_session_create(1 << 20, NULL);
+    convd_stream *s = convd_stream_create(1 << 20, NULL);
     char err[1024] = "";
     int rc = cases[i].fn(s, &f, err, sizeof err);
-    convd_session_destroy(s);
+    convd_stream_destroy(s);
     if (rc != cases[i].code || strstr(err, cases[i].msg) == NULL) {
       FAIL_AT("%s: got %d \"%s\", want %d containing \"%s\"", cases[i].name, rc, err,
               cases[i].code, cases[i].msg);

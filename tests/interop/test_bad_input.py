@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Bad input: every malformed request gets INVALID_ARGUMENT with a message that names the problem,
 and a correct call right after it still succeeds, so the daemon keeps serving. A method convd
-does not have gets UNIMPLEMENTED at once, not a hang until the deadline.
+does not have gets UNIMPLEMENTED at once, not a hang until the deadline. Every bad request that
+applies to both Conv2d and Conv2dUnary gets the same status and message from each.
 
 usage: test_bad_input.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
 import sys
@@ -120,6 +121,65 @@ def bad_streams():
     yield ("empty stream", [], "the stream ended before the spec arrived")
 
 
+def spec_cases(stub):
+    """(name, spec, extra stream messages, unary weight bytes or None) for every bad request that
+    applies to both Conv2d and Conv2dUnary: whatever is wrong is in the spec, or in weights
+    named by id. Each is sent with correct tensors, so only the spec can be refused."""
+    for name, reqs, _ in bad_streams():
+        if len(reqs) == 1 and reqs[0].HasField("spec"):
+            yield name, reqs[0].spec, None, None
+    bad_op = base_spec()
+    bad_op.op = 7
+    yield "unknown op", bad_op, None, None
+    bad_dtype = base_spec()
+    bad_dtype.dtype = 9
+    yield "unknown dtype", bad_dtype, None, None
+    unknown = base_spec()
+    unknown.ClearField("weight_shape")
+    unknown.weights_id = "0" * 32
+    yield "unknown weights id", unknown, [], None
+    _, w, b = good_tensors()
+    put = [pb.PutWeightsRequest(spec=pb.WeightsSpec(weight_shape=pb.Shape4(d0=6, d1=4, d2=3, d3=3),
+                                                    has_bias=True)),
+           pb.PutWeightsRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes())),
+           pb.PutWeightsRequest(bias=pb.TensorChunk(offset=0, data=b.tobytes()))]
+    wid = stub.PutWeights(iter(put), timeout=30).weights_id
+    other = base_spec(weight=[6, 4, 1, 1])
+    other.weights_id = wid
+    yield "weight shape differs from the registered weights", other, [], None
+    beside = base_spec()
+    beside.weights_id = wid
+    yield ("weight bytes beside a weights id", beside,
+           [pb.ConvRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes()))], w.tobytes())
+
+
+def same_answer_both_calls(stub):
+    """Every spec-level bad request gets the same status and message from both calls."""
+    x, w, b = good_tensors()
+    n = 0
+    for name, spec, extra, unary_w in spec_cases(stub):
+        if extra is None:  # the weights travel with the call
+            stream = [pb.ConvRequest(spec=spec)] + weights_and_bias() + all_rows_but(-1)
+            call = pb.ConvCall(spec=spec, input=x.tobytes(), weight=w.tobytes(), bias=b.tobytes())
+        else:  # registered weights: the input only, plus what the case adds
+            stream = [pb.ConvRequest(spec=spec)] + extra + all_rows_but(-1)
+            call = pb.ConvCall(spec=spec, input=x.tobytes(), weight=unary_w or b"")
+        answers = []
+        for fn in (lambda: list(stub.Conv2d(iter(stream), timeout=30)),
+                   lambda: stub.Conv2dUnary(call, timeout=30)):
+            try:
+                fn()
+                raise AssertionError(f"{name}: the call succeeded")
+            except grpc.RpcError as e:
+                answers.append((e.code(), e.details()))
+        assert answers[0] == answers[1], f"{name}: Conv2d {answers[0]} but Conv2dUnary {answers[1]}"
+        assert answers[0][0] != grpc.StatusCode.OK and answers[0][1], (name, answers[0])
+        print(f"ok   {name}: Conv2d and Conv2dUnary both {answers[0][0].name} \"{answers[0][1]}\"")
+        n += 1
+    good_call(stub)
+    return n
+
+
 def expect_invalid(call, words, what):
     try:
         call()
@@ -196,6 +256,7 @@ def main():
             good_call(stub)
             print(f"ok   garbage unary message: INVALID_ARGUMENT \"{msg}\"")
             checked += 3
+            checked += same_answer_both_calls(stub)
 
             # the client gives up mid-upload: the daemon drops the call and keeps serving
             def half_sent():

@@ -1,4 +1,5 @@
-#include "session.h"
+/* See conv_stream.h. Threads: the completion-queue thread, under the owning call's mutex. */
+#include "conv_stream.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
@@ -9,7 +10,23 @@
 #include "dtype.h"
 #include "err.h"
 
-struct convd_session {
+int convd_stream_dtype_from_wire(int wire) {
+  switch (wire) {
+    case CONVD__V1__DTYPE__DTYPE_UNSPECIFIED:
+    case CONVD__V1__DTYPE__DTYPE_FLOAT32: return CONVD_F32;
+    case CONVD__V1__DTYPE__DTYPE_FLOAT16: return CONVD_F16;
+    case CONVD__V1__DTYPE__DTYPE_BFLOAT16: return CONVD_BF16;
+    default: return -1;
+  }
+}
+
+int convd_stream_dtype_to_wire(int dtype) {
+  return dtype == CONVD_F16    ? CONVD__V1__DTYPE__DTYPE_FLOAT16
+         : dtype == CONVD_BF16 ? CONVD__V1__DTYPE__DTYPE_BFLOAT16
+                               : CONVD__V1__DTYPE__DTYPE_FLOAT32;
+}
+
+struct convd_stream {
   uint64_t max_request_bytes;
   convd_registry *registry;
   convd_weights *reg_w; /* registered weights this call uses (pinned), or NULL */
@@ -33,8 +50,9 @@ struct convd_session {
   uint64_t bytes_received;
 };
 
-int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
-                       uint64_t max_request_bytes, convd_conv *conv, char *err, size_t errlen) {
+int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
+                              uint64_t max_request_bytes, convd_conv *conv, char *err,
+                              size_t errlen) {
   if (spec->op != CONVD__V1__OP__OP_UNSPECIFIED && spec->op != CONVD__V1__OP__OP_CONV2D &&
       spec->op != CONVD__V1__OP__OP_CONV_TRANSPOSE2D)
     return convd_errf(err, errlen, CONVD_ENOTSUP,
@@ -42,18 +60,12 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg
                       "OP_CONV_TRANSPOSE2D = 2)",
                       (int)spec->op);
   const int transposed = spec->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
-  int dtype;
-  switch (spec->dtype) {
-    case CONVD__V1__DTYPE__DTYPE_UNSPECIFIED:
-    case CONVD__V1__DTYPE__DTYPE_FLOAT32: dtype = CONVD_F32; break;
-    case CONVD__V1__DTYPE__DTYPE_FLOAT16: dtype = CONVD_F16; break;
-    case CONVD__V1__DTYPE__DTYPE_BFLOAT16: dtype = CONVD_BF16; break;
-    default:
-      return convd_errf(err, errlen, CONVD_ENOTSUP,
-                        "spec.dtype = %d is not a dtype this daemon serves (DTYPE_FLOAT32 = 1, "
-                        "DTYPE_FLOAT16 = 2, DTYPE_BFLOAT16 = 3)",
-                        (int)spec->dtype);
-  }
+  const int dtype = convd_stream_dtype_from_wire(spec->dtype);
+  if (dtype < 0)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "spec.dtype = %d is not a dtype this daemon serves (DTYPE_FLOAT32 = 1, "
+                      "DTYPE_FLOAT16 = 2, DTYPE_BFLOAT16 = 3)",
+                      (int)spec->dtype);
   if (spec->allow_tf32 && dtype != CONVD_F32)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "spec.allow_tf32 applies to float32 tensors; this call's dtype is %s: "
@@ -158,8 +170,8 @@ int convd_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg
   return 0;
 }
 
-convd_session *convd_session_create(uint64_t max_request_bytes, convd_registry *reg) {
-  convd_session *s = calloc(1, sizeof *s);
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg) {
+  convd_stream *s = calloc(1, sizeof *s);
   if (s) {
     s->max_request_bytes = max_request_bytes;
     s->registry = reg;
@@ -167,7 +179,7 @@ convd_session *convd_session_create(uint64_t max_request_bytes, convd_registry *
   return s;
 }
 
-void convd_session_destroy(convd_session *s) {
+void convd_stream_destroy(convd_stream *s) {
   if (s == NULL) return;
   if (s->reg_w) { /* lent to the job, which has ended before its session */
     convd_registry_release(s->registry, s->reg_w);
@@ -180,7 +192,7 @@ void convd_session_destroy(convd_session *s) {
   free(s);
 }
 
-static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *err,
+static int accept_spec(convd_stream *s, const Convd__V1__ConvSpec *spec, char *err,
                        size_t errlen) {
   int rc;
   if (spec->weights_id && spec->weights_id[0]) {
@@ -189,7 +201,7 @@ static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *
     if ((rc = convd_registry_acquire(s->registry, spec->weights_id, &s->reg_w, err, errlen)))
       return rc;
   }
-  rc = convd_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);
+  rc = convd_stream_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);
   if (rc) return rc;
   s->priority = spec->priority;
   const convd_conv *c = &s->conv;
@@ -212,8 +224,8 @@ static int accept_spec(convd_session *s, const Convd__V1__ConvSpec *spec, char *
   return 0;
 }
 
-static int feed_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *dst, size_t *recv,
-                      size_t total, char *err, size_t errlen) {
+int convd_stream_append_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *dst,
+                              size_t *recv, size_t total, char *err, size_t errlen) {
   if (ch->offset != *recv)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "%s chunk at byte offset %" PRIu64 ", but %zu bytes have arrived: send %s "
@@ -229,7 +241,32 @@ static int feed_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *
   return 0;
 }
 
-static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, size_t errlen) {
+/* The band (b's n and rows) is whole in src (the wire's dtype, s->band_len bytes): the job
+ * takes it over as float32 and reads it in place. A float32 band assembled in s->band is handed
+ * over as it is; anything else is widened (or copied) once into a buffer of its own, so that
+ * protobuf-c's buffers, which promise no alignment, are never lent. */
+static int give_band(convd_stream *s, const Convd__V1__RowBand *b, const void *src, char *err,
+                     size_t errlen) {
+  const convd_conv_params *p = &s->conv.p;
+  s->band_open = 0;
+  s->rows_done += (size_t)(b->h_end - b->h_begin);
+  float *band;
+  if (p->dtype == CONVD_F32 && src == s->band) {
+    band = s->band;
+    s->band = NULL;
+    s->band_cap = 0;
+  } else {
+    const size_t elems = s->band_len / s->conv.wire_elem;
+    if ((band = malloc(elems * sizeof(float))) == NULL)
+      return convd_errf(err, errlen, CONVD_ENOMEM,
+                        "the daemon cannot widen a band of %zu elements now: send smaller bands",
+                        elems);
+    convd_dtype_decode(p->dtype, src, band, elems);
+  }
+  return convd_job_put_band(s->job, b->n, b->h_begin, b->h_end, band, CONVD_GIVE, err, errlen);
+}
+
+static int feed_band(convd_stream *s, const Convd__V1__RowBand *b, char *err, size_t errlen) {
   const convd_conv_params *p = &s->conv.p;
   if (b->n < 0 || b->n >= p->n)
     return convd_errf(err, errlen, CONVD_EINVAL,
@@ -270,6 +307,8 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
     s->bh1 = b->h_end;
     s->band_off = 0;
     s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
+    if (s->job && b->data.len == s->band_len) /* a whole band in one piece: widened from there */
+      return give_band(s, b, b->data.data, err, errlen);
     if (s->band_len > s->band_cap) {
       void *nb = realloc(s->band, s->band_len);
       if (nb == NULL)
@@ -291,25 +330,9 @@ static int feed_band(convd_session *s, const Convd__V1__RowBand *b, char *err, s
   if (b->data.len) memcpy((char *)s->band + s->band_off, b->data.data, b->data.len);
   s->band_off += b->data.len;
   if (s->band_off == s->band_len) {
+    if (s->job) return give_band(s, b, s->band, err, errlen);
     s->band_open = 0;
     s->rows_done += (size_t)(b->h_end - b->h_begin);
-    if (s->job) { /* the job takes the band over (widened to float32) and reads it in place */
-      float *band;
-      if (p->dtype == CONVD_F32) {
-        band = s->band;
-        s->band = NULL;
-        s->band_cap = 0;
-      } else {
-        const size_t elems = s->band_len / s->conv.wire_elem;
-        if ((band = malloc(elems * sizeof(float))) == NULL)
-          return convd_errf(err, errlen, CONVD_ENOMEM,
-                            "the daemon cannot widen a band of %zu elements now: send smaller "
-                            "bands",
-                            elems);
-        convd_dtype_decode(p->dtype, s->band, band, elems);
-      }
-      return convd_job_put_band(s->job, b->n, b->h_begin, b->h_end, band, CONVD_GIVE, err, errlen);
-    }
   }
   return 0;
 }
@@ -327,7 +350,7 @@ static int widen(int dtype, void **t, size_t n) {
 }
 
 /* Once weights and bias are whole, the job takes them over. */
-static int give_weights(convd_session *s, char *err, size_t errlen) {
+static int give_weights(convd_stream *s, char *err, size_t errlen) {
   if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_wire_bytes ||
       s->b_recv != s->conv.bias_wire_bytes)
     return 0;
@@ -348,7 +371,7 @@ static int give_weights(convd_session *s, char *err, size_t errlen) {
   return 0;
 }
 
-int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *accepted,
+int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *accepted,
                        char *err, size_t errlen) {
   *accepted = 0;
   if (m->msg_case == CONVD__V1__CONV_REQUEST__MSG_SPEC) {
@@ -373,7 +396,7 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
                           "(weights_id %s): send one or the other",
                           s->reg_w->id);
       s->bytes_received += m->weight->data.len;
-      int rc = feed_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_wire_bytes, err,
+      int rc = convd_stream_append_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_wire_bytes, err,
                           errlen);
       return rc ? rc : give_weights(s, err, errlen);
     }
@@ -387,7 +410,7 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
         return convd_errf(err, errlen, CONVD_EINVAL,
                           "a bias chunk arrived but the spec says has_bias = false");
       s->bytes_received += m->bias->data.len;
-      int rc = feed_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen);
+      int rc = convd_stream_append_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen);
       return rc ? rc : give_weights(s, err, errlen);
     }
     case CONVD__V1__CONV_REQUEST__MSG_INPUT:
@@ -400,7 +423,7 @@ int convd_session_feed(convd_session *s, const Convd__V1__ConvRequest *m, int *a
   }
 }
 
-int convd_session_finish(convd_session *s, char *err, size_t errlen) {
+int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
   if (!s->have_spec)
     return convd_errf(err, errlen, CONVD_EINVAL, "the stream ended before the spec arrived");
   if (s->w_recv != s->conv.weight_wire_bytes)
@@ -428,20 +451,20 @@ int convd_session_finish(convd_session *s, char *err, size_t errlen) {
   return 0;
 }
 
-const convd_conv *convd_session_conv(const convd_session *s) { return &s->conv; }
+const convd_conv *convd_stream_conv(const convd_stream *s) { return &s->conv; }
 
-void convd_session_attach(convd_session *s, convd_job *job) {
+void convd_stream_attach(convd_stream *s, convd_job *job) {
   s->job = job;
   /* Registered weights go to the job now; streamed ones are never whole before data arrives. */
   (void)give_weights(s, NULL, 0);
 }
 
-uint64_t convd_session_bytes_buffered(const convd_session *s) {
+uint64_t convd_stream_bytes_buffered(const convd_stream *s) {
   return s->band_open ? s->band_len : 0;
 }
 
-uint64_t convd_session_bytes_received(const convd_session *s) { return s->bytes_received; }
+uint64_t convd_stream_bytes_received(const convd_stream *s) { return s->bytes_received; }
 
-int convd_session_priority(const convd_session *s) { return s->priority; }
+int convd_stream_priority(const convd_stream *s) { return s->priority; }
 
-int convd_session_registered_weights(const convd_session *s) { return s->reg_w != NULL; }
+int convd_stream_registered_weights(const convd_stream *s) { return s->reg_w != NULL; }

@@ -1,0 +1,65 @@
+/* A Conv2d request being reassembled: the spec, then weight/bias chunks and input row bands in
+ * any interleaving. Every rule of the stream is checked here and a violation returns an error
+ * whose message says what the client sent and what was expected. Complete bands go to the
+ * engine job at once (so tiles start before the input is all in) and the weights as soon as
+ * they are whole; the stream holds only the band being received. Conv2dUnary's one message is
+ * fed through the same rules (svc_conv.c), so both calls check, look up registered weights,
+ * widen and digest in one place. Knows protobuf-c messages, not gRPC calls.
+ *
+ * Threads: one stream is fed by one thread at a time (the completion-queue thread, under its
+ * call's mutex); the registry it acquires from is thread-safe. */
+#ifndef CONVD_CONV_STREAM_H
+#define CONVD_CONV_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "convd/v1/convd.pb-c.h"
+#include "engine.h"
+#include "registry.h"
+
+/* The wire's dtype enum to engine dtypes (CONVD_F32, ...), and back. -1 for a value this daemon
+ * does not serve (unspecified means float32). */
+int convd_stream_dtype_from_wire(int wire);
+int convd_stream_dtype_to_wire(int dtype);
+
+/* Appends a chunk of a whole tensor that arrives in order (weights, bias: total bytes in dst)
+ * at *recv, checking its offset and length. */
+int convd_stream_append_chunk(const char *what, const Convd__V1__TensorChunk *ch, void *dst,
+                              size_t *recv, size_t total, char *err, size_t errlen);
+
+typedef struct convd_stream convd_stream;
+
+/* Converts a wire spec into engine parameters and checks them (shapes, op, dtype, limit).
+ * max_request_bytes bounds input + weights + bias + output. With registered weights (the
+ * spec's weights_id, already acquired as reg) their shape and bias are the weights'. */
+int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
+                              uint64_t max_request_bytes, convd_conv *conv, char *err,
+                              size_t errlen);
+
+/* reg: the weights registry that spec.weights_id names entries of (NULL: none). */
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg);
+void convd_stream_destroy(convd_stream *s);
+
+/* Applies one client message. Returns 0, or a negative error with err set; after an error the
+ * stream must not be fed again. *accepted is set to 1 when this message was the spec and it
+ * was accepted (buffers are allocated and convd_stream_conv is valid). */
+int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *accepted,
+                       char *err, size_t errlen);
+
+/* The client half-closed: checks that every byte the spec announced has arrived. */
+int convd_stream_finish(convd_stream *s, char *err, size_t errlen);
+
+/* After a successful spec: the checked descriptor. */
+const convd_conv *convd_stream_conv(const convd_stream *s);
+/* The job that receives complete bands and the weights (taken over by it). Without a job the
+ * stream is only checked (unit tests). */
+void convd_stream_attach(convd_stream *s, convd_job *job);
+/* Bytes of the band being assembled. */
+uint64_t convd_stream_bytes_buffered(const convd_stream *s);
+uint64_t convd_stream_bytes_received(const convd_stream *s);
+/* The spec's priority, and whether its weights come from the registry. */
+int convd_stream_priority(const convd_stream *s);
+int convd_stream_registered_weights(const convd_stream *s);
+
+#endif

@@ -1,0 +1,63 @@
+/* The server's state shared by the call object and the services (private to server/; main.c
+ * sees only rpc.h).
+ *
+ * Threads: the completion-queue thread, device workers (through their calls) and the daemon's
+ * libuv loop (drain, health, gauges) all reach it. `mu` guards the call list and the
+ * draining/shutdown flags; the atomics are read without it; cfg, engine, registry and metrics
+ * are set before serving starts and never change. */
+#ifndef CONVD_RPC_IMPL_H
+#define CONVD_RPC_IMPL_H
+
+#include <grpc/grpc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "call.h"
+#include "methods.h"
+#include "rpc.h"
+
+struct convd_rpc {
+  const convd_config *cfg;
+  convd_engine *engine;
+  convd_registry *registry; /* NULL when --weights-memory is 0 */
+  convd_metrics *metrics;   /* may be NULL */
+  /* Admission: bytes the calls in flight may hold (each call counts its own share). */
+  _Atomic uint64_t inflight_bytes;
+  _Atomic uint64_t next_rid;
+  /* Health: serving while a device is healthy; health_draining once the drain began. */
+  atomic_int serving, health_draining;
+  grpc_server *server;
+  grpc_completion_queue *cq;
+  pthread_t thread;
+  int thread_started;
+  void **registered; /* grpc_server_register_method handles, by method table index */
+  pthread_mutex_t mu;
+  int live_calls;     /* call objects: posted requests and calls in progress */
+  convd_call *active; /* calls in progress (matched to a client), a doubly linked list */
+  int n_active;
+  int draining, drained_called;
+  void (*drained)(void *user);
+  void *drained_user;
+  int shutting_down, shutdown_notified, stopped_called;
+  void (*stopped)(void *user);
+  void *stopped_user;
+  convd_tag t_shutdown;
+};
+
+/* Posts one more request for method m (the CQ thread, after a request was matched). */
+int convd_rpc_post_request(convd_rpc *r, const convd_method *m);
+/* A call object was freed: counts it out, and fires drained/stopped when due. Any thread. */
+void convd_rpc_call_freed(convd_rpc *r);
+/* Runs fn(c) with c->mu held for every call in progress of method m, each held by a ref while
+ * it runs. Called with no call's mutex held. */
+void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c));
+/* The table entry whose handlers are h (services find their own methods). */
+const convd_method *convd_rpc_method_of(const convd_handlers *h);
+
+/* Admission (--max-inflight-bytes): reserves bytes for a call, or returns CONVD_ELIMIT with a
+ * message saying what is held. convd_rpc_release gives them back. */
+int convd_rpc_admit(convd_rpc *r, uint64_t bytes, char *err, size_t errlen);
+void convd_rpc_release(convd_rpc *r, uint64_t bytes);
+
+#endif

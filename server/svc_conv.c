@@ -1,0 +1,502 @@
+/* The convolution service: Conv2d (streamed both ways) and Conv2dUnary (one message each way).
+ * Both go through one path: the request is fed to a conv stream (conv_stream.c: spec checks,
+ * registry lookup, spec -> descriptor, widening, digest), the spec creates an engine job and
+ * passes admission, and the tensors go to the job as they complete. Conv2d then streams
+ * `accepted`, output row bands as their rows become final, and a summary; Conv2dUnary sends its
+ * whole output, which the job wrote in place, in one message.
+ *
+ * Threads: the handlers run on the completion-queue thread with the call's mutex held. The
+ * job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
+ * they take the call's mutex, so every field of conv_call is guarded by it. The job holds a ref
+ * on the call until on_job_done. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "band.h"
+#include "clock.h"
+#include "conv_stream.h"
+#include "dtype.h"
+#include "err.h"
+#include "rpc_impl.h"
+#include "services.h"
+#include "wire.h"
+
+/* What a streamed call may hold at least (more when the plan's tile rows need it): reading
+ * input pauses above it (backpressure), and it is what admission counts for the call's rows. */
+#define STREAM_WINDOW_BYTES ((uint64_t)64 << 20)
+
+typedef struct conv_call {
+  int unary;
+  convd_stream *stream;
+  convd_job *job;
+  int job_done;
+  convd_job_stats stats;
+  uint64_t held; /* what this call counts in the admission total */
+
+  /* Conv2d: reading */
+  int recv_paused;
+  uint64_t mem_limit; /* stop reading input while the job holds more than this */
+  /* Conv2d: sending. Ranges of final rows not yet sent, and the band being sent. */
+  int accepted_pending, summary_sent;
+  struct out_range {
+    int64_t n, h0, h1;
+  } *ready;
+  size_t ready_len, ready_cap;
+  int band_active;
+  convd_band_iter it; /* pieces of the current band */
+  int64_t band_n, band_h0, band_h1;
+  uint64_t rows_sent, rows_total;
+  char *band_buf;
+  float *band_f32; /* output pieces as float32 before they are narrowed (float16, bfloat16) */
+  uint64_t bytes_sent;
+
+  /* Conv2dUnary: the output the job writes in place */
+  float *uy;
+} conv_call;
+
+static const convd_conv *conv_of(const conv_call *k) { return convd_stream_conv(k->stream); }
+
+/* ---- engine callbacks (device worker threads) -------------------------------------------- */
+
+static void pump(convd_call *c);
+static void maybe_resume(convd_call *c);
+
+/* Output rows are final. */
+static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
+  convd_call *c = user;
+  pthread_mutex_lock(&c->mu);
+  conv_call *k = c->state;
+  if (k->unary) {
+    convd_job_release_rows(k->job, n, h0, h1); /* written in place, into k->uy */
+  } else if (!c->status_set) {
+    if (k->ready_len == k->ready_cap) {
+      size_t cap = k->ready_cap ? k->ready_cap * 2 : 16;
+      struct out_range *r = realloc(k->ready, cap * sizeof *r);
+      if (r == NULL) {
+        convd_call_fail(c, CONVD_ENOMEM, "the daemon ran out of memory queueing output");
+        pthread_mutex_unlock(&c->mu);
+        return;
+      }
+      k->ready = r;
+      k->ready_cap = cap;
+    }
+    k->ready[k->ready_len++] = (struct out_range){n, h0, h1};
+    pump(c);
+  }
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* Input rows were freed: reading may resume. */
+static void on_input_freed(void *user) {
+  convd_call *c = user;
+  pthread_mutex_lock(&c->mu);
+  maybe_resume(c);
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* Conv2dUnary's answer: the whole output, narrowed in place to the wire's dtype. */
+static void send_unary_result(convd_call *c, conv_call *k) {
+  const convd_conv *cv = conv_of(k);
+  Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+  shape.d0 = cv->p.n;
+  shape.d1 = cv->p.c_out;
+  shape.d2 = cv->h_out;
+  shape.d3 = cv->w_out;
+  Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
+  sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
+  sum.compute_seconds = k->stats.compute_seconds;
+  sum.ops_run = k->stats.ops_run;
+  sum.bytes_received = convd_stream_bytes_received(k->stream);
+  sum.bytes_sent = cv->output_wire_bytes;
+  /* Element i's 2 bytes land at or before where its 4 bytes were read. */
+  if (cv->p.dtype != CONVD_F32)
+    for (size_t i = 0; i < cv->output_elems; i++) {
+      const float v = k->uy[i];
+      convd_dtype_encode(cv->p.dtype, &v, (char *)k->uy + i * cv->wire_elem, 1);
+    }
+  Convd__V1__ConvResult res = CONVD__V1__CONV_RESULT__INIT;
+  res.output_shape = &shape;
+  res.output.data = (uint8_t *)k->uy;
+  res.output.len = cv->output_wire_bytes;
+  res.summary = &sum;
+  convd_call_reply(c, &res.base);
+}
+
+/* The job ended (its last callback). */
+static void on_job_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  convd_call *c = user;
+  pthread_mutex_lock(&c->mu);
+  conv_call *k = c->state;
+  k->stats = *st;
+  k->job_done = 1;
+  if (status != 0) {
+    if (c->closed_cancelled || c->dead)
+      convd_call_fail(c, CONVD_ECANCELED, "the client cancelled the call");
+    else
+      convd_call_fail(c, status, err);
+  } else if (k->unary && !c->status_set) {
+    send_unary_result(c, k);
+  } else {
+    pump(c);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+/* ---- the job --------------------------------------------------------------------------- */
+
+/* The spec was accepted: creates the call's engine job (it holds a ref on the call until its
+ * done()), then admission: the bytes this call may hold must fit beside the other calls'
+ * (--max-inflight-bytes), or the call is refused. A unary call holds its whole tensors; a
+ * streamed one at most its window of rows (what backpressure allows) plus its weights. */
+static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
+  const convd_conv *cv = conv_of(k);
+  convd_job_cbs cbs = {.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
+                       .done = on_job_done};
+  int rc = convd_job_create(c->rpc->engine, cv, &cbs, &k->job, err, errlen);
+  if (rc) return rc;
+  convd_call_ref_locked(c);
+  convd_job_set_priority(k->job, convd_stream_priority(k->stream));
+  const uint64_t hint = convd_job_memory_hint(k->job);
+  k->mem_limit = hint > STREAM_WINDOW_BYTES ? hint : STREAM_WINDOW_BYTES;
+  uint64_t rows = (uint64_t)cv->input_bytes + (uint64_t)cv->output_bytes;
+  if (!k->unary && rows > k->mem_limit + c->rpc->cfg->chunk_bytes)
+    rows = k->mem_limit + c->rpc->cfg->chunk_bytes;
+  const uint64_t hold =
+      rows + (convd_stream_registered_weights(k->stream) ? 0 : (uint64_t)cv->weight_bytes + cv->bias_bytes);
+  if ((rc = convd_rpc_admit(c->rpc, hold, err, errlen))) return rc;
+  k->held = hold;
+  /* The unary output is written in place; set before any input can make an op ready. */
+  if (k->unary) convd_job_set_output(k->job, k->uy);
+  convd_stream_attach(k->stream, k->job);
+  k->rows_total = (uint64_t)cv->p.n * (uint64_t)cv->h_out;
+  return 0;
+}
+
+/* One message through the stream's rules; the spec begins the job. */
+static int feed(convd_call *c, conv_call *k, const Convd__V1__ConvRequest *m, char *err,
+                size_t errlen) {
+  int accepted = 0;
+  int rc = convd_stream_feed(k->stream, m, &accepted, err, errlen);
+  if (rc == 0 && accepted && !k->unary) {
+    rc = begin_job(c, k, err, errlen);
+    if (rc == 0) k->accepted_pending = 1;
+  }
+  return rc;
+}
+
+static conv_call *state_new(convd_call *c, int unary) {
+  conv_call *k = calloc(1, sizeof *k);
+  if (k == NULL) return NULL;
+  c->state = k;
+  k->unary = unary;
+  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
+  if (k->stream == NULL || (!unary && (k->band_buf = malloc(c->rpc->cfg->chunk_bytes)) == NULL))
+    return NULL;
+  return k;
+}
+
+static void conv_stop(convd_call *c) {
+  conv_call *k = c->state;
+  if (k && k->job && !k->job_done) convd_job_cancel(k->job);
+}
+
+static void conv_report(const convd_call *c, convd_call_report *r) {
+  const conv_call *k = c->state;
+  if (k == NULL || k->stream == NULL) return;
+  r->conv = conv_of(k);
+  r->stats = k->job ? &k->stats : NULL;
+  if (!k->unary) {
+    r->bytes_in = convd_stream_bytes_received(k->stream);
+    r->bytes_out = k->bytes_sent;
+  } else if (c->status_set && c->status == GRPC_STATUS_OK) {
+    r->bytes_in = convd_stream_bytes_received(k->stream);
+    r->bytes_out = conv_of(k)->output_wire_bytes;
+  }
+}
+
+static void conv_free(convd_call *c) {
+  conv_call *k = c->state;
+  if (k == NULL) return;
+  convd_job_destroy(k->job);
+  convd_stream_destroy(k->stream); /* after the job: it may have lent registered weights */
+  convd_rpc_release(c->rpc, k->held);
+  free(k->band_buf);
+  free(k->band_f32);
+  free(k->ready);
+  free(k->uy);
+  free(k);
+}
+
+/* ---- Conv2d: output -------------------------------------------------------------------- */
+
+static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride) {
+  const conv_call *k = ctx;
+  return convd_job_output_row(k->job, n, h, cstride);
+}
+
+/* Backpressure: reading more input waits while output is piling up unsent (sending needs no
+ * input, so this cannot deadlock), or while the job holds more than its limit and can still
+ * progress without more input (an idle job over the limit must read on: its input came out of
+ * order). */
+static int must_pause(const conv_call *k) {
+  if (k->job == NULL) return 0;
+  if (convd_job_output_bytes_held(k->job) > k->mem_limit / 2) return 1;
+  return convd_job_bytes_held(k->job) + convd_stream_bytes_buffered(k->stream) > k->mem_limit &&
+         !convd_job_idle(k->job);
+}
+
+static void maybe_resume(convd_call *c) {
+  conv_call *k = c->state;
+  if (!k->recv_paused || c->status_set || c->dead || must_pause(k)) return;
+  k->recv_paused = 0;
+  convd_call_recv(c);
+}
+
+/* Starts sending the next piece of output, if any row is final. Returns 1 when a send was
+ * started. */
+static int next_output_piece(convd_call *c, conv_call *k) {
+  const convd_conv *cv = conv_of(k);
+  /* Pieces are whole elements of the wire's dtype; the rows are float32. */
+  const size_t chunk = c->rpc->cfg->chunk_bytes & ~(size_t)3;
+  convd_band_shape shape = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, cv->wire_elem};
+  const convd_band_shape rows_f32 = {cv->p.n, cv->p.c_out, cv->h_out, cv->w_out, sizeof(float)};
+  if (!k->band_active) {
+    if (k->ready_len == 0) return 0;
+    struct out_range *r = &k->ready[0];
+    /* A band: as many final rows as fit one chunk (at least one). */
+    size_t row_bytes = convd_band_bytes(&shape, 0, 1);
+    int64_t rows = row_bytes >= chunk ? 1 : (int64_t)(chunk / row_bytes);
+    k->band_n = r->n;
+    k->band_h0 = r->h0;
+    k->band_h1 = r->h0 + rows < r->h1 ? r->h0 + rows : r->h1;
+    r->h0 = k->band_h1;
+    if (r->h0 == r->h1) memmove(k->ready, k->ready + 1, --k->ready_len * sizeof *k->ready);
+    /* The iterator walks the pieces of this one band. */
+    convd_band_shape one = {1, cv->p.c_out, k->band_h1 - k->band_h0, cv->w_out, cv->wire_elem};
+    convd_band_iter_init(&k->it, &one, chunk);
+    k->it.rows_per_band = k->band_h1 - k->band_h0;
+    k->band_active = 1;
+  }
+  if (!convd_band_iter_next(&k->it)) { /* cannot happen: a band has at least one piece */
+    k->band_active = 0;
+    return 0;
+  }
+  if (cv->p.dtype == CONVD_F32) {
+    convd_band_gather_rows(&shape, k->band_n, k->band_h0, k->band_h1, k->it.off, k->band_buf,
+                           k->it.len, job_out_row, k);
+  } else {
+    const size_t e0 = k->it.off / cv->wire_elem, ne = k->it.len / cv->wire_elem;
+    if (k->band_f32 == NULL && (k->band_f32 = malloc(chunk * 2)) == NULL) {
+      convd_call_set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the output");
+      return 0;
+    }
+    convd_band_gather_rows(&rows_f32, k->band_n, k->band_h0, k->band_h1, e0 * sizeof(float),
+                           k->band_f32, ne * sizeof(float), job_out_row, k);
+    convd_dtype_encode(cv->p.dtype, k->band_f32, k->band_buf, ne);
+  }
+  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+  band.n = k->band_n;
+  band.h_begin = k->band_h0;
+  band.h_end = k->band_h1;
+  band.offset = k->it.off;
+  band.data.data = (uint8_t *)k->band_buf;
+  band.data.len = k->it.len;
+  Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+  resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_OUTPUT;
+  resp.output = &band;
+  k->bytes_sent += k->it.len;
+  int last = k->it.off + k->it.len == k->it.band_len;
+  convd_call_send(c, &resp.base); /* packs: the rows may go once the last piece is packed */
+  if (last) {
+    convd_job_release_rows(k->job, k->band_n, k->band_h0, k->band_h1);
+    k->rows_sent += (uint64_t)(k->band_h1 - k->band_h0);
+    k->band_active = 0;
+    maybe_resume(c);
+  }
+  return 1;
+}
+
+/* Starts the next response, if one is due and none is in flight. Conv2d's order: accepted,
+ * output bands, summary, status; an error status goes at once. Conv2dUnary's answer is sent by
+ * on_job_done. */
+static void pump(convd_call *c) {
+  conv_call *k = c->state;
+  if (c->sending || convd_call_over(c)) return;
+  if (c->status_set && c->status != GRPC_STATUS_OK) {
+    convd_call_send_final(c, NULL);
+    return;
+  }
+  if (k == NULL || k->unary) return;
+  if (k->accepted_pending) {
+    const convd_conv *cv = conv_of(k);
+    Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+    shape.d0 = cv->p.n;
+    shape.d1 = cv->p.c_out;
+    shape.d2 = cv->h_out;
+    shape.d3 = cv->w_out;
+    Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
+    acc.output_shape = &shape;
+    acc.elemental_ops = convd_job_plan(k->job)->ops;
+    acc.chunk_bytes = c->rpc->cfg->chunk_bytes;
+    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED;
+    resp.accepted = &acc;
+    k->accepted_pending = 0;
+    convd_call_send(c, &resp.base);
+    return;
+  }
+  if (next_output_piece(c, k)) return;
+  if (!k->job_done || k->rows_sent < k->rows_total) return;
+  if (!k->summary_sent) {
+    Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
+    sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
+    sum.compute_seconds = k->stats.compute_seconds;
+    sum.ops_run = k->stats.ops_run;
+    sum.bytes_received = convd_stream_bytes_received(k->stream);
+    sum.bytes_sent = k->bytes_sent;
+    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_SUMMARY;
+    resp.summary = &sum;
+    k->summary_sent = 1;
+    convd_call_send(c, &resp.base);
+    return;
+  }
+  convd_call_finish_ok(c);
+}
+
+/* ---- Conv2d: input --------------------------------------------------------------------- */
+
+static void conv2d_start(convd_call *c) {
+  if (state_new(c, 0) == NULL) {
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  if (convd_call_send_initial_metadata(c) == 0) convd_call_recv(c);
+}
+
+static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
+  conv_call *k = c->state;
+  char err[1024];
+  int rc;
+  if (bb == NULL) { /* half-close: all input is here (the job runs on), or it is wrong */
+    if ((rc = convd_stream_finish(k->stream, err, sizeof err))) convd_call_fail(c, rc, err);
+    return;
+  }
+  Convd__V1__ConvRequest *m =
+      (Convd__V1__ConvRequest *)convd_wire_unpack(bb, &convd__v1__conv_request__descriptor);
+  if (m == NULL) {
+    snprintf(err, sizeof err,
+             "message %" PRIu64 " of the stream is not a valid convd.v1.ConvRequest "
+             "(protobuf decoding failed)",
+             c->messages_in);
+    convd_call_fail(c, CONVD_EINVAL, err);
+    return;
+  }
+  rc = feed(c, k, m, err, sizeof err);
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) convd_call_fail(c, rc, err);
+  else if (k->accepted_pending) pump(c);
+  if (rc || c->status_set) return;
+  if (must_pause(k)) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */
+  else convd_call_recv(c);
+}
+
+/* ---- Conv2dUnary ----------------------------------------------------------------------- */
+
+/* A whole tensor in the ConvCall must have exactly the bytes its shape needs. */
+static int check_bytes(const char *what, const ProtobufCBinaryData *d, const convd_conv *cv,
+                       size_t elems, char *err, size_t errlen) {
+  if (d->len == elems * cv->wire_elem) return 0;
+  return convd_errf(err, errlen, CONVD_EINVAL,
+                    "%s has %zu bytes, but its shape needs %zu (%s, %zu bytes per element)", what,
+                    d->len, elems * cv->wire_elem, convd_dtype_name(cv->p.dtype), cv->wire_elem);
+}
+
+/* The ConvCall after its spec: what only a one-message call must satisfy, then the job, then
+ * its tensors fed as the stream's messages (weights and bias as one chunk each, the input as
+ * one band per batch item). */
+static int unary_run(convd_call *c, conv_call *k, const Convd__V1__ConvCall *m, char *err,
+                     size_t errlen) {
+  const convd_conv *cv = conv_of(k);
+  const uint64_t limit = c->rpc->cfg->max_message_bytes;
+  const int registered = convd_stream_registered_weights(k->stream);
+  int rc = 0;
+  if (cv->output_wire_bytes > limit - CONVD_WIRE_FRAMING_SLACK)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "the output of %zu bytes does not fit in one response message (limit %" PRIu64
+                      " bytes, --max-message-bytes): use the streaming Conv2d method",
+                      cv->output_wire_bytes, limit);
+  if ((rc = check_bytes("ConvCall.input", &m->input, cv, cv->input_elems, err, errlen))) return rc;
+  if (!registered &&
+      ((rc = check_bytes("ConvCall.weight", &m->weight, cv, cv->weight_elems, err, errlen)) ||
+       (rc = check_bytes(cv->p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
+                         &m->bias, cv, cv->bias_elems, err, errlen))))
+    return rc;
+  if ((k->uy = malloc(cv->output_bytes)) == NULL)
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
+                      cv->output_bytes);
+  if ((rc = begin_job(c, k, err, errlen))) return rc;
+  Convd__V1__TensorChunk wch = CONVD__V1__TENSOR_CHUNK__INIT, bch = CONVD__V1__TENSOR_CHUNK__INIT;
+  wch.data = m->weight, bch.data = m->bias;
+  Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+  /* Registered weights with bytes beside them: the stream says why that is wrong. */
+  if (m->weight.len || (!registered && cv->weight_wire_bytes)) {
+    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_WEIGHT, rq.weight = &wch;
+    if ((rc = feed(c, k, &rq, err, errlen))) return rc;
+  }
+  if (m->bias.len) {
+    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_BIAS, rq.bias = &bch;
+    if ((rc = feed(c, k, &rq, err, errlen))) return rc;
+  }
+  const size_t slab = cv->input_wire_bytes / (size_t)cv->p.n;
+  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+  rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT, rq.input = &band;
+  band.h_begin = 0, band.h_end = cv->p.h, band.data.len = slab;
+  for (int64_t n = 0; n < cv->p.n && rc == 0; n++) {
+    band.n = n;
+    band.data.data = m->input.data + (size_t)n * slab;
+    rc = feed(c, k, &rq, err, errlen);
+  }
+  return rc ? rc : convd_stream_finish(k->stream, err, errlen);
+}
+
+static void unary_start(convd_call *c) {
+  char err[1024];
+  int rc = 0;
+  conv_call *k = state_new(c, 1);
+  Convd__V1__ConvCall *m =
+      c->payload ? (Convd__V1__ConvCall *)convd_wire_unpack(c->payload, &convd__v1__conv_call__descriptor)
+                 : NULL;
+  if (k == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon is out of memory");
+  else if (m == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL,
+                    "the request is not a valid convd.v1.ConvCall (protobuf decoding failed)");
+  else if (m->spec == NULL)
+    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "ConvCall.spec is missing");
+  if (rc == 0) {
+    Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
+    rq.spec = m->spec;
+    rc = feed(c, k, &rq, err, sizeof err);
+  }
+  if (rc == 0) rc = unary_run(c, k, m, err, sizeof err);
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) convd_call_fail(c, rc, err);
+}
+
+const convd_handlers convd_conv2d_handlers = {.start = conv2d_start,
+                                              .recv = conv2d_recv,
+                                              .sent = pump,
+                                              .pump = pump,
+                                              .stop = conv_stop,
+                                              .report = conv_report,
+                                              .free_state = conv_free};
+const convd_handlers convd_conv2d_unary_handlers = {.start = unary_start,
+                                                    .pump = pump,
+                                                    .stop = conv_stop,
+                                                    .report = conv_report,
+                                                    .free_state = conv_free};
