@@ -328,7 +328,7 @@ void convd_call_started(convd_call *c, int ok) {
     return;
   }
   pthread_mutex_lock(&r->mu);
-  int repost = !r->shutting_down, draining = r->draining;
+  int repost = !r->stop.armed, draining = r->drain.armed;
   c->in_active = 1;
   c->next = r->active;
   if (r->active) r->active->prev = c;

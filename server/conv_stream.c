@@ -371,6 +371,22 @@ static int give_weights(convd_stream *s, char *err, size_t errlen) {
   return 0;
 }
 
+/* A weight (bias: 1) chunk; the job gets the weights once both are whole. */
+static int feed_weights(convd_stream *s, int bias, const Convd__V1__TensorChunk *ch, char *err,
+                        size_t errlen) {
+  const char *what = bias ? "bias" : "weight";
+  if (s->reg_w)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "a %s chunk arrived but the spec names registered weights (weights_id %s)%s",
+                      what, s->reg_w->id, bias ? ", whose bias is theirs" : ": send one or the other");
+  if (bias && !s->conv.p.has_bias)
+    return convd_errf(err, errlen, CONVD_EINVAL, "a bias chunk arrived but the spec says has_bias = false");
+  s->bytes_received += ch->data.len;
+  int rc = bias ? convd_stream_append_chunk(what, ch, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen)
+                : convd_stream_append_chunk(what, ch, s->w, &s->w_recv, s->conv.weight_wire_bytes, err, errlen);
+  return rc ? rc : give_weights(s, err, errlen);
+}
+
 int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *accepted,
                        char *err, size_t errlen) {
   *accepted = 0;
@@ -389,30 +405,8 @@ int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *acc
                           : "the first message must be the spec (shapes and parameters); tensor "
                             "data came first");
   switch (m->msg_case) {
-    case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: {
-      if (s->reg_w)
-        return convd_errf(err, errlen, CONVD_EINVAL,
-                          "a weight chunk arrived but the spec names registered weights "
-                          "(weights_id %s): send one or the other",
-                          s->reg_w->id);
-      s->bytes_received += m->weight->data.len;
-      int rc = convd_stream_append_chunk("weight", m->weight, s->w, &s->w_recv, s->conv.weight_wire_bytes, err,
-                          errlen);
-      return rc ? rc : give_weights(s, err, errlen);
-    }
-    case CONVD__V1__CONV_REQUEST__MSG_BIAS: {
-      if (s->reg_w)
-        return convd_errf(err, errlen, CONVD_EINVAL,
-                          "a bias chunk arrived but the spec names registered weights "
-                          "(weights_id %s), whose bias is theirs",
-                          s->reg_w->id);
-      if (!s->conv.p.has_bias)
-        return convd_errf(err, errlen, CONVD_EINVAL,
-                          "a bias chunk arrived but the spec says has_bias = false");
-      s->bytes_received += m->bias->data.len;
-      int rc = convd_stream_append_chunk("bias", m->bias, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen);
-      return rc ? rc : give_weights(s, err, errlen);
-    }
+    case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: return feed_weights(s, 0, m->weight, err, errlen);
+    case CONVD__V1__CONV_REQUEST__MSG_BIAS: return feed_weights(s, 1, m->bias, err, errlen);
     case CONVD__V1__CONV_REQUEST__MSG_INPUT:
       s->bytes_received += m->input->data.len;
       return feed_band(s, m->input, err, errlen);

@@ -28,35 +28,24 @@ const convd_method *convd_rpc_method_of(const convd_handlers *h) {
   return NULL;
 }
 
-static void maybe_stopped(convd_rpc *r) {
-  int fire = 0;
+/* Fires drained() once draining found no call in progress, and stopped() once gRPC shut down
+ * and no call object is left. */
+static void fire_when_due(convd_rpc *r) {
   pthread_mutex_lock(&r->mu);
-  if (r->shutdown_notified && r->live_calls == 0 && !r->stopped_called) {
-    r->stopped_called = 1;
-    fire = 1;
-  }
+  const int drained = r->drain.armed && r->n_active == 0 && !r->drain.fired;
+  const int stopped = r->shutdown_notified && r->live_calls == 0 && !r->stop.fired;
+  r->drain.fired |= drained;
+  r->stop.fired |= stopped;
   pthread_mutex_unlock(&r->mu);
-  if (fire && r->stopped) r->stopped(r->stopped_user);
-}
-
-/* Runs the drained callback if draining and no call is in progress. */
-static void maybe_drained(convd_rpc *r) {
-  int fire = 0;
-  pthread_mutex_lock(&r->mu);
-  if (r->draining && r->n_active == 0 && !r->drained_called) {
-    r->drained_called = 1;
-    fire = 1;
-  }
-  pthread_mutex_unlock(&r->mu);
-  if (fire && r->drained) r->drained(r->drained_user);
+  if (drained && r->drain.fn) r->drain.fn(r->drain.user);
+  if (stopped && r->stop.fn) r->stop.fn(r->stop.user);
 }
 
 void convd_rpc_call_freed(convd_rpc *r) {
   pthread_mutex_lock(&r->mu);
   r->live_calls--;
   pthread_mutex_unlock(&r->mu);
-  maybe_drained(r);
-  maybe_stopped(r);
+  fire_when_due(r);
 }
 
 int convd_rpc_post_request(convd_rpc *r, const convd_method *m) {
@@ -134,7 +123,7 @@ static void on_shutdown(void *obj, int ok) {
   pthread_mutex_lock(&r->mu);
   r->shutdown_notified = 1;
   pthread_mutex_unlock(&r->mu);
-  maybe_stopped(r);
+  fire_when_due(r);
 }
 
 static void *cq_main(void *arg) {
@@ -225,7 +214,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
     /* Without its thread the server cannot run; shut it down synchronously. */
     grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
     grpc_server_cancel_all_calls(r->server);
-    r->shutting_down = 1;
+    r->stop.armed = 1;
     grpc_completion_queue_shutdown(r->cq);
     cq_main(r);
     grpc_server_destroy(r->server);
@@ -254,15 +243,17 @@ void convd_rpc_health_changed(convd_rpc *r) {
   convd_health_notify(r);
 }
 
-void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
+static void arm(convd_rpc *r, struct convd_rpc_event *e, void (*fn)(void *user), void *user) {
   pthread_mutex_lock(&r->mu);
-  r->draining = 1;
-  r->drained = drained;
-  r->drained_user = user;
+  *e = (struct convd_rpc_event){.armed = 1, .fn = fn, .user = user};
   pthread_mutex_unlock(&r->mu);
+}
+
+void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
+  arm(r, &r->drain, drained, user);
   atomic_store(&r->health_draining, 1);
   convd_health_notify(r); /* watchers get NOT_SERVING, and their streams end */
-  maybe_drained(r);
+  fire_when_due(r);
 }
 
 void convd_rpc_cancel_all(convd_rpc *r) {
@@ -277,11 +268,7 @@ void convd_rpc_cancel_all(convd_rpc *r) {
 }
 
 void convd_rpc_shutdown(convd_rpc *r, void (*stopped)(void *user), void *user) {
-  pthread_mutex_lock(&r->mu);
-  r->shutting_down = 1;
-  r->stopped = stopped;
-  r->stopped_user = user;
-  pthread_mutex_unlock(&r->mu);
+  arm(r, &r->stop, stopped, user);
   grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
 }
 

@@ -36,12 +36,14 @@ struct convd_rpc {
   int live_calls;     /* call objects: posted requests and calls in progress */
   convd_call *active; /* calls in progress (matched to a client), a doubly linked list */
   int n_active;
-  int draining, drained_called;
-  void (*drained)(void *user);
-  void *drained_user;
-  int shutting_down, shutdown_notified, stopped_called;
-  void (*stopped)(void *user);
-  void *stopped_user;
+  /* drain.armed: draining (new calls refused); stop.armed: shutting down (no reposts). Each
+   * callback fires once (convd_rpc_drain, convd_rpc_shutdown). */
+  struct convd_rpc_event {
+    int armed, fired;
+    void (*fn)(void *user);
+    void *user;
+  } drain, stop;
+  int shutdown_notified;
   convd_tag t_shutdown;
 };
 

@@ -58,6 +58,25 @@ typedef struct conv_call {
 
 static const convd_conv *conv_of(const conv_call *k) { return convd_stream_conv(k->stream); }
 
+static Convd__V1__Shape4 output_shape(const convd_conv *cv) {
+  Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+  shape.d0 = cv->p.n;
+  shape.d1 = cv->p.c_out;
+  shape.d2 = cv->h_out;
+  shape.d3 = cv->w_out;
+  return shape;
+}
+
+static Convd__V1__Summary summary_of(const convd_call *c, const conv_call *k, uint64_t bytes_sent) {
+  Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
+  sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
+  sum.compute_seconds = k->stats.compute_seconds;
+  sum.ops_run = k->stats.ops_run;
+  sum.bytes_received = convd_stream_bytes_received(k->stream);
+  sum.bytes_sent = bytes_sent;
+  return sum;
+}
+
 /* ---- engine callbacks (device worker threads) -------------------------------------------- */
 
 static void pump(convd_call *c);
@@ -99,17 +118,8 @@ static void on_input_freed(void *user) {
 /* Conv2dUnary's answer: the whole output, narrowed in place to the wire's dtype. */
 static void send_unary_result(convd_call *c, conv_call *k) {
   const convd_conv *cv = conv_of(k);
-  Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
-  shape.d0 = cv->p.n;
-  shape.d1 = cv->p.c_out;
-  shape.d2 = cv->h_out;
-  shape.d3 = cv->w_out;
-  Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
-  sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
-  sum.compute_seconds = k->stats.compute_seconds;
-  sum.ops_run = k->stats.ops_run;
-  sum.bytes_received = convd_stream_bytes_received(k->stream);
-  sum.bytes_sent = cv->output_wire_bytes;
+  Convd__V1__Shape4 shape = output_shape(cv);
+  Convd__V1__Summary sum = summary_of(c, k, cv->output_wire_bytes);
   /* Element i's 2 bytes land at or before where its 4 bytes were read. */
   if (cv->p.dtype != CONVD_F32)
     for (size_t i = 0; i < cv->output_elems; i++) {
@@ -330,41 +340,30 @@ static void pump(convd_call *c) {
     return;
   }
   if (k == NULL || k->unary) return;
+  Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+  Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
+  Convd__V1__Shape4 shape;
+  Convd__V1__Summary sum;
   if (k->accepted_pending) {
-    const convd_conv *cv = conv_of(k);
-    Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
-    shape.d0 = cv->p.n;
-    shape.d1 = cv->p.c_out;
-    shape.d2 = cv->h_out;
-    shape.d3 = cv->w_out;
-    Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
+    shape = output_shape(conv_of(k));
     acc.output_shape = &shape;
     acc.elemental_ops = convd_job_plan(k->job)->ops;
     acc.chunk_bytes = c->rpc->cfg->chunk_bytes;
-    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
     resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED;
     resp.accepted = &acc;
     k->accepted_pending = 0;
-    convd_call_send(c, &resp.base);
-    return;
-  }
-  if (next_output_piece(c, k)) return;
-  if (!k->job_done || k->rows_sent < k->rows_total) return;
-  if (!k->summary_sent) {
-    Convd__V1__Summary sum = CONVD__V1__SUMMARY__INIT;
-    sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
-    sum.compute_seconds = k->stats.compute_seconds;
-    sum.ops_run = k->stats.ops_run;
-    sum.bytes_received = convd_stream_bytes_received(k->stream);
-    sum.bytes_sent = k->bytes_sent;
-    Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
+  } else if (next_output_piece(c, k) || !k->job_done || k->rows_sent < k->rows_total) {
+    return; /* a piece went out, or more rows are to come */
+  } else if (!k->summary_sent) {
+    sum = summary_of(c, k, k->bytes_sent);
     resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_SUMMARY;
     resp.summary = &sum;
     k->summary_sent = 1;
-    convd_call_send(c, &resp.base);
+  } else {
+    convd_call_finish_ok(c);
     return;
   }
-  convd_call_finish_ok(c);
+  convd_call_send(c, &resp.base);
 }
 
 /* ---- Conv2d: input --------------------------------------------------------------------- */

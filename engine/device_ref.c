@@ -1,7 +1,12 @@
-#include "device.h"
+/* The reference device (the reference kernel, ref.c, behind the device interface), and the
+ * wrappers of device.h that every caller goes through for any device.
+ *
+ * Threads: see device.h; the reference device keeps no state, so any thread may run it. */
+#include "device_impl.h"
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "err.h"
 #include "ref.h"
@@ -52,3 +57,28 @@ void convd_device_destroy(convd_device *d) {
   if (d->iface && d->iface->destroy) d->iface->destroy(d->ctx);
   free(d);
 }
+
+/* ---- the wrappers (device.h) ------------------------------------------------------------ */
+
+int convd_device_run(convd_device *d, const convd_op_io *io, char *err, size_t errlen) {
+  return d->iface->run(d->ctx, io, err, errlen);
+}
+
+int convd_device_supports(const convd_device *d, const convd_conv *conv) {
+  return d->iface->supports(d->ctx, conv);
+}
+
+void convd_device_flush_cache(convd_device *d) {
+  if (d->iface->flush_cache) d->iface->flush_cache(d->ctx);
+}
+
+void convd_device_stats_get(const convd_device *d, convd_device_stats *out) {
+  memset(out, 0, sizeof *out);
+  if (d->iface->stats) d->iface->stats(d->ctx, out);
+}
+
+int convd_device_kind(const convd_device *d) { return d->kind; }
+const char *convd_device_name(const convd_device *d) { return d->name; }
+const char *convd_device_detail(const convd_device *d) { return d->detail; }
+uint64_t convd_device_memory_budget(const convd_device *d) { return d->memory_budget; }
+int convd_device_accumulates(const convd_device *d) { return d->accumulates; }
