@@ -1,3 +1,5 @@
+/* See config.h. Threads: the main thread, once, before anything else starts; the table is
+ * constant and the parsed config is read-only afterwards. */
 #include "config.h"
 
 #include <ctype.h>

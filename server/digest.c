@@ -1,3 +1,4 @@
+/* See digest.h. Threads: any (pure functions). */
 #include "digest.h"
 
 #include <xxhash.h>

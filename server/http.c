@@ -1,3 +1,4 @@
+/* See http.h. Threads: the daemon's libuv loop only (the metrics text is rendered there too). */
 #define _GNU_SOURCE /* memmem */
 #include "http.h"
 

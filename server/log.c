@@ -1,3 +1,5 @@
+/* See log.h. Threads: any; log_mu serialises the writes and guards the file across a
+ * reopen (SIGHUP, on the libuv loop). */
 #include "log.h"
 
 #include <pthread.h>

@@ -3,7 +3,9 @@
  *   SIGTERM/SIGINT -> drain: health NOT_SERVING, new calls get UNAVAILABLE, calls in flight
  *   finish (cancelled after --drain-timeout; a second signal cancels at once) -> a short linger
  *   so clients read their last frames -> gRPC shutdown -> exit 0.
- *   SIGHUP -> the log file is reopened (log rotation). */
+ *   SIGHUP -> the log file is reopened (log rotation).
+ * Threads: main() is the libuv loop's thread; gRPC's completion-queue thread and the engine's
+ * device workers reach it only through uv_async_send (drained, stopped, health). */
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <signal.h>

@@ -1,3 +1,5 @@
+/* See metrics.h. Threads: convd_metrics_call_ended runs wherever a call ends (completion-queue
+ * thread or a device worker); render runs on the libuv loop. m->mu guards the counters. */
 #include "metrics.h"
 
 #include <inttypes.h>
