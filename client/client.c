@@ -1,3 +1,8 @@
+/* libconvd_client: synchronous calls over gRPC core. Everything here runs on the caller's
+ * thread: each call creates its own completion queue, drives it with grpc_completion_queue_next
+ * until the call has ended, and destroys it before returning; the library starts no thread of
+ * its own (gRPC core's internal ones aside) and keeps no state outside the convd_client, which
+ * one thread at a time may use. Method paths come from protoc-c's service descriptors. */
 #include "client.h"
 
 #include <grpc/byte_buffer.h>
@@ -11,13 +16,49 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "band.h"
+#include "client_params.h"
+#include "clock.h"
 #include "dtype.h"
+#include "err.h"
 #include "convd/v1/convd.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "wire.h"
+
+/* client.h spells the engine's numbers out so that it stands alone; they must stay the same. */
+#define CHECK_ERR_CODE(name, code, text)                 \
+  _Static_assert((int)CONVD_CLIENT_##name == (int)CONVD_##name, \
+                 "client.h's CONVD_CLIENT_" #name " is not err.h's");
+CONVD_ERR_MAP(CHECK_ERR_CODE)
+#undef CHECK_ERR_CODE
+_Static_assert((int)CONVD_CLIENT_FLOAT32 == (int)CONVD_F32 &&
+                   (int)CONVD_CLIENT_FLOAT16 == (int)CONVD_F16 &&
+                   (int)CONVD_CLIENT_BFLOAT16 == (int)CONVD_BF16,
+               "client.h's dtypes are not dtype.h's");
+
+const char *convd_client_strerror(int code) { return convd_strerror(code); }
+
+void convd_client_conv_params_default(convd_client_conv_params *p) {
+  convd_conv_params e;
+  convd_conv_params_default(&e);
+  memset(p, 0, sizeof *p);
+  p->stride_h = e.stride_h, p->stride_w = e.stride_w;
+  p->dil_h = e.dil_h, p->dil_w = e.dil_w;
+  p->groups = e.groups;
+  p->dtype = e.dtype;
+}
+
+int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4], char *err,
+                              size_t errlen) {
+  convd_conv_params e;
+  convd_conv c;
+  convd_client_params_to_conv(p, &e);
+  int rc = convd_conv_init(&c, &e, err, errlen);
+  if (rc) return rc;
+  shape[0] = e.n, shape[1] = e.c_out, shape[2] = c.h_out, shape[3] = c.w_out;
+  return 0;
+}
 
 struct convd_client {
   grpc_channel *ch;
@@ -26,18 +67,16 @@ struct convd_client {
   int last_status;
 };
 
-static int err_from_status(grpc_status_code s) {
-  switch (s) {
-    case GRPC_STATUS_OK: return 0;
-    case GRPC_STATUS_INVALID_ARGUMENT: case GRPC_STATUS_OUT_OF_RANGE: return CONVD_EINVAL;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED: return CONVD_ELIMIT;
-    case GRPC_STATUS_UNIMPLEMENTED: return CONVD_ENOTSUP;
-    case GRPC_STATUS_CANCELLED: return CONVD_ECANCELED;
-    case GRPC_STATUS_DEADLINE_EXCEEDED: return CONVD_ETIMEDOUT;
-    case GRPC_STATUS_UNAVAILABLE: return CONVD_EUNAVAIL;
-    case GRPC_STATUS_NOT_FOUND: return CONVD_ENOTFOUND;
-    default: return CONVD_EREMOTE;
-  }
+/* A method's path, /SERVICE/METHOD (e.g. /convd.v1.Convolution/Conv2d), from the generated
+ * service descriptor: the .proto and the daemon's method table stay the only spellings. */
+static int method_path(const ProtobufCServiceDescriptor *svc, const char *method, char *out,
+                       size_t len, char *err, size_t errlen) {
+  const ProtobufCMethodDescriptor *m =
+      protobuf_c_service_descriptor_get_method_by_name(svc, method);
+  if (m == NULL || (size_t)snprintf(out, len, "/%s/%s", svc->name, m->name) >= len)
+    return convd_errf(err, errlen, CONVD_EINTERNAL, "service %s has no method %s", svc->name,
+                      method);
+  return 0;
 }
 
 int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
@@ -48,11 +87,28 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   if (opts) c->o = *opts;
   if (c->o.max_message_bytes == 0) c->o.max_message_bytes = 4u << 20;
   if (c->o.chunk_bytes == 0) c->o.chunk_bytes = 1u << 20;
-  if (c->o.max_message_bytes > INT32_MAX || c->o.chunk_bytes + 1024 > c->o.max_message_bytes) {
+  if (c->o.max_message_bytes > INT32_MAX ||
+      c->o.chunk_bytes + CONVD_WIRE_FRAMING_SLACK > c->o.max_message_bytes) {
     size_t chunk = c->o.chunk_bytes, max = c->o.max_message_bytes;
     free(c);
     return convd_errf(err, errlen, CONVD_EINVAL,
-                      "chunk_bytes %zu must be at most max_message_bytes %zu - 1024", chunk, max);
+                      "chunk_bytes %zu must be at most max_message_bytes %zu - %d", chunk, max,
+                      CONVD_WIRE_FRAMING_SLACK);
+  }
+  static const struct {
+    const ProtobufCServiceDescriptor *svc;
+    const char *method;
+  } methods[4] = {{&convd__v1__convolution__descriptor, "Conv2d"},
+                  {&convd__v1__convolution__descriptor, "Conv2dUnary"},
+                  {&convd__v1__convolution__descriptor, "ListDevices"},
+                  {&grpc__health__v1__health__descriptor, "Check"}};
+  char paths[4][128];
+  for (int i = 0; i < 4; i++) {
+    int rc = method_path(methods[i].svc, methods[i].method, paths[i], sizeof paths[i], err, errlen);
+    if (rc) {
+      free(c);
+      return rc;
+    }
   }
   grpc_init();
   grpc_arg args[3];
@@ -63,15 +119,16 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
   args[1].value.integer = (int)c->o.max_message_bytes;
   args[2].key = "grpc.http2.lookahead_bytes";
-  args[2].value.integer = 16 * 1024 * 1024;
+  args[2].value.integer = CONVD_WIRE_LOOKAHEAD_BYTES;
   grpc_channel_args ca = {3, args};
   grpc_channel_credentials *creds = grpc_insecure_credentials_create();
   c->ch = grpc_channel_create(target, creds, &ca);
   grpc_channel_credentials_release(creds);
-  c->m_conv2d = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2d", NULL, NULL);
-  c->m_unary = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/Conv2dUnary", NULL, NULL);
-  c->m_list = grpc_channel_register_call(c->ch, "/convd.v1.Convolution/ListDevices", NULL, NULL);
-  c->m_health = grpc_channel_register_call(c->ch, "/grpc.health.v1.Health/Check", NULL, NULL);
+  /* The channel keeps its own copy of each path. */
+  c->m_conv2d = grpc_channel_register_call(c->ch, paths[0], NULL, NULL);
+  c->m_unary = grpc_channel_register_call(c->ch, paths[1], NULL, NULL);
+  c->m_list = grpc_channel_register_call(c->ch, paths[2], NULL, NULL);
+  c->m_health = grpc_channel_register_call(c->ch, paths[3], NULL, NULL);
   *out = c;
   return 0;
 }
@@ -84,12 +141,6 @@ void convd_client_destroy(convd_client *c) {
 }
 
 int convd_client_last_status(const convd_client *c) { return c->last_status; }
-
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static gpr_timespec deadline(const convd_client *c) {
   if (c->o.timeout_seconds <= 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -154,7 +205,8 @@ static int finish_status(convd_client *c, grpc_status_code st, grpc_slice detail
                          char *err, size_t errlen, const char *local_err) {
   c->last_status = (int)st;
   if (st != GRPC_STATUS_OK) {
-    return convd_errf(err, errlen, err_from_status(st), "%s: %.*s", convd_wire_status_name(st),
+    return convd_errf(err, errlen, convd_wire_err_from_status(st), "%s: %.*s",
+                      convd_wire_status_name(st),
                       (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
   }
   if (local_rc) {
@@ -280,7 +332,8 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
       }
       convd_band_scatter(s->y, sh, b->n, b->h_begin, b->h_end, b->offset, b->data.data,
                          b->data.len);
-      if (s->out_bytes_seen == 0 && s->st) s->st->first_output_seconds = now_seconds() - s->t0;
+      if (s->out_bytes_seen == 0 && s->st)
+        s->st->first_output_seconds = convd_now_seconds() - s->t0;
       s->out_bytes_seen += b->data.len;
       return;
     }
@@ -350,9 +403,12 @@ static int conv2d_unary(convd_client *c, const convd_conv *conv, const void *x, 
                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
 
 /* Checks p, narrows the tensors to the wire's dtype, makes the call and widens the output. */
-static int conv_via_wire(convd_client *c, const convd_conv_params *p, const float *x,
+static int conv_via_wire(convd_client *c, const convd_client_conv_params *cp, const float *x,
                          const float *w, const float *b, float *y, convd_client_stats *st,
                          char *err, size_t errlen, wire_call call) {
+  convd_conv_params ep;
+  convd_client_params_to_conv(cp, &ep);
+  const convd_conv_params *p = &ep;
   convd_conv conv;
   int rc = convd_conv_init(&conv, p, err, errlen);
   if (rc) return rc;
@@ -368,13 +424,13 @@ static int conv_via_wire(convd_client *c, const convd_conv_params *p, const floa
   return rc;
 }
 
-int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
+int convd_client_conv2d(convd_client *c, const convd_client_conv_params *p, const float *x,
                         const float *w, const float *b, float *y, convd_client_stats *st,
                         char *err, size_t errlen) {
   return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_stream);
 }
 
-int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
+int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p, const float *x,
                               const float *w, const float *b, float *y, convd_client_stats *st,
                               char *err, size_t errlen) {
   return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_unary);
@@ -390,7 +446,8 @@ static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, c
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
     st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
   }
-  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st, .t0 = now_seconds()};
+  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st,
+              .t0 = convd_now_seconds()};
   s.buf = malloc(c->o.chunk_bytes);
   if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, conv.wire_elem};
@@ -455,7 +512,7 @@ static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, c
         } else if (s.phase == 4) {
           ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
           s.phase = 5;
-          if (st) st->upload_seconds = now_seconds() - s.t0;
+          if (st) st->upload_seconds = convd_now_seconds() - s.t0;
         } else {
           local_fail(&s, CONVD_ENOMEM, "out of memory packing a request");
           grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "client out of memory", NULL);
@@ -505,7 +562,7 @@ static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, c
              s.out_bytes_seen, conv.output_wire_bytes);
     local_fail(&s, CONVD_EREMOTE, msg);
   }
-  if (st) st->total_seconds = now_seconds() - s.t0;
+  if (st) st->total_seconds = convd_now_seconds() - s.t0;
   rc = finish_status(c, status, details, s.local_rc, err, errlen, s.local_err);
   grpc_slice_unref(details);
   grpc_metadata_array_destroy(&md_initial);
@@ -585,7 +642,8 @@ static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, co
   req.bias.data = (uint8_t *)b;
   req.bias.len = conv.bias_wire_bytes;
   size_t req_bytes = protobuf_c_message_get_packed_size(&req.base);
-  if (req_bytes > c->o.max_message_bytes || conv.output_wire_bytes + 1024 > c->o.max_message_bytes)
+  if (req_bytes > c->o.max_message_bytes ||
+      conv.output_wire_bytes + CONVD_WIRE_FRAMING_SLACK > c->o.max_message_bytes)
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "a unary call of %zu request bytes and %zu output bytes does not fit the "
                       "message limit of %zu bytes: use the streaming Conv2d call "
@@ -621,7 +679,7 @@ static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, co
   return rc;
 }
 
-int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t *n, char *err,
+int convd_client_list_devices(convd_client *c, convd_client_device **devs, size_t *n, char *err,
                               size_t errlen) {
   *devs = NULL;
   *n = 0;
@@ -636,7 +694,7 @@ int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t 
   grpc_byte_buffer_destroy(resp);
   if (r == NULL)
     return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ListDevicesResponse");
-  convd_device_info *out = calloc(r->n_devices ? r->n_devices : 1, sizeof *out);
+  convd_client_device *out = calloc(r->n_devices ? r->n_devices : 1, sizeof *out);
   if (out == NULL) {
     protobuf_c_message_free_unpacked(&r->base, NULL);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
@@ -644,9 +702,9 @@ int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t 
   for (size_t i = 0; i < r->n_devices; i++) {
     const Convd__V1__Device *d = r->devices[i];
     out[i].index = d->index;
-    out[i].kind = d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CPU    ? CONVD_DEVICE_CPU
-                  : d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CUDA ? CONVD_DEVICE_CUDA
-                                                                        : CONVD_DEVICE_REFERENCE;
+    out[i].kind = d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CPU    ? CONVD_CLIENT_DEVICE_CPU
+                  : d->kind == CONVD__V1__DEVICE_KIND__DEVICE_KIND_CUDA ? CONVD_CLIENT_DEVICE_CUDA
+                                                                        : CONVD_CLIENT_DEVICE_REFERENCE;
     snprintf(out[i].name, sizeof out[i].name, "%s", d->name ? d->name : "");
     out[i].memory_bytes = d->memory_bytes;
     out[i].completed_ops = d->completed_ops;

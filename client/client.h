@@ -2,16 +2,66 @@
  * ended. A client handle may be used by one thread at a time; use one per thread. Tensors are
  * float32, NCHW, in the caller's memory; nothing needs to fit in one gRPC message. With
  * p->dtype float16 or bfloat16 they travel narrowed (rounded to nearest even) and the output
- * comes back widened; p->allow_tf32 lets GPUs use TF32 on float32 tensors. */
+ * comes back widened; p->allow_tf32 lets GPUs use TF32 on float32 tensors.
+ *
+ * This header is the library's whole public interface and needs nothing but the C library:
+ * installed as <convd/client.h>, built against with `pkg-config --cflags --libs convd-client`. */
 #ifndef CONVD_CLIENT_H
 #define CONVD_CLIENT_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "conv.h"   /* convd_conv_params, convd_conv_init: output shape and sizes */
-#include "engine.h" /* convd_device_info */
-#include "err.h"
+/* Results: 0, or one of these negative codes (the numbers of the daemon's own error table). */
+enum {
+  CONVD_CLIENT_OK = 0,
+  CONVD_CLIENT_EINVAL = -1,    /* invalid argument: INVALID_ARGUMENT, OUT_OF_RANGE */
+  CONVD_CLIENT_ERANGE = -2,    /* a size out of range */
+  CONVD_CLIENT_ENOMEM = -3,    /* out of memory */
+  CONVD_CLIENT_ELIMIT = -4,    /* RESOURCE_EXHAUSTED, or a unary call too large for one message */
+  CONVD_CLIENT_ENOTSUP = -5,   /* UNIMPLEMENTED */
+  CONVD_CLIENT_ECANCELED = -6, /* CANCELLED */
+  CONVD_CLIENT_ETIMEDOUT = -7, /* DEADLINE_EXCEEDED */
+  CONVD_CLIENT_EUNAVAIL = -8,  /* UNAVAILABLE: no server there, or it is shutting down */
+  CONVD_CLIENT_ENOTFOUND = -9, /* NOT_FOUND */
+  CONVD_CLIENT_EIO = -10,      /* input/output error */
+  CONVD_CLIENT_EDEVICE = -11,  /* device error */
+  CONVD_CLIENT_EREMOTE = -12,  /* any other status, or a malformed answer */
+  CONVD_CLIENT_EINTERNAL = -13 /* internal error */
+};
+
+/* Short description of a code; "unknown error" for anything else. */
+const char *convd_client_strerror(int code);
+
+/* Element types on the wire (convd_client_conv_params.dtype). */
+enum { CONVD_CLIENT_FLOAT32 = 0, CONVD_CLIENT_FLOAT16 = 1, CONVD_CLIENT_BFLOAT16 = 2 };
+
+/* One convolution: shapes and hyperparameters, as PyTorch's conv2d / conv_transpose2d take
+ * them. Start from convd_client_conv_params_default and set the shapes. */
+typedef struct convd_client_conv_params {
+  int64_t n, c_in, h, w;              /* input, NCHW */
+  int64_t c_out, c_per_group, kh, kw; /* weight: (C_out, C_in/groups, kH, kW) */
+  int has_bias;                       /* bias: (C_out) */
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right;
+  int64_t dil_h, dil_w;
+  int64_t groups;
+  /* conv_transpose2d: weights (C_in, C_out/groups, kH, kW); c_out and c_per_group (C_in/groups)
+   * keep their meaning; out_pad_h/w add rows/columns at the bottom/right. */
+  int transposed;
+  int64_t out_pad_h, out_pad_w;
+  int dtype;      /* CONVD_CLIENT_FLOAT32 (default), _FLOAT16 or _BFLOAT16 */
+  int allow_tf32; /* 1: float32 ops may run on TF32 tensor cores */
+} convd_client_conv_params;
+
+/* Stride and dilation 1, no padding, groups 1, no bias, float32; shapes zero (set them). */
+void convd_client_conv_params_default(convd_client_conv_params *p);
+
+/* Checks p as the server will and gives the output's shape (N, C_out, H_out, W_out): y must
+ * hold their product of floats. Returns 0, or CONVD_CLIENT_EINVAL / _ERANGE with err naming
+ * the offending values. */
+int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4], char *err,
+                              size_t errlen);
 
 typedef struct convd_client convd_client;
 
@@ -33,6 +83,27 @@ typedef struct convd_client_stats {
   double total_seconds;        /* the call ended */
 } convd_client_stats;
 
+/* convd_client_device.kind */
+enum { CONVD_CLIENT_DEVICE_CPU = 1, CONVD_CLIENT_DEVICE_CUDA = 2, CONVD_CLIENT_DEVICE_REFERENCE = 3 };
+
+/* One of the server's devices, as ListDevices reports it. */
+typedef struct convd_client_device {
+  unsigned index;
+  int kind; /* CONVD_CLIENT_DEVICE_* */
+  char name[64];
+  uint64_t memory_bytes;
+  uint64_t completed_ops;
+  double busy_seconds;
+  int healthy;
+  char detail[256]; /* what runs on it, or why it is unhealthy */
+  struct convd_client_device_stats {
+    uint64_t weight_cache_hits, weight_cache_misses; /* ops whose weight block was / was not cached */
+    uint64_t weight_bytes_loaded;                    /* weight bytes copied into device memory */
+    uint64_t bytes_to_device, bytes_from_device;     /* copies over the bus (GPU) */
+    uint64_t kernel_ns;                              /* time the compute units ran convolutions */
+  } stats;
+} convd_client_device;
+
 /* target: "HOST:PORT". Does not connect yet; the first call does. */
 int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
                         char *err, size_t errlen);
@@ -40,20 +111,20 @@ void convd_client_destroy(convd_client *c);
 
 /* y = conv2d(x, w) + b through the streaming Conv2d call (p->transposed: conv_transpose2d, w in
  * its (C_in, C_out/groups, kH, kW) layout). y must hold the output (see
- * convd_conv_init for its shape); b may be NULL when p->has_bias is 0. On failure returns a
- * negative code (CONVD_EINVAL for INVALID_ARGUMENT, ...) and err holds "STATUS: server message".
- * stats may be NULL. */
-int convd_client_conv2d(convd_client *c, const convd_conv_params *p, const float *x,
+ * convd_client_output_shape); b may be NULL when p->has_bias is 0. On failure returns a
+ * negative code (CONVD_CLIENT_EINVAL for INVALID_ARGUMENT, ...) and err holds "STATUS: server
+ * message". stats may be NULL. */
+int convd_client_conv2d(convd_client *c, const convd_client_conv_params *p, const float *x,
                         const float *w, const float *b, float *y, convd_client_stats *stats,
                         char *err, size_t errlen);
 
 /* The same through Conv2dUnary: request and response must each fit one message. */
-int convd_client_conv2d_unary(convd_client *c, const convd_conv_params *p, const float *x,
+int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p, const float *x,
                               const float *w, const float *b, float *y, convd_client_stats *stats,
                               char *err, size_t errlen);
 
 /* Lists the server's devices into a malloc'd array (free() it). */
-int convd_client_list_devices(convd_client *c, convd_device_info **devs, size_t *n, char *err,
+int convd_client_list_devices(convd_client *c, convd_client_device **devs, size_t *n, char *err,
                               size_t errlen);
 
 /* grpc.health.v1 Check of service ("" = the server): *serving 1 for SERVING, else 0. */

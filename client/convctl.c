@@ -1,8 +1,10 @@
-/* convctl: the command-line client.
+/* convctl: the command-line client, on libconvd_client's public interface (client.h); `plan`
+ * alone uses the engine's planner in-process.
  *   convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]
  *                [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]
  *                --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]
  *   convctl devices --server HOST:PORT
+ *   convctl --version
  * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage. */
 #include <errno.h>
 #include <inttypes.h>
@@ -11,9 +13,10 @@
 #include <string.h>
 
 #include "client.h"
+#include "client_params.h"
+#include "convd_version.h"
 #include "npy.h"
 #include "plan.h"
-#include "dtype.h"
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -30,6 +33,7 @@ static void usage(FILE *f) {
           "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
           "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
           "               [--device-memory BYTES (K/M/G suffixes; default 64M)]\n"
+          "  convctl --version\n"
           "\n"
           "Tensors are float32 .npy files: input N,C,H,W; weight C_out,C_in/groups,kH,kW;\n"
           "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"
@@ -150,8 +154,8 @@ static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) 
 }
 
 /* --stride, --padding, --dilation, --groups into p (shapes left zero). */
-static int parse_conv_options(const args *a, convd_conv_params *p) {
-  convd_conv_params_default(p);
+static int parse_conv_options(const args *a, convd_client_conv_params *p) {
+  convd_client_conv_params_default(p);
   int64_t v[4];
   int n;
   if (a->stride) {
@@ -174,9 +178,9 @@ static int parse_conv_options(const args *a, convd_conv_params *p) {
     p->groups = v[0];
   }
   if (a->dtype) {
-    if (strcmp(a->dtype, "float32") == 0) p->dtype = CONVD_F32;
-    else if (strcmp(a->dtype, "float16") == 0) p->dtype = CONVD_F16;
-    else if (strcmp(a->dtype, "bfloat16") == 0) p->dtype = CONVD_BF16;
+    if (strcmp(a->dtype, "float32") == 0) p->dtype = CONVD_CLIENT_FLOAT32;
+    else if (strcmp(a->dtype, "float16") == 0) p->dtype = CONVD_CLIENT_FLOAT16;
+    else if (strcmp(a->dtype, "bfloat16") == 0) p->dtype = CONVD_CLIENT_BFLOAT16;
     else {
       fprintf(stderr, "convctl: --dtype %s: expected float32, float16 or bfloat16\n", a->dtype);
       return -1;
@@ -190,8 +194,10 @@ bad_list:
 }
 
 static int cmd_plan(const args *a) {
+  convd_client_conv_params cp;
+  if (parse_conv_options(a, &cp)) return 2;
   convd_conv_params p;
-  if (parse_conv_options(a, &p)) return 2;
+  convd_client_params_to_conv(&cp, &p);
   int64_t in[4], wt[4];
   if (!a->input || !a->weight || parse_list(a->input, in, 4) != 4 || parse_list(a->weight, wt, 4) != 4) {
     fprintf(stderr, "convctl plan: --input N,C,H,W and --weight C_out,C_in/groups,kH,kW are required\n");
@@ -226,7 +232,7 @@ static int cmd_conv(const args *a, int transposed) {
     fprintf(stderr, "convctl conv: --input, --weight and --output are required\n");
     return 2;
   }
-  convd_conv_params p;
+  convd_client_conv_params p;
   if (parse_conv_options(a, &p)) return 2;
   p.transposed = transposed;
   if (a->output_padding) {
@@ -260,17 +266,20 @@ static int cmd_conv(const args *a, int transposed) {
     }
     p.has_bias = 1;
   }
-  convd_conv conv;
+  int64_t out_shape[4];
   char err[1024];
   /* Shapes are checked here too so that a mistake is reported before anything is sent; the
    * server checks again and is the authority. */
-  if (convd_conv_init(&conv, &p, err, sizeof err)) {
+  if (convd_client_output_shape(&p, out_shape, err, sizeof err)) {
     fprintf(stderr, "convctl: %s\n", err);
     goto out;
   }
-  y = malloc(conv.output_bytes);
+  /* the check above has made sure the output's byte count fits a size_t */
+  const size_t out_bytes =
+      (size_t)(out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]) * sizeof(float);
+  y = malloc(out_bytes);
   if (y == NULL) {
-    fprintf(stderr, "convctl: cannot allocate %zu bytes for the output\n", conv.output_bytes);
+    fprintf(stderr, "convctl: cannot allocate %zu bytes for the output\n", out_bytes);
     rc = 1;
     goto out;
   }
@@ -306,7 +315,7 @@ static int cmd_devices(const args *a) {
   convd_client *c;
   int rc = client_from_args(a, &c);
   if (rc) return rc;
-  convd_device_info *d;
+  convd_client_device *d;
   size_t n;
   char err[512];
   if (convd_client_list_devices(c, &d, &n, err, sizeof err)) {
@@ -347,6 +356,10 @@ int main(int argc, char **argv) {
   if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
     usage(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
+  }
+  if (strcmp(argv[1], "--version") == 0) {
+    printf("convctl %s\n", CONVD_VERSION);
+    return 0;
   }
   args a = {0};
   if (strcmp(argv[1], "conv") != 0 && strcmp(argv[1], "devices") != 0 &&

@@ -1,3 +1,4 @@
+/* See band.h. Any thread: pure functions of their arguments, no shared state. */
 #include "band.h"
 
 #include <string.h>

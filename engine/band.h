@@ -1,7 +1,9 @@
 /* Row bands: how NCHW tensors travel. A band is rows [h0, h1) of batch item n, all channels, laid
  * out C x (h1-h0) x W inside the band; a band larger than one message is sent as consecutive
  * pieces at byte offsets inside it. These helpers place pieces into a tensor and cut a tensor
- * into pieces; both sides of the wire use them, so the layout is defined once. */
+ * into pieces; both sides of the wire use them, so the layout is defined once.
+ *
+ * Threads: any (the daemon's completion-queue thread, the client's caller); no shared state. */
 #ifndef CONVD_BAND_H
 #define CONVD_BAND_H
 

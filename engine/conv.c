@@ -1,3 +1,4 @@
+/* See conv.h. Any thread: pure functions of their arguments, no shared state. */
 #include "conv.h"
 
 #include <ctype.h>

@@ -1,6 +1,9 @@
 /* The convolution descriptor: every shape rule and every size derived from a request is checked
  * here, once, before anything is allocated or computed ("describe before execute"). Kernels and
- * the server trust a descriptor that convd_conv_init accepted. */
+ * the server trust a descriptor that convd_conv_init accepted.
+ *
+ * Threads: any (the daemon checks requests on its completion-queue thread); no shared state, and
+ * a checked descriptor is read-only. */
 #ifndef CONVD_CONV_H
 #define CONVD_CONV_H
 

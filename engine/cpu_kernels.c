@@ -1,3 +1,5 @@
+/* See cpu_kernels.h. Called on a CPU device's worker thread; each kernel spreads its output
+ * planes over an OpenMP team, every thread writing its own planes from its own padded copy. */
 #include "cpu_kernels.h"
 
 #include <stdlib.h>

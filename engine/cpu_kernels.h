@@ -2,7 +2,9 @@
  * (docs/benchmarks.md): oneDNN computes in blocked layouts (nChw16c), so every op pays a reorder
  * of its input window in and of its tile out. For a depthwise convolution those two passes cost
  * several times the arithmetic; a direct kernel on the NCHW views reads each input once and
- * writes each output once. */
+ * writes each output once.
+ *
+ * Threads: called on a CPU device's worker thread, which fans out to `threads` OpenMP threads. */
 #ifndef CONVD_CPU_KERNELS_H
 #define CONVD_CPU_KERNELS_H
 

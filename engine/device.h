@@ -1,6 +1,15 @@
-/* Devices: one interface for every kind of compute (reference, CPU, later CUDA), as a table of
- * functions plus a context. The scheduler owns one worker thread per device and calls run() on
- * it, one elemental op at a time; a device never sees a whole request. */
+/* Devices: one interface for every kind of compute (reference, CPU, CUDA). This header is the
+ * public side: an opaque handle, the op a device runs, its counters, the constructors and the
+ * wrappers every caller goes through. The function table and the struct behind the handle are
+ * in device_impl.h, for device implementations only.
+ *
+ * Threads: the scheduler (engine.c) owns one worker thread per device and calls
+ * convd_device_run() on it, one elemental op at a time, so a device needs no lock of its own
+ * for its caches; a device never sees a whole request. convd_device_flush_cache() runs on that
+ * worker too. convd_device_supports() (on the thread creating a job), convd_device_stats_get()
+ * and the accessors may run on any thread: what they read never changes after creation or is
+ * counted with atomics. convd_device_destroy() runs once the worker has stopped. Outside an
+ * engine (tests, benchmarks) the one thread that owns the device calls everything. */
 #ifndef CONVD_DEVICE_H
 #define CONVD_DEVICE_H
 
@@ -51,37 +60,8 @@ typedef struct convd_device_stats {
   uint64_t kernel_ns;            /* time the compute units ran convolutions (GPU: CUDA events) */
 } convd_device_stats;
 
-/* Copies counters that their owner updates with relaxed atomics. */
-static inline void convd_device_stats_load(const convd_device_stats *src, convd_device_stats *dst) {
-  dst->weight_cache_hits = __atomic_load_n(&src->weight_cache_hits, __ATOMIC_RELAXED);
-  dst->weight_cache_misses = __atomic_load_n(&src->weight_cache_misses, __ATOMIC_RELAXED);
-  dst->weight_bytes_loaded = __atomic_load_n(&src->weight_bytes_loaded, __ATOMIC_RELAXED);
-  dst->bytes_to_device = __atomic_load_n(&src->bytes_to_device, __ATOMIC_RELAXED);
-  dst->bytes_from_device = __atomic_load_n(&src->bytes_from_device, __ATOMIC_RELAXED);
-  dst->kernel_ns = __atomic_load_n(&src->kernel_ns, __ATOMIC_RELAXED);
-}
-
-typedef struct convd_device_iface {
-  /* 1 when this device can run the op (all devices run float32 forward convolution today). */
-  int (*supports)(void *ctx, const convd_conv *conv);
-  /* Runs one op to completion on the calling thread. Returns 0 or a negative convd error. */
-  int (*run)(void *ctx, const convd_op_io *io, char *err, size_t errlen);
-  /* Optional (NULL): drop cached weight blocks, e.g. when a job ends. */
-  void (*flush_cache)(void *ctx);
-  /* Optional (NULL): the device's counters; callable from any thread. */
-  void (*stats)(void *ctx, convd_device_stats *out);
-  void (*destroy)(void *ctx);
-} convd_device_iface;
-
-typedef struct convd_device {
-  const convd_device_iface *iface;
-  void *ctx;
-  int kind;               /* enum convd_device_kind */
-  char name[64];
-  char detail[128];
-  uint64_t memory_budget; /* bytes one op may use on it (the planner's device_memory) */
-  int accumulates;        /* 1: takes chains (convd_op_io.chain_len), summing on the device */
-} convd_device;
+/* A device: opaque here (device_impl.h). */
+typedef struct convd_device convd_device;
 
 /* The reference kernel as a device: for validation, and where nothing faster exists. */
 int convd_device_ref_create(const char *name, uint64_t memory_budget, convd_device **out,
@@ -96,5 +76,24 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
 int convd_device_cpu_is_native(void);
 
 void convd_device_destroy(convd_device *d);
+
+/* ---- what callers use (never the function table) ------------------------------------------ */
+
+/* Runs one op to completion on the calling thread (the device's worker). Returns 0 or a
+ * negative convd error with err filled in. */
+int convd_device_run(convd_device *d, const convd_op_io *io, char *err, size_t errlen);
+/* 1 when the device can run conv: a job's whole convolution (a transpose's too; each of its
+ * ops is no larger in any dimension), asked once when the job is created. */
+int convd_device_supports(const convd_device *d, const convd_conv *conv);
+/* Drops the device's cached weight blocks (nothing when it keeps none). */
+void convd_device_flush_cache(convd_device *d);
+/* The device's counters, all zero when it keeps none. */
+void convd_device_stats_get(const convd_device *d, convd_device_stats *out);
+
+int convd_device_kind(const convd_device *d);                /* enum convd_device_kind */
+const char *convd_device_name(const convd_device *d);
+const char *convd_device_detail(const convd_device *d);      /* what runs on it, for people */
+uint64_t convd_device_memory_budget(const convd_device *d);  /* bytes one op may use on it */
+int convd_device_accumulates(const convd_device *d);         /* 1: takes chains (chain_len) */
 
 #endif

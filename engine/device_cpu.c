@@ -2,14 +2,18 @@
  * reference only by float32 summation order), its weights reordered once per block into the
  * layout oneDNN prefers and kept in a small LRU cache. oneDNN is built on OpenMP in Debian: each
  * device sets its own thread count on its worker thread, so several CPU devices can split the
- * host. */
+ * host.
+ *
+ * Threads: run() and flush_cache() on the device's worker thread only, so the caches, staging
+ * buffers and oneDNN stream of a context take no lock; stats() reads the counters, kept with
+ * relaxed atomics, from any thread. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "cpu_kernels.h"
-#include "device.h"
+#include "device_impl.h"
 #include "err.h"
 #include "ref.h"
 

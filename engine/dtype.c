@@ -1,3 +1,4 @@
+/* See dtype.h. Any thread: pure functions of their arguments, no shared state. */
 #include "dtype.h"
 
 #include <string.h>

@@ -1,3 +1,28 @@
+/* The scheduler (engine.h): jobs, the ops they make ready, and one worker thread per device
+ * that takes them.
+ *
+ * Threads: callers (in the daemon, the gRPC completion-queue thread) create jobs, hand in
+ * weights and input bands, take and release output rows, cancel and destroy jobs. Each device's
+ * worker (worker_main) picks an op under e->mu, runs it on its device with no lock held, books it
+ * under e->mu, and then, unlocked, delivers the callbacks that follow.
+ *
+ * Locks:
+ *   e->mu   the job list (e->jobs, e->rr) and admission counts (pending_ops, njobs,
+ *           next_job_id); busy, skipping, stopping; each slot's health and measurements
+ *           (healthy, why, sec_per_mac, measured, completed_ops, busy_seconds); and in every job
+ *           its queues (ready, retry), input rows (row_band, in_refs, in_seen, missing, queued),
+ *           output bands (out, tile_left, y_target), counts (running, ops_done), state
+ *           (cancelled, failed, fail_msg, priority, w, b, w_key), callback counts, bytes held and
+ *           stats. e->cv wakes the workers when work, health or stopping changes.
+ *   j->acc_mu  partial sums added into a job's output tiles (tile_written and those tiles).
+ *   j->seg_mu  a transpose's segregated weights, made once (wseg, wseg_own, wseg_cached).
+ *   e->segs    has its own lock (segcache.c), taken with j->seg_mu held; no other engine lock
+ *              is taken while one is held. Callers may hold their own locks into engine calls
+ *              (convd_engine_run does); job callbacks run with no engine lock held
+ *              (device_failed, under e->mu, must not call the engine).
+ * Without a lock: the plan and runs_on (fixed at creation), j->stop (atomic), and what a
+ * running op reads (its rows, held by in_refs; its output band, made under e->mu before it ran;
+ * its slot's scratch buffers, the worker's own). */
 #include "engine.h"
 
 #include <inttypes.h>
@@ -6,11 +31,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "cuda_device.h"
 #include "err.h"
+#include "segcache.h"
 
 /* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
 #define MAX_PLAN_OPS (UINT64_C(1) << 22)
@@ -26,6 +52,7 @@ typedef struct dev_slot {
   pthread_t thread;
   int started;
   int healthy;
+  int flushed; /* its weight cache was dropped once it left service */
   char why[256];
   uint64_t completed_ops;
   double busy_seconds;
@@ -65,12 +92,13 @@ struct convd_job {
   int w_owned;
   /* A transpose's segregated weights: made by the first worker that needs them (never on the
    * caller's thread), or found in the engine's cache when the weights' content key matches. */
-  float *wseg;
+  const float *wseg;
   int wseg_own;           /* wseg is the job's to free (else a cache entry's) */
-  int wseg_slot;          /* the cache entry it holds a reference on, or -1 */
+  int wseg_cached;        /* the job holds a reference on wseg in e->segs */
   pthread_mutex_t seg_mu;
   uint64_t w_key;         /* the weights' content key, 0 = unknown */
   int priority;
+  uint8_t *runs_on; /* per device: its supports() said yes to this job's conv */
   int counted; /* in e->pending_ops and e->njobs */
   double t_first_ready; /* 0 until an op was first queued */
   int started;          /* a device has started one of its ops */
@@ -116,27 +144,14 @@ struct convd_engine {
   uint64_t op_memory; /* planning cap, 0 = none */
   uint64_t max_pending_ops, pending_ops; /* admission */
   uint64_t njobs;
-  /* Segregated transpose weights of recent jobs, by content key and geometry (SEG_CACHE
-   * entries, at most SEG_CACHE_BYTES): repeated calls with the same weights skip the pass. */
-  struct seg_entry {
-    uint64_t key;
-    float *w;
-    size_t bytes;
-    unsigned refs;
-    uint64_t last_use;
-  } segs[8];
-  uint64_t seg_tick;
+  /* Segregated transpose weights of recent jobs, by content key and geometry: repeated calls
+   * with the same weights skip the pass. */
+  convd_segcache *segs;
   void (*device_failed)(void *user, unsigned index, const char *name, const char *why);
   void *user;
   convd_job *jobs, *rr; /* all jobs; the round-robin cursor */
   uint64_t next_job_id;
 };
-
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int grow(float **buf, size_t *cap, size_t elems) {
   if (elems <= *cap) return 0;
@@ -178,7 +193,7 @@ static void maybe_queue(convd_job *j, int64_t n, int64_t th) {
   size_t k = (size_t)(n * tiles_h(j) + th);
   if (j->queued[k] || j->missing[k] > 0 || j->w == NULL || j->cancelled || j->failed) return;
   j->queued[k] = 1;
-  if (j->t_first_ready == 0) j->t_first_ready = now_seconds();
+  if (j->t_first_ready == 0) j->t_first_ready = convd_now_seconds();
   uint64_t per = ops_per_tile_row(j);
   if (push_ready(j, (uint64_t)k * per, (uint64_t)(k + 1) * per)) {
     j->failed = 1;
@@ -250,16 +265,21 @@ static void deliver(convd_engine *e, events *es) {
 
 /* ---- scheduling ------------------------------------------------------------------------ */
 
+/* Whether job j has ops that slot s may take: its device supports the job's conv. */
+static int has_work_for(const convd_job *j, const dev_slot *s) {
+  return j->runs_on[s->index] && job_has_work(j);
+}
+
 /* Whether slot s should take one of job j's ops. A slow device beside fast ones must not make a
- * job finish later: it takes an op only if it would finish it no later than the other devices,
- * at their measured speeds, would finish all the ready work including that op. Devices not
- * measured yet take ops (that is how they get measured). e->mu held. */
+ * job finish later: it takes an op only if it would finish it no later than the other devices
+ * that can run j, at their measured speeds, would finish all the ready work including that op.
+ * Devices not measured yet take ops (that is how they get measured). e->mu held. */
 static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_job *j) {
   if (!s->measured) return 1;
   double others = 0, fastest = 0; /* MACs per second of the other healthy, measured devices */
   for (int i = 0; i < e->ndev; i++) {
     const dev_slot *d = &e->devs[i];
-    if (d != s && d->healthy && d->measured && d->sec_per_mac > 0) {
+    if (d != s && d->healthy && d->measured && d->sec_per_mac > 0 && j->runs_on[i]) {
       others += 1.0 / d->sec_per_mac;
       if (1.0 / d->sec_per_mac > fastest) fastest = 1.0 / d->sec_per_mac;
     }
@@ -275,18 +295,18 @@ static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_jo
   return s->sec_per_mac * j->macs_per_op <= others_done;
 }
 
-/* Takes the next op for slot s, round-robin over jobs. e->mu held. */
+/* Takes the next op for slot s, round-robin over the jobs its device supports. e->mu held. */
 static convd_job *pick(convd_engine *e, const dev_slot *s, uint64_t *op) {
   if (e->jobs == NULL) return NULL;
-  /* The highest priority that has work; jobs below it wait. */
+  /* The highest priority that has work for s; jobs below it wait. */
   int top = 0, any = 0;
   for (convd_job *x = e->jobs; x; x = x->next)
-    if (job_has_work(x) && (!any || x->priority > top)) top = x->priority, any = 1;
+    if (has_work_for(x, s) && (!any || x->priority > top)) top = x->priority, any = 1;
   if (!any) return NULL;
   convd_job *start = e->rr ? e->rr : e->jobs;
   convd_job *j = start;
   do {
-    if (j->priority == top && job_has_work(j) && worth_taking(e, s, j)) {
+    if (j->priority == top && has_work_for(j, s) && worth_taking(e, s, j)) {
       if (j->retry_len > 0) {
         *op = j->retry[--j->retry_len];
       } else {
@@ -301,7 +321,7 @@ static convd_job *pick(convd_engine *e, const dev_slot *s, uint64_t *op) {
       j->running++;
       if (!j->started) {
         j->started = 1;
-        j->stats.queue_seconds = now_seconds() - j->t_first_ready;
+        j->stats.queue_seconds = convd_now_seconds() - j->t_first_ready;
       }
       e->rr = j->next ? j->next : e->jobs;
       return j;
@@ -353,8 +373,6 @@ static uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-#define SEG_CACHE_BYTES (UINT64_C(256) << 20)
-
 /* The job's segregated transpose weights, made once (by the first worker to need them) or taken
  * from the engine's cache. Outside e->mu. Returns 0 or CONVD_ENOMEM. */
 static int ensure_segregated(convd_engine *e, convd_job *j, char *err, size_t errlen) {
@@ -364,7 +382,6 @@ static int ensure_segregated(convd_engine *e, convd_job *j, char *err, size_t er
     return 0;
   }
   const convd_conv_params *p = &j->plan.conv.p;
-  const int n = (int)(sizeof e->segs / sizeof e->segs[0]);
   /* the content key, and the geometry the phase blocks depend on */
   uint64_t key = 0;
   if (j->w_key) {
@@ -373,16 +390,7 @@ static int ensure_segregated(convd_engine *e, convd_job *j, char *err, size_t er
                          p->dil_h, p->dil_w, p->groups};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) key = mix64(key ^ (uint64_t)g[i]);
     key |= 1;
-    pthread_mutex_lock(&e->mu);
-    for (int i = 0; i < n; i++)
-      if (e->segs[i].w && e->segs[i].key == key) {
-        e->segs[i].refs++;
-        e->segs[i].last_use = ++e->seg_tick;
-        j->wseg = e->segs[i].w;
-        j->wseg_slot = i;
-        break;
-      }
-    pthread_mutex_unlock(&e->mu);
+    if ((j->wseg = convd_segcache_acquire(e->segs, key)) != NULL) j->wseg_cached = 1;
   }
   int rc = 0;
   if (j->wseg == NULL) {
@@ -393,24 +401,9 @@ static int ensure_segregated(convd_engine *e, convd_job *j, char *err, size_t er
       rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory segregating a transpose's weights");
     } else {
       j->wseg = w;
-      j->wseg_own = 1;
-      if (key && bytes <= SEG_CACHE_BYTES) { /* keep it for later jobs with the same weights */
-        pthread_mutex_lock(&e->mu);
-        uint64_t total = bytes;
-        int victim = -1;
-        for (int i = 0; i < n; i++) {
-          total += e->segs[i].bytes;
-          if (e->segs[i].refs == 0 && (victim < 0 || e->segs[i].last_use < e->segs[victim].last_use))
-            victim = i;
-        }
-        if (victim >= 0 && total - e->segs[victim].bytes <= SEG_CACHE_BYTES) {
-          free(e->segs[victim].w);
-          e->segs[victim] = (struct seg_entry){key, w, bytes, 1, ++e->seg_tick};
-          j->wseg_own = 0;
-          j->wseg_slot = victim;
-        }
-        pthread_mutex_unlock(&e->mu);
-      }
+      /* kept for later jobs with the same weights when the cache takes it */
+      if (key && convd_segcache_insert(e->segs, key, w, bytes)) j->wseg_cached = 1;
+      else j->wseg_own = 1;
     }
   }
   pthread_mutex_unlock(&j->seg_mu);
@@ -480,9 +473,9 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
                       .w = convd_plan_weight_view(pl, op, pl->transposed ? j->wseg : j->w),
                       .w_key = key, .b = lp->has_bias ? j->b + op->oc0 : NULL, .y = y,
                       .cancel = &j->stop, .chain_pos = chain_pos, .chain_len = chain_len};
-    double t0 = now_seconds();
-    rc = s->dev->iface->run(s->dev->ctx, &io, err, errlen);
-    double dt = now_seconds() - t0;
+    double t0 = convd_now_seconds();
+    rc = convd_device_run(s->dev, &io, err, errlen);
+    double dt = convd_now_seconds() - t0;
     pthread_mutex_lock(&e->mu);
     s->busy_seconds += dt;
     j->stats.compute_seconds += dt;
@@ -530,8 +523,8 @@ static int make_out_band(convd_job *j, const convd_plan_op *op) {
 #define CHAIN_MAX 4096
 static int claim_chain(const dev_slot *s, convd_job *j, uint64_t opi, const convd_plan_op *op) {
   const uint64_t icb = (uint64_t)j->plan.icblocks;
-  if (!s->dev->accumulates || icb < 2 || icb > CHAIN_MAX || opi % icb != 0 || op->empty ||
-      j->ready_len == 0 || j->plan.transposed)
+  if (!convd_device_accumulates(s->dev) || icb < 2 || icb > CHAIN_MAX || opi % icb != 0 ||
+      op->empty || j->ready_len == 0 || j->plan.transposed)
     return 1;
   range *r = &j->ready[j->ready_head];
   if (r->begin != opi + 1 || r->end < opi + icb) return 1;
@@ -560,6 +553,13 @@ static void requeue(convd_job *j, uint64_t opi) {
   }
   j->retry[j->retry_len++] = opi;
   j->ready_ops++;
+}
+
+/* Healthy devices that support job j. e->mu held. */
+static int healthy_runners(const convd_engine *e, const convd_job *j) {
+  int n = 0;
+  for (int i = 0; i < e->ndev; i++) n += e->devs[i].healthy && j->runs_on[i];
+  return n;
 }
 
 /* Books the end of op opi on slot s: rc 0 done, else cancelled, out of memory (the job fails)
@@ -595,24 +595,27 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
     atomic_store(&j->stop, 1);
     snprintf(j->fail_msg, sizeof j->fail_msg, "%s", err);
   } else {
-    /* The device failed: it takes no more work, the op goes back for another device. */
+    /* The device failed: it takes no more work, the op goes back for another device. Jobs
+     * that no healthy device can run any more fail instead of waiting. */
     if (s->healthy) {
       snprintf(s->why, sizeof s->why, "unhealthy: %s", err);
-      if (e->device_failed) e->device_failed(e->user, s->index, s->dev->name, err);
+      if (e->device_failed) e->device_failed(e->user, s->index, convd_device_name(s->dev), err);
     }
     s->healthy = 0;
     int healthy = 0;
     for (int i = 0; i < e->ndev; i++) healthy += e->devs[i].healthy;
-    if (healthy == 0) {
-      for (convd_job *x = e->jobs; x; x = x->next)
-        if (!x->failed) {
-          x->failed = 1;
-          atomic_store(&x->stop, 1);
+    for (convd_job *x = e->jobs; x; x = x->next)
+      if (!x->failed && healthy_runners(e, x) == 0) {
+        x->failed = 1;
+        atomic_store(&x->stop, 1);
+        if (healthy == 0)
           snprintf(x->fail_msg, sizeof x->fail_msg, "no healthy device left; the last one failed: %s", err);
-        }
-    } else {
-      requeue(j, opi);
-    }
+        else
+          snprintf(x->fail_msg, sizeof x->fail_msg,
+                   "no healthy device left that supports this convolution; the last one failed: %s",
+                   err);
+      }
+    if (healthy_runners(e, j) > 0) requeue(j, opi);
     pthread_cond_broadcast(&e->cv);
   }
 }
@@ -636,7 +639,8 @@ static void *worker_main(void *arg) {
     if (j == NULL) {
       if (e->stopping) break;
       int skipped = 0;
-      for (convd_job *x = e->jobs; x && !skipped && s->healthy; x = x->next) skipped = job_has_work(x);
+      for (convd_job *x = e->jobs; x && !skipped && s->healthy; x = x->next)
+        skipped = has_work_for(x, s);
       if (skipped) {
         /* Left to faster devices: they re-decide when any op completes, and one must be awake
          * now if none is running. */
@@ -665,10 +669,10 @@ static void *worker_main(void *arg) {
       convd_plan_op opk;
       if (k == 0) opk = op;
       else convd_plan_op_get(&j->plan, opi + (uint64_t)k, &opk);
-      const double t0 = now_seconds();
+      const double t0 = convd_now_seconds();
       rc = oom ? convd_errf(err, sizeof err, CONVD_ENOMEM, "out of host memory for output rows")
                : run_op(s, j, &opk, k, chain, err, sizeof err);
-      took[k] = now_seconds() - t0;
+      took[k] = convd_now_seconds() - t0;
     }
 
     pthread_mutex_lock(&e->mu);
@@ -684,6 +688,14 @@ static void *worker_main(void *arg) {
     if (es.n) {
       pthread_mutex_unlock(&e->mu);
       deliver(e, &es);
+      pthread_mutex_lock(&e->mu);
+    }
+    if (!s->healthy && !s->flushed) {
+      /* Out of service for good: the weights it caches would never be used again. Only this
+       * worker runs its device, so it flushes it, outside e->mu. */
+      s->flushed = 1;
+      pthread_mutex_unlock(&e->mu);
+      convd_device_flush_cache(s->dev);
       pthread_mutex_lock(&e->mu);
     }
   }
@@ -730,6 +742,7 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 2;
   ngpu *= per_gpu;
   e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
+  e->segs = convd_segcache_create();
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
   e->max_pending_ops = o.max_pending_ops;
@@ -738,7 +751,8 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
   int rc = 0;
-  if (e->devs == NULL) rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
+  if (e->devs == NULL || e->segs == NULL)
+    rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
   for (int i = 0; rc == 0 && i < ngpu; i++) {
     char name[32];
     convd_device *d;
@@ -789,7 +803,7 @@ void convd_engine_destroy(convd_engine *e) {
     free(s->wblk);
     free(s->partial);
   }
-  for (size_t i = 0; i < sizeof e->segs / sizeof e->segs[0]; i++) free(e->segs[i].w);
+  convd_segcache_destroy(e->segs);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->mu);
   free(e->devs);
@@ -814,23 +828,26 @@ int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out) 
   memset(out, 0, sizeof *out);
   pthread_mutex_lock(&e->mu);
   out->index = (unsigned)i;
-  out->kind = s->dev->kind;
-  snprintf(out->name, sizeof out->name, "%s", s->dev->name);
-  out->memory_bytes = s->dev->memory_budget;
+  out->kind = convd_device_kind(s->dev);
+  snprintf(out->name, sizeof out->name, "%s", convd_device_name(s->dev));
+  out->memory_bytes = convd_device_memory_budget(s->dev);
   out->completed_ops = s->completed_ops;
   out->busy_seconds = s->busy_seconds;
   out->healthy = s->healthy;
-  snprintf(out->detail, sizeof out->detail, "%s", s->healthy ? s->dev->detail : s->why);
+  snprintf(out->detail, sizeof out->detail, "%s",
+           s->healthy ? convd_device_detail(s->dev) : s->why);
   pthread_mutex_unlock(&e->mu);
-  if (s->dev->iface->stats) s->dev->iface->stats(s->dev->ctx, &out->stats);
+  convd_device_stats_get(s->dev, &out->stats);
   return 0;
 }
 
 int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
                       size_t errlen) {
   uint64_t budget = UINT64_MAX;
-  for (int i = 0; i < e->ndev; i++)
-    if (e->devs[i].dev->memory_budget < budget) budget = e->devs[i].dev->memory_budget;
+  for (int i = 0; i < e->ndev; i++) {
+    const uint64_t b = convd_device_memory_budget(e->devs[i].dev);
+    if (b < budget) budget = b;
+  }
   if (e->op_memory && e->op_memory < budget) budget = e->op_memory;
   convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget};
   int rc = convd_plan_make(plan, conv, &o, err, errlen);
@@ -851,7 +868,6 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   if (j == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   j->e = e;
   j->cb = *cbs;
-  j->wseg_slot = -1;
   pthread_mutex_init(&j->seg_mu, NULL);
   atomic_init(&j->stop, 0);
   pthread_mutex_init(&j->acc_mu, NULL);
@@ -871,11 +887,15 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   j->queued = calloc(groups, 1);
   j->tile_left = calloc(groups, sizeof *j->tile_left);
   if (j->plan.icblocks > 1) j->tile_written = calloc((size_t)(j->plan.ops / (uint64_t)j->plan.icblocks), 1);
+  j->runs_on = calloc((size_t)e->ndev, 1);
   if (!j->row_band || !j->in_refs || !j->in_seen || !j->out || !j->missing || !j->queued ||
-      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written)) {
+      !j->tile_left || (j->plan.icblocks > 1 && !j->tile_written) || !j->runs_on) {
     convd_job_destroy(j);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating a job");
   }
+  /* Which devices may take its ops: asked once, on the whole convolution. */
+  for (int i = 0; i < e->ndev; i++)
+    j->runs_on[i] = convd_device_supports(e->devs[i].dev, conv) != 0;
   /* Who reads which row: refs per row, and rows each tile row waits for. */
   const uint64_t per = ops_per_tile_row(j);
   for (int64_t n = 0; n < p->n; n++)
@@ -898,6 +918,25 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   j->stats.ops = j->plan.ops;
   j->macs_per_op = (double)conv->macs / (double)(j->plan.ops ? j->plan.ops : 1);
   pthread_mutex_lock(&e->mu);
+  if (healthy_runners(e, j) == 0) {
+    /* Nothing would ever take its ops: fail now rather than wait forever. */
+    char names[128] = "";
+    size_t len = 0;
+    for (int i = 0; i < e->ndev; i++)
+      if (e->devs[i].healthy && len < sizeof names)
+        len += (size_t)snprintf(names + len, sizeof names - len, "%s%s", len ? ", " : "",
+                                convd_device_name(e->devs[i].dev));
+    int rc2 = len == 0
+                  ? convd_errf(err, errlen, CONVD_EDEVICE, "no healthy device left to run the job")
+                  : convd_errf(err, errlen, CONVD_ENOTSUP,
+                               "no healthy device supports this convolution (input %" PRId64
+                               "x%" PRId64 "x%" PRId64 "x%" PRId64 "%s): %s cannot run it",
+                               p->n, p->c_in, p->h, p->w, p->transposed ? ", transposed" : "",
+                               names);
+    pthread_mutex_unlock(&e->mu);
+    convd_job_destroy(j);
+    return rc2;
+  }
   if (e->max_pending_ops && e->pending_ops + j->plan.ops > e->max_pending_ops) {
     const uint64_t pending = e->pending_ops;
     pthread_mutex_unlock(&e->mu);
@@ -1114,12 +1153,9 @@ void convd_job_destroy(convd_job *j) {
   free(j->row_band), free(j->in_refs), free(j->in_seen), free(j->out), free(j->tile_written);
   free(j->missing), free(j->queued), free(j->tile_left), free(j->ready), free(j->retry);
   if (j->w_owned) free(j->w), free(j->b);
-  if (j->wseg_own) free(j->wseg);
-  if (j->wseg_slot >= 0) {
-    pthread_mutex_lock(&e->mu);
-    e->segs[j->wseg_slot].refs--;
-    pthread_mutex_unlock(&e->mu);
-  }
+  if (j->wseg_own) free((float *)j->wseg);
+  if (j->wseg_cached) convd_segcache_release(e->segs, j->wseg);
+  free(j->runs_on);
   pthread_mutex_destroy(&j->seg_mu);
   pthread_mutex_destroy(&j->acc_mu);
   free(j);

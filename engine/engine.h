@@ -5,8 +5,12 @@
  * compute.
  *
  * Threads: one worker per device pulls ops from one queue shared by all jobs, round-robin over
- * jobs. Callbacks run on worker threads, never under the engine's lock, and a job's done()
- * comes after every other callback of that job. */
+ * jobs (a device takes ops only of jobs it supports). Callbacks run on worker threads, never
+ * under the engine's lock, and a job's done() comes after every other callback of that job.
+ * The functions below may be called from any thread (the daemon calls them from its gRPC
+ * completion-queue thread) and from callbacks, except convd_engine_destroy and
+ * convd_engine_run, which wait for the workers; each takes the engine's lock as it needs
+ * (engine.c says what that lock guards). */
 #ifndef CONVD_ENGINE_H
 #define CONVD_ENGINE_H
 

@@ -1,3 +1,4 @@
+/* See err.h. Any thread: the strings are constants and convd_errf writes only its buffer. */
 #include "err.h"
 
 #include <stdarg.h>

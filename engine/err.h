@@ -1,5 +1,6 @@
 /* convd error codes: negative ints from one table, with their strings (libuv's UV_ERRNO_MAP
- * pattern). The engine and client return these; only server/ maps them to gRPC statuses. */
+ * pattern). The engine and client return these; only server/ maps them to gRPC statuses.
+ * Any thread. */
 #ifndef CONVD_ERR_H
 #define CONVD_ERR_H
 

@@ -1,3 +1,5 @@
+/* See plan.h. convd_plan_make runs on the thread creating a job; everything else reads a made
+ * plan, which never changes, so the engine's workers call it concurrently without a lock. */
 #include "plan.h"
 
 #include <inttypes.h>
@@ -39,15 +41,6 @@ static uint64_t op_bytes(const convd_conv *c, int64_t th, int64_t tw, int64_t gb
   return bytes > (long double)UINT64_MAX ? UINT64_MAX : (uint64_t)bytes;
 }
 
-static int64_t gcd64(int64_t a, int64_t b) {
-  while (b) {
-    int64_t t = a % b;
-    a = b;
-    b = t;
-  }
-  return a;
-}
-
 /* A transpose as the forward convolution its largest phase op is: stride 1, the longest
  * sub-kernel, its dilation, and the phase rows and columns as the output. Ops are sized on it. */
 static void phase_space_conv(const convd_conv *c, convd_conv *v, int64_t *qa_h, int64_t *qa_w) {
@@ -56,7 +49,7 @@ static void phase_space_conv(const convd_conv *c, convd_conv *v, int64_t *qa_h, 
   int64_t qb_h, qb_w;
   convd_phase_q_range(p->stride_h, p->pad_top, c->h_out, qa_h, &qb_h);
   convd_phase_q_range(p->stride_w, p->pad_left, c->w_out, qa_w, &qb_w);
-  const int64_t gh = gcd64(p->stride_h, p->dil_h), gw = gcd64(p->stride_w, p->dil_w);
+  const int64_t gh = convd_gcd64(p->stride_h, p->dil_h), gw = convd_gcd64(p->stride_w, p->dil_w);
   v->p.transposed = 0;
   v->p.stride_h = v->p.stride_w = 1;
   v->p.kh = ceil_div(p->kh, p->stride_h / gh);

@@ -5,7 +5,10 @@
  *
  * Op order: batch, tile row, tile column, group block, output-channel block, input-channel
  * block (innermost). Consecutive ops therefore share an output tile, and all ops of a tile row
- * come before the next one, so input rows can be freed and output rows sent in order. */
+ * come before the next one, so input rows can be freed and output rows sent in order.
+ *
+ * Threads: a plan is made on the thread that creates a job (convd_engine_plan) and never changes
+ * after; the engine's workers then read it concurrently, without a lock. */
 #ifndef CONVD_PLAN_H
 #define CONVD_PLAN_H
 

@@ -1,3 +1,5 @@
+/* See ref.h. Runs on the thread of whoever calls it (a reference device's worker, a test); no
+ * shared state. */
 #include "ref.h"
 
 #include <stdlib.h>

@@ -1,5 +1,6 @@
 /* The reference convolution: written to be obviously right, not fast. Every other path is tested
- * against it. float32 in and out, float64 accumulation. */
+ * against it. float32 in and out, float64 accumulation. Runs on the calling thread (a reference
+ * device's worker, a test); no shared state. */
 #ifndef CONVD_REF_H
 #define CONVD_REF_H
 

@@ -1,8 +1,9 @@
+/* See transpose.h. Any thread: pure functions of their arguments, no shared state. */
 #include "transpose.h"
 
 #include <stdlib.h>
 
-static int64_t gcd64(int64_t a, int64_t b) {
+int64_t convd_gcd64(int64_t a, int64_t b) {
   while (b) {
     int64_t t = a % b;
     a = b;
@@ -15,7 +16,7 @@ static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 
 void convd_phase_axis_make(int64_t s, int64_t d, int64_t k, int64_t pad, int64_t out, int64_t r,
                            convd_phase_axis *a) {
-  const int64_t g = gcd64(s, d);
+  const int64_t g = convd_gcd64(s, d);
   a->r = r;
   a->kstep = s / g;
   a->dil = d / g;

@@ -3,7 +3,10 @@
  * k*d = r (mod s) only: phase r of the output is an ordinary convolution of the *input* (stride 1)
  * with the sub-kernel of those taps, reversed, at dilation d / gcd(s, d). The s_h * s_w phases
  * together compute every output exactly once and no product with an inserted zero; their
- * outputs interleave into the result. */
+ * outputs interleave into the result.
+ *
+ * Threads: any (the planner on the thread creating a job; segregation on the worker that first
+ * needs a job's weights); no shared state. */
 #ifndef CONVD_TRANSPOSE_H
 #define CONVD_TRANSPOSE_H
 
@@ -11,6 +14,9 @@
 #include <stdint.h>
 
 #include "conv.h"
+
+/* The greatest common divisor of a and b (non-negative; gcd(a, 0) = a). */
+int64_t convd_gcd64(int64_t a, int64_t b);
 
 /* One axis of one phase. */
 typedef struct convd_phase_axis {

@@ -2,7 +2,8 @@
  * unit-stride: element (n, c, h, w) is p[n*ns + c*cs + h*hs + w]. Ops read their input window and
  * weight block, and write their output tile, through views, so that the engine can hand a device
  * a window of a row band or a tile of the output where it lies instead of copying it first.
- * Weights use the same type with n = output channel, c = input channel, h = kernel row. */
+ * Weights use the same type with n = output channel, c = input channel, h = kernel row.
+ * Any thread: a view owns nothing and holds no lock; whoever hands it over keeps it valid. */
 #ifndef CONVD_VIEW_H
 #define CONVD_VIEW_H
 

@@ -8,13 +8,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "convd_version.h" /* generated from CMake's project() version */
 #include "err.h"
 #include "log.h"
 #include "wire.h"
-
-#ifndef CONVD_VERSION
-#define CONVD_VERSION "0.1.0"
-#endif
 
 typedef enum { OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL } opt_type;
 

@@ -1,6 +1,8 @@
 /* Every device kind against the reference: all golden conv2d cases and random shapes (groups,
  * depthwise, stride, dilation, asymmetric padding, N > 1, bias), outputs poisoned first; the
- * CPU device's weight cache. */
+ * CPU device's weight cache. `test_device` runs the host kinds (reference, CPU); `test_device
+ * --cuda` runs the same cases on the CUDA device, plus chains, and exits 77 (skipped) where no
+ * GPU is visible (ctest: device and device_cuda). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,7 +22,7 @@ static int make_ref(convd_device **d, char *err, size_t errlen) {
 static int make_cpu(convd_device **d, char *err, size_t errlen) {
   return convd_device_cpu_create("cpu0", 0, 1u << 30, d, err, errlen);
 }
-/* GPU 0 with a 1 GiB budget; only where a GPU is visible (tests/gpu/run.sh). */
+/* GPU 0 with a 1 GiB budget; only in `test_device --cuda` (tests/gpu/run.sh). */
 static int make_cuda(convd_device **d, char *err, size_t errlen) {
   return convd_device_cuda_create("cuda0", 0, 1u << 30, d, err, errlen);
 }
@@ -30,17 +32,9 @@ static const struct {
   int gpu;
 } kinds[] = {{"reference", make_ref, 0}, {"cpu", make_cpu, 0}, {"cuda", make_cuda, 1}};
 
-/* 1 when kind k can run here; says once why a GPU kind cannot. */
-static int kind_available(size_t k) {
-  static int gpus = -1;
-  if (!kinds[k].gpu) return 1;
-  if (gpus < 0) {
-    char why[256] = "";
-    gpus = convd_cuda_device_count(why, sizeof why);
-    if (gpus == 0) printf("  cuda device not tested here: %s\n", why);
-  }
-  return gpus > 0;
-}
+/* 1 when kind k belongs to this run: the host kinds without --cuda, the GPU kinds with it
+ * (test_main_cuda has checked that a GPU is visible). */
+static int kind_available(size_t k) { return kinds[k].gpu == test_cuda; }
 
 static void test_golden_all_devices(void) {
   char names[64][128], err[512];
@@ -49,7 +43,7 @@ static void test_golden_all_devices(void) {
     if (!kind_available(k)) continue;
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
-    printf("  device %s: %s\n", d->name, d->detail);
+    printf("  device %s: %s\n", convd_device_name(d), convd_device_detail(d));
     for (int i = 0; i < n; i++) {
       golden g;
       ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
@@ -62,7 +56,7 @@ static void test_golden_all_devices(void) {
       float *y = malloc(c.output_bytes);
       poison(y, c.output_elems);
       convd_op_io io = convd_op_io_dense(&c, g.x, g.w, 0, g.b, y, NULL);
-      ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
+      ASSERT_OK(convd_device_run(d, &io, err, sizeof err), err);
       char what[256];
       snprintf(what, sizeof what, "%.100s on %s", names[i], kinds[k].name);
       int rc = check_close(what, y, g.expected, c.output_elems);
@@ -129,7 +123,7 @@ static void test_random_shapes_all_devices(void) {
       poison(y, c.output_elems);
       /* A key per iteration: the cache may keep the block, but never across shapes. */
       convd_op_io io = convd_op_io_dense(&c, x, w, (uint64_t)(iter % 3) + 1, p.has_bias ? b : NULL, y, NULL);
-      int rc = d->iface->run(d->ctx, &io, err, sizeof err);
+      int rc = convd_device_run(d, &io, err, sizeof err);
       char what[256];
       snprintf(what, sizeof what,
                "%s iteration %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64
@@ -232,7 +226,7 @@ static void test_strided_views_all_devices(void) {
       convd_ref_conv2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
       for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
       convd_op_io io = {.conv = &c, .x = xv, .w = wv, .b = p.has_bias ? b : NULL, .y = yv};
-      int rc = d->iface->run(d->ctx, &io, err, sizeof err);
+      int rc = convd_device_run(d, &io, err, sizeof err);
       /* Read the view back densely, and count what changed outside it. */
       size_t outside = 0, inside = 0;
       for (size_t i = 0; i < yn; i++) outside += yb[i] == yb[i];
@@ -277,11 +271,11 @@ static void test_cpu_weight_cache(void) {
   rng_fill(&r, x, c.input_elems);
   rng_fill(&r, w, c.weight_elems);
   convd_op_io io = convd_op_io_dense(&c, x, w, 77, NULL, y1, NULL);
-  ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
+  ASSERT_OK(convd_device_run(d, &io, err, sizeof err), err);
   io.y.p = y2;
-  ASSERT_OK(d->iface->run(d->ctx, &io, err, sizeof err), err);
+  ASSERT_OK(convd_device_run(d, &io, err, sizeof err), err);
   ASSERT_TRUE(memcmp(y1, y2, c.output_bytes) == 0);
-  if (d->iface->flush_cache) d->iface->flush_cache(d->ctx);
+  convd_device_flush_cache(d);
   free(x), free(w), free(y1), free(y2);
   convd_device_destroy(d);
 }
@@ -334,7 +328,7 @@ static void test_reduced_precision_all_devices(void) {
         convd_ref_conv2d(&c, ax, aw, g.b ? ab : NULL, aref, NULL);
         poison(y, c.output_elems);
         convd_op_io io = convd_op_io_dense(&c, g.x, g.w, 0, g.b, y, NULL);
-        int rc = d->iface->run(d->ctx, &io, err, sizeof err);
+        int rc = convd_device_run(d, &io, err, sizeof err);
         double scale = 1;
         for (size_t e = 0; e < c.output_elems; e++)
           if (fabs(ref[e]) > scale) scale = fabs(ref[e]);
@@ -370,7 +364,7 @@ static void test_chains_on_accumulating_devices(void) {
     if (!kind_available(k)) continue;
     convd_device *d;
     ASSERT_OK(kinds[k].make(&d, err, sizeof err), err);
-    if (!d->accumulates) {
+    if (!convd_device_accumulates(d)) {
       convd_device_destroy(d);
       continue;
     }
@@ -421,7 +415,7 @@ static void test_chains_on_accumulating_devices(void) {
                           .y = convd_view_dense(y, p.c_out, c.h_out, c.w_out),
                           .chain_pos = (int)bk,
                           .chain_len = (int)nb};
-        rc = d->iface->run(d->ctx, &io, err, sizeof err);
+        rc = convd_device_run(d, &io, err, sizeof err);
         if (bk < nb - 1)
           for (size_t i = 0; i < c.output_elems; i++) touched += !isnan(y[i]);
       }
@@ -451,7 +445,15 @@ int main(int argc, char **argv) {
       {"strided_views_all_devices", test_strided_views_all_devices},
       {"cpu_weight_cache", test_cpu_weight_cache},
       {"reduced_precision_all_devices", test_reduced_precision_all_devices},
+  };
+  /* The same cases on the GPU kinds, and chains, which only a GPU sums on the device. */
+  static const test_case cuda_tests[] = {
+      {"golden_all_devices", test_golden_all_devices},
+      {"random_shapes_all_devices", test_random_shapes_all_devices},
+      {"strided_views_all_devices", test_strided_views_all_devices},
+      {"reduced_precision_all_devices", test_reduced_precision_all_devices},
       {"chains_on_accumulating_devices", test_chains_on_accumulating_devices},
   };
-  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+  return test_main_cuda(argc, argv, tests, sizeof tests / sizeof tests[0], cuda_tests,
+                        sizeof cuda_tests / sizeof cuda_tests[0]);
 }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "client.h"
+#include "client_params.h"
 #include "daemon.h"
 #include "npy.h"
 #include "dtype.h"
@@ -16,6 +17,16 @@
 #include "testutil.h"
 
 static const char *golden_root = GOLDEN_DIR;
+
+/* The library's conv calls on the engine's parameters, which the problems and golden cases
+ * here hold: streaming, or Conv2dUnary when unary is set. */
+static int client_conv(convd_client *cl, int unary, const convd_conv_params *p, const float *x,
+                       const float *w, const float *b, float *y, convd_client_stats *st, char *err,
+                       size_t errlen) {
+  const convd_client_conv_params cp = convd_client_params_from_conv(p);
+  return unary ? convd_client_conv2d_unary(cl, &cp, x, w, b, y, st, err, errlen)
+               : convd_client_conv2d(cl, &cp, x, w, b, y, st, err, errlen);
+}
 
 /* A random convolution with its inputs and the reference answer. */
 typedef struct problem {
@@ -167,12 +178,11 @@ static void test_golden_library_small_chunks(void) {
       convd_client_stats st;
       for (int unary = 0; unary < 2 && !test_failed; unary++) {
         poison(y, c.output_elems);
-        int rc = unary ? convd_client_conv2d_unary(cl, &g.p, g.x, g.w, g.b, y, &st, err, sizeof err)
-                       : convd_client_conv2d(cl, &g.p, g.x, g.w, g.b, y, &st, err, sizeof err);
+        int rc = client_conv(cl, unary, &g.p, g.x, g.w, g.b, y, &st, err, sizeof err);
         if (unary && (c.output_bytes + 1024 > 65536 ||
                       c.input_bytes + c.weight_bytes + c.bias_bytes + 1024 > 65536)) {
           /* too large for one message under this limit: a clear refusal */
-          if (rc != CONVD_ELIMIT || strstr(err, "use the streaming Conv2d") == NULL)
+          if (rc != CONVD_CLIENT_ELIMIT || strstr(err, "use the streaming Conv2d") == NULL)
             FAIL_AT("%s unary: expected RESOURCE_EXHAUSTED naming Conv2d, got %d %s", names[i], rc, err);
           continue;
         }
@@ -218,7 +228,7 @@ static void test_chunking_64mib(void) {
   convd_client_opts o = {.timeout_seconds = 900}; /* default 1 MiB chunks, 4 MiB messages */
   ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
   convd_client_stats st;
-  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  int rc = client_conv(cl, 0, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
   pthread_join(t, NULL);
   convd_client_destroy(cl);
   ASSERT_OK(rc, err);
@@ -245,8 +255,7 @@ static void test_random_shapes(void) {
     convd_client *cl;
     ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
     int unary = i % 3 == 2;
-    int rc = unary ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, err, sizeof err)
-                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, NULL, err, sizeof err);
+    int rc = client_conv(cl, unary, &p, pr.x, pr.w, pr.b, pr.y, NULL, err, sizeof err);
     convd_client_destroy(cl);
     char what[256];
     snprintf(what, sizeof what,
@@ -285,8 +294,7 @@ static void test_half_dtypes(void) {
     ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
     int unary = i % 4 >= 2;
     convd_client_stats st;
-    int rc = unary ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err)
-                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+    int rc = client_conv(cl, unary, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
     convd_client_destroy(cl);
     if (rc) {
       FAIL_AT("case %d (%s, %s): %s", i, convd_dtype_name(p.dtype), unary ? "unary" : "stream", err);
@@ -341,12 +349,11 @@ static void test_weights_reused_across_calls(void) {
     convd_client *cl;
     ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
     poison(pr.y, pr.c.output_elems);
-    int rc = call % 2 ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, NULL, pr.y, NULL, err, sizeof err)
-                      : convd_client_conv2d(cl, &p, pr.x, pr.w, NULL, pr.y, NULL, err, sizeof err);
+    int rc = client_conv(cl, call % 2, &p, pr.x, pr.w, NULL, pr.y, NULL, err, sizeof err);
     if (rc) FAIL_AT("call %d: %s", call, err);
     if (call == 3) problem_reference(&pr);
     if (check_close("weights reuse", pr.y, pr.want, pr.c.output_elems)) FAIL_AT("call %d differs", call);
-    convd_device_info *devs;
+    convd_client_device *devs;
     size_t n;
     ASSERT_OK(convd_client_list_devices(cl, &devs, &n, err, sizeof err), err);
     loaded[call] = hits[call] = 0;
@@ -392,7 +399,7 @@ static void test_transpose_streamed_tiled(void) {
   convd_client *cl;
   ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
   convd_client_stats st;
-  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  int rc = client_conv(cl, 0, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
   convd_client_destroy(cl);
   if (rc) FAIL_AT("%s", err);
   else if (check_close("streamed tiled transpose", pr.y, pr.want, pr.c.output_elems)) FAIL_AT("differs");
@@ -430,8 +437,7 @@ static void *worker_main(void *arg) {
     }
     problem_reference(&pr);
     convd_client_stats st;
-    int rc = i % 2 ? convd_client_conv2d_unary(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, wk->err, sizeof wk->err)
-                   : convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, wk->err, sizeof wk->err);
+    int rc = client_conv(cl, i % 2, &p, pr.x, pr.w, pr.b, pr.y, &st, wk->err, sizeof wk->err);
     if (rc || check_close("concurrent call", pr.y, pr.want, pr.c.output_elems)) wk->failures++;
     wk->calls++;
     wk->ops += st.ops_run;
@@ -463,7 +469,7 @@ static void test_concurrent_clients(void) {
   convd_client *cl;
   char err[512];
   ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
-  convd_device_info *devs;
+  convd_client_device *devs;
   size_t n;
   ASSERT_OK(convd_client_list_devices(cl, &devs, &n, err, sizeof err), err);
   convd_client_destroy(cl);
@@ -546,8 +552,8 @@ static void *long_call_main(void *arg) {
   convd_client_opts o = {.timeout_seconds = 300};
   lc->rc = convd_client_create(lc->target, &o, &cl, lc->err, sizeof lc->err);
   if (lc->rc) return NULL;
-  lc->rc = convd_client_conv2d(cl, &lc->pr.p, lc->pr.x, lc->pr.w, lc->pr.b, lc->pr.y, &lc->st,
-                               lc->err, sizeof lc->err);
+  lc->rc = client_conv(cl, 0, &lc->pr.p, lc->pr.x, lc->pr.w, lc->pr.b, lc->pr.y, &lc->st, lc->err,
+                       sizeof lc->err);
   convd_client_destroy(cl);
   return NULL;
 }
@@ -575,13 +581,13 @@ static void test_sigterm_drains_calls(void) {
   convd_client *cl;
   char err[512];
   ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
-  convd_device_info *devs = NULL;
+  convd_client_device *devs = NULL;
   size_t n;
   int rc = convd_client_list_devices(cl, &devs, &n, err, sizeof err);
   convd_client_destroy(cl);
   free(devs);
   pthread_join(t, NULL);
-  ASSERT_EQ_INT(rc, CONVD_EUNAVAIL);
+  ASSERT_EQ_INT(rc, CONVD_CLIENT_EUNAVAIL);
   ASSERT_CONTAINS(err, "shutting down");
   ASSERT_OK(lc.rc, lc.err);
   /* The server's own clock says the call was still running when the signal arrived. */
@@ -610,7 +616,7 @@ static void test_drain_timeout_cancels(void) {
   usleep(500 * 1000);
   kill(d.pid, SIGTERM);
   pthread_join(t, NULL);
-  ASSERT_EQ_INT(lc.rc, CONVD_EUNAVAIL);
+  ASSERT_EQ_INT(lc.rc, CONVD_CLIENT_EUNAVAIL);
   ASSERT_CONTAINS(lc.err, "drain timeout");
   /* The cancelled job stops within one output plane: the daemon exits long before the job
    * could have finished (tens of seconds here, minutes under sanitizers). */
@@ -640,7 +646,7 @@ static void test_first_band_before_job_ends(void) {
   char err[512];
   ASSERT_OK(convd_client_create(d.target, NULL, &cl, err, sizeof err), err);
   convd_client_stats st;
-  int rc = convd_client_conv2d(cl, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
+  int rc = client_conv(cl, 0, &p, pr.x, pr.w, pr.b, pr.y, &st, err, sizeof err);
   pthread_join(t, NULL);
   convd_client_destroy(cl);
   ASSERT_OK(rc, err);
@@ -688,7 +694,7 @@ static void test_bounded_memory_1gib(void) {
   convd_client_opts o = {.timeout_seconds = 900};
   ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
   convd_client_stats st;
-  int rc = convd_client_conv2d(cl, &p, x, w, b, y, &st, err, sizeof err);
+  int rc = client_conv(cl, 0, &p, x, w, b, y, &st, err, sizeof err);
   convd_client_destroy(cl);
   long peak = daemon_peak_rss_kib(d.pid);
   ASSERT_OK(rc, err);

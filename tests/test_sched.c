@@ -1,14 +1,17 @@
 /* The scheduler through the engine: tiled == monolithic over random shapes, budgets and device
  * counts; golden cases forced through multi-tile, multi-block plans; load balancing across
  * devices of different speeds; a device failing mid-job; cancellation. The throttled and failing
- * devices below are test-only wrappers around the reference device. */
+ * devices below are test-only wrappers around the reference device. `test_sched --cuda` runs
+ * the GPU cases instead, and exits 77 (skipped) where no GPU is visible (ctest: sched_cuda). */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "cuda_device.h"
+/* The wrappers below are devices themselves: they fill a function table, which only device
+ * implementations see. Their calls to the device they wrap go through device.h like anyone's. */
+#include "device_impl.h"
 #include "engine.h"
 #include "err.h"
 #include "ref.h"
@@ -22,6 +25,7 @@ typedef struct wrap {
   convd_device *inner;
   int delay_us;        /* throttle: sleep after each op */
   int fail_after;      /* fail every op after this many (0 = never) */
+  int refuse;          /* supports() says no to every convolution */
   atomic_int ran;
   /* accumulate: takes chains as a GPU does, summing the blocks in its own buffer and writing
    * the tile only at the last block; it checks the engine keeps the chain protocol */
@@ -35,7 +39,7 @@ typedef struct wrap {
 
 static int wrap_supports(void *ctx, const convd_conv *c) {
   wrap *w = ctx;
-  return w->inner->iface->supports(w->inner->ctx, c);
+  return !w->refuse && convd_device_supports(w->inner, c);
 }
 
 static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
@@ -59,7 +63,7 @@ static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
     convd_op_io one = *io;
     one.chain_pos = one.chain_len = 0;
     one.y = convd_view_dense(io->chain_pos == 0 ? w->sum : w->part, oc, oh, ow);
-    rc = w->inner->iface->run(w->inner->ctx, &one, err, errlen);
+    rc = convd_device_run(w->inner, &one, err, errlen);
     if (rc == 0 && io->chain_pos > 0)
       for (size_t i = 0; i < c->output_elems; i++) w->sum[i] += w->part[i];
     w->next_pos = io->chain_pos + 1;
@@ -75,13 +79,22 @@ static int wrap_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) 
                    (size_t)ow * sizeof(float));
     }
   } else {
-    rc = w->inner->iface->run(w->inner->ctx, io, err, errlen);
+    rc = convd_device_run(w->inner, io, err, errlen);
   }
   if (w->delay_us) {
     struct timespec ts = {0, (long)w->delay_us * 1000};
     nanosleep(&ts, NULL);
   }
   return rc;
+}
+
+/* Wrapped devices flushed, all together (the engine flushes a device it takes out of service). */
+static atomic_int wrap_flushes;
+
+static void wrap_flush(void *ctx) {
+  wrap *w = ctx;
+  atomic_fetch_add(&wrap_flushes, 1);
+  convd_device_flush_cache(w->inner);
 }
 
 static void wrap_destroy(void *ctx) {
@@ -92,7 +105,7 @@ static void wrap_destroy(void *ctx) {
 }
 
 static const convd_device_iface wrap_iface = {
-    .supports = wrap_supports, .run = wrap_run, .destroy = wrap_destroy};
+    .supports = wrap_supports, .run = wrap_run, .flush_cache = wrap_flush, .destroy = wrap_destroy};
 
 static convd_device *test_wrapped_device(const char *name, int delay_us, int fail_after,
                                          uint64_t budget) {
@@ -357,6 +370,7 @@ static void test_device_failure_mid_job(void) {
   failed_log log = {0};
   convd_engine_opts o = {.extra = devs, .n_extra = 2, .device_memory = budget,
                          .device_failed = on_device_failed, .user = &log};
+  const int flushes = atomic_load(&wrap_flushes);
   convd_engine *e;
   ASSERT_OK(convd_engine_create(&o, &e, err, sizeof err), err);
   rng r = {0x5eed0402};
@@ -375,6 +389,7 @@ static void test_device_failure_mid_job(void) {
   ASSERT_CONTAINS(log.why, "failed on purpose");
   /* With the last device failing too, a job fails with the reason instead of hanging. */
   convd_engine_destroy(e);
+  ASSERT_EQ_INT(atomic_load(&wrap_flushes) - flushes, 1); /* the failed device's cache, once */
   convd_device *bad[1] = {test_wrapped_device("doomed", 0, 1, budget)};
   convd_engine_opts o2 = {.extra = bad, .n_extra = 1, .device_memory = budget};
   ASSERT_OK(convd_engine_create(&o2, &e, err, sizeof err), err);
@@ -383,8 +398,29 @@ static void test_device_failure_mid_job(void) {
   int rc = convd_engine_run(e, &c, x, w, b, y, NULL, err, sizeof err);
   ASSERT_EQ_INT(rc, CONVD_EDEVICE);
   ASSERT_CONTAINS(err, "no healthy device left");
-  free(x), free(w), free(b), free(y);
   convd_engine_destroy(e);
+  /* A device whose supports() says no to a job gets none of its ops; a job that no healthy
+   * device supports fails when it is created, or once the last one that does has failed. */
+  for (int mode = 0; mode < 3; mode++) {
+    convd_device *mix[2] = {test_wrapped_device("unable", 0, 0, budget),
+                            test_wrapped_device(mode == 2 ? "flaky" : "able", 0, mode == 2 ? 2 : 0, budget)};
+    ((wrap *)mix[0]->ctx)->refuse = 1;
+    if (mode == 1) convd_device_destroy(mix[1]);
+    convd_engine_opts o3 = {.extra = mix, .n_extra = mode == 1 ? 1 : 2, .device_memory = budget};
+    ASSERT_OK(convd_engine_create(&o3, &e, err, sizeof err), err);
+    if (mode == 0) {
+      ASSERT_TRUE(check_engine(e, &c, &r, "job beside a device that does not support it", &st) == 0);
+      ASSERT_EQ_INT(st.ops_per_device[0], 0);
+      ASSERT_EQ_INT(st.ops_per_device[1], st.ops_run);
+    } else {
+      rc = convd_engine_run(e, &c, x, w, b, y, NULL, err, sizeof err);
+      ASSERT_EQ_INT(rc, mode == 1 ? CONVD_ENOTSUP : CONVD_EDEVICE);
+      ASSERT_CONTAINS(err, mode == 1 ? "no healthy device supports this convolution"
+                                     : "no healthy device left that supports this convolution");
+    }
+    convd_engine_destroy(e);
+  }
+  free(x), free(w), free(b), free(y);
 }
 
 /* Transpose convolution through the planner and scheduler: random transposes (strides 1-4,
@@ -449,11 +485,8 @@ static void test_transpose_random_plans(void) {
     if (rc) FAIL_AT("%s: %s", what, err);
     else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
     else if (st.ops_run != pl.ops) FAIL_AT("%s: %" PRIu64 " ops run", what, st.ops_run);
-    /* where a GPU is visible (tests/gpu/run.sh), the same case on its streams */
-    static int gpus = -1;
-    char why[256];
-    if (gpus < 0) gpus = convd_cuda_device_count(why, sizeof why);
-    if (gpus > 0 && !test_failed) {
+    /* with --cuda (tests/gpu/run.sh), the same case on the GPU's streams */
+    if (test_cuda && !test_failed) {
       convd_engine_opts og = {.gpus = -1, .gpu_memory = o.device_memory < (1u << 20) ? (1u << 20) : o.device_memory};
       convd_engine *eg;
       ASSERT_OK(convd_engine_create(&og, &eg, err, sizeof err), err);
@@ -814,15 +847,10 @@ static void test_cancel_drops_queued_ops(void) {
   convd_engine_destroy(e);
 }
 
-/* Where a GPU is visible (tests/gpu/run.sh): random plans on the GPU alone, on the GPU beside
- * a CPU device (the heterogeneous pool), and on two device instances sharing the one GPU (the
- * code path of several GPUs). */
+/* With --cuda (tests/gpu/run.sh): random plans on the GPU alone, on the GPU beside a CPU
+ * device (the heterogeneous pool), and on two device instances sharing the one GPU (the code
+ * path of several GPUs). */
 static void test_gpu_random_plans(void) {
-  char why[256] = "";
-  if (convd_cuda_device_count(why, sizeof why) == 0) {
-    printf("  not run here: %s\n", why);
-    return;
-  }
   static const struct {
     const char *name;
     int cpu_devices, instances;
@@ -856,7 +884,12 @@ int main(int argc, char **argv) {
       {"priority_and_admission", test_priority_and_admission},
       {"transpose_random_plans", test_transpose_random_plans},
       {"transpose_segregated_cache", test_transpose_segregated_cache},
-      {"gpu_random_plans", test_gpu_random_plans},
   };
-  return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
+  /* test_sched --cuda: plans on the GPU, and every random transpose run on the GPU as well. */
+  static const test_case cuda_tests[] = {
+      {"gpu_random_plans", test_gpu_random_plans},
+      {"transpose_random_plans", test_transpose_random_plans},
+  };
+  return test_main_cuda(argc, argv, tests, sizeof tests / sizeof tests[0], cuda_tests,
+                        sizeof cuda_tests / sizeof cuda_tests[0]);
 }

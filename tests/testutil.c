@@ -1,15 +1,18 @@
 #include "testutil.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "cuda_device.h"
 #include "err.h"
 #include "npy.h"
 
 int test_failed;
+int test_cuda;
 
 int test_main(int argc, char **argv, const test_case *tests, size_t n) {
   const char *filter = argc > 1 ? argv[1] : NULL;
@@ -33,6 +36,19 @@ int test_main(int argc, char **argv, const test_case *tests, size_t n) {
   }
   printf("%d of %d tests passed\n", ran - failures, ran);
   return failures ? 1 : 0;
+}
+
+int test_main_cuda(int argc, char **argv, const test_case *tests, size_t n,
+                   const test_case *cuda_tests, size_t n_cuda) {
+  if (argc < 2 || strcmp(argv[1], "--cuda") != 0) return test_main(argc, argv, tests, n);
+  char why[256] = "";
+  if (convd_cuda_device_count(why, sizeof why) == 0) {
+    printf("skipped: %zu CUDA cases need a visible GPU: %s\n", n_cuda, why);
+    return TEST_SKIPPED;
+  }
+  test_cuda = 1;
+  argv[1] = argv[0]; /* test_main reads the filter, if any, after the flag */
+  return test_main(argc - 1, argv + 1, cuda_tests, n_cuda);
 }
 
 int check_close(const char *what, const float *got, const double *want, size_t n) {
@@ -87,10 +103,13 @@ static int cmp_names(const void *a, const void *b) { return strcmp(a, b); }
 
 int golden_list(const char *root, char names[][128], int max) {
   DIR *d = opendir(root);
-  if (d == NULL) return -1;
-  int n = 0;
+  if (d == NULL) {
+    FAIL_AT("golden cases: cannot open the directory %s: %s", root, strerror(errno));
+    return 0;
+  }
+  int n = 0, more = 0;
   struct dirent *e;
-  while ((e = readdir(d)) != NULL && n < max) {
+  while ((e = readdir(d)) != NULL) {
     if (e->d_name[0] == '.') continue;
     char path[1024];
     snprintf(path, sizeof path, "%s/%s/params.txt", root, e->d_name);
@@ -98,10 +117,16 @@ int golden_list(const char *root, char names[][128], int max) {
     if (f == NULL) continue;
     fclose(f);
     if (strlen(e->d_name) >= 128) continue;
+    if (n == max) {
+      more++;
+      continue;
+    }
     memcpy(names[n++], e->d_name, strlen(e->d_name) + 1);
   }
   closedir(d);
   qsort(names, (size_t)n, 128, cmp_names);
+  if (n == 0) FAIL_AT("golden cases: none under %s (no subdirectory with a params.txt)", root);
+  if (more) FAIL_AT("golden cases: %d more under %s than the %d the caller has room for", more, root, max);
   return n;
 }
 

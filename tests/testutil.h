@@ -1,4 +1,5 @@
-/* Test support: typed assertions that print both sides, a runner over a list of named tests, the
+/* Test support: typed assertions that print both sides, a runner over a list of named tests (and
+ * over a program's CUDA cases, which report skipped, exit 77, where no GPU is visible), the
  * golden-case loader and element-wise comparison with the golden tolerance. */
 #ifndef CONVD_TESTUTIL_H
 #define CONVD_TESTUTIL_H
@@ -63,6 +64,18 @@ typedef struct test_case {
 /* Runs every test whose name contains argv[1] (all when absent); returns the exit status. */
 int test_main(int argc, char **argv, const test_case *tests, size_t n);
 
+/* ctest's SKIP_RETURN_CODE: the program could not run its cases here (it says why). */
+#define TEST_SKIPPED 77
+
+/* 1 while a program runs its CUDA cases (test_main_cuda with --cuda), else 0. */
+extern int test_cuda;
+
+/* For programs with CUDA cases: `PROG [FILTER]` runs tests (never a GPU case), `PROG --cuda
+ * [FILTER]` runs cuda_tests with test_cuda set, and returns TEST_SKIPPED, saying why, when no
+ * GPU is visible. ctest lists the two as separate entries (device / device_cuda). */
+int test_main_cuda(int argc, char **argv, const test_case *tests, size_t n,
+                   const test_case *cuda_tests, size_t n_cuda);
+
 /* The golden tolerance (tests/golden/README.md): max|got - want| <= 1e-4 * max(1, max|want|).
  * Fails on NaN (outputs are poisoned with NaN before a run). Prints the worst errors. */
 int check_close(const char *what, const float *got, const double *want, size_t n);
@@ -89,7 +102,9 @@ typedef struct golden {
   size_t expected_count;
 } golden;
 
-/* Lists the case directories under root (sorted); returns how many, up to max. */
+/* Lists the case directories under root (sorted); returns how many, up to max. Finding none
+ * (or root missing), or more than max, fails the calling test with the directory named, so a
+ * golden-driven test never passes having compared nothing. */
 int golden_list(const char *root, char names[][128], int max);
 int golden_load(const char *root, const char *name, golden *g, char *err, size_t errlen);
 void golden_free(golden *g);

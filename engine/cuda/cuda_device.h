@@ -1,5 +1,8 @@
 /* CUDA devices, toward the rest of the engine: plain C, no CUDA header. Built only when CMake
- * finds nvcc and cuDNN (CONVD_HAVE_CUDA); elsewhere these report that no GPU is available. */
+ * finds nvcc and cuDNN (CONVD_HAVE_CUDA); elsewhere these report that no GPU is available.
+ *
+ * Threads: both functions run on the thread that creates the engine (or a test's); a device
+ * made here is then run by its worker (device.h). */
 #ifndef CONVD_CUDA_DEVICE_H
 #define CONVD_CUDA_DEVICE_H
 

@@ -1,3 +1,5 @@
+/* See cuda_host.h. Called on a CUDA device's worker thread: each device owns its algorithm
+ * cache, so it takes no lock. */
 #include "cuda_host.h"
 
 #include <string.h>

@@ -1,6 +1,9 @@
 /* Host-side logic of the CUDA device, kept free of CUDA headers so that it is unit-tested on
  * machines without a GPU (tests/test_cuda_host.c): the algorithm cache and the arithmetic that
- * fits an op into the device's memory budget. */
+ * fits an op into the device's memory budget.
+ *
+ * Threads: the CUDA device calls these on its worker thread; each device owns its algorithm
+ * cache, so none takes a lock. */
 #ifndef CONVD_CUDA_HOST_H
 #define CONVD_CUDA_HOST_H
 

@@ -5,7 +5,12 @@
  * copied back into the caller's view. The input-channel blocks of one tile arrive as a chain and
  * add up on the GPU (beta = 1) before one download. Weight blocks stay on the GPU across ops and
  * jobs in a small LRU cache, keyed by content. float32 is strict unless the request allows TF32;
- * float16 and bfloat16 travel and compute in their own type on tensor cores. */
+ * float16 and bfloat16 travel and compute in their own type on tensor cores.
+ *
+ * Threads: run() and flush_cache() on the device's worker thread only (each sets the device's
+ * GPU first), so the arena, weight cache, staging buffers and algorithm cache take no lock;
+ * stats() reads the counters, kept with relaxed atomics, from any thread. Several devices may
+ * share one GPU, each with its own stream, cuDNN handle and arena. */
 #include <cuda_runtime.h>
 #include <cudnn.h>
 #include <stdio.h>
@@ -14,6 +19,7 @@
 
 #include "cuda_device.h"
 #include "cuda_host.h"
+#include "device_impl.h"
 #include "dtype.h"
 #include "err.h"
 

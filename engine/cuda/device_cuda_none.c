@@ -1,4 +1,4 @@
-/* A build without CUDA (CMake found no nvcc or cuDNN): there are no GPUs to offer. */
+/* A build without CUDA (CMake found no nvcc or cuDNN): there are no GPUs to offer. Any thread. */
 #include "cuda_device.h"
 #include "err.h"
 

@@ -114,7 +114,7 @@ static void elemental_table(int repeats, int use_torch) {
     fprintf(stderr, "bench_gpu: %s\n", err);
     return;
   }
-  printf("GPU device: %s\n\n", d->detail);
+  printf("GPU device: %s\n\n", convd_device_detail(d));
   double t_dev[NSHAPES * NMODES], t_copy[NSHAPES * NMODES];
   if (use_torch) {
     char specs[8192];
@@ -142,16 +142,16 @@ static void elemental_table(int repeats, int use_torch) {
       /* A weight key, as in a job: the block stays on the GPU after the first op. */
       convd_op_io io = convd_op_io_dense(&c, x, w, 0x5eed + i * 16 + m, b, y, NULL);
       int rc = 0;
-      for (int k = 0; k < 3 && rc == 0; k++) rc = d->iface->run(d->ctx, &io, err, sizeof err);
+      for (int k = 0; k < 3 && rc == 0; k++) rc = convd_device_run(d, &io, err, sizeof err);
       double *ts = malloc(sizeof(double) * (size_t)repeats);
       convd_device_stats s0, s1;
-      d->iface->stats(d->ctx, &s0);
+      convd_device_stats_get(d, &s0);
       for (int k = 0; k < repeats && rc == 0; k++) {
         double t0 = now();
-        rc = d->iface->run(d->ctx, &io, err, sizeof err);
+        rc = convd_device_run(d, &io, err, sizeof err);
         ts[k] = now() - t0;
       }
-      d->iface->stats(d->ctx, &s1);
+      convd_device_stats_get(d, &s1);
       const double gflop = 2.0 * (double)c.macs / 1e9;
       const size_t ix = i * NMODES + m;
       if (rc) {

@@ -57,11 +57,13 @@ class Daemon:
 
 
 def load_golden(root):
-    """Yields (name, params dict, arrays dict) for each case."""
-    for name in sorted(os.listdir(root)):
+    """Yields (name, params dict, arrays dict) for each case. Raises when root holds no case, so
+    that a golden-driven test never passes having compared nothing."""
+    names = [n for n in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, n, "params.txt"))]
+    if not names:
+        raise AssertionError(f"no golden case under {root} (no subdirectory with a params.txt)")
+    for name in names:
         d = os.path.join(root, name)
-        if not os.path.isfile(os.path.join(d, "params.txt")):
-            continue
         params = {}
         with open(os.path.join(d, "params.txt")) as f:
             for line in f:

@@ -101,9 +101,11 @@ def test_registry(convd):
                   f"{[l[0] for l in loaded]} (once), cache hits {[l[1] for l in loaded]}")
 
             # transpose weights (C_in, C_out/groups, kH, kW) by id: a golden conv_transpose2d case
+            found = False
             for name, params, a in load_golden(golden_dir):
                 if name != "transpose_s2_k4_p1":
                     continue
+                found = True
                 rt = stub.PutWeights(put_requests(a["weight"], a.get("bias"), op=pb.OP_CONV_TRANSPOSE2D,
                                                   groups=params["groups"][0]), timeout=30)
                 ts = spec_from_params(pb, params, a.get("bias") is not None)
@@ -113,6 +115,7 @@ def test_registry(convd):
                 worst = check_close(yt, a["expected"])
                 stub.DeleteWeights(pb.DeleteWeightsRequest(weights_id=rt.weights_id), timeout=10)
                 print(f"ok   a conv_transpose2d golden case by weights_id: max error {worst:.3g}")
+            assert found, f"golden case transpose_s2_k4_p1 not found under {golden_dir}"
 
             # a wrong shape, weight chunks beside an id, an unknown id
             bad = conv_spec(x.shape, r1.weights_id)
