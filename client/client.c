@@ -626,6 +626,23 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   return rc;
 }
 
+/* A unary call of protobuf messages: packs req, and unpacks the answer as resp_desc into *resp
+ * (free with protobuf_c_message_free_unpacked). */
+static int unary_message(convd_client *c, void *method, const ProtobufCMessage *req,
+                         const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **resp,
+                         char *err, size_t errlen) {
+  grpc_byte_buffer *bb = convd_wire_pack(req), *rb = NULL;
+  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  int rc = unary_call(c, method, bb, &rb, err, errlen);
+  grpc_byte_buffer_destroy(bb);
+  if (rc) return rc;
+  *resp = convd_wire_unpack(rb, resp_desc);
+  grpc_byte_buffer_destroy(rb);
+  if (*resp == NULL)
+    return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a valid %s", resp_desc->name);
+  return 0;
+}
+
 static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, const void *w,
                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
   const convd_conv_params *p = &cv->p;
@@ -684,16 +701,10 @@ int convd_client_list_devices(convd_client *c, convd_client_device **devs, size_
   *devs = NULL;
   *n = 0;
   Convd__V1__ListDevicesRequest req = CONVD__V1__LIST_DEVICES_REQUEST__INIT;
-  grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
-  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
-  int rc = unary_call(c, c->m_list, bb, &resp, err, errlen);
-  grpc_byte_buffer_destroy(bb);
+  Convd__V1__ListDevicesResponse *r = NULL;
+  int rc = unary_message(c, c->m_list, &req.base, &convd__v1__list_devices_response__descriptor,
+                         (ProtobufCMessage **)&r, err, errlen);
   if (rc) return rc;
-  Convd__V1__ListDevicesResponse *r = (Convd__V1__ListDevicesResponse *)convd_wire_unpack(
-      resp, &convd__v1__list_devices_response__descriptor);
-  grpc_byte_buffer_destroy(resp);
-  if (r == NULL)
-    return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ListDevicesResponse");
   convd_client_device *out = calloc(r->n_devices ? r->n_devices : 1, sizeof *out);
   if (out == NULL) {
     protobuf_c_message_free_unpacked(&r->base, NULL);
@@ -728,15 +739,10 @@ int convd_client_health(convd_client *c, const char *service, int *serving, char
   *serving = 0;
   Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
   req.service = (char *)(service ? service : "");
-  grpc_byte_buffer *bb = convd_wire_pack(&req.base), *resp = NULL;
-  if (bb == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
-  int rc = unary_call(c, c->m_health, bb, &resp, err, errlen);
-  grpc_byte_buffer_destroy(bb);
+  Grpc__Health__V1__HealthCheckResponse *r = NULL;
+  int rc = unary_message(c, c->m_health, &req.base, &grpc__health__v1__health_check_response__descriptor,
+                         (ProtobufCMessage **)&r, err, errlen);
   if (rc) return rc;
-  Grpc__Health__V1__HealthCheckResponse *r = (Grpc__Health__V1__HealthCheckResponse *)convd_wire_unpack(
-      resp, &grpc__health__v1__health_check_response__descriptor);
-  grpc_byte_buffer_destroy(resp);
-  if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a HealthCheckResponse");
   *serving = r->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
   protobuf_c_message_free_unpacked(&r->base, NULL);
   return 0;

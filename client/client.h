@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "convd_fields.h" /* the field lists this header shares with the engine */
+
 /* Results: 0, or one of these negative codes (the numbers of the daemon's own error table). */
 enum {
   CONVD_CLIENT_OK = 0,
@@ -39,19 +41,7 @@ enum { CONVD_CLIENT_FLOAT32 = 0, CONVD_CLIENT_FLOAT16 = 1, CONVD_CLIENT_BFLOAT16
 /* One convolution: shapes and hyperparameters, as PyTorch's conv2d / conv_transpose2d take
  * them. Start from convd_client_conv_params_default and set the shapes. */
 typedef struct convd_client_conv_params {
-  int64_t n, c_in, h, w;              /* input, NCHW */
-  int64_t c_out, c_per_group, kh, kw; /* weight: (C_out, C_in/groups, kH, kW) */
-  int has_bias;                       /* bias: (C_out) */
-  int64_t stride_h, stride_w;
-  int64_t pad_top, pad_bottom, pad_left, pad_right;
-  int64_t dil_h, dil_w;
-  int64_t groups;
-  /* conv_transpose2d: weights (C_in, C_out/groups, kH, kW); c_out and c_per_group (C_in/groups)
-   * keep their meaning; out_pad_h/w add rows/columns at the bottom/right. */
-  int transposed;
-  int64_t out_pad_h, out_pad_w;
-  int dtype;      /* CONVD_CLIENT_FLOAT32 (default), _FLOAT16 or _BFLOAT16 */
-  int allow_tf32; /* 1: float32 ops may run on TF32 tensor cores */
+  CONVD_CONV_PARAMS_FIELDS(CONVD_FIELD_DECLARE) /* convd_fields.h; dtype: CONVD_CLIENT_FLOAT32 ... */
 } convd_client_conv_params;
 
 /* Stride and dilation 1, no padding, groups 1, no bias, float32; shapes zero (set them). */
@@ -88,19 +78,9 @@ enum { CONVD_CLIENT_DEVICE_CPU = 1, CONVD_CLIENT_DEVICE_CUDA = 2, CONVD_CLIENT_D
 
 /* One of the server's devices, as ListDevices reports it. */
 typedef struct convd_client_device {
-  unsigned index;
-  int kind; /* CONVD_CLIENT_DEVICE_* */
-  char name[64];
-  uint64_t memory_bytes;
-  uint64_t completed_ops;
-  double busy_seconds;
-  int healthy;
-  char detail[256]; /* what runs on it, or why it is unhealthy */
+  CONVD_DEVICE_INFO_FIELDS(CONVD_FIELD_DECLARE) /* convd_fields.h; kind: CONVD_CLIENT_DEVICE_* */
   struct convd_client_device_stats {
-    uint64_t weight_cache_hits, weight_cache_misses; /* ops whose weight block was / was not cached */
-    uint64_t weight_bytes_loaded;                    /* weight bytes copied into device memory */
-    uint64_t bytes_to_device, bytes_from_device;     /* copies over the bus (GPU) */
-    uint64_t kernel_ns;                              /* time the compute units ran convolutions */
+    CONVD_DEVICE_STATS_FIELDS(CONVD_FIELD_DECLARE)
   } stats;
 } convd_client_device;
 

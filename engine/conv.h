@@ -10,27 +10,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "convd_fields.h"
+
 /* The largest value any single dimension, padding, stride or dilation may take. Keeping every
  * field below 2^31 keeps all index arithmetic in int64_t free of overflow. */
 #define CONVD_DIM_MAX INT64_C(0x7fffffff)
 
 /* What a client asks for, as it asked. Signed so that bad values can be named in errors. */
 typedef struct convd_conv_params {
-  int64_t n, c_in, h, w;           /* input, NCHW */
-  int64_t c_out, c_per_group, kh, kw; /* weight: (C_out, C_in/groups, kH, kW) */
-  int has_bias;                    /* bias: (C_out) */
-  int64_t stride_h, stride_w;
-  int64_t pad_top, pad_bottom, pad_left, pad_right;
-  int64_t dil_h, dil_w;
-  int64_t groups;
-  /* Transpose convolution (PyTorch's conv_transpose2d): weights are (C_in, C_out/groups, kH,
-   * kW), c_out and c_per_group (= C_in/groups) keep their meaning; the padding crops the full
-   * output on each side and out_pad_h/w add rows/columns at the bottom/right (each smaller than
-   * the stride or the dilation of its axis). */
-  int transposed;
-  int64_t out_pad_h, out_pad_w;
-  int dtype;      /* enum convd_dtype (dtype.h): the wire's element type; host math is float32 */
-  int allow_tf32; /* 1: float32 ops may run on TF32 tensor cores (10-bit mantissa products) */
+  CONVD_CONV_PARAMS_FIELDS(CONVD_FIELD_DECLARE) /* convd_fields.h; dtype: enum convd_dtype */
 } convd_conv_params;
 
 /* A checked convolution: the parameters plus everything derived from them. */

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "conv.h"
+#include "convd_fields.h"
 #include "view.h"
 
 enum convd_device_kind {
@@ -54,10 +55,7 @@ convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const floa
 /* What a device counts over its life (for metrics and tests; all optional, zero when not
  * counted). Read while ops run: values are monotonic and read without a lock. */
 typedef struct convd_device_stats {
-  uint64_t weight_cache_hits, weight_cache_misses; /* ops whose weight block was / was not cached */
-  uint64_t weight_bytes_loaded;  /* weight bytes copied into device-owned memory (GPU: uploaded) */
-  uint64_t bytes_to_device, bytes_from_device; /* all copies over the bus (GPU) */
-  uint64_t kernel_ns;            /* time the compute units ran convolutions (GPU: CUDA events) */
+  CONVD_DEVICE_STATS_FIELDS(CONVD_FIELD_DECLARE) /* convd_fields.h */
 } convd_device_stats;
 
 /* A device: opaque here (device_impl.h). */

@@ -39,12 +39,9 @@ struct convd_device {
 
 /* Copies counters that their owner updates with relaxed atomics. */
 static inline void convd_device_stats_load(const convd_device_stats *src, convd_device_stats *dst) {
-  dst->weight_cache_hits = __atomic_load_n(&src->weight_cache_hits, __ATOMIC_RELAXED);
-  dst->weight_cache_misses = __atomic_load_n(&src->weight_cache_misses, __ATOMIC_RELAXED);
-  dst->weight_bytes_loaded = __atomic_load_n(&src->weight_bytes_loaded, __ATOMIC_RELAXED);
-  dst->bytes_to_device = __atomic_load_n(&src->bytes_to_device, __ATOMIC_RELAXED);
-  dst->bytes_from_device = __atomic_load_n(&src->bytes_from_device, __ATOMIC_RELAXED);
-  dst->kernel_ns = __atomic_load_n(&src->kernel_ns, __ATOMIC_RELAXED);
+#define CONVD_STAT_LOAD(type, name, dims) dst->name = __atomic_load_n(&src->name, __ATOMIC_RELAXED);
+  CONVD_DEVICE_STATS_FIELDS(CONVD_STAT_LOAD)
+#undef CONVD_STAT_LOAD
 }
 
 #endif

@@ -58,14 +58,7 @@ typedef struct convd_engine_load {
 } convd_engine_load;
 
 typedef struct convd_device_info {
-  unsigned index;
-  int kind; /* enum convd_device_kind */
-  char name[64];
-  uint64_t memory_bytes;
-  uint64_t completed_ops;
-  double busy_seconds;
-  int healthy;
-  char detail[256]; /* what runs on it, or why it is unhealthy */
+  CONVD_DEVICE_INFO_FIELDS(CONVD_FIELD_DECLARE) /* convd_fields.h; kind: enum convd_device_kind */
   convd_device_stats stats; /* the device's own counters */
 } convd_device_info;
 

@@ -61,6 +61,22 @@ int convd_phase_window(const convd_phase_axis *a, int64_t in, int64_t qa, int64_
   return 1;
 }
 
+/* One axis of the segregation: for each phase r its tap count taps[r], and for each kernel
+ * index k the phase (phase_of[k]) and the position within the phase's sub-kernel (pos_of[k])
+ * that it lands at (sub-kernels are flipped: the last tap comes first). */
+static void axis_taps(int64_t s, int64_t dil, int64_t k, int64_t pad, int64_t out, int64_t *taps,
+                      int64_t *phase_of, int64_t *pos_of) {
+  for (int64_t r = 0; r < s; r++) {
+    convd_phase_axis a;
+    convd_phase_axis_make(s, dil, k, pad, out, r, &a);
+    taps[r] = a.taps;
+    for (int64_t u = 0; u < a.taps; u++) {
+      const int64_t kk = a.k0 + (a.taps - 1 - u) * a.kstep;
+      phase_of[kk] = r, pos_of[kk] = u;
+    }
+  }
+}
+
 int convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, size_t *off) {
   const convd_conv_params *p = &c->p;
   const int64_t opg = p->c_out / p->groups, cpg = p->c_per_group, sh = p->stride_h, sw = p->stride_w;
@@ -75,24 +91,8 @@ int convd_transpose_segregate(const convd_conv *c, const float *w, float *dst, s
     free(ry_of), free(u_of), free(rx_of), free(v_of), free(base);
     return -1;
   }
-  for (int64_t r = 0; r < sh; r++) {
-    convd_phase_axis a;
-    convd_phase_axis_make(sh, p->dil_h, p->kh, p->pad_top, c->h_out, r, &a);
-    ty[r] = a.taps;
-    for (int64_t u = 0; u < a.taps; u++) {
-      const int64_t ky = a.k0 + (a.taps - 1 - u) * a.kstep;
-      ry_of[ky] = r, u_of[ky] = u;
-    }
-  }
-  for (int64_t r = 0; r < sw; r++) {
-    convd_phase_axis a;
-    convd_phase_axis_make(sw, p->dil_w, p->kw, p->pad_left, c->w_out, r, &a);
-    tx[r] = a.taps;
-    for (int64_t v = 0; v < a.taps; v++) {
-      const int64_t kx = a.k0 + (a.taps - 1 - v) * a.kstep;
-      rx_of[kx] = r, v_of[kx] = v;
-    }
-  }
+  axis_taps(sh, p->dil_h, p->kh, p->pad_top, c->h_out, ty, ry_of, u_of);
+  axis_taps(sw, p->dil_w, p->kw, p->pad_left, c->w_out, tx, rx_of, v_of);
   size_t at = 0;
   for (int64_t ry = 0; ry < sh; ry++)
     for (int64_t rx = 0; rx < sw; rx++) {

@@ -61,24 +61,24 @@ typedef struct cuda_ctx {
   convd_cuda_algo_cache algos;
 } cuda_ctx;
 
-#define CU_TRY(call)                                                                          \
+/* A failed CUDA or cuDNN call becomes the op's error, naming the statement and where it is. */
+#define GPU_TRY(ok, lib, stmt, why)                                                           \
   do {                                                                                        \
-    cudaError_t e_ = (call);                                                                  \
-    if (e_ != cudaSuccess) {                                                                  \
-      rc = convd_errf(err, errlen, CONVD_EDEVICE, "CUDA %s failed: %s (%s:%d)", #call,        \
-                      cudaGetErrorString(e_), __FILE__, __LINE__);                            \
+    if (!(ok)) {                                                                              \
+      rc = convd_errf(err, errlen, CONVD_EDEVICE, "%s %s failed: %s (%s:%d)", lib, stmt, why, \
+                      __FILE__, __LINE__);                                                    \
       goto out;                                                                               \
     }                                                                                         \
   } while (0)
-
-#define DNN_TRY(call)                                                                         \
-  do {                                                                                        \
-    cudnnStatus_t s_ = (call);                                                                \
-    if (s_ != CUDNN_STATUS_SUCCESS) {                                                         \
-      rc = convd_errf(err, errlen, CONVD_EDEVICE, "cuDNN %s failed: %s (%s:%d)", #call,       \
-                      cudnnGetErrorString(s_), __FILE__, __LINE__);                           \
-      goto out;                                                                               \
-    }                                                                                         \
+#define CU_TRY(call)                                                           \
+  do {                                                                         \
+    cudaError_t e_ = (call);                                                   \
+    GPU_TRY(e_ == cudaSuccess, "CUDA", #call, cudaGetErrorString(e_));         \
+  } while (0)
+#define DNN_TRY(call)                                                          \
+  do {                                                                         \
+    cudnnStatus_t s_ = (call);                                                 \
+    GPU_TRY(s_ == CUDNN_STATUS_SUCCESS, "cuDNN", #call, cudnnGetErrorString(s_)); \
   } while (0)
 
 int convd_cuda_device_count(char *err, size_t errlen) {

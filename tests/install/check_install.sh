@@ -16,7 +16,7 @@ cleanup() { if [ -n "$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 
 "$cmake" --install "$build" --prefix "$prefix" > "$scratch/install.log"
-for f in bin/convd bin/convctl include/convd/client.h include/convd/convd_version.h \
+for f in bin/convd bin/convctl include/convd/client.h include/convd/convd_fields.h include/convd/convd_version.h \
          "$libdir/libconvd_client.so" "$libdir/pkgconfig/convd-client.pc"; do
   [ -e "$prefix/$f" ] || { echo "not installed: $prefix/$f"; cat "$scratch/install.log"; exit 1; }
 done
