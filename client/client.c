@@ -67,8 +67,8 @@ struct convd_client {
   int last_status;
 };
 
-/* A method's path, /SERVICE/METHOD (e.g. /convd.v1.Convolution/Conv2d), from the generated
- * service descriptor: the .proto and the daemon's method table stay the only spellings. */
+/* A method's path, /SERVICE/METHOD, from the generated service descriptor: the .proto and the
+ * daemon's method table stay the only spellings. */
 static int method_path(const ProtobufCServiceDescriptor *svc, const char *method, char *out,
                        size_t len, char *err, size_t errlen) {
   const ProtobufCMethodDescriptor *m =

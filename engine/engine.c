@@ -927,7 +927,9 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
         len += (size_t)snprintf(names + len, sizeof names - len, "%s%s", len ? ", " : "",
                                 convd_device_name(e->devs[i].dev));
     int rc2 = len == 0
-                  ? convd_errf(err, errlen, CONVD_EDEVICE, "no healthy device left to run the job")
+                  ? convd_errf(err, errlen, CONVD_EUNAVAIL,
+                               "no healthy device left to run the job: every device of this "
+                               "daemon failed; retry on another instance")
                   : convd_errf(err, errlen, CONVD_ENOTSUP,
                                "no healthy device supports this convolution (input %" PRId64
                                "x%" PRId64 "x%" PRId64 "x%" PRId64 "%s): %s cannot run it",

@@ -398,6 +398,10 @@ static void test_device_failure_mid_job(void) {
   int rc = convd_engine_run(e, &c, x, w, b, y, NULL, err, sizeof err);
   ASSERT_EQ_INT(rc, CONVD_EDEVICE);
   ASSERT_CONTAINS(err, "no healthy device left");
+  /* A job that arrives once no device is healthy is refused when it is created. */
+  rc = convd_engine_run(e, &c, x, w, b, y, NULL, err, sizeof err);
+  ASSERT_EQ_INT(rc, CONVD_EUNAVAIL);
+  ASSERT_CONTAINS(err, "retry on another instance");
   convd_engine_destroy(e);
   /* A device whose supports() says no to a job gets none of its ops; a job that no healthy
    * device supports fails when it is created, or once the last one that does has failed. */

@@ -169,6 +169,12 @@ def collect_output(responses, dtype="<f4"):
     return y, accepted, summary
 
 
+def method_path(pb, method):
+    """The path of a convd.v1 Convolution method, from the generated descriptor (the daemon's method table and
+    the .proto are the only places that spell paths out)."""
+    return f"/{pb.DESCRIPTOR.services_by_name['Convolution'].full_name}/{method}"
+
+
 def import_stubs(stub_dir):
     sys.path.insert(0, stub_dir)
     from convd.v1 import convd_pb2, convd_pb2_grpc  # noqa: E402

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from convd_harness import Daemon, check_close, collect_output, conv_requests, import_stubs, \
-    load_golden, spec_from_params
+    load_golden, method_path, spec_from_params
 
 pb = pb_grpc = None
 
@@ -235,10 +235,10 @@ def main():
                 checked += 1
 
             # garbage bytes where a message should be, streaming and unary
-            raw_stream = ch.stream_stream("/convd.v1.Convolution/Conv2d",
+            raw_stream = ch.stream_stream(method_path(pb, "Conv2d"),
                                           request_serializer=lambda m: m,
                                           response_deserializer=lambda m: m)
-            raw_unary = ch.unary_unary("/convd.v1.Convolution/Conv2dUnary",
+            raw_unary = ch.unary_unary(method_path(pb, "Conv2dUnary"),
                                        request_serializer=lambda m: m,
                                        response_deserializer=lambda m: m)
             garbage = bytes(range(255, 0, -3)) * 7
@@ -301,7 +301,7 @@ def main():
             checked += 2
 
             # a method that does not exist: UNIMPLEMENTED, at once
-            nope = ch.unary_unary("/convd.v1.Convolution/NoSuchMethod",
+            nope = ch.unary_unary(method_path(pb, "NoSuchMethod"),
                                   request_serializer=lambda m: m, response_deserializer=lambda m: m)
             t0 = time.monotonic()
             try:

@@ -450,7 +450,9 @@ def test_reflection(convd):
             want = ["convd.v1.Convolution", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
                     "grpc.reflection.v1alpha.ServerReflection"]
             for pkg in ("v1", "v1alpha"):
-                info = ch.stream_stream(f"/grpc.reflection.{pkg}.ServerReflection/ServerReflectionInfo",
+                svc = rpb.DESCRIPTOR.services_by_name["ServerReflection"]  # v1alpha: the same, renamed
+                path = f"/{svc.full_name.replace('.v1.', f'.{pkg}.')}/{svc.methods[0].name}"
+                info = ch.stream_stream(path,
                                         request_serializer=rpb.ServerReflectionRequest.SerializeToString,
                                         response_deserializer=rpb.ServerReflectionResponse.FromString)
                 reqs = [rpb.ServerReflectionRequest(list_services=""),
@@ -482,7 +484,8 @@ def test_reflection(convd):
             factory = message_factory.MessageFactory(pool)  # protobuf 3.x (Debian 12)
             req_cls = factory.GetPrototype(pool.FindMessageTypeByName("convd.v1.ListDevicesRequest"))
             resp_cls = factory.GetPrototype(pool.FindMessageTypeByName("convd.v1.ListDevicesResponse"))
-            call = ch.unary_unary("/convd.v1.Convolution/ListDevices", request_serializer=req_cls.SerializeToString,
+            call = ch.unary_unary(f"/{files[0].package}.{conv_svc.name}/ListDevices",
+                                  request_serializer=req_cls.SerializeToString,
                                   response_deserializer=resp_cls.FromString)
             devs = call(req_cls(), timeout=10, metadata=[("x-request-id", "trace-42.a")]).devices
             assert len(devs) >= 1 and devs[0].healthy, devs
