@@ -42,11 +42,7 @@ const char *convd_client_strerror(int code) { return convd_strerror(code); }
 void convd_client_conv_params_default(convd_client_conv_params *p) {
   convd_conv_params e;
   convd_conv_params_default(&e);
-  memset(p, 0, sizeof *p);
-  p->stride_h = e.stride_h, p->stride_w = e.stride_w;
-  p->dil_h = e.dil_h, p->dil_w = e.dil_w;
-  p->groups = e.groups;
-  p->dtype = e.dtype;
+  *p = convd_client_params_from_conv(&e);
 }
 
 int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4], char *err,

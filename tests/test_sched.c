@@ -724,7 +724,11 @@ static void test_priority_and_admission(void) {
   convd_job_destroy(low);
   ASSERT_OK(convd_job_create(e, &c, &cb_high, &high, err, sizeof err), err); /* room again */
   convd_job_cancel(high);
-  for (int i = 0; i < 5000 && st.n < 4; i++) {
+  for (int i = 0; i < 5000; i++) { /* st.n is written by the workers, under st.mu */
+    pthread_mutex_lock(&st.mu);
+    int n = st.n;
+    pthread_mutex_unlock(&st.mu);
+    if (n >= 4) break;
     struct timespec ts = {0, 1000000};
     nanosleep(&ts, NULL);
   }
