@@ -10,7 +10,9 @@
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "config.h"
@@ -25,6 +27,12 @@
  * clients read the frames of calls that just ended. Loopback needs microseconds; this is for
  * slow links. */
 #define LINGER_MS 200
+
+/* Allocations up to this come from the heap (tune_runtime), and freed heap up to MALLOC_KEEP
+ * stays for the next call rather than going back to the kernel at once (bytes, as strings for
+ * GLIBC_TUNABLES). */
+#define MALLOC_MMAP_THRESHOLD "1073741824"
+#define MALLOC_KEEP "268435456"
 
 typedef struct daemon_state {
   uv_loop_t *loop;
@@ -126,9 +134,35 @@ static void on_sighup(uv_signal_t *h, int signum) {
   else convd_log(CONVD_LOG_ERROR, "msg=\"SIGHUP: cannot reopen the log file, still writing the old one\"");
 }
 
+/* Two settings that the C library and OpenMP read when they are loaded, before main, so the
+ * daemon sets them and starts itself again, once (an operator's own values are left alone):
+ * - OpenMP (Debian's oneDNN runs on libgomp) spins its threads after each parallel region, and
+ *   on a small machine the spins take the cores the gRPC thread needs to receive and send while
+ *   ops run: a passive wait.
+ * - Rows and bands are megabytes each and come and go with every tile row. glibc maps each one
+ *   from the kernel and unmaps it when freed, so every band is fresh pages and its first write
+ *   a page fault (20 % of the daemon's time on the wire-bound job, measured). In the heap, kept
+ *   up to MALLOC_KEEP, freed rows serve the next ones. mallopt cannot do this: it caps the
+ *   threshold at 32 MiB, below a tile row's band. */
+static void tune_runtime(char **argv) {
+  if (getenv("CONVD_REEXECED")) return;
+  int changed = 0;
+  if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT"))
+    changed |= setenv("OMP_WAIT_POLICY", "passive", 1) == 0;
+  if (!getenv("GLIBC_TUNABLES"))
+    changed |= setenv("GLIBC_TUNABLES",
+                      "glibc.malloc.mmap_threshold=" MALLOC_MMAP_THRESHOLD
+                      ":glibc.malloc.trim_threshold=" MALLOC_KEEP, 1) == 0;
+  if (!changed) return;
+  setenv("CONVD_REEXECED", "1", 1); /* never loops, even if the settings did not take */
+  execv("/proc/self/exe", argv);
+  unsetenv("CONVD_REEXECED"); /* no /proc: carry on with the defaults */
+}
+
 int main(int argc, char **argv) {
   convd_config cfg;
   char err[512];
+  tune_runtime(argv);
   int rc = convd_config_parse(&cfg, argc, argv, stdout, err, sizeof err);
   if (rc == CONVD_CONFIG_EXIT) return 0;
   if (rc != 0) {
