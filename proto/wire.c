@@ -3,6 +3,7 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "err.h"
 
@@ -68,4 +69,107 @@ int convd_wire_err_from_status(grpc_status_code status) {
   for (size_t i = 0; i < sizeof status_map / sizeof status_map[0]; i++)
     if (status_map[i].from && status_map[i].status == status) return status_map[i].err;
   return CONVD_EREMOTE;
+}
+
+/* ---- reading a band in place ------------------------------------------------------------- */
+
+/* A position in a slice list. */
+typedef struct cursor {
+  const grpc_slice *sl;
+  size_t n, i, off; /* slice i, byte off in it */
+} cursor;
+
+static void skip_empty(cursor *c) {
+  while (c->i < c->n && c->off >= GRPC_SLICE_LENGTH(c->sl[c->i])) c->i++, c->off = 0;
+}
+
+static int next_byte(cursor *c, uint8_t *out) {
+  skip_empty(c);
+  if (c->i >= c->n) return -1;
+  *out = GRPC_SLICE_START_PTR(c->sl[c->i])[c->off++];
+  return 0;
+}
+
+static int read_varint(cursor *c, uint64_t *v) {
+  *v = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    uint8_t b;
+    if (next_byte(c, &b)) return -1;
+    *v |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) return 0;
+  }
+  return -1;
+}
+
+/* Advances n bytes; -1 when fewer are left. */
+static int skip_bytes(cursor *c, uint64_t n) {
+  while (n) {
+    skip_empty(c);
+    if (c->i >= c->n) return -1;
+    const size_t left = GRPC_SLICE_LENGTH(c->sl[c->i]) - c->off;
+    const size_t step = n < left ? (size_t)n : left;
+    c->off += step;
+    n -= step;
+  }
+  return 0;
+}
+
+/* Bytes from c to the end. */
+static uint64_t remaining(const cursor *c) {
+  uint64_t r = 0;
+  for (size_t i = c->i; i < c->n; i++) r += GRPC_SLICE_LENGTH(c->sl[i]) - (i == c->i ? c->off : 0);
+  return r;
+}
+
+int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b) {
+  if (bb == NULL || bb->type != GRPC_BB_RAW || bb->data.raw.compression != GRPC_COMPRESS_NONE)
+    return 0;
+  cursor c = {bb->data.raw.slice_buffer.slices, bb->data.raw.slice_buffer.count, 0, 0};
+  uint64_t key = 0, len = 0;
+  /* ConvRequest: exactly one field, input (4, length-delimited), filling the message. */
+  if (read_varint(&c, &key) || key != ((4u << 3) | 2) || read_varint(&c, &len) || len != remaining(&c))
+    return 0;
+  memset(b, 0, sizeof *b);
+  unsigned seen = 0;
+  uint64_t end = len, used = 0;
+  while (used < end) {
+    const uint64_t before = remaining(&c);
+    if (read_varint(&c, &key)) return 0;
+    const unsigned field = (unsigned)(key >> 3), wt = (unsigned)(key & 7);
+    if (field < 1 || field > 5 || (seen & (1u << field))) return 0; /* unknown or repeated */
+    seen |= 1u << field;
+    uint64_t v;
+    if (field == 5) {
+      if (wt != 2 || read_varint(&c, &v) || v > remaining(&c) || v > SIZE_MAX) return 0;
+      skip_empty(&c);
+      b->data_len = (size_t)v;
+      b->at_slice = c.i, b->at_off = c.off;
+      if (skip_bytes(&c, v)) return 0;
+    } else {
+      if (wt != 0 || read_varint(&c, &v)) return 0;
+      if (field == 1) b->n = (int64_t)v;
+      else if (field == 2) b->h_begin = (int64_t)v;
+      else if (field == 3) b->h_end = (int64_t)v;
+      else b->offset = v;
+    }
+    used += before - remaining(&c);
+  }
+  if (used != end || remaining(&c) != 0) return 0;
+  b->slices = c.sl;
+  b->nslices = c.n;
+  return 1;
+}
+
+void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_t n) {
+  cursor c = {b->slices, b->nslices, b->at_slice, b->at_off};
+  skip_bytes(&c, off);
+  char *out = dst;
+  while (n) {
+    skip_empty(&c);
+    if (c.i >= c.n) return; /* cannot happen: parse checked the length */
+    const size_t left = GRPC_SLICE_LENGTH(c.sl[c.i]) - c.off;
+    const size_t step = n < left ? n : left;
+    memcpy(out, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
+    out += step, c.off += step, n -= step;
+  }
 }

@@ -6,6 +6,8 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/status.h>
 #include <protobuf-c/protobuf-c.h>
+#include <stddef.h>
+#include <stdint.h>
 
 /* Packs m into a new byte buffer that owns the bytes (no further copy); NULL when out of
  * memory. The caller destroys it after the send completes. */
@@ -27,6 +29,27 @@ ProtobufCMessage *convd_wire_unpack(grpc_byte_buffer *bb, const ProtobufCMessage
  * CONVD_EREMOTE (from one). */
 grpc_status_code convd_wire_status_from_err(int code);
 int convd_wire_err_from_status(grpc_status_code status);
+
+/* A ConvRequest that carries one input RowBand, read where its bytes lie in the received
+ * message's slices: no readall, no protobuf-c copy of the data. Field numbers are convd.proto's
+ * (ConvRequest.input = 4; RowBand n = 1, h_begin = 2, h_end = 3, offset = 4, data = 5). */
+typedef struct convd_wire_band {
+  int64_t n, h_begin, h_end;
+  uint64_t offset;
+  size_t data_len;
+  /* where the data starts: slice index and offset in it */
+  const grpc_slice *slices;
+  size_t nslices, at_slice, at_off;
+} convd_wire_band;
+
+/* 1 when bb is an uncompressed ConvRequest whose only field is `input`, each RowBand field
+ * appearing at most once with its proto type, and the lengths consistent: then *b describes it.
+ * 0 for anything else (valid or not), which the caller decodes with protobuf-c as before, so
+ * every message keeps its one meaning and its one error. */
+int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b);
+
+/* Copies n bytes of the band's data, from byte off of it, into dst (off + n <= data_len). */
+void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_t n);
 
 /* "INVALID_ARGUMENT" etc.; "UNKNOWN" for codes outside the table. */
 const char *convd_wire_status_name(grpc_status_code code);

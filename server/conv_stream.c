@@ -241,17 +241,25 @@ int convd_stream_append_chunk(const char *what, const Convd__V1__TensorChunk *ch
   return 0;
 }
 
-/* The band (b's n and rows) is whole in src (the wire's dtype, s->band_len bytes): the job
+/* Copies n bytes of a piece, from byte off of it, into dst. */
+static void bytes_copy(const convd_stream_bytes *d, size_t off, void *dst, size_t n) {
+  if (n == 0) return;
+  if (d->data) memcpy(dst, (const char *)d->data + off, n);
+  else d->copy(d->ctx, off, dst, n);
+}
+
+/* The band (b's n and rows) is whole, in s->band (assembled: 1) or in b's own bytes: the job
  * takes it over as float32 and reads it in place. A float32 band assembled in s->band is handed
- * over as it is; anything else is widened (or copied) once into a buffer of its own, so that
- * protobuf-c's buffers, which promise no alignment, are never lent. */
-static int give_band(convd_stream *s, const Convd__V1__RowBand *b, const void *src, char *err,
+ * over as it is; one in b is copied once into a buffer of its own (protobuf-c's and gRPC's
+ * buffers promise no alignment, and are gone after this message); half types are widened from a
+ * contiguous copy. */
+static int give_band(convd_stream *s, const convd_stream_band *b, int assembled, char *err,
                      size_t errlen) {
   const convd_conv_params *p = &s->conv.p;
   s->band_open = 0;
   s->rows_done += (size_t)(b->h_end - b->h_begin);
   float *band;
-  if (p->dtype == CONVD_F32 && src == s->band) {
+  if (p->dtype == CONVD_F32 && assembled) {
     band = s->band;
     s->band = NULL;
     s->band_cap = 0;
@@ -261,13 +269,23 @@ static int give_band(convd_stream *s, const Convd__V1__RowBand *b, const void *s
       return convd_errf(err, errlen, CONVD_ENOMEM,
                         "the daemon cannot widen a band of %zu elements now: send smaller bands",
                         elems);
-    convd_dtype_decode(p->dtype, src, band, elems);
+    if (p->dtype == CONVD_F32) {
+      bytes_copy(&b->bytes, 0, band, s->band_len);
+    } else {
+      /* contiguous: the caller assembles half-type bands that arrive in slices */
+      convd_dtype_decode(p->dtype, assembled ? s->band : b->bytes.data, band, elems);
+    }
   }
   return convd_job_put_band(s->job, b->n, b->h_begin, b->h_end, band, CONVD_GIVE, err, errlen);
 }
 
-static int feed_band(convd_stream *s, const Convd__V1__RowBand *b, char *err, size_t errlen) {
+int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *err, size_t errlen) {
   const convd_conv_params *p = &s->conv.p;
+  if (!s->have_spec)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the first message must be the spec (shapes and parameters); tensor "
+                      "data came first");
+  s->bytes_received += b->bytes.len;
   if (b->n < 0 || b->n >= p->n)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input band has n = %" PRId64 ", outside the batch [0, %" PRId64 ")", b->n,
@@ -307,8 +325,9 @@ static int feed_band(convd_stream *s, const Convd__V1__RowBand *b, char *err, si
     s->bh1 = b->h_end;
     s->band_off = 0;
     s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
-    if (s->job && b->data.len == s->band_len) /* a whole band in one piece: widened from there */
-      return give_band(s, b, b->data.data, err, errlen);
+    const int whole = b->bytes.len == s->band_len; /* a whole band in one piece */
+    if (s->job && whole && (p->dtype == CONVD_F32 || b->bytes.data))
+      return give_band(s, b, 0, err, errlen); /* widened or copied from where it lies */
     if (s->band_len > s->band_cap) {
       void *nb = realloc(s->band, s->band_len);
       if (nb == NULL)
@@ -319,18 +338,18 @@ static int feed_band(convd_stream *s, const Convd__V1__RowBand *b, char *err, si
       s->band_cap = s->band_len;
     }
   }
-  if (b->data.len > s->band_len - s->band_off)
+  if (b->bytes.len > s->band_len - s->band_off)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64 "): %zu bytes at "
                       "offset %zu end past the band's %zu bytes (C x rows x W x %zu = %" PRId64
                       " x %" PRId64 " x %" PRId64 " x %zu, %s)",
-                      b->n, b->h_begin, b->h_end, b->data.len, s->band_off, s->band_len,
+                      b->n, b->h_begin, b->h_end, b->bytes.len, s->band_off, s->band_len,
                       s->conv.wire_elem, p->c_in, b->h_end - b->h_begin, p->w, s->conv.wire_elem,
                       convd_dtype_name(p->dtype));
-  if (b->data.len) memcpy((char *)s->band + s->band_off, b->data.data, b->data.len);
-  s->band_off += b->data.len;
+  bytes_copy(&b->bytes, 0, (char *)s->band + s->band_off, b->bytes.len);
+  s->band_off += b->bytes.len;
   if (s->band_off == s->band_len) {
-    if (s->job) return give_band(s, b, s->band, err, errlen);
+    if (s->job) return give_band(s, b, 1, err, errlen);
     s->band_open = 0;
     s->rows_done += (size_t)(b->h_end - b->h_begin);
   }
@@ -407,9 +426,12 @@ int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *acc
   switch (m->msg_case) {
     case CONVD__V1__CONV_REQUEST__MSG_WEIGHT: return feed_weights(s, 0, m->weight, err, errlen);
     case CONVD__V1__CONV_REQUEST__MSG_BIAS: return feed_weights(s, 1, m->bias, err, errlen);
-    case CONVD__V1__CONV_REQUEST__MSG_INPUT:
-      s->bytes_received += m->input->data.len;
-      return feed_band(s, m->input, err, errlen);
+    case CONVD__V1__CONV_REQUEST__MSG_INPUT: {
+      const Convd__V1__RowBand *in = m->input;
+      const convd_stream_band b = {in->n, in->h_begin, in->h_end, in->offset,
+                                   {in->data.data, in->data.len, NULL, NULL}};
+      return convd_stream_feed_band(s, &b, err, errlen);
+    }
     default:
       return convd_errf(err, errlen, CONVD_EINVAL,
                         "a message with no content arrived: each ConvRequest sets one of spec, "

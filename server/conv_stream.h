@@ -47,6 +47,26 @@ void convd_stream_destroy(convd_stream *s);
 int convd_stream_feed(convd_stream *s, const Convd__V1__ConvRequest *m, int *accepted,
                        char *err, size_t errlen);
 
+/* The bytes of one band piece: contiguous at data, or (data NULL) behind copy(ctx, off, dst, n),
+ * e.g. where they lie in a received message's slices. */
+typedef struct convd_stream_bytes {
+  const void *data;
+  size_t len;
+  void (*copy)(const void *ctx, size_t off, void *dst, size_t n);
+  const void *ctx;
+} convd_stream_bytes;
+
+/* An input band piece (a RowBand's fields). */
+typedef struct convd_stream_band {
+  int64_t n, h_begin, h_end;
+  uint64_t offset;
+  convd_stream_bytes bytes;
+} convd_stream_band;
+
+/* Applies an input band piece, as convd_stream_feed does for a RowBand message, copying its
+ * bytes once, straight to where the band is assembled or handed to the job. */
+int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *err, size_t errlen);
+
 /* The client half-closed: checks that every byte the spec announced has arrived. */
 int convd_stream_finish(convd_stream *s, char *err, size_t errlen);
 

@@ -376,12 +376,34 @@ static void conv2d_start(convd_call *c) {
   if (convd_call_send_initial_metadata(c) == 0) convd_call_recv(c);
 }
 
+static void wire_copy(const void *ctx, size_t off, void *dst, size_t n) {
+  convd_wire_band_copy(ctx, off, dst, n);
+}
+
+/* After a message was applied (rc): fail, send `accepted`, or read the next one unless
+ * backpressure says wait. */
+static void after_message(convd_call *c, conv_call *k, int rc, const char *err) {
+  if (rc) convd_call_fail(c, rc, err);
+  else if (k->accepted_pending) pump(c);
+  if (rc || c->status_set) return;
+  if (must_pause(k)) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */
+  else convd_call_recv(c);
+}
+
 static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
   conv_call *k = c->state;
   char err[1024];
   int rc;
   if (bb == NULL) { /* half-close: all input is here (the job runs on), or it is wrong */
     if ((rc = convd_stream_finish(k->stream, err, sizeof err))) convd_call_fail(c, rc, err);
+    return;
+  }
+  convd_wire_band wb;
+  if (convd_wire_parse_band(bb, &wb)) { /* the common message, read where it lies */
+    const convd_stream_band band = {wb.n, wb.h_begin, wb.h_end, wb.offset,
+                                    {NULL, wb.data_len, wire_copy, &wb}};
+    rc = convd_stream_feed_band(k->stream, &band, err, sizeof err);
+    after_message(c, k, rc, err);
     return;
   }
   Convd__V1__ConvRequest *m =
@@ -396,11 +418,7 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
   }
   rc = feed(c, k, m, err, sizeof err);
   protobuf_c_message_free_unpacked(&m->base, NULL);
-  if (rc) convd_call_fail(c, rc, err);
-  else if (k->accepted_pending) pump(c);
-  if (rc || c->status_set) return;
-  if (must_pause(k)) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */
-  else convd_call_recv(c);
+  after_message(c, k, rc, err);
 }
 
 /* ---- Conv2dUnary ----------------------------------------------------------------------- */

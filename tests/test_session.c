@@ -1,5 +1,7 @@
 /* The Conv2d stream's rules, fed message by message without a network: the happy path with
- * bands cut into uneven pieces, and every malformed stream with its message. */
+ * bands cut into uneven pieces, and every malformed stream with its message; and the in-place
+ * reading of band messages from a received byte buffer's slices (proto/wire.c), which must
+ * agree with protobuf-c on every message it accepts and leave every other one to it. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +11,7 @@
 #include "ref.h"
 #include "conv_stream.h"
 #include "testutil.h"
+#include "wire.h"
 
 /* Shapes for the tests: input 2x3x5x4, weight 4x3x3x3, padding 1, bias. */
 typedef struct fixture {
@@ -333,10 +336,89 @@ static void test_stream_errors(void) {
   }
 }
 
+/* bytes cut into a byte buffer of random slices. */
+static grpc_byte_buffer *sliced(rng *r, const uint8_t *p, size_t n) {
+  grpc_slice sl[64];
+  size_t k = 0, at = 0;
+  while (at < n || k == 0) {
+    size_t len = k == 63 ? n - at : (size_t)rng_range(r, 0, (int64_t)(n - at));
+    sl[k++] = grpc_slice_from_copied_buffer((const char *)p + at, len);
+    at += len;
+  }
+  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(sl, k);
+  for (size_t i = 0; i < k; i++) grpc_slice_unref(sl[i]);
+  return bb;
+}
+
+/* If the in-place reader accepts bb, protobuf-c must read the same band from it. */
+static int agrees(grpc_byte_buffer *bb, const uint8_t *p, size_t n, int *accepted) {
+  convd_wire_band wb;
+  *accepted = convd_wire_parse_band(bb, &wb);
+  if (!*accepted) return 1;
+  Convd__V1__ConvRequest *m = convd__v1__conv_request__unpack(NULL, n, p);
+  int ok = m && m->msg_case == CONVD__V1__CONV_REQUEST__MSG_INPUT && m->input->n == wb.n &&
+           m->input->h_begin == wb.h_begin && m->input->h_end == wb.h_end &&
+           m->input->offset == wb.offset && m->input->data.len == wb.data_len;
+  if (ok && wb.data_len) {
+    uint8_t *d = malloc(wb.data_len);
+    size_t off = wb.data_len / 3; /* from an offset too, as pieces are copied */
+    convd_wire_band_copy(&wb, 0, d, off);
+    convd_wire_band_copy(&wb, off, d + off, wb.data_len - off);
+    ok = memcmp(d, m->input->data.data, wb.data_len) == 0;
+    free(d);
+  }
+  if (m) convd__v1__conv_request__free_unpacked(m, NULL);
+  return ok;
+}
+
+static void test_band_read_in_place(void) {
+  rng r = {42};
+  int fast = 0, fallback = 0;
+  for (int t = 0; t < 3000; t++) {
+    Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+    Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+    uint8_t data[700];
+    for (size_t i = 0; i < sizeof data; i++) data[i] = (uint8_t)rng_next(&r);
+    band.n = rng_range(&r, -3, 5), band.h_begin = rng_range(&r, 0, 1 << 20);
+    band.h_end = rng_range(&r, -1, 1 << 30), band.offset = (uint64_t)rng_range(&r, 0, 1 << 20);
+    band.data.data = data, band.data.len = (size_t)rng_range(&r, 0, sizeof data);
+    m.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT, m.input = &band;
+    uint8_t buf[1024];
+    size_t n = convd__v1__conv_request__pack(&m, buf);
+    /* damage some: a flipped byte, a cut, bytes appended, a field repeated */
+    const int how = (int)rng_range(&r, 0, 4);
+    if (how == 1 && n) buf[rng_range(&r, 0, (int64_t)n - 1)] ^= (uint8_t)rng_range(&r, 1, 255);
+    if (how == 2 && n) n = (size_t)rng_range(&r, 0, (int64_t)n - 1);
+    if (how == 3) buf[n++] = 0x08, buf[n++] = 0x01; /* ConvRequest field 1 (spec) as a varint */
+    grpc_byte_buffer *bb = sliced(&r, buf, n);
+    int accepted;
+    const int ok = agrees(bb, buf, n, &accepted);
+    grpc_byte_buffer_destroy(bb);
+    if (!ok) FAIL_AT("case %d (damage %d): read in place differs from protobuf-c", t, how);
+    if (!ok) return;
+    if (how == 0) ASSERT_TRUE(accepted); /* an undamaged band is always read in place */
+    if (how == 3) ASSERT_TRUE(!accepted);
+    fast += accepted, fallback += !accepted;
+  }
+  /* not a band at all: left to protobuf-c */
+  Convd__V1__ConvSpec spec = CONVD__V1__CONV_SPEC__INIT;
+  Convd__V1__ConvRequest m = CONVD__V1__CONV_REQUEST__INIT;
+  m.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC, m.spec = &spec;
+  uint8_t buf[64];
+  size_t n = convd__v1__conv_request__pack(&m, buf);
+  grpc_byte_buffer *bb = sliced(&r, buf, n);
+  convd_wire_band wb;
+  ASSERT_TRUE(!convd_wire_parse_band(bb, &wb));
+  grpc_byte_buffer_destroy(bb);
+  printf("  %d messages read in place, %d left to protobuf-c, all agreeing\n", fast, fallback);
+  ASSERT_TRUE(fast > 1000 && fallback > 500);
+}
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"happy_path_uneven_pieces", test_happy_path_uneven_pieces},
       {"stream_errors", test_stream_errors},
+      {"band_read_in_place", test_band_read_in_place},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }
