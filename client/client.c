@@ -298,8 +298,47 @@ static void local_fail(stream *s, int rc, const char *msg) {
   snprintf(s->local_err, sizeof s->local_err, "%s", msg);
 }
 
-static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
+typedef struct scatter_ctx {
+  stream *s;
+  int64_t n, h0, h1;
+  uint64_t offset;
+} scatter_ctx;
+
+static void scatter_run(void *ctx, size_t off, const void *p, size_t len) {
+  const scatter_ctx *x = ctx;
+  convd_band_scatter(x->s->y, &x->s->out_shape, x->n, x->h0, x->h1, x->offset + off, p, len);
+}
+
+/* An output band piece: checked against the output's shape, then written into y from where it
+ * lies (data, or the received message's slices in wb). */
+static void on_output(stream *s, int64_t n, int64_t h0, int64_t h1, uint64_t offset, size_t len,
+                      const void *data, const convd_wire_band *wb) {
   char msg[256];
+  const convd_band_shape *sh = &s->out_shape;
+  if (!s->accepted) {
+    local_fail(s, CONVD_EREMOTE, "the server sent output before accepting the call");
+    return;
+  }
+  if (n < 0 || n >= sh->n || h0 < 0 || h1 <= h0 || h1 > sh->h ||
+      offset > convd_band_bytes(sh, h0, h1) || len > convd_band_bytes(sh, h0, h1) - offset) {
+    snprintf(msg, sizeof msg,
+             "the server sent an output band outside the output (n=%" PRId64 " rows [%" PRId64
+             ", %" PRId64 ") offset %" PRIu64 ", %zu bytes)",
+             n, h0, h1, offset, len);
+    local_fail(s, CONVD_EREMOTE, msg);
+    return;
+  }
+  if (data || wb == NULL) {
+    convd_band_scatter(s->y, sh, n, h0, h1, offset, data, len);
+  } else {
+    scatter_ctx x = {s, n, h0, h1, offset};
+    convd_wire_band_each(wb, scatter_run, &x);
+  }
+  if (s->out_bytes_seen == 0 && s->st) s->st->first_output_seconds = convd_now_seconds() - s->t0;
+  s->out_bytes_seen += len;
+}
+
+static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
   const convd_conv *cv = s->conv;
   switch (r->msg_case) {
     case CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED: {
@@ -315,22 +354,7 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
     }
     case CONVD__V1__CONV_RESPONSE__MSG_OUTPUT: {
       const Convd__V1__RowBand *b = r->output;
-      const convd_band_shape *sh = &s->out_shape;
-      if (b->n < 0 || b->n >= sh->n || b->h_begin < 0 || b->h_end <= b->h_begin ||
-          b->h_end > sh->h || b->offset > convd_band_bytes(sh, b->h_begin, b->h_end) ||
-          b->data.len > convd_band_bytes(sh, b->h_begin, b->h_end) - b->offset) {
-        snprintf(msg, sizeof msg,
-                 "the server sent an output band outside the output (n=%" PRId64 " rows [%" PRId64
-                 ", %" PRId64 ") offset %" PRIu64 ", %zu bytes)",
-                 b->n, b->h_begin, b->h_end, b->offset, b->data.len);
-        local_fail(s, CONVD_EREMOTE, msg);
-        return;
-      }
-      convd_band_scatter(s->y, sh, b->n, b->h_begin, b->h_end, b->offset, b->data.data,
-                         b->data.len);
-      if (s->out_bytes_seen == 0 && s->st)
-        s->st->first_output_seconds = convd_now_seconds() - s->t0;
-      s->out_bytes_seen += b->data.len;
+      on_output(s, b->n, b->h_begin, b->h_end, b->offset, b->data.len, b->data.data, NULL);
       return;
     }
     case CONVD__V1__CONV_RESPONSE__MSG_SUMMARY:
@@ -521,16 +545,22 @@ static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, c
         recving = 0;
         if (!ev.success || recv_buf == NULL) break; /* end of the response stream */
         {
-          Convd__V1__ConvResponse *r = (Convd__V1__ConvResponse *)convd_wire_unpack(
-              recv_buf, &convd__v1__conv_response__descriptor);
+          convd_wire_band wb;
+          /* output bands, the bulk of the stream, are read where they lie */
+          if (convd_wire_parse_band(recv_buf, CONVD_WIRE_RESPONSE_OUTPUT, &wb)) {
+            on_output(&s, wb.n, wb.h_begin, wb.h_end, wb.offset, wb.data_len, NULL, &wb);
+          } else {
+            Convd__V1__ConvResponse *r = (Convd__V1__ConvResponse *)convd_wire_unpack(
+                recv_buf, &convd__v1__conv_response__descriptor);
+            if (r == NULL) {
+              local_fail(&s, CONVD_EREMOTE, "the server sent a message that is not a ConvResponse");
+            } else {
+              on_response(&s, r);
+              protobuf_c_message_free_unpacked(&r->base, NULL);
+            }
+          }
           grpc_byte_buffer_destroy(recv_buf);
           recv_buf = NULL;
-          if (r == NULL) {
-            local_fail(&s, CONVD_EREMOTE, "the server sent a message that is not a ConvResponse");
-          } else {
-            on_response(&s, r);
-            protobuf_c_message_free_unpacked(&r->base, NULL);
-          }
           if (s.local_rc) {
             grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, s.local_err, NULL);
             break;

@@ -121,13 +121,14 @@ static uint64_t remaining(const cursor *c) {
   return r;
 }
 
-int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b) {
+int convd_wire_parse_band(const grpc_byte_buffer *bb, unsigned field, convd_wire_band *b) {
   if (bb == NULL || bb->type != GRPC_BB_RAW || bb->data.raw.compression != GRPC_COMPRESS_NONE)
     return 0;
   cursor c = {bb->data.raw.slice_buffer.slices, bb->data.raw.slice_buffer.count, 0, 0};
   uint64_t key = 0, len = 0;
-  /* ConvRequest: exactly one field, input (4, length-delimited), filling the message. */
-  if (read_varint(&c, &key) || key != ((4u << 3) | 2) || read_varint(&c, &len) || len != remaining(&c))
+  /* exactly one field, the band (length-delimited), filling the message */
+  if (read_varint(&c, &key) || key != (((uint64_t)field << 3) | 2) || read_varint(&c, &len) ||
+      len != remaining(&c))
     return 0;
   memset(b, 0, sizeof *b);
   unsigned seen = 0;
@@ -135,11 +136,11 @@ int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b) {
   while (used < end) {
     const uint64_t before = remaining(&c);
     if (read_varint(&c, &key)) return 0;
-    const unsigned field = (unsigned)(key >> 3), wt = (unsigned)(key & 7);
-    if (field < 1 || field > 5 || (seen & (1u << field))) return 0; /* unknown or repeated */
-    seen |= 1u << field;
+    const unsigned f = (unsigned)(key >> 3), wt = (unsigned)(key & 7);
+    if (f < 1 || f > 5 || (seen & (1u << f))) return 0; /* unknown or repeated */
+    seen |= 1u << f;
     uint64_t v;
-    if (field == 5) {
+    if (f == 5) {
       if (wt != 2 || read_varint(&c, &v) || v > remaining(&c) || v > SIZE_MAX) return 0;
       skip_empty(&c);
       b->data_len = (size_t)v;
@@ -147,9 +148,9 @@ int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b) {
       if (skip_bytes(&c, v)) return 0;
     } else {
       if (wt != 0 || read_varint(&c, &v)) return 0;
-      if (field == 1) b->n = (int64_t)v;
-      else if (field == 2) b->h_begin = (int64_t)v;
-      else if (field == 3) b->h_end = (int64_t)v;
+      if (f == 1) b->n = (int64_t)v;
+      else if (f == 2) b->h_begin = (int64_t)v;
+      else if (f == 3) b->h_end = (int64_t)v;
       else b->offset = v;
     }
     used += before - remaining(&c);
@@ -160,7 +161,29 @@ int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b) {
   return 1;
 }
 
+void convd_wire_band_each(const convd_wire_band *b,
+                          void (*fn)(void *ctx, size_t off, const void *p, size_t n), void *ctx) {
+  cursor c = {b->slices, b->nslices, b->at_slice, b->at_off};
+  size_t done = 0;
+  while (done < b->data_len) {
+    skip_empty(&c);
+    if (c.i >= c.n) return; /* cannot happen: parse checked the length */
+    const size_t left = GRPC_SLICE_LENGTH(c.sl[c.i]) - c.off;
+    const size_t step = b->data_len - done < left ? b->data_len - done : left;
+    fn(ctx, done, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
+    done += step, c.off += step;
+  }
+}
+
+static void copy_run(void *ctx, size_t off, const void *p, size_t n) {
+  memcpy((char *)ctx + off, p, n);
+}
+
 void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_t n) {
+  if (off == 0 && n == b->data_len) {
+    convd_wire_band_each(b, copy_run, dst);
+    return;
+  }
   cursor c = {b->slices, b->nslices, b->at_slice, b->at_off};
   skip_bytes(&c, off);
   char *out = dst;

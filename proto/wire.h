@@ -30,9 +30,12 @@ ProtobufCMessage *convd_wire_unpack(grpc_byte_buffer *bb, const ProtobufCMessage
 grpc_status_code convd_wire_status_from_err(int code);
 int convd_wire_err_from_status(grpc_status_code status);
 
-/* A ConvRequest that carries one input RowBand, read where its bytes lie in the received
- * message's slices: no readall, no protobuf-c copy of the data. Field numbers are convd.proto's
- * (ConvRequest.input = 4; RowBand n = 1, h_begin = 2, h_end = 3, offset = 4, data = 5). */
+/* A message that carries one RowBand (a ConvRequest's input, a ConvResponse's output), read
+ * where its bytes lie in the received message's slices: no readall, no protobuf-c copy of the
+ * data. Field numbers are convd.proto's (RowBand n = 1, h_begin = 2, h_end = 3, offset = 4,
+ * data = 5). */
+#define CONVD_WIRE_REQUEST_INPUT 4   /* ConvRequest.input */
+#define CONVD_WIRE_RESPONSE_OUTPUT 2 /* ConvResponse.output */
 typedef struct convd_wire_band {
   int64_t n, h_begin, h_end;
   uint64_t offset;
@@ -42,14 +45,19 @@ typedef struct convd_wire_band {
   size_t nslices, at_slice, at_off;
 } convd_wire_band;
 
-/* 1 when bb is an uncompressed ConvRequest whose only field is `input`, each RowBand field
- * appearing at most once with its proto type, and the lengths consistent: then *b describes it.
- * 0 for anything else (valid or not), which the caller decodes with protobuf-c as before, so
- * every message keeps its one meaning and its one error. */
-int convd_wire_parse_band(const grpc_byte_buffer *bb, convd_wire_band *b);
+/* 1 when bb is an uncompressed message whose only field is `field` (one of the above), a
+ * RowBand with each of its fields at most once with its proto type, and the lengths consistent:
+ * then *b describes it. 0 for anything else (valid or not), which the caller decodes with
+ * protobuf-c as before, so every message keeps its one meaning and its one error. */
+int convd_wire_parse_band(const grpc_byte_buffer *bb, unsigned field, convd_wire_band *b);
 
 /* Copies n bytes of the band's data, from byte off of it, into dst (off + n <= data_len). */
 void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_t n);
+
+/* Calls fn for each contiguous run of the band's data, in order: its byte offset in the data,
+ * where it lies and its length. */
+void convd_wire_band_each(const convd_wire_band *b,
+                          void (*fn)(void *ctx, size_t off, const void *p, size_t n), void *ctx);
 
 /* "INVALID_ARGUMENT" etc.; "UNKNOWN" for codes outside the table. */
 const char *convd_wire_status_name(grpc_status_code code);

@@ -399,7 +399,7 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
     return;
   }
   convd_wire_band wb;
-  if (convd_wire_parse_band(bb, &wb)) { /* the common message, read where it lies */
+  if (convd_wire_parse_band(bb, CONVD_WIRE_REQUEST_INPUT, &wb)) { /* the common message, read where it lies */
     const convd_stream_band band = {wb.n, wb.h_begin, wb.h_end, wb.offset,
                                     {NULL, wb.data_len, wire_copy, &wb}};
     rc = convd_stream_feed_band(k->stream, &band, err, sizeof err);
