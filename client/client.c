@@ -229,11 +229,14 @@ typedef struct stream {
   char *buf; /* one chunk, reused */
   convd_band_shape out_shape;
   size_t out_bytes_seen;
+  const convd_client_io *io; /* NULL: x and y are in memory */
   int accepted;
   int local_rc;
   char local_err[256];
   double t0;
 } stream;
+
+static void local_fail(stream *s, int rc, const char *msg);
 
 static grpc_byte_buffer *next_request(stream *s) {
   Convd__V1__ConvRequest req = CONVD__V1__CONV_REQUEST__INIT;
@@ -275,8 +278,20 @@ static grpc_byte_buffer *next_request(stream *s) {
           s->phase = 4;
           return NULL;
         }
-        convd_band_gather(s->x, &s->in_it.s, s->in_it.n, s->in_it.h0, s->in_it.h1, s->in_it.off,
-                          s->buf, s->in_it.len);
+        if (s->io == NULL) {
+          convd_band_gather(s->x, &s->in_it.s, s->in_it.n, s->in_it.h0, s->in_it.h1,
+                            s->in_it.off, s->buf, s->in_it.len);
+        } else {
+          int rc = s->io->read_input(s->io->ctx, s->in_it.n, s->in_it.h0, s->in_it.h1,
+                                     s->in_it.off, s->buf, s->in_it.len);
+          if (rc) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "reading input rows [%" PRId64 ", %" PRId64 ") of batch item %" PRId64
+                     " failed (%s)", s->in_it.h0, s->in_it.h1, s->in_it.n, convd_strerror(rc));
+            local_fail(s, rc, msg);
+            return NULL;
+          }
+        }
         band.n = s->in_it.n;
         band.h_begin = s->in_it.h0;
         band.h_end = s->in_it.h1;
@@ -304,9 +319,21 @@ typedef struct scatter_ctx {
   uint64_t offset;
 } scatter_ctx;
 
+/* One contiguous run of an output piece, at byte off of the piece: into y, or to the caller. */
 static void scatter_run(void *ctx, size_t off, const void *p, size_t len) {
   const scatter_ctx *x = ctx;
-  convd_band_scatter(x->s->y, &x->s->out_shape, x->n, x->h0, x->h1, x->offset + off, p, len);
+  stream *s = x->s;
+  if (s->io == NULL) {
+    convd_band_scatter(s->y, &s->out_shape, x->n, x->h0, x->h1, x->offset + off, p, len);
+    return;
+  }
+  int rc = s->local_rc ? 0 : s->io->write_output(s->io->ctx, x->n, x->h0, x->h1, x->offset + off, p, len);
+  if (rc) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "writing output rows [%" PRId64 ", %" PRId64 ") of batch item %" PRId64
+             " failed (%s)", x->h0, x->h1, x->n, convd_strerror(rc));
+    local_fail(s, rc, msg);
+  }
 }
 
 /* An output band piece: checked against the output's shape, then written into y from where it
@@ -328,12 +355,9 @@ static void on_output(stream *s, int64_t n, int64_t h0, int64_t h1, uint64_t off
     local_fail(s, CONVD_EREMOTE, msg);
     return;
   }
-  if (data || wb == NULL) {
-    convd_band_scatter(s->y, sh, n, h0, h1, offset, data, len);
-  } else {
-    scatter_ctx x = {s, n, h0, h1, offset};
-    convd_wire_band_each(wb, scatter_run, &x);
-  }
+  scatter_ctx x = {s, n, h0, h1, offset};
+  if (data || wb == NULL) scatter_run(&x, 0, data, len);
+  else convd_wire_band_each(wb, scatter_run, &x);
   if (s->out_bytes_seen == 0 && s->st) s->st->first_output_seconds = convd_now_seconds() - s->t0;
   s->out_bytes_seen += len;
 }
@@ -456,8 +480,38 @@ int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p
   return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_unary);
 }
 
+static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
+                            const void *b, void *y, const convd_client_io *io,
+                            convd_client_stats *st, char *err, size_t errlen);
+
 static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, const void *w,
                          const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
+  return conv2d_stream_io(c, cv, x, w, b, y, NULL, st, err, errlen);
+}
+
+int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *cp,
+                           const convd_client_io *io, const float *w, const float *b,
+                           convd_client_stats *st, char *err, size_t errlen) {
+  convd_conv_params ep;
+  convd_client_params_to_conv(cp, &ep);
+  convd_conv conv;
+  int rc = convd_conv_init(&conv, &ep, err, errlen);
+  if (rc) return rc;
+  if (ep.dtype != CONVD_F32)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "band-by-band input and output are float32 only; for %s use "
+                      "convd_client_conv2d, which narrows whole tensors",
+                      convd_dtype_name(ep.dtype));
+  if (io == NULL || io->read_input == NULL || io->write_output == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "io needs read_input and write_output");
+  if (ep.has_bias && b == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  return conv2d_stream_io(c, &conv, NULL, w, b, NULL, io, st, err, errlen);
+}
+
+static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
+                            const void *b, void *y, const convd_client_io *io,
+                            convd_client_stats *st, char *err, size_t errlen) {
   const convd_conv_params *p = &cv->p;
   const convd_conv conv = *cv;
   int rc;
@@ -466,7 +520,7 @@ static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, c
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
     st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
   }
-  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .st = st,
+  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .io = io, .st = st,
               .t0 = convd_now_seconds()};
   s.buf = malloc(c->o.chunk_bytes);
   if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");

@@ -98,7 +98,26 @@ int convd_client_conv2d(convd_client *c, const convd_client_conv_params *p, cons
                         const float *w, const float *b, float *y, convd_client_stats *stats,
                         char *err, size_t errlen);
 
-/* The same through Conv2dUnary: request and response must each fit one message. */
+/* Input and output that the caller reads and writes band by band (files, memory it maps), so
+ * that neither tensor has to be whole in memory. Byte ranges are of one band: batch item n,
+ * rows [h0, h1), all channels, float32 in (C, rows, W) order; read_input fills dst with len
+ * bytes from byte off of an input band, write_output takes len bytes at byte off of an output
+ * band (an output band's pieces may come in any order relative to other bands, each piece once).
+ * Both run on the calling thread; a negative CONVD_CLIENT_* return ends the call with it. */
+typedef struct convd_client_io {
+  int (*read_input)(void *ctx, int64_t n, int64_t h0, int64_t h1, size_t off, void *dst,
+                    size_t len);
+  int (*write_output)(void *ctx, int64_t n, int64_t h0, int64_t h1, size_t off, const void *src,
+                      size_t len);
+  void *ctx;
+} convd_client_io;
+
+/* convd_client_conv2d with the input and output behind io (float32 calls only). */
+int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *p,
+                           const convd_client_io *io, const float *w, const float *b,
+                           convd_client_stats *st, char *err, size_t errlen);
+
+/* convd_client_conv2d through Conv2dUnary: request and response must each fit one message. */
 int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p, const float *x,
                               const float *w, const float *b, float *y, convd_client_stats *stats,
                               char *err, size_t errlen);

@@ -7,10 +7,12 @@
  *   convctl --version
  * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage. */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "client.h"
 #include "client_params.h"
@@ -135,9 +137,10 @@ static int client_from_args(const args *a, convd_client **c) {
   return 0;
 }
 
-static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) {
+/* Reads a float32 .npy of ndim dimensions (header_only: its header, for reading in place). */
+static int load_npy_f32(const char *what, const char *path, int ndim, int header_only, convd_npy *a) {
   char err[512];
-  if (convd_npy_read(path, a, err, sizeof err)) {
+  if ((header_only ? convd_npy_read_header : convd_npy_read)(path, a, err, sizeof err)) {
     fprintf(stderr, "convctl: %s\n", err);
     return -1;
   }
@@ -151,6 +154,44 @@ static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) 
     return -1;
   }
   return 0;
+}
+
+static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) {
+  return load_npy_f32(what, path, ndim, 0, a);
+}
+
+/* The conv command's tensors in files, read and written band by band (convd_client_io), so
+ * convctl holds one chunk of each, never the tensors. */
+typedef struct file_io {
+  int fd[2];        /* input, output */
+  long base[2];     /* where their data starts */
+  int64_t c[2], h[2], w[2];
+} file_io;
+
+/* Bytes [off, off + len) of band (n, rows [h0, h1)) of tensor t, whose band order is (C, rows,
+ * W): within one channel the band's rows are one contiguous range of the NCHW file. */
+static int band_file(file_io *f, int t, int64_t n, int64_t h0, int64_t h1, size_t off, char *buf,
+                     size_t len) {
+  const size_t run = (size_t)(h1 - h0) * (size_t)f->w[t] * sizeof(float);
+  while (len) {
+    const size_t c = off / run, in = off % run, take = run - in < len ? run - in : len;
+    const off_t at = (off_t)f->base[t] +
+                     (off_t)((((size_t)n * (size_t)f->c[t] + c) * (size_t)f->h[t] + (size_t)h0) *
+                             (size_t)f->w[t] * sizeof(float) + in);
+    const ssize_t k = t == 0 ? pread(f->fd[0], buf, take, at) : pwrite(f->fd[1], buf, take, at);
+    if (k <= 0) return CONVD_CLIENT_EIO;
+    buf += k, off += (size_t)k, len -= (size_t)k;
+  }
+  return 0;
+}
+
+static int file_read(void *ctx, int64_t n, int64_t h0, int64_t h1, size_t off, void *dst, size_t len) {
+  return band_file(ctx, 0, n, h0, h1, off, dst, len);
+}
+
+static int file_write(void *ctx, int64_t n, int64_t h0, int64_t h1, size_t off, const void *src,
+                      size_t len) {
+  return band_file(ctx, 1, n, h0, h1, off, (char *)src, len);
 }
 
 /* --stride, --padding, --dilation, --groups into p (shapes left zero). */
@@ -249,7 +290,13 @@ static int cmd_conv(const args *a, int transposed) {
   int rc = 2;
   float *y = NULL;
   convd_client *c = NULL;
-  if (load_f32("input", a->input, 4, &x) || load_f32("weight", a->weight, 4, &w) ||
+  file_io fio = {.fd = {-1, -1}};
+  char partial[4096]; /* the output is written here and renamed into place once complete */
+  snprintf(partial, sizeof partial, "%s.partial-%ld", a->output, (long)getpid());
+  /* Float32 streaming calls read the input from its file and write the output to its file as
+   * the bands go; unary and half-type calls hold the tensors. */
+  const int in_place = !a->unary && p.dtype == CONVD_CLIENT_FLOAT32;
+  if (load_npy_f32("input", a->input, 4, in_place, &x) || load_f32("weight", a->weight, 4, &w) ||
       (a->bias && load_f32("bias", a->bias, 1, &b)))
     goto out;
   p.n = x.shape[0], p.c_in = x.shape[1], p.h = x.shape[2], p.w = x.shape[3];
@@ -277,22 +324,44 @@ static int cmd_conv(const args *a, int transposed) {
   /* the check above has made sure the output's byte count fits a size_t */
   const size_t out_bytes =
       (size_t)(out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]) * sizeof(float);
-  y = malloc(out_bytes);
-  if (y == NULL) {
+  if (in_place) {
+    /* Both files are ready, and the output has its room, before anything is sent. */
+    if ((fio.fd[0] = open(a->input, O_RDONLY)) < 0) {
+      fprintf(stderr, "convctl: %s: %s\n", a->input, strerror(errno));
+      rc = 1;
+      goto out;
+    }
+    if ((fio.fd[1] = convd_npy_create_f32(partial, out_shape, 4, &fio.base[1], err, sizeof err)) < 0) {
+      fprintf(stderr, "convctl: %s\n", err);
+      rc = 1;
+      goto out;
+    }
+    fio.base[0] = x.data_offset;
+    fio.c[0] = p.c_in, fio.h[0] = p.h, fio.w[0] = p.w;
+    fio.c[1] = out_shape[1], fio.h[1] = out_shape[2], fio.w[1] = out_shape[3];
+  } else if ((y = malloc(out_bytes)) == NULL) {
     fprintf(stderr, "convctl: cannot allocate %zu bytes for the output\n", out_bytes);
     rc = 1;
     goto out;
   }
   if ((rc = client_from_args(a, &c))) goto out;
   convd_client_stats st;
-  int crc = a->unary ? convd_client_conv2d_unary(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err)
-                     : convd_client_conv2d(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err);
+  const convd_client_io io = {file_read, file_write, &fio};
+  int crc = in_place ? convd_client_conv2d_io(c, &p, &io, w.data, b.data, &st, err, sizeof err)
+            : a->unary ? convd_client_conv2d_unary(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err)
+                       : convd_client_conv2d(c, &p, x.data, w.data, b.data, y, &st, err, sizeof err);
+  if (crc == 0 && in_place && (close(fio.fd[1]) != 0 || rename(partial, a->output) != 0)) {
+    crc = CONVD_CLIENT_EIO;
+    snprintf(err, sizeof err, "%s: %s", a->output, strerror(errno));
+  }
+  if (in_place) fio.fd[1] = -1;
   if (crc) {
+    if (in_place) unlink(partial); /* no half-written output left behind */
     fprintf(stderr, "convctl: %s\n", err);
     rc = 1;
     goto out;
   }
-  if (convd_npy_write_f32(a->output, st.output_shape, 4, y, err, sizeof err)) {
+  if (!in_place && convd_npy_write_f32(a->output, st.output_shape, 4, y, err, sizeof err)) {
     fprintf(stderr, "convctl: %s\n", err);
     rc = 1;
     goto out;
@@ -303,6 +372,11 @@ static int cmd_conv(const args *a, int transposed) {
          st.elapsed_seconds, st.compute_seconds, st.ops_run, st.ops_run == 1 ? "" : "s");
   rc = 0;
 out:
+  if (fio.fd[0] >= 0) close(fio.fd[0]);
+  if (fio.fd[1] >= 0) {
+    close(fio.fd[1]);
+    unlink(partial);
+  }
   convd_client_destroy(c);
   free(y);
   convd_npy_free(&x);

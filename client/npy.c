@@ -1,9 +1,12 @@
+/* See npy.h. Threads: any; no shared state. */
 #include "npy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "conv.h"
 #include "err.h"
@@ -28,7 +31,7 @@ static const char *dict_value(const char *h, const char *key) {
   return p;
 }
 
-int convd_npy_read(const char *path, convd_npy *out, char *err, size_t errlen) {
+static int npy_read(const char *path, convd_npy *out, int with_data, char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
   FILE *f = fopen(path, "rb");
   if (f == NULL) return convd_errf(err, errlen, CONVD_EIO, "%s: %s", path, strerror(errno));
@@ -108,6 +111,11 @@ int convd_npy_read(const char *path, convd_npy *out, char *err, size_t errlen) {
     goto out;
   }
   out->count = count;
+  out->data_offset = ftell(f);
+  if (!with_data) {
+    if (fseek(f, 0, SEEK_END) != 0 || ftell(f) - out->data_offset < (long)bytes) goto short_read;
+    goto out;
+  }
   out->data = malloc(bytes ? bytes : 1);
   if (out->data == NULL) {
     rc = convd_errf(err, errlen, CONVD_ENOMEM, "%s: cannot allocate %zu bytes", path, bytes);
@@ -124,6 +132,14 @@ out:
   return rc;
 }
 
+int convd_npy_read(const char *path, convd_npy *out, char *err, size_t errlen) {
+  return npy_read(path, out, 1, err, errlen);
+}
+
+int convd_npy_read_header(const char *path, convd_npy *out, char *err, size_t errlen) {
+  return npy_read(path, out, 0, err, errlen);
+}
+
 double *convd_npy_to_f64(const convd_npy *a) {
   double *d = malloc((a->count ? a->count : 1) * sizeof *d);
   if (d == NULL) return NULL;
@@ -134,34 +150,64 @@ double *convd_npy_to_f64(const convd_npy *a) {
   return d;
 }
 
-int convd_npy_write_f32(const char *path, const int64_t *shape, int ndim, const float *data,
-                        char *err, size_t errlen) {
+/* The header of a float32 array: magic, version 1.0, the dict padded so that the data starts at
+ * a multiple of 64. Returns its length, or 0 when shp does not fit. */
+static size_t header_f32(const int64_t *shape, int ndim, unsigned char *out, size_t cap,
+                         size_t *count) {
   char dict[256], shp[160] = "";
-  size_t count = 1, n = 0;
+  size_t n = 0;
+  *count = 1;
   for (int i = 0; i < ndim; i++) {
     n += (size_t)snprintf(shp + n, sizeof shp - n, "%lld,%s", (long long)shape[i],
                           i + 1 < ndim ? " " : "");
-    count *= (size_t)shape[i];
+    *count *= (size_t)shape[i];
   }
   if (ndim > 1) shp[strlen(shp) - 1] = '\0'; /* (a, b) but (a,) for one dimension */
   int dl = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }",
                     shp);
-  /* Pad with spaces so that magic + length + header + '\n' is a multiple of 64. */
-  size_t total = 10 + (size_t)dl + 1;
-  size_t pad = (64 - total % 64) % 64;
-  size_t hlen = (size_t)dl + pad + 1;
+  const size_t total = 10 + (size_t)dl + 1, pad = (64 - total % 64) % 64;
+  const size_t hlen = (size_t)dl + pad + 1;
+  if (10 + hlen > cap) return 0;
+  memcpy(out, MAGIC, 6);
+  out[6] = 1, out[7] = 0;
+  out[8] = (unsigned char)(hlen & 0xff), out[9] = (unsigned char)(hlen >> 8);
+  memcpy(out + 10, dict, (size_t)dl);
+  memset(out + 10 + dl, ' ', pad);
+  out[10 + hlen - 1] = '\n';
+  return 10 + hlen;
+}
+
+int convd_npy_create_f32(const char *path, const int64_t *shape, int ndim, long *data_offset,
+                         char *err, size_t errlen) {
+  unsigned char hdr[512];
+  size_t count;
+  const size_t hl = header_f32(shape, ndim, hdr, sizeof hdr, &count);
+  if (hl == 0) return convd_errf(err, errlen, CONVD_EINVAL, "%s: shape too long for a header", path);
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) return convd_errf(err, errlen, CONVD_EIO, "%s: %s", path, strerror(errno));
+  const off_t size = (off_t)hl + (off_t)(count * sizeof(float));
+  int rc = pwrite(fd, hdr, hl, 0) == (ssize_t)hl ? 0 : errno;
+  if (rc == 0) rc = posix_fallocate(fd, 0, size);
+  if (rc == EOPNOTSUPP || rc == EINVAL) rc = ftruncate(fd, size) ? errno : 0; /* no fallocate here */
+  if (rc) {
+    close(fd);
+    unlink(path);
+    return convd_errf(err, errlen, CONVD_EIO, "%s: cannot make room for %lld bytes: %s", path,
+                      (long long)size, strerror(rc));
+  }
+  *data_offset = (long)hl;
+  return fd;
+}
+
+int convd_npy_write_f32(const char *path, const int64_t *shape, int ndim, const float *data,
+                        char *err, size_t errlen) {
+  unsigned char hdr[512];
+  size_t count;
+  const size_t hl = header_f32(shape, ndim, hdr, sizeof hdr, &count);
+  if (hl == 0) return convd_errf(err, errlen, CONVD_EINVAL, "%s: shape too long for a header", path);
   FILE *f = fopen(path, "wb");
   if (f == NULL) return convd_errf(err, errlen, CONVD_EIO, "%s: %s", path, strerror(errno));
-  unsigned char pre[10];
-  memcpy(pre, MAGIC, 6);
-  pre[6] = 1;
-  pre[7] = 0;
-  pre[8] = (unsigned char)(hlen & 0xff);
-  pre[9] = (unsigned char)(hlen >> 8);
-  int ok = fwrite(pre, 1, 10, f) == 10 && fwrite(dict, 1, (size_t)dl, f) == (size_t)dl;
-  for (size_t i = 0; ok && i < pad; i++) ok = fputc(' ', f) != EOF;
-  ok = ok && fputc('\n', f) != EOF;
-  ok = ok && fwrite(data, sizeof(float), count, f) == count;
+  int ok = fwrite(hdr, 1, hl, f) == hl && fwrite(data, sizeof(float), count, f) == count;
   if (fclose(f) != 0) ok = 0;
   if (!ok) return convd_errf(err, errlen, CONVD_EIO, "%s: write failed: %s", path, strerror(errno));
   return 0;

@@ -527,6 +527,32 @@ static void test_convctl_errors_and_devices(void) {
   test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
   ASSERT_EQ_INT(rc, 1);
   ASSERT_CONTAINS(msg, "NOT_FOUND");
+  /* The file-to-file path checks both files before it sends anything, and a failed call leaves
+   * an existing output as it was: an output nobody can create, then a truncated input. */
+  const int64_t w3s[4] = {2, 4, 3, 3};
+  ASSERT_OK(convd_npy_write_f32(w, w3s, 4, zeros, err, sizeof err), err);
+  char nodir[300];
+  snprintf(nodir, sizeof nodir, "/tmp/convd-e2e-%d-no-such-dir/y.npy", (int)getpid());
+  char *argv7[] = {CONVCTL_BIN, "conv", "--server", d.target, "--input", x, "--weight", w,
+                   "--output", nodir, NULL};
+  rc = test_run(argv7, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+  ASSERT_EQ_INT(rc, 1);
+  ASSERT_CONTAINS(msg, "No such file or directory");
+  const int64_t ys[4] = {1, 2, 2, 2};
+  const float marker[8] = {7, 7, 7, 7, 7, 7, 7, 7};
+  ASSERT_OK(convd_npy_write_f32(y, ys, 4, marker, err, sizeof err), err);
+  ASSERT_TRUE(truncate(x, 128 + 60) == 0); /* the header promises 256 bytes of data */
+  char *argv8[] = {CONVCTL_BIN, "conv", "--server", d.target, "--input", x, "--weight", w,
+                   "--output", y, NULL};
+  rc = test_run(argv8, "/tmp/convd-e2e-convctl.out", "/tmp/convd-e2e-convctl.err", 60);
+  test_read_file("/tmp/convd-e2e-convctl.err", msg, sizeof msg);
+  ASSERT_TRUE(rc != 0);
+  ASSERT_CONTAINS(msg, "shorter than its .npy header says");
+  convd_npy kept;
+  ASSERT_OK(convd_npy_read(y, &kept, err, sizeof err), err);
+  ASSERT_TRUE(kept.count == 8 && memcmp(kept.data, marker, sizeof marker) == 0);
+  convd_npy_free(&kept);
   unlink(x), unlink(w), unlink(y);
   /* A second daemon on the same port fails to start and says why (no silent port sharing). */
   char *argv4[] = {CONVD_BIN, "--listen", d.target, NULL};
