@@ -226,7 +226,6 @@ typedef struct stream {
   int phase;
   size_t off; /* weights / bias progress */
   convd_band_iter in_it;
-  char *buf; /* one chunk, reused */
   convd_band_shape out_shape;
   size_t out_bytes_seen;
   const convd_client_io *io; /* NULL: x and y are in memory */
@@ -241,7 +240,6 @@ static void local_fail(stream *s, int rc, const char *msg);
 static grpc_byte_buffer *next_request(stream *s) {
   Convd__V1__ConvRequest req = CONVD__V1__CONV_REQUEST__INIT;
   Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
-  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
   spec_storage sp;
   const size_t chunk = s->cl->o.chunk_bytes;
   for (;;) {
@@ -273,34 +271,35 @@ static grpc_byte_buffer *next_request(stream *s) {
         s->off += n;
         return convd_wire_pack(&req.base);
       }
-      case 3:
+      case 3: {
         if (!convd_band_iter_next(&s->in_it)) {
           s->phase = 4;
           return NULL;
         }
+        /* The message is built around its data: the band is gathered (or read) straight in. */
+        uint8_t *data, *msg;
+        size_t total;
+        if ((msg = convd_wire_band_message(CONVD_WIRE_REQUEST_INPUT, s->in_it.n, s->in_it.h0,
+                                           s->in_it.h1, s->in_it.off, s->in_it.len, &data,
+                                           &total)) == NULL)
+          return NULL;
         if (s->io == NULL) {
           convd_band_gather(s->x, &s->in_it.s, s->in_it.n, s->in_it.h0, s->in_it.h1,
-                            s->in_it.off, s->buf, s->in_it.len);
+                            s->in_it.off, data, s->in_it.len);
         } else {
           int rc = s->io->read_input(s->io->ctx, s->in_it.n, s->in_it.h0, s->in_it.h1,
-                                     s->in_it.off, s->buf, s->in_it.len);
+                                     s->in_it.off, data, s->in_it.len);
           if (rc) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "reading input rows [%" PRId64 ", %" PRId64 ") of batch item %" PRId64
+            char err[160];
+            snprintf(err, sizeof err, "reading input rows [%" PRId64 ", %" PRId64 ") of batch item %" PRId64
                      " failed (%s)", s->in_it.h0, s->in_it.h1, s->in_it.n, convd_strerror(rc));
-            local_fail(s, rc, msg);
+            local_fail(s, rc, err);
+            free(msg);
             return NULL;
           }
         }
-        band.n = s->in_it.n;
-        band.h_begin = s->in_it.h0;
-        band.h_end = s->in_it.h1;
-        band.offset = s->in_it.off;
-        band.data.data = (uint8_t *)s->buf;
-        band.data.len = s->in_it.len;
-        req.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT;
-        req.input = &band;
-        return convd_wire_pack(&req.base);
+        return convd_wire_take(msg, total);
+      }
       default:
         return NULL;
     }
@@ -522,8 +521,6 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   }
   stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .io = io, .st = st,
               .t0 = convd_now_seconds()};
-  s.buf = malloc(c->o.chunk_bytes);
-  if (s.buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, conv.wire_elem};
   convd_band_iter_init(&s.in_it, &in_shape, c->o.chunk_bytes);
   s.out_shape = (convd_band_shape){p->n, p->c_out, conv.h_out, conv.w_out, conv.wire_elem};
@@ -649,7 +646,6 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   grpc_metadata_array_destroy(&md_trailing);
   grpc_call_unref(call);
   cq_destroy(cq);
-  free(s.buf);
   return rc;
 }
 

@@ -12,10 +12,7 @@ grpc_byte_buffer *convd_wire_pack(const ProtobufCMessage *m) {
   void *buf = malloc(n ? n : 1);
   if (buf == NULL) return NULL;
   protobuf_c_message_pack(m, buf);
-  grpc_slice s = grpc_slice_new(buf, n, free); /* the byte buffer frees it */
-  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-  grpc_slice_unref(s);
-  return bb;
+  return convd_wire_take(buf, n);
 }
 
 ProtobufCMessage *convd_wire_unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc) {
@@ -195,4 +192,48 @@ void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_
     memcpy(out, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
     out += step, c.off += step, n -= step;
   }
+}
+
+/* ---- writing a band in place ------------------------------------------------------------- */
+
+static size_t varint_len(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) v >>= 7, n++;
+  return n;
+}
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v) {
+  while (v >= 0x80) *p++ = (uint8_t)(v | 0x80), v >>= 7;
+  *p++ = (uint8_t)v;
+  return p;
+}
+
+uint8_t *convd_wire_band_message(unsigned field, int64_t n, int64_t h_begin, int64_t h_end,
+                                 uint64_t offset, size_t data_len, uint8_t **data, size_t *total) {
+  /* every field written, zeros too: a reader takes each once either way */
+  const uint64_t v[4] = {(uint64_t)n, (uint64_t)h_begin, (uint64_t)h_end, offset};
+  size_t inner = 1 + varint_len(data_len) + data_len;
+  for (int i = 0; i < 4; i++) inner += 1 + varint_len(v[i]);
+  const size_t head = 1 + varint_len(inner);
+  uint8_t *buf = malloc(head + inner);
+  if (buf == NULL) return NULL;
+  uint8_t *p = buf;
+  *p++ = (uint8_t)((field << 3) | 2);
+  p = put_varint(p, inner);
+  for (unsigned i = 0; i < 4; i++) {
+    *p++ = (uint8_t)(((i + 1) << 3) | 0);
+    p = put_varint(p, v[i]);
+  }
+  *p++ = (uint8_t)((5u << 3) | 2);
+  p = put_varint(p, data_len);
+  *data = p;
+  *total = head + inner;
+  return buf;
+}
+
+grpc_byte_buffer *convd_wire_take(uint8_t *buf, size_t len) {
+  grpc_slice s = grpc_slice_new(buf, len, free); /* the byte buffer frees it */
+  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  return bb;
 }

@@ -59,6 +59,16 @@ void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_
 void convd_wire_band_each(const convd_wire_band *b,
                           void (*fn)(void *ctx, size_t off, const void *p, size_t n), void *ctx);
 
+/* A message of one RowBand (as `field` above) whose data the caller writes in place: returns a
+ * malloc'd buffer with the protobuf header written and *data pointing where the data_len bytes
+ * go, *total the message's length; NULL when out of memory. Hand it to convd_wire_take. */
+uint8_t *convd_wire_band_message(unsigned field, int64_t n, int64_t h_begin, int64_t h_end,
+                                 uint64_t offset, size_t data_len, uint8_t **data, size_t *total);
+
+/* A byte buffer that owns buf (freed with free() once gRPC is done with it); NULL on failure,
+ * buf then freed. */
+grpc_byte_buffer *convd_wire_take(uint8_t *buf, size_t len);
+
 /* "INVALID_ARGUMENT" etc.; "UNKNOWN" for codes outside the table. */
 const char *convd_wire_status_name(grpc_status_code code);
 

@@ -48,7 +48,6 @@ typedef struct conv_call {
   convd_band_iter it; /* pieces of the current band */
   int64_t band_n, band_h0, band_h1;
   uint64_t rows_sent, rows_total;
-  char *band_buf;
   float *band_f32; /* output pieces as float32 before they are narrowed (float16, bfloat16) */
   uint64_t bytes_sent;
 
@@ -203,8 +202,7 @@ static conv_call *state_new(convd_call *c, int unary) {
   c->state = k;
   k->unary = unary;
   k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
-  if (k->stream == NULL || (!unary && (k->band_buf = malloc(c->rpc->cfg->chunk_bytes)) == NULL))
-    return NULL;
+  if (k->stream == NULL) return NULL;
   return k;
 }
 
@@ -233,7 +231,6 @@ static void conv_free(convd_call *c) {
   convd_job_destroy(k->job);
   convd_stream_destroy(k->stream); /* after the job: it may have lent registered weights */
   convd_rpc_release(c->rpc, k->held);
-  free(k->band_buf);
   free(k->band_f32);
   free(k->ready);
   free(k->uy);
@@ -294,32 +291,34 @@ static int next_output_piece(convd_call *c, conv_call *k) {
     k->band_active = 0;
     return 0;
   }
+  /* The message is built around its data: the rows are gathered straight into it. */
+  uint8_t *data, *msg;
+  size_t total;
+  msg = convd_wire_band_message(CONVD_WIRE_RESPONSE_OUTPUT, k->band_n, k->band_h0, k->band_h1,
+                                k->it.off, k->it.len, &data, &total);
+  if (msg == NULL || (cv->p.dtype != CONVD_F32 && k->band_f32 == NULL &&
+                      (k->band_f32 = malloc(chunk * 2)) == NULL)) {
+    free(msg);
+    convd_call_set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the output");
+    return 0;
+  }
   if (cv->p.dtype == CONVD_F32) {
-    convd_band_gather_rows(&shape, k->band_n, k->band_h0, k->band_h1, k->it.off, k->band_buf,
-                           k->it.len, job_out_row, k);
+    convd_band_gather_rows(&shape, k->band_n, k->band_h0, k->band_h1, k->it.off, data, k->it.len,
+                           job_out_row, k);
   } else {
     const size_t e0 = k->it.off / cv->wire_elem, ne = k->it.len / cv->wire_elem;
-    if (k->band_f32 == NULL && (k->band_f32 = malloc(chunk * 2)) == NULL) {
-      convd_call_set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the output");
-      return 0;
-    }
     convd_band_gather_rows(&rows_f32, k->band_n, k->band_h0, k->band_h1, e0 * sizeof(float),
                            k->band_f32, ne * sizeof(float), job_out_row, k);
-    convd_dtype_encode(cv->p.dtype, k->band_f32, k->band_buf, ne);
+    convd_dtype_encode(cv->p.dtype, k->band_f32, data, ne);
   }
-  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
-  band.n = k->band_n;
-  band.h_begin = k->band_h0;
-  band.h_end = k->band_h1;
-  band.offset = k->it.off;
-  band.data.data = (uint8_t *)k->band_buf;
-  band.data.len = k->it.len;
-  Convd__V1__ConvResponse resp = CONVD__V1__CONV_RESPONSE__INIT;
-  resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_OUTPUT;
-  resp.output = &band;
   k->bytes_sent += k->it.len;
   int last = k->it.off + k->it.len == k->it.band_len;
-  convd_call_send(c, &resp.base); /* packs: the rows may go once the last piece is packed */
+  grpc_byte_buffer *bb = convd_wire_take(msg, total);
+  if (bb == NULL) {
+    convd_call_set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the output");
+    return 0;
+  }
+  convd_call_send_buffer(c, bb); /* the rows may go: the message holds its own copy */
   if (last) {
     convd_job_release_rows(k->job, k->band_n, k->band_h0, k->band_h1);
     k->rows_sent += (uint64_t)(k->band_h1 - k->band_h0);
