@@ -70,10 +70,11 @@ int convd_wire_err_from_status(grpc_status_code status) {
 
 /* ---- reading a band in place ------------------------------------------------------------- */
 
-/* A position in a slice list. */
+/* A position in a slice list, and the bytes from there to the end. */
 typedef struct cursor {
   const grpc_slice *sl;
   size_t n, i, off; /* slice i, byte off in it */
+  uint64_t left;
 } cursor;
 
 static void skip_empty(cursor *c) {
@@ -81,9 +82,10 @@ static void skip_empty(cursor *c) {
 }
 
 static int next_byte(cursor *c, uint8_t *out) {
+  if (c->left == 0) return -1;
   skip_empty(c);
-  if (c->i >= c->n) return -1;
   *out = GRPC_SLICE_START_PTR(c->sl[c->i])[c->off++];
+  c->left--;
   return 0;
 }
 
@@ -98,51 +100,42 @@ static int read_varint(cursor *c, uint64_t *v) {
   return -1;
 }
 
-/* Advances n bytes; -1 when fewer are left. */
-static int skip_bytes(cursor *c, uint64_t n) {
+/* Advances n bytes (n <= c->left). */
+static void skip_bytes(cursor *c, uint64_t n) {
+  c->left -= n;
   while (n) {
     skip_empty(c);
-    if (c->i >= c->n) return -1;
-    const size_t left = GRPC_SLICE_LENGTH(c->sl[c->i]) - c->off;
-    const size_t step = n < left ? (size_t)n : left;
+    const size_t here = GRPC_SLICE_LENGTH(c->sl[c->i]) - c->off;
+    const size_t step = n < here ? (size_t)n : here;
     c->off += step;
     n -= step;
   }
-  return 0;
-}
-
-/* Bytes from c to the end. */
-static uint64_t remaining(const cursor *c) {
-  uint64_t r = 0;
-  for (size_t i = c->i; i < c->n; i++) r += GRPC_SLICE_LENGTH(c->sl[i]) - (i == c->i ? c->off : 0);
-  return r;
 }
 
 int convd_wire_parse_band(const grpc_byte_buffer *bb, unsigned field, convd_wire_band *b) {
   if (bb == NULL || bb->type != GRPC_BB_RAW || bb->data.raw.compression != GRPC_COMPRESS_NONE)
     return 0;
-  cursor c = {bb->data.raw.slice_buffer.slices, bb->data.raw.slice_buffer.count, 0, 0};
+  const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
+  cursor c = {sb->slices, sb->count, 0, 0, sb->length};
   uint64_t key = 0, len = 0;
   /* exactly one field, the band (length-delimited), filling the message */
   if (read_varint(&c, &key) || key != (((uint64_t)field << 3) | 2) || read_varint(&c, &len) ||
-      len != remaining(&c))
+      len != c.left)
     return 0;
   memset(b, 0, sizeof *b);
   unsigned seen = 0;
-  uint64_t end = len, used = 0;
-  while (used < end) {
-    const uint64_t before = remaining(&c);
+  while (c.left > 0) {
     if (read_varint(&c, &key)) return 0;
     const unsigned f = (unsigned)(key >> 3), wt = (unsigned)(key & 7);
     if (f < 1 || f > 5 || (seen & (1u << f))) return 0; /* unknown or repeated */
     seen |= 1u << f;
     uint64_t v;
     if (f == 5) {
-      if (wt != 2 || read_varint(&c, &v) || v > remaining(&c) || v > SIZE_MAX) return 0;
+      if (wt != 2 || read_varint(&c, &v) || v > c.left || v > SIZE_MAX) return 0;
       skip_empty(&c);
       b->data_len = (size_t)v;
       b->at_slice = c.i, b->at_off = c.off;
-      if (skip_bytes(&c, v)) return 0;
+      skip_bytes(&c, v);
     } else {
       if (wt != 0 || read_varint(&c, &v)) return 0;
       if (f == 1) b->n = (int64_t)v;
@@ -150,9 +143,7 @@ int convd_wire_parse_band(const grpc_byte_buffer *bb, unsigned field, convd_wire
       else if (f == 3) b->h_end = (int64_t)v;
       else b->offset = v;
     }
-    used += before - remaining(&c);
   }
-  if (used != end || remaining(&c) != 0) return 0;
   b->slices = c.sl;
   b->nslices = c.n;
   return 1;
@@ -160,38 +151,31 @@ int convd_wire_parse_band(const grpc_byte_buffer *bb, unsigned field, convd_wire
 
 void convd_wire_band_each(const convd_wire_band *b,
                           void (*fn)(void *ctx, size_t off, const void *p, size_t n), void *ctx) {
-  cursor c = {b->slices, b->nslices, b->at_slice, b->at_off};
-  size_t done = 0;
-  while (done < b->data_len) {
+  cursor c = {b->slices, b->nslices, b->at_slice, b->at_off, b->data_len};
+  while (c.left > 0) {
     skip_empty(&c);
-    if (c.i >= c.n) return; /* cannot happen: parse checked the length */
-    const size_t left = GRPC_SLICE_LENGTH(c.sl[c.i]) - c.off;
-    const size_t step = b->data_len - done < left ? b->data_len - done : left;
-    fn(ctx, done, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
-    done += step, c.off += step;
+    const size_t here = GRPC_SLICE_LENGTH(c.sl[c.i]) - c.off;
+    const size_t step = c.left < here ? (size_t)c.left : here;
+    fn(ctx, b->data_len - (size_t)c.left, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
+    c.off += step, c.left -= step;
   }
 }
 
-static void copy_run(void *ctx, size_t off, const void *p, size_t n) {
-  memcpy((char *)ctx + off, p, n);
+/* The part of each run that falls in [off, off + n) of the data goes to dst. */
+typedef struct window {
+  char *dst;
+  size_t off, n;
+} window;
+
+static void copy_run(void *ctx, size_t at, const void *p, size_t len) {
+  const window *w = ctx;
+  const size_t lo = at > w->off ? at : w->off, hi = at + len < w->off + w->n ? at + len : w->off + w->n;
+  if (lo < hi) memcpy(w->dst + (lo - w->off), (const char *)p + (lo - at), hi - lo);
 }
 
 void convd_wire_band_copy(const convd_wire_band *b, size_t off, void *dst, size_t n) {
-  if (off == 0 && n == b->data_len) {
-    convd_wire_band_each(b, copy_run, dst);
-    return;
-  }
-  cursor c = {b->slices, b->nslices, b->at_slice, b->at_off};
-  skip_bytes(&c, off);
-  char *out = dst;
-  while (n) {
-    skip_empty(&c);
-    if (c.i >= c.n) return; /* cannot happen: parse checked the length */
-    const size_t left = GRPC_SLICE_LENGTH(c.sl[c.i]) - c.off;
-    const size_t step = n < left ? n : left;
-    memcpy(out, GRPC_SLICE_START_PTR(c.sl[c.i]) + c.off, step);
-    out += step, c.off += step, n -= step;
-  }
+  window w = {dst, off, n};
+  convd_wire_band_each(b, copy_run, &w);
 }
 
 /* ---- writing a band in place ------------------------------------------------------------- */

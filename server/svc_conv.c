@@ -459,7 +459,7 @@ static int unary_run(convd_call *c, conv_call *k, const Convd__V1__ConvCall *m, 
   wch.data = m->weight, bch.data = m->bias;
   Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
   /* Registered weights with bytes beside them: the stream says why that is wrong. */
-  if (m->weight.len || (!registered && cv->weight_wire_bytes)) {
+  if (!registered || m->weight.len) {
     rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_WEIGHT, rq.weight = &wch;
     if ((rc = feed(c, k, &rq, err, errlen))) return rc;
   }
