@@ -107,16 +107,8 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
     }
   }
   grpc_init();
-  grpc_arg args[3];
-  memset(args, 0, sizeof args);
-  args[0].type = args[1].type = args[2].type = GRPC_ARG_INTEGER;
-  args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-  args[0].value.integer = (int)c->o.max_message_bytes;
-  args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-  args[1].value.integer = (int)c->o.max_message_bytes;
-  args[2].key = "grpc.http2.lookahead_bytes";
-  args[2].value.integer = CONVD_WIRE_LOOKAHEAD_BYTES;
-  grpc_channel_args ca = {3, args};
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS];
+  grpc_channel_args ca = {convd_wire_channel_args(args, c->o.max_message_bytes), args};
   grpc_channel_credentials *creds = grpc_insecure_credentials_create();
   c->ch = grpc_channel_create(target, creds, &ca);
   grpc_channel_credentials_release(creds);

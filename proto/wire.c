@@ -56,6 +56,27 @@ static const struct {
     {CONVD_ENOTFOUND, GRPC_STATUS_NOT_FOUND, 1, 1},
 };
 
+size_t convd_wire_channel_args(grpc_arg *args, size_t max_message_bytes) {
+  static const struct {
+    const char *key;
+    int is_limit; /* value is the message limit, else the fixed value */
+    int value;
+  } table[CONVD_WIRE_CHANNEL_ARGS] = {
+      {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1, 0},
+      {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1, 0},
+      {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 0, CONVD_WIRE_LOOKAHEAD_BYTES},
+      {GRPC_ARG_HTTP2_BDP_PROBE, 0, 0},
+  };
+  int limit = max_message_bytes > INT32_MAX ? INT32_MAX : (int)max_message_bytes;
+  memset(args, 0, CONVD_WIRE_CHANNEL_ARGS * sizeof *args);
+  for (size_t k = 0; k < CONVD_WIRE_CHANNEL_ARGS; k++) {
+    args[k].type = GRPC_ARG_INTEGER;
+    args[k].key = (char *)table[k].key;
+    args[k].value.integer = table[k].is_limit ? limit : table[k].value;
+  }
+  return CONVD_WIRE_CHANNEL_ARGS;
+}
+
 grpc_status_code convd_wire_status_from_err(int code) {
   for (size_t i = 0; i < sizeof status_map / sizeof status_map[0]; i++)
     if (status_map[i].to && status_map[i].err == code) return status_map[i].status;

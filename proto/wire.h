@@ -4,6 +4,7 @@
 #define CONVD_WIRE_H
 
 #include <grpc/byte_buffer.h>
+#include <grpc/grpc.h>
 #include <grpc/status.h>
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
@@ -23,6 +24,14 @@ ProtobufCMessage *convd_wire_unpack(grpc_byte_buffer *bb, const ProtobufCMessage
 /* HTTP/2 lookahead (flow-control window) both ends ask for: one stream's throughput is bounded
  * by it, and gRPC's default (64 KiB) holds a loopback stream to a few hundred MB/s. */
 #define CONVD_WIRE_LOOKAHEAD_BYTES (16 * 1024 * 1024)
+
+/* The channel arguments both ends share: message limits, the lookahead above, and gRPC's BDP
+ * probe off. The probe re-sizes the window from its bandwidth-delay estimate, and on loopback
+ * (a tiny delay) it shrinks the window far below the lookahead: measured here, a 537 MB
+ * streamed call took 540-840 ms with it and 240-260 ms without (docs/benchmarks.md). Fills
+ * args[0..CONVD_WIRE_CHANNEL_ARGS) and returns that count. */
+#define CONVD_WIRE_CHANNEL_ARGS 4
+size_t convd_wire_channel_args(grpc_arg *args, size_t max_message_bytes);
 
 /* convd error codes (err.h) and gRPC status codes, both ways, from one table: the only place
  * the two vocabularies meet. Codes without an entry map to INTERNAL (to a status) and

@@ -166,23 +166,14 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   }
   r->t_shutdown = (convd_tag){on_shutdown, r};
 
-  grpc_arg args[4];
-  memset(args, 0, sizeof args);
-  args[0].type = GRPC_ARG_INTEGER;
-  args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-  args[0].value.integer = (int)cfg->max_message_bytes;
-  args[1].type = GRPC_ARG_INTEGER;
-  args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-  args[1].value.integer = (int)cfg->max_message_bytes;
-  args[2].type = GRPC_ARG_INTEGER;
-  args[2].key = "grpc.http2.lookahead_bytes";
-  args[2].value.integer = CONVD_WIRE_LOOKAHEAD_BYTES;
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 1];
+  size_t nargs = convd_wire_channel_args(args, cfg->max_message_bytes);
   /* gRPC turns SO_REUSEPORT on by default: a second daemon on the same port would then share
    * its connections silently. Off, the second one fails to start and says why. */
-  args[3].type = GRPC_ARG_INTEGER;
-  args[3].key = GRPC_ARG_ALLOW_REUSEPORT;
-  args[3].value.integer = 0;
-  grpc_channel_args ch = {4, args};
+  args[nargs].type = GRPC_ARG_INTEGER;
+  args[nargs].key = GRPC_ARG_ALLOW_REUSEPORT;
+  args[nargs++].value.integer = 0;
+  grpc_channel_args ch = {nargs, args};
   r->server = grpc_server_create(&ch, NULL);
   r->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(r->server, r->cq, NULL);

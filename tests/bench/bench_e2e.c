@@ -15,7 +15,7 @@
  *   latency      Conv2dUnary and streaming Conv2d on 1x1x8x8 / 1x1x3x3, p50 and p99 over --calls.
  *   concurrency  1, 2 and 4 clients (one thread each) on 1x256x56x56: aggregate calls per second.
  * --shape K runs only the K-th shape (from 0), e.g. under a profiler. Medians of --repeats runs
- * (default 3) after a warm-up. Exits 1 when a call fails. */
+ * (default 3) after a warm-up; shapes whose calls are short get about a second's worth of runs. Exits 1 when a call fails. */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -135,6 +135,8 @@ static void shape_args(char *buf, size_t len) {
 
 static int only_shape = -1;
 
+#define MAX_SMALL_RUNS 50
+
 static void bench_shapes(const char *target, int repeats, int use_torch, int use_python) {
   char err[512];
   const int threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
@@ -159,7 +161,9 @@ static void bench_shapes(const char *target, int repeats, int use_torch, int use
     read_seconds(cmd, py_s, NSHAPES);
   }
 
-  printf("## Through the daemon vs in-process (%d threads, median of %d)\n\n", threads, repeats);
+  printf("## Through the daemon vs in-process (%d threads, median of %d runs or, for calls under "
+         "1/%d s, of about a second's worth, at most %d)\n\n",
+         threads, repeats, repeats, MAX_SMALL_RUNS);
   printf("| call | in+out MB | engine ms | client ms | server elapsed ms | server compute ms | "
          "wire GB/s | client/engine | PyTorch ms | Python client ms |\n");
   printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -173,22 +177,32 @@ static void bench_shapes(const char *target, int repeats, int use_torch, int use
     tensors_make(&t, &cp);
     const double bytes = (double)(t.conv.input_bytes + t.conv.weight_bytes + t.conv.bias_bytes +
                                   t.conv.output_bytes);
-    double *te = calloc((size_t)repeats, sizeof *te), *tc = calloc((size_t)repeats, sizeof *tc);
-    double *se = calloc((size_t)repeats, sizeof *se), *sc = calloc((size_t)repeats, sizeof *sc);
+    /* Small calls vary by 2-5x from one call to the next on a shared VM: they get more runs
+     * (about a second's worth, at most MAX_SMALL_RUNS) so the medians mean something. */
     convd_client_stats st;
-    for (int r = -1; r < repeats; r++) { /* r = -1: warm-up, not counted */
-      double t0 = convd_now_seconds();
+    double t0 = convd_now_seconds(); /* warm-up, not counted */
+    if (convd_engine_run(e, &t.conv, t.x, t.w, t.b, t.y, NULL, err, sizeof err)) die(s->name, err);
+    if (convd_client_conv2d(cl, &cp, t.x, t.w, t.b, t.y, &st, err, sizeof err)) die(s->name, err);
+    const double warm = convd_now_seconds() - t0;
+    int n = repeats;
+    if (warm > 0 && warm * repeats < 1.0) {
+      double fit = 1.0 / warm;
+      n = fit > MAX_SMALL_RUNS ? MAX_SMALL_RUNS : fit < repeats ? repeats : (int)fit;
+    }
+    double *te = calloc((size_t)n, sizeof *te), *tc = calloc((size_t)n, sizeof *tc);
+    double *se = calloc((size_t)n, sizeof *se), *sc = calloc((size_t)n, sizeof *sc);
+    for (int r = 0; r < n; r++) {
+      t0 = convd_now_seconds();
       if (convd_engine_run(e, &t.conv, t.x, t.w, t.b, t.y, NULL, err, sizeof err)) die(s->name, err);
       double t1 = convd_now_seconds();
       if (convd_client_conv2d(cl, &cp, t.x, t.w, t.b, t.y, &st, err, sizeof err)) die(s->name, err);
       double t2 = convd_now_seconds();
-      if (r < 0) continue;
       te[r] = t1 - t0, tc[r] = t2 - t1, se[r] = st.elapsed_seconds, sc[r] = st.compute_seconds;
     }
-    const double me = quantile(te, repeats, 0.5), mc = quantile(tc, repeats, 0.5);
+    const double me = quantile(te, n, 0.5), mc = quantile(tc, n, 0.5);
     ratios[i] = mc / me;
     printf("| %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | ", s->name, bytes / 1e6,
-           me * 1e3, mc * 1e3, quantile(se, repeats, 0.5) * 1e3, quantile(sc, repeats, 0.5) * 1e3,
+           me * 1e3, mc * 1e3, quantile(se, n, 0.5) * 1e3, quantile(sc, n, 0.5) * 1e3,
            bytes / mc / 1e9, ratios[i]);
     if (torch_s[i] > 0) printf("%.2f | ", torch_s[i] * 1e3);
     else printf("— | ");

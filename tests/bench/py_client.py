@@ -17,7 +17,9 @@ import numpy as np  # noqa: E402
 from convd_harness import collect_output, conv_requests, import_stubs, spec_from_params  # noqa: E402
 
 pb, pb_grpc = import_stubs(stub_dir)
-opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+# The same window settings as libconvd_client (proto/wire.h): a 16 MiB lookahead, BDP probe off.
+opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20),
+        ("grpc.http2.lookahead_bytes", 16 << 20), ("grpc.http2.bdp_probe", 0)]
 with grpc.insecure_channel(target, options=opts) as ch:
     stub = pb_grpc.ConvolutionStub(ch)
     rng = np.random.default_rng(0)
