@@ -274,13 +274,26 @@ static int run_small_spatial(cpu_ctx *c, const convd_op_io *io, char *err, size_
   return 0;
 }
 
+/* Below this many multiply-adds an op runs on the worker thread alone: waking a passive OpenMP
+ * team costs tens of microseconds, more than such an op computes (a 1x1x8x8 call through the
+ * daemon is about 100 us end to end). */
+#define CPU_SERIAL_MACS (256 * 1024)
+
+static int threads_for(const cpu_ctx *c, const convd_op_io *io) {
+  const convd_conv_params *p = &io->conv->p;
+  double macs = (double)p->n * (double)p->c_out * (double)io->conv->h_out * (double)io->conv->w_out *
+                (double)p->c_per_group * (double)p->kh * (double)p->kw;
+  return macs < CPU_SERIAL_MACS ? 1 : c->threads;
+}
+
 static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   cpu_ctx *c = ctx;
   const convd_conv_params *p = &io->conv->p;
   int rc = 0;
-  omp_set_num_threads(c->threads);
+  const int threads = threads_for(c, io);
+  omp_set_num_threads(threads);
   if (convd_cpuk_is_depthwise(io->conv)) {
-    if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, c->threads))
+    if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, threads))
       return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging a depthwise op");
     return 0;
   }
