@@ -24,6 +24,7 @@ typedef struct upload {
   void *w, *b;
   size_t w_recv, b_recv, w_total, b_total;
   int64_t b_elems;
+  uint64_t held; /* counted against --max-inflight-bytes until the call ends */
 } upload;
 
 static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, char *err,
@@ -49,8 +50,13 @@ static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, 
   /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
   const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
   const int transposed = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
-  if (transposed && (groups < 1 || groups > CONVD_DIM_MAX))
-    return convd_errf(err, errlen, CONVD_EINVAL, "spec.groups = %" PRId64 ": must be at least 1", groups);
+  /* A transpose's weights are (C_in, C_out/groups, kH, kW) and groups divides C_in, so its
+   * C_out (the bias's length) is at most the weights' element count. */
+  if (transposed && (groups < 1 || groups > d[0] || d[0] % groups != 0))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.groups = %" PRId64 " must divide the transpose weights' first dimension "
+                      "(C_in = %" PRId64 ")",
+                      groups, d[0]);
   u->b_elems = transposed ? d[1] * groups : d[0];
   const uint64_t limit = c->rpc->cfg->weights_memory;
   size_t wbytes, fbytes;
@@ -62,6 +68,11 @@ static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, 
                       d[0], d[1], d[2], d[3], limit);
   u->w_total = wbytes;
   u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
+  /* Held until the registry has them: the wire copies as they arrive, then the float32 ones. */
+  const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + (uint64_t)u->b_elems * sizeof(float);
+  int rc = convd_rpc_admit(c->rpc, hold, err, errlen);
+  if (rc) return rc;
+  u->held = hold;
   u->w = malloc(wbytes);
   u->b = u->b_total ? malloc(u->b_total) : NULL;
   if (u->w == NULL || (u->b_total && u->b == NULL))
@@ -161,6 +172,7 @@ static void put_free(convd_call *c) {
   if (u == NULL) return;
   free(u->w);
   free(u->b);
+  convd_rpc_release(c->rpc, u->held);
   free(u);
 }
 
