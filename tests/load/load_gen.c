@@ -725,6 +725,7 @@ int main(int argc, char **argv) {
     }
     size_t at = 0;
     for (long i = 0; i < nclients; i++) {
+      if (cls[i].lat[k].n == 0) continue; /* its v may be NULL, which memcpy must not get */
       memcpy(v + at, cls[i].lat[k].v, cls[i].lat[k].n * sizeof *v);
       at += cls[i].lat[k].n;
     }
