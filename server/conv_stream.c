@@ -29,6 +29,7 @@ int convd_stream_dtype_to_wire(int dtype) {
 struct convd_stream {
   uint64_t max_request_bytes;
   convd_registry *registry;
+  const char *tenant;   /* whose registered weights the spec may name (NULL: no tenants) */
   convd_weights *reg_w; /* registered weights this call uses (pinned), or NULL */
   int priority;
   int have_spec;
@@ -172,11 +173,13 @@ int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weigh
   return 0;
 }
 
-convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg) {
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg,
+                                  const char *tenant) {
   convd_stream *s = calloc(1, sizeof *s);
   if (s) {
     s->max_request_bytes = max_request_bytes;
     s->registry = reg;
+    s->tenant = tenant;
   }
   return s;
 }
@@ -200,7 +203,7 @@ static int accept_spec(convd_stream *s, const Convd__V1__ConvSpec *spec, char *e
   if (spec->weights_id && spec->weights_id[0]) {
     if (s->registry == NULL)
       return convd_errf(err, errlen, CONVD_ENOTSUP, "this daemon has no weights registry");
-    if ((rc = convd_registry_acquire(s->registry, spec->weights_id, &s->reg_w, err, errlen)))
+    if ((rc = convd_registry_acquire(s->registry, s->tenant, spec->weights_id, &s->reg_w, err, errlen)))
       return rc;
   }
   rc = convd_stream_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);

@@ -37,8 +37,10 @@ int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weigh
                               uint64_t max_request_bytes, convd_conv *conv, char *err,
                               size_t errlen);
 
-/* reg: the weights registry that spec.weights_id names entries of (NULL: none). */
-convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg);
+/* reg: the weights registry that spec.weights_id names entries of (NULL: none), of tenant's
+ * (NULL without tenants; the string outlives the stream). */
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg,
+                                  const char *tenant);
 void convd_stream_destroy(convd_stream *s);
 
 /* Applies one client message. Returns 0, or a negative error with err set; after an error the

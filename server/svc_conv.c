@@ -244,7 +244,7 @@ static conv_call *state_new(convd_call *c, int unary) {
   if (k == NULL) return NULL;
   c->state = k;
   k->unary = unary;
-  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
+  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry, NULL);
   if (k->stream == NULL) return NULL;
   return k;
 }

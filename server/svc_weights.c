@@ -15,6 +15,9 @@
 #include "services.h"
 #include "wire.h"
 
+#define TENANT(c) ((void)(c), (const char *)NULL)
+#define TENANT_WEIGHTS_LIMIT(c) ((void)(c), (uint64_t)0)
+
 /* A PutWeights upload: the spec's shape and dtype, and the tensors as they arrive. */
 typedef struct upload {
   int have_spec;
@@ -106,7 +109,7 @@ static void put_finish(convd_call *c, upload *u) {
   char id[CONVD_WEIGHTS_ID_LEN + 1];
   uint64_t bytes = 0;
   int already = 0;
-  int rc = convd_registry_put(c->rpc->registry, u->shape[0], u->shape[1], u->shape[2], u->shape[3],
+  int rc = convd_registry_put(c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), u->shape[0], u->shape[1], u->shape[2], u->shape[3],
                               u->dtype, w, b, (int64_t)be, id, &bytes, &already, err, sizeof err);
   if (rc) {
     convd_call_fail(c, rc, err);
@@ -180,8 +183,9 @@ static void list_start(convd_call *c) {
   convd_weights_info *v = NULL;
   size_t n = 0;
   convd_registry_stats st = {0};
+  uint64_t own = 0;
   if (c->rpc->registry) {
-    if (convd_registry_list(c->rpc->registry, &v, &n)) {
+    if (convd_registry_list(c->rpc->registry, TENANT(c), &v, &n, &own)) {
       convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
       return;
     }
@@ -209,9 +213,11 @@ static void list_start(convd_call *c) {
     Convd__V1__ListWeightsResponse resp = CONVD__V1__LIST_WEIGHTS_RESPONSE__INIT;
     resp.n_weights = n;
     resp.weights = ptrs;
-    resp.bytes_used = st.bytes;
-    resp.bytes_limit = c->rpc->cfg->weights_memory;
-    resp.evictions = st.evictions;
+    /* With tenants, a listing says nothing about the others: their bytes, their evictions. */
+    const uint64_t tl = TENANT_WEIGHTS_LIMIT(c), limit = c->rpc->cfg->weights_memory;
+    resp.bytes_used = TENANT(c) ? own : st.bytes;
+    resp.bytes_limit = tl && tl < limit ? tl : limit;
+    resp.evictions = TENANT(c) ? 0 : st.evictions;
     convd_call_reply(c, &resp.base);
   } else {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
@@ -231,7 +237,7 @@ static void delete_start(convd_call *c) {
   else if (c->rpc->registry == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOTFOUND, "this daemon runs without a weights registry");
   else
-    rc = convd_registry_delete(c->rpc->registry, m->weights_id ? m->weights_id : "", err, sizeof err);
+    rc = convd_registry_delete(c->rpc->registry, TENANT(c), m->weights_id ? m->weights_id : "", err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) {
     convd_call_fail(c, rc, err);
