@@ -2,8 +2,9 @@
  * weight and bias chunks in order), ListWeights, DeleteWeights. The registry itself
  * (registry.c) knows no gRPC.
  *
- * Threads: the completion-queue thread, with the call's mutex held; the registry is
- * thread-safe. */
+ * Threads: the completion-queue thread, with the call's mutex held; a finished upload is
+ * widened and registered on the offload thread (offload.h), which then takes the call's mutex
+ * to answer. The registry is thread-safe. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 #include "conv_stream.h"
 #include "dtype.h"
 #include "err.h"
+#include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
 #include "wire.h"
@@ -84,7 +86,47 @@ static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, 
   return 0;
 }
 
-/* The stream ended: the weights go into the registry (widened to float32). */
+/* The offload thread, without the call's mutex: the upload is whole and no message will touch
+ * it any more (the call's ref keeps it). Widening and hashing grow with the weights, so they
+ * run here rather than on the completion-queue thread. */
+static void put_register(void *arg) {
+  convd_call *c = arg;
+  upload *u = c->state;
+  char err[512];
+  const size_t we = u->w_total / u->elem, be = u->b_total / u->elem;
+  float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
+  int rc = 0;
+  char id[CONVD_WEIGHTS_ID_LEN + 1];
+  uint64_t bytes = 0;
+  int already = 0;
+  if (w == NULL || (be && b == NULL)) {
+    free(w), free(b);
+    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot widen the weights now; retry later");
+  } else {
+    convd_dtype_decode(u->dtype, u->w, w, we);
+    if (be) convd_dtype_decode(u->dtype, u->b, b, be);
+    free(u->w), free(u->b); /* the wire copies are done with */
+    u->w = u->b = NULL;
+    rc = convd_registry_put(c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), u->shape[0],
+                            u->shape[1], u->shape[2], u->shape[3], u->dtype, w, b, (int64_t)be, id,
+                            &bytes, &already, err, sizeof err);
+  }
+  pthread_mutex_lock(&c->mu);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+  } else if (!c->status_set) {
+    Convd__V1__PutWeightsResponse resp = CONVD__V1__PUT_WEIGHTS_RESPONSE__INIT;
+    resp.weights_id = id;
+    resp.bytes = bytes;
+    resp.already_present = already != 0;
+    convd_call_reply(c, &resp.base);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+/* The stream ended: the weights go into the registry (widened to float32), on the offload
+ * thread. */
 static void put_finish(convd_call *c, upload *u) {
   char err[512];
   if (!u->have_spec) {
@@ -97,29 +139,11 @@ static void put_finish(convd_call *c, upload *u) {
     convd_call_fail(c, CONVD_EINVAL, err);
     return;
   }
-  const size_t we = u->w_total / u->elem, be = u->b_total / u->elem;
-  float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
-  if (w == NULL || (be && b == NULL)) {
-    free(w), free(b);
-    convd_call_fail(c, CONVD_ENOMEM, "the daemon cannot widen the weights now; retry later");
-    return;
+  convd_call_ref_locked(c);
+  if (convd_offload_post(c->rpc->offload, put_register, c)) {
+    c->refs--; /* the running handler still holds its own ref */
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
   }
-  convd_dtype_decode(u->dtype, u->w, w, we);
-  if (be) convd_dtype_decode(u->dtype, u->b, b, be);
-  char id[CONVD_WEIGHTS_ID_LEN + 1];
-  uint64_t bytes = 0;
-  int already = 0;
-  int rc = convd_registry_put(c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), u->shape[0], u->shape[1], u->shape[2], u->shape[3],
-                              u->dtype, w, b, (int64_t)be, id, &bytes, &already, err, sizeof err);
-  if (rc) {
-    convd_call_fail(c, rc, err);
-    return;
-  }
-  Convd__V1__PutWeightsResponse resp = CONVD__V1__PUT_WEIGHTS_RESPONSE__INIT;
-  resp.weights_id = id;
-  resp.bytes = bytes;
-  resp.already_present = already != 0;
-  convd_call_reply(c, &resp.base);
 }
 
 static void put_recv(convd_call *c, grpc_byte_buffer *bb) {
