@@ -77,9 +77,10 @@ static void log_end(convd_call *c) {
     convd_metrics_call_ended(c->rpc->metrics, c->method->name, status, seconds,
                              st->ops_run ? st->queue_seconds : -1, rep.bytes_in, rep.bytes_out);
   convd_log(c->status_set && c->status == GRPC_STATUS_OK ? CONVD_LOG_INFO : CONVD_LOG_WARN,
-            "msg=\"call ended\" rid=%s method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
-            " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
-            c->rid, c->method->name, c->peer[0] ? c->peer : "-", status, seconds * 1e3, st->ops_run,
+            "msg=\"call ended\" rid=%s method=%s peer=%s tenant=%s status=%s duration_ms=%.3f "
+            "ops=%" PRIu64 " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
+            c->rid, c->method->name, c->peer[0] ? c->peer : "-",
+            c->tenant ? convd_tenant_name(c->tenant) : "-", status, seconds * 1e3, st->ops_run,
             st->compute_seconds, st->peak_bytes_held, shapes, failed ? " error=\"" : "",
             failed ? c->status_msg : "", failed ? "\"" : "");
 }
@@ -98,6 +99,7 @@ static void call_free(convd_call *c) {
   }
   pthread_mutex_unlock(&r->mu);
   if (c->method->h->free_state) c->method->h->free_state(c);
+  convd_auth_tenant_put(c->tenant);
   if (c->gc) grpc_call_unref(c->gc);
   if (c->payload) grpc_byte_buffer_destroy(c->payload);
   if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
@@ -321,6 +323,24 @@ static void set_request_id(convd_call *c) {
   snprintf(c->rid, sizeof c->rid, "r%" PRIu64, atomic_fetch_add(&c->rpc->next_rid, 1) + 1);
 }
 
+const char *convd_call_tenant(const convd_call *c) {
+  return c->tenant ? convd_tenant_name(c->tenant) : NULL;
+}
+
+const convd_tenant_limits *convd_call_tenant_limits(const convd_call *c) {
+  return c->tenant ? convd_tenant_limits_of(c->tenant) : NULL;
+}
+
+/* A call without the token its method needs. The status is gRPC's own (no convd error code
+ * maps to UNAUTHENTICATED) and says nothing beyond that. */
+static void refuse_unauthenticated(convd_call *c) {
+  c->status_set = 1;
+  c->status = GRPC_STATUS_UNAUTHENTICATED;
+  snprintf(c->status_msg, sizeof c->status_msg, "%s", CONVD_AUTH_REFUSED);
+  atomic_store(&c->cancel, 1);
+  convd_call_send_final(c, NULL);
+}
+
 void convd_call_started(convd_call *c, int ok) {
   convd_rpc *r = c->rpc;
   if (!ok) { /* the server is shutting down: this request will never match a call */
@@ -344,13 +364,21 @@ void convd_call_started(convd_call *c, int ok) {
     snprintf(c->peer, sizeof c->peer, "%s", peer);
     gpr_free(peer);
   }
+  /* The processor let a call without a token through (it cannot see the method, auth.h); the
+   * method table decides here whether the method needs one. */
+  if (r->auth) c->tenant = convd_auth_call_tenant(r->auth, c->gc);
+  const int unauthenticated =
+      r->auth && c->tenant == NULL && !convd_method_open(c->method, r->cfg->reflection_public);
   pthread_mutex_lock(&c->mu);
   /* RECV_CLOSE_ON_SERVER completes when the call ends; it tells us about cancellation. */
   grpc_op op;
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   op.data.recv_close_on_server.cancelled = &c->client_cancelled;
-  if (start_batch(c, &op, 1, &c->t_close) == 0 && draining && !c->method->while_draining) {
+  const int closing = start_batch(c, &op, 1, &c->t_close) == 0;
+  if (closing && unauthenticated) {
+    refuse_unauthenticated(c);
+  } else if (closing && draining && !c->method->while_draining) {
     convd_call_set_status(c, CONVD_EUNAVAIL,
                           "convd is shutting down and takes no new calls; retry on another "
                           "instance or after it restarts");

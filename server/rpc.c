@@ -12,9 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "err.h"
 #include "log.h"
 #include "services.h"
+#include "tls.h"
 #include "wire.h"
 
 /* Requests kept posted per method, so bursts of new calls do not wait for a repost. */
@@ -146,7 +148,8 @@ static void rpc_free(convd_rpc *r) {
 }
 
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
-                    convd_rpc **out, int *port, char *err, size_t errlen) {
+                    const convd_rpc_security *sec, convd_rpc **out, int *port, char *err,
+                    size_t errlen) {
   *out = NULL;
   convd_rpc *r = calloc(1, sizeof *r);
   if (r == NULL || (r->registered = calloc(convd_methods_count, sizeof *r->registered)) == NULL) {
@@ -156,6 +159,8 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   r->cfg = cfg;
   r->engine = engine;
   r->metrics = metrics;
+  r->tls = sec ? sec->tls : NULL;
+  r->auth = sec ? sec->auth : NULL;
   atomic_init(&r->serving, convd_engine_healthy_devices(engine) > 0);
   atomic_init(&r->health_draining, 0);
   atomic_init(&r->inflight_bytes, 0);
@@ -185,18 +190,25 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
                                           : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
           0);
 
-  grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-  *port = grpc_server_add_http2_port(r->server, cfg->listen, creds);
-  grpc_server_credentials_release(creds);
+  /* Tokens are checked by the credentials' metadata processor, TLS or not (auth.h). */
+  grpc_server_credentials *creds = r->tls ? convd_tls_server_credentials(r->tls)
+                                          : grpc_insecure_server_credentials_create();
+  if (creds && r->auth) convd_auth_attach(r->auth, creds);
+  *port = creds ? grpc_server_add_http2_port(r->server, cfg->listen, creds) : 0;
+  if (creds) grpc_server_credentials_release(creds);
   if (*port == 0) {
+    const int tls = r->tls != NULL;
     grpc_server_destroy(r->server);
     grpc_completion_queue_shutdown(r->cq);
     grpc_completion_queue_destroy(r->cq);
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
-                      "e.g. 127.0.0.1:50051; port 0 picks a free one)",
-                      cfg->listen);
+                      "e.g. 127.0.0.1:50051; port 0 picks a free one)%s",
+                      cfg->listen,
+                      tls ? ", or gRPC could not load --tls-cert with --tls-key (not a "
+                            "certificate and its key? gRPC's own log line above says why)"
+                          : "");
   }
   grpc_server_start(r->server);
   for (size_t k = 0; k < convd_methods_count; k++)

@@ -22,6 +22,8 @@ struct convd_rpc {
   convd_engine *engine;
   convd_registry *registry; /* NULL when --weights-memory is 0 */
   convd_metrics *metrics;   /* may be NULL */
+  convd_tls *tls;           /* NULL: plaintext */
+  convd_auth *auth;         /* NULL: no tokens, every call is the anonymous tenant's */
   /* Admission: bytes the calls in flight may hold (each call counts its own share). */
   _Atomic uint64_t inflight_bytes;
   _Atomic uint64_t next_rid;
