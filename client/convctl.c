@@ -148,9 +148,9 @@ static int read_token_file(const char *path, char *token, size_t len) {
             "convctl: warning: --token-file %s is readable or writable by group or others (mode "
             "%04o): run `chmod 600 %s`\n",
             path, (unsigned)(st.st_mode & 07777), path);
-  char *line = fgets(token, (int)len, f);
+  if (fgets(token, (int)len, f) == NULL) token[0] = '\0';
   fclose(f);
-  size_t n = line ? strlen(token) : 0;
+  size_t n = strlen(token);
   while (n && (token[n - 1] == '\n' || token[n - 1] == '\r' || token[n - 1] == ' ' || token[n - 1] == '\t'))
     token[--n] = '\0';
   size_t skip = 0;
