@@ -17,8 +17,11 @@
 #include "services.h"
 #include "wire.h"
 
-#define TENANT(c) ((void)(c), (const char *)NULL)
-#define TENANT_WEIGHTS_LIMIT(c) ((void)(c), (uint64_t)0)
+/* The limit on the bytes of weights the call's tenant may register (0: none of its own). */
+static uint64_t tenant_weights_limit(const convd_call *c) {
+  const convd_tenant_limits *l = convd_call_tenant_limits(c);
+  return l ? l->weights_bytes : 0;
+}
 
 /* A PutWeights upload: the spec's shape and dtype, and the tensors as they arrive. */
 typedef struct upload {
@@ -75,7 +78,7 @@ static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, 
   u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
   /* Held until the registry has them: the wire copies as they arrive, then the float32 ones. */
   const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + (uint64_t)u->b_elems * sizeof(float);
-  int rc = convd_rpc_admit(c->rpc, hold, err, errlen);
+  int rc = convd_rpc_admit_call(c, hold, err, errlen);
   if (rc) return rc;
   u->held = hold;
   u->w = malloc(wbytes);
@@ -107,7 +110,7 @@ static void put_register(void *arg) {
     if (be) convd_dtype_decode(u->dtype, u->b, b, be);
     free(u->w), free(u->b); /* the wire copies are done with */
     u->w = u->b = NULL;
-    rc = convd_registry_put(c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), u->shape[0],
+    rc = convd_registry_put(c->rpc->registry, convd_call_tenant(c), tenant_weights_limit(c), u->shape[0],
                             u->shape[1], u->shape[2], u->shape[3], u->dtype, w, b, (int64_t)be, id,
                             &bytes, &already, err, sizeof err);
   }
@@ -199,7 +202,7 @@ static void put_free(convd_call *c) {
   if (u == NULL) return;
   free(u->w);
   free(u->b);
-  convd_rpc_release(c->rpc, u->held);
+  convd_rpc_release_call(c, u->held);
   free(u);
 }
 
@@ -209,7 +212,7 @@ static void list_start(convd_call *c) {
   convd_registry_stats st = {0};
   uint64_t own = 0;
   if (c->rpc->registry) {
-    if (convd_registry_list(c->rpc->registry, TENANT(c), &v, &n, &own)) {
+    if (convd_registry_list(c->rpc->registry, convd_call_tenant(c), &v, &n, &own)) {
       convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
       return;
     }
@@ -238,10 +241,10 @@ static void list_start(convd_call *c) {
     resp.n_weights = n;
     resp.weights = ptrs;
     /* With tenants, a listing says nothing about the others: their bytes, their evictions. */
-    const uint64_t tl = TENANT_WEIGHTS_LIMIT(c), limit = c->rpc->cfg->weights_memory;
-    resp.bytes_used = TENANT(c) ? own : st.bytes;
+    const uint64_t tl = tenant_weights_limit(c), limit = c->rpc->cfg->weights_memory;
+    resp.bytes_used = convd_call_tenant(c) ? own : st.bytes;
     resp.bytes_limit = tl && tl < limit ? tl : limit;
-    resp.evictions = TENANT(c) ? 0 : st.evictions;
+    resp.evictions = convd_call_tenant(c) ? 0 : st.evictions;
     convd_call_reply(c, &resp.base);
   } else {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
@@ -261,7 +264,7 @@ static void delete_start(convd_call *c) {
   else if (c->rpc->registry == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOTFOUND, "this daemon runs without a weights registry");
   else
-    rc = convd_registry_delete(c->rpc->registry, TENANT(c), m->weights_id ? m->weights_id : "", err, sizeof err);
+    rc = convd_registry_delete(c->rpc->registry, convd_call_tenant(c), m->weights_id ? m->weights_id : "", err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) {
     convd_call_fail(c, rc, err);
