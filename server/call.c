@@ -75,7 +75,7 @@ static void log_end(convd_call *c) {
              cv->p.kw, cv->p.n, cv->p.c_out, cv->h_out, cv->w_out);
   const double seconds = convd_now_seconds() - c->t_begin;
   if (c->rpc->metrics)
-    convd_metrics_call_ended(c->rpc->metrics, c->method->name, status, seconds,
+    convd_metrics_call_ended(c->rpc->metrics, c->method->name, convd_call_tenant(c), status, seconds,
                              st->ops_run ? st->queue_seconds : -1, rep.bytes_in, rep.bytes_out);
   /* The peer and the error may carry client-chosen text (a weights id, a service name). */
   char peer[sizeof c->peer * 4 + 3], error[1200] = ""; /* a long error is cut, still quoted */

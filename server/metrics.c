@@ -15,6 +15,9 @@ static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 #define NBUCKETS (sizeof buckets / sizeof buckets[0])
 #define MAX_METHODS 16
 #define MAX_STATUSES 17 /* gRPC's codes */
+/* Tenants with series of their own; later ones share OTHER_TENANT's (labels stay bounded). */
+#define MAX_TENANTS 64
+#define OTHER_TENANT "_other"
 
 typedef struct histogram {
   uint64_t counts[NBUCKETS]; /* per bucket, not cumulative */
@@ -22,21 +25,51 @@ typedef struct histogram {
   double sum;
 } histogram;
 
+typedef struct status_count {
+  char status[24];
+  uint64_t n;
+} status_count;
+
 typedef struct method_stats {
   char name[32];
-  struct {
-    char status[24];
-    uint64_t n;
-  } by_status[MAX_STATUSES];
+  status_count by_status[MAX_STATUSES];
   histogram duration, queue;
 } method_stats;
+
+typedef struct tenant_stats {
+  char name[72]; /* tokens-file names: letters, digits, - _ . (safe in a label) */
+  status_count by_status[MAX_STATUSES];
+  uint64_t bytes_in, bytes_out;
+} tenant_stats;
 
 struct convd_metrics {
   pthread_mutex_t mu;
   method_stats methods[MAX_METHODS];
   int nmethods;
+  tenant_stats tenants[MAX_TENANTS + 1];
+  int ntenants;
   uint64_t bytes_in, bytes_out;
 };
+
+static void count_status(status_count *by, const char *status) {
+  int k = 0;
+  while (k < MAX_STATUSES && by[k].status[0] && strcmp(by[k].status, status) != 0) k++;
+  if (k < MAX_STATUSES) {
+    snprintf(by[k].status, sizeof by[k].status, "%s", status);
+    by[k].n++;
+  }
+}
+
+static tenant_stats *tenant_of(convd_metrics *m, const char *tenant) {
+  for (int i = 0; i < m->ntenants; i++)
+    if (strcmp(m->tenants[i].name, tenant) == 0) return &m->tenants[i];
+  if (m->ntenants == MAX_TENANTS) tenant = OTHER_TENANT;
+  for (int i = 0; i < m->ntenants; i++)
+    if (strcmp(m->tenants[i].name, tenant) == 0) return &m->tenants[i];
+  tenant_stats *t = &m->tenants[m->ntenants++];
+  snprintf(t->name, sizeof t->name, "%s", tenant);
+  return t;
+}
 
 convd_metrics *convd_metrics_create(void) {
   convd_metrics *m = calloc(1, sizeof *m);
@@ -58,9 +91,9 @@ static void observe(histogram *h, double v) {
   h->sum += v;
 }
 
-void convd_metrics_call_ended(convd_metrics *m, const char *method, const char *status,
-                              double seconds, double queue_seconds, uint64_t bytes_in,
-                              uint64_t bytes_out) {
+void convd_metrics_call_ended(convd_metrics *m, const char *method, const char *tenant,
+                              const char *status, double seconds, double queue_seconds,
+                              uint64_t bytes_in, uint64_t bytes_out) {
   pthread_mutex_lock(&m->mu);
   method_stats *ms = NULL;
   for (int i = 0; i < m->nmethods && !ms; i++)
@@ -69,13 +102,14 @@ void convd_metrics_call_ended(convd_metrics *m, const char *method, const char *
     ms = &m->methods[m->nmethods++];
     snprintf(ms->name, sizeof ms->name, "%s", method);
   }
+  if (tenant) {
+    tenant_stats *t = tenant_of(m, tenant);
+    count_status(t->by_status, status);
+    t->bytes_in += bytes_in;
+    t->bytes_out += bytes_out;
+  }
   if (ms) {
-    int k = 0;
-    while (k < MAX_STATUSES && ms->by_status[k].status[0] && strcmp(ms->by_status[k].status, status) != 0) k++;
-    if (k < MAX_STATUSES) {
-      snprintf(ms->by_status[k].status, sizeof ms->by_status[k].status, "%s", status);
-      ms->by_status[k].n++;
-    }
+    count_status(ms->by_status, status);
     observe(&ms->duration, seconds);
     if (queue_seconds >= 0) observe(&ms->queue, queue_seconds);
   }
@@ -160,6 +194,22 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
          "Time a call's first elemental op waited for a device, by method.");
   for (int i = 0; i < m->nmethods; i++)
     if (m->methods[i].queue.n) put_histogram(&t, "convd_queue_wait_seconds", m->methods[i].name, &m->methods[i].queue);
+  if (m->ntenants) {
+    header(&t, "convd_tenant_requests_total", "counter",
+           "Calls ended, by tenant (--auth-tokens) and gRPC status.");
+    for (int i = 0; i < m->ntenants; i++)
+      for (int k = 0; k < MAX_STATUSES && m->tenants[i].by_status[k].status[0]; k++)
+        put(&t, "convd_tenant_requests_total{tenant=\"%s\",status=\"%s\"} %" PRIu64 "\n",
+            m->tenants[i].name, m->tenants[i].by_status[k].status, m->tenants[i].by_status[k].n);
+    header(&t, "convd_tenant_received_bytes_total", "counter", "Tensor bytes received, by tenant.");
+    for (int i = 0; i < m->ntenants; i++)
+      put(&t, "convd_tenant_received_bytes_total{tenant=\"%s\"} %" PRIu64 "\n", m->tenants[i].name,
+          m->tenants[i].bytes_in);
+    header(&t, "convd_tenant_sent_bytes_total", "counter", "Tensor bytes sent, by tenant.");
+    for (int i = 0; i < m->ntenants; i++)
+      put(&t, "convd_tenant_sent_bytes_total{tenant=\"%s\"} %" PRIu64 "\n", m->tenants[i].name,
+          m->tenants[i].bytes_out);
+  }
   scalar(&t, "convd_received_bytes_total", "counter", "Tensor bytes received (weights, bias, input).", (uint64_t)(m->bytes_in));
   scalar(&t, "convd_sent_bytes_total", "counter", "Tensor bytes sent (output).", (uint64_t)(m->bytes_out));
   pthread_mutex_unlock(&m->mu);

@@ -15,11 +15,12 @@ typedef struct convd_metrics convd_metrics;
 convd_metrics *convd_metrics_create(void);
 void convd_metrics_destroy(convd_metrics *m);
 
-/* A call ended: its method and gRPC status name, wall seconds, seconds its first op waited for
- * a device (< 0: it ran none), and tensor bytes received and sent. */
-void convd_metrics_call_ended(convd_metrics *m, const char *method, const char *status,
-                              double seconds, double queue_seconds, uint64_t bytes_in,
-                              uint64_t bytes_out);
+/* A call ended: its method, its tenant (NULL: none), its gRPC status name, wall seconds,
+ * seconds its first op waited for a device (< 0: it ran none), and tensor bytes received and
+ * sent. */
+void convd_metrics_call_ended(convd_metrics *m, const char *method, const char *tenant,
+                              const char *status, double seconds, double queue_seconds,
+                              uint64_t bytes_in, uint64_t bytes_out);
 
 /* What the server adds to a scrape beside its counters. */
 typedef struct convd_metrics_gauges {

@@ -372,7 +372,7 @@ def case_tenants(convd):
     and putting the same content does not tell him she has it; alice's stay hers."""
     ta, tb = "alice-token-0123456789", "bob-token-0123456789ab"
     path = tokens_file([f"alice {ta}", f"bob {tb}"])
-    d = Daemon(convd, "--auth-tokens", path)
+    d = Daemon(convd, "--auth-tokens", path, "--metrics-listen", "127.0.0.1:0")
     try:
         rng = np.random.default_rng(21)
         w = rng.standard_normal((6, 4, 3, 3), dtype=np.float32)
@@ -404,7 +404,15 @@ def case_tenants(convd):
             check_close(y, reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1))
             mine = stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=A)
             assert [i.weights_id for i in mine.weights] == [ra.weights_id], mine
-        return "bob saw none of alice's weights (list, use, delete, dedupe); alice's call by id is right"
+        import urllib.request
+        scrape = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
+        series = dict(re.findall(r'^(convd_tenant_requests_total\{[^}]*\}) (\d+)$', scrape, re.M))
+        want = {'convd_tenant_requests_total{tenant="alice",status="OK"}': "3",
+                'convd_tenant_requests_total{tenant="bob",status="OK"}': "2",
+                'convd_tenant_requests_total{tenant="bob",status="NOT_FOUND"}': "2"}
+        assert all(series.get(k) == v for k, v in want.items()), f"tenant series {series}, want {want}"
+        return "bob saw none of alice's weights (list, use, delete, dedupe); alice's call by id is right; " \
+            f"metrics by tenant {sorted(series.values())}"
     finally:
         d.stop()
         os.unlink(path)
