@@ -176,11 +176,13 @@ def case_band_too_large(convd):
                     yield pb.ConvRequest(input=pb.RowBand(n=item, h_begin=0, h_end=h, offset=off,
                                                           data=piece))
 
+        probe = Probe(d.target)
         with grpc.insecure_channel(d.target) as ch:
             stub = pb_grpc.ConvolutionStub(ch)
             msg = expect_status(lambda: list(stub.Conv2d(requests(), timeout=60)),
                                 grpc.StatusCode.RESOURCE_EXHAUSTED, "rows per band", "64 MiB bands")
-        return f"RESOURCE_EXHAUSTED \"{msg}\"; " + peak_check(d, base, FIXED_OVERHEAD, "64 MiB bands")
+        health = probe.finish("64 MiB bands")
+        return f"RESOURCE_EXHAUSTED \"{msg}\"; {health}; " + peak_check(d, base, FIXED_OVERHEAD, "64 MiB bands")
     finally:
         d.stop()
 
@@ -194,12 +196,14 @@ def case_small_limit_admits(convd):
         x = rng.standard_normal((1, 8, 512, 512), dtype=np.float32)
         w = rng.standard_normal((8, 8, 3, 3), dtype=np.float32)
         b = rng.standard_normal(8, dtype=np.float32)
+        probe = Probe(d.target)
         with grpc.insecure_channel(d.target, options=[("grpc.max_receive_message_length", 8 * MiB)]) as ch:
             stub = pb_grpc.ConvolutionStub(ch)
             s = spec(x.shape, w.shape, (1, 1, 1, 1), True)
             y, acc, summary = collect_output(stub.Conv2d(conv_requests(pb, s, x, w, b, 256 << 10), timeout=120))
+        health = probe.finish("16M limit")
         worst = check_close(y, reference_conv2d(x, w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1))
-        return f"{acc.elemental_ops} ops, max error {worst:.2e}"
+        return f"{acc.elemental_ops} ops, max error {worst:.2e}; {health}"
     finally:
         d.stop()
 
@@ -210,6 +214,7 @@ def case_put_weights(convd):
     d = Daemon(convd, "--max-inflight-bytes", str(64 * MiB), "--weights-memory", "1G")
     try:
         base = status_kib(d.proc.pid, "VmHWM")
+        probe = Probe(d.target)
         with grpc.insecure_channel(d.target) as ch:
             stub = pb_grpc.ConvolutionStub(ch)
             big = pb.WeightsSpec(dtype=pb.DTYPE_FLOAT32)
@@ -220,7 +225,8 @@ def case_put_weights(convd):
             tr.weight_shape.d0 = tr.weight_shape.d1 = tr.weight_shape.d2 = tr.weight_shape.d3 = 1
             m2 = expect_status(lambda: stub.PutWeights(iter([pb.PutWeightsRequest(spec=tr)]), timeout=30),
                                grpc.StatusCode.INVALID_ARGUMENT, "must divide", "transpose groups 2^31-1")
-        return f"RESOURCE_EXHAUSTED \"{m1[:70]}...\", INVALID_ARGUMENT \"{m2}\"; " + \
+        health = probe.finish("PutWeights")
+        return f"RESOURCE_EXHAUSTED \"{m1[:70]}...\", INVALID_ARGUMENT \"{m2}\"; {health}; " + \
             peak_check(d, base, FIXED_OVERHEAD, "PutWeights")
     finally:
         d.stop()
@@ -273,6 +279,7 @@ def case_idle_stream(convd):
     after --stream-idle-timeout, and what it reserved is free for the next call."""
     d = Daemon(convd, "--max-inflight-bytes", str(256 * MiB), "--stream-idle-timeout", "1")
     try:
+        probe = Probe(d.target)
         with grpc.insecure_channel(d.target) as ch:
             stub = pb_grpc.ConvolutionStub(ch)
             s = spec((1, 1024, 8, 8), (768, 1024, 8, 8))
@@ -285,7 +292,8 @@ def case_idle_stream(convd):
             # were still counted): it fails only for ending without its tensors.
             expect_status(lambda: list(stub.Conv2d(iter([pb.ConvRequest(spec=s)]), timeout=30)),
                           grpc.StatusCode.INVALID_ARGUMENT, "incomplete at half-close", "second reservation")
-        return f"DEADLINE_EXCEEDED after {took:.1f} s \"{msg}\"; the same reservation is admitted next"
+        health = probe.finish("idle stream")
+        return f"DEADLINE_EXCEEDED after {took:.1f} s \"{msg}\"; the same reservation is admitted next; {health}"
     finally:
         d.stop()
 
