@@ -1,0 +1,116 @@
+/* See weights_upload.h. Threads: the completion-queue thread, under the owning call's mutex. */
+#include "weights_upload.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+
+#include "conv.h"
+#include "conv_stream.h"
+#include "dtype.h"
+#include "err.h"
+
+/* The spec's shape and dtype, and the tensors as they arrive (wire dtype). */
+struct convd_upload {
+  uint64_t weights_memory;
+  int have_spec;
+  int64_t shape[4];
+  int has_bias, dtype;
+  size_t elem;
+  void *w, *b;
+  size_t w_recv, b_recv, w_total, b_total;
+  int64_t b_elems;
+};
+
+convd_upload *convd_upload_create(uint64_t weights_memory) {
+  convd_upload *u = calloc(1, sizeof *u);
+  if (u) u->weights_memory = weights_memory;
+  return u;
+}
+
+void convd_upload_destroy(convd_upload *u) {
+  if (u == NULL) return;
+  free(u->w);
+  free(u->b);
+  free(u);
+}
+
+uint64_t convd_upload_bytes_received(const convd_upload *u) { return u->w_recv + u->b_recv; }
+
+static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err, size_t errlen) {
+  const Convd__V1__Shape4 *sh = sp->weight_shape;
+  if (sh == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL, "spec.weight_shape is missing: send C_out, C_in/groups, kH, kW");
+  const int64_t d[4] = {sh->d0, sh->d1, sh->d2, sh->d3};
+  size_t elems = 1;
+  for (int i = 0; i < 4; i++) {
+    if (d[i] < 1 || d[i] > CONVD_DIM_MAX || convd_size_mul(elems, (size_t)d[i], &elems))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "weight shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                        ": every dimension must be between 1 and %" PRId64 " and the product fit memory",
+                        d[0], d[1], d[2], d[3], (int64_t)CONVD_DIM_MAX);
+    u->shape[i] = d[i];
+  }
+  if ((u->dtype = convd_stream_dtype_from_wire(sp->dtype)) < 0)
+    return convd_errf(err, errlen, CONVD_ENOTSUP, "spec.dtype = %d is not one this daemon serves",
+                      (int)sp->dtype);
+  u->elem = convd_dtype_size(u->dtype);
+  u->has_bias = sp->has_bias;
+  /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
+  const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
+  const int transposed = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
+  if (transposed && (groups < 1 || groups > CONVD_DIM_MAX))
+    return convd_errf(err, errlen, CONVD_EINVAL, "spec.groups = %" PRId64 ": must be at least 1", groups);
+  u->b_elems = transposed ? d[1] * groups : d[0];
+  const uint64_t limit = u->weights_memory;
+  size_t wbytes, fbytes;
+  if (convd_size_mul(elems, u->elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
+      fbytes > limit)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "weights of %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+                      " do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
+                      d[0], d[1], d[2], d[3], limit);
+  u->w_total = wbytes;
+  u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
+  u->w = malloc(wbytes);
+  u->b = u->b_total ? malloc(u->b_total) : NULL;
+  if (u->w == NULL || (u->b_total && u->b == NULL))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now", wbytes);
+  u->have_spec = 1;
+  return 0;
+}
+
+int convd_upload_feed(convd_upload *u, const Convd__V1__PutWeightsRequest *m, char *err,
+                      size_t errlen) {
+  if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_SPEC)
+    return u->have_spec ? convd_errf(err, errlen, CONVD_EINVAL, "a second spec arrived")
+                        : put_spec(u, m->spec, err, errlen);
+  if (!u->have_spec)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the first message must be the spec (the weights' shape)");
+  if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_WEIGHT)
+    return convd_stream_append_chunk("weight", m->weight, u->w, &u->w_recv, u->w_total, err, errlen);
+  if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_BIAS)
+    return !u->has_bias ? convd_errf(err, errlen, CONVD_EINVAL, "a bias chunk arrived but the spec says has_bias = false")
+                        : convd_stream_append_chunk("bias", m->bias, u->b, &u->b_recv, u->b_total, err, errlen);
+  return convd_errf(err, errlen, CONVD_EINVAL, "a message with no content arrived");
+}
+
+int convd_upload_finish(convd_upload *u, convd_registry *reg, char id[CONVD_WEIGHTS_ID_LEN + 1],
+                        uint64_t *bytes, int *already, char *err, size_t errlen) {
+  if (!u->have_spec)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the stream ended before the spec arrived");
+  if (u->w_recv != u->w_total || u->b_recv != u->b_total)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "incomplete at half-close: %zu of %zu weight bytes and %zu of %zu bias bytes arrived",
+                      u->w_recv, u->w_total, u->b_recv, u->b_total);
+  const size_t we = u->w_total / u->elem, be = u->b_total / u->elem;
+  float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
+  if (w == NULL || (be && b == NULL)) {
+    free(w), free(b);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot widen the weights now; retry later");
+  }
+  convd_dtype_decode(u->dtype, u->w, w, we);
+  if (be) convd_dtype_decode(u->dtype, u->b, b, be);
+  /* the registry takes w and b over, whatever it answers */
+  return convd_registry_put(reg, u->shape[0], u->shape[1], u->shape[2], u->shape[3], u->dtype, w,
+                            b, (int64_t)be, id, bytes, already, err, errlen);
+}

@@ -1,0 +1,38 @@
+/* A PutWeights upload being reassembled: the spec (the weights' shape, dtype and op), then
+ * weight and bias chunks in order (checked as Conv2d's are, convd_stream_append_chunk), and at
+ * half-close the tensors widened to float32 and put into the registry. Every rule of a
+ * PutWeights stream is checked here; svc_weights.c only moves messages and answers. Knows
+ * protobuf-c messages, not gRPC calls, so tests/fuzz drives it exactly as the daemon does.
+ *
+ * Threads: one upload is fed by one thread at a time (the completion-queue thread, under its
+ * call's mutex); the registry it puts into is thread-safe. */
+#ifndef CONVD_WEIGHTS_UPLOAD_H
+#define CONVD_WEIGHTS_UPLOAD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "convd/v1/convd.pb-c.h"
+#include "registry.h"
+
+typedef struct convd_upload convd_upload;
+
+/* weights_memory: the registry's limit (--weights-memory); a spec whose tensors would not fit
+ * it as float32 is refused before anything is allocated. NULL when out of memory. */
+convd_upload *convd_upload_create(uint64_t weights_memory);
+void convd_upload_destroy(convd_upload *u);
+
+/* Applies one client message. Returns 0, or a negative error with err set; after an error the
+ * upload must not be fed again. */
+int convd_upload_feed(convd_upload *u, const Convd__V1__PutWeightsRequest *m, char *err,
+                      size_t errlen);
+
+/* The client half-closed: checks that every byte the spec announced has arrived, widens the
+ * tensors and puts them into reg (convd_registry_put: *id, *bytes, *already as it sets them). */
+int convd_upload_finish(convd_upload *u, convd_registry *reg, char id[CONVD_WEIGHTS_ID_LEN + 1],
+                        uint64_t *bytes, int *already, char *err, size_t errlen);
+
+/* Tensor bytes received so far (the end-of-call log line). */
+uint64_t convd_upload_bytes_received(const convd_upload *u);
+
+#endif
