@@ -2,6 +2,7 @@
 #include "weights_upload.h"
 
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "conv.h"
@@ -61,14 +62,21 @@ static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err
   if (transposed && (groups < 1 || groups > CONVD_DIM_MAX))
     return convd_errf(err, errlen, CONVD_EINVAL, "spec.groups = %" PRId64 ": must be at least 1", groups);
   u->b_elems = transposed ? d[1] * groups : d[0];
+  /* What the entry will hold as float32, the bias included, against the limit before anything
+   * is allocated: a transpose's bias (d1 x groups values) can be far larger than its weights. */
   const uint64_t limit = u->weights_memory;
-  size_t wbytes, fbytes;
+  size_t wbytes, fbytes, bbytes = 0;
   if (convd_size_mul(elems, u->elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
-      fbytes > limit)
+      (u->has_bias && (convd_size_mul((size_t)u->b_elems, sizeof(float), &bbytes) ||
+                       convd_size_add(fbytes, bbytes, &fbytes))) ||
+      fbytes > limit) {
+    char bias[64] = "";
+    if (u->has_bias) snprintf(bias, sizeof bias, " with %" PRId64 " bias values", u->b_elems);
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "weights of %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
-                      " do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
-                      d[0], d[1], d[2], d[3], limit);
+                      "%s do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
+                      d[0], d[1], d[2], d[3], bias, limit);
+  }
   u->w_total = wbytes;
   u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
   u->w = malloc(wbytes);

@@ -538,6 +538,15 @@ static void bad_seeds(const golden *g) {
   frame_msg(&s, &pm.base);
   call_end(&s);
   seed_write(&s, "bad-put-weights-over-limit");
+  /* A transpose's bias has weight_shape.d1 x groups values: 2^30 here (4 GiB as float32) beside
+   * 4 KiB of weights. The spec alone must be refused: the call goes away after it, so only a
+   * refusal there makes this seed "bad" (it was accepted once, the bias buffer allocated). */
+  wsh.d0 = 1, wsh.d1 = 1024, wsh.d2 = 1, wsh.d3 = 1;
+  ws.op = CONVD__V1__OP__OP_CONV_TRANSPOSE2D, ws.groups = 1 << 20, ws.has_bias = 1;
+  call_begin(&s, FUZZ_PUT_WEIGHTS | FUZZ_NO_HALF_CLOSE);
+  frame_msg(&s, &pm.base);
+  call_end(&s);
+  seed_write(&s, "bad-put-weights-transpose-bias-over-limit");
   delete_weights(&s, "0123456789abcdef0123456789abcdef");
   seed_write(&s, "bad-delete-unknown");
   tensors_free(&t);
