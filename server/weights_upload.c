@@ -56,6 +56,13 @@ static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err
                       (int)sp->dtype);
   u->elem = convd_dtype_size(u->dtype);
   u->has_bias = sp->has_bias;
+  /* as Conv2d's spec: an op this daemon does not serve is refused, not read as conv2d */
+  if (sp->op != CONVD__V1__OP__OP_UNSPECIFIED && sp->op != CONVD__V1__OP__OP_CONV2D &&
+      sp->op != CONVD__V1__OP__OP_CONV_TRANSPOSE2D)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "spec.op = %d is not an operation this daemon serves (OP_CONV2D = 1, "
+                      "OP_CONV_TRANSPOSE2D = 2)",
+                      (int)sp->op);
   /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
   const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
   const int transposed = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;

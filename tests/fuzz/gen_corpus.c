@@ -547,6 +547,13 @@ static void bad_seeds(const golden *g) {
   frame_msg(&s, &pm.base);
   call_end(&s);
   seed_write(&s, "bad-put-weights-transpose-bias-over-limit");
+  /* an op nobody serves (it was read as conv2d); again refused at the spec */
+  wsh.d0 = 4, wsh.d1 = 3, wsh.d2 = 3, wsh.d3 = 3;
+  ws.op = 7, ws.groups = 0;
+  call_begin(&s, FUZZ_PUT_WEIGHTS | FUZZ_NO_HALF_CLOSE);
+  frame_msg(&s, &pm.base);
+  call_end(&s);
+  seed_write(&s, "bad-put-weights-unknown-op");
   delete_weights(&s, "0123456789abcdef0123456789abcdef");
   seed_write(&s, "bad-delete-unknown");
   tensors_free(&t);
