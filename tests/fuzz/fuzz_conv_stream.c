@@ -5,24 +5,30 @@
  * (conv_stream.c: the stream's rules, spec -> checked descriptor, registry look-ups) as
  * svc_conv.c's conv2d_recv feeds them; a ConvCall as unary_start and unary_run do; PutWeights
  * into an upload (weights_upload.c) and the registry as svc_weights.c does; DeleteWeights into
- * the registry. No job is attached, so streams are only checked: nothing is computed. Besides
- * the sanitizers, it aborts when an invariant the daemon relies on fails: the in-place reader
- * and protobuf-c agree on every band the former accepts, an accepted spec fits the request
- * limit, a stream that finished cleanly received exactly the bytes its spec announced, weights
+ * the registry. A call without FUZZ_WITH_JOB has no job attached, so its stream is only
+ * checked; with it, a small convolution gets an engine job on reference devices (created as
+ * begin_job does, without admission), and bands and weights are handed over, widened and
+ * digested as in the daemon. Besides the sanitizers, it aborts when an invariant the daemon
+ * relies on fails: the in-place reader and protobuf-c agree on every band the former accepts,
+ * an accepted spec fits the request limit, a stream that finished cleanly received exactly the
+ * bytes its spec announced (and its job then finishes: a hang is libFuzzer's timeout), weights
  * just put can be acquired, the registry stays under its limit.
  *
  * Built twice from this one file: with clang and -fsanitize=fuzzer (CONVD_FUZZ=ON, libFuzzer's
  * main), and in every build with fuzz_replay.c's main, which runs the seed corpus once.
  *
- * Threads: the caller's (libFuzzer's, or the replay's), one input at a time. */
+ * Threads: the caller's (libFuzzer's, or the replay's), one input at a time; the engine's
+ * device workers run jobs' ops and callbacks, which touch only their job_sink. */
 #include <grpc/byte_buffer.h>
 #include <grpc/slice.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "conv_stream.h"
+#include "engine.h"
 #include "err.h"
 #include "fuzz_frame.h"
 #include "registry.h"
@@ -105,6 +111,75 @@ static void answer(daemon_state *d, const char *method, int rc, const char *err)
         st.bytes, st.limit);
 }
 
+/* ---- the job a small convolution gets (FUZZ_WITH_JOB) ------------------------------------- */
+
+/* One job and its callbacks' state; mu guards done (set on a device worker). */
+typedef struct job_sink {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done;
+  convd_job *job;
+} job_sink;
+
+#define JOB_SINK_INIT {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL}
+
+/* Final output rows are dropped at once (a call would send them first). */
+static void sink_rows(void *user, int64_t n, int64_t h0, int64_t h1) {
+  job_sink *k = user;
+  convd_job_release_rows(k->job, n, h0, h1);
+}
+
+static void sink_done(void *user, int status, const char *err, const convd_job_stats *st) {
+  job_sink *k = user;
+  (void)status, (void)err, (void)st;
+  pthread_mutex_lock(&k->mu);
+  k->done = 1;
+  pthread_cond_signal(&k->cv);
+  pthread_mutex_unlock(&k->mu);
+}
+
+/* Made on first use and kept for the process: one reference device with a small budget, so
+ * that even these small convolutions are often cut into several ops. */
+static convd_engine *engine(void) {
+  static convd_engine *e;
+  if (e == NULL) {
+    convd_engine_opts o = {.cpu_devices = 1, .cpu_threads = 1, .reference = 1,
+                           .device_memory = 8192, .gpus = 0};
+    char err[256];
+    CHECK(convd_engine_create(&o, &e, err, sizeof err) == 0, "%s", err);
+  }
+  return e;
+}
+
+/* The spec was accepted: the job, as begin_job creates it (y: Conv2dUnary's output, written in
+ * place). A convolution too large to compute here stays only checked. */
+static int job_begin(const daemon_state *d, job_sink *k, convd_stream *s, float *y, char *err,
+                     size_t errlen) {
+  const convd_conv *cv = convd_stream_conv(s);
+  if (cv->macs > FUZZ_JOB_MACS_MAX) return 0;
+  const convd_job_cbs cbs = {.user = k, .rows_ready = sink_rows, .done = sink_done};
+  int rc = convd_job_create(engine(), cv, &cbs, &k->job, err, errlen);
+  if (rc) return rc;
+  if (d->verbose)
+    fprintf(stderr, "  (a job of %" PRIu64 " ops)\n", (uint64_t)convd_job_plan(k->job)->ops);
+  convd_job_set_priority(k->job, convd_stream_priority(s));
+  if (y) convd_job_set_output(k->job, y);
+  convd_stream_attach(s, k->job);
+  return 0;
+}
+
+/* The call is over: a job that has everything runs to its end, any other is cancelled (as
+ * conv_stop does); then it is destroyed, before its stream (conv_free's order). */
+static void job_end(job_sink *k, int cancel) {
+  if (k->job == NULL) return;
+  pthread_mutex_lock(&k->mu);
+  if (cancel && !k->done) convd_job_cancel(k->job); /* under the lock, as conv_stop runs */
+  while (!k->done) pthread_cond_wait(&k->cv, &k->mu);
+  pthread_mutex_unlock(&k->mu);
+  convd_job_destroy(k->job);
+  k->job = NULL;
+}
+
 /* ---- Conv2d ------------------------------------------------------------------------------ */
 
 static void wire_copy(const void *ctx, size_t off, void *dst, size_t n) {
@@ -136,9 +211,10 @@ static void check_band_agrees(grpc_byte_buffer *bb, const convd_wire_band *wb) {
   protobuf_c_message_free_unpacked(&m->base, NULL);
 }
 
-/* One Conv2d message, as conv2d_recv applies it (svc_conv.c). */
-static int conv2d_message(convd_stream *s, grpc_byte_buffer *bb, unsigned index, char *err,
-                          size_t errlen) {
+/* One Conv2d message, as conv2d_recv applies it (svc_conv.c); k: the call's job, when it may
+ * have one. */
+static int conv2d_message(const daemon_state *d, convd_stream *s, job_sink *k,
+                          grpc_byte_buffer *bb, unsigned index, char *err, size_t errlen) {
   convd_wire_band wb;
   if (convd_wire_parse_band(bb, CONVD_WIRE_REQUEST_INPUT, &wb)) {
     check_band_agrees(bb, &wb);
@@ -161,6 +237,7 @@ static int conv2d_message(convd_stream *s, grpc_byte_buffer *bb, unsigned index,
     const uint64_t held = (uint64_t)cv->input_bytes + cv->output_bytes +
                           (convd_stream_registered_weights(s) ? 0 : cv->weight_bytes + cv->bias_bytes);
     CHECK(held <= FUZZ_MAX_REQUEST_BYTES, "an accepted spec needs %" PRIu64 " bytes", held);
+    if (k) rc = job_begin(d, k, s, NULL, err, errlen);
   }
   return rc;
 }
@@ -185,9 +262,10 @@ static void keep_open(daemon_state *d, convd_stream *s) {
   d->live[d->nlive++] = s;
 }
 
-static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_close) {
+static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_close, int with_job) {
   convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg);
   CHECK(s != NULL, "out of memory");
+  job_sink k = JOB_SINK_INIT;
   char err[1024] = "";
   int rc = 0, whole = 1;
   for (unsigned i = 0; i < count; i++) {
@@ -201,22 +279,26 @@ static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_clo
     if (rc) continue; /* after an error the daemon reads no more of this call */
     grpc_byte_buffer *bb = byte_buffer(p, len, cut);
     CHECK(bb != NULL, "out of memory");
-    rc = conv2d_message(s, bb, i, err, sizeof err);
+    rc = conv2d_message(d, s, with_job ? &k : NULL, bb, i, err, sizeof err);
     grpc_byte_buffer_destroy(bb);
   }
   if (rc == 0 && whole && half_close) {
     rc = convd_stream_finish(s, err, sizeof err);
     if (rc == 0) check_complete(s);
   }
+  job_end(&k, !(rc == 0 && whole && half_close));
   answer(d, "Conv2d", rc, err);
   keep_open(d, s);
 }
 
 /* ---- Conv2dUnary: unary_start, then unary_run without its job ------------------------------ */
 
-static int unary_call(daemon_state *d, grpc_byte_buffer *bb, char *err, size_t errlen) {
+static int unary_call(daemon_state *d, grpc_byte_buffer *bb, int with_job, char *err,
+                      size_t errlen) {
   convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg);
   CHECK(s != NULL, "out of memory");
+  job_sink k = JOB_SINK_INIT;
+  float *y = NULL;
   Convd__V1__ConvCall *m =
       (Convd__V1__ConvCall *)convd_wire_unpack(bb, &convd__v1__conv_call__descriptor);
   int rc = 0;
@@ -233,9 +315,14 @@ static int unary_call(daemon_state *d, grpc_byte_buffer *bb, char *err, size_t e
     rc = convd_stream_feed(s, &rq, &accepted, err, errlen);
   }
   if (rc == 0) rc = convd_stream_check_call(s, m, FUZZ_MAX_MESSAGE_BYTES, err, errlen);
-  /* here the daemon allocates the output and begins the job */
+  if (rc == 0 && with_job && convd_stream_conv(s)->macs <= FUZZ_JOB_MACS_MAX) {
+    CHECK((y = malloc(convd_stream_conv(s)->output_bytes)) != NULL, "out of memory");
+    rc = job_begin(d, &k, s, y, err, errlen);
+  }
   if (rc == 0) rc = convd_stream_feed_call(s, m, err, errlen);
   if (rc == 0) check_complete(s);
+  job_end(&k, rc != 0);
+  free(y);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   convd_stream_destroy(s);
   return rc;
@@ -298,7 +385,7 @@ static int delete_weights_call(daemon_state *d, grpc_byte_buffer *bb, char *err,
 }
 
 /* Calls of one message each (count of them). */
-static void single_calls(daemon_state *d, reader *r, unsigned kind, unsigned count) {
+static void single_calls(daemon_state *d, reader *r, unsigned kind, unsigned count, int with_job) {
   for (unsigned i = 0; i < count; i++) {
     const uint8_t *p;
     size_t len;
@@ -307,7 +394,7 @@ static void single_calls(daemon_state *d, reader *r, unsigned kind, unsigned cou
     grpc_byte_buffer *bb = byte_buffer(p, len, cut);
     CHECK(bb != NULL, "out of memory");
     char err[1024] = "";
-    int rc = kind == FUZZ_CONV2D_UNARY ? unary_call(d, bb, err, sizeof err)
+    int rc = kind == FUZZ_CONV2D_UNARY ? unary_call(d, bb, with_job, err, sizeof err)
                                        : delete_weights_call(d, bb, err, sizeof err);
     grpc_byte_buffer_destroy(bb);
     answer(d, kind == FUZZ_CONV2D_UNARY ? "Conv2dUnary" : "DeleteWeights", rc, err);
@@ -321,11 +408,11 @@ void fuzz_conv_run(const uint8_t *data, size_t size, int verbose, fuzz_outcome *
   reader r = {data, size};
   while (r.left >= FUZZ_CALL_HEADER) {
     const unsigned kind = r.p[0] % FUZZ_KINDS, count = r.p[1];
-    const int half_close = !(r.p[0] & FUZZ_NO_HALF_CLOSE);
+    const int half_close = !(r.p[0] & FUZZ_NO_HALF_CLOSE), with_job = (r.p[0] & FUZZ_WITH_JOB) != 0;
     r.p += FUZZ_CALL_HEADER, r.left -= FUZZ_CALL_HEADER;
-    if (kind == FUZZ_CONV2D) conv2d_call(&d, &r, count, half_close);
+    if (kind == FUZZ_CONV2D) conv2d_call(&d, &r, count, half_close, with_job);
     else if (kind == FUZZ_PUT_WEIGHTS) put_weights_call(&d, &r, count, half_close);
-    else single_calls(&d, &r, kind, count);
+    else single_calls(&d, &r, kind, count, with_job);
   }
   for (size_t i = 0; i < d.nlive; i++) convd_stream_destroy(d.live[i]);
   convd_registry_destroy(d.reg);

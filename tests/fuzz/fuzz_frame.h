@@ -7,7 +7,9 @@
  *   frame := len:u32le cut1:u8 cut2:u8 bytes[len]
  *
  * kind's low bits (kind % FUZZ_KINDS) name the method; FUZZ_NO_HALF_CLOSE in kind means the
- * client goes away without half-closing (the stream is destroyed mid-way). A Conv2dUnary or
+ * client goes away without half-closing (the stream is destroyed mid-way); FUZZ_WITH_JOB gives a
+ * Conv2d or Conv2dUnary call whose convolution is small an engine job (a reference device), so
+ * the stream hands its bands and weights over as in the daemon. A Conv2dUnary or
  * DeleteWeights call has one message; count says how many such calls follow. A frame's bytes
  * reach the server as a byte buffer of up to three slices, cut at len * cut / 255, so the
  * in-place band reader (proto/wire.c) meets messages split anywhere. A frame cut short by the
@@ -26,6 +28,7 @@ enum {
   FUZZ_PUT_WEIGHTS = 2,   /* messages of one PutWeights stream (PutWeightsRequest) */
   FUZZ_DELETE_WEIGHTS = 3, /* count DeleteWeights calls (DeleteWeightsRequest each) */
   FUZZ_KINDS = 4,
+  FUZZ_WITH_JOB = 0x40,
   FUZZ_NO_HALF_CLOSE = 0x80,
 };
 
@@ -38,6 +41,9 @@ enum {
 #define FUZZ_MAX_REQUEST_BYTES ((uint64_t)64 << 20) /* --max-request-bytes */
 #define FUZZ_MAX_MESSAGE_BYTES ((uint64_t)4 << 20)  /* --max-message-bytes (the default) */
 #define FUZZ_WEIGHTS_MEMORY ((uint64_t)64 << 20)    /* --weights-memory */
+/* FUZZ_WITH_JOB: only convolutions of at most this many multiply-adds get a job (the reference
+ * kernel computes them in microseconds, even under ASan); larger ones are only checked. */
+#define FUZZ_JOB_MACS_MAX ((uint64_t)1 << 14)
 
 /* What one input did: calls made, and how many of them the daemon refused (any error). */
 typedef struct fuzz_outcome {

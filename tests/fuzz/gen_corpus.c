@@ -26,6 +26,8 @@
 
 static const char *out_dir;
 static int written;
+/* FUZZ_WITH_JOB while the seeds being written give their convolutions a job, else 0. */
+static unsigned with_job;
 
 static void die(const char *what) {
   fprintf(stderr, "gen_corpus: %s\n", what);
@@ -51,6 +53,7 @@ static void put(seed *s, const void *p, size_t n) {
 }
 
 static void call_begin(seed *s, unsigned kind) {
+  if (kind % FUZZ_KINDS == FUZZ_CONV2D || kind % FUZZ_KINDS == FUZZ_CONV2D_UNARY) kind |= with_job;
   const uint8_t h[FUZZ_CALL_HEADER] = {(uint8_t)kind, 0};
   s->call_at = s->len + 1;
   s->count = 0;
@@ -344,7 +347,7 @@ static void delete_weights(seed *s, const char *id) {
 }
 
 static void name_of(char *out, size_t n, const char *prefix, int dtype, const char *golden_name) {
-  snprintf(out, n, "%s-%s%s", prefix, dtype_tag(dtype), golden_name);
+  snprintf(out, n, "%s-%s%s%s", prefix, with_job ? "job-" : "", dtype_tag(dtype), golden_name);
 }
 
 /* Every correct seed for one case in one dtype. */
@@ -580,11 +583,18 @@ int main(int argc, char **argv) {
     golden g;
     char err[512];
     if (golden_load(argv[1], cases[i].name, &g, err, sizeof err)) die(err);
-    correct_seeds(&g, cases[i].name, CONVD_F32);
-    if (cases[i].half_types) {
-      correct_seeds(&g, cases[i].name, CONVD_F16);
-      correct_seeds(&g, cases[i].name, CONVD_BF16);
+    /* each only checked, and with a job when the convolution is small enough for one */
+    convd_conv cv;
+    if (convd_conv_init(&cv, &g.p, err, sizeof err)) die(err);
+    for (int job = 0; job < (cv.macs <= FUZZ_JOB_MACS_MAX ? 2 : 1); job++) {
+      with_job = job ? FUZZ_WITH_JOB : 0;
+      correct_seeds(&g, cases[i].name, CONVD_F32);
+      if (cases[i].half_types) {
+        correct_seeds(&g, cases[i].name, CONVD_F16);
+        correct_seeds(&g, cases[i].name, CONVD_BF16);
+      }
     }
+    with_job = 0;
     if (strcmp(cases[i].name, "basic_3x3_pad1") == 0) bad_seeds(&g);
     golden_free(&g);
   }
