@@ -843,7 +843,12 @@ int convd_engine_device_info(convd_engine *e, size_t i, convd_device_info *out) 
 
 int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
                       size_t errlen) {
-  uint64_t budget = UINT64_MAX;
+  return convd_engine_plan_within(e, conv, 0, plan, err, errlen);
+}
+
+int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t op_bytes,
+                             convd_plan *plan, char *err, size_t errlen) {
+  uint64_t budget = op_bytes ? op_bytes : UINT64_MAX;
   for (int i = 0; i < e->ndev; i++) {
     const uint64_t b = convd_device_memory_budget(e->devs[i].dev);
     if (b < budget) budget = b;
@@ -861,6 +866,22 @@ int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan,
 
 /* ---- jobs ------------------------------------------------------------------------------ */
 
+/* What convd_job_create and the job's life allocate beside tensor rows, at most: per input row
+ * its band pointer, reader count, arrival flag and (one band per row at worst) band record;
+ * per (n, tile row) its output band, counters and a ready range; per op a retry slot; and a
+ * transpose's segregated copy of its weights (when the segregated-weights cache, bounded by
+ * CONVD_SEGCACHE_BYTES, does not take it). */
+static uint64_t bookkeeping_bytes(const convd_plan *pl, int ndev) {
+  const convd_conv_params *p = &pl->conv.p;
+  const double rows = (double)p->n * (double)p->h, groups = (double)p->n * (double)pl->tiles_h;
+  const double per_row = sizeof(in_band *) + sizeof(uint32_t) + 1 + sizeof(in_band);
+  const double per_group = sizeof(out_band) + sizeof(int32_t) + 1 + sizeof(uint32_t) + sizeof(range);
+  double b = sizeof(convd_job) + rows * per_row + groups * per_group +
+             (double)pl->ops * (sizeof(uint64_t) + (pl->icblocks > 1 ? 1 : 0)) + (double)ndev +
+             (p->transposed ? (double)pl->conv.weight_bytes : 0);
+  return b >= (double)UINT64_MAX ? UINT64_MAX : (uint64_t)b;
+}
+
 int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cbs *cbs,
                      convd_job **out, char *err, size_t errlen) {
   *out = NULL;
@@ -871,7 +892,9 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   pthread_mutex_init(&j->seg_mu, NULL);
   atomic_init(&j->stop, 0);
   pthread_mutex_init(&j->acc_mu, NULL);
-  int rc = convd_engine_plan(e, conv, &j->plan, err, errlen);
+  int rc = convd_engine_plan_within(e, conv, cbs->op_bytes, &j->plan, err, errlen);
+  if (rc == 0 && cbs->admit)
+    rc = cbs->admit(cbs->user, &j->plan, bookkeeping_bytes(&j->plan, e->ndev), err, errlen);
   if (rc) {
     convd_job_destroy(j);
     return rc;
@@ -1095,8 +1118,7 @@ uint64_t convd_job_bytes_held(convd_job *j) {
   return b;
 }
 
-uint64_t convd_job_memory_hint(convd_job *j) {
-  const convd_plan *pl = &j->plan;
+uint64_t convd_plan_memory_hint(const convd_plan *pl) {
   const convd_conv_params *p = &pl->conv.p;
   int64_t a, b;
   convd_plan_tile_row_window(pl, 0, &a, &b);
@@ -1106,6 +1128,8 @@ uint64_t convd_job_memory_hint(convd_job *j) {
   uint64_t outb = (uint64_t)(o1 - o0) * (uint64_t)p->c_out * (uint64_t)pl->conv.w_out * 4;
   return 2 * (in + outb);
 }
+
+uint64_t convd_job_memory_hint(convd_job *j) { return convd_plan_memory_hint(&j->plan); }
 
 int convd_job_idle(convd_job *j) {
   pthread_mutex_lock(&j->e->mu);

@@ -80,6 +80,15 @@ typedef struct convd_job_cbs {
   void (*input_freed)(void *user);
   /* Exactly once, last: status 0, or a negative error with err for the client. */
   void (*done)(void *user, int status, const char *err, const convd_job_stats *stats);
+  /* Optional, called by convd_job_create once the plan is made and before the job allocates
+   * anything: the bytes its bookkeeping will take (per input row, per tile row, per op) and the
+   * plan, so a caller can count them against its memory limits first. Nonzero (a negative
+   * error with err set) refuses the job. */
+  int (*admit)(void *user, const convd_plan *plan, uint64_t bookkeeping_bytes, char *err,
+               size_t errlen);
+  /* Optional: at most this many bytes per elemental op for this job (0: the engine's own
+   * budget), so a caller with a small memory limit gets smaller tiles. */
+  uint64_t op_bytes;
 } convd_job_cbs;
 
 int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
@@ -94,9 +103,11 @@ uint64_t convd_engine_device_memory(const convd_engine *e);
 int convd_engine_healthy_devices(convd_engine *e);
 void convd_engine_load_get(convd_engine *e, convd_engine_load *out);
 
-/* Plans conv for this engine's devices and budget. */
+/* Plans conv for this engine's devices and budget (at most op_bytes per op, when not 0). */
 int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
                       size_t errlen);
+int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t op_bytes,
+                             convd_plan *plan, char *err, size_t errlen);
 
 /* A job for conv. Nothing runs until weights and input rows arrive. */
 int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cbs *cbs,
@@ -135,6 +146,7 @@ uint64_t convd_job_output_bytes_held(convd_job *j);
 /* What the job needs to hold at most to keep going when its input comes in order: two tile
  * rows' input windows and output rows. Callers stop reading input beyond it. */
 uint64_t convd_job_memory_hint(convd_job *j);
+uint64_t convd_plan_memory_hint(const convd_plan *plan);
 /* 1 when no op is ready or running: waiting on input (or on nothing). */
 int convd_job_idle(convd_job *j);
 const convd_plan *convd_job_plan(const convd_job *j);

@@ -34,6 +34,7 @@ convd_call *convd_call_new(convd_rpc *r, const convd_method *m) {
   grpc_call_details_init(&c->details);
   grpc_metadata_array_init(&c->md);
   atomic_init(&c->cancel, 0);
+  atomic_init(&c->daemon_cancelled, 0);
   convd_tag *tags[] = {&c->t_request, &c->t_md, &c->t_close, &c->t_recv, &c->t_send, &c->t_final};
   void (*fns[])(void *, int) = {on_request, on_md, on_close, on_recv, on_send, on_final};
   for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) *tags[i] = (convd_tag){fns[i], c};
@@ -76,12 +77,18 @@ static void log_end(convd_call *c) {
   if (c->rpc->metrics)
     convd_metrics_call_ended(c->rpc->metrics, c->method->name, status, seconds,
                              st->ops_run ? st->queue_seconds : -1, rep.bytes_in, rep.bytes_out);
+  /* The peer and the error may carry client-chosen text (a weights id, a service name). */
+  char peer[sizeof c->peer * 4 + 3], error[1200] = ""; /* a long error is cut, still quoted */
+  convd_log_quote(c->peer[0] ? c->peer : "-", peer, sizeof peer);
+  if (failed) {
+    memcpy(error, " error=", 7);
+    convd_log_quote(c->status_msg, error + 7, sizeof error - 7);
+  }
   convd_log(c->status_set && c->status == GRPC_STATUS_OK ? CONVD_LOG_INFO : CONVD_LOG_WARN,
             "msg=\"call ended\" rid=%s method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
-            " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s%s%s",
-            c->rid, c->method->name, c->peer[0] ? c->peer : "-", status, seconds * 1e3, st->ops_run,
-            st->compute_seconds, st->peak_bytes_held, shapes, failed ? " error=\"" : "",
-            failed ? c->status_msg : "", failed ? "\"" : "");
+            " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s",
+            c->rid, c->method->name, peer, status, seconds * 1e3, st->ops_run,
+            st->compute_seconds, st->peak_bytes_held, shapes, error);
 }
 
 static void call_free(convd_call *c) {
@@ -212,8 +219,10 @@ void convd_call_send_buffer(convd_call *c, grpc_byte_buffer *bb) {
   op.data.send_message.send_message = bb;
   c->send_buf = bb;
   c->sending = 1;
+  c->send_since = convd_now_seconds();
   if (start_batch(c, &op, 1, &c->t_send)) {
     c->sending = 0;
+    c->send_since = 0;
     grpc_byte_buffer_destroy(bb);
     c->send_buf = NULL;
   }
@@ -234,7 +243,20 @@ void convd_call_recv(convd_call *c) {
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_MESSAGE;
   op.data.recv_message.recv_message = &c->recv_buf;
-  start_batch(c, &op, 1, &c->t_recv);
+  c->recv_since = convd_now_seconds();
+  if (start_batch(c, &op, 1, &c->t_recv)) c->recv_since = 0;
+}
+
+void convd_call_expire_idle(convd_call *c, double now, double timeout) {
+  if (c->status_set || c->dead) return;
+  const int reading = c->recv_since > 0 && now - c->recv_since > timeout;
+  const int sending = c->send_since > 0 && now - c->send_since > timeout;
+  if (!reading && !sending) return;
+  char msg[256];
+  snprintf(msg, sizeof msg,
+           "the client %s for %.0f s (--stream-idle-timeout): the daemon ended the call",
+           reading ? "sent nothing" : "read nothing", timeout);
+  convd_call_fail(c, CONVD_ETIMEDOUT, msg);
 }
 
 /* ---- completions (CQ thread) ------------------------------------------------------------- */
@@ -250,9 +272,18 @@ static void on_close(void *obj, int ok) {
   pthread_mutex_lock(&c->mu);
   c->closed_cancelled = c->client_cancelled;
   if (c->closed_cancelled) {
-    /* The call is over for the client: its work stops now (queued ops dropped). */
-    if (deadline_passed(c)) convd_call_set_status(c, CONVD_ETIMEDOUT, "the call's deadline passed");
-    else convd_call_set_status(c, CONVD_ECANCELED, "the client cancelled the call");
+    /* The call is over for the client: its work stops now (queued ops dropped). gRPC says
+     * "cancelled" only when no status of ours completed the call, so whatever status was set
+     * before (a killed client's stream looks half-closed and incomplete first) never reached
+     * the client: the log and metrics say why the call really ended. */
+    int code;
+    const char *why;
+    if (deadline_passed(c)) code = CONVD_ETIMEDOUT, why = "the call's deadline passed";
+    else if (atomic_load(&c->daemon_cancelled))
+      code = CONVD_EUNAVAIL, why = "convd is shutting down: the call was cancelled after the drain timeout";
+    else code = CONVD_ECANCELED, why = "the client cancelled the call or went away";
+    c->status_set = 0;
+    convd_call_set_status(c, code, why);
     atomic_store(&c->cancel, 1);
     if (c->method->h->stop) c->method->h->stop(c);
   }
@@ -266,6 +297,7 @@ static void on_send(void *obj, int ok) {
   grpc_byte_buffer_destroy(c->send_buf);
   c->send_buf = NULL;
   c->sending = 0;
+  c->send_since = 0;
   if (!ok) {
     c->dead = 1; /* the call is over (client gone or cancelled): RECV_CLOSE will tell */
     atomic_store(&c->cancel, 1);
@@ -293,6 +325,7 @@ static void on_recv(void *obj, int ok) {
   pthread_mutex_lock(&c->mu);
   grpc_byte_buffer *bb = c->recv_buf;
   c->recv_buf = NULL;
+  c->recv_since = 0;
   if (!ok || c->status_set || c->dead) {
     c->recv_done = 1; /* the call failed, or it was answered already */
   } else {

@@ -60,10 +60,12 @@ struct convd_call {
   int client_cancelled; /* written by gRPC when RECV_CLOSE_ON_SERVER completes */
   int closed_cancelled; /* the same, copied under mu in on_close: what other threads read */
   atomic_int cancel;    /* set once the call failed or the client went; polled by the engine */
+  atomic_int daemon_cancelled; /* the daemon cancelled it (drain timeout), under rpc->mu */
 
   int md_sent, sending, dead; /* dead: a send failed, the client is gone */
   grpc_byte_buffer *send_buf, *recv_buf;
   int recv_done;        /* no more messages will be read */
+  double recv_since, send_since; /* when the read / send in flight began, 0 = none */
   uint64_t messages_in; /* messages received so far (for error messages) */
   int status_set, status_started;
   grpc_status_code status;
@@ -103,6 +105,9 @@ void convd_call_send_buffer(convd_call *c, grpc_byte_buffer *bb);
 void convd_call_send(convd_call *c, const ProtobufCMessage *m);
 /* Reads the next client message; the method's recv() gets it (NULL at half-close). */
 void convd_call_recv(convd_call *c);
+/* Ends the call (DEADLINE_EXCEEDED) when a read or a send of it has waited on the client for
+ * longer than timeout seconds at now (convd_now_seconds). */
+void convd_call_expire_idle(convd_call *c, double now, double timeout);
 /* 1 once nothing more can be sent: the status went out or the client is gone. */
 int convd_call_over(const convd_call *c);
 

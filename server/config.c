@@ -63,6 +63,16 @@ static const opt opts[] = {
      "is using are evicted beyond it; 0 turns the registry off"},
     {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
      "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
+    {"stream-idle-timeout", OPT_SECONDS, F(stream_idle_timeout), "30", 0, 86400,
+     "a call whose client sends nothing while the daemon waits for its next message, or reads "
+     "nothing while an answer waits to go out, is ended (DEADLINE_EXCEEDED) after this many "
+     "seconds; 0 = never"},
+    {"connection-idle-timeout", OPT_SECONDS, F(connection_idle_timeout), "120", 1, 86400,
+     "a connection with no call in progress is closed (gracefully: clients reconnect) after "
+     "this many seconds"},
+    {"handshake-timeout", OPT_SECONDS, F(handshake_timeout), "10", 0.1, 3600,
+     "a new connection that has not completed its TLS/HTTP/2 handshake within this many "
+     "seconds is closed"},
     {"metrics-listen", OPT_STRING, F(metrics_listen), "", -1, 0,
      "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9464); empty = off"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},

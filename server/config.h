@@ -26,6 +26,9 @@ typedef struct convd_config {
   uint64_t max_inflight_bytes; /* admission: bytes of all calls in flight */
   uint64_t max_queue_ops;      /* admission: elemental ops not yet done */
   double drain_timeout;       /* seconds */
+  double stream_idle_timeout; /* seconds a call may wait on its client (0 = for ever) */
+  double connection_idle_timeout; /* seconds a connection without calls stays open */
+  double handshake_timeout;   /* seconds a new connection gets to become an HTTP/2 one */
   int log_level;              /* enum convd_log_level */
   char log_file[1024];        /* "" = stderr */
   char metrics_listen[256];   /* "" = no metrics endpoint */

@@ -38,6 +38,8 @@ struct convd_stream {
   convd_job *job;
   void *w, *b;        /* as they arrive (wire dtype), until handed to the job as float32 */
   int weights_given;
+  int buffers;        /* w, b and row_seen are allocated */
+  uint64_t band_limit; /* the largest band taken, 0 = any */
   void *band;         /* the band being assembled, in the wire's dtype */
   size_t band_cap;
   size_t w_recv, b_recv; /* bytes of weight / bias received, in order */
@@ -210,18 +212,40 @@ static int accept_spec(convd_stream *s, const Convd__V1__ConvSpec *spec, char *e
   if (s->reg_w) { /* the weights are whole already */
     s->w_recv = c->weight_wire_bytes;
     s->b_recv = c->bias_wire_bytes;
-  } else {
-    s->w = malloc(c->weight_wire_bytes);
+  }
+  s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, c->wire_elem};
+  s->have_spec = 1;
+  return 0;
+}
+
+uint64_t convd_stream_buffers_bytes(const convd_stream *s) {
+  const convd_conv *c = &s->conv;
+  uint64_t b = s->rows_total; /* row_seen */
+  if (!s->reg_w) {
+    b += c->weight_wire_bytes + c->bias_wire_bytes;
+    /* widening to float32 holds both copies for a moment */
+    if (c->p.dtype != CONVD_F32) b += c->weight_bytes + c->bias_bytes;
+  }
+  return b;
+}
+
+/* The spec's buffers (weights and bias as they arrive, the rows seen), allocated only once the
+ * call was admitted for them (convd_stream_attach), or at the first tensor message of a
+ * stream without a job. */
+static int ensure_buffers(convd_stream *s, char *err, size_t errlen) {
+  if (s->buffers) return 0;
+  const convd_conv *c = &s->conv;
+  if (!s->reg_w) {
+    s->w = malloc(c->weight_wire_bytes ? c->weight_wire_bytes : 1);
     s->b = c->bias_bytes ? malloc(c->bias_wire_bytes) : NULL;
   }
   s->row_seen = calloc(s->rows_total, 1);
   if ((!s->reg_w && (!s->w || (c->bias_bytes && !s->b))) || !s->row_seen)
     return convd_errf(err, errlen, CONVD_ENOMEM,
-                      "the daemon cannot allocate %zu bytes for this request now; retry later or "
-                      "send a smaller one",
-                      c->weight_bytes + c->bias_bytes + s->rows_total);
-  s->in_shape = (convd_band_shape){c->p.n, c->p.c_in, c->p.h, c->p.w, c->wire_elem};
-  s->have_spec = 1;
+                      "the daemon cannot allocate %" PRIu64 " bytes for this request now; retry "
+                      "later or send a smaller one",
+                      convd_stream_buffers_bytes(s));
+  s->buffers = 1;
   return 0;
 }
 
@@ -286,6 +310,8 @@ int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *er
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "the first message must be the spec (shapes and parameters); tensor "
                       "data came first");
+  int rc = ensure_buffers(s, err, errlen);
+  if (rc) return rc;
   s->bytes_received += b->bytes.len;
   if (b->n < 0 || b->n >= p->n)
     return convd_errf(err, errlen, CONVD_EINVAL,
@@ -326,6 +352,15 @@ int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *er
     s->bh1 = b->h_end;
     s->band_off = 0;
     s->band_len = convd_band_bytes(&s->in_shape, b->h_begin, b->h_end);
+    if (s->band_limit && s->band_len > s->band_limit) {
+      const size_t row = convd_band_bytes(&s->in_shape, 0, 1);
+      return convd_errf(err, errlen, CONVD_ELIMIT,
+                        "input band n = %" PRId64 " rows [%" PRId64 ", %" PRId64 ") is %zu bytes, "
+                        "more than this call takes in one band (%" PRIu64 " bytes): send at most "
+                        "%" PRIu64 " rows per band",
+                        b->n, b->h_begin, b->h_end, s->band_len, s->band_limit,
+                        s->band_limit / (row ? row : 1));
+    }
     const int whole = b->bytes.len == s->band_len; /* a whole band in one piece */
     if (s->job && whole && (p->dtype == CONVD_F32 || b->bytes.data))
       return give_band(s, b, 0, err, errlen); /* widened or copied from where it lies */
@@ -401,8 +436,10 @@ static int feed_weights(convd_stream *s, int bias, const Convd__V1__TensorChunk 
                       what, s->reg_w->id, bias ? ", whose bias is theirs" : ": send one or the other");
   if (bias && !s->conv.p.has_bias)
     return convd_errf(err, errlen, CONVD_EINVAL, "a bias chunk arrived but the spec says has_bias = false");
+  int rc = ensure_buffers(s, err, errlen);
+  if (rc) return rc;
   s->bytes_received += ch->data.len;
-  int rc = bias ? convd_stream_append_chunk(what, ch, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen)
+  rc = bias ? convd_stream_append_chunk(what, ch, s->b, &s->b_recv, s->conv.bias_wire_bytes, err, errlen)
                 : convd_stream_append_chunk(what, ch, s->w, &s->w_recv, s->conv.weight_wire_bytes, err, errlen);
   return rc ? rc : give_weights(s, err, errlen);
 }
@@ -458,7 +495,7 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
                       s->bn, s->bh0, s->bh1, s->band_off, s->band_len);
   if (s->rows_done != s->rows_total) {
     size_t i = 0;
-    while (i < s->rows_total && s->row_seen[i]) i++;
+    while (s->row_seen && i < s->rows_total && s->row_seen[i]) i++;
     size_t h = (size_t)s->conv.p.h;
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input incomplete at half-close: %zu of %zu rows arrived; row %zu of batch "
@@ -470,11 +507,15 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
 
 const convd_conv *convd_stream_conv(const convd_stream *s) { return &s->conv; }
 
-void convd_stream_attach(convd_stream *s, convd_job *job) {
+int convd_stream_attach(convd_stream *s, convd_job *job, char *err, size_t errlen) {
+  int rc = ensure_buffers(s, err, errlen);
+  if (rc) return rc;
   s->job = job;
   /* Registered weights go to the job now; streamed ones are never whole before data arrives. */
-  (void)give_weights(s, NULL, 0);
+  return give_weights(s, err, errlen);
 }
+
+void convd_stream_set_band_limit(convd_stream *s, uint64_t bytes) { s->band_limit = bytes; }
 
 uint64_t convd_stream_bytes_buffered(const convd_stream *s) {
   return s->band_open ? s->band_len : 0;

@@ -82,9 +82,15 @@ int convd_stream_feed_call(convd_stream *s, const Convd__V1__ConvCall *m, char *
 
 /* After a successful spec: the checked descriptor. */
 const convd_conv *convd_stream_conv(const convd_stream *s);
-/* The job that receives complete bands and the weights (taken over by it). Without a job the
- * stream is only checked (unit tests). */
-void convd_stream_attach(convd_stream *s, convd_job *job);
+/* After a successful spec: the bytes the stream will allocate for it (weights and bias as they
+ * arrive, per-row flags), nothing of which is allocated before attach (or, without a job, the
+ * first tensor message), so the caller counts them against admission first. */
+uint64_t convd_stream_buffers_bytes(const convd_stream *s);
+/* Allocates those buffers and sets the job that receives complete bands and the weights (taken
+ * over by it). Without a job the stream is only checked (unit tests). */
+int convd_stream_attach(convd_stream *s, convd_job *job, char *err, size_t errlen);
+/* Bands larger than bytes (rows x C x W x the dtype's size) are refused (0 = any size). */
+void convd_stream_set_band_limit(convd_stream *s, uint64_t bytes);
 /* Bytes of the band being assembled. */
 uint64_t convd_stream_bytes_buffered(const convd_stream *s);
 uint64_t convd_stream_bytes_received(const convd_stream *s);

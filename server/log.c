@@ -48,7 +48,7 @@ int convd_log_parse_level(const char *s) {
 }
 
 void convd_log_write(int level, const char *fmt, ...) {
-  char line[2048];
+  char line[4096];
   struct timespec ts;
   struct tm tm;
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -62,11 +62,35 @@ void convd_log_write(int level, const char *fmt, ...) {
   va_end(ap);
   /* One fputs per line so lines from different threads do not interleave. */
   size_t len = strlen(line);
-  if (len + 1 < sizeof line) {
-    line[len] = '\n';
-    line[len + 1] = '\0';
-  }
+  if (len + 1 >= sizeof line) len = sizeof line - 2; /* truncated: still one line */
+  line[len] = '\n';
+  line[len + 1] = '\0';
   pthread_mutex_lock(&log_mu);
   fputs(line, log_file ? log_file : stderr);
   pthread_mutex_unlock(&log_mu);
+}
+
+const char *convd_log_quote(const char *s, char *buf, size_t len) {
+  static const char hex[] = "0123456789abcdef";
+  size_t j = 0;
+  if (len < 3) {
+    if (len) buf[0] = '\0';
+    return buf;
+  }
+  buf[j++] = '"';
+  for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+    char e[4];
+    size_t n = 0;
+    if (*p == '"' || *p == '\\') e[n++] = '\\', e[n++] = (char)*p;
+    else if (*p == '\n') e[n++] = '\\', e[n++] = 'n';
+    else if (*p == '\r') e[n++] = '\\', e[n++] = 'r';
+    else if (*p == '\t') e[n++] = '\\', e[n++] = 't';
+    else if (*p < 0x20 || *p >= 0x7f) e[n++] = '\\', e[n++] = 'x', e[n++] = hex[*p >> 4], e[n++] = hex[*p & 15];
+    else e[n++] = (char)*p;
+    if (j + n + 2 > len) break; /* room for the closing quote and the terminator */
+    for (size_t k = 0; k < n; k++) buf[j++] = e[k];
+  }
+  buf[j++] = '"';
+  buf[j] = '\0';
+  return buf;
 }

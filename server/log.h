@@ -3,6 +3,8 @@
 #ifndef CONVD_LOG_H
 #define CONVD_LOG_H
 
+#include <stddef.h>
+
 enum convd_log_level { CONVD_LOG_DEBUG, CONVD_LOG_INFO, CONVD_LOG_WARN, CONVD_LOG_ERROR };
 
 extern int convd_log_level;
@@ -14,6 +16,10 @@ int convd_log_open(const char *path);
 /* Reopens the log file (after a rotation renamed it); 0, or -1 keeping the old one. */
 int convd_log_reopen(void);
 const char *convd_log_level_name(int level);
+/* s as a logfmt value: in double quotes, with quotes, backslashes and every control or
+ * non-ASCII byte escaped (\n, \", \\, \xNN), so that no client-chosen string can end the
+ * value or start a line. Truncated to fit buf (always terminated); returns buf. */
+const char *convd_log_quote(const char *s, char *buf, size_t len);
 
 #define convd_log(level, ...)                                         \
   do {                                                                \

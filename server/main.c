@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -37,7 +38,7 @@
 typedef struct daemon_state {
   uv_loop_t *loop;
   uv_signal_t sigint, sigterm, sighup;
-  uv_timer_t drain_timer, linger_timer;
+  uv_timer_t drain_timer, linger_timer, idle_timer;
   uv_async_t drained, stopped, health;
   convd_rpc *rpc;
   convd_engine *engine;
@@ -81,7 +82,8 @@ static void on_stopped(uv_async_t *h) {
   uv_handle_t *handles[] = {(uv_handle_t *)&d->sigint,      (uv_handle_t *)&d->sigterm,
                             (uv_handle_t *)&d->sighup,      (uv_handle_t *)&d->drain_timer,
                             (uv_handle_t *)&d->linger_timer, (uv_handle_t *)&d->drained,
-                            (uv_handle_t *)&d->stopped,     (uv_handle_t *)&d->health};
+                            (uv_handle_t *)&d->stopped,     (uv_handle_t *)&d->health,
+                            (uv_handle_t *)&d->idle_timer};
   for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++) uv_close(handles[i], NULL);
   convd_http_close(d->http);
   d->http = NULL;
@@ -91,6 +93,11 @@ static void on_drain_timeout(uv_timer_t *t) {
   daemon_state *d = t->data;
   convd_log(CONVD_LOG_WARN, "msg=\"drain timeout reached, cancelling calls in flight\"");
   convd_rpc_cancel_all(d->rpc);
+}
+
+static void on_idle_check(uv_timer_t *t) {
+  daemon_state *d = t->data;
+  convd_rpc_expire_idle(d->rpc);
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
@@ -187,6 +194,16 @@ int main(int argc, char **argv) {
     fprintf(stderr, "convd: --log-file %s: cannot open it for appending\n", cfg.log_file);
     return 2;
   }
+  /* Each connection is a descriptor: the soft limit (often 1024) goes up to the hard one, so
+   * that many clients (or idle connections not yet timed out) do not lock new ones out. */
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    rlim_t was = nofile.rlim_cur;
+    nofile.rlim_cur = nofile.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nofile) == 0)
+      convd_log(CONVD_LOG_INFO, "msg=\"open files limit raised\" from=%llu to=%llu",
+                (unsigned long long)was, (unsigned long long)nofile.rlim_cur);
+  }
   /* The loop's handles first: the engine may report a failed device from its first op. */
   daemon_state d = {.loop = uv_default_loop(), .cfg = &cfg};
   uv_async_init(d.loop, &d.health, on_health);
@@ -234,9 +251,17 @@ int main(int argc, char **argv) {
   uv_signal_init(d.loop, &d.sighup);
   uv_timer_init(d.loop, &d.drain_timer);
   uv_timer_init(d.loop, &d.linger_timer);
+  uv_timer_init(d.loop, &d.idle_timer);
   uv_async_init(d.loop, &d.drained, on_drained);
   uv_async_init(d.loop, &d.stopped, on_stopped);
   d.sigint.data = d.sigterm.data = d.sighup.data = d.drain_timer.data = d.linger_timer.data = &d;
+  d.idle_timer.data = &d;
+  /* A tenth of the timeout, between 50 ms and 1 s: a call ends at most that late. */
+  if (cfg.stream_idle_timeout > 0) {
+    double every = cfg.stream_idle_timeout / 10;
+    every = every < 0.05 ? 0.05 : every > 1 ? 1 : every;
+    uv_timer_start(&d.idle_timer, on_idle_check, (uint64_t)(every * 1000), (uint64_t)(every * 1000));
+  }
   d.drained.data = d.stopped.data = &d;
   uv_signal_start(&d.sigint, on_signal, SIGINT);
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);

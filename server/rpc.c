@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "err.h"
 #include "log.h"
 #include "services.h"
@@ -69,13 +70,14 @@ int convd_rpc_post_request(convd_rpc *r, const convd_method *m) {
   return 0;
 }
 
-void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c)) {
+void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c, void *user),
+                         void *user) {
   convd_call **w = NULL;
   size_t n = 0, cap = 0;
   /* Under r->mu no listed call can be freed (call_free unlinks first), so taking refs is safe. */
   pthread_mutex_lock(&r->mu);
   for (convd_call *c = r->active; c; c = c->next) {
-    if (c->method != m) continue;
+    if (m && c->method != m) continue;
     if (n == cap) {
       cap = cap ? cap * 2 : 8;
       convd_call **nw = realloc(w, cap * sizeof *w);
@@ -90,7 +92,7 @@ void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_c
   pthread_mutex_unlock(&r->mu);
   for (size_t i = 0; i < n; i++) {
     pthread_mutex_lock(&w[i]->mu);
-    fn(w[i]);
+    fn(w[i], user);
     pthread_mutex_unlock(&w[i]->mu);
     convd_call_unref(w[i]);
   }
@@ -99,6 +101,12 @@ void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_c
 
 int convd_rpc_admit(convd_rpc *r, uint64_t bytes, char *err, size_t errlen) {
   const uint64_t limit = r->cfg->max_inflight_bytes;
+  if (bytes > limit) /* alone over it (and no sum below can wrap) */
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "this call needs %" PRIu64 " bytes while in flight, more than the daemon's "
+                      "limit of %" PRIu64 " (--max-inflight-bytes) for all calls together: split "
+                      "it into smaller calls",
+                      bytes, limit);
   const uint64_t before = atomic_fetch_add(&r->inflight_bytes, bytes);
   if (before + bytes > limit) {
     atomic_fetch_sub(&r->inflight_bytes, bytes);
@@ -166,8 +174,16 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   }
   r->t_shutdown = (convd_tag){on_shutdown, r};
 
-  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 1];
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 3];
   size_t nargs = convd_wire_channel_args(args, cfg->max_message_bytes);
+  /* Connections that never start a call (or stop making them) hold a descriptor each: closed
+   * after the handshake or idle timeout, so they cannot pile up until new clients are refused. */
+  args[nargs].type = GRPC_ARG_INTEGER;
+  args[nargs].key = GRPC_ARG_MAX_CONNECTION_IDLE_MS;
+  args[nargs++].value.integer = (int)(cfg->connection_idle_timeout * 1000);
+  args[nargs].type = GRPC_ARG_INTEGER;
+  args[nargs].key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
+  args[nargs++].value.integer = (int)(cfg->handshake_timeout * 1000);
   /* gRPC turns SO_REUSEPORT on by default: a second daemon on the same port would then share
    * its connections silently. Off, the second one fails to start and says why. */
   args[nargs].type = GRPC_ARG_INTEGER;
@@ -247,14 +263,26 @@ void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
   fire_when_due(r);
 }
 
+static void expire_idle(convd_call *c, void *user) {
+  const double *a = user;
+  convd_call_expire_idle(c, a[0], a[1]);
+}
+
+void convd_rpc_expire_idle(convd_rpc *r) {
+  const double a[2] = {convd_now_seconds(), r->cfg->stream_idle_timeout};
+  if (a[1] > 0) convd_rpc_each_call(r, NULL, expire_idle, (void *)a);
+}
+
 void convd_rpc_cancel_all(convd_rpc *r) {
   /* Under r->mu no listed call can be freed: call_free unlinks before it unrefs. */
   pthread_mutex_lock(&r->mu);
-  for (convd_call *c = r->active; c; c = c->next)
+  for (convd_call *c = r->active; c; c = c->next) {
+    atomic_store(&c->daemon_cancelled, 1);
     grpc_call_cancel_with_status(c->gc, GRPC_STATUS_UNAVAILABLE,
                                  "convd is shutting down: the call was cancelled after the drain "
                                  "timeout",
                                  NULL);
+  }
   pthread_mutex_unlock(&r->mu);
 }
 

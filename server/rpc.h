@@ -33,6 +33,9 @@ void convd_rpc_health_changed(convd_rpc *r);
 
 /* Cancels every call in flight (drain timeout, second signal): each ends UNAVAILABLE. */
 void convd_rpc_cancel_all(convd_rpc *r);
+/* Ends calls that waited on their client longer than --stream-idle-timeout (the loop, once a
+ * second). */
+void convd_rpc_expire_idle(convd_rpc *r);
 
 /* After draining: shuts gRPC down. gRPC core closes a connection as soon as its last stream
  * ends once shutdown began, which can cut off a stream's final frames; that is why calls are

@@ -51,9 +51,10 @@ struct convd_rpc {
 int convd_rpc_post_request(convd_rpc *r, const convd_method *m);
 /* A call object was freed: counts it out, and fires drained/stopped when due. Any thread. */
 void convd_rpc_call_freed(convd_rpc *r);
-/* Runs fn(c) with c->mu held for every call in progress of method m, each held by a ref while
- * it runs. Called with no call's mutex held. */
-void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c));
+/* Runs fn(c, user) with c->mu held for every call in progress of method m (every method: NULL),
+ * each held by a ref while it runs. Called with no call's mutex held. */
+void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c, void *user),
+                         void *user);
 /* The table entry whose handlers are h (services find their own methods). */
 const convd_method *convd_rpc_method_of(const convd_handlers *h);
 

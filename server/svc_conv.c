@@ -23,9 +23,9 @@
 #include "services.h"
 #include "wire.h"
 
-/* What a streamed call may hold at least (more when the plan's tile rows need it): reading
- * input pauses above it (backpressure), and it is what admission counts for the call's rows. */
+/* Bounds of a streamed call's window (stream_window). */
 #define STREAM_WINDOW_BYTES ((uint64_t)64 << 20)
+#define STREAM_WINDOW_MIN_BYTES ((uint64_t)1 << 20)
 
 typedef struct conv_call {
   int unary;
@@ -37,7 +37,8 @@ typedef struct conv_call {
 
   /* Conv2d: reading */
   int recv_paused;
-  uint64_t mem_limit; /* stop reading input while the job holds more than this */
+  uint64_t mem_limit;  /* stop reading input while the job holds more than this */
+  uint64_t band_limit; /* the largest input band the call takes */
   /* Conv2d: sending. Ranges of final rows not yet sent, and the band being sent. */
   int accepted_pending, summary_sent;
   struct out_range {
@@ -156,30 +157,72 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
 
 /* ---- the job --------------------------------------------------------------------------- */
 
+/* The call's window: what a streamed call may hold of input and output rows at least (more
+ * when the plan's tile rows need it); reading input pauses above it (backpressure), and it is
+ * what admission counts for the call's rows. A quarter of --max-inflight-bytes at most, so a
+ * small limit still admits streamed calls (their tiles are then cut to fit, see op_bytes). */
+static uint64_t stream_window(const convd_rpc *r) {
+  uint64_t w = r->cfg->max_inflight_bytes / 4;
+  if (w > STREAM_WINDOW_BYTES) w = STREAM_WINDOW_BYTES;
+  if (w < STREAM_WINDOW_MIN_BYTES) w = STREAM_WINDOW_MIN_BYTES;
+  return w;
+}
+
+static uint64_t sat_add(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
+
+/* The largest input band a streamed call takes: a quarter of its window, or one row when a row
+ * is larger. A band is held whole until it is complete, so this bounds what arrives out of
+ * step with the window's accounting. */
+static uint64_t band_limit(const conv_call *k) {
+  const convd_conv *cv = conv_of(k);
+  const uint64_t row = (uint64_t)cv->p.c_in * (uint64_t)cv->p.w * cv->wire_elem;
+  const uint64_t quarter = k->mem_limit / 4;
+  return row > quarter ? row : quarter;
+}
+
+/* convd_job_create's admit callback, once the plan is made and before the job allocates: the
+ * bytes this call may hold must fit beside the other calls' (--max-inflight-bytes), or the call
+ * is refused. A unary call holds its whole tensors; a streamed one at most its window of rows
+ * (what backpressure allows, plus one band being assembled and one output piece), the
+ * stream's buffers (its weights and bias, per-row flags) and the job's bookkeeping. */
+static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, char *err,
+                     size_t errlen) {
+  convd_call *c = user;
+  conv_call *k = c->state;
+  const convd_conv *cv = conv_of(k);
+  const uint64_t window = stream_window(c->rpc);
+  const uint64_t hint = convd_plan_memory_hint(plan);
+  k->mem_limit = hint > window ? hint : window;
+  k->band_limit = band_limit(k);
+  uint64_t rows = (uint64_t)cv->input_bytes + (uint64_t)cv->output_bytes;
+  const uint64_t stream_peak = k->mem_limit + k->band_limit + c->rpc->cfg->chunk_bytes;
+  if (!k->unary && rows > stream_peak) rows = stream_peak;
+  /* The stream's buffers include the weights and bias (as they arrive, and widened). */
+  const uint64_t hold = sat_add(sat_add(rows, convd_stream_buffers_bytes(k->stream)), bookkeeping);
+  int rc = convd_rpc_admit(c->rpc, hold, err, errlen);
+  if (rc == 0) k->held = hold; /* released by conv_free, whatever happens next */
+  return rc;
+}
+
 /* The spec was accepted: creates the call's engine job (it holds a ref on the call until its
- * done()), then admission: the bytes this call may hold must fit beside the other calls'
- * (--max-inflight-bytes), or the call is refused. A unary call holds its whole tensors; a
- * streamed one at most its window of rows (what backpressure allows) plus its weights. */
+ * done()), admitted by admit_job before it allocates, then the stream's buffers. */
 static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
   const convd_conv *cv = conv_of(k);
   convd_job_cbs cbs = {.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
-                       .done = on_job_done};
+                       .done = on_job_done, .admit = admit_job,
+                       .op_bytes = k->unary ? 0 : stream_window(c->rpc) / 2};
   int rc = convd_job_create(c->rpc->engine, cv, &cbs, &k->job, err, errlen);
   if (rc) return rc;
   convd_call_ref_locked(c);
   convd_job_set_priority(k->job, convd_stream_priority(k->stream));
-  const uint64_t hint = convd_job_memory_hint(k->job);
-  k->mem_limit = hint > STREAM_WINDOW_BYTES ? hint : STREAM_WINDOW_BYTES;
-  uint64_t rows = (uint64_t)cv->input_bytes + (uint64_t)cv->output_bytes;
-  if (!k->unary && rows > k->mem_limit + c->rpc->cfg->chunk_bytes)
-    rows = k->mem_limit + c->rpc->cfg->chunk_bytes;
-  const uint64_t hold =
-      rows + (convd_stream_registered_weights(k->stream) ? 0 : (uint64_t)cv->weight_bytes + cv->bias_bytes);
-  if ((rc = convd_rpc_admit(c->rpc, hold, err, errlen))) return rc;
-  k->held = hold;
-  /* The unary output is written in place; set before any input can make an op ready. */
-  if (k->unary) convd_job_set_output(k->job, k->uy);
-  convd_stream_attach(k->stream, k->job);
+  if (k->unary) { /* written in place; set before any input can make an op ready */
+    if ((k->uy = malloc(cv->output_bytes)) == NULL)
+      return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
+                        cv->output_bytes);
+    convd_job_set_output(k->job, k->uy);
+  }
+  if ((rc = convd_stream_attach(k->stream, k->job, err, errlen))) return rc;
+  if (!k->unary) convd_stream_set_band_limit(k->stream, k->band_limit);
   k->rows_total = (uint64_t)cv->p.n * (uint64_t)cv->h_out;
   return 0;
 }
@@ -246,18 +289,41 @@ static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride
 
 /* Backpressure: reading more input waits while output is piling up unsent (sending needs no
  * input, so this cannot deadlock), or while the job holds more than its limit and can still
- * progress without more input (an idle job over the limit must read on: its input came out of
- * order). */
-static int must_pause(const conv_call *k) {
-  if (k->job == NULL) return 0;
-  if (convd_job_output_bytes_held(k->job) > k->mem_limit / 2) return 1;
-  return convd_job_bytes_held(k->job) + convd_stream_bytes_buffered(k->stream) > k->mem_limit &&
-         !convd_job_idle(k->job);
+ * progress without more input. A job over its limit that cannot progress (no op ready or
+ * running) waits for rows the client has not sent: in-order input never gets there (the limit
+ * holds two tile rows), so the rows came out of order, and reading on would hold more than the
+ * call was admitted for. */
+enum { FLOW_READ, FLOW_PAUSE, FLOW_STUCK };
+
+static int flow(const conv_call *k) {
+  if (k->job == NULL) return FLOW_READ;
+  const uint64_t out = convd_job_output_bytes_held(k->job);
+  if (out > k->mem_limit / 2) return FLOW_PAUSE;
+  const uint64_t held = convd_job_bytes_held(k->job) + convd_stream_bytes_buffered(k->stream);
+  if (held <= k->mem_limit) return FLOW_READ;
+  /* Output on its way out frees itself; only input rows that nothing can read are stuck. */
+  return held - out > k->mem_limit && convd_job_idle(k->job) ? FLOW_STUCK : FLOW_PAUSE;
+}
+
+static void fail_stuck(convd_call *c, conv_call *k) {
+  char err[512];
+  convd_errf(err, sizeof err, CONVD_ELIMIT,
+             "input rows arrived out of order: the daemon holds %" PRIu64 " bytes of this call's "
+             "rows, its limit (%" PRIu64 " bytes), and no tile can run until rows not yet sent "
+             "arrive; send each batch item's rows in ascending order",
+             convd_job_bytes_held(k->job), k->mem_limit);
+  convd_call_fail(c, CONVD_ELIMIT, err);
 }
 
 static void maybe_resume(convd_call *c) {
   conv_call *k = c->state;
-  if (!k->recv_paused || c->status_set || c->dead || must_pause(k)) return;
+  if (!k->recv_paused || c->status_set || c->dead) return;
+  const int f = flow(k);
+  if (f == FLOW_PAUSE) return;
+  if (f == FLOW_STUCK) {
+    fail_stuck(c, k);
+    return;
+  }
   k->recv_paused = 0;
   convd_call_recv(c);
 }
@@ -385,7 +451,9 @@ static void after_message(convd_call *c, conv_call *k, int rc, const char *err) 
   if (rc) convd_call_fail(c, rc, err);
   else if (k->accepted_pending) pump(c);
   if (rc || c->status_set) return;
-  if (must_pause(k)) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */
+  const int f = flow(k);
+  if (f == FLOW_STUCK) fail_stuck(c, k);
+  else if (f == FLOW_PAUSE) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */
   else convd_call_recv(c);
 }
 
@@ -427,12 +495,8 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
  * convd_stream_feed_call). */
 static int unary_run(convd_call *c, conv_call *k, const Convd__V1__ConvCall *m, char *err,
                      size_t errlen) {
-  const convd_conv *cv = conv_of(k);
   int rc = convd_stream_check_call(k->stream, m, c->rpc->cfg->max_message_bytes, err, errlen);
   if (rc) return rc;
-  if ((k->uy = malloc(cv->output_bytes)) == NULL)
-    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
-                      cv->output_bytes);
   if ((rc = begin_job(c, k, err, errlen))) return rc;
   return convd_stream_feed_call(k->stream, m, err, errlen);
 }

@@ -63,6 +63,13 @@ static void check_start(convd_call *c) {
 
 /* Sends the watched status when it changed; ends the stream once NOT_SERVING went out during a
  * drain. */
+static void watch_pump(convd_call *c);
+
+static void watch_pump_each(convd_call *c, void *user) {
+  (void)user;
+  watch_pump(c);
+}
+
 static void watch_pump(convd_call *c) {
   watch *w = c->state;
   if (w == NULL || c->sending || convd_call_over(c)) return;
@@ -94,7 +101,7 @@ static void watch_start(convd_call *c) {
 static void watch_free(convd_call *c) { free(c->state); }
 
 void convd_health_notify(convd_rpc *r) {
-  convd_rpc_each_call(r, convd_rpc_method_of(&convd_health_watch_handlers), watch_pump);
+  convd_rpc_each_call(r, convd_rpc_method_of(&convd_health_watch_handlers), watch_pump_each, NULL);
 }
 
 const convd_handlers convd_health_check_handlers = {.start = check_start};

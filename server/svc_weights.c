@@ -14,6 +14,13 @@
 #include "weights_upload.h"
 #include "wire.h"
 
+/* The upload's admission (weights_upload.c asks once its spec is checked, before it allocates):
+ * what it will hold must fit beside the other calls' (--max-inflight-bytes). */
+static int put_admit(void *user, uint64_t bytes, char *err, size_t errlen) {
+  convd_call *c = user;
+  return convd_rpc_admit(c->rpc, bytes, err, errlen);
+}
+
 /* The stream ended: the weights go into the registry (weights_upload.c: checked, widened). */
 static void put_finish(convd_call *c, convd_upload *u) {
   char err[512];
@@ -57,7 +64,7 @@ static void put_start(convd_call *c) {
     convd_call_fail(c, CONVD_ENOTSUP, "this daemon runs without a weights registry (--weights-memory 0)");
     return;
   }
-  if ((c->state = convd_upload_create(c->rpc->cfg->weights_memory)) == NULL) {
+  if ((c->state = convd_upload_create(c->rpc->cfg->weights_memory, put_admit, c)) == NULL) {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
     return;
   }
@@ -69,7 +76,12 @@ static void put_report(const convd_call *c, convd_call_report *r) {
   if (u) r->bytes_in = convd_upload_bytes_received(u);
 }
 
-static void put_free(convd_call *c) { convd_upload_destroy(c->state); }
+static void put_free(convd_call *c) {
+  convd_upload *u = c->state;
+  if (u == NULL) return;
+  convd_rpc_release(c->rpc, convd_upload_admitted(u));
+  convd_upload_destroy(u);
+}
 
 static void list_start(convd_call *c) {
   convd_weights_info *v = NULL;

@@ -13,6 +13,9 @@
 /* The spec's shape and dtype, and the tensors as they arrive (wire dtype). */
 struct convd_upload {
   uint64_t weights_memory;
+  convd_upload_admit_fn admit;
+  void *user;
+  uint64_t held; /* what admit accepted */
   int have_spec;
   int64_t shape[4];
   int has_bias, dtype;
@@ -22,11 +25,14 @@ struct convd_upload {
   int64_t b_elems;
 };
 
-convd_upload *convd_upload_create(uint64_t weights_memory) {
+convd_upload *convd_upload_create(uint64_t weights_memory, convd_upload_admit_fn admit,
+                                  void *user) {
   convd_upload *u = calloc(1, sizeof *u);
-  if (u) u->weights_memory = weights_memory;
+  if (u) u->weights_memory = weights_memory, u->admit = admit, u->user = user;
   return u;
 }
+
+uint64_t convd_upload_admitted(const convd_upload *u) { return u->held; }
 
 void convd_upload_destroy(convd_upload *u) {
   if (u == NULL) return;
@@ -66,17 +72,21 @@ static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err
   /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
   const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
   const int transposed = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
-  if (transposed && (groups < 1 || groups > CONVD_DIM_MAX))
-    return convd_errf(err, errlen, CONVD_EINVAL, "spec.groups = %" PRId64 ": must be at least 1", groups);
+  /* A transpose's weights are (C_in, C_out/groups, kH, kW) and groups divides C_in, so its
+   * C_out (the bias's length) is at most the weights' element count. */
+  if (transposed && (groups < 1 || groups > d[0] || d[0] % groups != 0))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.groups = %" PRId64 " must divide the transpose weights' first dimension "
+                      "(C_in = %" PRId64 ")",
+                      groups, d[0]);
   u->b_elems = transposed ? d[1] * groups : d[0];
   /* What the entry will hold as float32, the bias included, against the limit before anything
-   * is allocated: a transpose's bias (d1 x groups values) can be far larger than its weights. */
+   * is allocated. */
   const uint64_t limit = u->weights_memory;
-  size_t wbytes, fbytes, bbytes = 0;
+  size_t wbytes, fbytes, bbytes = 0, entry;
   if (convd_size_mul(elems, u->elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
-      (u->has_bias && (convd_size_mul((size_t)u->b_elems, sizeof(float), &bbytes) ||
-                       convd_size_add(fbytes, bbytes, &fbytes))) ||
-      fbytes > limit) {
+      (u->has_bias && convd_size_mul((size_t)u->b_elems, sizeof(float), &bbytes)) ||
+      convd_size_add(fbytes, bbytes, &entry) || entry > limit) {
     char bias[64] = "";
     if (u->has_bias) snprintf(bias, sizeof bias, " with %" PRId64 " bias values", u->b_elems);
     return convd_errf(err, errlen, CONVD_ELIMIT,
@@ -86,6 +96,13 @@ static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err
   }
   u->w_total = wbytes;
   u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
+  /* Held until the registry has them: the wire copies as they arrive, then the float32 ones. */
+  const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + (uint64_t)u->b_elems * sizeof(float);
+  if (u->admit) {
+    int rc = u->admit(u->user, hold, err, errlen);
+    if (rc) return rc;
+    u->held = hold;
+  }
   u->w = malloc(wbytes);
   u->b = u->b_total ? malloc(u->b_total) : NULL;
   if (u->w == NULL || (u->b_total && u->b == NULL))

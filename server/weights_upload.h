@@ -17,10 +17,19 @@
 
 typedef struct convd_upload convd_upload;
 
+/* Asked once, when the spec has been checked and before anything is allocated, with what the
+ * upload will hold until the registry has the weights (the wire copies as they arrive, then the
+ * float32 ones). 0 goes on; a negative error (err set) refuses the spec. */
+typedef int (*convd_upload_admit_fn)(void *user, uint64_t bytes, char *err, size_t errlen);
+
 /* weights_memory: the registry's limit (--weights-memory); a spec whose tensors would not fit
- * it as float32 is refused before anything is allocated. NULL when out of memory. */
-convd_upload *convd_upload_create(uint64_t weights_memory);
+ * it as float32 is refused before admit is asked. admit may be NULL (all admitted). NULL when
+ * out of memory. */
+convd_upload *convd_upload_create(uint64_t weights_memory, convd_upload_admit_fn admit,
+                                  void *user);
 void convd_upload_destroy(convd_upload *u);
+/* What admit accepted (0 before the spec): the caller releases it when the call ends. */
+uint64_t convd_upload_admitted(const convd_upload *u);
 
 /* Applies one client message. Returns 0, or a negative error with err set; after an error the
  * upload must not be fed again. */

@@ -128,7 +128,7 @@ static void test_happy_path_uneven_pieces(void) {
   ASSERT_OK(convd_job_create(e, c, &cbs, &k.job, err, sizeof err), err);
   pthread_mutex_unlock(&k.mu);
   ASSERT_TRUE(convd_job_plan(k.job)->ops > 1);
-  convd_stream_attach(s, k.job);
+  ASSERT_OK(convd_stream_attach(s, k.job, err, sizeof err), err);
   rng r = {0x5eed0010};
   float x[2 * 3 * 5 * 4], w[108], b[4];
   rng_fill(&r, x, 120);

@@ -138,6 +138,17 @@ static void sink_done(void *user, int status, const char *err, const convd_job_s
   pthread_mutex_unlock(&k->mu);
 }
 
+/* Admission, as admit_job is asked (svc_conv.c): everything is admitted here, but what a job
+ * this small says its bookkeeping takes must be small too. */
+static int job_admit(void *user, const convd_plan *plan, uint64_t bookkeeping, char *err,
+                     size_t errlen) {
+  (void)user, (void)err, (void)errlen;
+  CHECK(bookkeeping <= ((uint64_t)1 << 20), "a job of %" PRIu64 " ops for at most %" PRIu64
+        " multiply-adds says its bookkeeping takes %" PRIu64 " bytes",
+        (uint64_t)plan->ops, FUZZ_JOB_MACS_MAX, bookkeeping);
+  return 0;
+}
+
 /* Made on first use and kept for the process: one reference device with a small budget, so
  * that even these small convolutions are often cut into several ops. */
 static convd_engine *engine(void) {
@@ -157,14 +168,21 @@ static int job_begin(const daemon_state *d, job_sink *k, convd_stream *s, float 
                      size_t errlen) {
   const convd_conv *cv = convd_stream_conv(s);
   if (cv->macs > FUZZ_JOB_MACS_MAX) return 0;
-  const convd_job_cbs cbs = {.user = k, .rows_ready = sink_rows, .done = sink_done};
+  const convd_job_cbs cbs = {.user = k, .rows_ready = sink_rows, .done = sink_done,
+                             .admit = job_admit, .op_bytes = y ? 0 : FUZZ_STREAM_WINDOW / 2};
   int rc = convd_job_create(engine(), cv, &cbs, &k->job, err, errlen);
   if (rc) return rc;
   if (d->verbose)
     fprintf(stderr, "  (a job of %" PRIu64 " ops)\n", (uint64_t)convd_job_plan(k->job)->ops);
   convd_job_set_priority(k->job, convd_stream_priority(s));
   if (y) convd_job_set_output(k->job, y);
-  convd_stream_attach(s, k->job);
+  if ((rc = convd_stream_attach(s, k->job, err, errlen))) return rc;
+  if (y == NULL) { /* a streamed call's largest band: a quarter of its window, or one row */
+    const uint64_t hint = convd_job_memory_hint(k->job);
+    const uint64_t window = hint > FUZZ_STREAM_WINDOW ? hint : FUZZ_STREAM_WINDOW;
+    const uint64_t row = (uint64_t)cv->p.c_in * (uint64_t)cv->p.w * cv->wire_elem;
+    convd_stream_set_band_limit(s, row > window / 4 ? row : window / 4);
+  }
   return 0;
 }
 
@@ -330,8 +348,16 @@ static int unary_call(daemon_state *d, grpc_byte_buffer *bb, int with_job, char 
 
 /* ---- PutWeights and DeleteWeights: put_recv / put_finish, delete_start -------------------- */
 
+/* PutWeights' admission (put_admit, svc_weights.c): everything is admitted, but no upload may
+ * ask for more than its wire and float32 copies within the registry's limit. */
+static int upload_admit(void *user, uint64_t bytes, char *err, size_t errlen) {
+  (void)user, (void)err, (void)errlen;
+  CHECK(bytes <= 2 * FUZZ_WEIGHTS_MEMORY, "an upload asks to hold %" PRIu64 " bytes", bytes);
+  return 0;
+}
+
 static void put_weights_call(daemon_state *d, reader *r, unsigned count, int half_close) {
-  convd_upload *u = convd_upload_create(FUZZ_WEIGHTS_MEMORY);
+  convd_upload *u = convd_upload_create(FUZZ_WEIGHTS_MEMORY, upload_admit, NULL);
   CHECK(u != NULL, "out of memory");
   char err[512] = "";
   int rc = 0, whole = 1;

@@ -44,6 +44,9 @@ enum {
 /* FUZZ_WITH_JOB: only convolutions of at most this many multiply-adds get a job (the reference
  * kernel computes them in microseconds, even under ASan); larger ones are only checked. */
 #define FUZZ_JOB_MACS_MAX ((uint64_t)1 << 14)
+/* A streamed call's window with a job (svc_conv.c's stream_window at its smallest): it sets the
+ * job's op size and the largest band the call takes. */
+#define FUZZ_STREAM_WINDOW ((uint64_t)1 << 20)
 
 /* What one input did: calls made, and how many of them the daemon refused (any error). */
 typedef struct fuzz_outcome {

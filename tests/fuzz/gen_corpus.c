@@ -542,14 +542,23 @@ static void bad_seeds(const golden *g) {
   call_end(&s);
   seed_write(&s, "bad-put-weights-over-limit");
   /* A transpose's bias has weight_shape.d1 x groups values: 2^30 here (4 GiB as float32) beside
-   * 4 KiB of weights. The spec alone must be refused: the call goes away after it, so only a
-   * refusal there makes this seed "bad" (it was accepted once, the bias buffer allocated). */
+   * 4 KiB of weights. The spec alone must be refused (groups must divide C_in, and the bias
+   * counts against --weights-memory): the call goes away after it, so only a refusal there
+   * makes this seed "bad". It was accepted once, and the bias buffer allocated. */
   wsh.d0 = 1, wsh.d1 = 1024, wsh.d2 = 1, wsh.d3 = 1;
   ws.op = CONVD__V1__OP__OP_CONV_TRANSPOSE2D, ws.groups = 1 << 20, ws.has_bias = 1;
   call_begin(&s, FUZZ_PUT_WEIGHTS | FUZZ_NO_HALF_CLOSE);
   frame_msg(&s, &pm.base);
   call_end(&s);
   seed_write(&s, "bad-put-weights-transpose-bias-over-limit");
+  /* weights that fit the registry (48 MiB) with a bias that does not (as many values): refused
+   * at the spec, not after the client has sent all of it */
+  wsh.d0 = 12 << 20, wsh.d1 = 1, wsh.d2 = 1, wsh.d3 = 1;
+  ws.op = CONVD__V1__OP__OP_CONV2D, ws.groups = 0, ws.has_bias = 1;
+  call_begin(&s, FUZZ_PUT_WEIGHTS | FUZZ_NO_HALF_CLOSE);
+  frame_msg(&s, &pm.base);
+  call_end(&s);
+  seed_write(&s, "bad-put-weights-and-bias-over-limit");
   /* an op nobody serves (it was read as conv2d); again refused at the spec */
   wsh.d0 = 4, wsh.d1 = 3, wsh.d2 = 3, wsh.d3 = 3;
   ws.op = 7, ws.groups = 0;
