@@ -74,7 +74,9 @@ void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_c
                          void *user) {
   convd_call **w = NULL;
   size_t n = 0, cap = 0;
-  /* Under r->mu no listed call can be freed (call_free unlinks first), so taking refs is safe. */
+  /* Under r->mu no listed call can be freed (call_free unlinks it first). But a call whose last
+   * ref is gone is still listed while its call_free waits for r->mu: taking a ref on it would
+   * free it twice (once here after fn, once there), so it is left alone. */
   pthread_mutex_lock(&r->mu);
   for (convd_call *c = r->active; c; c = c->next) {
     if (m && c->method != m) continue;
@@ -85,9 +87,10 @@ void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_c
       w = nw;
     }
     pthread_mutex_lock(&c->mu);
-    convd_call_ref_locked(c);
+    const int alive = c->refs > 0;
+    if (alive) convd_call_ref_locked(c);
     pthread_mutex_unlock(&c->mu);
-    w[n++] = c;
+    if (alive) w[n++] = c;
   }
   pthread_mutex_unlock(&r->mu);
   for (size_t i = 0; i < n; i++) {
