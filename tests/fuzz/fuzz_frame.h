@@ -22,6 +22,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "conv.h"
+
 enum {
   FUZZ_CONV2D = 0,        /* messages of one Conv2d stream (ConvRequest) */
   FUZZ_CONV2D_UNARY = 1,  /* count Conv2dUnary calls (ConvCall each) */
@@ -41,9 +43,12 @@ enum {
 #define FUZZ_MAX_REQUEST_BYTES ((uint64_t)64 << 20) /* --max-request-bytes */
 #define FUZZ_MAX_MESSAGE_BYTES ((uint64_t)4 << 20)  /* --max-message-bytes (the default) */
 #define FUZZ_WEIGHTS_MEMORY ((uint64_t)64 << 20)    /* --weights-memory */
-/* FUZZ_WITH_JOB: only convolutions of at most this many multiply-adds get a job (the reference
- * kernel computes them in microseconds, even under ASan); larger ones are only checked. */
+/* FUZZ_WITH_JOB: only convolutions this small get a job: few multiply-adds (the reference
+ * kernel computes them in microseconds, even under ASan) and small tensors (a dilated
+ * transpose's output can be large for few multiply-adds, and the harness's small op budget
+ * would cut it into very many ops); larger ones are only checked. */
 #define FUZZ_JOB_MACS_MAX ((uint64_t)1 << 14)
+#define FUZZ_JOB_BYTES_MAX ((uint64_t)1 << 16)
 /* A streamed call's window with a job (svc_conv.c's stream_window at its smallest): it sets the
  * job's op size and the largest band the call takes. */
 #define FUZZ_STREAM_WINDOW ((uint64_t)1 << 20)
@@ -57,6 +62,11 @@ typedef struct fuzz_outcome {
  * (fuzz_conv_stream.c); verbose prints each call's answer on stderr. Aborts when an invariant
  * the daemon relies on fails. */
 void fuzz_conv_run(const uint8_t *data, size_t size, int verbose, fuzz_outcome *out);
+
+static inline int fuzz_job_small(const convd_conv *cv) {
+  return cv->macs <= FUZZ_JOB_MACS_MAX &&
+         (uint64_t)cv->input_bytes + cv->weight_bytes + cv->output_bytes <= FUZZ_JOB_BYTES_MAX;
+}
 
 static inline void fuzz_put_u32le(uint8_t *p, uint32_t v) {
   p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);

@@ -595,7 +595,7 @@ int main(int argc, char **argv) {
     /* each only checked, and with a job when the convolution is small enough for one */
     convd_conv cv;
     if (convd_conv_init(&cv, &g.p, err, sizeof err)) die(err);
-    for (int job = 0; job < (cv.macs <= FUZZ_JOB_MACS_MAX ? 2 : 1); job++) {
+    for (int job = 0; job < (fuzz_job_small(&cv) ? 2 : 1); job++) {
       with_job = job ? FUZZ_WITH_JOB : 0;
       correct_seeds(&g, cases[i].name, CONVD_F32);
       if (cases[i].half_types) {
