@@ -30,6 +30,7 @@ int convd_stream_dtype_to_wire(int dtype) {
 struct convd_stream {
   uint64_t max_request_bytes;
   convd_registry *registry;
+  const char *tenant;   /* whose registered weights the spec may name (NULL: no tenants) */
   convd_weights *reg_w; /* registered weights this call uses (pinned), or NULL */
   int priority;
   int have_spec;
@@ -39,6 +40,10 @@ struct convd_stream {
   void *w, *b;        /* as they arrive (wire dtype), until handed to the job as float32 */
   int weights_given;
   int buffers;        /* w, b and row_seen are allocated */
+  int defer;          /* large weights are finalized by the caller, off the feeding thread */
+  int weights_pending; /* whole, waiting for convd_stream_finalize_weights + hand_weights */
+  int finalized;      /* w and b are float32 now, w_key their digest */
+  uint64_t w_key;
   uint64_t band_limit; /* the largest band taken, 0 = any */
   void *band;         /* the band being assembled, in the wire's dtype */
   size_t band_cap;
@@ -173,11 +178,13 @@ int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weigh
   return 0;
 }
 
-convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg) {
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg,
+                                  const char *tenant) {
   convd_stream *s = calloc(1, sizeof *s);
   if (s) {
     s->max_request_bytes = max_request_bytes;
     s->registry = reg;
+    s->tenant = tenant;
   }
   return s;
 }
@@ -201,7 +208,7 @@ static int accept_spec(convd_stream *s, const Convd__V1__ConvSpec *spec, char *e
   if (spec->weights_id && spec->weights_id[0]) {
     if (s->registry == NULL)
       return convd_errf(err, errlen, CONVD_ENOTSUP, "this daemon has no weights registry");
-    if ((rc = convd_registry_acquire(s->registry, spec->weights_id, &s->reg_w, err, errlen)))
+    if ((rc = convd_registry_acquire(s->registry, s->tenant, spec->weights_id, &s->reg_w, err, errlen)))
       return rc;
   }
   rc = convd_stream_spec_to_conv(spec, s->reg_w, s->max_request_bytes, &s->conv, err, errlen);
@@ -404,10 +411,37 @@ static int widen(int dtype, void **t, size_t n) {
   return 0;
 }
 
-/* Once weights and bias are whole, the job takes them over. */
+/* Streamed weights above this are widened and hashed off the feeding thread when the caller
+ * asked for it (convd_stream_defer_weights). */
+#define DEFER_WEIGHTS_BYTES ((size_t)1 << 20)
+
+int convd_stream_finalize_weights(convd_stream *s, char *err, size_t errlen) {
+  if (widen(s->conv.p.dtype, &s->w, s->conv.weight_elems) ||
+      widen(s->conv.p.dtype, &s->b, s->conv.bias_elems))
+    return convd_errf(err, errlen, CONVD_ENOMEM,
+                      "the daemon cannot widen %zu weights to float32 now; retry later",
+                      s->conv.weight_elems);
+  s->w_key = convd_digest_weights(&s->conv, s->w);
+  s->finalized = 1;
+  return 0;
+}
+
+void convd_stream_hand_weights(convd_stream *s) {
+  s->weights_pending = 0;
+  s->weights_given = 1;
+  convd_job_set_weights_key(s->job, s->w_key);
+  convd_job_set_weights(s->job, s->w, s->b, CONVD_GIVE);
+}
+
+int convd_stream_weights_pending(const convd_stream *s) { return s->weights_pending; }
+
+void convd_stream_defer_weights(convd_stream *s, int on) { s->defer = on; }
+
+/* Once weights and bias are whole, the job takes them over (or, when deferred, the caller has
+ * them finalized elsewhere first). */
 static int give_weights(convd_stream *s, char *err, size_t errlen) {
-  if (s->job == NULL || s->weights_given || s->w_recv != s->conv.weight_wire_bytes ||
-      s->b_recv != s->conv.bias_wire_bytes)
+  if (s->job == NULL || s->weights_given || s->weights_pending ||
+      s->w_recv != s->conv.weight_wire_bytes || s->b_recv != s->conv.bias_wire_bytes)
     return 0;
   if (s->reg_w) { /* lent by the registry, pinned until the session ends */
     s->weights_given = 1;
@@ -415,15 +449,13 @@ static int give_weights(convd_stream *s, char *err, size_t errlen) {
     convd_job_set_weights(s->job, s->reg_w->w, s->reg_w->b, CONVD_LEND);
     return 0;
   }
-  if (widen(s->conv.p.dtype, &s->w, s->conv.weight_elems) ||
-      widen(s->conv.p.dtype, &s->b, s->conv.bias_elems))
-    return convd_errf(err, errlen, CONVD_ENOMEM,
-                      "the daemon cannot widen %zu weights to float32 now; retry later",
-                      s->conv.weight_elems);
-  s->weights_given = 1;
-  convd_job_set_weights_key(s->job, convd_digest_weights(&s->conv, s->w));
-  convd_job_set_weights(s->job, s->w, s->b, CONVD_GIVE);
-  return 0;
+  if (s->defer && s->conv.weight_wire_bytes + s->conv.bias_wire_bytes > DEFER_WEIGHTS_BYTES) {
+    s->weights_pending = 1;
+    return 0;
+  }
+  int rc = convd_stream_finalize_weights(s, err, errlen);
+  if (rc == 0) convd_stream_hand_weights(s);
+  return rc;
 }
 
 /* A weight (bias: 1) chunk; the job gets the weights once both are whole. */

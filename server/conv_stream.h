@@ -7,7 +7,8 @@
  * widen and digest in one place. Knows protobuf-c messages, not gRPC calls.
  *
  * Threads: one stream is fed by one thread at a time (the completion-queue thread, under its
- * call's mutex); the registry it acquires from is thread-safe. */
+ * call's mutex); convd_stream_finalize_weights runs on the offload thread while nothing feeds
+ * it. The registry it acquires from is thread-safe. */
 #ifndef CONVD_CONV_STREAM_H
 #define CONVD_CONV_STREAM_H
 
@@ -37,8 +38,10 @@ int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weigh
                               uint64_t max_request_bytes, convd_conv *conv, char *err,
                               size_t errlen);
 
-/* reg: the weights registry that spec.weights_id names entries of (NULL: none). */
-convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg);
+/* reg: the weights registry that spec.weights_id names entries of (NULL: none), of tenant's
+ * (NULL without tenants; the string outlives the stream). */
+convd_stream *convd_stream_create(uint64_t max_request_bytes, convd_registry *reg,
+                                  const char *tenant);
 void convd_stream_destroy(convd_stream *s);
 
 /* Applies one client message. Returns 0, or a negative error with err set; after an error the
@@ -91,6 +94,14 @@ uint64_t convd_stream_buffers_bytes(const convd_stream *s);
 int convd_stream_attach(convd_stream *s, convd_job *job, char *err, size_t errlen);
 /* Bands larger than bytes (rows x C x W x the dtype's size) are refused (0 = any size). */
 void convd_stream_set_band_limit(convd_stream *s, uint64_t bytes);
+/* Streamed weights larger than 1 MiB are not widened and hashed by the feeding thread: once
+ * they are whole, convd_stream_weights_pending says so, and the caller runs
+ * convd_stream_finalize_weights (on any thread, while nothing feeds the stream) and then
+ * convd_stream_hand_weights (under the feeding thread's lock) before feeding more. */
+void convd_stream_defer_weights(convd_stream *s, int on);
+int convd_stream_weights_pending(const convd_stream *s);
+int convd_stream_finalize_weights(convd_stream *s, char *err, size_t errlen);
+void convd_stream_hand_weights(convd_stream *s);
 /* Bytes of the band being assembled. */
 uint64_t convd_stream_bytes_buffered(const convd_stream *s);
 uint64_t convd_stream_bytes_received(const convd_stream *s);

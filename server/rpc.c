@@ -150,6 +150,7 @@ static void *cq_main(void *arg) {
 }
 
 static void rpc_free(convd_rpc *r) {
+  convd_offload_destroy(r->offload);
   convd_registry_destroy(r->registry);
   pthread_mutex_destroy(&r->mu);
   free(r->registered);
@@ -171,6 +172,10 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   atomic_init(&r->health_draining, 0);
   atomic_init(&r->inflight_bytes, 0);
   pthread_mutex_init(&r->mu, NULL);
+  if ((r->offload = convd_offload_create()) == NULL) {
+    rpc_free(r);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the offload thread");
+  }
   if (cfg->weights_memory && (r->registry = convd_registry_create(cfg->weights_memory)) == NULL) {
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
@@ -298,6 +303,8 @@ void convd_rpc_destroy(convd_rpc *r) {
   if (r == NULL) return;
   grpc_completion_queue_shutdown(r->cq);
   if (r->thread_started) pthread_join(r->thread, NULL);
+  convd_offload_destroy(r->offload); /* runs what is left: those calls' answers fail, they end */
+  r->offload = NULL;
   grpc_server_destroy(r->server);
   grpc_completion_queue_destroy(r->cq);
   rpc_free(r);

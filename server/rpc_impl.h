@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "call.h"
+#include "offload.h"
 #include "methods.h"
 #include "rpc.h"
 
@@ -30,6 +31,7 @@ struct convd_rpc {
   grpc_server *server;
   grpc_completion_queue *cq;
   pthread_t thread;
+  convd_offload *offload; /* work that grows with a tensor, off the CQ thread */
   int thread_started;
   void **registered; /* grpc_server_register_method handles, by method table index */
   pthread_mutex_t mu;

@@ -19,6 +19,7 @@
 #include "conv_stream.h"
 #include "dtype.h"
 #include "err.h"
+#include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
 #include "wire.h"
@@ -37,6 +38,7 @@ typedef struct conv_call {
 
   /* Conv2d: reading */
   int recv_paused;
+  int finalizing; /* its weights are being widened and hashed on the offload thread */
   uint64_t mem_limit;  /* stop reading input while the job holds more than this */
   uint64_t band_limit; /* the largest input band the call takes */
   /* Conv2d: sending. Ranges of final rows not yet sent, and the band being sent. */
@@ -244,7 +246,7 @@ static conv_call *state_new(convd_call *c, int unary) {
   if (k == NULL) return NULL;
   c->state = k;
   k->unary = unary;
-  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry);
+  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry, NULL);
   if (k->stream == NULL) return NULL;
   return k;
 }
@@ -317,7 +319,7 @@ static void fail_stuck(convd_call *c, conv_call *k) {
 
 static void maybe_resume(convd_call *c) {
   conv_call *k = c->state;
-  if (!k->recv_paused || c->status_set || c->dead) return;
+  if (!k->recv_paused || k->finalizing || c->status_set || c->dead) return;
   const int f = flow(k);
   if (f == FLOW_PAUSE) return;
   if (f == FLOW_STUCK) {
@@ -434,10 +436,12 @@ static void pump(convd_call *c) {
 /* ---- Conv2d: input --------------------------------------------------------------------- */
 
 static void conv2d_start(convd_call *c) {
-  if (state_new(c, 0) == NULL) {
+  conv_call *k = state_new(c, 0);
+  if (k == NULL) {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
     return;
   }
+  convd_stream_defer_weights(k->stream, 1);
   if (convd_call_send_initial_metadata(c) == 0) convd_call_recv(c);
 }
 
@@ -445,12 +449,46 @@ static void wire_copy(const void *ctx, size_t off, void *dst, size_t n) {
   convd_wire_band_copy(ctx, off, dst, n);
 }
 
+static void read_on(convd_call *c, conv_call *k);
+
+/* The offload thread: the call's weights are whole; widening and hashing them grow with them,
+ * so they run here, while the call reads nothing (its ref keeps it). */
+static void finalize_weights(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  char err[512];
+  int rc = convd_stream_finalize_weights(k->stream, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  k->finalizing = 0;
+  if (rc) convd_call_fail(c, rc, err);
+  else if (!c->status_set) {
+    convd_stream_hand_weights(k->stream);
+    read_on(c, k);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
 /* After a message was applied (rc): fail, send `accepted`, or read the next one unless
- * backpressure says wait. */
+ * backpressure says wait (or the weights are being finalized). */
 static void after_message(convd_call *c, conv_call *k, int rc, const char *err) {
   if (rc) convd_call_fail(c, rc, err);
   else if (k->accepted_pending) pump(c);
   if (rc || c->status_set) return;
+  if (convd_stream_weights_pending(k->stream)) {
+    k->finalizing = 1;
+    convd_call_ref_locked(c);
+    if (convd_offload_post(c->rpc->offload, finalize_weights, c)) {
+      c->refs--; /* the running handler still holds its own ref */
+      k->finalizing = 0;
+      convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    }
+    return;
+  }
+  read_on(c, k);
+}
+
+static void read_on(convd_call *c, conv_call *k) {
   const int f = flow(k);
   if (f == FLOW_STUCK) fail_stuck(c, k);
   else if (f == FLOW_PAUSE) k->recv_paused = 1; /* the next read waits until the job frees or sends rows */

@@ -2,17 +2,22 @@
  * weight and bias chunks in order; its rules are weights_upload.c's), ListWeights,
  * DeleteWeights. The registry itself (registry.c) knows no gRPC.
  *
- * Threads: the completion-queue thread, with the call's mutex held; the registry is
- * thread-safe. */
+ * Threads: the completion-queue thread, with the call's mutex held; a finished upload is
+ * widened and registered on the offload thread (offload.h), which then takes the call's mutex
+ * to answer. The registry is thread-safe. */
 #include <inttypes.h>
 #include <stdlib.h>
 
 #include "conv_stream.h"
 #include "err.h"
+#include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
 #include "weights_upload.h"
 #include "wire.h"
+
+#define TENANT(c) ((void)(c), (const char *)NULL)
+#define TENANT_WEIGHTS_LIMIT(c) ((void)(c), (uint64_t)0)
 
 /* The upload's admission (weights_upload.c asks once its spec is checked, before it allocates):
  * what it will hold must fit beside the other calls' (--max-inflight-bytes). */
@@ -21,22 +26,46 @@ static int put_admit(void *user, uint64_t bytes, char *err, size_t errlen) {
   return convd_rpc_admit(c->rpc, bytes, err, errlen);
 }
 
-/* The stream ended: the weights go into the registry (weights_upload.c: checked, widened). */
-static void put_finish(convd_call *c, convd_upload *u) {
+/* The offload thread, without the call's mutex: the upload is whole and no message will touch
+ * it any more (the call's ref keeps it). Widening and hashing grow with the weights, so they
+ * run here rather than on the completion-queue thread. */
+static void put_register(void *arg) {
+  convd_call *c = arg;
+  convd_upload *u = c->state;
   char err[512];
   char id[CONVD_WEIGHTS_ID_LEN + 1];
   uint64_t bytes = 0;
   int already = 0;
-  int rc = convd_upload_finish(u, c->rpc->registry, id, &bytes, &already, err, sizeof err);
+  int rc = convd_upload_register(u, c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), id,
+                                 &bytes, &already, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+  } else if (!c->status_set) {
+    Convd__V1__PutWeightsResponse resp = CONVD__V1__PUT_WEIGHTS_RESPONSE__INIT;
+    resp.weights_id = id;
+    resp.bytes = bytes;
+    resp.already_present = already != 0;
+    convd_call_reply(c, &resp.base);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+/* The stream ended: once the upload is complete (weights_upload.c), the weights go into the
+ * registry (widened to float32) on the offload thread. */
+static void put_finish(convd_call *c, convd_upload *u) {
+  char err[512];
+  int rc = convd_upload_complete(u, err, sizeof err);
   if (rc) {
     convd_call_fail(c, rc, err);
     return;
   }
-  Convd__V1__PutWeightsResponse resp = CONVD__V1__PUT_WEIGHTS_RESPONSE__INIT;
-  resp.weights_id = id;
-  resp.bytes = bytes;
-  resp.already_present = already != 0;
-  convd_call_reply(c, &resp.base);
+  convd_call_ref_locked(c);
+  if (convd_offload_post(c->rpc->offload, put_register, c)) {
+    c->refs--; /* the running handler still holds its own ref */
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+  }
 }
 
 static void put_recv(convd_call *c, grpc_byte_buffer *bb) {
@@ -87,8 +116,9 @@ static void list_start(convd_call *c) {
   convd_weights_info *v = NULL;
   size_t n = 0;
   convd_registry_stats st = {0};
+  uint64_t own = 0;
   if (c->rpc->registry) {
-    if (convd_registry_list(c->rpc->registry, &v, &n)) {
+    if (convd_registry_list(c->rpc->registry, TENANT(c), &v, &n, &own)) {
       convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
       return;
     }
@@ -116,9 +146,11 @@ static void list_start(convd_call *c) {
     Convd__V1__ListWeightsResponse resp = CONVD__V1__LIST_WEIGHTS_RESPONSE__INIT;
     resp.n_weights = n;
     resp.weights = ptrs;
-    resp.bytes_used = st.bytes;
-    resp.bytes_limit = c->rpc->cfg->weights_memory;
-    resp.evictions = st.evictions;
+    /* With tenants, a listing says nothing about the others: their bytes, their evictions. */
+    const uint64_t tl = TENANT_WEIGHTS_LIMIT(c), limit = c->rpc->cfg->weights_memory;
+    resp.bytes_used = TENANT(c) ? own : st.bytes;
+    resp.bytes_limit = tl && tl < limit ? tl : limit;
+    resp.evictions = TENANT(c) ? 0 : st.evictions;
     convd_call_reply(c, &resp.base);
   } else {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
@@ -138,7 +170,7 @@ static void delete_start(convd_call *c) {
   else if (c->rpc->registry == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOTFOUND, "this daemon runs without a weights registry");
   else
-    rc = convd_registry_delete(c->rpc->registry, m->weights_id ? m->weights_id : "", err, sizeof err);
+    rc = convd_registry_delete(c->rpc->registry, TENANT(c), m->weights_id ? m->weights_id : "", err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) {
     convd_call_fail(c, rc, err);

@@ -126,14 +126,19 @@ int convd_upload_feed(convd_upload *u, const Convd__V1__PutWeightsRequest *m, ch
   return convd_errf(err, errlen, CONVD_EINVAL, "a message with no content arrived");
 }
 
-int convd_upload_finish(convd_upload *u, convd_registry *reg, char id[CONVD_WEIGHTS_ID_LEN + 1],
-                        uint64_t *bytes, int *already, char *err, size_t errlen) {
+int convd_upload_complete(const convd_upload *u, char *err, size_t errlen) {
   if (!u->have_spec)
     return convd_errf(err, errlen, CONVD_EINVAL, "the stream ended before the spec arrived");
   if (u->w_recv != u->w_total || u->b_recv != u->b_total)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "incomplete at half-close: %zu of %zu weight bytes and %zu of %zu bias bytes arrived",
                       u->w_recv, u->w_total, u->b_recv, u->b_total);
+  return 0;
+}
+
+int convd_upload_register(convd_upload *u, convd_registry *reg, const char *tenant,
+                          uint64_t tenant_limit, char id[CONVD_WEIGHTS_ID_LEN + 1],
+                          uint64_t *bytes, int *already, char *err, size_t errlen) {
   const size_t we = u->w_total / u->elem, be = u->b_total / u->elem;
   float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
   if (w == NULL || (be && b == NULL)) {
@@ -142,7 +147,10 @@ int convd_upload_finish(convd_upload *u, convd_registry *reg, char id[CONVD_WEIG
   }
   convd_dtype_decode(u->dtype, u->w, w, we);
   if (be) convd_dtype_decode(u->dtype, u->b, b, be);
+  free(u->w), free(u->b); /* the wire copies are done with */
+  u->w = u->b = NULL;
   /* the registry takes w and b over, whatever it answers */
-  return convd_registry_put(reg, u->shape[0], u->shape[1], u->shape[2], u->shape[3], u->dtype, w,
-                            b, (int64_t)be, id, bytes, already, err, errlen);
+  return convd_registry_put(reg, tenant, tenant_limit, u->shape[0], u->shape[1], u->shape[2],
+                            u->shape[3], u->dtype, w, b, (int64_t)be, id, bytes, already, err,
+                            errlen);
 }

@@ -111,7 +111,7 @@ static void sink_done(void *user, int status, const char *err, const convd_job_s
 static void test_happy_path_uneven_pieces(void) {
   fixture f;
   fixture_init(&f);
-  convd_stream *s = convd_stream_create(1 << 20, NULL);
+  convd_stream *s = convd_stream_create(1 << 20, NULL, NULL);
   char err[1024];
   ASSERT_OK(feed_spec(s, &f.spec, err, sizeof err), err);
   const convd_conv *c = convd_stream_conv(s);
@@ -324,7 +324,7 @@ static void test_stream_errors(void) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     fixture f;
     fixture_init(&f);
-    convd_stream *s = convd_stream_create(1 << 20, NULL);
+    convd_stream *s = convd_stream_create(1 << 20, NULL, NULL);
     char err[1024] = "";
     int rc = cases[i].fn(s, &f, err, sizeof err);
     convd_stream_destroy(s);

@@ -5,7 +5,8 @@
  * (conv_stream.c: the stream's rules, spec -> checked descriptor, registry look-ups) as
  * svc_conv.c's conv2d_recv feeds them; a ConvCall as unary_start and unary_run do; PutWeights
  * into an upload (weights_upload.c) and the registry as svc_weights.c does; DeleteWeights into
- * the registry. A call without FUZZ_WITH_JOB has no job attached, so its stream is only
+ * the registry. What the daemon runs on its offload thread runs here in line, in its place in
+ * the sequence. Every call is the one tenant's of a daemon without tokens. A call without FUZZ_WITH_JOB has no job attached, so its stream is only
  * checked; with it, a small convolution gets an engine job on reference devices (created as
  * begin_job does, without admission), and bands and weights are handed over, widened and
  * digested as in the daemon. Besides the sanitizers, it aborts when an invariant the daemon
@@ -277,8 +278,9 @@ static void keep_open(daemon_state *d, convd_stream *s) {
 }
 
 static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_close, int with_job) {
-  convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg);
+  convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg, NULL);
   CHECK(s != NULL, "out of memory");
+  convd_stream_defer_weights(s, 1); /* as conv2d_start */
   job_sink k = JOB_SINK_INIT;
   char err[1024] = "";
   int rc = 0, whole = 1;
@@ -295,6 +297,11 @@ static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_clo
     CHECK(bb != NULL, "out of memory");
     rc = conv2d_message(d, s, with_job ? &k : NULL, bb, i, err, sizeof err);
     grpc_byte_buffer_destroy(bb);
+    /* after_message: weights left to the offload thread are finalized there (here in line,
+     * nothing feeds the stream meanwhile), then handed to the job */
+    if (rc == 0 && convd_stream_weights_pending(s) &&
+        (rc = convd_stream_finalize_weights(s, err, sizeof err)) == 0)
+      convd_stream_hand_weights(s);
   }
   if (rc == 0 && whole && half_close) {
     rc = convd_stream_finish(s, err, sizeof err);
@@ -309,7 +316,7 @@ static void conv2d_call(daemon_state *d, reader *r, unsigned count, int half_clo
 
 static int unary_call(daemon_state *d, grpc_byte_buffer *bb, int with_job, char *err,
                       size_t errlen) {
-  convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg);
+  convd_stream *s = convd_stream_create(FUZZ_MAX_REQUEST_BYTES, d->reg, NULL);
   CHECK(s != NULL, "out of memory");
   job_sink k = JOB_SINK_INIT;
   float *y = NULL;
@@ -382,11 +389,13 @@ static void put_weights_call(daemon_state *d, reader *r, unsigned count, int hal
     char id[CONVD_WEIGHTS_ID_LEN + 1];
     uint64_t bytes = 0;
     int already = 0;
-    rc = convd_upload_finish(u, d->reg, id, &bytes, &already, err, sizeof err);
+    rc = convd_upload_complete(u, err, sizeof err);
+    /* the offload thread's part (put_register), here in line: nothing else touches u */
+    if (rc == 0) rc = convd_upload_register(u, d->reg, NULL, 0, id, &bytes, &already, err, sizeof err);
     if (rc == 0) { /* what was just put is there to be named */
       convd_weights *w = NULL;
       char aerr[256];
-      CHECK(convd_registry_acquire(d->reg, id, &w, aerr, sizeof aerr) == 0, "%s", aerr);
+      CHECK(convd_registry_acquire(d->reg, NULL, id, &w, aerr, sizeof aerr) == 0, "%s", aerr);
       CHECK(w->bytes == bytes, "the entry counts %" PRIu64 " bytes, PutWeights said %" PRIu64,
             w->bytes, bytes);
       convd_registry_release(d->reg, w);
@@ -401,7 +410,7 @@ static int delete_weights_call(daemon_state *d, grpc_byte_buffer *bb, char *err,
       bb, &convd__v1__delete_weights_request__descriptor);
   if (m == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL, "the request is not a valid convd.v1.DeleteWeightsRequest");
-  int rc = convd_registry_delete(d->reg, m->weights_id ? m->weights_id : "", err, errlen);
+  int rc = convd_registry_delete(d->reg, NULL, m->weights_id ? m->weights_id : "", err, errlen);
   protobuf_c_message_free_unpacked(&m->base, NULL);
   return rc;
 }

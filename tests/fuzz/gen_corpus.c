@@ -332,7 +332,7 @@ static void put_weights(seed *s, const tensors *t, char id[CONVD_WEIGHTS_ID_LEN 
   uint64_t bytes;
   int already;
   char err[256];
-  if (convd_registry_put(reg, sp.wt.d0, sp.wt.d1, sp.wt.d2, sp.wt.d3, p->dtype, w, b,
+  if (convd_registry_put(reg, NULL, 0, sp.wt.d0, sp.wt.d1, sp.wt.d2, sp.wt.d3, p->dtype, w, b,
                          (int64_t)t->cv.bias_elems, id, &bytes, &already, err, sizeof err))
     die(err);
   convd_registry_destroy(reg);
