@@ -96,8 +96,9 @@ static int put_spec(convd_upload *u, const Convd__V1__WeightsSpec *sp, char *err
   }
   u->w_total = wbytes;
   u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
-  /* Held until the registry has them: the wire copies as they arrive, then the float32 ones. */
-  const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + (uint64_t)u->b_elems * sizeof(float);
+  /* Held until the registry has them: the wire copies as they arrive, then the float32 ones
+   * (a bias only when there is one). */
+  const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + bbytes;
   if (u->admit) {
     int rc = u->admit(u->user, hold, err, errlen);
     if (rc) return rc;
