@@ -12,6 +12,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,9 +60,93 @@ int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4
 struct convd_client {
   grpc_channel *ch;
   void *m_conv2d, *m_unary, *m_list, *m_health;
-  convd_client_opts o;
+  convd_client_opts o; /* its file and string pointers cleared: they are the caller's */
   int last_status;
+  /* Sent with every call's initial metadata: `authorization: Bearer TOKEN` when opts had a
+   * token (n_md 1), else nothing. */
+  grpc_metadata md[1];
+  size_t n_md;
 };
+
+#define MAX_TOKEN 4096
+#define MAX_PEM (1u << 20)
+
+/* A PEM file's text (malloc'd, NUL-terminated) for gRPC's credentials. */
+static int read_pem(const char *what, const char *path, char **out, char *err, size_t errlen) {
+  *out = NULL;
+  FILE *f = fopen(path, "rb");
+  if (f == NULL)
+    return convd_errf(err, errlen, CONVD_EIO, "%s %s: cannot open it: %s", what, path, strerror(errno));
+  char *buf = malloc(MAX_PEM + 1);
+  size_t n = buf ? fread(buf, 1, MAX_PEM + 1, f) : 0;
+  const int bad = ferror(f);
+  fclose(f);
+  if (buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  if (bad || n == 0 || n > MAX_PEM || strstr((buf[n] = '\0', buf), "-----BEGIN ") == NULL) {
+    free(buf);
+    return convd_errf(err, errlen, CONVD_EINVAL, "%s %s: %s", what, path,
+                      bad ? "cannot read it" : n > MAX_PEM ? "larger than 1 MiB: not a PEM file"
+                                                           : "not a PEM file");
+  }
+  *out = buf;
+  return 0;
+}
+
+static void pem_free(char *p) {
+  if (p == NULL) return;
+  memset(p, 0, strlen(p)); /* a private key should not linger in freed memory */
+  free(p);
+}
+
+/* Channel credentials from opts: TLS when tls_ca_file is set, else plaintext. */
+static int make_credentials(const convd_client_opts *o, grpc_channel_credentials **out, char *err,
+                            size_t errlen) {
+  *out = NULL;
+  const int cert = o->tls_cert_file != NULL, key = o->tls_key_file != NULL;
+  if (cert != key)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s is set but %s is not: a client certificate needs its private key",
+                      cert ? "tls_cert_file" : "tls_key_file", cert ? "tls_key_file" : "tls_cert_file");
+  if (o->tls_ca_file == NULL) {
+    if (cert || o->tls_server_name)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "%s needs tls_ca_file: TLS is on when the CA that signed the server's "
+                        "certificate is given",
+                        cert ? "tls_cert_file" : "tls_server_name");
+    *out = grpc_insecure_credentials_create();
+    return 0;
+  }
+  char *ca = NULL, *crt = NULL, *k = NULL;
+  int rc = read_pem("TLS CA file", o->tls_ca_file, &ca, err, errlen);
+  if (rc == 0 && cert) rc = read_pem("TLS certificate file", o->tls_cert_file, &crt, err, errlen);
+  if (rc == 0 && cert) rc = read_pem("TLS key file", o->tls_key_file, &k, err, errlen);
+  if (rc == 0) {
+    grpc_ssl_pem_key_cert_pair pair = {k, crt};
+    /* gRPC copies the strings. */
+    *out = grpc_ssl_credentials_create(ca, cert ? &pair : NULL, NULL, NULL);
+    if (*out == NULL) rc = convd_errf(err, errlen, CONVD_EINTERNAL, "gRPC refused the TLS credentials");
+  }
+  pem_free(ca), pem_free(crt), pem_free(k);
+  return rc;
+}
+
+/* The authorization header, or none. The token is not echoed in any message. */
+static int make_token_md(convd_client *c, const char *token, char *err, size_t errlen) {
+  if (token == NULL) return 0;
+  const size_t n = strlen(token);
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)token[i] < 0x21 || (unsigned char)token[i] > 0x7e)
+      return convd_errf(err, errlen, CONVD_EINVAL, "the token must be printable ASCII without spaces");
+  if (n == 0 || n > MAX_TOKEN)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the token must be 1 to %d characters", MAX_TOKEN);
+  char value[7 + MAX_TOKEN + 1];
+  snprintf(value, sizeof value, "Bearer %s", token);
+  c->md[0].key = grpc_slice_from_static_string("authorization");
+  c->md[0].value = grpc_slice_from_copied_string(value);
+  memset(value, 0, sizeof value);
+  c->n_md = 1;
+  return 0;
+}
 
 /* A method's path, /SERVICE/METHOD, from the generated service descriptor: the .proto and the
  * daemon's method table stay the only spellings. */
@@ -81,6 +166,8 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   convd_client *c = calloc(1, sizeof *c);
   if (c == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   if (opts) c->o = *opts;
+  c->o.tls_ca_file = c->o.tls_cert_file = c->o.tls_key_file = c->o.tls_server_name = c->o.token = NULL;
+  const convd_client_opts none = {0}, *o = opts ? opts : &none;
   if (c->o.max_message_bytes == 0) c->o.max_message_bytes = 4u << 20;
   if (c->o.chunk_bytes == 0) c->o.chunk_bytes = 1u << 20;
   if (c->o.max_message_bytes > INT32_MAX ||
@@ -107,9 +194,22 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
     }
   }
   grpc_init();
-  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS];
+  grpc_channel_credentials *creds;
+  int rc = make_credentials(o, &creds, err, errlen);
+  if (rc == 0) rc = make_token_md(c, o->token, err, errlen);
+  if (rc) {
+    if (creds) grpc_channel_credentials_release(creds);
+    free(c);
+    grpc_shutdown();
+    return rc;
+  }
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 1];
   grpc_channel_args ca = {convd_wire_channel_args(args, c->o.max_message_bytes), args};
-  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+  if (o->tls_server_name) {
+    args[ca.num_args].type = GRPC_ARG_STRING;
+    args[ca.num_args].key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+    args[ca.num_args++].value.string = (char *)o->tls_server_name; /* the channel copies it */
+  }
   c->ch = grpc_channel_create(target, creds, &ca);
   grpc_channel_credentials_release(creds);
   /* The channel keeps its own copy of each path. */
@@ -124,6 +224,7 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
 void convd_client_destroy(convd_client *c) {
   if (c == NULL) return;
   grpc_channel_destroy(c->ch);
+  for (size_t i = 0; i < c->n_md; i++) grpc_slice_unref(c->md[i].value);
   free(c);
   grpc_shutdown();
 }
@@ -544,6 +645,8 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   memset(ops, 0, sizeof ops);
   send_buf = next_request(&s);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[0].data.send_initial_metadata.count = c->n_md;
+  ops[0].data.send_initial_metadata.metadata = c->md;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = send_buf;
   if (send_buf && grpc_call_start_batch(call, ops, 2, (void *)(intptr_t)T_SEND, NULL) == GRPC_CALL_OK)
@@ -658,6 +761,8 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   grpc_op ops[6];
   memset(ops, 0, sizeof ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[0].data.send_initial_metadata.count = c->n_md;
+  ops[0].data.send_initial_metadata.metadata = c->md;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = req;
   ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

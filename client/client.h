@@ -55,10 +55,25 @@ int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4
 
 typedef struct convd_client convd_client;
 
+/* Zero-initialise it and set what you need: every field's zero is the default. */
 typedef struct convd_client_opts {
   size_t chunk_bytes;       /* largest tensor payload per message sent; 0 = 1 MiB */
   size_t max_message_bytes; /* gRPC message limit both ways; 0 = 4 MiB (gRPC's default) */
   double timeout_seconds;   /* deadline for each call; 0 = none */
+  /* Who this client is, for a daemon that asks (its --tls-cert, --tls-client-ca, --auth-tokens).
+   * Files are read, and strings copied, by convd_client_create; the pointers need not outlive
+   * it. */
+  const char *tls_ca_file;   /* TLS: the CA (PEM) that signed the server's certificate; NULL =
+                                plaintext. A public CA's server: the system bundle, e.g.
+                                /etc/ssl/certs/ca-certificates.crt */
+  const char *tls_cert_file; /* mutual TLS: this client's certificate chain (PEM) ... */
+  const char *tls_key_file;  /* ... and its private key; both or neither, with tls_ca_file */
+  const char *tls_server_name; /* the name the server's certificate must carry, when it is not
+                                  target's host (target an IP, the certificate a DNS name);
+                                  NULL = target's host */
+  const char *token;         /* sent with every call as `authorization: Bearer TOKEN`; NULL =
+                                none. Over plaintext it travels in the clear: use TLS beyond
+                                loopback */
 } convd_client_opts;
 
 typedef struct convd_client_stats {
@@ -84,7 +99,12 @@ typedef struct convd_client_device {
   } stats;
 } convd_client_device;
 
-/* target: "HOST:PORT". Does not connect yet; the first call does. */
+/* target: "HOST:PORT". Does not connect yet; the first call does. opts may be NULL (all
+ * defaults). Unreadable TLS files, or a certificate without its key, fail here with
+ * CONVD_CLIENT_EINVAL / _EIO naming the file. A server that refuses the connection (TLS where
+ * the client speaks plaintext, a certificate it does not trust) makes calls fail with
+ * CONVD_CLIENT_EUNAVAIL; a missing or wrong token, with CONVD_CLIENT_EREMOTE and
+ * convd_client_last_status() 16 (UNAUTHENTICATED). */
 int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
                         char *err, size_t errlen);
 void convd_client_destroy(convd_client *c);

@@ -5,6 +5,9 @@
  *                --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]
  *   convctl devices --server HOST:PORT
  *   convctl --version
+ * Every command that talks to a server also takes --tls-ca FILE [--tls-cert FILE --tls-key FILE]
+ * [--tls-server-name NAME] and --token-file FILE (or CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY,
+ * CONVD_TLS_SERVER_NAME, CONVD_TOKEN in the environment).
  * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage. */
 #include <errno.h>
 #include <fcntl.h>
@@ -12,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "client.h"
@@ -41,7 +45,16 @@ static void usage(FILE *f) {
           "bias C_out. --stride/--dilation take one value for both axes or two (H,W);\n"
           "--dtype float16/bfloat16 sends them rounded to that type and returns its output\n"
           "(written as float32); --tf32 lets GPUs use TF32 on float32 tensors.\n"
-          "--padding takes one value, two (H,W) or four (top,bottom,left,right).\n");
+          "--padding takes one value, two (H,W) or four (top,bottom,left,right).\n"
+          "\n"
+          "Connecting (conv, conv-transpose, devices, health):\n"
+          "  --tls-ca FILE         TLS: the CA (PEM) that signed the server's certificate\n"
+          "  --tls-cert FILE --tls-key FILE   mutual TLS: this client's certificate and key\n"
+          "  --tls-server-name NAME           the name the server's certificate carries, when\n"
+          "                        it is not the --server host\n"
+          "  --token-file FILE     send the token on the file's first line (keep it mode 600)\n"
+          "Without the flags: CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY, CONVD_TLS_SERVER_NAME\n"
+          "(the last three only with a CA) and CONVD_TOKEN (the token itself).\n");
 }
 
 /* Parses "a,b,..." into up to max values; returns how many, or -1. */
@@ -64,6 +77,7 @@ typedef struct args {
   const char *server, *input, *weight, *bias, *output;
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
   const char *dtype, *service, *output_padding;
+  const char *tls_ca, *tls_cert, *tls_key, *tls_server_name, *token_file;
   int unary, tf32;
 } args;
 
@@ -77,7 +91,10 @@ static int parse_args(int argc, char **argv, args *a) {
               {"--chunk-bytes", &a->chunk}, {"--timeout", &a->timeout},
               {"--devices", &a->devices},   {"--device-memory", &a->device_memory},
               {"--dtype", &a->dtype},       {"--service", &a->service},
-              {"--output-padding", &a->output_padding}};
+              {"--output-padding", &a->output_padding},
+              {"--tls-ca", &a->tls_ca},     {"--tls-cert", &a->tls_cert},
+              {"--tls-key", &a->tls_key},   {"--tls-server-name", &a->tls_server_name},
+              {"--token-file", &a->token_file}};
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--unary") == 0) {
       a->unary = 1;
@@ -111,9 +128,63 @@ static int parse_args(int argc, char **argv, args *a) {
   return 0;
 }
 
+/* A flag, else the environment variable; "" counts as unset. */
+static const char *flag_or_env(const char *flag, const char *var) {
+  const char *v = flag ? flag : getenv(var);
+  return v && v[0] ? v : NULL;
+}
+
+/* The first line of the token file, trimmed, into token (len bytes). A file others can read
+ * is used, with a warning: the daemon refuses such a tokens file, a client only warns. */
+static int read_token_file(const char *path, char *token, size_t len) {
+  FILE *f = fopen(path, "r");
+  if (f == NULL) {
+    fprintf(stderr, "convctl: --token-file %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  struct stat st;
+  if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077))
+    fprintf(stderr,
+            "convctl: warning: --token-file %s is readable or writable by group or others (mode "
+            "%04o): run `chmod 600 %s`\n",
+            path, (unsigned)(st.st_mode & 07777), path);
+  if (fgets(token, (int)len, f) == NULL) token[0] = '\0';
+  fclose(f);
+  size_t n = strlen(token);
+  while (n && (token[n - 1] == '\n' || token[n - 1] == '\r' || token[n - 1] == ' ' || token[n - 1] == '\t'))
+    token[--n] = '\0';
+  size_t skip = 0;
+  while (token[skip] == ' ' || token[skip] == '\t') skip++;
+  memmove(token, token + skip, n - skip + 1);
+  if (token[0] == '\0') {
+    fprintf(stderr, "convctl: --token-file %s: its first line holds no token\n", path);
+    return -1;
+  }
+  return 0;
+}
+
 static int client_from_args(const args *a, convd_client **c) {
   convd_client_opts o = {0};
   char err[512];
+  /* TLS is on with a CA; the other TLS settings are read from the environment only then, so
+   * that a daemon's own CONVD_TLS_CERT/CONVD_TLS_KEY in the same environment are not taken
+   * for a client certificate. */
+  if ((o.tls_ca_file = flag_or_env(a->tls_ca, "CONVD_TLS_CA")) != NULL) {
+    o.tls_cert_file = flag_or_env(a->tls_cert, "CONVD_TLS_CERT");
+    o.tls_key_file = flag_or_env(a->tls_key, "CONVD_TLS_KEY");
+    o.tls_server_name = flag_or_env(a->tls_server_name, "CONVD_TLS_SERVER_NAME");
+  } else if (a->tls_cert || a->tls_key || a->tls_server_name) {
+    fprintf(stderr, "convctl: --tls-cert, --tls-key and --tls-server-name need --tls-ca (the CA "
+                    "that signed the server's certificate)\n");
+    return 2;
+  }
+  static char token[4200];
+  if (a->token_file) {
+    if (read_token_file(a->token_file, token, sizeof token)) return 2;
+    o.token = token;
+  } else {
+    o.token = flag_or_env(NULL, "CONVD_TOKEN");
+  }
   if (a->chunk) {
     char *end;
     o.chunk_bytes = strtoull(a->chunk, &end, 10);
@@ -130,7 +201,9 @@ static int client_from_args(const args *a, convd_client **c) {
       return 2;
     }
   }
-  if (convd_client_create(a->server, &o, c, err, sizeof err)) {
+  int rc = convd_client_create(a->server, &o, c, err, sizeof err);
+  memset(token, 0, sizeof token); /* the client keeps its own copy */
+  if (rc) {
     fprintf(stderr, "convctl: %s\n", err);
     return 2;
   }

@@ -13,6 +13,8 @@ packages=(
   protobuf-compiler-grpc python3 python3-grpcio python3-protobuf python3-numpy
   # tests: the deployment files' checks
   python3-yaml systemd
+  # tests: a throwaway CA and certificates for the TLS tests
+  openssl
 )
 
 missing=()

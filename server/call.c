@@ -85,10 +85,10 @@ static void log_end(convd_call *c) {
     convd_log_quote(c->status_msg, error + 7, sizeof error - 7);
   }
   convd_log(c->status_set && c->status == GRPC_STATUS_OK ? CONVD_LOG_INFO : CONVD_LOG_WARN,
-            "msg=\"call ended\" rid=%s method=%s peer=%s status=%s duration_ms=%.3f ops=%" PRIu64
-            " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s",
-            c->rid, c->method->name, peer, status, seconds * 1e3, st->ops_run,
-            st->compute_seconds, st->peak_bytes_held, shapes, error);
+            "msg=\"call ended\" rid=%s method=%s peer=%s tenant=%s status=%s duration_ms=%.3f "
+            "ops=%" PRIu64 " compute_s=%.3f peak_rows_bytes=%" PRIu64 "%s%s",
+            c->rid, c->method->name, peer, c->tenant ? convd_tenant_name(c->tenant) : "-", status,
+            seconds * 1e3, st->ops_run, st->compute_seconds, st->peak_bytes_held, shapes, error);
 }
 
 static void call_free(convd_call *c) {
@@ -104,7 +104,9 @@ static void call_free(convd_call *c) {
     r->n_active--;
   }
   pthread_mutex_unlock(&r->mu);
-  if (c->method->h->free_state) c->method->h->free_state(c);
+  if (c->method->h->free_state) c->method->h->free_state(c); /* gives back what it was admitted for */
+  convd_rpc_tenant_call_end(c);
+  convd_auth_tenant_put(c->tenant);
   if (c->gc) grpc_call_unref(c->gc);
   if (c->payload) grpc_byte_buffer_destroy(c->payload);
   if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
@@ -354,6 +356,24 @@ static void set_request_id(convd_call *c) {
   snprintf(c->rid, sizeof c->rid, "r%" PRIu64, atomic_fetch_add(&c->rpc->next_rid, 1) + 1);
 }
 
+const char *convd_call_tenant(const convd_call *c) {
+  return c->tenant ? convd_tenant_name(c->tenant) : NULL;
+}
+
+const convd_tenant_limits *convd_call_tenant_limits(const convd_call *c) {
+  return c->tenant ? convd_tenant_limits_of(c->tenant) : NULL;
+}
+
+/* A call without the token its method needs. The status is gRPC's own (no convd error code
+ * maps to UNAUTHENTICATED) and says nothing beyond that. */
+static void refuse_unauthenticated(convd_call *c) {
+  c->status_set = 1;
+  c->status = GRPC_STATUS_UNAUTHENTICATED;
+  snprintf(c->status_msg, sizeof c->status_msg, "%s", CONVD_AUTH_REFUSED);
+  atomic_store(&c->cancel, 1);
+  convd_call_send_final(c, NULL);
+}
+
 void convd_call_started(convd_call *c, int ok) {
   convd_rpc *r = c->rpc;
   if (!ok) { /* the server is shutting down: this request will never match a call */
@@ -377,13 +397,26 @@ void convd_call_started(convd_call *c, int ok) {
     snprintf(c->peer, sizeof c->peer, "%s", peer);
     gpr_free(peer);
   }
+  /* The processor let a call without a token through (it cannot see the method, auth.h); the
+   * method table decides here whether the method needs one. */
+  if (r->auth) c->tenant = convd_auth_call_tenant(r->auth, &c->md);
+  const int unauthenticated =
+      r->auth && c->tenant == NULL && !convd_method_open(c->method, r->cfg->reflection_public);
   pthread_mutex_lock(&c->mu);
   /* RECV_CLOSE_ON_SERVER completes when the call ends; it tells us about cancellation. */
   grpc_op op;
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   op.data.recv_close_on_server.cancelled = &c->client_cancelled;
-  if (start_batch(c, &op, 1, &c->t_close) == 0 && draining && !c->method->while_draining) {
+  const int closing = start_batch(c, &op, 1, &c->t_close) == 0;
+  char lim_err[256];
+  const int over = closing && !unauthenticated ? convd_rpc_tenant_call_begin(c, lim_err, sizeof lim_err) : 0;
+  if (closing && unauthenticated) {
+    refuse_unauthenticated(c);
+  } else if (over) {
+    convd_call_set_status(c, over, lim_err);
+    convd_call_send_final(c, NULL);
+  } else if (closing && draining && !c->method->while_draining) {
     convd_call_set_status(c, CONVD_EUNAVAIL,
                           "convd is shutting down and takes no new calls; retry on another "
                           "instance or after it restarts");

@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "auth.h"
 #include "engine.h"
 
 typedef struct convd_rpc convd_rpc;
@@ -53,6 +54,8 @@ struct convd_call {
   double t_begin;
   char peer[96];
   char rid[72]; /* request id: the client's x-request-id, or one made here */
+  const convd_tenant *tenant; /* set once at dispatch, held until the call is freed; or NULL */
+  int tenant_counted;         /* in its tenant's calls in flight (rpc.c) */
 
   pthread_mutex_t mu;
   int refs; /* +1 per batch in flight, +1 for an engine job, +1 while a handler runs */
@@ -111,8 +114,17 @@ void convd_call_expire_idle(convd_call *c, double now, double timeout);
 /* 1 once nothing more can be sent: the status went out or the client is gone. */
 int convd_call_over(const convd_call *c);
 
+/* The call's tenant (auth.h): its name, or NULL when the daemon runs without --auth-tokens
+ * (everyone is the anonymous tenant) or the call came without a token to an open method
+ * (health). Read once at dispatch from the call's authorization header; any thread, no lock
+ * needed. */
+const char *convd_call_tenant(const convd_call *c);
+/* That tenant's limits from the tokens file (0 fields: none of its own), or NULL as above. */
+const convd_tenant_limits *convd_call_tenant_limits(const convd_call *c);
+
 /* The request's completion (CQ thread): the call is matched to a client. Adds it to the active
- * list and runs the method's start() (or refuses it while draining). */
+ * list and runs the method's start() (or refuses it: UNAUTHENTICATED without the token its
+ * method needs, UNAVAILABLE while draining). */
 void convd_call_started(convd_call *c, int ok);
 
 #endif

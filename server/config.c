@@ -13,7 +13,8 @@
 #include "log.h"
 #include "wire.h"
 
-typedef enum { OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL } opt_type;
+/* OPT_BOOL: `--name` alone sets it; `--name=false` and CONVD_NAME=0/1 also work. */
+typedef enum { OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL, OPT_BOOL } opt_type;
 
 typedef struct opt {
   const char *name; /* --name; environment CONVD_NAME with '-' as '_' */
@@ -78,6 +79,25 @@ static const opt opts[] = {
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},
     {"log-file", OPT_STRING, F(log_file), "", -1, 0,
      "append the log to this file instead of stderr; SIGHUP reopens it (log rotation)"},
+    /* Who may connect: docs/operations.md "Security". */
+    {"tls-cert", OPT_STRING, F(tls_cert), "", -1, 0,
+     "serve gRPC over TLS with this certificate chain (PEM; with --tls-key); SIGHUP re-reads "
+     "it for new connections"},
+    {"tls-key", OPT_STRING, F(tls_key), "", -1, 0, "the private key of --tls-cert (PEM)"},
+    {"tls-client-ca", OPT_STRING, F(tls_client_ca), "", -1, 0,
+     "mutual TLS: every client must present a certificate this CA (PEM) signed"},
+    {"auth-tokens", OPT_STRING, F(auth_tokens), "", -1, 0,
+     "require `authorization: Bearer TOKEN` on every call but health checks; the file (mode "
+     "600) has lines TENANT TOKEN [inflight-bytes=SIZE] [calls=N] [weights-bytes=SIZE]; SIGHUP "
+     "re-reads it"},
+    {"reflection-public", OPT_BOOL, F(reflection_public), "false", 0, 0,
+     "with --auth-tokens, serve server reflection without a token"},
+    {"metrics-public", OPT_BOOL, F(metrics_public), "false", 0, 0,
+     "with TLS or tokens, allow --metrics-listen on a non-loopback address (the endpoint is "
+     "plaintext HTTP without authentication)"},
+    {"allow-insecure", OPT_BOOL, F(allow_insecure), "false", 0, 0,
+     "protected mode off: serve on a non-loopback --listen without TLS and tokens, and metrics "
+     "on a non-loopback address"},
 };
 #undef F
 #define NOPTS (sizeof opts / sizeof opts[0])
@@ -134,6 +154,16 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, int source,
                           "%s=%s: expected debug, info, warn or error", label, val);
       *(int *)dst = lv;
       return 0;
+    }
+    case OPT_BOOL: {
+      static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no", "off"};
+      for (size_t i = 0; i < 4; i++) {
+        if (strcmp(val, yes[i]) == 0 || strcmp(val, no[i]) == 0) {
+          *(int *)dst = strcmp(val, yes[i]) == 0;
+          return 0;
+        }
+      }
+      return convd_errf(err, errlen, CONVD_EINVAL, "%s=%s: expected true or false (1 or 0)", label, val);
     }
   }
   return convd_errf(err, errlen, CONVD_EINTERNAL, "option %s has no type", o->name);
@@ -193,7 +223,7 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
     if (o == NULL)
       return convd_errf(err, errlen, CONVD_EINVAL, "unknown option '%.*s' (see --help)",
                         (int)(nlen + 2), arg);
-    const char *val = eq ? eq + 1 : NULL;
+    const char *val = eq ? eq + 1 : o->type == OPT_BOOL ? "true" : NULL;
     if (val == NULL) {
       if (a + 1 >= argc)
         return convd_errf(err, errlen, CONVD_EINVAL, "option --%s needs a value", o->name);

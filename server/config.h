@@ -32,6 +32,12 @@ typedef struct convd_config {
   int log_level;              /* enum convd_log_level */
   char log_file[1024];        /* "" = stderr */
   char metrics_listen[256];   /* "" = no metrics endpoint */
+  /* Who may connect (auth.h, tls.h, protect.h): "" = not configured. */
+  char tls_cert[1024], tls_key[1024], tls_client_ca[1024];
+  char auth_tokens[1024];
+  int reflection_public;      /* reflection without a token */
+  int metrics_public;         /* a non-loopback --metrics-listen beside TLS or tokens */
+  int allow_insecure;         /* protected mode off */
 } convd_config;
 
 enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };

@@ -3,7 +3,9 @@
  *   SIGTERM/SIGINT -> drain: health NOT_SERVING, new calls get UNAVAILABLE, calls in flight
  *   finish (cancelled after --drain-timeout; a second signal cancels at once) -> a short linger
  *   so clients read their last frames -> gRPC shutdown -> exit 0.
- *   SIGHUP -> the log file is reopened (log rotation).
+ *   SIGHUP -> the log file is reopened (log rotation); the TLS files and the tokens file are
+ *   read again (new connections get the new certificate, new calls the new tokens; a file
+ *   that does not load leaves the old one in force and is logged).
  * Threads: main() is the libuv loop's thread; gRPC's completion-queue thread and the engine's
  * device workers reach it only through uv_async_send (drained, stopped, health). */
 #include <grpc/grpc.h>
@@ -16,13 +18,16 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "auth.h"
 #include "config.h"
 #include "engine.h"
 #include "err.h"
 #include "log.h"
 #include "http.h"
 #include "metrics.h"
+#include "protect.h"
 #include "rpc.h"
+#include "tls.h"
 
 /* After the last call ended, gRPC's shutdown closes connections at once; this pause lets
  * clients read the frames of calls that just ended. Loopback needs microseconds; this is for
@@ -44,6 +49,8 @@ typedef struct daemon_state {
   convd_engine *engine;
   convd_metrics *metrics;
   convd_http *http;
+  convd_tls *tls;   /* NULL: plaintext */
+  convd_auth *auth; /* NULL: no tokens */
   const convd_config *cfg;
   int shutting_down;
 } daemon_state;
@@ -136,9 +143,49 @@ static void on_health(uv_async_t *h) {
 }
 
 static void on_sighup(uv_signal_t *h, int signum) {
-  (void)h, (void)signum;
+  daemon_state *d = h->data;
+  (void)signum;
   if (convd_log_reopen() == 0) convd_log(CONVD_LOG_INFO, "msg=\"SIGHUP: log reopened\"");
   else convd_log(CONVD_LOG_ERROR, "msg=\"SIGHUP: cannot reopen the log file, still writing the old one\"");
+  char err[512];
+  if (d->tls && convd_tls_reload(d->tls, err, sizeof err))
+    convd_log(CONVD_LOG_ERROR, "msg=\"SIGHUP: TLS files not reloaded, new connections keep the old certificate\" why=\"%s\"", err);
+  else if (d->tls)
+    convd_log(CONVD_LOG_INFO, "msg=\"SIGHUP: TLS files re-read, new connections use them\"");
+  if (d->auth && convd_auth_reload(d->auth, err, sizeof err)) {
+    convd_log(CONVD_LOG_ERROR, "msg=\"SIGHUP: tokens file not reloaded, the old tokens stay in force\" why=\"%s\"", err);
+  } else if (d->auth) {
+    size_t tokens, tenants;
+    convd_auth_counts(d->auth, &tokens, &tenants);
+    convd_log(CONVD_LOG_INFO, "msg=\"SIGHUP: tokens file re-read, new calls use it\" tokens=%zu tenants=%zu",
+              tokens, tenants);
+  }
+}
+
+/* At start: reads the TLS and tokens files (errors name the flag and file) and logs who may
+ * connect. */
+static int load_security(daemon_state *d, const convd_config *cfg, char *err, size_t errlen) {
+  int rc;
+  if (cfg->tls_cert[0] &&
+      (rc = convd_tls_create(cfg->tls_cert, cfg->tls_key, cfg->tls_client_ca, &d->tls, err, errlen)))
+    return rc;
+  if (cfg->auth_tokens[0] && (rc = convd_auth_load(cfg->auth_tokens, &d->auth, err, errlen))) {
+    convd_tls_destroy(d->tls);
+    d->tls = NULL;
+    return rc;
+  }
+  size_t tokens = 0, tenants = 0;
+  if (d->auth) convd_auth_counts(d->auth, &tokens, &tenants);
+  convd_log(CONVD_LOG_INFO, "msg=\"security\" tls=%s client_certificates=%s tokens=%zu tenants=%zu reflection=%s",
+            d->tls ? "on" : "off", d->tls && convd_tls_mutual(d->tls) ? "required" : "no", tokens,
+            tenants, !d->auth || cfg->reflection_public ? "open" : "token");
+  if (!convd_protect_is_local(cfg->listen) && !(d->tls && d->auth))
+    convd_log(CONVD_LOG_WARN, "msg=\"--allow-insecure: serving on a non-loopback address without %s\" address=%s",
+              !d->tls && !d->auth ? "TLS and tokens" : !d->tls ? "TLS (tokens travel in plaintext)" : "tokens",
+              cfg->listen);
+  if (!d->auth && cfg->reflection_public)
+    convd_log(CONVD_LOG_WARN, "msg=\"--reflection-public has no effect without --auth-tokens\"");
+  return 0;
 }
 
 /* Two settings that the C library and OpenMP read when they are loaded, before main, so the
@@ -177,6 +224,10 @@ int main(int argc, char **argv) {
     return 2;
   }
   convd_log_level = cfg.log_level;
+  if ((rc = convd_protect_check(&cfg, err, sizeof err)) != 0) {
+    fprintf(stderr, "convd: %s\n", err);
+    return 2;
+  }
   const char *colon = strrchr(cfg.listen, ':');
   if (colon == NULL || colon == cfg.listen || colon[1] == '\0') {
     fprintf(stderr, "convd: --listen %s: expected HOST:PORT, e.g. 127.0.0.1:50051\n", cfg.listen);
@@ -206,6 +257,10 @@ int main(int argc, char **argv) {
   }
   /* The loop's handles first: the engine may report a failed device from its first op. */
   daemon_state d = {.loop = uv_default_loop(), .cfg = &cfg};
+  if (load_security(&d, &cfg, err, sizeof err)) {
+    fprintf(stderr, "convd: %s\n", err);
+    return 2;
+  }
   uv_async_init(d.loop, &d.health, on_health);
   d.health.data = &d;
   convd_engine *engine;
@@ -226,6 +281,8 @@ int main(int argc, char **argv) {
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
   if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
+    convd_auth_destroy(d.auth);
+    convd_tls_destroy(d.tls);
     return 1;
   }
   if (gpu_notice[0]) convd_log(CONVD_LOG_INFO, "msg=\"no GPU in use\" why=\"%s\"", gpu_notice);
@@ -240,10 +297,15 @@ int main(int argc, char **argv) {
   int port = 0;
   d.engine = engine;
   d.metrics = convd_metrics_create();
-  if (d.metrics == NULL || (rc = convd_rpc_start(&cfg, engine, d.metrics, &d.rpc, &port, err, sizeof err)) != 0) {
+  const convd_rpc_security sec = {d.tls, d.auth};
+  if (d.metrics == NULL ||
+      (rc = convd_rpc_start(&cfg, engine, d.metrics, &sec, &d.rpc, &port, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
     convd_engine_destroy(engine);
+    convd_metrics_destroy(d.metrics);
     grpc_shutdown_blocking();
+    convd_auth_destroy(d.auth);
+    convd_tls_destroy(d.tls);
     return 1;
   }
   uv_signal_init(d.loop, &d.sigint);
@@ -294,5 +356,8 @@ int main(int argc, char **argv) {
   convd_metrics_destroy(d.metrics);
   uv_loop_close(d.loop);
   grpc_shutdown_blocking();
+  /* gRPC held pointers to these (the processor, the certificate fetcher) until now. */
+  convd_auth_destroy(d.auth);
+  convd_tls_destroy(d.tls);
   return 0;
 }

@@ -12,22 +12,26 @@
  * health.proto, proto/grpc/reflection/v1/reflection.proto (v1alpha is the same message set
  * under its older package name). */
 const convd_method convd_methods[] = {
-    /* path                                         name          streams draining handlers */
-    {"/convd.v1.Convolution/Conv2d",                "Conv2d",        1, 0, &convd_conv2d_handlers},
-    {"/convd.v1.Convolution/Conv2dUnary",           "Conv2dUnary",   0, 0, &convd_conv2d_unary_handlers},
-    {"/convd.v1.Convolution/ListDevices",           "ListDevices",   0, 0, &convd_list_devices_handlers},
-    {"/convd.v1.Convolution/PutWeights",            "PutWeights",    1, 0, &convd_put_weights_handlers},
-    {"/convd.v1.Convolution/ListWeights",           "ListWeights",   0, 0, &convd_list_weights_handlers},
-    {"/convd.v1.Convolution/DeleteWeights",         "DeleteWeights", 0, 0, &convd_delete_weights_handlers},
-    {"/grpc.health.v1.Health/Check",                "HealthCheck",   0, 1, &convd_health_check_handlers},
-    {"/grpc.health.v1.Health/Watch",                "HealthWatch",   0, 1, &convd_health_watch_handlers},
+    /* path                                         name          streams draining handlers  open */
+    {"/convd.v1.Convolution/Conv2d",                "Conv2d",        1, 0, &convd_conv2d_handlers, CONVD_TOKEN},
+    {"/convd.v1.Convolution/Conv2dUnary",           "Conv2dUnary",   0, 0, &convd_conv2d_unary_handlers, CONVD_TOKEN},
+    {"/convd.v1.Convolution/ListDevices",           "ListDevices",   0, 0, &convd_list_devices_handlers, CONVD_TOKEN},
+    {"/convd.v1.Convolution/PutWeights",            "PutWeights",    1, 0, &convd_put_weights_handlers, CONVD_TOKEN},
+    {"/convd.v1.Convolution/ListWeights",           "ListWeights",   0, 0, &convd_list_weights_handlers, CONVD_TOKEN},
+    {"/convd.v1.Convolution/DeleteWeights",         "DeleteWeights", 0, 0, &convd_delete_weights_handlers, CONVD_TOKEN},
+    {"/grpc.health.v1.Health/Check",                "HealthCheck",   0, 1, &convd_health_check_handlers, CONVD_OPEN},
+    {"/grpc.health.v1.Health/Watch",                "HealthWatch",   0, 1, &convd_health_watch_handlers, CONVD_OPEN},
     {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "Reflection", 1, 0,
-     &convd_reflection_handlers},
+     &convd_reflection_handlers, CONVD_OPEN_IF_PUBLIC},
     {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "ReflectionV1alpha", 1, 0,
-     &convd_reflection_handlers},
-    {NULL,                                          "unknown",       0, 0, &convd_unknown_handlers},
+     &convd_reflection_handlers, CONVD_OPEN_IF_PUBLIC},
+    {NULL,                                          "unknown",       0, 0, &convd_unknown_handlers, CONVD_TOKEN},
 };
 const size_t convd_methods_count = sizeof convd_methods / sizeof convd_methods[0];
+
+int convd_method_open(const convd_method *m, int reflection_public) {
+  return m->open == CONVD_OPEN || (m->open == CONVD_OPEN_IF_PUBLIC && reflection_public);
+}
 
 /* "service a has M1, M2; service b has ..." from the table, so the message never goes stale. */
 static void describe_served(char *out, size_t len) {

@@ -34,13 +34,24 @@ typedef struct convd_handlers {
   void (*free_state)(convd_call *c);
 } convd_handlers;
 
+/* Which methods a call without a token may use when --auth-tokens is on (the `open` column). */
+enum {
+  CONVD_TOKEN = 0,         /* a token is needed: every method but these, unknown ones too */
+  CONVD_OPEN = 1,          /* health: probes carry no token */
+  CONVD_OPEN_IF_PUBLIC = 2 /* reflection, open with --reflection-public */
+};
+
 struct convd_method {
   const char *path;           /* "/package.Service/Method"; NULL: the unknown-method slot */
   const char *name;           /* the label in logs and metrics */
   int client_streams;         /* the request is read message by message (else one payload) */
   int while_draining;         /* still answered while the daemon drains (health) */
   const convd_handlers *h;
+  int open;                   /* served without a token: CONVD_TOKEN, CONVD_OPEN, ... */
 };
+
+/* 1 when m is served to a call without a token. */
+int convd_method_open(const convd_method *m, int reflection_public);
 
 /* The table, ending with the unknown-method slot (path NULL). */
 extern const convd_method convd_methods[];

@@ -12,10 +12,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "clock.h"
 #include "err.h"
 #include "log.h"
 #include "services.h"
+#include "tls.h"
 #include "wire.h"
 
 /* Requests kept posted per method, so bursts of new calls do not wait for a repost. */
@@ -126,6 +128,92 @@ void convd_rpc_release(convd_rpc *r, uint64_t bytes) {
   if (bytes) atomic_fetch_sub(&r->inflight_bytes, bytes);
 }
 
+/* The tenant's entry (made on first use; r->mu held), or NULL when out of memory. */
+static struct tenant_use *tenant_use(convd_rpc *r, const char *name) {
+  for (struct tenant_use *t = r->tenants; t; t = t->next)
+    if (strcmp(t->name, name) == 0) return t;
+  struct tenant_use *t = calloc(1, sizeof *t);
+  if (t == NULL) return NULL;
+  snprintf(t->name, sizeof t->name, "%s", name);
+  t->next = r->tenants;
+  r->tenants = t;
+  return t;
+}
+
+int convd_rpc_admit_call(convd_call *c, uint64_t bytes, char *err, size_t errlen) {
+  convd_rpc *r = c->rpc;
+  const char *name = convd_call_tenant(c);
+  const convd_tenant_limits *lim = convd_call_tenant_limits(c);
+  if (name && lim && lim->inflight_bytes) {
+    pthread_mutex_lock(&r->mu);
+    struct tenant_use *t = tenant_use(r, name);
+    int rc = 0;
+    if (t == NULL)
+      rc = convd_errf(err, errlen, CONVD_ENOMEM, "the daemon is out of memory");
+    else if (bytes > lim->inflight_bytes || t->bytes > lim->inflight_bytes - bytes)
+      rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                      "tenant %s's calls hold %" PRIu64 " bytes; this call needs %" PRIu64
+                      " more, over the tenant's limit of %" PRIu64
+                      " (inflight-bytes in the tokens file): retry when they end",
+                      name, t->bytes, bytes, lim->inflight_bytes);
+    if (rc == 0) t->bytes += bytes;
+    pthread_mutex_unlock(&r->mu);
+    if (rc) return rc;
+  }
+  int rc = convd_rpc_admit(r, bytes, err, errlen);
+  if (rc && name && lim && lim->inflight_bytes) {
+    pthread_mutex_lock(&r->mu);
+    tenant_use(r, name)->bytes -= bytes; /* found: it was made above */
+    pthread_mutex_unlock(&r->mu);
+  }
+  return rc;
+}
+
+void convd_rpc_release_call(convd_call *c, uint64_t bytes) {
+  convd_rpc *r = c->rpc;
+  if (bytes == 0) return;
+  convd_rpc_release(r, bytes);
+  const char *name = convd_call_tenant(c);
+  const convd_tenant_limits *lim = convd_call_tenant_limits(c);
+  if (name && lim && lim->inflight_bytes) {
+    pthread_mutex_lock(&r->mu);
+    struct tenant_use *t = tenant_use(r, name);
+    if (t) t->bytes -= bytes < t->bytes ? bytes : t->bytes;
+    pthread_mutex_unlock(&r->mu);
+  }
+}
+
+int convd_rpc_tenant_call_begin(convd_call *c, char *err, size_t errlen) {
+  convd_rpc *r = c->rpc;
+  const char *name = convd_call_tenant(c);
+  if (name == NULL) return 0;
+  const convd_tenant_limits *lim = convd_call_tenant_limits(c);
+  pthread_mutex_lock(&r->mu);
+  struct tenant_use *t = tenant_use(r, name);
+  int rc = 0;
+  if (t == NULL)
+    rc = convd_errf(err, errlen, CONVD_ENOMEM, "the daemon is out of memory");
+  else if (lim && lim->calls && t->calls >= lim->calls)
+    rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                    "tenant %s has %" PRIu64 " calls in flight, its limit (calls in the tokens "
+                    "file): retry when one ends",
+                    name, t->calls);
+  else
+    t->calls++, c->tenant_counted = 1;
+  pthread_mutex_unlock(&r->mu);
+  return rc;
+}
+
+void convd_rpc_tenant_call_end(convd_call *c) {
+  if (!c->tenant_counted) return;
+  convd_rpc *r = c->rpc;
+  pthread_mutex_lock(&r->mu);
+  struct tenant_use *t = tenant_use(r, convd_call_tenant(c));
+  if (t && t->calls) t->calls--;
+  pthread_mutex_unlock(&r->mu);
+  c->tenant_counted = 0;
+}
+
 /* ---- server ------------------------------------------------------------------------------ */
 
 static void on_shutdown(void *obj, int ok) {
@@ -150,6 +238,10 @@ static void *cq_main(void *arg) {
 }
 
 static void rpc_free(convd_rpc *r) {
+  for (struct tenant_use *t = r->tenants, *next; t; t = next) {
+    next = t->next;
+    free(t);
+  }
   convd_offload_destroy(r->offload);
   convd_registry_destroy(r->registry);
   pthread_mutex_destroy(&r->mu);
@@ -158,7 +250,8 @@ static void rpc_free(convd_rpc *r) {
 }
 
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
-                    convd_rpc **out, int *port, char *err, size_t errlen) {
+                    const convd_rpc_security *sec, convd_rpc **out, int *port, char *err,
+                    size_t errlen) {
   *out = NULL;
   convd_rpc *r = calloc(1, sizeof *r);
   if (r == NULL || (r->registered = calloc(convd_methods_count, sizeof *r->registered)) == NULL) {
@@ -168,6 +261,8 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   r->cfg = cfg;
   r->engine = engine;
   r->metrics = metrics;
+  r->tls = sec ? sec->tls : NULL;
+  r->auth = sec ? sec->auth : NULL;
   atomic_init(&r->serving, convd_engine_healthy_devices(engine) > 0);
   atomic_init(&r->health_draining, 0);
   atomic_init(&r->inflight_bytes, 0);
@@ -209,18 +304,25 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
                                           : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
           0);
 
-  grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-  *port = grpc_server_add_http2_port(r->server, cfg->listen, creds);
-  grpc_server_credentials_release(creds);
+  /* Tokens are checked by the credentials' metadata processor, TLS or not (auth.h). */
+  grpc_server_credentials *creds = r->tls ? convd_tls_server_credentials(r->tls)
+                                          : grpc_insecure_server_credentials_create();
+  if (creds && r->auth) convd_auth_attach(r->auth, creds);
+  *port = creds ? grpc_server_add_http2_port(r->server, cfg->listen, creds) : 0;
+  if (creds) grpc_server_credentials_release(creds);
   if (*port == 0) {
+    const int tls = r->tls != NULL;
     grpc_server_destroy(r->server);
     grpc_completion_queue_shutdown(r->cq);
     grpc_completion_queue_destroy(r->cq);
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
-                      "e.g. 127.0.0.1:50051; port 0 picks a free one)",
-                      cfg->listen);
+                      "e.g. 127.0.0.1:50051; port 0 picks a free one)%s",
+                      cfg->listen,
+                      tls ? ", or gRPC could not load --tls-cert with --tls-key (not a "
+                            "certificate and its key? gRPC's own log line above says why)"
+                          : "");
   }
   grpc_server_start(r->server);
   for (size_t k = 0; k < convd_methods_count; k++)

@@ -12,11 +12,21 @@
 #include "registry.h"
 
 typedef struct convd_rpc convd_rpc;
+typedef struct convd_tls convd_tls;
+typedef struct convd_auth convd_auth;
+
+/* Who may connect: TLS (tls.h) and tokens (auth.h); NULL members mean plaintext and no tokens.
+ * Both must outlive the server (gRPC calls into them until grpc_shutdown_blocking). */
+typedef struct convd_rpc_security {
+  convd_tls *tls;
+  convd_auth *auth;
+} convd_rpc_security;
 
 /* Binds cfg->listen and starts serving. *port receives the bound port (useful with port 0).
- * The engine must outlive the server. */
+ * The engine must outlive the server. sec may be NULL (plaintext, no tokens). */
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
-                    convd_rpc **out, int *port, char *err, size_t errlen);
+                    const convd_rpc_security *sec, convd_rpc **out, int *port, char *err,
+                    size_t errlen);
 
 /* For a metrics scrape: the server's gauges, and its weights registry (NULL when off). */
 void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g);

@@ -23,8 +23,17 @@ struct convd_rpc {
   convd_engine *engine;
   convd_registry *registry; /* NULL when --weights-memory is 0 */
   convd_metrics *metrics;   /* may be NULL */
+  convd_tls *tls;           /* NULL: plaintext */
+  convd_auth *auth;         /* NULL: no tokens, every call is the anonymous tenant's */
   /* Admission: bytes the calls in flight may hold (each call counts its own share). */
   _Atomic uint64_t inflight_bytes;
+  /* Per tenant (by name, so that a tokens reload keeps the counts): bytes admitted and calls in
+   * flight. Guarded by mu. */
+  struct tenant_use {
+    char name[CONVD_TENANT_MAX + 1];
+    uint64_t bytes, calls;
+    struct tenant_use *next;
+  } *tenants;
   _Atomic uint64_t next_rid;
   /* Health: serving while a device is healthy; health_draining once the drain began. */
   atomic_int serving, health_draining;
@@ -64,5 +73,13 @@ const convd_method *convd_rpc_method_of(const convd_handlers *h);
  * message saying what is held. convd_rpc_release gives them back. */
 int convd_rpc_admit(convd_rpc *r, uint64_t bytes, char *err, size_t errlen);
 void convd_rpc_release(convd_rpc *r, uint64_t bytes);
+/* The same for call c, also within its tenant's own limit (inflight-bytes in the tokens file). */
+int convd_rpc_admit_call(convd_call *c, uint64_t bytes, char *err, size_t errlen);
+void convd_rpc_release_call(convd_call *c, uint64_t bytes);
+/* A tenant's calls in flight (calls=N in the tokens file): counted at dispatch, refused beyond
+ * its limit with RESOURCE_EXHAUSTED (0 and the message in err), given back when the call is
+ * freed. Calls without a tenant are not counted. */
+int convd_rpc_tenant_call_begin(convd_call *c, char *err, size_t errlen);
+void convd_rpc_tenant_call_end(convd_call *c);
 
 #endif

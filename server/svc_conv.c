@@ -201,7 +201,7 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
   if (!k->unary && rows > stream_peak) rows = stream_peak;
   /* The stream's buffers include the weights and bias (as they arrive, and widened). */
   const uint64_t hold = sat_add(sat_add(rows, convd_stream_buffers_bytes(k->stream)), bookkeeping);
-  int rc = convd_rpc_admit(c->rpc, hold, err, errlen);
+  int rc = convd_rpc_admit_call(c, hold, err, errlen);
   if (rc == 0) k->held = hold; /* released by conv_free, whatever happens next */
   return rc;
 }
@@ -246,7 +246,7 @@ static conv_call *state_new(convd_call *c, int unary) {
   if (k == NULL) return NULL;
   c->state = k;
   k->unary = unary;
-  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry, NULL);
+  k->stream = convd_stream_create(c->rpc->cfg->max_request_bytes, c->rpc->registry, convd_call_tenant(c));
   if (k->stream == NULL) return NULL;
   return k;
 }
@@ -275,7 +275,7 @@ static void conv_free(convd_call *c) {
   if (k == NULL) return;
   convd_job_destroy(k->job);
   convd_stream_destroy(k->stream); /* after the job: it may have lent registered weights */
-  convd_rpc_release(c->rpc, k->held);
+  convd_rpc_release_call(c, k->held);
   free(k->band_f32);
   free(k->ready);
   free(k->uy);

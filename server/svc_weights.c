@@ -16,14 +16,16 @@
 #include "weights_upload.h"
 #include "wire.h"
 
-#define TENANT(c) ((void)(c), (const char *)NULL)
-#define TENANT_WEIGHTS_LIMIT(c) ((void)(c), (uint64_t)0)
+/* The limit on the bytes of weights the call's tenant may register (0: none of its own). */
+static uint64_t tenant_weights_limit(const convd_call *c) {
+  const convd_tenant_limits *l = convd_call_tenant_limits(c);
+  return l ? l->weights_bytes : 0;
+}
 
 /* The upload's admission (weights_upload.c asks once its spec is checked, before it allocates):
- * what it will hold must fit beside the other calls' (--max-inflight-bytes). */
+ * what it will hold must fit beside the other calls' (--max-inflight-bytes, and the tenant's). */
 static int put_admit(void *user, uint64_t bytes, char *err, size_t errlen) {
-  convd_call *c = user;
-  return convd_rpc_admit(c->rpc, bytes, err, errlen);
+  return convd_rpc_admit_call(user, bytes, err, errlen);
 }
 
 /* The offload thread, without the call's mutex: the upload is whole and no message will touch
@@ -36,8 +38,8 @@ static void put_register(void *arg) {
   char id[CONVD_WEIGHTS_ID_LEN + 1];
   uint64_t bytes = 0;
   int already = 0;
-  int rc = convd_upload_register(u, c->rpc->registry, TENANT(c), TENANT_WEIGHTS_LIMIT(c), id,
-                                 &bytes, &already, err, sizeof err);
+  int rc = convd_upload_register(u, c->rpc->registry, convd_call_tenant(c), tenant_weights_limit(c),
+                                 id, &bytes, &already, err, sizeof err);
   pthread_mutex_lock(&c->mu);
   if (rc) {
     convd_call_fail(c, rc, err);
@@ -108,7 +110,7 @@ static void put_report(const convd_call *c, convd_call_report *r) {
 static void put_free(convd_call *c) {
   convd_upload *u = c->state;
   if (u == NULL) return;
-  convd_rpc_release(c->rpc, convd_upload_admitted(u));
+  convd_rpc_release_call(c, convd_upload_admitted(u));
   convd_upload_destroy(u);
 }
 
@@ -118,7 +120,7 @@ static void list_start(convd_call *c) {
   convd_registry_stats st = {0};
   uint64_t own = 0;
   if (c->rpc->registry) {
-    if (convd_registry_list(c->rpc->registry, TENANT(c), &v, &n, &own)) {
+    if (convd_registry_list(c->rpc->registry, convd_call_tenant(c), &v, &n, &own)) {
       convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
       return;
     }
@@ -147,10 +149,10 @@ static void list_start(convd_call *c) {
     resp.n_weights = n;
     resp.weights = ptrs;
     /* With tenants, a listing says nothing about the others: their bytes, their evictions. */
-    const uint64_t tl = TENANT_WEIGHTS_LIMIT(c), limit = c->rpc->cfg->weights_memory;
-    resp.bytes_used = TENANT(c) ? own : st.bytes;
+    const uint64_t tl = tenant_weights_limit(c), limit = c->rpc->cfg->weights_memory;
+    resp.bytes_used = convd_call_tenant(c) ? own : st.bytes;
     resp.bytes_limit = tl && tl < limit ? tl : limit;
-    resp.evictions = TENANT(c) ? 0 : st.evictions;
+    resp.evictions = convd_call_tenant(c) ? 0 : st.evictions;
     convd_call_reply(c, &resp.base);
   } else {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
@@ -170,7 +172,7 @@ static void delete_start(convd_call *c) {
   else if (c->rpc->registry == NULL)
     rc = convd_errf(err, sizeof err, CONVD_ENOTFOUND, "this daemon runs without a weights registry");
   else
-    rc = convd_registry_delete(c->rpc->registry, TENANT(c), m->weights_id ? m->weights_id : "", err, sizeof err);
+    rc = convd_registry_delete(c->rpc->registry, convd_call_tenant(c), m->weights_id ? m->weights_id : "", err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) {
     convd_call_fail(c, rc, err);

@@ -358,6 +358,105 @@ def case_log_escaping(convd):
         d.stop()
 
 
+def tokens_file(lines):
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="convd-tokens-")
+    os.write(fd, ("\n".join(lines) + "\n").encode())
+    os.close(fd)
+    os.chmod(path, 0o600)
+    return path
+
+
+def case_tenants(convd):
+    """Registered weights belong to their tenant: bob cannot list, use, read or delete alice's,
+    and putting the same content does not tell him she has it; alice's stay hers."""
+    ta, tb = "alice-token-0123456789", "bob-token-0123456789ab"
+    path = tokens_file([f"alice {ta}", f"bob {tb}"])
+    d = Daemon(convd, "--auth-tokens", path)
+    try:
+        rng = np.random.default_rng(21)
+        w = rng.standard_normal((6, 4, 3, 3), dtype=np.float32)
+        x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+        A, B = [("authorization", f"Bearer {ta}")], [("authorization", f"Bearer {tb}")]
+        with grpc.insecure_channel(d.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            ws = pb.WeightsSpec(dtype=pb.DTYPE_FLOAT32)
+            ws.weight_shape.d0, ws.weight_shape.d1, ws.weight_shape.d2, ws.weight_shape.d3 = w.shape
+
+            def put():
+                return iter([pb.PutWeightsRequest(spec=ws),
+                             pb.PutWeightsRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes()))])
+
+            ra = stub.PutWeights(put(), timeout=10, metadata=A)
+            listed = stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=B)
+            assert not listed.weights and listed.bytes_used == 0, f"bob lists {listed}"
+            s = spec(x.shape, w.shape, (1, 1, 1, 1))
+            s.weights_id = ra.weights_id
+            s.ClearField("weight_shape")
+            expect_status(lambda: list(stub.Conv2d(conv_requests(pb, s, x, None, None, MiB), timeout=10, metadata=B)),
+                          grpc.StatusCode.NOT_FOUND, "not in the registry", "bob uses alice's id")
+            expect_status(lambda: stub.DeleteWeights(pb.DeleteWeightsRequest(weights_id=ra.weights_id), timeout=10, metadata=B),
+                          grpc.StatusCode.NOT_FOUND, "not in the registry", "bob deletes alice's id")
+            rb = stub.PutWeights(put(), timeout=10, metadata=B)
+            assert not rb.already_present and rb.weights_id != ra.weights_id, \
+                f"bob's put of the same weights: already_present={rb.already_present}, same id={rb.weights_id == ra.weights_id}"
+            y, _, _ = collect_output(stub.Conv2d(conv_requests(pb, s, x, None, None, MiB), timeout=10, metadata=A))
+            check_close(y, reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1))
+            mine = stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=A)
+            assert [i.weights_id for i in mine.weights] == [ra.weights_id], mine
+        return "bob saw none of alice's weights (list, use, delete, dedupe); alice's call by id is right"
+    finally:
+        d.stop()
+        os.unlink(path)
+
+
+def case_tenant_limits(convd):
+    """A tenant's own limits from the tokens file: calls in flight, bytes in flight, bytes of
+    registered weights; beyond each RESOURCE_EXHAUSTED naming it, while another tenant is served."""
+    tl, tf = "limited-token-01234567", "free-token-0123456789ab"
+    path = tokens_file([f"lab {tl} calls=1 inflight-bytes=1M weights-bytes=64K", f"other {tf}"])
+    d = Daemon(convd, "--auth-tokens", path, "--stream-idle-timeout", "0")
+    try:
+        L, F = [("authorization", f"Bearer {tl}")], [("authorization", f"Bearer {tf}")]
+        with grpc.insecure_channel(d.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            # bytes: a unary call of 1 MiB in and out is over 1M
+            big = spec((1, 4, 256, 256), (4, 4, 1, 1))
+            m1 = expect_status(lambda: stub.Conv2dUnary(pb.ConvCall(spec=big, input=b"\0" * (4 << 18), weight=b"\0" * 64),
+                                                        timeout=10, metadata=L),
+                               grpc.StatusCode.RESOURCE_EXHAUSTED, "inflight-bytes", "tenant bytes")
+            # weights: 128 KiB over 64K
+            ws = pb.WeightsSpec(dtype=pb.DTYPE_FLOAT32)
+            ws.weight_shape.d0, ws.weight_shape.d1, ws.weight_shape.d2, ws.weight_shape.d3 = 32, 32, 4, 8
+            m2 = expect_status(lambda: stub.PutWeights(iter([pb.PutWeightsRequest(spec=ws),
+                                                             pb.PutWeightsRequest(weight=pb.TensorChunk(offset=0, data=b"\0" * (128 << 10)))]),
+                                                       timeout=10, metadata=L),
+                               grpc.StatusCode.RESOURCE_EXHAUSTED, "weights-bytes", "tenant weights")
+            # calls: one stalled stream in flight, a second call refused, another tenant served
+            hold = threading.Event()
+
+            def stalled():
+                try:
+                    list(stub.Conv2d(then_wait([pb.ConvRequest(spec=spec((1, 1, 8, 8), (1, 1, 3, 3)))], 2),
+                                     timeout=10, metadata=L))
+                except grpc.RpcError:
+                    pass
+                hold.set()
+
+            t = threading.Thread(target=stalled)
+            t.start()
+            time.sleep(0.5)
+            m3 = expect_status(lambda: stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=L),
+                               grpc.StatusCode.RESOURCE_EXHAUSTED, "calls", "tenant calls")
+            stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=F)
+            t.join()
+            stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=L)  # its call ended: served again
+        return f"\"{m1[:60]}...\", \"{m2[:60]}...\", \"{m3}\""
+    finally:
+        d.stop()
+        os.unlink(path)
+
+
 KILLED_CLIENT = r'''
 import os, sys, time
 sys.path.insert(0, sys.argv[2]); sys.path.insert(0, sys.argv[3])
@@ -427,6 +526,8 @@ def main():
              ("spec and then nothing", case_idle_stream),
              ("connections without calls", case_idle_connections),
              ("log escaping", case_log_escaping),
+             ("tenants' weights", case_tenants),
+             ("tenant limits", case_tenant_limits),
              ("killed and drained clients' statuses", lambda c: case_statuses_in_log(c, stub_dir))]
     for name, fn in cases:
         t0 = time.monotonic()
