@@ -9,6 +9,7 @@
 #include "digest.h"
 #include "dtype.h"
 #include "err.h"
+#include "wire.h" /* CONVD_WIRE_FRAMING_SLACK */
 
 int convd_stream_dtype_from_wire(int wire) {
   switch (wire) {
@@ -557,3 +558,63 @@ uint64_t convd_stream_bytes_received(const convd_stream *s) { return s->bytes_re
 int convd_stream_priority(const convd_stream *s) { return s->priority; }
 
 int convd_stream_registered_weights(const convd_stream *s) { return s->reg_w != NULL; }
+
+/* ---- Conv2dUnary: the ConvCall through the same rules ------------------------------------ */
+
+/* A whole tensor in the ConvCall must have exactly the bytes its shape needs. */
+static int check_bytes(const char *what, const ProtobufCBinaryData *d, const convd_conv *cv,
+                       size_t elems, char *err, size_t errlen) {
+  if (d->len == elems * cv->wire_elem) return 0;
+  return convd_errf(err, errlen, CONVD_EINVAL,
+                    "%s has %zu bytes, but its shape needs %zu (%s, %zu bytes per element)", what,
+                    d->len, elems * cv->wire_elem, convd_dtype_name(cv->p.dtype), cv->wire_elem);
+}
+
+int convd_stream_check_call(const convd_stream *s, const Convd__V1__ConvCall *m,
+                            uint64_t max_message_bytes, char *err, size_t errlen) {
+  const convd_conv *cv = &s->conv;
+  const uint64_t limit = max_message_bytes;
+  const int registered = s->reg_w != NULL;
+  int rc = 0;
+  if (cv->output_wire_bytes > limit - CONVD_WIRE_FRAMING_SLACK)
+    return convd_errf(err, errlen, CONVD_ELIMIT,
+                      "the output of %zu bytes does not fit in one response message (limit %" PRIu64
+                      " bytes, --max-message-bytes): use the streaming Conv2d method",
+                      cv->output_wire_bytes, limit);
+  if ((rc = check_bytes("ConvCall.input", &m->input, cv, cv->input_elems, err, errlen))) return rc;
+  if (!registered &&
+      ((rc = check_bytes("ConvCall.weight", &m->weight, cv, cv->weight_elems, err, errlen)) ||
+       (rc = check_bytes(cv->p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
+                         &m->bias, cv, cv->bias_elems, err, errlen))))
+    return rc;
+  return 0;
+}
+
+int convd_stream_feed_call(convd_stream *s, const Convd__V1__ConvCall *m, char *err,
+                           size_t errlen) {
+  const convd_conv *cv = &s->conv;
+  const int registered = s->reg_w != NULL;
+  int rc = 0, accepted;
+  Convd__V1__TensorChunk wch = CONVD__V1__TENSOR_CHUNK__INIT, bch = CONVD__V1__TENSOR_CHUNK__INIT;
+  wch.data = m->weight, bch.data = m->bias;
+  Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+  /* Registered weights with bytes beside them: the stream says why that is wrong. */
+  if (!registered || m->weight.len) {
+    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_WEIGHT, rq.weight = &wch;
+    if ((rc = convd_stream_feed(s, &rq, &accepted, err, errlen))) return rc;
+  }
+  if (m->bias.len) {
+    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_BIAS, rq.bias = &bch;
+    if ((rc = convd_stream_feed(s, &rq, &accepted, err, errlen))) return rc;
+  }
+  const size_t slab = cv->input_wire_bytes / (size_t)cv->p.n;
+  Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
+  rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT, rq.input = &band;
+  band.h_begin = 0, band.h_end = cv->p.h, band.data.len = slab;
+  for (int64_t n = 0; n < cv->p.n && rc == 0; n++) {
+    band.n = n;
+    band.data.data = m->input.data + (size_t)n * slab;
+    rc = convd_stream_feed(s, &rq, &accepted, err, errlen);
+  }
+  return rc ? rc : convd_stream_finish(s, err, errlen);
+}

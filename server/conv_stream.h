@@ -73,6 +73,16 @@ int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *er
 /* The client half-closed: checks that every byte the spec announced has arrived. */
 int convd_stream_finish(convd_stream *s, char *err, size_t errlen);
 
+/* Conv2dUnary, after its spec was fed and accepted: what only a one-message call must satisfy
+ * (the output fits one response under max_message_bytes; the input, and weights and bias unless
+ * they are registered, have exactly their shapes' bytes). */
+int convd_stream_check_call(const convd_stream *s, const Convd__V1__ConvCall *m,
+                            uint64_t max_message_bytes, char *err, size_t errlen);
+/* Then its tensors as this stream's messages (weights and bias as one chunk each, the input as
+ * one band per batch item), then the half-close. */
+int convd_stream_feed_call(convd_stream *s, const Convd__V1__ConvCall *m, char *err,
+                           size_t errlen);
+
 /* After a successful spec: the checked descriptor. */
 const convd_conv *convd_stream_conv(const convd_stream *s);
 /* After a successful spec: the bytes the stream will allocate for it (weights and bias as they

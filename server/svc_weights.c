@@ -1,20 +1,19 @@
 /* The weights registry's methods: PutWeights (streamed like Conv2d's weights: a spec, then
- * weight and bias chunks in order), ListWeights, DeleteWeights. The registry itself
- * (registry.c) knows no gRPC.
+ * weight and bias chunks in order; its rules are weights_upload.c's), ListWeights,
+ * DeleteWeights. The registry itself (registry.c) knows no gRPC.
  *
  * Threads: the completion-queue thread, with the call's mutex held; a finished upload is
  * widened and registered on the offload thread (offload.h), which then takes the call's mutex
  * to answer. The registry is thread-safe. */
 #include <inttypes.h>
-#include <stdio.h>
 #include <stdlib.h>
 
 #include "conv_stream.h"
-#include "dtype.h"
 #include "err.h"
 #include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
+#include "weights_upload.h"
 #include "wire.h"
 
 /* The limit on the bytes of weights the call's tenant may register (0: none of its own). */
@@ -23,70 +22,10 @@ static uint64_t tenant_weights_limit(const convd_call *c) {
   return l ? l->weights_bytes : 0;
 }
 
-/* A PutWeights upload: the spec's shape and dtype, and the tensors as they arrive. */
-typedef struct upload {
-  int have_spec;
-  int64_t shape[4];
-  int has_bias, dtype;
-  size_t elem;
-  void *w, *b;
-  size_t w_recv, b_recv, w_total, b_total;
-  int64_t b_elems;
-  uint64_t held; /* counted against --max-inflight-bytes until the call ends */
-} upload;
-
-static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, char *err,
-                    size_t errlen) {
-  const Convd__V1__Shape4 *sh = sp->weight_shape;
-  if (sh == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "spec.weight_shape is missing: send C_out, C_in/groups, kH, kW");
-  const int64_t d[4] = {sh->d0, sh->d1, sh->d2, sh->d3};
-  size_t elems = 1;
-  for (int i = 0; i < 4; i++) {
-    if (d[i] < 1 || d[i] > CONVD_DIM_MAX || convd_size_mul(elems, (size_t)d[i], &elems))
-      return convd_errf(err, errlen, CONVD_EINVAL,
-                        "weight shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
-                        ": every dimension must be between 1 and %" PRId64 " and the product fit memory",
-                        d[0], d[1], d[2], d[3], (int64_t)CONVD_DIM_MAX);
-    u->shape[i] = d[i];
-  }
-  if ((u->dtype = convd_stream_dtype_from_wire(sp->dtype)) < 0)
-    return convd_errf(err, errlen, CONVD_ENOTSUP, "spec.dtype = %d is not one this daemon serves",
-                      (int)sp->dtype);
-  u->elem = convd_dtype_size(u->dtype);
-  u->has_bias = sp->has_bias;
-  /* the bias has C_out values: the first dimension, or for a transpose the second times groups */
-  const int64_t groups = sp->groups == 0 ? 1 : sp->groups;
-  const int transposed = sp->op == CONVD__V1__OP__OP_CONV_TRANSPOSE2D;
-  /* A transpose's weights are (C_in, C_out/groups, kH, kW) and groups divides C_in, so its
-   * C_out (the bias's length) is at most the weights' element count. */
-  if (transposed && (groups < 1 || groups > d[0] || d[0] % groups != 0))
-    return convd_errf(err, errlen, CONVD_EINVAL,
-                      "spec.groups = %" PRId64 " must divide the transpose weights' first dimension "
-                      "(C_in = %" PRId64 ")",
-                      groups, d[0]);
-  u->b_elems = transposed ? d[1] * groups : d[0];
-  const uint64_t limit = c->rpc->cfg->weights_memory;
-  size_t wbytes, fbytes;
-  if (convd_size_mul(elems, u->elem, &wbytes) || convd_size_mul(elems, sizeof(float), &fbytes) ||
-      fbytes > limit)
-    return convd_errf(err, errlen, CONVD_ELIMIT,
-                      "weights of %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
-                      " do not fit the registry's %" PRIu64 " bytes (--weights-memory)",
-                      d[0], d[1], d[2], d[3], limit);
-  u->w_total = wbytes;
-  u->b_total = u->has_bias ? (size_t)u->b_elems * u->elem : 0;
-  /* Held until the registry has them: the wire copies as they arrive, then the float32 ones. */
-  const uint64_t hold = (uint64_t)wbytes + u->b_total + fbytes + (uint64_t)u->b_elems * sizeof(float);
-  int rc = convd_rpc_admit_call(c, hold, err, errlen);
-  if (rc) return rc;
-  u->held = hold;
-  u->w = malloc(wbytes);
-  u->b = u->b_total ? malloc(u->b_total) : NULL;
-  if (u->w == NULL || (u->b_total && u->b == NULL))
-    return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now", wbytes);
-  u->have_spec = 1;
-  return 0;
+/* The upload's admission (weights_upload.c asks once its spec is checked, before it allocates):
+ * what it will hold must fit beside the other calls' (--max-inflight-bytes, and the tenant's). */
+static int put_admit(void *user, uint64_t bytes, char *err, size_t errlen) {
+  return convd_rpc_admit_call(user, bytes, err, errlen);
 }
 
 /* The offload thread, without the call's mutex: the upload is whole and no message will touch
@@ -94,26 +33,13 @@ static int put_spec(convd_call *c, upload *u, const Convd__V1__WeightsSpec *sp, 
  * run here rather than on the completion-queue thread. */
 static void put_register(void *arg) {
   convd_call *c = arg;
-  upload *u = c->state;
+  convd_upload *u = c->state;
   char err[512];
-  const size_t we = u->w_total / u->elem, be = u->b_total / u->elem;
-  float *w = malloc(we * sizeof(float)), *b = be ? malloc(be * sizeof(float)) : NULL;
-  int rc = 0;
   char id[CONVD_WEIGHTS_ID_LEN + 1];
   uint64_t bytes = 0;
   int already = 0;
-  if (w == NULL || (be && b == NULL)) {
-    free(w), free(b);
-    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon cannot widen the weights now; retry later");
-  } else {
-    convd_dtype_decode(u->dtype, u->w, w, we);
-    if (be) convd_dtype_decode(u->dtype, u->b, b, be);
-    free(u->w), free(u->b); /* the wire copies are done with */
-    u->w = u->b = NULL;
-    rc = convd_registry_put(c->rpc->registry, convd_call_tenant(c), tenant_weights_limit(c), u->shape[0],
-                            u->shape[1], u->shape[2], u->shape[3], u->dtype, w, b, (int64_t)be, id,
-                            &bytes, &already, err, sizeof err);
-  }
+  int rc = convd_upload_register(u, c->rpc->registry, convd_call_tenant(c), tenant_weights_limit(c),
+                                 id, &bytes, &already, err, sizeof err);
   pthread_mutex_lock(&c->mu);
   if (rc) {
     convd_call_fail(c, rc, err);
@@ -128,18 +54,13 @@ static void put_register(void *arg) {
   convd_call_unref(c);
 }
 
-/* The stream ended: the weights go into the registry (widened to float32), on the offload
- * thread. */
-static void put_finish(convd_call *c, upload *u) {
+/* The stream ended: once the upload is complete (weights_upload.c), the weights go into the
+ * registry (widened to float32) on the offload thread. */
+static void put_finish(convd_call *c, convd_upload *u) {
   char err[512];
-  if (!u->have_spec) {
-    convd_call_fail(c, CONVD_EINVAL, "the stream ended before the spec arrived");
-    return;
-  }
-  if (u->w_recv != u->w_total || u->b_recv != u->b_total) {
-    snprintf(err, sizeof err, "incomplete at half-close: %zu of %zu weight bytes and %zu of %zu bias bytes arrived",
-             u->w_recv, u->w_total, u->b_recv, u->b_total);
-    convd_call_fail(c, CONVD_EINVAL, err);
+  int rc = convd_upload_complete(u, err, sizeof err);
+  if (rc) {
+    convd_call_fail(c, rc, err);
     return;
   }
   convd_call_ref_locked(c);
@@ -150,7 +71,7 @@ static void put_finish(convd_call *c, upload *u) {
 }
 
 static void put_recv(convd_call *c, grpc_byte_buffer *bb) {
-  upload *u = c->state;
+  convd_upload *u = c->state;
   char err[512];
   if (bb == NULL) {
     put_finish(c, u);
@@ -158,23 +79,12 @@ static void put_recv(convd_call *c, grpc_byte_buffer *bb) {
   }
   Convd__V1__PutWeightsRequest *m =
       (Convd__V1__PutWeightsRequest *)convd_wire_unpack(bb, &convd__v1__put_weights_request__descriptor);
-  int rc = 0;
-  if (m == NULL) {
+  int rc;
+  if (m == NULL)
     rc = convd_errf(err, sizeof err, CONVD_EINVAL,
                     "message %" PRIu64 " is not a valid convd.v1.PutWeightsRequest", c->messages_in);
-  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_SPEC) {
-    rc = u->have_spec ? convd_errf(err, sizeof err, CONVD_EINVAL, "a second spec arrived")
-                      : put_spec(c, u, m->spec, err, sizeof err);
-  } else if (!u->have_spec) {
-    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "the first message must be the spec (the weights' shape)");
-  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_WEIGHT) {
-    rc = convd_stream_append_chunk("weight", m->weight, u->w, &u->w_recv, u->w_total, err, sizeof err);
-  } else if (m->msg_case == CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_BIAS) {
-    rc = !u->has_bias ? convd_errf(err, sizeof err, CONVD_EINVAL, "a bias chunk arrived but the spec says has_bias = false")
-                      : convd_stream_append_chunk("bias", m->bias, u->b, &u->b_recv, u->b_total, err, sizeof err);
-  } else {
-    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "a message with no content arrived");
-  }
+  else
+    rc = convd_upload_feed(u, m, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) convd_call_fail(c, rc, err);
   else convd_call_recv(c);
@@ -185,7 +95,7 @@ static void put_start(convd_call *c) {
     convd_call_fail(c, CONVD_ENOTSUP, "this daemon runs without a weights registry (--weights-memory 0)");
     return;
   }
-  if ((c->state = calloc(1, sizeof(upload))) == NULL) {
+  if ((c->state = convd_upload_create(c->rpc->cfg->weights_memory, put_admit, c)) == NULL) {
     convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
     return;
   }
@@ -193,17 +103,15 @@ static void put_start(convd_call *c) {
 }
 
 static void put_report(const convd_call *c, convd_call_report *r) {
-  const upload *u = c->state;
-  if (u) r->bytes_in = u->w_recv + u->b_recv;
+  const convd_upload *u = c->state;
+  if (u) r->bytes_in = convd_upload_bytes_received(u);
 }
 
 static void put_free(convd_call *c) {
-  upload *u = c->state;
+  convd_upload *u = c->state;
   if (u == NULL) return;
-  free(u->w);
-  free(u->b);
-  convd_rpc_release_call(c, u->held);
-  free(u);
+  convd_rpc_release_call(c, convd_upload_admitted(u));
+  convd_upload_destroy(u);
 }
 
 static void list_start(convd_call *c) {
