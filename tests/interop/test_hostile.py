@@ -270,7 +270,8 @@ def case_large_weights(convd):
             s.ClearField("weight_shape")
             y2, _, _ = collect_output(stub.Conv2d(conv_requests(pb, s, x, None, None, MiB, dtype="<f2"), timeout=120),
                                       dtype="<f2")
-        health = probe.finish("256 MiB weights", worst_ms=250)
+        # Under a sanitizer everything runs 5-20x slower: only the best probe is checked there.
+        health = probe.finish("256 MiB weights", worst_ms=None if sanitized(d.proc.pid) else 250)
         want = reference_conv2d(x.astype(np.float32), w.astype(np.float32), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
         # float16 output: its rounding (2^-11 relative) bounds the error, beside float32 sums
         tol = 2e-3 * max(1.0, float(np.abs(want).max()))
