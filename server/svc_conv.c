@@ -39,6 +39,7 @@ typedef struct conv_call {
   /* Conv2d: reading */
   int recv_paused;
   int finalizing; /* its weights are being widened and hashed on the offload thread */
+  int creating;   /* its job is being made on the offload thread */
   uint64_t mem_limit;  /* stop reading input while the job holds more than this */
   uint64_t band_limit; /* the largest input band the call takes */
   /* Conv2d: sending. Ranges of final rows not yet sent, and the band being sent. */
@@ -206,15 +207,17 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
   return rc;
 }
 
-/* The spec was accepted: creates the call's engine job (it holds a ref on the call until its
- * done()), admitted by admit_job before it allocates, then the stream's buffers. */
-static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
+static convd_job_cbs job_cbs(convd_call *c, const conv_call *k) {
+  return (convd_job_cbs){.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
+                         .done = on_job_done, .admit = admit_job,
+                         .op_bytes = k->unary ? 0 : stream_window(c->rpc) / 2};
+}
+
+/* The call's new job (it holds a ref on the call until its done()), then the stream's buffers.
+ * Called with the call's mutex held. */
+static int job_setup(convd_call *c, conv_call *k, convd_job *job, char *err, size_t errlen) {
   const convd_conv *cv = conv_of(k);
-  convd_job_cbs cbs = {.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
-                       .done = on_job_done, .admit = admit_job,
-                       .op_bytes = k->unary ? 0 : stream_window(c->rpc) / 2};
-  int rc = convd_job_create(c->rpc->engine, cv, &cbs, &k->job, err, errlen);
-  if (rc) return rc;
+  k->job = job;
   convd_call_ref_locked(c);
   convd_job_set_priority(k->job, convd_stream_priority(k->stream));
   if (k->unary) { /* written in place; set before any input can make an op ready */
@@ -223,21 +226,57 @@ static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
                         cv->output_bytes);
     convd_job_set_output(k->job, k->uy);
   }
-  if ((rc = convd_stream_attach(k->stream, k->job, err, errlen))) return rc;
+  int rc = convd_stream_attach(k->stream, k->job, err, errlen);
+  if (rc) return rc;
   if (!k->unary) convd_stream_set_band_limit(k->stream, k->band_limit);
   k->rows_total = (uint64_t)cv->p.n * (uint64_t)cv->h_out;
   return 0;
 }
 
-/* One message through the stream's rules; the spec begins the job. */
-static int feed(convd_call *c, conv_call *k, const Convd__V1__ConvRequest *m, char *err,
+/* Conv2dUnary's job, on the completion-queue thread: its message bounds what the job's
+ * bookkeeping can grow to. */
+static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
+  convd_job_cbs cbs = job_cbs(c, k);
+  convd_job *job;
+  int rc = convd_job_create(c->rpc->engine, conv_of(k), &cbs, &job, err, errlen);
+  return rc ? rc : job_setup(c, k, job, err, errlen);
+}
+
+static void read_on(convd_call *c, conv_call *k);
+
+/* The offload thread: a streamed call's job. Its bookkeeping (per input row, per tile row) can
+ * take as long to set up as admission allows, so not on the completion-queue thread; the call
+ * reads nothing meanwhile (its ref keeps it), and nothing else touches the job or the fields
+ * admit_job writes until the job is set under the mutex. */
+static void create_job(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  char err[1024];
+  convd_job_cbs cbs = job_cbs(c, k);
+  convd_job *job = NULL;
+  int rc = convd_job_create(c->rpc->engine, conv_of(k), &cbs, &job, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  k->creating = 0;
+  if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+  } else if (c->status_set) {
+    convd_job_cancel(k->job); /* the call ended meanwhile: its done() comes from a worker */
+  } else {
+    k->accepted_pending = 1;
+    pump(c);
+    read_on(c, k);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+/* One message through the stream's rules; a streamed call's spec has its job made next. */
+static int feed(conv_call *k, const Convd__V1__ConvRequest *m, char *err,
                 size_t errlen) {
   int accepted = 0;
   int rc = convd_stream_feed(k->stream, m, &accepted, err, errlen);
-  if (rc == 0 && accepted && !k->unary) {
-    rc = begin_job(c, k, err, errlen);
-    if (rc == 0) k->accepted_pending = 1;
-  }
+  if (rc == 0 && accepted && !k->unary) k->creating = 1; /* after_message posts create_job */
   return rc;
 }
 
@@ -319,7 +358,7 @@ static void fail_stuck(convd_call *c, conv_call *k) {
 
 static void maybe_resume(convd_call *c) {
   conv_call *k = c->state;
-  if (!k->recv_paused || k->finalizing || c->status_set || c->dead) return;
+  if (!k->recv_paused || k->finalizing || k->creating || c->status_set || c->dead) return;
   const int f = flow(k);
   if (f == FLOW_PAUSE) return;
   if (f == FLOW_STUCK) {
@@ -449,8 +488,6 @@ static void wire_copy(const void *ctx, size_t off, void *dst, size_t n) {
   convd_wire_band_copy(ctx, off, dst, n);
 }
 
-static void read_on(convd_call *c, conv_call *k);
-
 /* The offload thread: the call's weights are whole; widening and hashing them grow with them,
  * so they run here, while the call reads nothing (its ref keeps it). */
 static void finalize_weights(void *arg) {
@@ -475,6 +512,15 @@ static void after_message(convd_call *c, conv_call *k, int rc, const char *err) 
   if (rc) convd_call_fail(c, rc, err);
   else if (k->accepted_pending) pump(c);
   if (rc || c->status_set) return;
+  if (k->creating) {
+    convd_call_ref_locked(c);
+    if (convd_offload_post(c->rpc->offload, create_job, c)) {
+      c->refs--; /* the running handler still holds its own ref */
+      k->creating = 0;
+      convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    }
+    return;
+  }
   if (convd_stream_weights_pending(k->stream)) {
     k->finalizing = 1;
     convd_call_ref_locked(c);
@@ -521,7 +567,7 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
     convd_call_fail(c, CONVD_EINVAL, err);
     return;
   }
-  rc = feed(c, k, m, err, sizeof err);
+  rc = feed(k, m, err, sizeof err);
   protobuf_c_message_free_unpacked(&m->base, NULL);
   after_message(c, k, rc, err);
 }
@@ -557,7 +603,7 @@ static void unary_start(convd_call *c) {
     Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
     rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
     rq.spec = m->spec;
-    rc = feed(c, k, &rq, err, sizeof err);
+    rc = feed(k, &rq, err, sizeof err);
   }
   if (rc == 0) rc = unary_run(c, k, m, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);

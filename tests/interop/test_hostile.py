@@ -137,6 +137,25 @@ def case_row_bookkeeping(convd):
         d.stop()
 
 
+def case_bookkeeping_off_thread(convd):
+    """The same shape admitted (default limits): 2^25 rows of bookkeeping are set up off the
+    gRPC thread, so health keeps answering while they are; the call then ends for its missing
+    input (it used to stall every other call for as long)."""
+    d = Daemon(convd)
+    try:
+        probe = Probe(d.target)
+        with grpc.insecure_channel(d.target) as ch:
+            stub = pb_grpc.ConvolutionStub(ch)
+            s = spec((1, 1, 1 << 25, 1), (1, 1, 1, 1))
+            reqs = [pb.ConvRequest(spec=s), pb.ConvRequest(weight=pb.TensorChunk(offset=0, data=b"\0" * 4))]
+            msg = expect_status(lambda: list(stub.Conv2d(then_wait(reqs, 1.5), timeout=60)),
+                                grpc.StatusCode.INVALID_ARGUMENT, "incomplete at half-close", "2^25 rows")
+        worst = None if sanitized(d.proc.pid) else 250
+        return f"INVALID_ARGUMENT \"{msg[:60]}...\"; {probe.finish('2^25 rows', worst_ms=worst)}"
+    finally:
+        d.stop()
+
+
 def case_out_of_order(convd):
     """A 256 MiB input sent even rows first: no tile can run until odd rows come, so the call
     ends once its window is full instead of holding the whole input."""
@@ -553,6 +572,7 @@ def main():
     from grpc_health_v1 import health_pb2, health_pb2_grpc  # noqa: E402  (from STUB_DIR)
     hpb, hpb_grpc = health_pb2, health_pb2_grpc
     cases = [("row bookkeeping of a 2^27-row input", case_row_bookkeeping),
+             ("2^25 rows admitted: bookkeeping off the gRPC thread", case_bookkeeping_off_thread),
              ("even rows first, 256 MiB", case_out_of_order),
              ("one 64 MiB band per batch item", case_band_too_large),
              ("--max-inflight-bytes 16M admits a 16 MiB streamed call", case_small_limit_admits),
