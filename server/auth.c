@@ -60,6 +60,7 @@ struct convd_auth {
   pthread_mutex_t mu;
   table *cur;
   atomic_uint_fast64_t refused; /* wrong tokens since the last log line about them */
+  atomic_uint_fast64_t refused_total; /* wrong tokens since start (metrics) */
   _Atomic double last_refusal_log;
 };
 
@@ -422,6 +423,7 @@ static int slice_is(grpc_slice s, const char *lit) {
 }
 
 static void note_refusal(convd_auth *a) {
+  atomic_fetch_add(&a->refused_total, 1);
   const uint64_t n = atomic_fetch_add(&a->refused, 1) + 1;
   const double now = convd_now_seconds();
   double last = atomic_load(&a->last_refusal_log);
@@ -435,7 +437,6 @@ static void note_refusal(convd_auth *a) {
             n, REFUSAL_LOG_INTERVAL_S);
 }
 
-/* gRPC thread, before the call is delivered: cb runs exactly once, before this returns. */
 /* The tenant of the call's `authorization: Bearer TOKEN` header among md[0..n): 1 with its name
  * in tenant, 0 when the call has no such header, -1 when it has a wrong one (or several). */
 static int bearer_tenant(convd_auth *a, const grpc_metadata *md, size_t n, char *tenant) {
@@ -457,7 +458,8 @@ static int bearer_tenant(convd_auth *a, const grpc_metadata *md, size_t n, char 
   return -1;
 }
 
-/* Refuses a wrong token before the call is delivered. It marks nothing on the auth context: in
+/* gRPC thread, before the call is delivered: cb runs exactly once, before this returns.
+ * Refuses a wrong token before the call is delivered. It marks nothing on the auth context: in
  * gRPC 1.51 that context is the connection's, shared by every call on it, so a property added
  * for one call's token is seen by the next call's (another tenant's) lookup. Dispatch reads
  * the call's own header again instead (convd_auth_call_tenant). */
@@ -486,3 +488,5 @@ const convd_tenant *convd_auth_call_tenant(convd_auth *a, const grpc_metadata_ar
   /* A reload between the processor and here may have removed the token or its tenant: NULL. */
   return bearer_tenant(a, md->metadata, md->count, tenant) == 1 ? convd_auth_tenant_get(a, tenant) : NULL;
 }
+
+uint64_t convd_auth_refused_total(convd_auth *a) { return a ? atomic_load(&a->refused_total) : 0; }

@@ -83,4 +83,8 @@ void convd_auth_attach(convd_auth *a, grpc_server_credentials *creds);
  * the call carried no valid token. Completion-queue thread, once the call was matched. */
 const convd_tenant *convd_auth_call_tenant(convd_auth *a, const grpc_metadata_array *md);
 
+/* Calls refused for a wrong token since start (they never reach dispatch, so they have no
+ * end-of-call line or request metric of their own). Any thread. */
+uint64_t convd_auth_refused_total(convd_auth *a);
+
 #endif

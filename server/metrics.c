@@ -217,6 +217,9 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
   convd_engine_load ld;
   convd_engine_load_get(e, &ld);
   scalar(&t, "convd_serving", "gauge", "1 while the health service says SERVING.", (uint64_t)(g->serving));
+  if (g->auth)
+    scalar(&t, "convd_auth_refused_total", "counter",
+           "Calls refused UNAUTHENTICATED for a wrong bearer token (before dispatch).", g->auth_refused);
   scalar(&t, "convd_calls_in_flight", "gauge", "Calls in progress (all methods).", (uint64_t)(g->calls_in_flight));
   scalar(&t, "convd_inflight_jobs", "gauge", "Convolution jobs in the engine.", (uint64_t)(ld.jobs));
   scalar(&t, "convd_pending_ops", "gauge", "Elemental ops of those jobs not yet done.", (uint64_t)(ld.pending_ops));

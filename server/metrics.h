@@ -27,6 +27,8 @@ typedef struct convd_metrics_gauges {
   uint64_t calls_in_flight;
   uint64_t inflight_bytes, inflight_limit;
   int serving;
+  int auth;                   /* --auth-tokens is on */
+  uint64_t auth_refused;      /* calls refused for a wrong token */
 } convd_metrics_gauges;
 
 /* The exposition text (malloc'd, NUL-terminated; NULL when out of memory). reg may be NULL. */

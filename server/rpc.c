@@ -351,6 +351,8 @@ void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
   g->inflight_bytes = atomic_load(&r->inflight_bytes);
   g->inflight_limit = r->cfg->max_inflight_bytes;
   g->serving = atomic_load(&r->serving) && !atomic_load(&r->health_draining);
+  g->auth = r->auth != NULL;
+  g->auth_refused = convd_auth_refused_total(r->auth);
 }
 
 convd_registry *convd_rpc_registry(convd_rpc *r) { return r->registry; }

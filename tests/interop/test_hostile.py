@@ -450,8 +450,13 @@ def case_tenants(convd):
             check_close(y, reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1))
             mine = stub.ListWeights(pb.ListWeightsRequest(), timeout=10, metadata=A)
             assert [i.weights_id for i in mine.weights] == [ra.weights_id], mine
+            # a wrong token: refused before dispatch, counted on its own
+            expect_status(lambda: stub.ListWeights(pb.ListWeightsRequest(), timeout=10,
+                                                   metadata=[("authorization", "Bearer not-a-token-0123456789")]),
+                          grpc.StatusCode.UNAUTHENTICATED, "", "wrong token")
         import urllib.request
         scrape = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
+        assert re.search(r"^convd_auth_refused_total 1$", scrape, re.M), "convd_auth_refused_total is not 1"
         series = dict(re.findall(r'^(convd_tenant_requests_total\{[^}]*\}) (\d+)$', scrape, re.M))
         want = {'convd_tenant_requests_total{tenant="alice",status="OK"}': "3",
                 'convd_tenant_requests_total{tenant="bob",status="OK"}': "2",
