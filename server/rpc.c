@@ -375,6 +375,14 @@ void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
   fire_when_due(r);
 }
 
+int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call)) {
+  convd_call_ref_locked(c);
+  if (convd_offload_post(c->rpc->offload, fn, c) == 0) return 0;
+  c->refs--; /* the running handler still holds its own ref */
+  convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+  return -1;
+}
+
 static void expire_idle(convd_call *c, void *user) {
   const double *a = user;
   convd_call_expire_idle(c, a[0], a[1]);

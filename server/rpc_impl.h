@@ -66,6 +66,10 @@ void convd_rpc_call_freed(convd_rpc *r);
  * each held by a ref while it runs. Called with no call's mutex held. */
 void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_call *c, void *user),
                          void *user);
+/* Runs fn(c) on the offload thread, holding a ref on c until fn drops it (convd_call_unref).
+ * Called with c->mu held by a running handler. Returns 0, or -1 when it could not be queued:
+ * then the call has failed (out of memory) and fn will not run. */
+int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call));
 /* The table entry whose handlers are h (services find their own methods). */
 const convd_method *convd_rpc_method_of(const convd_handlers *h);
 

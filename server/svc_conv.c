@@ -19,7 +19,6 @@
 #include "conv_stream.h"
 #include "dtype.h"
 #include "err.h"
-#include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
 #include "wire.h"
@@ -513,25 +512,12 @@ static void after_message(convd_call *c, conv_call *k, int rc, const char *err) 
   else if (k->accepted_pending) pump(c);
   if (rc || c->status_set) return;
   if (k->creating) {
-    convd_call_ref_locked(c);
-    if (convd_offload_post(c->rpc->offload, create_job, c)) {
-      c->refs--; /* the running handler still holds its own ref */
-      k->creating = 0;
-      convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
-    }
-    return;
+    if (convd_rpc_offload_call(c, create_job)) k->creating = 0;
+  } else if (convd_stream_weights_pending(k->stream)) {
+    k->finalizing = convd_rpc_offload_call(c, finalize_weights) == 0;
+  } else {
+    read_on(c, k);
   }
-  if (convd_stream_weights_pending(k->stream)) {
-    k->finalizing = 1;
-    convd_call_ref_locked(c);
-    if (convd_offload_post(c->rpc->offload, finalize_weights, c)) {
-      c->refs--; /* the running handler still holds its own ref */
-      k->finalizing = 0;
-      convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
-    }
-    return;
-  }
-  read_on(c, k);
 }
 
 static void read_on(convd_call *c, conv_call *k) {

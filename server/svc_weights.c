@@ -10,7 +10,6 @@
 
 #include "conv_stream.h"
 #include "err.h"
-#include "offload.h"
 #include "rpc_impl.h"
 #include "services.h"
 #include "weights_upload.h"
@@ -63,11 +62,7 @@ static void put_finish(convd_call *c, convd_upload *u) {
     convd_call_fail(c, rc, err);
     return;
   }
-  convd_call_ref_locked(c);
-  if (convd_offload_post(c->rpc->offload, put_register, c)) {
-    c->refs--; /* the running handler still holds its own ref */
-    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
-  }
+  convd_rpc_offload_call(c, put_register);
 }
 
 static void put_recv(convd_call *c, grpc_byte_buffer *bb) {
