@@ -74,6 +74,10 @@ static const opt opts[] = {
     {"handshake-timeout", OPT_SECONDS, F(handshake_timeout), "10", 0.1, 3600,
      "a new connection that has not completed its TLS/HTTP/2 handshake within this many "
      "seconds is closed"},
+    {"max-connections", OPT_INT, F(max_connections), "1000", 0, 1000000,
+     "gRPC connections the daemon holds open at once; one more is closed as it arrives (the "
+     "client sees UNAVAILABLE and may retry); at most the open-files limit less 64, which 0 "
+     "means"},
     {"metrics-listen", OPT_STRING, F(metrics_listen), "", -1, 0,
      "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9464); empty = off"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},

@@ -29,6 +29,7 @@ typedef struct convd_config {
   double stream_idle_timeout; /* seconds a call may wait on its client (0 = for ever) */
   double connection_idle_timeout; /* seconds a connection without calls stays open */
   double handshake_timeout;   /* seconds a new connection gets to become an HTTP/2 one */
+  int max_connections;        /* gRPC connections open at once (0 = unbounded) */
   int log_level;              /* enum convd_log_level */
   char log_file[1024];        /* "" = stderr */
   char metrics_listen[256];   /* "" = no metrics endpoint */

@@ -20,6 +20,7 @@
 
 #include "auth.h"
 #include "config.h"
+#include "connlimit.h"
 #include "engine.h"
 #include "err.h"
 #include "log.h"
@@ -33,6 +34,10 @@
  * clients read the frames of calls that just ended. Loopback needs microseconds; this is for
  * slow links. */
 #define LINGER_MS 200
+
+/* How often --max-connections looks for new connections: one over the bound lives at most
+ * this long. A scan costs about a microsecond per open descriptor. */
+#define CONNLIMIT_SCAN_MS 100
 
 /* Allocations up to this come from the heap (tune_runtime), and freed heap up to MALLOC_KEEP
  * stays for the next call rather than going back to the kernel at once (bytes, as strings for
@@ -51,6 +56,7 @@ typedef struct daemon_state {
   convd_http *http;
   convd_tls *tls;   /* NULL: plaintext */
   convd_auth *auth; /* NULL: no tokens */
+  convd_connlimit *connlimit; /* NULL: --max-connections 0 */
   const convd_config *cfg;
   int shutting_down;
 } daemon_state;
@@ -94,6 +100,8 @@ static void on_stopped(uv_async_t *h) {
   for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++) uv_close(handles[i], NULL);
   convd_http_close(d->http);
   d->http = NULL;
+  convd_connlimit_close(d->connlimit);
+  d->connlimit = NULL;
 }
 
 static void on_drain_timeout(uv_timer_t *t) {
@@ -134,6 +142,8 @@ static char *render_metrics(void *user, size_t *len) {
   daemon_state *d = user;
   convd_metrics_gauges g;
   convd_rpc_gauges(d->rpc, &g);
+  g.connections_limit = d->connlimit ? (uint64_t)d->cfg->max_connections : 0;
+  convd_connlimit_counts(d->connlimit, &g.connections_open, &g.connections_refused);
   return convd_metrics_render(d->metrics, d->engine, convd_rpc_registry(d->rpc), &g, len);
 }
 
@@ -255,6 +265,18 @@ int main(int argc, char **argv) {
       convd_log(CONVD_LOG_INFO, "msg=\"open files limit raised\" from=%llu to=%llu",
                 (unsigned long long)was, (unsigned long long)nofile.rlim_cur);
   }
+  /* The bound must hold before descriptors run out, or new clients would be locked out by
+   * accept() failing rather than let in as old connections close; 64 stay for everything else
+   * (engine, log, metrics endpoint, libraries). */
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+      (cfg.max_connections == 0 || (rlim_t)cfg.max_connections + 64 > nofile.rlim_cur)) {
+    const int fit = nofile.rlim_cur > 128 ? (int)(nofile.rlim_cur - 64) : 64;
+    if (cfg.max_connections == 0 || fit < cfg.max_connections) {
+      convd_log(CONVD_LOG_WARN, "msg=\"--max-connections lowered to fit the open-files limit\" "
+                "max_connections=%d open_files_limit=%llu", fit, (unsigned long long)nofile.rlim_cur);
+      cfg.max_connections = fit;
+    }
+  }
   /* The loop's handles first: the engine may report a failed device from its first op. */
   daemon_state d = {.loop = uv_default_loop(), .cfg = &cfg};
   if (load_security(&d, &cfg, err, sizeof err)) {
@@ -329,6 +351,14 @@ int main(int argc, char **argv) {
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);
   uv_signal_start(&d.sighup, on_sighup, SIGHUP);
 
+  if (cfg.max_connections > 0) {
+    const convd_connlimit_endpoint ep = {.port = port};
+    if ((rc = convd_connlimit_start(d.loop, (unsigned)cfg.max_connections, CONNLIMIT_SCAN_MS, &ep, 1,
+                                    &d.connlimit, err, sizeof err))) {
+      fprintf(stderr, "convd: %s\n", err);
+      return 1;
+    }
+  }
   int metrics_port = 0;
   if (cfg.metrics_listen[0] &&
       convd_http_start(d.loop, cfg.metrics_listen, render_metrics, &d, &d.http, &metrics_port, err, sizeof err)) {

@@ -220,6 +220,12 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
   if (g->auth)
     scalar(&t, "convd_auth_refused_total", "counter",
            "Calls refused UNAUTHENTICATED for a wrong bearer token (before dispatch).", g->auth_refused);
+  if (g->connections_limit) {
+    scalar(&t, "convd_connections", "gauge", "gRPC connections open (at the last scan).", g->connections_open);
+    scalar(&t, "convd_connections_limit", "gauge", "--max-connections.", g->connections_limit);
+    scalar(&t, "convd_connections_refused_total", "counter",
+           "Connections closed on arrival because --max-connections were open.", g->connections_refused);
+  }
   scalar(&t, "convd_calls_in_flight", "gauge", "Calls in progress (all methods).", (uint64_t)(g->calls_in_flight));
   scalar(&t, "convd_inflight_jobs", "gauge", "Convolution jobs in the engine.", (uint64_t)(ld.jobs));
   scalar(&t, "convd_pending_ops", "gauge", "Elemental ops of those jobs not yet done.", (uint64_t)(ld.pending_ops));

@@ -5,8 +5,10 @@
  * `accepted`, output row bands as their rows become final, and a summary; Conv2dUnary sends its
  * whole output, which the job wrote in place, in one message.
  *
- * Threads: the handlers run on the completion-queue thread with the call's mutex held. The
- * job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
+ * Threads: the handlers run on the completion-queue thread with the call's mutex held; work
+ * that grows with a tensor (a streamed call's job, its large weights, a Conv2dUnary message over
+ * UNARY_INLINE_BYTES) runs on the offload thread (offload.h), under the mutex where it touches
+ * shared fields. The job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
  * they take the call's mutex, so every field of conv_call is guarded by it. The job holds a ref
  * on the call until on_job_done. */
 #include <inttypes.h>
@@ -26,6 +28,9 @@
 /* Bounds of a streamed call's window (stream_window). */
 #define STREAM_WINDOW_BYTES ((uint64_t)64 << 20)
 #define STREAM_WINDOW_MIN_BYTES ((uint64_t)1 << 20)
+/* A Conv2dUnary message up to this is decoded and its job made on the completion-queue thread
+ * (tens of microseconds); a larger one on the offload thread. */
+#define UNARY_INLINE_BYTES ((size_t)256 << 10)
 
 typedef struct conv_call {
   int unary;
@@ -232,15 +237,6 @@ static int job_setup(convd_call *c, conv_call *k, convd_job *job, char *err, siz
   return 0;
 }
 
-/* Conv2dUnary's job, on the completion-queue thread: its message bounds what the job's
- * bookkeeping can grow to. */
-static int begin_job(convd_call *c, conv_call *k, char *err, size_t errlen) {
-  convd_job_cbs cbs = job_cbs(c, k);
-  convd_job *job;
-  int rc = convd_job_create(c->rpc->engine, conv_of(k), &cbs, &job, err, errlen);
-  return rc ? rc : job_setup(c, k, job, err, errlen);
-}
-
 static void read_on(convd_call *c, conv_call *k);
 
 /* The offload thread: a streamed call's job. Its bookkeeping (per input row, per tile row) can
@@ -296,7 +292,7 @@ static void conv_stop(convd_call *c) {
 
 static void conv_report(const convd_call *c, convd_call_report *r) {
   const conv_call *k = c->state;
-  if (k == NULL || k->stream == NULL) return;
+  if (k == NULL || k->stream == NULL || (k->unary && k->creating)) return;
   r->conv = conv_of(k);
   r->stats = k->job ? &k->stats : NULL;
   if (!k->unary) {
@@ -560,40 +556,83 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
 
 /* ---- Conv2dUnary ----------------------------------------------------------------------- */
 
-/* The ConvCall after its spec: what only a one-message call must satisfy, then the job, then
- * its tensors fed as the stream's messages (conv_stream.c: convd_stream_check_call,
- * convd_stream_feed_call). */
-static int unary_run(convd_call *c, conv_call *k, const Convd__V1__ConvCall *m, char *err,
-                     size_t errlen) {
-  int rc = convd_stream_check_call(k->stream, m, c->rpc->cfg->max_message_bytes, err, errlen);
-  if (rc) return rc;
-  if ((rc = begin_job(c, k, err, errlen))) return rc;
-  return convd_stream_feed_call(k->stream, m, err, errlen);
-}
-
-static void unary_start(convd_call *c) {
-  char err[1024];
-  int rc = 0;
-  conv_call *k = state_new(c, 1);
+/* A Conv2dUnary message decoded, its spec fed, what only a one-message call must satisfy
+ * checked (conv_stream.c: convd_stream_check_call) and its job made. Touches only k and the
+ * admission counters, so it runs without the call's mutex where k->creating keeps others off. */
+static int unary_prepare(convd_call *c, conv_call *k, Convd__V1__ConvCall **mp, convd_job **job,
+                         char *err, size_t errlen) {
   Convd__V1__ConvCall *m =
       c->payload ? (Convd__V1__ConvCall *)convd_wire_unpack(c->payload, &convd__v1__conv_call__descriptor)
                  : NULL;
-  if (k == NULL)
-    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon is out of memory");
-  else if (m == NULL)
-    rc = convd_errf(err, sizeof err, CONVD_EINVAL,
-                    "the request is not a valid convd.v1.ConvCall (protobuf decoding failed)");
-  else if (m->spec == NULL)
-    rc = convd_errf(err, sizeof err, CONVD_EINVAL, "ConvCall.spec is missing");
-  if (rc == 0) {
-    Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
-    rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
-    rq.spec = m->spec;
-    rc = feed(k, &rq, err, sizeof err);
-  }
-  if (rc == 0) rc = unary_run(c, k, m, err, sizeof err);
+  *mp = m;
+  if (m == NULL)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the request is not a valid convd.v1.ConvCall (protobuf decoding failed)");
+  if (m->spec == NULL) return convd_errf(err, errlen, CONVD_EINVAL, "ConvCall.spec is missing");
+  Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+  rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
+  rq.spec = m->spec;
+  int rc = feed(k, &rq, err, errlen);
+  if (rc == 0) rc = convd_stream_check_call(k->stream, m, c->rpc->cfg->max_message_bytes, err, errlen);
+  if (rc) return rc;
+  convd_job_cbs cbs = job_cbs(c, k);
+  return convd_job_create(c->rpc->engine, conv_of(k), &cbs, job, err, errlen);
+}
+
+/* Small messages are served at once, on the completion-queue thread: their work is bounded by
+ * UNARY_INLINE_BYTES, and a hop to the offload thread would cost the latency that small calls
+ * are sent as one message for. */
+static void unary_inline(convd_call *c, conv_call *k) {
+  char err[1024];
+  Convd__V1__ConvCall *m = NULL;
+  convd_job *job = NULL;
+  int rc = unary_prepare(c, k, &m, &job, err, sizeof err);
+  k->creating = 0;
+  if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
+  if (rc == 0) rc = convd_stream_feed_call(k->stream, m, err, sizeof err);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   if (rc) convd_call_fail(c, rc, err);
+}
+
+/* The offload thread: a large message. Decoding, the job and feeding its tensors (copies and
+ * widening of up to --max-message-bytes) run without the call's mutex, which the completion-
+ * queue thread and the idle check take (one call holding it would stall every call). Until the
+ * job is set, k->creating keeps conv_report off k; afterwards only the engine's own locked
+ * calls meet this thread (a cancellation's convd_job_cancel, the workers' callbacks). */
+static void unary_offloaded(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  char err[1024];
+  Convd__V1__ConvCall *m = NULL;
+  convd_job *job = NULL;
+  int rc = unary_prepare(c, k, &m, &job, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  k->creating = 0;
+  if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
+  const int go = rc == 0 && !c->status_set && !c->dead;
+  if (rc == 0 && !go) convd_job_cancel(k->job); /* ended meanwhile: done() comes from a worker */
+  pthread_mutex_unlock(&c->mu);
+  if (go) rc = convd_stream_feed_call(k->stream, m, err, sizeof err);
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) {
+    pthread_mutex_lock(&c->mu);
+    convd_call_fail(c, rc, err);
+    pthread_mutex_unlock(&c->mu);
+  }
+  convd_call_unref(c);
+}
+
+static void unary_start(convd_call *c) {
+  conv_call *k = state_new(c, 1);
+  if (k == NULL) {
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+    return;
+  }
+  k->creating = 1;
+  if (c->payload && grpc_byte_buffer_length(c->payload) > UNARY_INLINE_BYTES)
+    convd_rpc_offload_call(c, unary_offloaded);
+  else
+    unary_inline(c, k);
 }
 
 const convd_handlers convd_conv2d_handlers = {.start = conv2d_start,

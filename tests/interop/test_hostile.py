@@ -72,7 +72,8 @@ class Probe:
     def finish(self, what, worst_ms=None):
         self.stop_.set()
         self.t.join()
-        self.ch.close()
+        if hasattr(self, "ch"):
+            self.ch.close()
         assert self.error is None, f"{what}: {self.error}"
         assert self.times, f"{what}: no health check completed"
         best, worst = min(self.times) * 1e3, max(self.times) * 1e3
@@ -81,6 +82,52 @@ class Probe:
         assert best <= 50, f"{what}: health took {best:.1f} ms at best"
         assert worst_ms is None or worst <= worst_ms, f"{what}: a health check took {worst:.0f} ms"
         return f"health {len(self.times)} probes, {best:.1f}-{worst:.1f} ms"
+
+
+class ProcessProbe:
+    """Probe's checks from a process of their own, for a case whose client would stall a
+    thread beside it (a call of hundreds of MiB keeps this process's gRPC core busy)."""
+
+    CODE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import grpc
+from grpc_health_v1 import health_pb2 as h, health_pb2_grpc as hg
+with grpc.insecure_channel(sys.argv[2]) as ch:
+    st = hg.HealthStub(ch)
+    st.Check(h.HealthCheckRequest(), timeout=10)
+    print("ready", flush=True)
+    while sys.stdin.readline().strip() == "go":
+        t0 = time.monotonic()
+        r = st.Check(h.HealthCheckRequest(), timeout=10)
+        print(time.monotonic() - t0 if r.status == h.HealthCheckResponse.SERVING else -1, flush=True)
+"""
+
+    def __init__(self, target, stub_dir):
+        self.p = subprocess.Popen([sys.executable, "-c", self.CODE, stub_dir, target],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready", "the probe process did not connect"
+        self.times, self.stop_, self.error = [], threading.Event(), None
+        self.t = threading.Thread(target=self.run)
+        self.t.start()
+
+    def run(self):
+        while not self.stop_.is_set():
+            self.p.stdin.write("go\n")
+            self.p.stdin.flush()
+            line = self.p.stdout.readline()
+            if not line or float(line) < 0:
+                self.error = "health check failed or not SERVING"
+                return
+            self.times.append(float(line))
+            self.stop_.wait(0.1)
+
+    finish = Probe.finish
+
+    def __del__(self):
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            self.p.wait(10)
 
 
 def spec(inp, weight, padding=(0, 0, 0, 0), has_bias=False, groups=1):
@@ -302,6 +349,39 @@ def case_large_weights(convd):
         d.stop()
 
 
+def case_large_unary(convd, stub_dir):
+    """A 256 MiB Conv2dUnary message (--max-message-bytes 512M, float16): decoding it, widening
+    its input and making its job run off the gRPC thread, so health keeps answering (each probe
+    used to wait for all of it); the answer is checked against numpy."""
+    d = Daemon(convd, "--max-message-bytes", "512M")
+    try:
+        rng = np.random.default_rng(12)
+        x = rng.standard_normal((1, 32, 2048, 2048), dtype=np.float32).astype(np.float16)
+        w = rng.standard_normal((1, 32, 1, 1), dtype=np.float32).astype(np.float16)
+        s = spec(x.shape, w.shape)
+        s.dtype = pb.DTYPE_FLOAT16
+        # Serialized before the probe starts and sent as bytes: protobuf's encoding of 256 MiB
+        # holds Python's lock, which would stall the probe's thread, not the daemon.
+        msg = pb.ConvCall(spec=s, input=x.tobytes(), weight=w.tobytes()).SerializeToString()
+        opts = [("grpc.max_send_message_length", 512 * MiB), ("grpc.max_receive_message_length", 512 * MiB)]
+        probe = ProcessProbe(d.target, stub_dir)
+        with grpc.insecure_channel(d.target, options=opts) as ch:
+            call = ch.unary_unary("/convd.v1.Convolution/Conv2dUnary", request_serializer=None,
+                                  response_deserializer=None)
+            r = pb.ConvResult.FromString(call(msg, timeout=120))
+        health = probe.finish("256 MiB unary", worst_ms=None if sanitized(d.proc.pid) else 250)
+        probe.p.stdin.close()
+        probe.p.wait(10)
+        got = np.frombuffer(r.output, dtype="<f2").reshape(1, 1, 2048, 2048).astype(np.float64)
+        want = np.einsum("chw,c->hw", x[0].astype(np.float64), w[:, :, 0, 0][0].astype(np.float64))
+        tol = 2e-3 * max(1.0, float(np.abs(want).max()))
+        err = float(np.abs(got[0, 0] - want).max())
+        assert err <= tol, f"256 MiB unary: max error {err} > {tol}"
+        return f"served, max error {err:.2e}; {health}"
+    finally:
+        d.stop()
+
+
 def case_idle_stream(convd):
     """A stream that sends its spec (announcing 192 MiB of weights) and then nothing is ended
     after --stream-idle-timeout, and what it reserved is free for the next call."""
@@ -374,6 +454,62 @@ def case_idle_connections(convd):
         with grpc.insecure_channel(d.target) as ch:
             hpb_grpc.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=10)
         return f"silent connection closed after {t_silent:.1f} s, idle HTTP/2 one after {t_idle:.1f} s"
+    finally:
+        d.stop()
+
+
+def h2_preface(host, port):
+    """A connection that completes the HTTP/2 preface and then starts no call."""
+    s = socket.create_connection((host, port))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    return s
+
+
+def case_max_connections(convd):
+    """--max-connections: one connection over the bound is closed as it arrives, the counted
+    ones are left alone, and a slot that frees up lets the next client in."""
+    d = Daemon(convd, "--max-connections", "4", "--connection-idle-timeout", "60",
+               "--handshake-timeout", "60", "--metrics-listen", "127.0.0.1:0")
+    try:
+        host, port = d.target.rsplit(":", 1)
+        held = []
+        for _ in range(4):
+            held.append(h2_preface(host, int(port)))
+            time.sleep(0.15)  # each one seen by a scan before the next arrives
+        t0 = time.monotonic()
+        extra = h2_preface(host, int(port))
+        t_extra = closed_within(extra, 3, t0)
+        extra.close()
+        assert t_extra is not None, "a 5th connection was still open after 3 s with --max-connections 4"
+        # A gRPC client over the bound: its connection ends within a scan (a call it starts in
+        # that window may still be served; gRPC's client notices the end at its next call).
+        codes = []
+        with grpc.insecure_channel(d.target) as ch:
+            for _ in range(5):
+                try:
+                    hpb_grpc.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=1)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+                time.sleep(0.2)
+        assert "UNAVAILABLE" in codes, f"a gRPC client beyond --max-connections: {codes}"
+        for s in held:  # the counted connections were never touched
+            assert closed_within(s, 0.3, time.monotonic()) is None, "a counted connection was closed"
+        for s in held[:2]:
+            s.close()
+        time.sleep(0.5)
+        with grpc.insecure_channel(d.target) as ch:
+            hpb_grpc.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=10)
+        import urllib.request
+        text = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
+        refused = int(re.search(r"^convd_connections_refused_total (\d+)$", text, re.M).group(1))
+        limit = int(re.search(r"^convd_connections_limit (\d+)$", text, re.M).group(1))
+        assert limit == 4 and refused >= 2, f"metrics: limit {limit}, refused {refused}"
+        for s in held[2:]:
+            s.close()
+        assert "--max-connections reached" in d.read_log(), "the refusal was not logged"
+        return (f"5th connection closed after {t_extra * 1e3:.0f} ms; a client beyond: {' '.join(codes)}; "
+                f"{refused} refused; a freed slot served health")
     finally:
         d.stop()
 
@@ -583,8 +719,10 @@ def main():
              ("--max-inflight-bytes 16M admits a 16 MiB streamed call", case_small_limit_admits),
              ("PutWeights admission and transpose groups", case_put_weights),
              ("256 MiB of float16 weights, health meanwhile", case_large_weights),
+             ("a 256 MiB Conv2dUnary message, health meanwhile", lambda c: case_large_unary(c, stub_dir)),
              ("spec and then nothing", case_idle_stream),
              ("connections without calls", case_idle_connections),
+             ("--max-connections", case_max_connections),
              ("log escaping", case_log_escaping),
              ("tenants' weights", case_tenants),
              ("tenant limits", case_tenant_limits),
