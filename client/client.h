@@ -29,7 +29,9 @@ enum {
   CONVD_CLIENT_EIO = -10,      /* input/output error */
   CONVD_CLIENT_EDEVICE = -11,  /* device error */
   CONVD_CLIENT_EREMOTE = -12,  /* any other status, or a malformed answer */
-  CONVD_CLIENT_EINTERNAL = -13 /* internal error */
+  CONVD_CLIENT_EINTERNAL = -13, /* internal error */
+  CONVD_CLIENT_EDATALOSS = -14, /* DATA_LOSS: a shared-memory region lost pages during the call */
+  CONVD_CLIENT_EBUSY = -15      /* FAILED_PRECONDITION: e.g. a region in use by a call */
 };
 
 /* Short description of a code; "unknown error" for anything else. */

@@ -19,7 +19,9 @@
   X(EIO, -10, "input/output error")                                        \
   X(EDEVICE, -11, "device error")                                          \
   X(EREMOTE, -12, "remote error")                                          \
-  X(EINTERNAL, -13, "internal error")
+  X(EINTERNAL, -13, "internal error")                                     \
+  X(EDATALOSS, -14, "data lost")                                           \
+  X(EBUSY, -15, "in use")
 
 enum {
   CONVD_OK = 0,

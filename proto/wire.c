@@ -54,6 +54,8 @@ static const struct {
     {CONVD_ETIMEDOUT, GRPC_STATUS_DEADLINE_EXCEEDED, 1, 1},
     {CONVD_EUNAVAIL, GRPC_STATUS_UNAVAILABLE, 1, 1},
     {CONVD_ENOTFOUND, GRPC_STATUS_NOT_FOUND, 1, 1},
+    {CONVD_EDATALOSS, GRPC_STATUS_DATA_LOSS, 1, 1},
+    {CONVD_EBUSY, GRPC_STATUS_FAILED_PRECONDITION, 1, 1},
 };
 
 size_t convd_wire_channel_args(grpc_arg *args, size_t max_message_bytes) {

@@ -35,8 +35,8 @@ typedef struct token_entry {
   int line;
 } token_entry;
 
-enum { LIM_INFLIGHT, LIM_CALLS, LIM_WEIGHTS, LIM_COUNT };
-static const char *const limit_names[LIM_COUNT] = {"inflight-bytes", "calls", "weights-bytes"};
+enum { LIM_INFLIGHT, LIM_CALLS, LIM_WEIGHTS, LIM_SHM, LIM_COUNT };
+static const char *const limit_names[LIM_COUNT] = {"inflight-bytes", "calls", "weights-bytes", "shm-bytes"};
 
 typedef struct table table;
 
@@ -134,8 +134,8 @@ static int parse_limit(const char *path, int line, int field, const char *kv, co
       which = k;
   if (which < 0)
     return convd_errf(err, errlen, CONVD_EINVAL,
-                      "%s line %d: field %d is not a limit: expected inflight-bytes=SIZE, calls=N "
-                      "or weights-bytes=SIZE",
+                      "%s line %d: field %d is not a limit: expected inflight-bytes=SIZE, calls=N, "
+                      "weights-bytes=SIZE or shm-bytes=SIZE",
                       path, line, field);
   uint64_t v = 0;
   const char *val = eq + 1;
@@ -155,9 +155,10 @@ static int parse_limit(const char *path, int line, int field, const char *kv, co
                       "512K, 64M or 2G",
                       path, line, limit_names[which]);
   }
-  uint64_t *dst = which == LIM_INFLIGHT ? &tn->limits.inflight_bytes
-                  : which == LIM_CALLS  ? &tn->limits.calls
-                                        : &tn->limits.weights_bytes;
+  uint64_t *dst = which == LIM_INFLIGHT  ? &tn->limits.inflight_bytes
+                  : which == LIM_CALLS   ? &tn->limits.calls
+                  : which == LIM_WEIGHTS ? &tn->limits.weights_bytes
+                                         : &tn->limits.shm_bytes;
   if (tn->limit_line[which] == line)
     return convd_errf(err, errlen, CONVD_EINVAL, "%s line %d: %s is given twice", path, line,
                       limit_names[which]);

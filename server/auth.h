@@ -1,6 +1,6 @@
 /* Bearer tokens that name tenants (--auth-tokens FILE). The file has one line per token:
  *
- *   TENANT TOKEN [inflight-bytes=SIZE] [calls=N] [weights-bytes=SIZE]
+ *   TENANT TOKEN [inflight-bytes=SIZE] [calls=N] [weights-bytes=SIZE] [shm-bytes=SIZE]
  *
  * blank lines and lines starting with '#' are skipped. TENANT is [A-Za-z0-9_.-]{1,64}; TOKEN is
  * 16 to 256 printable characters without spaces; a tenant may have several lines (several
@@ -49,6 +49,7 @@ typedef struct convd_tenant_limits {
   uint64_t inflight_bytes; /* inflight-bytes=SIZE: bytes its calls in flight may hold */
   uint64_t calls;          /* calls=N: its calls in flight */
   uint64_t weights_bytes;  /* weights-bytes=SIZE: bytes of registered weights */
+  uint64_t shm_bytes;      /* shm-bytes=SIZE: bytes of registered shared-memory regions */
 } convd_tenant_limits;
 
 /* Reads and checks the tokens file. Errors (negative, message in err) name the file and, for

@@ -62,6 +62,9 @@ static const opt opts[] = {
     {"weights-memory", OPT_SIZE, F(weights_memory), "1G", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "bytes the weights registry (PutWeights) may hold; the least recently used weights no call "
      "is using are evicted beyond it; 0 turns the registry off"},
+    {"max-shm-bytes", OPT_SIZE, F(max_shm_bytes), "16G", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
+     "bytes of same-host clients' shared-memory regions (RegisterRegion) the daemon maps at "
+     "once, over all tenants; 0 turns shared memory off"},
     {"drain-timeout", OPT_SECONDS, F(drain_timeout), "30", 0, 86400,
      "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"},
     {"stream-idle-timeout", OPT_SECONDS, F(stream_idle_timeout), "30", 0, 86400,
@@ -92,7 +95,8 @@ static const opt opts[] = {
      "mutual TLS: every client must present a certificate this CA (PEM) signed"},
     {"auth-tokens", OPT_STRING, F(auth_tokens), "", -1, 0,
      "require `authorization: Bearer TOKEN` on every call but health checks; the file (mode "
-     "600) has lines TENANT TOKEN [inflight-bytes=SIZE] [calls=N] [weights-bytes=SIZE]; SIGHUP "
+     "600) has lines TENANT TOKEN [inflight-bytes=SIZE] [calls=N] [weights-bytes=SIZE] "
+     "[shm-bytes=SIZE]; SIGHUP "
      "re-reads it"},
     {"reflection-public", OPT_BOOL, F(reflection_public), "false", 0, 0,
      "with --auth-tokens, serve server reflection without a token"},

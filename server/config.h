@@ -25,6 +25,7 @@ typedef struct convd_config {
   uint64_t weights_memory;    /* the weights registry's limit */
   uint64_t max_inflight_bytes; /* admission: bytes of all calls in flight */
   uint64_t max_queue_ops;      /* admission: elemental ops not yet done */
+  uint64_t max_shm_bytes;      /* shared-memory regions mapped (0 = off) */
   double drain_timeout;       /* seconds */
   double stream_idle_timeout; /* seconds a call may wait on its client (0 = for ever) */
   double connection_idle_timeout; /* seconds a connection without calls stays open */

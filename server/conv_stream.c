@@ -56,6 +56,7 @@ struct convd_stream {
   int64_t bn, bh0, bh1;
   size_t band_off, band_len;
   uint64_t bytes_received;
+  int external_input;  /* rows come from shared memory, straight to the job (svc_conv.c) */
 };
 
 int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
@@ -317,6 +318,10 @@ int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *er
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "the first message must be the spec (shapes and parameters); tensor "
                       "data came first");
+  if (s->external_input)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "an input band arrived, but spec.input_region is set: the input comes from "
+                      "shared memory, so send no input bands");
   int rc = ensure_buffers(s, err, errlen);
   if (rc) return rc;
   s->bytes_received += b->bytes.len;
@@ -520,6 +525,7 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "bias incomplete at half-close: %zu of %zu bytes arrived", s->b_recv,
                       s->conv.bias_wire_bytes);
+  if (s->external_input) return 0;
   if (s->band_open)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input incomplete at half-close: band n = %" PRId64 " rows [%" PRId64
@@ -538,6 +544,10 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
 }
 
 const convd_conv *convd_stream_conv(const convd_stream *s) { return &s->conv; }
+
+void convd_stream_set_external_input(convd_stream *s) { s->external_input = 1; }
+
+void convd_stream_count_received(convd_stream *s, uint64_t bytes) { s->bytes_received += bytes; }
 
 int convd_stream_attach(convd_stream *s, convd_job *job, char *err, size_t errlen) {
   int rc = ensure_buffers(s, err, errlen);

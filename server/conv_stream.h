@@ -102,6 +102,11 @@ void convd_stream_defer_weights(convd_stream *s, int on);
 int convd_stream_weights_pending(const convd_stream *s);
 int convd_stream_finalize_weights(convd_stream *s, char *err, size_t errlen);
 void convd_stream_hand_weights(convd_stream *s);
+/* The input comes from elsewhere (a shared-memory region, handed to the job by the caller):
+ * input bands are refused and the half-close checks no rows. Count those bytes with
+ * convd_stream_count_received. */
+void convd_stream_set_external_input(convd_stream *s);
+void convd_stream_count_received(convd_stream *s, uint64_t bytes);
 /* Bytes of the band being assembled. */
 uint64_t convd_stream_bytes_buffered(const convd_stream *s);
 uint64_t convd_stream_bytes_received(const convd_stream *s);

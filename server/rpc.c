@@ -244,6 +244,7 @@ static void rpc_free(convd_rpc *r) {
   }
   convd_offload_destroy(r->offload);
   convd_registry_destroy(r->registry);
+  convd_shm_destroy(r->shm);
   pthread_mutex_destroy(&r->mu);
   free(r->registered);
   free(r);
@@ -274,6 +275,11 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   if (cfg->weights_memory && (r->registry = convd_registry_create(cfg->weights_memory)) == NULL) {
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  }
+  int rc;
+  if (cfg->max_shm_bytes && (rc = convd_shm_create(cfg->max_shm_bytes, &r->shm, err, errlen))) {
+    rpc_free(r);
+    return rc;
   }
   r->t_shutdown = (convd_tag){on_shutdown, r};
 

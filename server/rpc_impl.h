@@ -15,6 +15,7 @@
 
 #include "call.h"
 #include "offload.h"
+#include "shm.h"
 #include "methods.h"
 #include "rpc.h"
 
@@ -22,6 +23,7 @@ struct convd_rpc {
   const convd_config *cfg;
   convd_engine *engine;
   convd_registry *registry; /* NULL when --weights-memory is 0 */
+  convd_shm *shm;           /* NULL when --max-shm-bytes is 0 */
   convd_metrics *metrics;   /* may be NULL */
   convd_tls *tls;           /* NULL: plaintext */
   convd_auth *auth;         /* NULL: no tokens, every call is the anonymous tenant's */

@@ -16,6 +16,8 @@ extern const convd_handlers convd_conv2d_handlers, convd_conv2d_unary_handlers;
 extern const convd_handlers convd_put_weights_handlers, convd_list_weights_handlers,
     convd_delete_weights_handlers;
 extern const convd_handlers convd_list_devices_handlers;
+extern const convd_handlers convd_register_region_handlers, convd_list_regions_handlers,
+    convd_unregister_region_handlers;
 extern const convd_handlers convd_health_check_handlers, convd_health_watch_handlers;
 extern const convd_handlers convd_reflection_handlers;
 

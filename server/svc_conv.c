@@ -12,6 +12,7 @@
  * they take the call's mutex, so every field of conv_call is guarded by it. The job holds a ref
  * on the call until on_job_done. */
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,7 @@
 #include "err.h"
 #include "rpc_impl.h"
 #include "services.h"
+#include "shm.h"
 #include "wire.h"
 
 /* Bounds of a streamed call's window (stream_window). */
@@ -61,6 +63,16 @@ typedef struct conv_call {
 
   /* Conv2dUnary: the output the job writes in place */
   float *uy;
+
+  /* Shared memory (shm.h): the ranges the spec named, held until the call is freed, and the
+   * copies between them and the job, which run on the offload thread without the mutex. */
+  convd_shm_range in_r, out_r, w_r, b_r;
+  int64_t feed_n, feed_h; /* the next input row to copy (the feed task's alone) */
+  int feeding;            /* a feed task is queued or running */
+  int feed_paused;        /* backpressure: maybe_resume queues the next one */
+  int writing;            /* a write task is queued or running */
+  int progress_pending;   /* rows were written since the last Progress */
+  _Atomic uint64_t shm_in_bytes, shm_out_bytes;
 } conv_call;
 
 static const convd_conv *conv_of(const conv_call *k) { return convd_stream_conv(k->stream); }
@@ -88,6 +100,11 @@ static Convd__V1__Summary summary_of(const convd_call *c, const conv_call *k, ui
 
 static void pump(convd_call *c);
 static void maybe_resume(convd_call *c);
+static void start_write(convd_call *c, struct conv_call *k);
+/* Backpressure's verdict (flow, below). */
+enum { FLOW_READ, FLOW_PAUSE, FLOW_STUCK };
+static int flow(const struct conv_call *k);
+static void fail_stuck(convd_call *c, struct conv_call *k);
 
 /* Output rows are final. */
 static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
@@ -109,6 +126,7 @@ static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
       k->ready_cap = cap;
     }
     k->ready[k->ready_len++] = (struct out_range){n, h0, h1};
+    if (k->out_r.region) start_write(c, k); /* not only when no message is in flight */
     pump(c);
   }
   pthread_mutex_unlock(&c->mu);
@@ -239,6 +257,179 @@ static int job_setup(convd_call *c, conv_call *k, convd_job *job, char *err, siz
 
 static void read_on(convd_call *c, conv_call *k);
 
+/* ---- shared memory ----------------------------------------------------------------------- */
+
+/* Weights and bias from their regions, fed to the stream as the chunks a client would send
+ * (the stream widens, digests and hands them to the job). The offload thread, while
+ * k->creating keeps every other feeder away. */
+static int feed_region_weights(conv_call *k, char *err, size_t errlen) {
+  enum { PIECE = 1 << 20 };
+  uint8_t *buf = malloc(PIECE);
+  if (buf == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon is out of memory");
+  convd_stream_defer_weights(k->stream, 0); /* widened right here, off the gRPC thread */
+  int rc = 0;
+  const convd_shm_range *rs[2] = {&k->w_r, &k->b_r};
+  for (int t = 0; t < 2 && rc == 0; t++) {
+    if (rs[t]->region == NULL) continue;
+    for (uint64_t off = 0; off < rs[t]->length && rc == 0; off += PIECE) {
+      const size_t n = rs[t]->length - off < PIECE ? (size_t)(rs[t]->length - off) : PIECE;
+      if ((rc = convd_shm_read(rs[t], off, -1, (float *)buf, n, err, errlen))) break;
+      Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
+      ch.offset = off;
+      ch.data.data = buf, ch.data.len = n;
+      Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+      rq.msg_case = t == 0 ? CONVD__V1__CONV_REQUEST__MSG_WEIGHT : CONVD__V1__CONV_REQUEST__MSG_BIAS;
+      if (t == 0) rq.weight = &ch;
+      else rq.bias = &ch;
+      int accepted;
+      rc = convd_stream_feed(k->stream, &rq, &accepted, err, errlen);
+      atomic_fetch_add(&k->shm_in_bytes, n);
+    }
+  }
+  free(buf);
+  return rc;
+}
+
+/* Bands each feed task copies before it queues the next, so that other calls' work on the
+ * offload thread interleaves with a large input's. */
+#define FEED_BANDS_PER_TASK 4
+
+static void feed_task(void *arg);
+
+/* Queues the feed task (the call's mutex held). */
+static void start_feed(convd_call *c, conv_call *k) {
+  if (k->feeding) return;
+  k->feeding = 1;
+  k->feed_paused = 0;
+  if (convd_rpc_offload_call(c, feed_task)) k->feeding = 0;
+}
+
+/* The offload thread: input rows from the region into bands the job takes over, in order, a
+ * band (at most the call's band limit) at a time while backpressure allows. */
+static void feed_task(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  const convd_conv *cv = conv_of(k);
+  const convd_conv_params *p = &cv->p;
+  const uint64_t row_wire = (uint64_t)p->c_in * (uint64_t)p->w * cv->wire_elem;
+  char err[512];
+  int rc = 0, again = 0;
+  for (int bands = 0; rc == 0; bands++) {
+    pthread_mutex_lock(&c->mu);
+    const int f = c->status_set || c->dead ? -1 : flow(k);
+    if (f == FLOW_PAUSE) k->feed_paused = 1; /* maybe_resume queues the next task */
+    if (f == FLOW_STUCK) fail_stuck(c, k);
+    const int go = f == FLOW_READ && k->feed_n < p->n;
+    again = go && bands == FEED_BANDS_PER_TASK;
+    if (!go || again) {
+      if (!again) k->feeding = 0;
+      pthread_mutex_unlock(&c->mu);
+      break;
+    }
+    pthread_mutex_unlock(&c->mu);
+    int64_t rows = (int64_t)(k->band_limit / row_wire);
+    if (rows < 1) rows = 1;
+    const int64_t n = k->feed_n, h0 = k->feed_h, h1 = h0 + rows < p->h ? h0 + rows : p->h;
+    const size_t plane = (size_t)(h1 - h0) * (size_t)p->w;
+    float *band = malloc((size_t)p->c_in * plane * sizeof(float));
+    if (band == NULL) {
+      rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon ran out of memory reading the input region");
+      break;
+    }
+    for (int64_t ch = 0; ch < p->c_in && rc == 0; ch++) {
+      const uint64_t off = (((uint64_t)n * (uint64_t)p->c_in + (uint64_t)ch) * (uint64_t)p->h + (uint64_t)h0) *
+                           (uint64_t)p->w * cv->wire_elem;
+      rc = convd_shm_read(&k->in_r, off, p->dtype, band + (size_t)ch * plane, plane, err, sizeof err);
+    }
+    if (rc) {
+      free(band);
+      break;
+    }
+    atomic_fetch_add(&k->shm_in_bytes, (uint64_t)(h1 - h0) * row_wire);
+    rc = convd_job_put_band(k->job, n, h0, h1, band, CONVD_GIVE, err, sizeof err);
+    k->feed_h = h1;
+    if (k->feed_h == p->h) k->feed_n++, k->feed_h = 0;
+  }
+  pthread_mutex_lock(&c->mu);
+  if (rc) {
+    k->feeding = 0;
+    convd_call_fail(c, rc, err);
+  } else if (!again) {
+    pump(c); /* a status that waited for this task */
+  } else if (again && convd_offload_post(c->rpc->offload, feed_task, c) == 0) {
+    pthread_mutex_unlock(&c->mu);
+    return; /* the next task has this one's ref */
+  } else if (again) {
+    k->feeding = 0;
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+/* Output ranges a write task takes at most, for the same fairness. */
+#define WRITE_RANGES_PER_TASK 8
+
+static void write_task(void *arg);
+
+/* Queues the write task when final rows wait and none is queued (the call's mutex held). */
+static void start_write(convd_call *c, conv_call *k) {
+  if (k->writing || k->ready_len == 0 || c->status_set) return;
+  k->writing = 1;
+  if (convd_rpc_offload_call(c, write_task)) k->writing = 0;
+}
+
+/* Final output rows [h0, h1) of item n into the output region: each channel's rows are one
+ * contiguous piece of it. Without the call's mutex: the rows stay until released. */
+static int write_range(conv_call *k, const struct out_range *r, char *err, size_t errlen) {
+  const convd_conv *cv = conv_of(k);
+  const convd_conv_params *p = &cv->p;
+  for (int64_t h = r->h0; h < r->h1; h++) {
+    size_t cs;
+    const float *row = convd_job_output_row(k->job, r->n, h, &cs);
+    for (int64_t ch = 0; ch < p->c_out; ch++) {
+      const uint64_t off = (((uint64_t)r->n * (uint64_t)p->c_out + (uint64_t)ch) * (uint64_t)cv->h_out +
+                            (uint64_t)h) * (uint64_t)cv->w_out * cv->wire_elem;
+      int rc = convd_shm_write(&k->out_r, off, p->dtype, row + (size_t)ch * cs, (size_t)cv->w_out, err, errlen);
+      if (rc) return rc;
+    }
+  }
+  atomic_fetch_add(&k->shm_out_bytes, (uint64_t)(r->h1 - r->h0) * (uint64_t)p->c_out * (uint64_t)cv->w_out * cv->wire_elem);
+  return 0;
+}
+
+static void write_task(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  struct out_range batch[WRITE_RANGES_PER_TASK];
+  size_t nb = 0;
+  pthread_mutex_lock(&c->mu);
+  while (nb < WRITE_RANGES_PER_TASK && k->ready_len > 0 && !c->status_set) {
+    batch[nb++] = k->ready[0];
+    memmove(k->ready, k->ready + 1, --k->ready_len * sizeof *k->ready);
+  }
+  pthread_mutex_unlock(&c->mu);
+  char err[512];
+  int rc = 0;
+  size_t done = 0;
+  for (; done < nb && rc == 0; done++) rc = write_range(k, &batch[done], err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  for (size_t i = 0; i < nb; i++) {
+    convd_job_release_rows(k->job, batch[i].n, batch[i].h0, batch[i].h1);
+    if (i < done && rc == 0) k->rows_sent += (uint64_t)(batch[i].h1 - batch[i].h0);
+  }
+  k->writing = 0;
+  if (rc) {
+    convd_call_fail(c, rc, err);
+  } else {
+    k->progress_pending |= nb > 0;
+    pump(c); /* the progress message, the next task, or the summary */
+    maybe_resume(c);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
 /* The offload thread: a streamed call's job. Its bookkeeping (per input row, per tile row) can
  * take as long to set up as admission allows, so not on the completion-queue thread; the call
  * reads nothing meanwhile (its ref keeps it), and nothing else touches the job or the fields
@@ -251,8 +442,13 @@ static void create_job(void *arg) {
   convd_job *job = NULL;
   int rc = convd_job_create(c->rpc->engine, conv_of(k), &cbs, &job, err, sizeof err);
   pthread_mutex_lock(&c->mu);
-  k->creating = 0;
   if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
+  pthread_mutex_unlock(&c->mu);
+  /* Still k->creating: the completion-queue thread feeds nothing meanwhile. */
+  if (rc == 0 && !c->status_set && (k->w_r.region || k->b_r.region))
+    rc = feed_region_weights(k, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  k->creating = 0;
   if (rc) {
     convd_call_fail(c, rc, err);
   } else if (c->status_set) {
@@ -260,6 +456,7 @@ static void create_job(void *arg) {
   } else {
     k->accepted_pending = 1;
     pump(c);
+    if (k->in_r.region) start_feed(c, k);
     read_on(c, k);
   }
   pthread_mutex_unlock(&c->mu);
@@ -267,10 +464,72 @@ static void create_job(void *arg) {
 }
 
 /* One message through the stream's rules; a streamed call's spec has its job made next. */
-static int feed(conv_call *k, const Convd__V1__ConvRequest *m, char *err,
+/* The call's regions go back (at its status: no copy runs or will). */
+static void release_regions(convd_call *c, conv_call *k) {
+  convd_shm_range *ranges[] = {&k->in_r, &k->out_r, &k->w_r, &k->b_r};
+  for (int i = 0; i < 4; i++) convd_shm_release(c->rpc->shm, ranges[i]);
+}
+
+/* One range the spec names: its length must be the tensor's, and it must be the tenant's. */
+static int take_range(convd_call *c, const Convd__V1__RegionRef *ref, uint64_t want, int writable,
+                      const char *what, convd_shm_range *out, char *err, size_t errlen) {
+  if (ref == NULL) return 0;
+  if (c->rpc->shm == NULL)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "%s is set, but this daemon serves no shared memory (--max-shm-bytes 0)", what);
+  if (ref->length != want)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s.length = %" PRIu64 ", but the tensor has %" PRIu64 " bytes (its shape times "
+                      "the dtype's size)", what, ref->length, want);
+  return convd_shm_acquire(c->rpc->shm, convd_call_tenant(c), ref->region ? ref->region : "",
+                           ref->offset, ref->length, writable, what, out, err, errlen);
+}
+
+/* After the spec was accepted: the shared-memory ranges it names, checked and held. */
+static int take_regions(convd_call *c, conv_call *k, const Convd__V1__ConvSpec *sp, char *err,
+                        size_t errlen) {
+  const convd_conv *cv = conv_of(k);
+  if (!sp->input_region && !sp->output_region && !sp->weight_region && !sp->bias_region) return 0;
+  if (k->unary)
+    return convd_errf(err, errlen, CONVD_ENOTSUP,
+                      "shared-memory regions are served on Conv2d (streamed); Conv2dUnary takes its "
+                      "tensors in its messages");
+  if (sp->weight_region && convd_stream_registered_weights(k->stream))
+    return convd_errf(err, errlen, CONVD_EINVAL, "give spec.weights_id or spec.weight_region, not both");
+  if (sp->bias_region && !cv->p.has_bias)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "spec.bias_region is set, but the call has no bias (spec.has_bias is false)");
+  int rc;
+  if ((rc = take_range(c, sp->input_region, cv->input_wire_bytes, 0, "spec.input_region", &k->in_r, err, errlen)) ||
+      (rc = take_range(c, sp->output_region, cv->output_wire_bytes, 1, "spec.output_region", &k->out_r, err, errlen)) ||
+      (rc = take_range(c, sp->weight_region, cv->weight_wire_bytes, 0, "spec.weight_region", &k->w_r, err, errlen)) ||
+      (rc = take_range(c, sp->bias_region, cv->bias_wire_bytes, 0, "spec.bias_region", &k->b_r, err, errlen)))
+    return rc;
+  static const char *const names[] = {"spec.input_region", "spec.weight_region", "spec.bias_region"};
+  const convd_shm_range *ins[] = {&k->in_r, &k->w_r, &k->b_r};
+  for (int i = 0; i < 3; i++)
+    if (convd_shm_overlap(&k->out_r, ins[i]))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "spec.output_region (bytes %" PRIu64 "+%" PRIu64 ") overlaps %s (bytes %" PRIu64
+                        "+%" PRIu64 ") of the same region: the output may not overwrite an input",
+                        k->out_r.offset, k->out_r.length, names[i], ins[i]->offset, ins[i]->length);
+  if (k->in_r.region) convd_stream_set_external_input(k->stream);
+  return 0;
+}
+
+/* One message through the stream's rules; a streamed call's spec has its job made next. */
+static int feed(convd_call *c, conv_call *k, const Convd__V1__ConvRequest *m, char *err,
                 size_t errlen) {
   int accepted = 0;
+  if ((m->msg_case == CONVD__V1__CONV_REQUEST__MSG_WEIGHT && k->w_r.region) ||
+      (m->msg_case == CONVD__V1__CONV_REQUEST__MSG_BIAS && k->b_r.region))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "a %s chunk arrived, but spec.%s_region is set: that tensor comes from shared "
+                      "memory, so send no chunks of it",
+                      m->msg_case == CONVD__V1__CONV_REQUEST__MSG_WEIGHT ? "weight" : "bias",
+                      m->msg_case == CONVD__V1__CONV_REQUEST__MSG_WEIGHT ? "weight" : "bias");
   int rc = convd_stream_feed(k->stream, m, &accepted, err, errlen);
+  if (rc == 0 && accepted) rc = take_regions(c, k, m->spec, err, errlen);
   if (rc == 0 && accepted && !k->unary) k->creating = 1; /* after_message posts create_job */
   return rc;
 }
@@ -296,8 +555,8 @@ static void conv_report(const convd_call *c, convd_call_report *r) {
   r->conv = conv_of(k);
   r->stats = k->job ? &k->stats : NULL;
   if (!k->unary) {
-    r->bytes_in = convd_stream_bytes_received(k->stream);
-    r->bytes_out = k->bytes_sent;
+    r->bytes_in = convd_stream_bytes_received(k->stream) + atomic_load(&k->shm_in_bytes);
+    r->bytes_out = k->bytes_sent + atomic_load(&k->shm_out_bytes);
   } else if (c->status_set && c->status == GRPC_STATUS_OK) {
     r->bytes_in = convd_stream_bytes_received(k->stream);
     r->bytes_out = conv_of(k)->output_wire_bytes;
@@ -309,6 +568,7 @@ static void conv_free(convd_call *c) {
   if (k == NULL) return;
   convd_job_destroy(k->job);
   convd_stream_destroy(k->stream); /* after the job: it may have lent registered weights */
+  release_regions(c, k); /* those a status did not release */
   convd_rpc_release_call(c, k->held);
   free(k->band_f32);
   free(k->ready);
@@ -329,8 +589,6 @@ static const float *job_out_row(void *ctx, int64_t n, int64_t h, size_t *cstride
  * running) waits for rows the client has not sent: in-order input never gets there (the limit
  * holds two tile rows), so the rows came out of order, and reading on would hold more than the
  * call was admitted for. */
-enum { FLOW_READ, FLOW_PAUSE, FLOW_STUCK };
-
 static int flow(const conv_call *k) {
   if (k->job == NULL) return FLOW_READ;
   const uint64_t out = convd_job_output_bytes_held(k->job);
@@ -353,6 +611,8 @@ static void fail_stuck(convd_call *c, conv_call *k) {
 
 static void maybe_resume(convd_call *c) {
   conv_call *k = c->state;
+  if (k->feed_paused && !k->feeding && !k->creating && !c->status_set && !c->dead && flow(k) == FLOW_READ)
+    start_feed(c, k);
   if (!k->recv_paused || k->finalizing || k->creating || c->status_set || c->dead) return;
   const int f = flow(k);
   if (f == FLOW_PAUSE) return;
@@ -437,6 +697,10 @@ static void pump(convd_call *c) {
   conv_call *k = c->state;
   if (c->sending || convd_call_over(c)) return;
   if (c->status_set && c->status != GRPC_STATUS_OK) {
+    /* A region's copies end first (their task's end comes back here), so that once the client
+     * has the status, its regions are free again. */
+    if (k && (k->feeding || k->writing || k->creating)) return;
+    if (k) release_regions(c, k);
     convd_call_send_final(c, NULL);
     return;
   }
@@ -445,6 +709,7 @@ static void pump(convd_call *c) {
   Convd__V1__Accepted acc = CONVD__V1__ACCEPTED__INIT;
   Convd__V1__Shape4 shape;
   Convd__V1__Summary sum;
+  Convd__V1__Progress prog = CONVD__V1__PROGRESS__INIT;
   if (k->accepted_pending) {
     shape = output_shape(conv_of(k));
     acc.output_shape = &shape;
@@ -453,14 +718,26 @@ static void pump(convd_call *c) {
     resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_ACCEPTED;
     resp.accepted = &acc;
     k->accepted_pending = 0;
-  } else if (next_output_piece(c, k) || !k->job_done || k->rows_sent < k->rows_total) {
-    return; /* a piece went out, or more rows are to come */
+  } else if (k->out_r.region && k->progress_pending) {
+    prog.rows_done = k->rows_sent;
+    prog.rows_total = k->rows_total;
+    resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_PROGRESS;
+    resp.progress = &prog;
+    k->progress_pending = 0;
+    start_write(c, k);
+  } else if (k->out_r.region ? (start_write(c, k), 0) : next_output_piece(c, k)) {
+    return; /* a piece went out */
+  } else if (!k->job_done || k->rows_sent < k->rows_total) {
+    return; /* more rows are to come */
+  } else if (k->in_r.region && !c->recv_done) {
+    return; /* the input came from a region: the stream must still end cleanly (conv2d_recv) */
   } else if (!k->summary_sent) {
     sum = summary_of(c, k, k->bytes_sent);
     resp.msg_case = CONVD__V1__CONV_RESPONSE__MSG_SUMMARY;
     resp.summary = &sum;
     k->summary_sent = 1;
   } else {
+    release_regions(c, k);
     convd_call_finish_ok(c);
     return;
   }
@@ -529,6 +806,7 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
   int rc;
   if (bb == NULL) { /* half-close: all input is here (the job runs on), or it is wrong */
     if ((rc = convd_stream_finish(k->stream, err, sizeof err))) convd_call_fail(c, rc, err);
+    else if (k->in_r.region) pump(c); /* the summary may have waited for this */
     return;
   }
   convd_wire_band wb;
@@ -549,7 +827,7 @@ static void conv2d_recv(convd_call *c, grpc_byte_buffer *bb) {
     convd_call_fail(c, CONVD_EINVAL, err);
     return;
   }
-  rc = feed(k, m, err, sizeof err);
+  rc = feed(c, k, m, err, sizeof err);
   protobuf_c_message_free_unpacked(&m->base, NULL);
   after_message(c, k, rc, err);
 }
@@ -572,7 +850,7 @@ static int unary_prepare(convd_call *c, conv_call *k, Convd__V1__ConvCall **mp, 
   Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
   rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
   rq.spec = m->spec;
-  int rc = feed(k, &rq, err, errlen);
+  int rc = feed(c, k, &rq, err, errlen);
   if (rc == 0) rc = convd_stream_check_call(k->stream, m, c->rpc->cfg->max_message_bytes, err, errlen);
   if (rc) return rc;
   convd_job_cbs cbs = job_cbs(c, k);

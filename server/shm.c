@@ -1,0 +1,385 @@
+/* See shm.h. Threads: any; `mu` guards the table and every region's in_use; the SIGBUS guard
+ * is per thread. */
+#define _GNU_SOURCE
+#include "shm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "dtype.h"
+#include "err.h"
+
+struct convd_shm_region {
+  char tenant[72]; /* "" without tenants */
+  char name[CONVD_SHM_NAME_MAX + 1];
+  uint8_t *base;
+  uint64_t size;
+  int writable;
+  unsigned in_use;
+  convd_shm_region *next;
+};
+
+struct convd_shm {
+  pthread_mutex_t mu;
+  convd_shm_region *head;
+  uint64_t max_bytes, bytes, count;
+};
+
+/* ---- the SIGBUS guard --------------------------------------------------------------------- */
+
+/* The guarded copy in progress on this thread: where the handler returns to, and the bytes a
+ * fault must lie in to be the copy's (anything else is a real crash and stays one). */
+static _Thread_local sigjmp_buf *guard_jb;
+static _Thread_local const uint8_t *guard_lo, *guard_hi;
+static struct sigaction prev_bus;
+static pthread_once_t handler_once = PTHREAD_ONCE_INIT;
+static int handler_rc;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+  const uint8_t *a = si->si_addr;
+  if (guard_jb != NULL && a >= guard_lo && a < guard_hi) siglongjmp(*guard_jb, 1);
+  /* Not a guarded copy's: whoever handled SIGBUS before, or the default action, which the
+   * faulting instruction meets again as this handler returns. */
+  if ((prev_bus.sa_flags & SA_SIGINFO) && prev_bus.sa_sigaction) {
+    prev_bus.sa_sigaction(sig, si, uc);
+  } else if (!(prev_bus.sa_flags & SA_SIGINFO) && prev_bus.sa_handler != SIG_DFL &&
+             prev_bus.sa_handler != SIG_IGN) {
+    prev_bus.sa_handler(sig);
+  } else {
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGBUS, &dfl, NULL);
+  }
+}
+
+static void install_handler(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_sigbus;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  handler_rc = sigaction(SIGBUS, &sa, &prev_bus);
+}
+
+typedef struct copy_job {
+  int dtype, to_region;
+  uint8_t *region_bytes;
+  float *floats;
+  size_t count;
+} copy_job;
+
+/* Runs the copy with the guard set over [lo, hi); 1 when a fault ended it. Nothing it runs
+ * takes a lock or allocates, so leaving it half-way by the jump leaves nothing held. */
+static int guarded_copy(const uint8_t *lo, const uint8_t *hi, const copy_job *j) {
+  sigjmp_buf jb;
+  /* No signal mask saved (a system call each time, and copies go row by row): the handler runs
+   * with SA_NODEFER, so SIGBUS is not blocked when it jumps back here. */
+  if (sigsetjmp(jb, 0) != 0) {
+    guard_jb = NULL;
+    return 1;
+  }
+  guard_lo = lo, guard_hi = hi;
+  guard_jb = &jb;
+  if (j->dtype < 0) /* raw bytes */
+    j->to_region ? memcpy(j->region_bytes, j->floats, j->count) : memcpy(j->floats, j->region_bytes, j->count);
+  else if (j->to_region)
+    convd_dtype_encode(j->dtype, j->floats, j->region_bytes, j->count);
+  else
+    convd_dtype_decode(j->dtype, j->region_bytes, j->floats, j->count);
+  guard_jb = NULL;
+  return 0;
+}
+
+static int copy(const convd_shm_range *r, uint64_t off, int dtype, float *floats, size_t count,
+                int to_region, char *err, size_t errlen) {
+  const uint64_t esz = dtype < 0 ? 1 : convd_dtype_size(dtype);
+  if (r->region == NULL || count > UINT64_MAX / esz || off > r->length ||
+      count * esz > r->length - off)
+    return convd_errf(err, errlen, CONVD_ERANGE,
+                      "internal: a copy of %zu elements at byte %" PRIu64 " leaves the %" PRIu64 "-byte range",
+                      count, off, r->length);
+  if (to_region && !r->writable)
+    return convd_errf(err, errlen, CONVD_EINVAL, "shared-memory region %s is read-only for the daemon",
+                      r->region->name);
+  copy_job j = {dtype, to_region, r->region->base + r->offset + off, floats, count};
+  if (guarded_copy(r->region->base, r->region->base + r->region->size, &j))
+    return convd_errf(err, errlen, CONVD_EDATALOSS,
+                      "shared-memory region %s lost its pages during the call (the object was shrunk "
+                      "below the %" PRIu64 " bytes registered): the call's data are gone; keep the "
+                      "object's size while a call uses it",
+                      r->region->name, r->region->size);
+  return 0;
+}
+
+int convd_shm_read(const convd_shm_range *r, uint64_t off, int dtype, float *dst, size_t count,
+                   char *err, size_t errlen) {
+  return copy(r, off, dtype, dst, count, 0, err, errlen);
+}
+
+int convd_shm_write(const convd_shm_range *r, uint64_t off, int dtype, const float *src,
+                    size_t count, char *err, size_t errlen) {
+  return copy(r, off, dtype, (float *)src, count, 1, err, errlen);
+}
+
+/* ---- the table ---------------------------------------------------------------------------- */
+
+int convd_shm_create(uint64_t max_bytes, convd_shm **out, char *err, size_t errlen) {
+  *out = NULL;
+  pthread_once(&handler_once, install_handler);
+  if (handler_rc != 0)
+    return convd_errf(err, errlen, CONVD_EINTERNAL, "cannot install the SIGBUS handler: %s", strerror(errno));
+  convd_shm *s = calloc(1, sizeof *s);
+  if (s == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  pthread_mutex_init(&s->mu, NULL);
+  s->max_bytes = max_bytes;
+  *out = s;
+  return 0;
+}
+
+void convd_shm_destroy(convd_shm *s) {
+  if (s == NULL) return;
+  for (convd_shm_region *g = s->head, *next; g; g = next) {
+    next = g->next;
+    munmap(g->base, g->size);
+    free(g);
+  }
+  pthread_mutex_destroy(&s->mu);
+  free(s);
+}
+
+static const char *tkey(const char *tenant) { return tenant ? tenant : ""; }
+
+void convd_shm_prefix(const char *tenant, char *buf, size_t len) {
+  snprintf(buf, len, "/convd-%s%s", tkey(tenant), tenant ? "-" : "");
+}
+
+int convd_shm_check_name(const char *name, char *err, size_t errlen) {
+  const size_t n = strlen(name);
+  if (n < 2 || name[0] != '/' || n > CONVD_SHM_NAME_MAX)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "region name \"%.40s%s\": expected \"/\" then 1 to %d characters, as shm_open takes it",
+                      name, n > 40 ? "..." : "", CONVD_SHM_NAME_MAX - 1);
+  for (size_t i = 1; i < n; i++) {
+    const char ch = name[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+          ch == '.' || ch == '_' || ch == '-'))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "region name: character %zu (byte 0x%02x) is not one of A-Z a-z 0-9 . _ - "
+                        "(no path separators)", i, (unsigned char)ch);
+  }
+  if (strcmp(name, "/.") == 0 || strcmp(name, "/..") == 0)
+    return convd_errf(err, errlen, CONVD_EINVAL, "region name \"%s\" is not an object's name", name);
+  return 0;
+}
+
+
+static convd_shm_region *find(convd_shm *s, const char *tenant, const char *name) {
+  for (convd_shm_region *g = s->head; g; g = g->next)
+    if (strcmp(g->tenant, tkey(tenant)) == 0 && strcmp(g->name, name) == 0) return g;
+  return NULL;
+}
+
+static uint64_t tenant_bytes(convd_shm *s, const char *tenant) {
+  uint64_t b = 0;
+  for (convd_shm_region *g = s->head; g; g = g->next)
+    if (strcmp(g->tenant, tkey(tenant)) == 0) b += g->size;
+  return b;
+}
+
+/* Opens, checks and maps the object (s->mu held: the limits were checked against the table
+ * as it is). */
+static int map_object(const char *name, uint64_t want, uint8_t **base, uint64_t *size,
+                      int *writable, char *err, size_t errlen) {
+  *writable = 1;
+  int fd = shm_open(name, O_RDWR, 0); /* glibc adds O_NOFOLLOW and O_CLOEXEC */
+  if (fd < 0 && errno == EACCES) {
+    *writable = 0;
+    fd = shm_open(name, O_RDONLY, 0);
+  }
+  if (fd < 0) {
+    const int e = errno;
+    if (e == ENOENT)
+      return convd_errf(err, errlen, CONVD_ENOTFOUND,
+                        "no shared-memory object %s on the daemon's host: create it (shm_open) before "
+                        "registering it; clients on other machines cannot use shared memory", name);
+    return convd_errf(err, errlen, e == EACCES ? CONVD_EINVAL : CONVD_EIO,
+                      "cannot open shared-memory object %s: %s%s", name, strerror(e),
+                      e == EACCES ? " (give the daemon's user or group read and write permission)" : "");
+  }
+  struct stat st;
+  int rc = 0;
+  if (fstat(fd, &st) != 0)
+    rc = convd_errf(err, errlen, CONVD_EIO, "cannot stat shared-memory object %s: %s", name, strerror(errno));
+  else if (!S_ISREG(st.st_mode))
+    rc = convd_errf(err, errlen, CONVD_EINVAL, "%s is not a shared-memory object", name);
+  else if (st.st_size <= 0)
+    rc = convd_errf(err, errlen, CONVD_EINVAL, "shared-memory object %s is empty: size it (ftruncate) first", name);
+  else if (want > (uint64_t)st.st_size)
+    rc = convd_errf(err, errlen, CONVD_EINVAL,
+                    "shared-memory object %s has %lld bytes, fewer than the %" PRIu64 " to register",
+                    name, (long long)st.st_size, want);
+  if (rc == 0) {
+    *size = want ? want : (uint64_t)st.st_size;
+    if (*size > SIZE_MAX) {
+      rc = convd_errf(err, errlen, CONVD_ERANGE, "shared-memory object %s is too large to map", name);
+    } else {
+      void *p = mmap(NULL, (size_t)*size, PROT_READ | (*writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+      if (p == MAP_FAILED)
+        rc = convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
+                        "cannot map shared-memory object %s (%" PRIu64 " bytes): %s", name, *size, strerror(errno));
+      else
+        *base = p;
+    }
+  }
+  close(fd); /* the mapping keeps the object */
+  return rc;
+}
+
+int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, const char *name,
+                       uint64_t size, uint64_t *mapped, char *err, size_t errlen) {
+  int rc = convd_shm_check_name(name, err, errlen);
+  if (rc) return rc;
+  char prefix[96];
+  convd_shm_prefix(tenant, prefix, sizeof prefix);
+  if (strncmp(name, prefix, strlen(prefix)) != 0 || strlen(name) == strlen(prefix))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "region name %s: this caller's names must start with \"%s\" and go on (e.g. "
+                      "%sjob-3f9a1c); ListRegions' name_prefix says so", name, prefix, prefix);
+  convd_shm_region *g = calloc(1, sizeof *g);
+  if (g == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  snprintf(g->tenant, sizeof g->tenant, "%s", tkey(tenant));
+  snprintf(g->name, sizeof g->name, "%s", name);
+  pthread_mutex_lock(&s->mu);
+  if (find(s, tenant, name)) {
+    rc = convd_errf(err, errlen, CONVD_EINVAL, "region %s is registered already: unregister it first", name);
+  } else if ((rc = map_object(name, size, &g->base, &g->size, &g->writable, err, errlen)) == 0) {
+    const uint64_t own = tenant_bytes(s, tenant);
+    if (g->size > s->max_bytes - s->bytes)
+      rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                      "registering %" PRIu64 " bytes of shared memory would go over the daemon's "
+                      "limit of %" PRIu64 " (--max-shm-bytes; %" PRIu64 " mapped now)",
+                      g->size, s->max_bytes, s->bytes);
+    else if (tenant_limit && g->size > (tenant_limit > own ? tenant_limit - own : 0))
+      rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                      "registering %" PRIu64 " bytes of shared memory would go over this tenant's "
+                      "limit of %" PRIu64 " (shm-bytes in the tokens file; %" PRIu64 " registered)",
+                      g->size, tenant_limit, own);
+    if (rc) munmap(g->base, g->size);
+  }
+  if (rc == 0) {
+    g->next = s->head;
+    s->head = g;
+    s->bytes += g->size;
+    s->count++;
+    *mapped = g->size;
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (rc) free(g);
+  return rc;
+}
+
+int convd_shm_unregister(convd_shm *s, const char *tenant, const char *name, char *err,
+                         size_t errlen) {
+  pthread_mutex_lock(&s->mu);
+  convd_shm_region **pp = &s->head;
+  while (*pp && !(strcmp((*pp)->tenant, tkey(tenant)) == 0 && strcmp((*pp)->name, name) == 0))
+    pp = &(*pp)->next;
+  convd_shm_region *g = *pp;
+  int rc = 0;
+  if (g == NULL)
+    rc = convd_errf(err, errlen, CONVD_ENOTFOUND, "no region %.*s is registered", CONVD_SHM_NAME_MAX, name);
+  else if (g->in_use)
+    rc = convd_errf(err, errlen, CONVD_EBUSY,
+                    "region %s is used by %u call%s in progress: unregister it once they end",
+                    g->name, g->in_use, g->in_use == 1 ? "" : "s");
+  if (rc == 0) {
+    *pp = g->next;
+    s->bytes -= g->size;
+    s->count--;
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (rc == 0) {
+    munmap(g->base, g->size);
+    free(g);
+  }
+  return rc;
+}
+
+long convd_shm_list(convd_shm *s, const char *tenant, convd_shm_info **out, uint64_t *used) {
+  pthread_mutex_lock(&s->mu);
+  size_t n = 0;
+  for (convd_shm_region *g = s->head; g; g = g->next) n += strcmp(g->tenant, tkey(tenant)) == 0;
+  convd_shm_info *v = calloc(n ? n : 1, sizeof *v);
+  long count = v ? (long)n : -1;
+  *used = 0;
+  size_t i = 0;
+  for (convd_shm_region *g = s->head; g && v; g = g->next) {
+    if (strcmp(g->tenant, tkey(tenant)) != 0) continue;
+    snprintf(v[i].name, sizeof v[i].name, "%s", g->name);
+    v[i].size = g->size;
+    v[i].in_use = g->in_use;
+    *used += g->size;
+    i++;
+  }
+  pthread_mutex_unlock(&s->mu);
+  *out = v;
+  return count;
+}
+
+void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes) {
+  pthread_mutex_lock(&s->mu);
+  *regions = s->count;
+  *bytes = s->bytes;
+  pthread_mutex_unlock(&s->mu);
+}
+
+int convd_shm_acquire(convd_shm *s, const char *tenant, const char *name, uint64_t offset,
+                      uint64_t length, int writable, const char *what, convd_shm_range *out,
+                      char *err, size_t errlen) {
+  memset(out, 0, sizeof *out);
+  int rc = convd_shm_check_name(name, err, errlen);
+  if (rc) return rc;
+  pthread_mutex_lock(&s->mu);
+  convd_shm_region *g = find(s, tenant, name);
+  if (g == NULL)
+    rc = convd_errf(err, errlen, CONVD_ENOTFOUND, "%s: no region %s is registered (RegisterRegion first)",
+                    what, name);
+  else if (offset > g->size || length > g->size - offset)
+    rc = convd_errf(err, errlen, CONVD_EINVAL,
+                    "%s: bytes [%" PRIu64 ", %" PRIu64 "+%" PRIu64 ") leave region %s, which has %" PRIu64 " bytes",
+                    what, offset, offset, length, name, g->size);
+  else if (writable && !g->writable)
+    rc = convd_errf(err, errlen, CONVD_EINVAL,
+                    "%s: region %s is read-only for the daemon (its user cannot open the object for "
+                    "writing), so it cannot hold output", what, name);
+  if (rc == 0) {
+    g->in_use++;
+    *out = (convd_shm_range){g, offset, length, g->writable};
+  }
+  pthread_mutex_unlock(&s->mu);
+  return rc;
+}
+
+void convd_shm_release(convd_shm *s, convd_shm_range *r) {
+  if (r->region == NULL) return;
+  pthread_mutex_lock(&s->mu);
+  r->region->in_use--;
+  pthread_mutex_unlock(&s->mu);
+  r->region = NULL;
+}
+
+int convd_shm_overlap(const convd_shm_range *a, const convd_shm_range *b) {
+  if (a->region == NULL || a->region != b->region || a->length == 0 || b->length == 0) return 0;
+  return a->offset < b->offset + b->length && b->offset < a->offset + a->length;
+}

@@ -1,0 +1,102 @@
+/* The shared-memory region methods: RegisterRegion, ListRegions, UnregisterRegion (shm.h holds
+ * the regions and the rules; Conv2d uses them, svc_conv.c).
+ *
+ * Threads: the completion-queue thread, with the call's mutex held. Registering opens, checks
+ * and maps the object (a few system calls, no page touched), so it runs there. */
+#include <inttypes.h>
+#include <stdlib.h>
+
+#include "convd/v1/convd.pb-c.h"
+#include "err.h"
+#include "rpc_impl.h"
+#include "services.h"
+#include "shm.h"
+#include "wire.h"
+
+static uint64_t tenant_shm_limit(const convd_call *c) {
+  const convd_tenant_limits *l = convd_call_tenant_limits(c);
+  return l ? l->shm_bytes : 0;
+}
+
+/* The request, decoded, or NULL after failing the call. */
+static void *request_of(convd_call *c, const ProtobufCMessageDescriptor *d) {
+  if (c->rpc->shm == NULL) {
+    convd_call_fail(c, CONVD_ENOTSUP, "this daemon serves no shared memory (started with --max-shm-bytes 0)");
+    return NULL;
+  }
+  void *m = c->payload ? convd_wire_unpack(c->payload, d) : NULL;
+  if (m == NULL) {
+    char err[160];
+    snprintf(err, sizeof err, "the request is not a valid %s (protobuf decoding failed)", d->name);
+    convd_call_fail(c, CONVD_EINVAL, err);
+  }
+  return m;
+}
+
+static void register_start(convd_call *c) {
+  Convd__V1__RegisterRegionRequest *m = request_of(c, &convd__v1__register_region_request__descriptor);
+  if (m == NULL) return;
+  char err[512];
+  uint64_t mapped = 0;
+  int rc = convd_shm_register(c->rpc->shm, convd_call_tenant(c), tenant_shm_limit(c), m->name ? m->name : "",
+                              m->size, &mapped, err, sizeof err);
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+    return;
+  }
+  Convd__V1__RegisterRegionResponse resp = CONVD__V1__REGISTER_REGION_RESPONSE__INIT;
+  resp.size = mapped;
+  convd_call_reply(c, &resp.base);
+}
+
+static void list_start(convd_call *c) {
+  Convd__V1__ListRegionsRequest *m = request_of(c, &convd__v1__list_regions_request__descriptor);
+  if (m == NULL) return;
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  convd_shm_info *v = NULL;
+  uint64_t used = 0;
+  const long n = convd_shm_list(c->rpc->shm, convd_call_tenant(c), &v, &used);
+  Convd__V1__RegionInfo *infos = n >= 0 ? calloc(n ? (size_t)n : 1, sizeof *infos) : NULL;
+  Convd__V1__RegionInfo **ptrs = n >= 0 ? calloc(n ? (size_t)n : 1, sizeof *ptrs) : NULL;
+  if (infos && ptrs) {
+    for (long i = 0; i < n; i++) {
+      convd__v1__region_info__init(&infos[i]);
+      infos[i].name = v[i].name;
+      infos[i].size = v[i].size;
+      infos[i].in_use = v[i].in_use;
+      ptrs[i] = &infos[i];
+    }
+    char prefix[96];
+    convd_shm_prefix(convd_call_tenant(c), prefix, sizeof prefix);
+    Convd__V1__ListRegionsResponse resp = CONVD__V1__LIST_REGIONS_RESPONSE__INIT;
+    resp.n_regions = (size_t)n;
+    resp.regions = ptrs;
+    resp.bytes_used = used;
+    const uint64_t tl = tenant_shm_limit(c), limit = c->rpc->cfg->max_shm_bytes;
+    resp.bytes_limit = tl && tl < limit ? tl : limit;
+    resp.name_prefix = prefix;
+    convd_call_reply(c, &resp.base);
+  } else {
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
+  }
+  free(infos), free(ptrs), free(v);
+}
+
+static void unregister_start(convd_call *c) {
+  Convd__V1__UnregisterRegionRequest *m = request_of(c, &convd__v1__unregister_region_request__descriptor);
+  if (m == NULL) return;
+  char err[512];
+  int rc = convd_shm_unregister(c->rpc->shm, convd_call_tenant(c), m->name ? m->name : "", err, sizeof err);
+  protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+    return;
+  }
+  Convd__V1__UnregisterRegionResponse resp = CONVD__V1__UNREGISTER_REGION_RESPONSE__INIT;
+  convd_call_reply(c, &resp.base);
+}
+
+const convd_handlers convd_register_region_handlers = {.start = register_start};
+const convd_handlers convd_list_regions_handlers = {.start = list_start};
+const convd_handlers convd_unregister_region_handlers = {.start = unregister_start};
