@@ -2,7 +2,12 @@
  * thread: each call creates its own completion queue, drives it with grpc_completion_queue_next
  * until the call has ended, and destroys it before returning; the library starts no thread of
  * its own (gRPC core's internal ones aside) and keeps no state outside the convd_client, which
- * one thread at a time may use. Method paths come from protoc-c's service descriptors. */
+ * one thread at a time may use. The exception is convd_client_cancel, from any thread: `mu`
+ * guards the client's call in progress (`active`) between it and the calling thread. Method
+ * paths come from protoc-c's service descriptors.
+ *
+ * Shared-memory regions (convd_client_region_*) are POSIX objects this library creates, maps
+ * and unlinks on the caller's thread; the daemon only ever sees their names. */
 #include "client.h"
 
 #include <grpc/byte_buffer.h>
@@ -13,10 +18,16 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "band.h"
 #include "client_params.h"
@@ -59,7 +70,9 @@ int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4
 
 struct convd_client {
   grpc_channel *ch;
-  void *m_conv2d, *m_unary, *m_list, *m_health;
+  void *m_conv2d, *m_unary, *m_list, *m_health, *m_reg_region, *m_list_regions, *m_unreg_region;
+  pthread_mutex_t mu; /* guards active */
+  grpc_call *active;  /* the call in progress, for convd_client_cancel */
   convd_client_opts o; /* its file and string pointers cleared: they are the caller's */
   int last_status;
   /* Sent with every call's initial metadata: `authorization: Bearer TOKEN` when opts had a
@@ -160,6 +173,8 @@ static int method_path(const ProtobufCServiceDescriptor *svc, const char *method
   return 0;
 }
 
+enum { N_METHODS = 7 };
+
 int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
                         char *err, size_t errlen) {
   *out = NULL;
@@ -181,12 +196,15 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   static const struct {
     const ProtobufCServiceDescriptor *svc;
     const char *method;
-  } methods[4] = {{&convd__v1__convolution__descriptor, "Conv2d"},
-                  {&convd__v1__convolution__descriptor, "Conv2dUnary"},
-                  {&convd__v1__convolution__descriptor, "ListDevices"},
-                  {&grpc__health__v1__health__descriptor, "Check"}};
-  char paths[4][128];
-  for (int i = 0; i < 4; i++) {
+  } methods[N_METHODS] = {{&convd__v1__convolution__descriptor, "Conv2d"},
+                          {&convd__v1__convolution__descriptor, "Conv2dUnary"},
+                          {&convd__v1__convolution__descriptor, "ListDevices"},
+                          {&grpc__health__v1__health__descriptor, "Check"},
+                          {&convd__v1__convolution__descriptor, "RegisterRegion"},
+                          {&convd__v1__convolution__descriptor, "ListRegions"},
+                          {&convd__v1__convolution__descriptor, "UnregisterRegion"}};
+  char paths[N_METHODS][128];
+  for (int i = 0; i < N_METHODS; i++) {
     int rc = method_path(methods[i].svc, methods[i].method, paths[i], sizeof paths[i], err, errlen);
     if (rc) {
       free(c);
@@ -217,6 +235,10 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   c->m_unary = grpc_channel_register_call(c->ch, paths[1], NULL, NULL);
   c->m_list = grpc_channel_register_call(c->ch, paths[2], NULL, NULL);
   c->m_health = grpc_channel_register_call(c->ch, paths[3], NULL, NULL);
+  c->m_reg_region = grpc_channel_register_call(c->ch, paths[4], NULL, NULL);
+  c->m_list_regions = grpc_channel_register_call(c->ch, paths[5], NULL, NULL);
+  c->m_unreg_region = grpc_channel_register_call(c->ch, paths[6], NULL, NULL);
+  pthread_mutex_init(&c->mu, NULL);
   *out = c;
   return 0;
 }
@@ -225,11 +247,27 @@ void convd_client_destroy(convd_client *c) {
   if (c == NULL) return;
   grpc_channel_destroy(c->ch);
   for (size_t i = 0; i < c->n_md; i++) grpc_slice_unref(c->md[i].value);
+  pthread_mutex_destroy(&c->mu);
   free(c);
   grpc_shutdown();
 }
 
 int convd_client_last_status(const convd_client *c) { return c->last_status; }
+
+/* The call in progress, as convd_client_cancel sees it: set once it is created, cleared before
+ * it is unref'd (so a cancel never meets a freed call). */
+static void call_track(convd_client *c, grpc_call *call) {
+  pthread_mutex_lock(&c->mu);
+  c->active = call;
+  pthread_mutex_unlock(&c->mu);
+}
+
+void convd_client_cancel(convd_client *c) {
+  pthread_mutex_lock(&c->mu);
+  if (c->active) /* gRPC core: any thread, any number of times */
+    grpc_call_cancel_with_status(c->active, GRPC_STATUS_CANCELLED, "cancelled by the client", NULL);
+  pthread_mutex_unlock(&c->mu);
+}
 
 static gpr_timespec deadline(const convd_client *c) {
   if (c->o.timeout_seconds <= 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -252,6 +290,7 @@ typedef struct spec_storage {
   Convd__V1__Shape4 in, wt;
   Convd__V1__Pair stride, dil, outpad;
   Convd__V1__Padding pad;
+  Convd__V1__RegionRef regions[4]; /* input, weight, bias, output */
 } spec_storage;
 
 static void make_spec(spec_storage *s, const convd_conv_params *p) {
@@ -289,6 +328,27 @@ static void make_spec(spec_storage *s, const convd_conv_params *p) {
   s->spec.groups = p->groups;
 }
 
+/* Which tensors of a call lie in shared memory (shm_refs below): bits of these. */
+enum { IN_REGION_X = 1, IN_REGION_W = 2, IN_REGION_B = 4, IN_REGION_Y = 8 };
+
+/* The spec's RegionRefs for the tensors refs puts in regions, each as long as its tensor. */
+static void spec_add_regions(spec_storage *s, const convd_conv *cv, const convd_client_shm_refs *refs) {
+  if (refs == NULL) return;
+  const convd_client_tensor_ref *r[4] = {&refs->input, &refs->weight, &refs->bias, &refs->output};
+  const size_t len[4] = {cv->input_wire_bytes, cv->weight_wire_bytes, cv->bias_wire_bytes,
+                         cv->output_wire_bytes};
+  Convd__V1__RegionRef **dst[4] = {&s->spec.input_region, &s->spec.weight_region,
+                                   &s->spec.bias_region, &s->spec.output_region};
+  for (int i = 0; i < 4; i++) {
+    if (r[i]->region == NULL) continue;
+    convd__v1__region_ref__init(&s->regions[i]);
+    s->regions[i].region = (char *)r[i]->region;
+    s->regions[i].offset = r[i]->offset;
+    s->regions[i].length = len[i];
+    *dst[i] = &s->regions[i];
+  }
+}
+
 /* Turns the call's final status into the function's result. */
 static int finish_status(convd_client *c, grpc_status_code st, grpc_slice details, int local_rc,
                          char *err, size_t errlen, const char *local_err) {
@@ -322,6 +382,9 @@ typedef struct stream {
   convd_band_shape out_shape;
   size_t out_bytes_seen;
   const convd_client_io *io; /* NULL: x and y are in memory */
+  const convd_client_shm_refs *refs; /* NULL: no tensor in shared memory */
+  unsigned in_regions;               /* IN_REGION_* */
+  uint64_t rows_done, rows_total;    /* an output region's progress */
   int accepted;
   int local_rc;
   char local_err[256];
@@ -339,6 +402,7 @@ static grpc_byte_buffer *next_request(stream *s) {
     switch (s->phase) {
       case 0:
         make_spec(&sp, &s->conv->p);
+        spec_add_regions(&sp, s->conv, s->refs);
         req.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
         req.spec = &sp.spec;
         s->phase = 1;
@@ -347,6 +411,7 @@ static grpc_byte_buffer *next_request(stream *s) {
       case 2: {
         const int is_w = s->phase == 1;
         size_t total = is_w ? s->conv->weight_wire_bytes : s->conv->bias_wire_bytes;
+        if (s->in_regions & (is_w ? IN_REGION_W : IN_REGION_B)) total = 0; /* the daemon reads it */
         if (s->off >= total) {
           s->phase++;
           s->off = 0;
@@ -365,7 +430,8 @@ static grpc_byte_buffer *next_request(stream *s) {
         return convd_wire_pack(&req.base);
       }
       case 3: {
-        if (!convd_band_iter_next(&s->in_it)) {
+        /* An input in a region is not sent; the stream still ends with a half-close. */
+        if ((s->in_regions & IN_REGION_X) || !convd_band_iter_next(&s->in_it)) {
           s->phase = 4;
           return NULL;
         }
@@ -434,6 +500,10 @@ static void on_output(stream *s, int64_t n, int64_t h0, int64_t h1, uint64_t off
                       const void *data, const convd_wire_band *wb) {
   char msg[256];
   const convd_band_shape *sh = &s->out_shape;
+  if (s->in_regions & IN_REGION_Y) {
+    local_fail(s, CONVD_EREMOTE, "the server sent output bands for an output it was to write to its region");
+    return;
+  }
   if (!s->accepted) {
     local_fail(s, CONVD_EREMOTE, "the server sent output before accepting the call");
     return;
@@ -473,6 +543,25 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
       on_output(s, b->n, b->h_begin, b->h_end, b->offset, b->data.len, b->data.data, NULL);
       return;
     }
+    case CONVD__V1__CONV_RESPONSE__MSG_PROGRESS: {
+      if (!(s->in_regions & IN_REGION_Y)) return; /* nothing to learn from it */
+      const Convd__V1__Progress *g = r->progress;
+      if (!s->accepted || g->rows_total != s->rows_total || g->rows_done > g->rows_total ||
+          g->rows_done < s->rows_done) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "the server reported %" PRIu64 " of %" PRIu64 " output rows written, after %" PRIu64
+                 " of %" PRIu64 "%s",
+                 g->rows_done, g->rows_total, s->rows_done, s->rows_total,
+                 s->accepted ? "" : " (before accepting the call)");
+        local_fail(s, CONVD_EREMOTE, msg);
+        return;
+      }
+      if (s->rows_done == 0 && g->rows_done > 0 && s->st)
+        s->st->first_output_seconds = convd_now_seconds() - s->t0;
+      s->rows_done = g->rows_done;
+      return;
+    }
     case CONVD__V1__CONV_RESPONSE__MSG_SUMMARY:
       if (s->st) {
         s->st->elapsed_seconds = r->summary->elapsed_seconds;
@@ -499,8 +588,9 @@ static void wire_free(wire_tensors *t) {
   for (int i = 0; i < 4; i++) free(t->own[i]);
 }
 
+/* in_regions (IN_REGION_*): tensors in shared memory, which get no wire copy. */
 static int wire_make(wire_tensors *t, const convd_conv *cv, const float *x, const float *w,
-                     const float *b, float *y, char *err, size_t errlen) {
+                     const float *b, float *y, unsigned in_regions, char *err, size_t errlen) {
   memset(t, 0, sizeof *t);
   const int dt = cv->p.dtype;
   if (dt == CONVD_F32) {
@@ -508,14 +598,20 @@ static int wire_make(wire_tensors *t, const convd_conv *cv, const float *x, cons
     return 0;
   }
   const float *src[3] = {x, w, b};
-  const size_t elems[3] = {cv->input_elems, cv->weight_elems, b ? cv->bias_elems : 0};
+  const size_t elems[3] = {in_regions & IN_REGION_X ? 0 : cv->input_elems,
+                           in_regions & IN_REGION_W ? 0 : cv->weight_elems,
+                           b && !(in_regions & IN_REGION_B) ? cv->bias_elems : 0};
+  int short_of = 0;
   for (int i = 0; i < 3; i++) {
     if (elems[i] == 0) continue;
-    if ((t->own[i] = malloc(elems[i] * cv->wire_elem)) == NULL) break;
+    if ((t->own[i] = malloc(elems[i] * cv->wire_elem)) == NULL) {
+      short_of = 1;
+      break;
+    }
     convd_dtype_encode(dt, src[i], t->own[i], elems[i]);
   }
-  t->own[3] = malloc(cv->output_wire_bytes);
-  if (t->own[0] == NULL || t->own[1] == NULL || (elems[2] && t->own[2] == NULL) || t->own[3] == NULL) {
+  if (!(in_regions & IN_REGION_Y) && (t->own[3] = malloc(cv->output_wire_bytes)) == NULL) short_of = 1;
+  if (short_of) {
     wire_free(t);
     return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory narrowing the tensors to %s",
                       convd_dtype_name(dt));
@@ -524,9 +620,10 @@ static int wire_make(wire_tensors *t, const convd_conv *cv, const float *x, cons
   return 0;
 }
 
-/* The call succeeded: the output reaches the caller as float32. */
+/* The call succeeded: the output reaches the caller as float32 (one in a region stays there, in
+ * the wire's dtype). */
 static void wire_done(wire_tensors *t, const convd_conv *cv, float *y) {
-  if (cv->p.dtype != CONVD_F32) convd_dtype_decode(cv->p.dtype, t->y, y, cv->output_elems);
+  if (cv->p.dtype != CONVD_F32 && t->y) convd_dtype_decode(cv->p.dtype, t->y, y, cv->output_elems);
   wire_free(t);
 }
 
@@ -551,7 +648,7 @@ static int conv_via_wire(convd_client *c, const convd_client_conv_params *cp, co
   if (p->has_bias && b == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
   wire_tensors t;
-  if ((rc = wire_make(&t, &conv, x, w, b, y, err, errlen))) return rc;
+  if ((rc = wire_make(&t, &conv, x, w, b, y, 0, err, errlen))) return rc;
   rc = call(c, &conv, t.x, t.w, t.b, t.y, st, err, errlen);
   if (rc == 0)
     wire_done(&t, &conv, y);
@@ -574,11 +671,12 @@ int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p
 
 static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
                             const void *b, void *y, const convd_client_io *io,
-                            convd_client_stats *st, char *err, size_t errlen);
+                            const convd_client_shm_refs *refs, convd_client_stats *st, char *err,
+                            size_t errlen);
 
 static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, const void *w,
                          const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
-  return conv2d_stream_io(c, cv, x, w, b, y, NULL, st, err, errlen);
+  return conv2d_stream_io(c, cv, x, w, b, y, NULL, NULL, st, err, errlen);
 }
 
 int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *cp,
@@ -598,12 +696,73 @@ int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *cp,
     return convd_errf(err, errlen, CONVD_EINVAL, "io needs read_input and write_output");
   if (ep.has_bias && b == NULL)
     return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
-  return conv2d_stream_io(c, &conv, NULL, w, b, NULL, io, st, err, errlen);
+  return conv2d_stream_io(c, &conv, NULL, w, b, NULL, io, NULL, st, err, errlen);
+}
+
+/* The IN_REGION_* bits of refs, once each named region and range is checked as far as a client
+ * can (the daemon checks the rest: that the region is the caller's, the range inside it, no
+ * overlap with the output); the pointers of the tensors not in regions must be there. */
+static int shm_refs_check(const convd_conv *cv, const convd_client_shm_refs *refs, const float *x,
+                          const float *w, const float *b, const float *y, unsigned *in_regions,
+                          char *err, size_t errlen) {
+  static const char *const names[4] = {"input", "weight", "bias", "output"};
+  static const char *const args[4] = {"x", "w", "b", "y"};
+  const convd_client_tensor_ref *r[4] = {&refs->input, &refs->weight, &refs->bias, &refs->output};
+  const void *ptr[4] = {x, w, b, y};
+  const size_t len[4] = {cv->input_wire_bytes, cv->weight_wire_bytes, cv->bias_wire_bytes,
+                         cv->output_wire_bytes};
+  *in_regions = 0;
+  for (int i = 0; i < 4; i++) {
+    if (i == 2 && !cv->p.has_bias) {
+      if (r[i]->region)
+        return convd_errf(err, errlen, CONVD_EINVAL, "refs->bias names region %s, but p->has_bias is 0",
+                          r[i]->region);
+      continue;
+    }
+    if (r[i]->region == NULL) {
+      if (ptr[i] == NULL)
+        return convd_errf(err, errlen, CONVD_EINVAL, "%s is NULL and refs->%s names no region",
+                          args[i], names[i]);
+      continue;
+    }
+    const size_t n = strlen(r[i]->region);
+    if (n < 2 || n > CONVD_CLIENT_REGION_NAME_MAX || r[i]->region[0] != '/')
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "refs->%s.region \"%.40s%s\": expected \"/\" then 1 to %d characters", names[i],
+                        r[i]->region, n > 40 ? "..." : "", CONVD_CLIENT_REGION_NAME_MAX - 1);
+    if (r[i]->offset > UINT64_MAX - len[i])
+      return convd_errf(err, errlen, CONVD_ERANGE, "refs->%s.offset %" PRIu64 " + the tensor's %zu bytes overflows",
+                        names[i], r[i]->offset, len[i]);
+    *in_regions |= 1u << i;
+  }
+  return 0;
+}
+
+int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *cp,
+                            const convd_client_shm_refs *refs, const float *x, const float *w,
+                            const float *b, float *y, convd_client_stats *st, char *err,
+                            size_t errlen) {
+  if (refs == NULL) return convd_client_conv2d(c, cp, x, w, b, y, st, err, errlen);
+  convd_conv_params ep;
+  convd_client_params_to_conv(cp, &ep);
+  convd_conv conv;
+  unsigned in_regions;
+  int rc = convd_conv_init(&conv, &ep, err, errlen);
+  if (rc || (rc = shm_refs_check(&conv, refs, x, w, b, y, &in_regions, err, errlen))) return rc;
+  wire_tensors t;
+  if ((rc = wire_make(&t, &conv, x, w, b, y, in_regions, err, errlen))) return rc;
+  rc = conv2d_stream_io(c, &conv, t.x, t.w, t.b, t.y, NULL, refs, st, err, errlen);
+  if (rc == 0)
+    wire_done(&t, &conv, y);
+  else
+    wire_free(&t);
+  return rc;
 }
 
 static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
                             const void *b, void *y, const convd_client_io *io,
-                            convd_client_stats *st, char *err, size_t errlen) {
+                            const convd_client_shm_refs *refs, convd_client_stats *st, char *err,
+                            size_t errlen) {
   const convd_conv_params *p = &cv->p;
   const convd_conv conv = *cv;
   int rc;
@@ -612,8 +771,14 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
     st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
     st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
   }
-  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .io = io, .st = st,
+  stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .io = io, .refs = refs,
+              .rows_total = (uint64_t)p->n * (uint64_t)conv.h_out, .st = st,
               .t0 = convd_now_seconds()};
+  if (refs) {
+    const convd_client_tensor_ref *r[4] = {&refs->input, &refs->weight, &refs->bias, &refs->output};
+    for (int i = 0; i < 4; i++)
+      if (r[i]->region) s.in_regions |= 1u << i;
+  }
   convd_band_shape in_shape = {p->n, p->c_in, p->h, p->w, conv.wire_elem};
   convd_band_iter_init(&s.in_it, &in_shape, c->o.chunk_bytes);
   s.out_shape = (convd_band_shape){p->n, p->c_out, conv.h_out, conv.w_out, conv.wire_elem};
@@ -621,6 +786,7 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
                                                         c->m_conv2d, deadline(c), NULL);
+  call_track(c, call);
   grpc_metadata_array md_initial, md_trailing;
   grpc_metadata_array_init(&md_initial);
   grpc_metadata_array_init(&md_trailing);
@@ -728,7 +894,14 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   }
   if (send_buf) grpc_byte_buffer_destroy(send_buf);
   if (recv_buf) grpc_byte_buffer_destroy(recv_buf);
-  if (status == GRPC_STATUS_OK && !s.local_rc && s.out_bytes_seen != conv.output_wire_bytes) {
+  if (status == GRPC_STATUS_OK && !s.local_rc && (s.in_regions & IN_REGION_Y) &&
+      s.rows_done != s.rows_total) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the call ended with %" PRIu64 " of the output's %" PRIu64
+             " rows reported written to its region", s.rows_done, s.rows_total);
+    local_fail(&s, CONVD_EREMOTE, msg);
+  } else if (status == GRPC_STATUS_OK && !s.local_rc && !(s.in_regions & IN_REGION_Y) &&
+             s.out_bytes_seen != conv.output_wire_bytes) {
     char msg[160];
     snprintf(msg, sizeof msg, "the call ended with %zu of the output's %zu bytes received",
              s.out_bytes_seen, conv.output_wire_bytes);
@@ -739,6 +912,7 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
   grpc_slice_unref(details);
   grpc_metadata_array_destroy(&md_initial);
   grpc_metadata_array_destroy(&md_trailing);
+  call_track(c, NULL);
   grpc_call_unref(call);
   cq_destroy(cq);
   return rc;
@@ -752,6 +926,7 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
                                                         method, deadline(c), NULL);
+  call_track(c, call);
   grpc_metadata_array md_initial, md_trailing;
   grpc_metadata_array_init(&md_initial);
   grpc_metadata_array_init(&md_trailing);
@@ -794,6 +969,7 @@ static int unary_call(convd_client *c, void *method, grpc_byte_buffer *req,
   grpc_slice_unref(details);
   grpc_metadata_array_destroy(&md_initial);
   grpc_metadata_array_destroy(&md_trailing);
+  call_track(c, NULL);
   grpc_call_unref(call);
   cq_destroy(cq);
   return rc;
@@ -919,4 +1095,168 @@ int convd_client_health(convd_client *c, const char *service, int *serving, char
   *serving = r->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
   protobuf_c_message_free_unpacked(&r->base, NULL);
   return 0;
+}
+
+/* ---- shared-memory regions --------------------------------------------------------------- */
+
+int convd_client_register_region(convd_client *c, const char *name, uint64_t size, uint64_t *mapped,
+                                 char *err, size_t errlen) {
+  if (mapped) *mapped = 0;
+  Convd__V1__RegisterRegionRequest req = CONVD__V1__REGISTER_REGION_REQUEST__INIT;
+  req.name = (char *)(name ? name : "");
+  req.size = size;
+  Convd__V1__RegisterRegionResponse *r = NULL;
+  int rc = unary_message(c, c->m_reg_region, &req.base, &convd__v1__register_region_response__descriptor,
+                         (ProtobufCMessage **)&r, err, errlen);
+  if (rc) return rc;
+  if (mapped) *mapped = r->size;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}
+
+int convd_client_unregister_region(convd_client *c, const char *name, char *err, size_t errlen) {
+  Convd__V1__UnregisterRegionRequest req = CONVD__V1__UNREGISTER_REGION_REQUEST__INIT;
+  req.name = (char *)(name ? name : "");
+  Convd__V1__UnregisterRegionResponse *r = NULL;
+  int rc = unary_message(c, c->m_unreg_region, &req.base,
+                         &convd__v1__unregister_region_response__descriptor, (ProtobufCMessage **)&r,
+                         err, errlen);
+  if (rc) return rc;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}
+
+int convd_client_list_regions(convd_client *c, convd_client_region_info **regions, size_t *n,
+                              char *prefix, size_t prefix_len, char *err, size_t errlen) {
+  if (regions) *regions = NULL;
+  if (n) *n = 0;
+  if (prefix && prefix_len) prefix[0] = '\0';
+  Convd__V1__ListRegionsRequest req = CONVD__V1__LIST_REGIONS_REQUEST__INIT;
+  Convd__V1__ListRegionsResponse *r = NULL;
+  int rc = unary_message(c, c->m_list_regions, &req.base, &convd__v1__list_regions_response__descriptor,
+                         (ProtobufCMessage **)&r, err, errlen);
+  if (rc) return rc;
+  const char *pfx = r->name_prefix ? r->name_prefix : "";
+  if (prefix && strlen(pfx) >= prefix_len) {
+    rc = convd_errf(err, errlen, CONVD_ERANGE, "the name prefix (%zu characters) does not fit %zu bytes",
+                    strlen(pfx), prefix_len);
+  } else if (regions) {
+    convd_client_region_info *out = calloc(r->n_regions ? r->n_regions : 1, sizeof *out);
+    if (out == NULL) {
+      rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+    } else {
+      for (size_t i = 0; i < r->n_regions; i++) {
+        snprintf(out[i].name, sizeof out[i].name, "%s", r->regions[i]->name ? r->regions[i]->name : "");
+        out[i].size = r->regions[i]->size;
+        out[i].in_use = r->regions[i]->in_use;
+      }
+      *regions = out;
+      if (n) *n = r->n_regions;
+    }
+  }
+  if (rc == 0 && prefix) snprintf(prefix, prefix_len, "%s", pfx);
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return rc;
+}
+
+struct convd_client_region {
+  char name[CONVD_CLIENT_REGION_NAME_MAX + 1];
+  void *data;
+  size_t size;
+};
+
+void *convd_client_region_data(const convd_client_region *r) { return r->data; }
+size_t convd_client_region_size(const convd_client_region *r) { return r->size; }
+const char *convd_client_region_name(const convd_client_region *r) { return r->name; }
+
+/* Random bytes for a name; the kernel's pool, which getrandom waits for only at early boot. */
+static int random_bytes(uint8_t *buf, size_t n) {
+  while (n) {
+    const ssize_t k = getrandom(buf, n, 0);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return -1;
+    buf += k, n -= (size_t)k;
+  }
+  return 0;
+}
+
+#define REGION_RANDOM_BYTES 8 /* 16 hex digits after the prefix */
+
+int convd_client_region_create(convd_client *c, size_t size, convd_client_region **out, char *err,
+                               size_t errlen) {
+  *out = NULL;
+  if (size == 0) return convd_errf(err, errlen, CONVD_EINVAL, "a region needs at least one byte");
+  if ((uint64_t)size > (uint64_t)INT64_MAX)
+    return convd_errf(err, errlen, CONVD_ERANGE, "a region of %zu bytes is too large", size);
+  char prefix[CONVD_CLIENT_REGION_NAME_MAX + 1];
+  int rc = convd_client_list_regions(c, NULL, NULL, prefix, sizeof prefix, err, errlen);
+  if (rc) return rc;
+  if (prefix[0] != '/' || strlen(prefix) + 2 * REGION_RANDOM_BYTES > CONVD_CLIENT_REGION_NAME_MAX)
+    return convd_errf(err, errlen, CONVD_EREMOTE, "the server's region name prefix \"%.40s\" leaves no room "
+                      "for a name", prefix);
+  convd_client_region *r = calloc(1, sizeof *r);
+  if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  int fd = -1;
+  /* A name taken already (EEXIST) is somebody else's object: another one is drawn. */
+  for (int attempt = 0; attempt < 8 && fd < 0; attempt++) {
+    uint8_t rnd[REGION_RANDOM_BYTES];
+    if (random_bytes(rnd, sizeof rnd)) {
+      rc = convd_errf(err, errlen, CONVD_EIO, "getrandom: %s", strerror(errno));
+      break;
+    }
+    size_t k = (size_t)snprintf(r->name, sizeof r->name, "%s", prefix);
+    for (size_t i = 0; i < sizeof rnd; i++) k += (size_t)snprintf(r->name + k, sizeof r->name - k, "%02x", rnd[i]);
+    fd = shm_open(r->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0660);
+    if (fd < 0 && errno != EEXIST) {
+      rc = convd_errf(err, errlen, errno == ENOMEM || errno == ENOSPC ? CONVD_ENOMEM : CONVD_EIO,
+                      "cannot create shared-memory object %s: %s", r->name, strerror(errno));
+      break;
+    }
+  }
+  if (fd < 0) {
+    if (rc == 0) rc = convd_errf(err, errlen, CONVD_EIO, "no free shared-memory object name after 8 tries");
+    free(r);
+    return rc;
+  }
+  /* The pages are allocated now, so that a full /dev/shm fails here and not as a SIGBUS when
+   * the region is written (tmpfs does allocate; elsewhere the object is only sized). */
+  int e = posix_fallocate(fd, 0, (off_t)size);
+  if (e == EOPNOTSUPP || e == EINVAL) e = ftruncate(fd, (off_t)size) ? errno : 0;
+  if (e) {
+    rc = convd_errf(err, errlen, e == ENOSPC || e == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
+                    "cannot make shared-memory object %s %zu bytes large: %s", r->name, size, strerror(e));
+  } else if ((r->data = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+    r->data = NULL;
+    rc = convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
+                    "cannot map shared-memory object %s (%zu bytes): %s", r->name, size, strerror(errno));
+  }
+  close(fd); /* the mapping keeps the object */
+  r->size = size;
+  uint64_t mapped = 0;
+  if (rc == 0 && (rc = convd_client_register_region(c, r->name, size, &mapped, err, errlen)) == 0 &&
+      mapped != size) {
+    rc = convd_errf(err, errlen, CONVD_EREMOTE, "the server mapped %" PRIu64 " bytes of region %s, not %zu",
+                    mapped, r->name, size);
+    char e2[8];
+    convd_client_unregister_region(c, r->name, e2, sizeof e2);
+  }
+  if (rc) {
+    if (r->data) munmap(r->data, size);
+    shm_unlink(r->name);
+    free(r);
+    return rc;
+  }
+  *out = r;
+  return 0;
+}
+
+int convd_client_region_destroy(convd_client *c, convd_client_region *r, char *err, size_t errlen) {
+  if (r == NULL) return 0;
+  int rc = c ? convd_client_unregister_region(c, r->name, err, errlen) : 0;
+  if (rc == CONVD_ENOTFOUND) rc = 0; /* the daemon no longer has it (it restarted, say) */
+  munmap(r->data, r->size);
+  if (shm_unlink(r->name) != 0 && errno != ENOENT && rc == 0)
+    rc = convd_errf(err, errlen, CONVD_EIO, "cannot unlink shared-memory object %s: %s", r->name, strerror(errno));
+  free(r);
+  return rc;
 }

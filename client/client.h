@@ -1,6 +1,7 @@
 /* libconvd_client: a convd client in C. Synchronous calls: each returns when its gRPC call has
- * ended. A client handle may be used by one thread at a time; use one per thread. Tensors are
- * float32, NCHW, in the caller's memory; nothing needs to fit in one gRPC message. With
+ * ended. A client handle may be used by one thread at a time (convd_client_cancel aside); use one
+ * per thread. Tensors are float32, NCHW, in the caller's memory (or, on the daemon's host, in
+ * shared memory: convd_client_conv2d_shm); nothing needs to fit in one gRPC message. With
  * p->dtype float16 or bfloat16 they travel narrowed (rounded to nearest even) and the output
  * comes back widened; p->allow_tf32 lets GPUs use TF32 on float32 tensors.
  *
@@ -150,6 +151,95 @@ int convd_client_list_devices(convd_client *c, convd_client_device **devs, size_
 
 /* grpc.health.v1 Check of service ("" = the server): *serving 1 for SERVING, else 0. */
 int convd_client_health(convd_client *c, const char *service, int *serving, char *err, size_t errlen);
+
+/* ---- same-host shared memory ----------------------------------------------------------------
+ * A client on the daemon's machine can keep tensors in POSIX shared memory instead of sending
+ * them (the daemon's RegisterRegion, ListRegions, UnregisterRegion; proto/convd/v1/convd.proto):
+ * it creates an object, registers it, and names byte ranges of it in a call. Clients on other
+ * machines cannot: the daemon opens the object by name on its own host. */
+
+#define CONVD_CLIENT_REGION_NAME_MAX 201 /* characters of a region's name, its leading '/' included */
+
+/* A region this library created (convd_client_region_create): a shared-memory object, mapped
+ * here read/write and registered with the daemon under its name. */
+typedef struct convd_client_region convd_client_region;
+
+/* Creates a region of size bytes (zero-filled) and registers it: asks the daemon for this
+ * caller's name prefix (ListRegions; "/convd-", or "/convd-TENANT-" under tokens), creates the
+ * object as the prefix plus 16 random hex digits (shm_open O_CREAT|O_EXCL, mode 0660 less the
+ * umask: a daemon running as another user needs to share the object's group), sizes and maps it,
+ * and registers it. On any failure nothing is left behind: no object in /dev/shm, no mapping, no
+ * registration. CONVD_CLIENT_ENOTSUP: the daemon serves no shared memory (--max-shm-bytes 0);
+ * CONVD_CLIENT_ELIMIT: over its --max-shm-bytes or the tenant's shm-bytes; CONVD_CLIENT_ENOTFOUND
+ * / _EINVAL from RegisterRegion: the daemon cannot open the object (another host, or a user
+ * that may not). */
+int convd_client_region_create(convd_client *c, size_t size, convd_client_region **out, char *err,
+                               size_t errlen);
+void *convd_client_region_data(const convd_client_region *r); /* size bytes, read/write */
+size_t convd_client_region_size(const convd_client_region *r);
+const char *convd_client_region_name(const convd_client_region *r); /* for convd_client_tensor_ref */
+/* Unregisters the region, unmaps it and unlinks its object, and frees r, whatever happens: the
+ * object is gone from /dev/shm when this returns. Returns the unregistration's error, if any
+ * (CONVD_CLIENT_EBUSY while a call of another client uses it; the daemon then keeps its mapping
+ * registered until it is unregistered by name); a region the daemon no longer has (it was
+ * restarted) counts as unregistered. c NULL: no unregistration, only the local clean-up. r NULL:
+ * a no-op. */
+int convd_client_region_destroy(convd_client *c, convd_client_region *r, char *err, size_t errlen);
+
+/* The daemon's calls themselves, for objects the caller manages. RegisterRegion: name as
+ * shm_open takes it, with the prefix ListRegions gives; size 0 = the whole object; *mapped (may
+ * be NULL) gets the bytes the daemon mapped. */
+int convd_client_register_region(convd_client *c, const char *name, uint64_t size, uint64_t *mapped,
+                                 char *err, size_t errlen);
+/* CONVD_CLIENT_ENOTFOUND: no such region of this caller's; CONVD_CLIENT_EBUSY: a call uses it. */
+int convd_client_unregister_region(convd_client *c, const char *name, char *err, size_t errlen);
+
+typedef struct convd_client_region_info {
+  char name[CONVD_CLIENT_REGION_NAME_MAX + 1];
+  uint64_t size;   /* bytes the daemon mapped */
+  uint32_t in_use; /* calls using it now */
+} convd_client_region_info;
+
+/* This caller's regions into a malloc'd array (free() it; regions NULL: not wanted) and the name
+ * prefix its regions must have into prefix (prefix_len bytes, NULL: not wanted; a prefix that
+ * does not fit is CONVD_CLIENT_ERANGE). */
+int convd_client_list_regions(convd_client *c, convd_client_region_info **regions, size_t *n,
+                              char *prefix, size_t prefix_len, char *err, size_t errlen);
+
+/* Where one tensor of convd_client_conv2d_shm lies. region NULL: not in shared memory (the
+ * call's pointer argument holds it, as float32, and it travels in messages as
+ * convd_client_conv2d sends it); else bytes from offset of the registered region of that name,
+ * as many as the tensor has (computed here from p), in the wire layout: NCHW (weights in their
+ * conv2d or conv_transpose2d layout), elements of p->dtype (float32, or the 2-byte float16 /
+ * bfloat16, little-endian). */
+typedef struct convd_client_tensor_ref {
+  const char *region;
+  uint64_t offset;
+} convd_client_tensor_ref;
+
+typedef struct convd_client_shm_refs {
+  convd_client_tensor_ref input, weight, bias, output; /* bias: only with p->has_bias */
+} convd_client_shm_refs;
+
+/* convd_client_conv2d with any of its tensors in shared memory (refs; NULL = none, which is
+ * convd_client_conv2d): a tensor in a region is not sent, and an output in a region does not
+ * come back in messages: the daemon writes it there and reports progress, and the call returns
+ * once every row is written. The pointer arguments of tensors in regions are ignored (may be
+ * NULL). The output range may not overlap an input range of the same region (the daemon
+ * refuses it, CONVD_CLIENT_EINVAL, as it does a range that leaves its region); an unknown
+ * region is CONVD_CLIENT_ENOTFOUND, a region whose object lost pages during the call (it was
+ * shrunk) CONVD_CLIENT_EDATALOSS. stats: as convd_client_conv2d's, the byte counts being the
+ * server's summary's; first_output_seconds is when the first rows were final in an output
+ * region. */
+int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *p,
+                            const convd_client_shm_refs *refs, const float *x, const float *w,
+                            const float *b, float *y, convd_client_stats *stats, char *err,
+                            size_t errlen);
+
+/* Ends the call in progress on c, if any, with CONVD_CLIENT_ECANCELED; when none is in progress
+ * it does nothing. The one function that may be called from another thread while c is in use
+ * (a thread that waits for signals, say); never from a signal handler. */
+void convd_client_cancel(convd_client *c);
 
 /* The gRPC status code of this client's last failed call (0 when it succeeded), for callers
  * that want to tell e.g. UNIMPLEMENTED from INVALID_ARGUMENT exactly. */
