@@ -1,26 +1,37 @@
 /* convctl: the command-line client, on libconvd_client's public interface (client.h); `plan`
- * alone uses the engine's planner in-process.
+ * alone uses the engine's planner in-process, and `conv --shm` the engine's dtype conversions.
  *   convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]
  *                [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]
- *                --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]
+ *                --output Y.npy [--unary | --shm] [--chunk-bytes N] [--timeout SECONDS]
  *   convctl devices --server HOST:PORT
  *   convctl --version
  * Every command that talks to a server also takes --tls-ca FILE [--tls-cert FILE --tls-key FILE]
  * [--tls-server-name NAME] and --token-file FILE (or CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY,
  * CONVD_TLS_SERVER_NAME, CONVD_TOKEN in the environment).
- * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage. */
+ * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage; `conv
+ * --shm` interrupted by SIGINT or SIGTERM: 128 + the signal, once its regions are removed.
+ *
+ * Threads: one, except under `conv --shm`, where a second waits for SIGINT/SIGTERM (blocked in
+ * every other thread, gRPC's included) and cancels the call in progress so that the main thread
+ * removes the regions; shm_run's mutex guards what they share. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
 #include "client_params.h"
 #include "convd_version.h"
+#include "dtype.h"
 #include "npy.h"
 #include "plan.h"
 
@@ -29,7 +40,7 @@ static void usage(FILE *f) {
           "usage:\n"
           "  convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]\n"
           "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
-          "               --output Y.npy [--unary] [--chunk-bytes N] [--timeout SECONDS]\n"
+          "               --output Y.npy [--unary | --shm] [--chunk-bytes N] [--timeout SECONDS]\n"
           "               [--dtype float32|float16|bfloat16] [--tf32]\n"
           "  convctl conv-transpose (the options of conv) [--output-padding OH,OW]\n"
           "               weights (C_in, C_out/groups, kH, kW), as PyTorch's conv_transpose2d\n"
@@ -46,6 +57,12 @@ static void usage(FILE *f) {
           "--dtype float16/bfloat16 sends them rounded to that type and returns its output\n"
           "(written as float32); --tf32 lets GPUs use TF32 on float32 tensors.\n"
           "--padding takes one value, two (H,W) or four (top,bottom,left,right).\n"
+          "--shm: the daemon must run on this host. The tensors go through a POSIX shared-memory\n"
+          "region that convctl creates and registers (RegisterRegion) instead of the socket: the\n"
+          "input, weight and bias files are copied into it from their mappings, the daemon\n"
+          "reads them there and writes the output there, and convctl copies the output into\n"
+          "the output file. The region is removed at the end, also on an error, SIGINT or\n"
+          "SIGTERM (which cancel the call; exit 128 + the signal).\n"
           "\n"
           "Connecting (conv, conv-transpose, devices, health):\n"
           "  --tls-ca FILE         TLS: the CA (PEM) that signed the server's certificate\n"
@@ -78,7 +95,7 @@ typedef struct args {
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
   const char *dtype, *service, *output_padding;
   const char *tls_ca, *tls_cert, *tls_key, *tls_server_name, *token_file;
-  int unary, tf32;
+  int unary, tf32, shm;
 } args;
 
 static int parse_args(int argc, char **argv, args *a) {
@@ -102,6 +119,10 @@ static int parse_args(int argc, char **argv, args *a) {
     }
     if (strcmp(argv[i], "--tf32") == 0) {
       a->tf32 = 1;
+      continue;
+    }
+    if (strcmp(argv[i], "--shm") == 0) {
+      a->shm = 1;
       continue;
     }
     if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -229,10 +250,6 @@ static int load_npy_f32(const char *what, const char *path, int ndim, int header
   return 0;
 }
 
-static int load_f32(const char *what, const char *path, int ndim, convd_npy *a) {
-  return load_npy_f32(what, path, ndim, 0, a);
-}
-
 /* The conv command's tensors in files, read and written band by band (convd_client_io), so
  * convctl holds one chunk of each, never the tensors. */
 typedef struct file_io {
@@ -341,6 +358,246 @@ static int cmd_plan(const args *a) {
   return 0;
 }
 
+/* ---- conv --shm -------------------------------------------------------------------------- */
+
+/* What the main thread and the signal thread share (mu guards c, region and cleaning). */
+typedef struct shm_run {
+  pthread_mutex_t mu;
+  sigset_t signals;       /* SIGINT, SIGTERM: blocked everywhere, taken by the signal thread */
+  convd_client *c;        /* NULL until made, and again once the main thread is done with it */
+  char region[CONVD_CLIENT_REGION_NAME_MAX + 1]; /* its region's name, "" until it has one */
+  const char *partial;    /* the output being written */
+  int cleaning;           /* the main thread is removing what it made: cancel nothing more */
+  atomic_int interrupted; /* the first signal, 0 for none */
+} shm_run;
+
+/* The signal thread. The first signal unlinks the region's object at once (the mappings, the
+ * daemon's and convctl's, stay valid) and cancels every call the main thread makes until it
+ * starts cleaning up, so that it returns and unregisters the region; a second signal ends
+ * convctl there and then. */
+static void *signal_main(void *arg) {
+  shm_run *r = arg;
+  for (;;) {
+    const int first = atomic_load(&r->interrupted);
+    const struct timespec tick = {0, 20 * 1000 * 1000};
+    const int sig = first ? sigtimedwait(&r->signals, NULL, &tick) : sigwaitinfo(&r->signals, NULL);
+    pthread_mutex_lock(&r->mu);
+    if (sig > 0) {
+      if (r->region[0]) shm_unlink(r->region);
+      if (first) { /* the second one */
+        unlink(r->partial);
+        _exit(128 + first);
+      }
+      atomic_store(&r->interrupted, sig);
+    }
+    if (atomic_load(&r->interrupted) && !r->cleaning && r->c) convd_client_cancel(r->c);
+    pthread_mutex_unlock(&r->mu);
+  }
+  return NULL;
+}
+
+/* Maps a whole file read-only; NULL when it does not map (the caller reads it instead). */
+static const uint8_t *map_file(int fd, size_t need, size_t *mapped) {
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < need || need == 0)
+    return NULL;
+  void *m = mmap(NULL, need, PROT_READ, MAP_SHARED, fd, 0);
+  if (m == MAP_FAILED) return NULL;
+  madvise(m, need, MADV_SEQUENTIAL);
+  *mapped = need;
+  return m;
+}
+
+/* A float32 .npy's data (count elements from data_offset) into dst in the wire's dtype: straight
+ * from a mapping of the file (npy.h's reader takes only little-endian float32 C order here, the
+ * layout of the wire's float32, so a copy or a narrowing is all it takes), else read. */
+static int npy_into_region(const char *path, long data_offset, size_t count, int dtype, uint8_t *dst) {
+  const size_t bytes = count * sizeof(float), wire = dtype == CONVD_CLIENT_FLOAT32 ? 4 : 2;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    fprintf(stderr, "convctl: %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  size_t mapped = 0;
+  const uint8_t *m = map_file(fd, (size_t)data_offset + bytes, &mapped);
+  int rc = 0;
+  if (m) {
+    if (dtype == CONVD_CLIENT_FLOAT32) memcpy(dst, m + data_offset, bytes);
+    else convd_dtype_encode(dtype, (const float *)(const void *)(m + data_offset), dst, count);
+    munmap((void *)m, mapped);
+  } else { /* read: float32 straight into the region, half types through a small buffer */
+    enum { STEP = 1 << 16 }; /* elements */
+    float *buf = dtype == CONVD_CLIENT_FLOAT32 ? NULL : malloc(STEP * sizeof(float));
+    for (size_t done = 0; done < count && rc == 0;) {
+      const size_t n = count - done < STEP ? count - done : STEP;
+      uint8_t *to = buf ? (uint8_t *)buf : dst + done * wire;
+      if (dtype != CONVD_CLIENT_FLOAT32 && buf == NULL) rc = -1;
+      for (size_t got = 0; rc == 0 && got < n * sizeof(float);) {
+        const ssize_t k = pread(fd, to + got, n * sizeof(float) - got,
+                                (off_t)data_offset + (off_t)((done * sizeof(float)) + got));
+        if (k <= 0) rc = -1;
+        else got += (size_t)k;
+      }
+      if (rc == 0 && buf) convd_dtype_encode(dtype, buf, dst + done * wire, n);
+      done += n;
+    }
+    free(buf);
+    if (rc) fprintf(stderr, "convctl: %s: cannot read it: %s\n", path, errno ? strerror(errno) : "short file");
+  }
+  close(fd);
+  return rc;
+}
+
+/* The output from the region into the output file (fd open for writing, data at base): through
+ * a mapping of the file where its room is allocated (a mapped write past a full disk would be
+ * a SIGBUS, not an error), else written. */
+static int region_into_npy(const char *path, int fd, long base, const uint8_t *src, size_t count,
+                           int dtype) {
+  const size_t bytes = count * sizeof(float);
+  int rw = open(path, O_RDWR | O_CLOEXEC);
+  if (rw >= 0 && posix_fallocate(rw, 0, (off_t)base + (off_t)bytes) == 0) {
+    void *m = mmap(NULL, (size_t)base + bytes, PROT_READ | PROT_WRITE, MAP_SHARED, rw, 0);
+    if (m != MAP_FAILED) {
+      float *dst = (float *)(void *)((uint8_t *)m + base);
+      if (dtype == CONVD_CLIENT_FLOAT32) memcpy(dst, src, bytes);
+      else convd_dtype_decode(dtype, src, dst, count);
+      const int bad = munmap(m, (size_t)base + bytes) != 0;
+      close(rw);
+      if (bad) fprintf(stderr, "convctl: %s: %s\n", path, strerror(errno));
+      return bad ? -1 : 0;
+    }
+  }
+  if (rw >= 0) close(rw);
+  enum { STEP = 1 << 16 };
+  float *buf = dtype == CONVD_CLIENT_FLOAT32 ? NULL : malloc(STEP * sizeof(float));
+  const size_t wire = dtype == CONVD_CLIENT_FLOAT32 ? 4 : 2;
+  for (size_t done = 0; done < count;) {
+    const size_t n = count - done < STEP ? count - done : STEP;
+    const uint8_t *from = src + done * wire;
+    if (dtype != CONVD_CLIENT_FLOAT32) {
+      if (buf == NULL) {
+        fprintf(stderr, "convctl: out of memory writing %s\n", path);
+        return -1;
+      }
+      convd_dtype_decode(dtype, from, buf, n);
+      from = (const uint8_t *)buf;
+    }
+    for (size_t put = 0; put < n * sizeof(float);) {
+      const ssize_t k = pwrite(fd, from + put, n * sizeof(float) - put,
+                               (off_t)base + (off_t)(done * sizeof(float) + put));
+      if (k <= 0) {
+        fprintf(stderr, "convctl: %s: %s\n", path, strerror(errno));
+        free(buf);
+        return -1;
+      }
+      put += (size_t)k;
+    }
+    done += n;
+  }
+  free(buf);
+  return 0;
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* `conv --shm`: one region holds the input, weight, bias and output (64-byte aligned, the output
+ * after the rest); x, w and b are the files' headers. Returns the exit status. */
+static int conv_shm(const args *a, const convd_client_conv_params *p, const convd_npy *x,
+                    const convd_npy *w, const convd_npy *b, const int64_t out_shape[4],
+                    const char *partial) {
+  static shm_run run = {.mu = PTHREAD_MUTEX_INITIALIZER};
+  run.partial = partial;
+  sigemptyset(&run.signals);
+  sigaddset(&run.signals, SIGINT);
+  sigaddset(&run.signals, SIGTERM);
+  /* Before gRPC starts its threads, which inherit the mask: only the signal thread takes them. */
+  pthread_sigmask(SIG_BLOCK, &run.signals, NULL);
+  pthread_t th;
+  if (pthread_create(&th, NULL, signal_main, &run) != 0) {
+    fprintf(stderr, "convctl: cannot start a thread\n");
+    return 1;
+  }
+  pthread_detach(th);
+
+  const size_t wire = p->dtype == CONVD_CLIENT_FLOAT32 ? 4 : 2;
+  const size_t out_count = (size_t)(out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]);
+  const size_t off_w = align64(x->count * wire), off_b = align64(off_w + w->count * wire);
+  const size_t off_y = align64(off_b + (p->has_bias ? b->count * wire : 0));
+  const size_t total = off_y + out_count * wire;
+  char err[1024];
+  int rc = 1, out_fd = -1, committed = 0;
+  long out_base = 0;
+  convd_client *c = NULL;
+  convd_client_region *reg = NULL;
+  if ((rc = client_from_args(a, &c))) goto done;
+  rc = 1;
+  pthread_mutex_lock(&run.mu);
+  run.c = c;
+  pthread_mutex_unlock(&run.mu);
+  if (convd_client_region_create(c, total, &reg, err, sizeof err)) {
+    fprintf(stderr, "convctl: --shm: %s\n", err);
+    goto done;
+  }
+  pthread_mutex_lock(&run.mu);
+  snprintf(run.region, sizeof run.region, "%s", convd_client_region_name(reg));
+  if (atomic_load(&run.interrupted)) shm_unlink(run.region); /* the signal came before the name */
+  pthread_mutex_unlock(&run.mu);
+  uint8_t *base = convd_client_region_data(reg);
+  if (npy_into_region(a->input, x->data_offset, x->count, p->dtype, base) ||
+      npy_into_region(a->weight, w->data_offset, w->count, p->dtype, base + off_w) ||
+      (p->has_bias && npy_into_region(a->bias, b->data_offset, b->count, p->dtype, base + off_b)))
+    goto done;
+  /* The output file is ready, with its room, before the call. */
+  if ((out_fd = convd_npy_create_f32(partial, out_shape, 4, &out_base, err, sizeof err)) < 0) {
+    fprintf(stderr, "convctl: %s\n", err);
+    goto done;
+  }
+  if (atomic_load(&run.interrupted)) goto done;
+  const char *name = convd_client_region_name(reg);
+  const convd_client_shm_refs refs = {.input = {name, 0},
+                                      .weight = {name, off_w},
+                                      .bias = {p->has_bias ? name : NULL, off_b},
+                                      .output = {name, off_y}};
+  convd_client_stats st;
+  if (convd_client_conv2d_shm(c, p, &refs, NULL, NULL, NULL, NULL, &st, err, sizeof err)) {
+    if (!atomic_load(&run.interrupted)) fprintf(stderr, "convctl: %s\n", err);
+    goto done;
+  }
+  if (region_into_npy(partial, out_fd, out_base, base + off_y, out_count, p->dtype)) goto done;
+  const int closed = close(out_fd);
+  out_fd = -1;
+  if (atomic_load(&run.interrupted)) goto done;
+  if (closed != 0 || rename(partial, a->output) != 0) {
+    fprintf(stderr, "convctl: %s: %s\n", a->output, strerror(errno));
+    goto done;
+  }
+  committed = 1;
+  printf("output %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+         " written to %s (server: %.3f s elapsed, %.3f s compute, %" PRIu64 " op%s)\n",
+         st.output_shape[0], st.output_shape[1], st.output_shape[2], st.output_shape[3], a->output,
+         st.elapsed_seconds, st.compute_seconds, st.ops_run, st.ops_run == 1 ? "" : "s");
+  rc = 0;
+done:
+  pthread_mutex_lock(&run.mu);
+  run.cleaning = 1; /* from here no call is cancelled: the region's unregistration must go */
+  pthread_mutex_unlock(&run.mu);
+  if (reg && convd_client_region_destroy(c, reg, err, sizeof err))
+    fprintf(stderr, "convctl: warning: removing region %s: %s\n", run.region, err);
+  if (out_fd >= 0) close(out_fd);
+  if (!committed) unlink(partial);
+  pthread_mutex_lock(&run.mu);
+  run.c = NULL;
+  pthread_mutex_unlock(&run.mu);
+  convd_client_destroy(c);
+  const int sig = atomic_load(&run.interrupted);
+  if (sig && !committed) {
+    fprintf(stderr, "convctl: interrupted (%s): the call was cancelled and its region removed\n",
+            sig == SIGINT ? "SIGINT" : "SIGTERM");
+    return 128 + sig;
+  }
+  return rc;
+}
+
 static int cmd_conv(const args *a, int transposed) {
   if (!a->input || !a->weight || !a->output) {
     fprintf(stderr, "convctl conv: --input, --weight and --output are required\n");
@@ -368,9 +625,16 @@ static int cmd_conv(const args *a, int transposed) {
   snprintf(partial, sizeof partial, "%s.partial-%ld", a->output, (long)getpid());
   /* Float32 streaming calls read the input from its file and write the output to its file as
    * the bands go; unary and half-type calls hold the tensors. */
-  const int in_place = !a->unary && p.dtype == CONVD_CLIENT_FLOAT32;
-  if (load_npy_f32("input", a->input, 4, in_place, &x) || load_f32("weight", a->weight, 4, &w) ||
-      (a->bias && load_f32("bias", a->bias, 1, &b)))
+  const int in_place = !a->unary && !a->shm && p.dtype == CONVD_CLIENT_FLOAT32;
+  if (a->shm && a->unary) {
+    fprintf(stderr, "convctl: --shm and --unary do not go together: shared memory is served on the "
+                    "streaming call\n");
+    goto out;
+  }
+  /* --shm: the files are copied into the region from their mappings, so only headers here */
+  if (load_npy_f32("input", a->input, 4, in_place || a->shm, &x) ||
+      load_npy_f32("weight", a->weight, 4, a->shm, &w) ||
+      (a->bias && load_npy_f32("bias", a->bias, 1, a->shm, &b)))
     goto out;
   p.n = x.shape[0], p.c_in = x.shape[1], p.h = x.shape[2], p.w = x.shape[3];
   if (transposed) /* weights (C_in, C_out/groups, kH, kW) */
@@ -397,6 +661,10 @@ static int cmd_conv(const args *a, int transposed) {
   /* the check above has made sure the output's byte count fits a size_t */
   const size_t out_bytes =
       (size_t)(out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]) * sizeof(float);
+  if (a->shm) {
+    rc = conv_shm(a, &p, &x, &w, &b, out_shape, partial);
+    goto out;
+  }
   if (in_place) {
     /* Both files are ready, and the output has its room, before anything is sent. */
     if ((fio.fd[0] = open(a->input, O_RDONLY)) < 0) {
