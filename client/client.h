@@ -180,9 +180,10 @@ size_t convd_client_region_size(const convd_client_region *r);
 const char *convd_client_region_name(const convd_client_region *r); /* for convd_client_tensor_ref */
 /* Unregisters the region, unmaps it and unlinks its object, and frees r, whatever happens: the
  * object is gone from /dev/shm when this returns. Returns the unregistration's error, if any
- * (CONVD_CLIENT_EBUSY while a call of another client uses it; the daemon then keeps its mapping
- * registered until it is unregistered by name); a region the daemon no longer has (it was
- * restarted) counts as unregistered. c NULL: no unregistration, only the local clean-up. r NULL:
+ * (CONVD_CLIENT_EBUSY while a call uses it: another client's, or for a moment one that this side
+ * ended, by convd_client_cancel, a deadline or a malformed answer, until the daemon's copies for
+ * it stop; the daemon then keeps its mapping registered until the name is unregistered); a region
+ * the daemon no longer has (it was restarted) counts as unregistered. c NULL: no unregistration, only the local clean-up. r NULL:
  * a no-op. */
 int convd_client_region_destroy(convd_client *c, convd_client_region *r, char *err, size_t errlen);
 

@@ -581,7 +581,17 @@ done:
   pthread_mutex_lock(&run.mu);
   run.cleaning = 1; /* from here no call is cancelled: the region's unregistration must go */
   pthread_mutex_unlock(&run.mu);
-  if (reg && convd_client_region_destroy(c, reg, err, sizeof err))
+  /* A call this side ended (SIGINT's cancel, a deadline) may hold the region on the daemon a
+   * moment longer, until its copies there stop: unregistering waits for that, a few seconds at
+   * most. */
+  int urc = CONVD_CLIENT_EBUSY;
+  for (double waited = 0; reg && urc == CONVD_CLIENT_EBUSY && waited < 5; waited += 0.02) {
+    if (waited > 0) nanosleep(&(struct timespec){0, 20 * 1000 * 1000}, NULL);
+    urc = convd_client_unregister_region(c, convd_client_region_name(reg), err, sizeof err);
+  }
+  if (reg && urc && urc != CONVD_CLIENT_ENOTFOUND)
+    fprintf(stderr, "convctl: warning: the daemon keeps region %s registered: %s\n", run.region, err);
+  if (reg && convd_client_region_destroy(NULL, reg, err, sizeof err)) /* unmapped and unlinked */
     fprintf(stderr, "convctl: warning: removing region %s: %s\n", run.region, err);
   if (out_fd >= 0) close(out_fd);
   if (!committed) unlink(partial);
