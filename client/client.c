@@ -1219,13 +1219,15 @@ int convd_client_region_create(convd_client *c, size_t size, convd_client_region
     return rc;
   }
   /* The pages are allocated now, so that a full /dev/shm fails here and not as a SIGBUS when
-   * the region is written (tmpfs does allocate; elsewhere the object is only sized). */
+   * the region is written (tmpfs does allocate; elsewhere the object is only sized), and mapped
+   * at once (MAP_POPULATE): a first touch page by page costs a fault each, which made filling a
+   * fresh 64 MiB region take twice as long. */
   int e = posix_fallocate(fd, 0, (off_t)size);
   if (e == EOPNOTSUPP || e == EINVAL) e = ftruncate(fd, (off_t)size) ? errno : 0;
   if (e) {
     rc = convd_errf(err, errlen, e == ENOSPC || e == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
                     "cannot make shared-memory object %s %zu bytes large: %s", r->name, size, strerror(e));
-  } else if ((r->data = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+  } else if ((r->data = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)) == MAP_FAILED) {
     r->data = NULL;
     rc = convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
                     "cannot map shared-memory object %s (%zu bytes): %s", r->name, size, strerror(errno));

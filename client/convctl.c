@@ -401,9 +401,8 @@ static const uint8_t *map_file(int fd, size_t need, size_t *mapped) {
   struct stat st;
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < need || need == 0)
     return NULL;
-  void *m = mmap(NULL, need, PROT_READ, MAP_SHARED, fd, 0);
+  void *m = mmap(NULL, need, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0); /* no fault per page */
   if (m == MAP_FAILED) return NULL;
-  madvise(m, need, MADV_SEQUENTIAL);
   *mapped = need;
   return m;
 }
@@ -448,37 +447,25 @@ static int npy_into_region(const char *path, long data_offset, size_t count, int
   return rc;
 }
 
-/* The output from the region into the output file (fd open for writing, data at base): through
- * a mapping of the file where its room is allocated (a mapped write past a full disk would be
- * a SIGBUS, not an error), else written. */
+/* The output from the region into the output file (fd open for writing, data at base), written
+ * straight from the region (float32; the half types widened through a small buffer). Not
+ * through a mapping of the file: for 64 MiB that took 0.5-0.6 s against 0.2 s for pwrite (a
+ * write fault per page), and a mapped write past a full disk is a SIGBUS, not an error. */
 static int region_into_npy(const char *path, int fd, long base, const uint8_t *src, size_t count,
                            int dtype) {
-  const size_t bytes = count * sizeof(float);
-  int rw = open(path, O_RDWR | O_CLOEXEC);
-  if (rw >= 0 && posix_fallocate(rw, 0, (off_t)base + (off_t)bytes) == 0) {
-    void *m = mmap(NULL, (size_t)base + bytes, PROT_READ | PROT_WRITE, MAP_SHARED, rw, 0);
-    if (m != MAP_FAILED) {
-      float *dst = (float *)(void *)((uint8_t *)m + base);
-      if (dtype == CONVD_CLIENT_FLOAT32) memcpy(dst, src, bytes);
-      else convd_dtype_decode(dtype, src, dst, count);
-      const int bad = munmap(m, (size_t)base + bytes) != 0;
-      close(rw);
-      if (bad) fprintf(stderr, "convctl: %s: %s\n", path, strerror(errno));
-      return bad ? -1 : 0;
-    }
-  }
-  if (rw >= 0) close(rw);
-  enum { STEP = 1 << 16 };
+  enum { STEP = 1 << 16 }; /* elements */
   float *buf = dtype == CONVD_CLIENT_FLOAT32 ? NULL : malloc(STEP * sizeof(float));
+  if (dtype != CONVD_CLIENT_FLOAT32 && buf == NULL) {
+    fprintf(stderr, "convctl: out of memory writing %s\n", path);
+    return -1;
+  }
   const size_t wire = dtype == CONVD_CLIENT_FLOAT32 ? 4 : 2;
-  for (size_t done = 0; done < count;) {
-    const size_t n = count - done < STEP ? count - done : STEP;
+  const size_t step = buf ? STEP : count; /* float32: one write (the kernel loops) */
+  int rc = 0;
+  for (size_t done = 0; done < count && rc == 0;) {
+    const size_t n = count - done < step ? count - done : step;
     const uint8_t *from = src + done * wire;
-    if (dtype != CONVD_CLIENT_FLOAT32) {
-      if (buf == NULL) {
-        fprintf(stderr, "convctl: out of memory writing %s\n", path);
-        return -1;
-      }
+    if (buf) {
       convd_dtype_decode(dtype, from, buf, n);
       from = (const uint8_t *)buf;
     }
@@ -486,16 +473,16 @@ static int region_into_npy(const char *path, int fd, long base, const uint8_t *s
       const ssize_t k = pwrite(fd, from + put, n * sizeof(float) - put,
                                (off_t)base + (off_t)(done * sizeof(float) + put));
       if (k <= 0) {
-        fprintf(stderr, "convctl: %s: %s\n", path, strerror(errno));
-        free(buf);
-        return -1;
+        fprintf(stderr, "convctl: %s: %s\n", path, k < 0 ? strerror(errno) : "short write");
+        rc = -1;
+        break;
       }
       put += (size_t)k;
     }
     done += n;
   }
   free(buf);
-  return 0;
+  return rc;
 }
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
