@@ -359,6 +359,8 @@ void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
   g->serving = atomic_load(&r->serving) && !atomic_load(&r->health_draining);
   g->auth = r->auth != NULL;
   g->auth_refused = convd_auth_refused_total(r->auth);
+  g->shm = r->shm != NULL;
+  if (r->shm) convd_shm_totals(r->shm, &g->shm_regions, &g->shm_bytes);
 }
 
 convd_registry *convd_rpc_registry(convd_rpc *r) { return r->registry; }
