@@ -243,6 +243,7 @@ static void rpc_free(convd_rpc *r) {
     free(t);
   }
   convd_offload_destroy(r->offload);
+  convd_offload_destroy(r->copier);
   convd_registry_destroy(r->registry);
   convd_shm_destroy(r->shm);
   pthread_mutex_destroy(&r->mu);
@@ -268,7 +269,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   atomic_init(&r->health_draining, 0);
   atomic_init(&r->inflight_bytes, 0);
   pthread_mutex_init(&r->mu, NULL);
-  if ((r->offload = convd_offload_create()) == NULL) {
+  if ((r->offload = convd_offload_create()) == NULL || (r->copier = convd_offload_create()) == NULL) {
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the offload thread");
   }
@@ -383,13 +384,17 @@ void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
   fire_when_due(r);
 }
 
-int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call)) {
+static int post_call(convd_offload *o, convd_call *c, void (*fn)(void *call)) {
   convd_call_ref_locked(c);
-  if (convd_offload_post(c->rpc->offload, fn, c) == 0) return 0;
+  if (convd_offload_post(o, fn, c) == 0) return 0;
   c->refs--; /* the running handler still holds its own ref */
   convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
   return -1;
 }
+
+int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call)) { return post_call(c->rpc->offload, c, fn); }
+
+int convd_rpc_copier_call(convd_call *c, void (*fn)(void *call)) { return post_call(c->rpc->copier, c, fn); }
 
 static void expire_idle(convd_call *c, void *user) {
   const double *a = user;
@@ -425,6 +430,8 @@ void convd_rpc_destroy(convd_rpc *r) {
   if (r->thread_started) pthread_join(r->thread, NULL);
   convd_offload_destroy(r->offload); /* runs what is left: those calls' answers fail, they end */
   r->offload = NULL;
+  convd_offload_destroy(r->copier);
+  r->copier = NULL;
   grpc_server_destroy(r->server);
   grpc_completion_queue_destroy(r->cq);
   rpc_free(r);

@@ -7,8 +7,9 @@
  *
  * Threads: the handlers run on the completion-queue thread with the call's mutex held; work
  * that grows with a tensor (a streamed call's job, its large weights, a Conv2dUnary message over
- * UNARY_INLINE_BYTES) runs on the offload thread (offload.h), under the mutex where it touches
- * shared fields. The job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
+ * UNARY_INLINE_BYTES, copies from shared-memory regions) runs on the offload thread (offload.h),
+ * copies into output regions on the copier thread, under the mutex where they touch shared
+ * fields. The job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
  * they take the call's mutex, so every field of conv_call is guarded by it. The job holds a ref
  * on the call until on_job_done. */
 #include <inttypes.h>
@@ -400,7 +401,7 @@ static void write_task(void *arg);
 static void start_write(convd_call *c, conv_call *k) {
   if (k->writing || k->ready_len == 0 || c->status_set) return;
   k->writing = 1;
-  if (convd_rpc_offload_call(c, write_task)) k->writing = 0;
+  if (convd_rpc_copier_call(c, write_task)) k->writing = 0;
 }
 
 /* Final output rows [h0, h1) of item n into the output region: each channel's rows are one
