@@ -283,6 +283,27 @@ static int add_port(convd_rpc *r, const char *addr, int *port, convd_unix_socket
   return path ? convd_unix_adopt(sock, path, r->cfg->unix_socket_mode, err, errlen) : 0;
 }
 
+/* Every --listen address, in order, on the server not yet started. On failure (the error of
+ * the address that failed) the server is shut down, ready to be destroyed: gRPC asserts that a
+ * server with listeners is, started or not. */
+static int add_ports(convd_rpc *r, int ports[CONVD_LISTEN_MAX],
+                     convd_unix_socket socks[CONVD_LISTEN_MAX], char *err, size_t errlen) {
+  int rc = 0, added = 0;
+  for (int i = 0; rc == 0 && i < r->cfg->listen.n; i++)
+    if ((rc = add_port(r, r->cfg->listen.addr[i], &ports[i], &socks[i], err, errlen)) == 0 ||
+        ports[i] != 0)
+      added++;
+  if (rc && added) {
+    /* No call was requested yet: the shutdown's tag is all the queue can hold. */
+    grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
+    for (;;) {
+      grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+      if (ev.type != GRPC_OP_COMPLETE || ev.tag == &r->t_shutdown) break;
+    }
+  }
+  return rc;
+}
+
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
                     const convd_rpc_security *sec, convd_rpc **out, int ports[CONVD_LISTEN_MAX],
                     convd_unix_socket socks[CONVD_LISTEN_MAX], char *err, size_t errlen) {
@@ -339,26 +360,13 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
                                           : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
           0);
 
-  int rc = 0, added = 0;
-  for (int i = 0; rc == 0 && i < cfg->listen.n; i++)
-    if ((rc = add_port(r, cfg->listen.addr[i], &ports[i], &socks[i], err, errlen)) == 0 ||
-        ports[i] != 0)
-      added++;
-  if (rc) {
-    /* gRPC asserts that a server with listeners is shut down before it is destroyed, started
-     * or not; no call was requested yet, so the shutdown's tag is all the queue can hold. */
-    if (added) {
-      grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
-      for (;;) {
-        grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        if (ev.type != GRPC_OP_COMPLETE || ev.tag == &r->t_shutdown) break;
-      }
-    }
+  const int bind_err = add_ports(r, ports, socks, err, errlen);
+  if (bind_err) {
     grpc_server_destroy(r->server);
     grpc_completion_queue_shutdown(r->cq);
     grpc_completion_queue_destroy(r->cq);
     rpc_free(r);
-    return rc;
+    return bind_err;
   }
   grpc_server_start(r->server);
   for (size_t k = 0; k < convd_methods_count; k++)
