@@ -73,7 +73,7 @@ typedef struct convd_client_opts {
   const char *tls_key_file;  /* ... and its private key; both or neither, with tls_ca_file */
   const char *tls_server_name; /* the name the server's certificate must carry, when it is not
                                   target's host (target an IP, the certificate a DNS name);
-                                  NULL = target's host */
+                                  NULL = target's host ("localhost" for a unix: target) */
   const char *token;         /* sent with every call as `authorization: Bearer TOKEN`; NULL =
                                 none. Over plaintext it travels in the clear: use TLS beyond
                                 loopback */
@@ -102,7 +102,8 @@ typedef struct convd_client_device {
   } stats;
 } convd_client_device;
 
-/* target: "HOST:PORT". Does not connect yet; the first call does. opts may be NULL (all
+/* target: "HOST:PORT", or "unix:/path/to/convd.sock" for a daemon's Unix socket on this host
+ * (gRPC resolves either). Does not connect yet; the first call does. opts may be NULL (all
  * defaults). Unreadable TLS files, or a certificate without its key, fail here with
  * CONVD_CLIENT_EINVAL / _EIO naming the file. A server that refuses the connection (TLS where
  * the client speaks plaintext, a certificate it does not trust) makes calls fail with

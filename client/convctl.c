@@ -1,9 +1,10 @@
 /* convctl: the command-line client, on libconvd_client's public interface (client.h); `plan`
  * alone uses the engine's planner in-process, and `conv --shm` the engine's dtype conversions.
- *   convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]
+ *   convctl conv --server ADDR --input X.npy --weight W.npy [--bias B.npy]
  *                [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]
  *                --output Y.npy [--unary | --shm] [--chunk-bytes N] [--timeout SECONDS]
- *   convctl devices --server HOST:PORT
+ *   convctl devices --server ADDR
+ * ADDR is HOST:PORT or unix:/path/to/convd.sock (a daemon's Unix socket on this host).
  *   convctl --version
  * Every command that talks to a server also takes --tls-ca FILE [--tls-cert FILE --tls-key FILE]
  * [--tls-server-name NAME] and --token-file FILE (or CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY,
@@ -38,14 +39,14 @@
 static void usage(FILE *f) {
   fprintf(f,
           "usage:\n"
-          "  convctl conv --server HOST:PORT --input X.npy --weight W.npy [--bias B.npy]\n"
+          "  convctl conv --server ADDR --input X.npy --weight W.npy [--bias B.npy]\n"
           "               [--stride SH,SW] [--padding T,B,L,R] [--dilation DH,DW] [--groups G]\n"
           "               --output Y.npy [--unary | --shm] [--chunk-bytes N] [--timeout SECONDS]\n"
           "               [--dtype float32|float16|bfloat16] [--tf32]\n"
           "  convctl conv-transpose (the options of conv) [--output-padding OH,OW]\n"
           "               weights (C_in, C_out/groups, kH, kW), as PyTorch's conv_transpose2d\n"
-          "  convctl devices --server HOST:PORT [--timeout SECONDS]\n"
-          "  convctl health --server HOST:PORT [--service NAME] [--timeout SECONDS]\n"
+          "  convctl devices --server ADDR [--timeout SECONDS]\n"
+          "  convctl health --server ADDR [--service NAME] [--timeout SECONDS]\n"
           "               (exit 0 when SERVING: for container health checks)\n"
           "  convctl plan --input N,C,H,W --weight C_out,C_in/groups,kH,kW [--stride SH,SW]\n"
           "               [--padding T,B,L,R] [--dilation DH,DW] [--groups G] [--devices K]\n"
@@ -64,11 +65,12 @@ static void usage(FILE *f) {
           "the output file. The region is removed at the end, also on an error, SIGINT or\n"
           "SIGTERM (which cancel the call; exit 128 + the signal).\n"
           "\n"
-          "Connecting (conv, conv-transpose, devices, health):\n"
+          "Connecting (conv, conv-transpose, devices, health): ADDR is HOST:PORT, or\n"
+          "unix:/path/to/convd.sock for a daemon's Unix socket on this host.\n"
           "  --tls-ca FILE         TLS: the CA (PEM) that signed the server's certificate\n"
           "  --tls-cert FILE --tls-key FILE   mutual TLS: this client's certificate and key\n"
           "  --tls-server-name NAME           the name the server's certificate carries, when\n"
-          "                        it is not the --server host\n"
+          "                        it is not the --server host (localhost for unix:)\n"
           "  --token-file FILE     send the token on the file's first line (keep it mode 600)\n"
           "Without the flags: CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY, CONVD_TLS_SERVER_NAME\n"
           "(the last three only with a CA) and CONVD_TOKEN (the token itself).\n");
@@ -143,7 +145,7 @@ static int parse_args(int argc, char **argv, args *a) {
     *opts[k].dst = argv[++i];
   }
   if (a->server == NULL && strcmp(argv[1], "plan") != 0) {
-    fprintf(stderr, "convctl: --server HOST:PORT is required\n");
+    fprintf(stderr, "convctl: --server HOST:PORT (or unix:/path) is required\n");
     return -1;
   }
   return 0;
@@ -624,8 +626,7 @@ static int cmd_conv(const args *a, int transposed) {
    * the bands go; unary and half-type calls hold the tensors. */
   const int in_place = !a->unary && !a->shm && p.dtype == CONVD_CLIENT_FLOAT32;
   if (a->shm && a->unary) {
-    fprintf(stderr, "convctl: --shm and --unary do not go together: shared memory is served on the "
-                    "streaming call\n");
+    fprintf(stderr, "convctl: --shm and --unary do not go together: --shm makes a streamed call\n");
     goto out;
   }
   /* --shm: the files are copied into the region from their mappings, so only headers here */

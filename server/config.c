@@ -13,8 +13,14 @@
 #include "log.h"
 #include "wire.h"
 
-/* OPT_BOOL: `--name` alone sets it; `--name=false` and CONVD_NAME=0/1 also work. */
-typedef enum { OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL, OPT_BOOL } opt_type;
+/* OPT_BOOL: `--name` alone sets it; `--name=false` and CONVD_NAME=0/1 also work.
+ * OPT_LIST: addresses to listen on (a convd_listen_list, each checked by check_listen); the flag
+ * may be repeated, each time one address; the default and the environment variable hold them
+ * separated by commas. The first flag replaces those, the next ones append.
+ * OPT_MODE: an octal file mode (0660). */
+typedef enum {
+  OPT_STRING, OPT_INT, OPT_SIZE, OPT_SECONDS, OPT_LOGLEVEL, OPT_BOOL, OPT_LIST, OPT_MODE
+} opt_type;
 
 typedef struct opt {
   const char *name; /* --name; environment CONVD_NAME with '-' as '_' */
@@ -25,10 +31,16 @@ typedef struct opt {
   const char *help;
 } opt;
 
+static int check_listen(const char *val, const char *label, char *err, size_t errlen);
+
 #define F(field) offsetof(convd_config, field), sizeof(((convd_config *)0)->field)
 static const opt opts[] = {
-    {"listen", OPT_STRING, F(listen), "127.0.0.1:50051", 0, 0,
-     "address to serve gRPC on, HOST:PORT; port 0 picks a free port"},
+    {"listen", OPT_LIST, F(listen), "127.0.0.1:50051", 0, 0,
+     "address to serve gRPC on, HOST:PORT (port 0 picks a free port) or unix:/absolute/path; "
+     "repeat the flag (up to 8) to serve on several; the variable takes them comma-separated"},
+    {"unix-socket-mode", OPT_MODE, F(unix_socket_mode), "0660", 0, 0777,
+     "the mode (octal) of each unix: socket file: who may connect is decided by the file's mode "
+     "and owner, and the default lets the daemon's user and group in"},
     {"cpu-devices", OPT_INT, F(cpu_devices), "0", 0, 256,
      "CPU devices the host's threads are split into (each pulls elemental ops); 0 = one when "
      "no GPU is used, none beside GPUs"},
@@ -112,9 +124,28 @@ static const opt opts[] = {
 
 static void env_name(const opt *o, char *buf, size_t len);
 
-/* source: 0 default, 1 environment, 2 flag; it decides how the setting is named in errors. */
-static int set_opt(convd_config *cfg, const opt *o, const char *val, int source, char *err,
-                   size_t errlen) {
+/* Appends one element of an OPT_LIST; the error names label. */
+static int list_append(convd_listen_list *l, const char *val, size_t len, const char *label,
+                       char *err, size_t errlen) {
+  char one[sizeof l->addr[0]];
+  if (len >= sizeof one)
+    return convd_errf(err, errlen, CONVD_EINVAL, "%s=%.*s...: an address is at most %zu characters",
+                      label, 40, val, sizeof one - 1);
+  memcpy(one, val, len);
+  one[len] = '\0';
+  int rc = check_listen(one, label, err, errlen);
+  if (rc) return rc;
+  if (l->n == CONVD_LISTEN_MAX)
+    return convd_errf(err, errlen, CONVD_EINVAL, "%s: at most %d addresses (%s is one too many)",
+                      label, CONVD_LISTEN_MAX, one);
+  memcpy(l->addr[l->n++], one, len + 1);
+  return 0;
+}
+
+/* source: 0 default, 1 environment, 2 flag; it decides how the setting is named in errors.
+ * append: an OPT_LIST flag given before (the value is added, not put in place of the list). */
+static int set_opt(convd_config *cfg, const opt *o, const char *val, int source, int append,
+                   char *err, size_t errlen) {
   char label[80];
   if (source == 1)
     env_name(o, label, sizeof label);
@@ -122,6 +153,35 @@ static int set_opt(convd_config *cfg, const opt *o, const char *val, int source,
     snprintf(label, sizeof label, "%s--%s", source == 0 ? "default " : "", o->name);
   char *dst = (char *)cfg + o->offset;
   switch (o->type) {
+    case OPT_LIST: {
+      convd_listen_list *l = (convd_listen_list *)(void *)dst;
+      if (!append) l->n = 0;
+      if (source == 2) return list_append(l, val, strlen(val), label, err, errlen);
+      /* Comma-separated; spaces around an element are not part of it. */
+      for (const char *p = val;; p++) {
+        const char *comma = strchr(p, ',');
+        const size_t n = comma ? (size_t)(comma - p) : strlen(p);
+        size_t b = 0, e = n;
+        while (b < e && p[b] == ' ') b++;
+        while (e > b && p[e - 1] == ' ') e--;
+        int rc = list_append(l, p + b, e - b, label, err, errlen);
+        if (rc) return rc;
+        if (comma == NULL) return 0;
+        p = comma;
+      }
+    }
+    case OPT_MODE: {
+      char *end;
+      errno = 0;
+      long v = strtol(val, &end, 8);
+      if (errno || end == val || *end != '\0' || strspn(val, "01234567") != strlen(val) ||
+          v < o->lo || v > o->hi)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "%s=%s: expected an octal file mode from %04o to %04o (e.g. 0660)",
+                          label, val, (unsigned)o->lo, (unsigned)o->hi);
+      *(int *)dst = (int)v;
+      return 0;
+    }
     case OPT_STRING:
       /* lo < 0 marks a string that may be empty */
       if (strlen(val) >= o->size || (val[0] == '\0' && o->lo >= 0))
@@ -184,6 +244,51 @@ static void env_name(const opt *o, char *buf, size_t len) {
   buf[i] = '\0';
 }
 
+const char *convd_listen_unix_path(const char *addr) {
+  return strncmp(addr, "unix:", 5) == 0 ? addr + 5 : NULL;
+}
+
+/* One --listen address: HOST:PORT or unix:/absolute/path. Whether a path is free (or a stale
+ * socket) is found at start (unixsock.h), not here. */
+static int check_listen(const char *val, const char *label, char *err, size_t errlen) {
+  static const char expected[] =
+      "expected HOST:PORT (e.g. 127.0.0.1:50051; port 0 picks a free one) or unix:/absolute/path";
+  if (val[0] == '\0')
+    return convd_errf(err, errlen, CONVD_EINVAL, "%s: an empty address (%s)", label, expected);
+  if (strncmp(val, "unix-abstract:", 14) == 0)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s=%s: abstract Unix sockets are not served: they have no file whose mode "
+                      "and owner decide who may connect, so any process on the host could; use "
+                      "unix:/absolute/path",
+                      label, val);
+  const char *path = convd_listen_unix_path(val);
+  if (path) {
+    if (path[0] != '/')
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "%s=%s: the socket path must be absolute (e.g. unix:/run/convd/convd.sock); "
+                        "a relative one would depend on the daemon's working directory",
+                        label, val);
+    if (strlen(path) > CONVD_UNIX_PATH_MAX)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "%s=%s: the socket path is %zu bytes, longer than the %d a Unix socket "
+                        "address holds: choose a shorter one",
+                        label, val, strlen(path), CONVD_UNIX_PATH_MAX);
+    return 0;
+  }
+  if (strchr(val, ','))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s=%s: one address per --listen: repeat the flag (CONVD_LISTEN takes "
+                      "several separated by commas)",
+                      label, val);
+  const char *colon = strrchr(val, ':');
+  const char *port = colon ? colon + 1 : "";
+  const size_t digits = strspn(port, "0123456789");
+  if (colon == NULL || colon == val || digits == 0 || digits > 5 || port[digits] != '\0' ||
+      atoi(port) > 65535)
+    return convd_errf(err, errlen, CONVD_EINVAL, "%s=%s: %s", label, val, expected);
+  return 0;
+}
+
 static void usage(FILE *out) {
   fprintf(out,
           "usage: convd [options]\n"
@@ -203,13 +308,14 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
                        size_t errlen) {
   memset(cfg, 0, sizeof *cfg);
   int rc;
+  unsigned char given[NOPTS] = {0}; /* flags seen: an OPT_LIST's next ones append */
   for (size_t i = 0; i < NOPTS; i++)
-    if ((rc = set_opt(cfg, &opts[i], opts[i].def, 0, err, errlen))) return rc;
+    if ((rc = set_opt(cfg, &opts[i], opts[i].def, 0, 0, err, errlen))) return rc;
   for (size_t i = 0; i < NOPTS; i++) {
     char env[64];
     env_name(&opts[i], env, sizeof env);
     const char *v = getenv(env);
-    if (v != NULL && (rc = set_opt(cfg, &opts[i], v, 1, err, errlen))) return rc;
+    if (v != NULL && (rc = set_opt(cfg, &opts[i], v, 1, 0, err, errlen))) return rc;
   }
   for (int a = 1; a < argc; a++) {
     const char *arg = argv[a];
@@ -237,8 +343,20 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
         return convd_errf(err, errlen, CONVD_EINVAL, "option --%s needs a value", o->name);
       val = argv[++a];
     }
-    if ((rc = set_opt(cfg, o, val, 2, err, errlen))) return rc;
+    if ((rc = set_opt(cfg, o, val, 2, given[o - opts], err, errlen))) return rc;
+    given[o - opts] = 1;
   }
+
+  /* The same socket path twice would fail as "another convd is serving there"; the same port
+   * twice as "in use". Port 0 twice is two free ports. */
+  for (int i = 0; i < cfg->listen.n; i++)
+    for (int j = 0; j < i; j++) {
+      const char *a = cfg->listen.addr[i];
+      const size_t len = strlen(a);
+      if (strcmp(a, cfg->listen.addr[j]) == 0 &&
+          (convd_listen_unix_path(a) || len < 2 || strcmp(a + len - 2, ":0") != 0))
+        return convd_errf(err, errlen, CONVD_EINVAL, "--listen %s is given twice", a);
+    }
 
   /* A data payload plus the message's own framing must fit in one gRPC message. */
   if (cfg->chunk_bytes + CONVD_WIRE_FRAMING_SLACK > cfg->max_message_bytes)

@@ -10,8 +10,21 @@
 
 #include "conv.h" /* convd_parse_size */
 
+/* --listen may be given this many times. */
+#define CONVD_LISTEN_MAX 8
+/* The longest path a unix: address may have: sockaddr_un's sun_path (108) less its NUL. */
+#define CONVD_UNIX_PATH_MAX 107
+
+/* The addresses gRPC serves on, in the order given: each HOST:PORT or unix:/absolute/path
+ * (checked at parse). */
+typedef struct convd_listen_list {
+  int n; /* 1 to CONVD_LISTEN_MAX */
+  char addr[CONVD_LISTEN_MAX][256];
+} convd_listen_list;
+
 typedef struct convd_config {
-  char listen[256];
+  convd_listen_list listen;
+  int unix_socket_mode;       /* the mode unix: socket files get (0660) */
   int cpu_devices;            /* 0: one without GPUs, none beside them */
   int cpu_threads;
   int gpus;                   /* -1 all visible, 0 none, N the first N */
@@ -48,5 +61,8 @@ enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };
  * after --help or --version (printed to out), or a negative error with the reason in err. */
 int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char *err,
                        size_t errlen);
+
+/* The socket path of a unix: address (as --listen takes it), or NULL for HOST:PORT. */
+const char *convd_listen_unix_path(const char *addr);
 
 #endif

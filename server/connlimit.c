@@ -90,17 +90,24 @@ static int is_client_connection(const convd_connlimit *l, int fd) {
   if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) return 0;
   int port = -1;
   const char *path = NULL;
-  if (ss.ss_family == AF_INET)
+  size_t path_len = 0;
+  if (ss.ss_family == AF_INET) {
     port = ntohs(((const struct sockaddr_in *)&ss)->sin_port);
-  else if (ss.ss_family == AF_INET6)
+  } else if (ss.ss_family == AF_INET6) {
     port = ntohs(((const struct sockaddr_in6 *)&ss)->sin6_port);
-  else if (ss.ss_family == AF_UNIX && len > offsetof(struct sockaddr_un, sun_path))
+  } else if (ss.ss_family == AF_UNIX && len > offsetof(struct sockaddr_un, sun_path)) {
+    /* An accepted socket is named by its listener's path (a client's own end is unnamed: len
+     * holds the family alone). The path need not end in a NUL when it fills sun_path. */
     path = ((const struct sockaddr_un *)&ss)->sun_path;
-  else
+    path_len = strnlen(path, len - offsetof(struct sockaddr_un, sun_path));
+  } else {
     return 0;
+  }
   int match = 0;
   for (size_t i = 0; i < l->neps && !match; i++)
-    match = path ? l->eps[i].path && strcmp(l->eps[i].path, path) == 0 : l->eps[i].port == port;
+    match = path ? l->eps[i].path && strlen(l->eps[i].path) == path_len &&
+                       memcmp(l->eps[i].path, path, path_len) == 0
+                 : l->eps[i].port == port;
   if (!match) return 0;
   struct sockaddr_storage peer;
   len = sizeof peer;

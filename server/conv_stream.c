@@ -56,7 +56,7 @@ struct convd_stream {
   int64_t bn, bh0, bh1;
   size_t band_off, band_len;
   uint64_t bytes_received;
-  int external_input;  /* rows come from shared memory, straight to the job (svc_conv.c) */
+  unsigned external;   /* CONVD_STREAM_EXT_*: tensors that come from (go to) shared memory */
 };
 
 int convd_stream_spec_to_conv(const Convd__V1__ConvSpec *spec, const convd_weights *reg,
@@ -318,7 +318,7 @@ int convd_stream_feed_band(convd_stream *s, const convd_stream_band *b, char *er
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "the first message must be the spec (shapes and parameters); tensor "
                       "data came first");
-  if (s->external_input)
+  if (s->external & CONVD_STREAM_EXT_INPUT)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "an input band arrived, but spec.input_region is set: the input comes from "
                       "shared memory, so send no input bands");
@@ -525,7 +525,7 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "bias incomplete at half-close: %zu of %zu bytes arrived", s->b_recv,
                       s->conv.bias_wire_bytes);
-  if (s->external_input) return 0;
+  if (s->external & CONVD_STREAM_EXT_INPUT) return 0;
   if (s->band_open)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "input incomplete at half-close: band n = %" PRId64 " rows [%" PRId64
@@ -545,7 +545,7 @@ int convd_stream_finish(convd_stream *s, char *err, size_t errlen) {
 
 const convd_conv *convd_stream_conv(const convd_stream *s) { return &s->conv; }
 
-void convd_stream_set_external_input(convd_stream *s) { s->external_input = 1; }
+void convd_stream_set_external(convd_stream *s, unsigned mask) { s->external = mask; }
 
 void convd_stream_count_received(convd_stream *s, uint64_t bytes) { s->bytes_received += bytes; }
 
@@ -586,16 +586,31 @@ int convd_stream_check_call(const convd_stream *s, const Convd__V1__ConvCall *m,
   const uint64_t limit = max_message_bytes;
   const int registered = s->reg_w != NULL;
   int rc = 0;
-  if (cv->output_wire_bytes > limit - CONVD_WIRE_FRAMING_SLACK)
+  const unsigned ext = s->external;
+  if (!(ext & CONVD_STREAM_EXT_OUTPUT) && cv->output_wire_bytes > limit - CONVD_WIRE_FRAMING_SLACK)
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "the output of %zu bytes does not fit in one response message (limit %" PRIu64
                       " bytes, --max-message-bytes): use the streaming Conv2d method",
                       cv->output_wire_bytes, limit);
-  if ((rc = check_bytes("ConvCall.input", &m->input, cv, cv->input_elems, err, errlen))) return rc;
-  if (!registered &&
-      ((rc = check_bytes("ConvCall.weight", &m->weight, cv, cv->weight_elems, err, errlen)) ||
-       (rc = check_bytes(cv->p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
-                         &m->bias, cv, cv->bias_elems, err, errlen))))
+  static const struct {
+    unsigned bit;
+    const char *what;
+  } ext_rules[] = {{CONVD_STREAM_EXT_INPUT, "ConvCall.input must be empty: spec.input_region is set"},
+                   {CONVD_STREAM_EXT_WEIGHT, "ConvCall.weight must be empty: spec.weight_region is set"},
+                   {CONVD_STREAM_EXT_BIAS, "ConvCall.bias must be empty: spec.bias_region is set"}};
+  const ProtobufCBinaryData *fields[] = {&m->input, &m->weight, &m->bias};
+  for (int i = 0; i < 3; i++)
+    if ((ext & ext_rules[i].bit) && fields[i]->len)
+      return convd_errf(err, errlen, CONVD_EINVAL, "%s", ext_rules[i].what);
+  if (!(ext & CONVD_STREAM_EXT_INPUT) &&
+      (rc = check_bytes("ConvCall.input", &m->input, cv, cv->input_elems, err, errlen)))
+    return rc;
+  if (!registered && !(ext & CONVD_STREAM_EXT_WEIGHT) &&
+      (rc = check_bytes("ConvCall.weight", &m->weight, cv, cv->weight_elems, err, errlen)))
+    return rc;
+  if (!registered && !(ext & CONVD_STREAM_EXT_BIAS) &&
+      (rc = check_bytes(cv->p.has_bias ? "ConvCall.bias" : "ConvCall.bias (spec.has_bias is false)",
+                        &m->bias, cv, cv->bias_elems, err, errlen)))
     return rc;
   return 0;
 }
@@ -608,12 +623,13 @@ int convd_stream_feed_call(convd_stream *s, const Convd__V1__ConvCall *m, char *
   Convd__V1__TensorChunk wch = CONVD__V1__TENSOR_CHUNK__INIT, bch = CONVD__V1__TENSOR_CHUNK__INIT;
   wch.data = m->weight, bch.data = m->bias;
   Convd__V1__ConvRequest rq = CONVD__V1__CONV_REQUEST__INIT;
+  const unsigned ext = s->external;
   /* Registered weights with bytes beside them: the stream says why that is wrong. */
-  if (!registered || m->weight.len) {
+  if (!(ext & CONVD_STREAM_EXT_WEIGHT) && (!registered || m->weight.len)) {
     rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_WEIGHT, rq.weight = &wch;
     if ((rc = convd_stream_feed(s, &rq, &accepted, err, errlen))) return rc;
   }
-  if (m->bias.len) {
+  if (!(ext & CONVD_STREAM_EXT_BIAS) && m->bias.len) {
     rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_BIAS, rq.bias = &bch;
     if ((rc = convd_stream_feed(s, &rq, &accepted, err, errlen))) return rc;
   }
@@ -621,7 +637,7 @@ int convd_stream_feed_call(convd_stream *s, const Convd__V1__ConvCall *m, char *
   Convd__V1__RowBand band = CONVD__V1__ROW_BAND__INIT;
   rq.msg_case = CONVD__V1__CONV_REQUEST__MSG_INPUT, rq.input = &band;
   band.h_begin = 0, band.h_end = cv->p.h, band.data.len = slab;
-  for (int64_t n = 0; n < cv->p.n && rc == 0; n++) {
+  for (int64_t n = 0; n < cv->p.n && rc == 0 && !(ext & CONVD_STREAM_EXT_INPUT); n++) {
     band.n = n;
     band.data.data = m->input.data + (size_t)n * slab;
     rc = convd_stream_feed(s, &rq, &accepted, err, errlen);

@@ -102,10 +102,19 @@ void convd_stream_defer_weights(convd_stream *s, int on);
 int convd_stream_weights_pending(const convd_stream *s);
 int convd_stream_finalize_weights(convd_stream *s, char *err, size_t errlen);
 void convd_stream_hand_weights(convd_stream *s);
-/* The input comes from elsewhere (a shared-memory region, handed to the job by the caller):
- * input bands are refused and the half-close checks no rows. Count those bytes with
- * convd_stream_count_received. */
-void convd_stream_set_external_input(convd_stream *s);
+/* Tensors that come from (or go to) elsewhere: shared-memory regions, which the caller copies.
+ * EXT_INPUT: input bands are refused, the half-close checks no rows, and the caller hands the
+ * rows to the job; EXT_WEIGHT / EXT_BIAS: the caller feeds them as chunks (a client's chunks
+ * are refused by the caller); for Conv2dUnary, convd_stream_check_call wants those fields
+ * empty (and the output, EXT_OUTPUT, need not fit a message) and convd_stream_feed_call feeds
+ * only the others. Count bytes fed from elsewhere with convd_stream_count_received. */
+enum {
+  CONVD_STREAM_EXT_INPUT = 1,
+  CONVD_STREAM_EXT_WEIGHT = 2,
+  CONVD_STREAM_EXT_BIAS = 4,
+  CONVD_STREAM_EXT_OUTPUT = 8
+};
+void convd_stream_set_external(convd_stream *s, unsigned mask);
 void convd_stream_count_received(convd_stream *s, uint64_t bytes);
 /* Bytes of the band being assembled. */
 uint64_t convd_stream_bytes_buffered(const convd_stream *s);

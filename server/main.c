@@ -29,6 +29,7 @@
 #include "protect.h"
 #include "rpc.h"
 #include "tls.h"
+#include "unixsock.h"
 
 /* After the last call ended, gRPC's shutdown closes connections at once; this pause lets
  * clients read the frames of calls that just ended. Loopback needs microseconds; this is for
@@ -57,6 +58,7 @@ typedef struct daemon_state {
   convd_tls *tls;   /* NULL: plaintext */
   convd_auth *auth; /* NULL: no tokens */
   convd_connlimit *connlimit; /* NULL: --max-connections 0 */
+  convd_unix_socket socks[CONVD_LISTEN_MAX]; /* the unix: listeners' files, removed at exit */
   const convd_config *cfg;
   int shutting_down;
 } daemon_state;
@@ -172,6 +174,18 @@ static void on_sighup(uv_signal_t *h, int signum) {
   }
 }
 
+/* The unix: listeners' socket files, at exit (or a start that failed after binding them). */
+static void remove_sockets(daemon_state *d) {
+  for (int i = 0; i < CONVD_LISTEN_MAX; i++) convd_unix_remove(&d->socks[i]);
+}
+
+/* " socket_mode=0660" for a unix: listener's log line. */
+static const char *unix_mode_field(int mode) {
+  static char buf[32];
+  snprintf(buf, sizeof buf, " socket_mode=%04o", (unsigned)mode);
+  return buf;
+}
+
 /* At start: reads the TLS and tokens files (errors name the flag and file) and logs who may
  * connect. */
 static int load_security(daemon_state *d, const convd_config *cfg, char *err, size_t errlen) {
@@ -189,10 +203,11 @@ static int load_security(daemon_state *d, const convd_config *cfg, char *err, si
   convd_log(CONVD_LOG_INFO, "msg=\"security\" tls=%s client_certificates=%s tokens=%zu tenants=%zu reflection=%s",
             d->tls ? "on" : "off", d->tls && convd_tls_mutual(d->tls) ? "required" : "no", tokens,
             tenants, !d->auth || cfg->reflection_public ? "open" : "token");
-  if (!convd_protect_is_local(cfg->listen) && !(d->tls && d->auth))
-    convd_log(CONVD_LOG_WARN, "msg=\"--allow-insecure: serving on a non-loopback address without %s\" address=%s",
-              !d->tls && !d->auth ? "TLS and tokens" : !d->tls ? "TLS (tokens travel in plaintext)" : "tokens",
-              cfg->listen);
+  for (int i = 0; i < cfg->listen.n; i++)
+    if (!convd_protect_is_local(cfg->listen.addr[i]) && !(d->tls && d->auth))
+      convd_log(CONVD_LOG_WARN, "msg=\"--allow-insecure: serving on a non-loopback address without %s\" address=%s",
+                !d->tls && !d->auth ? "TLS and tokens" : !d->tls ? "TLS (tokens travel in plaintext)" : "tokens",
+                cfg->listen.addr[i]);
   if (!d->auth && cfg->reflection_public)
     convd_log(CONVD_LOG_WARN, "msg=\"--reflection-public has no effect without --auth-tokens\"");
   return 0;
@@ -236,11 +251,6 @@ int main(int argc, char **argv) {
   convd_log_level = cfg.log_level;
   if ((rc = convd_protect_check(&cfg, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
-    return 2;
-  }
-  const char *colon = strrchr(cfg.listen, ':');
-  if (colon == NULL || colon == cfg.listen || colon[1] == '\0') {
-    fprintf(stderr, "convd: --listen %s: expected HOST:PORT, e.g. 127.0.0.1:50051\n", cfg.listen);
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
@@ -316,13 +326,14 @@ int main(int argc, char **argv) {
   }
 
   grpc_init();
-  int port = 0;
+  int ports[CONVD_LISTEN_MAX] = {0};
   d.engine = engine;
   d.metrics = convd_metrics_create();
   const convd_rpc_security sec = {d.tls, d.auth};
   if (d.metrics == NULL ||
-      (rc = convd_rpc_start(&cfg, engine, d.metrics, &sec, &d.rpc, &port, err, sizeof err)) != 0) {
+      (rc = convd_rpc_start(&cfg, engine, d.metrics, &sec, &d.rpc, ports, d.socks, err, sizeof err)) != 0) {
     fprintf(stderr, "convd: %s\n", err);
+    remove_sockets(&d);
     convd_engine_destroy(engine);
     convd_metrics_destroy(d.metrics);
     grpc_shutdown_blocking();
@@ -351,11 +362,23 @@ int main(int argc, char **argv) {
   uv_signal_start(&d.sigterm, on_signal, SIGTERM);
   uv_signal_start(&d.sighup, on_sighup, SIGHUP);
 
+  /* Each listener as clients name it: HOST:PORT with the port bound, or the unix: address. */
+  char names[CONVD_LISTEN_MAX][sizeof cfg.listen.addr[0] + 8];
+  for (int i = 0; i < cfg.listen.n; i++) {
+    const char *a = cfg.listen.addr[i], *colon = strrchr(a, ':');
+    if (convd_listen_unix_path(a))
+      snprintf(names[i], sizeof names[i], "%s", a);
+    else
+      snprintf(names[i], sizeof names[i], "%.*s:%d", (int)(colon - a), a, ports[i]);
+  }
   if (cfg.max_connections > 0) {
-    const convd_connlimit_endpoint ep = {.port = port};
-    if ((rc = convd_connlimit_start(d.loop, (unsigned)cfg.max_connections, CONNLIMIT_SCAN_MS, &ep, 1,
-                                    &d.connlimit, err, sizeof err))) {
+    convd_connlimit_endpoint eps[CONVD_LISTEN_MAX];
+    for (int i = 0; i < cfg.listen.n; i++)
+      eps[i] = (convd_connlimit_endpoint){.port = d.socks[i].path ? 0 : ports[i], .path = d.socks[i].path};
+    if ((rc = convd_connlimit_start(d.loop, (unsigned)cfg.max_connections, CONNLIMIT_SCAN_MS, eps,
+                                    (size_t)cfg.listen.n, &d.connlimit, err, sizeof err))) {
       fprintf(stderr, "convd: %s\n", err);
+      remove_sockets(&d);
       return 1;
     }
   }
@@ -363,21 +386,25 @@ int main(int argc, char **argv) {
   if (cfg.metrics_listen[0] &&
       convd_http_start(d.loop, cfg.metrics_listen, render_metrics, &d, &d.http, &metrics_port, err, sizeof err)) {
     fprintf(stderr, "convd: %s\n", err);
+    remove_sockets(&d);
     return 1;
   }
-  /* Scripts and tests wait for this exact line: the server accepts calls from now on. */
-  printf("convd listening on %.*s:%d\n", (int)(colon - cfg.listen), cfg.listen, port);
+  /* Scripts and tests wait for these exact lines: the server accepts calls from now on. They
+   * read the first (the first --listen); one more follows per listener, then the metrics one. */
+  for (int i = 0; i < cfg.listen.n; i++) printf("convd listening on %s\n", names[i]);
   if (d.http) {
     const char *mc = strrchr(cfg.metrics_listen, ':');
     printf("convd metrics on http://%.*s:%d/metrics\n", (int)(mc - cfg.metrics_listen),
            cfg.metrics_listen, metrics_port);
   }
   fflush(stdout);
-  convd_log(CONVD_LOG_INFO,
-            "msg=\"listening\" address=%.*s:%d chunk_bytes=%llu max_message_bytes=%llu "
-            "max_request_bytes=%llu",
-            (int)(colon - cfg.listen), cfg.listen, port, (unsigned long long)cfg.chunk_bytes,
-            (unsigned long long)cfg.max_message_bytes, (unsigned long long)cfg.max_request_bytes);
+  for (int i = 0; i < cfg.listen.n; i++)
+    convd_log(CONVD_LOG_INFO,
+              "msg=\"listening\" address=%s chunk_bytes=%llu max_message_bytes=%llu "
+              "max_request_bytes=%llu%s",
+              names[i], (unsigned long long)cfg.chunk_bytes,
+              (unsigned long long)cfg.max_message_bytes, (unsigned long long)cfg.max_request_bytes,
+              d.socks[i].path ? unix_mode_field(cfg.unix_socket_mode) : "");
 
   uv_run(d.loop, UV_RUN_DEFAULT);
 
@@ -389,5 +416,6 @@ int main(int argc, char **argv) {
   /* gRPC held pointers to these (the processor, the certificate fetcher) until now. */
   convd_auth_destroy(d.auth);
   convd_tls_destroy(d.tls);
+  remove_sockets(&d);
   return 0;
 }

@@ -220,6 +220,10 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
   if (g->auth)
     scalar(&t, "convd_auth_refused_total", "counter",
            "Calls refused UNAUTHENTICATED for a wrong bearer token (before dispatch).", g->auth_refused);
+  if (g->shm) {
+    scalar(&t, "convd_shm_regions", "gauge", "Shared-memory regions registered (all tenants).", g->shm_regions);
+    scalar(&t, "convd_shm_bytes", "gauge", "Bytes of shared-memory regions mapped.", g->shm_bytes);
+  }
   if (g->connections_limit) {
     scalar(&t, "convd_connections", "gauge", "gRPC connections open (at the last scan).", g->connections_open);
     scalar(&t, "convd_connections_limit", "gauge", "--max-connections.", g->connections_limit);

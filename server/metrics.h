@@ -30,6 +30,8 @@ typedef struct convd_metrics_gauges {
   int auth;                   /* --auth-tokens is on */
   uint64_t auth_refused;      /* calls refused for a wrong token */
   uint64_t connections_open, connections_refused, connections_limit; /* limit 0: unbounded */
+  int shm;                    /* shared memory is on */
+  uint64_t shm_regions, shm_bytes;
 } convd_metrics_gauges;
 
 /* The exposition text (malloc'd, NUL-terminated; NULL when out of memory). reg may be NULL. */

@@ -29,6 +29,12 @@ int convd_protect_is_local(const char *addr) {
   return inet_pton(AF_INET, host, a4) == 1 && a4[0] == 127;
 }
 
+const char *convd_protect_first_reachable(const convd_listen_list *l) {
+  for (int i = 0; i < l->n; i++)
+    if (!convd_protect_is_local(l->addr[i])) return l->addr[i];
+  return NULL;
+}
+
 int convd_protect_check(const convd_config *cfg, char *err, size_t errlen) {
   const int cert = cfg->tls_cert[0] != '\0', key = cfg->tls_key[0] != '\0';
   if (cert != key)
@@ -41,13 +47,15 @@ int convd_protect_check(const convd_config *cfg, char *err, size_t errlen) {
                       "--tls-client-ca needs --tls-cert and --tls-key: client certificates are "
                       "checked only over TLS");
   const int tls = cert, tokens = cfg->auth_tokens[0] != '\0';
-  if (!convd_protect_is_local(cfg->listen) && !(tls && tokens) && !cfg->allow_insecure)
+  /* TLS and tokens apply to every listener alike, so one reachable listener needs both. */
+  const char *reachable = convd_protect_first_reachable(&cfg->listen);
+  if (reachable && !(tls && tokens) && !cfg->allow_insecure)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "--listen %s can be reached from other machines, and convd serves there "
                       "only with both TLS (--tls-cert/--tls-key) and tokens (--auth-tokens), and "
                       "%s missing. Give them, listen on a loopback address (127.0.0.1, [::1], "
                       "localhost) or a unix: socket, or pass --allow-insecure to serve anyway",
-                      cfg->listen,
+                      reachable,
                       !tls && !tokens ? "both are" : !tls ? "TLS is" : "tokens are");
   if (cfg->metrics_listen[0] && (tls || tokens) && !convd_protect_is_local(cfg->metrics_listen) &&
       !cfg->metrics_public && !cfg->allow_insecure)

@@ -17,7 +17,10 @@
  * socket. Anything else, host names and 0.0.0.0 / [::] included, counts as reachable. */
 int convd_protect_is_local(const char *addr);
 
-/* Checks cfg against the rules; returns 0, or CONVD_EINVAL with a message naming the flags. */
+/* The first of the --listen addresses that other machines can reach, or NULL. */
+const char *convd_protect_first_reachable(const convd_listen_list *l);
+
+/* Checks cfg against the rules (every --listen address); returns 0, or CONVD_EINVAL with a message naming the flags. */
 int convd_protect_check(const convd_config *cfg, char *err, size_t errlen);
 
 #endif

@@ -11,6 +11,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "auth.h"
 #include "clock.h"
@@ -243,6 +244,7 @@ static void rpc_free(convd_rpc *r) {
     free(t);
   }
   convd_offload_destroy(r->offload);
+  convd_offload_destroy(r->copier);
   convd_registry_destroy(r->registry);
   convd_shm_destroy(r->shm);
   pthread_mutex_destroy(&r->mu);
@@ -250,10 +252,65 @@ static void rpc_free(convd_rpc *r) {
   free(r);
 }
 
-int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
-                    const convd_rpc_security *sec, convd_rpc **out, int *port, char *err,
+/* Binds one --listen address (a unix: one claimed first, its mode set after). Returns 0 or an
+ * error naming the address. */
+static int add_port(convd_rpc *r, const char *addr, int *port, convd_unix_socket *sock, char *err,
                     size_t errlen) {
+  const char *path = convd_listen_unix_path(addr);
+  int rc;
+  if (path && (rc = convd_unix_claim(path, err, errlen))) return rc;
+  /* Credentials of its own for each listener: gRPC asks TLS's certificate fetcher per listener
+   * (tls.h). Tokens are checked by the credentials' metadata processor, TLS or not (auth.h). */
+  grpc_server_credentials *creds = r->tls ? convd_tls_server_credentials(r->tls)
+                                          : grpc_insecure_server_credentials_create();
+  if (creds == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  if (r->auth) convd_auth_attach(r->auth, creds);
+  const mode_t old = path ? convd_unix_umask_for(r->cfg->unix_socket_mode) : 0;
+  *port = grpc_server_add_http2_port(r->server, addr, creds);
+  if (path) umask(old);
+  grpc_server_credentials_release(creds);
+  if (*port == 0 && path)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "cannot listen on %s: gRPC could not bind the socket (may the daemon's user "
+                      "write to its directory? gRPC's own log line above says why)%s",
+                      addr, r->tls ? ", or could not load --tls-cert with --tls-key" : "");
+  if (*port == 0)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
+                      "e.g. 127.0.0.1:50051; port 0 picks a free one)%s",
+                      addr,
+                      r->tls ? ", or gRPC could not load --tls-cert with --tls-key (not a "
+                               "certificate and its key? gRPC's own log line above says why)"
+                             : "");
+  return path ? convd_unix_adopt(sock, path, r->cfg->unix_socket_mode, err, errlen) : 0;
+}
+
+/* Every --listen address, in order, on the server not yet started. On failure (the error of
+ * the address that failed) the server is shut down, ready to be destroyed: gRPC asserts that a
+ * server with listeners is, started or not. */
+static int add_ports(convd_rpc *r, int ports[CONVD_LISTEN_MAX],
+                     convd_unix_socket socks[CONVD_LISTEN_MAX], char *err, size_t errlen) {
+  int rc = 0, added = 0;
+  for (int i = 0; rc == 0 && i < r->cfg->listen.n; i++)
+    if ((rc = add_port(r, r->cfg->listen.addr[i], &ports[i], &socks[i], err, errlen)) == 0 ||
+        ports[i] != 0)
+      added++;
+  if (rc && added) {
+    /* No call was requested yet: the shutdown's tag is all the queue can hold. */
+    grpc_server_shutdown_and_notify(r->server, r->cq, &r->t_shutdown);
+    for (;;) {
+      grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+      if (ev.type != GRPC_OP_COMPLETE || ev.tag == &r->t_shutdown) break;
+    }
+  }
+  return rc;
+}
+
+int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
+                    const convd_rpc_security *sec, convd_rpc **out, int ports[CONVD_LISTEN_MAX],
+                    convd_unix_socket socks[CONVD_LISTEN_MAX], char *err, size_t errlen) {
   *out = NULL;
+  for (int i = 0; i < CONVD_LISTEN_MAX; i++) ports[i] = 0, socks[i].path = NULL;
   convd_rpc *r = calloc(1, sizeof *r);
   if (r == NULL || (r->registered = calloc(convd_methods_count, sizeof *r->registered)) == NULL) {
     free(r);
@@ -268,7 +325,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   atomic_init(&r->health_draining, 0);
   atomic_init(&r->inflight_bytes, 0);
   pthread_mutex_init(&r->mu, NULL);
-  if ((r->offload = convd_offload_create()) == NULL) {
+  if ((r->offload = convd_offload_create()) == NULL || (r->copier = convd_offload_create()) == NULL) {
     rpc_free(r);
     return convd_errf(err, errlen, CONVD_ENOMEM, "cannot start the offload thread");
   }
@@ -310,25 +367,13 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
                                           : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
           0);
 
-  /* Tokens are checked by the credentials' metadata processor, TLS or not (auth.h). */
-  grpc_server_credentials *creds = r->tls ? convd_tls_server_credentials(r->tls)
-                                          : grpc_insecure_server_credentials_create();
-  if (creds && r->auth) convd_auth_attach(r->auth, creds);
-  *port = creds ? grpc_server_add_http2_port(r->server, cfg->listen, creds) : 0;
-  if (creds) grpc_server_credentials_release(creds);
-  if (*port == 0) {
-    const int tls = r->tls != NULL;
+  const int bind_err = add_ports(r, ports, socks, err, errlen);
+  if (bind_err) {
     grpc_server_destroy(r->server);
     grpc_completion_queue_shutdown(r->cq);
     grpc_completion_queue_destroy(r->cq);
     rpc_free(r);
-    return convd_errf(err, errlen, CONVD_EINVAL,
-                      "cannot listen on %s: the address is malformed or in use (use HOST:PORT, "
-                      "e.g. 127.0.0.1:50051; port 0 picks a free one)%s",
-                      cfg->listen,
-                      tls ? ", or gRPC could not load --tls-cert with --tls-key (not a "
-                            "certificate and its key? gRPC's own log line above says why)"
-                          : "");
+    return bind_err;
   }
   grpc_server_start(r->server);
   for (size_t k = 0; k < convd_methods_count; k++)
@@ -359,6 +404,8 @@ void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
   g->serving = atomic_load(&r->serving) && !atomic_load(&r->health_draining);
   g->auth = r->auth != NULL;
   g->auth_refused = convd_auth_refused_total(r->auth);
+  g->shm = r->shm != NULL;
+  if (r->shm) convd_shm_totals(r->shm, &g->shm_regions, &g->shm_bytes);
 }
 
 convd_registry *convd_rpc_registry(convd_rpc *r) { return r->registry; }
@@ -381,13 +428,17 @@ void convd_rpc_drain(convd_rpc *r, void (*drained)(void *user), void *user) {
   fire_when_due(r);
 }
 
-int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call)) {
+static int post_call(convd_offload *o, convd_call *c, void (*fn)(void *call)) {
   convd_call_ref_locked(c);
-  if (convd_offload_post(c->rpc->offload, fn, c) == 0) return 0;
+  if (convd_offload_post(o, fn, c) == 0) return 0;
   c->refs--; /* the running handler still holds its own ref */
   convd_call_fail(c, CONVD_ENOMEM, "the daemon is out of memory");
   return -1;
 }
+
+int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call)) { return post_call(c->rpc->offload, c, fn); }
+
+int convd_rpc_copier_call(convd_call *c, void (*fn)(void *call)) { return post_call(c->rpc->copier, c, fn); }
 
 static void expire_idle(convd_call *c, void *user) {
   const double *a = user;
@@ -423,6 +474,8 @@ void convd_rpc_destroy(convd_rpc *r) {
   if (r->thread_started) pthread_join(r->thread, NULL);
   convd_offload_destroy(r->offload); /* runs what is left: those calls' answers fail, they end */
   r->offload = NULL;
+  convd_offload_destroy(r->copier);
+  r->copier = NULL;
   grpc_server_destroy(r->server);
   grpc_completion_queue_destroy(r->cq);
   rpc_free(r);

@@ -10,6 +10,7 @@
 #include "engine.h"
 #include "metrics.h"
 #include "registry.h"
+#include "unixsock.h"
 
 typedef struct convd_rpc convd_rpc;
 typedef struct convd_tls convd_tls;
@@ -22,11 +23,16 @@ typedef struct convd_rpc_security {
   convd_auth *auth;
 } convd_rpc_security;
 
-/* Binds cfg->listen and starts serving. *port receives the bound port (useful with port 0).
- * The engine must outlive the server. sec may be NULL (plaintext, no tokens). */
+/* Binds every cfg->listen address, in order, and starts serving; TLS and tokens (sec) apply to
+ * each alike. ports[i] receives address i's bound port (useful with port 0; gRPC says 1 for a
+ * unix: one). A unix: path is claimed before it is bound and gets --unix-socket-mode after
+ * (unixsock.h); socks[i] records the file made, which the caller removes with
+ * convd_unix_remove after gRPC's shutdown, or at once when this fails (socks then holds the
+ * files made before the failure). The engine must outlive the server. sec may be NULL
+ * (plaintext, no tokens). */
 int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics *metrics,
-                    const convd_rpc_security *sec, convd_rpc **out, int *port, char *err,
-                    size_t errlen);
+                    const convd_rpc_security *sec, convd_rpc **out, int ports[CONVD_LISTEN_MAX],
+                    convd_unix_socket socks[CONVD_LISTEN_MAX], char *err, size_t errlen);
 
 /* For a metrics scrape: the server's gauges, and its weights registry (NULL when off). */
 void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g);

@@ -43,6 +43,7 @@ struct convd_rpc {
   grpc_completion_queue *cq;
   pthread_t thread;
   convd_offload *offload; /* work that grows with a tensor, off the CQ thread */
+  convd_offload *copier;  /* shared-memory output copies, beside the offload thread's input ones */
   int thread_started;
   void **registered; /* grpc_server_register_method handles, by method table index */
   pthread_mutex_t mu;
@@ -72,6 +73,9 @@ void convd_rpc_each_call(convd_rpc *r, const convd_method *m, void (*fn)(convd_c
  * Called with c->mu held by a running handler. Returns 0, or -1 when it could not be queued:
  * then the call has failed (out of memory) and fn will not run. */
 int convd_rpc_offload_call(convd_call *c, void (*fn)(void *call));
+/* The same on the copier thread: a call's output copies into its region, so that they overlap
+ * its (and other calls') input copies on the offload thread. */
+int convd_rpc_copier_call(convd_call *c, void (*fn)(void *call));
 /* The table entry whose handlers are h (services find their own methods). */
 const convd_method *convd_rpc_method_of(const convd_handlers *h);
 

@@ -83,10 +83,16 @@ typedef struct copy_job {
  * takes a lock or allocates, so leaving it half-way by the jump leaves nothing held. */
 static int guarded_copy(const uint8_t *lo, const uint8_t *hi, const copy_job *j) {
   sigjmp_buf jb;
-  /* No signal mask saved (a system call each time, and copies go row by row): the handler runs
-   * with SA_NODEFER, so SIGBUS is not blocked when it jumps back here. */
+  /* No signal mask saved (a system call each time, and copies go row by row). The handler is
+   * installed with SA_NODEFER, but whoever wraps it (ThreadSanitizer does) may run it with
+   * SIGBUS blocked, and a thread that faults again with it blocked is killed: so it is
+   * unblocked here, on the fault's path only. */
   if (sigsetjmp(jb, 0) != 0) {
     guard_jb = NULL;
+    sigset_t bus;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
     return 1;
   }
   guard_lo = lo, guard_hi = hi;

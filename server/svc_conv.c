@@ -7,8 +7,9 @@
  *
  * Threads: the handlers run on the completion-queue thread with the call's mutex held; work
  * that grows with a tensor (a streamed call's job, its large weights, a Conv2dUnary message over
- * UNARY_INLINE_BYTES) runs on the offload thread (offload.h), under the mutex where it touches
- * shared fields. The job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
+ * UNARY_INLINE_BYTES, copies from shared-memory regions) runs on the offload thread (offload.h),
+ * copies into output regions on the copier thread, under the mutex where they touch shared
+ * fields. The job's callbacks (on_rows_ready, on_input_freed, on_job_done) run on device worker threads;
  * they take the call's mutex, so every field of conv_call is guarded by it. The job holds a ref
  * on the call until on_job_done. */
 #include <inttypes.h>
@@ -72,10 +73,17 @@ typedef struct conv_call {
   int feed_paused;        /* backpressure: maybe_resume queues the next one */
   int writing;            /* a write task is queued or running */
   int progress_pending;   /* rows were written since the last Progress */
+  Convd__V1__ConvCall *pend_m; /* Conv2dUnary with regions: message and job for the offload */
+  convd_job *pend_job;
   _Atomic uint64_t shm_in_bytes, shm_out_bytes;
 } conv_call;
 
 static const convd_conv *conv_of(const conv_call *k) { return convd_stream_conv(k->stream); }
+
+/* Calls whose rows go through a window (backpressure, tiles cut to fit): streamed ones, and
+ * Conv2dUnary ones whose input or output lies in a region (its tensors need not fit a message
+ * then). The others hold their whole tensors. */
+static int windowed(const conv_call *k) { return !k->unary || k->in_r.region || k->out_r.region; }
 
 static Convd__V1__Shape4 output_shape(const convd_conv *cv) {
   Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
@@ -111,7 +119,7 @@ static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
   convd_call *c = user;
   pthread_mutex_lock(&c->mu);
   conv_call *k = c->state;
-  if (k->unary) {
+  if (k->unary && !k->out_r.region) {
     convd_job_release_rows(k->job, n, h0, h1); /* written in place, into k->uy */
   } else if (!c->status_set) {
     if (k->ready_len == k->ready_cap) {
@@ -144,9 +152,10 @@ static void on_input_freed(void *user) {
 static void send_unary_result(convd_call *c, conv_call *k) {
   const convd_conv *cv = conv_of(k);
   Convd__V1__Shape4 shape = output_shape(cv);
-  Convd__V1__Summary sum = summary_of(c, k, cv->output_wire_bytes);
+  const int in_region = k->uy == NULL; /* the output went to a region (released by now) */
+  Convd__V1__Summary sum = summary_of(c, k, in_region ? 0 : cv->output_wire_bytes);
   /* Element i's 2 bytes land at or before where its 4 bytes were read. */
-  if (cv->p.dtype != CONVD_F32)
+  if (!in_region && cv->p.dtype != CONVD_F32)
     for (size_t i = 0; i < cv->output_elems; i++) {
       const float v = k->uy[i];
       convd_dtype_encode(cv->p.dtype, &v, (char *)k->uy + i * cv->wire_elem, 1);
@@ -154,9 +163,20 @@ static void send_unary_result(convd_call *c, conv_call *k) {
   Convd__V1__ConvResult res = CONVD__V1__CONV_RESULT__INIT;
   res.output_shape = &shape;
   res.output.data = (uint8_t *)k->uy;
-  res.output.len = cv->output_wire_bytes;
+  res.output.len = in_region ? 0 : cv->output_wire_bytes; /* in the region: nothing here */
   res.summary = &sum;
   convd_call_reply(c, &res.base);
+}
+
+static void release_regions(convd_call *c, conv_call *k);
+
+/* Conv2dUnary's answer, once the job is done and (output in a region) every row is written
+ * there and no copy runs: the regions go back first, so the client may unregister at once. */
+static void unary_maybe_reply(convd_call *c, conv_call *k) {
+  if (!k->unary || c->status_set || !k->job_done || k->feeding || k->writing) return;
+  if (k->out_r.region && k->rows_sent < k->rows_total) return;
+  release_regions(c, k);
+  send_unary_result(c, k);
 }
 
 /* The job ended (its last callback). */
@@ -171,8 +191,8 @@ static void on_job_done(void *user, int status, const char *err, const convd_job
       convd_call_fail(c, CONVD_ECANCELED, "the client cancelled the call");
     else
       convd_call_fail(c, status, err);
-  } else if (k->unary && !c->status_set) {
-    send_unary_result(c, k);
+  } else if (k->unary) {
+    unary_maybe_reply(c, k);
   } else {
     pump(c);
   }
@@ -221,7 +241,11 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
   k->band_limit = band_limit(k);
   uint64_t rows = (uint64_t)cv->input_bytes + (uint64_t)cv->output_bytes;
   const uint64_t stream_peak = k->mem_limit + k->band_limit + c->rpc->cfg->chunk_bytes;
-  if (!k->unary && rows > stream_peak) rows = stream_peak;
+  if (k->unary && windowed(k) && !k->out_r.region) /* input through the window, output whole */
+    rows = ((uint64_t)cv->input_bytes < stream_peak ? (uint64_t)cv->input_bytes : stream_peak) +
+           (uint64_t)cv->output_bytes;
+  else if (windowed(k) && rows > stream_peak)
+    rows = stream_peak;
   /* The stream's buffers include the weights and bias (as they arrive, and widened). */
   const uint64_t hold = sat_add(sat_add(rows, convd_stream_buffers_bytes(k->stream)), bookkeeping);
   int rc = convd_rpc_admit_call(c, hold, err, errlen);
@@ -232,7 +256,7 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
 static convd_job_cbs job_cbs(convd_call *c, const conv_call *k) {
   return (convd_job_cbs){.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
                          .done = on_job_done, .admit = admit_job,
-                         .op_bytes = k->unary ? 0 : stream_window(c->rpc) / 2};
+                         .op_bytes = windowed(k) ? stream_window(c->rpc) / 2 : 0};
 }
 
 /* The call's new job (it holds a ref on the call until its done()), then the stream's buffers.
@@ -242,7 +266,7 @@ static int job_setup(convd_call *c, conv_call *k, convd_job *job, char *err, siz
   k->job = job;
   convd_call_ref_locked(c);
   convd_job_set_priority(k->job, convd_stream_priority(k->stream));
-  if (k->unary) { /* written in place; set before any input can make an op ready */
+  if (k->unary && !k->out_r.region) { /* written in place; set before any input can make an op ready */
     if ((k->uy = malloc(cv->output_bytes)) == NULL)
       return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
                         cv->output_bytes);
@@ -356,6 +380,7 @@ static void feed_task(void *arg) {
     convd_call_fail(c, rc, err);
   } else if (!again) {
     pump(c); /* a status that waited for this task */
+    unary_maybe_reply(c, k);
   } else if (again && convd_offload_post(c->rpc->offload, feed_task, c) == 0) {
     pthread_mutex_unlock(&c->mu);
     return; /* the next task has this one's ref */
@@ -376,7 +401,7 @@ static void write_task(void *arg);
 static void start_write(convd_call *c, conv_call *k) {
   if (k->writing || k->ready_len == 0 || c->status_set) return;
   k->writing = 1;
-  if (convd_rpc_offload_call(c, write_task)) k->writing = 0;
+  if (convd_rpc_copier_call(c, write_task)) k->writing = 0;
 }
 
 /* Final output rows [h0, h1) of item n into the output region: each channel's rows are one
@@ -423,7 +448,12 @@ static void write_task(void *arg) {
     convd_call_fail(c, rc, err);
   } else {
     k->progress_pending |= nb > 0;
-    pump(c); /* the progress message, the next task, or the summary */
+    if (k->unary) {
+      start_write(c, k);
+      unary_maybe_reply(c, k);
+    } else {
+      pump(c); /* the progress message, the next task, or the summary */
+    }
     maybe_resume(c);
   }
   pthread_mutex_unlock(&c->mu);
@@ -490,10 +520,6 @@ static int take_regions(convd_call *c, conv_call *k, const Convd__V1__ConvSpec *
                         size_t errlen) {
   const convd_conv *cv = conv_of(k);
   if (!sp->input_region && !sp->output_region && !sp->weight_region && !sp->bias_region) return 0;
-  if (k->unary)
-    return convd_errf(err, errlen, CONVD_ENOTSUP,
-                      "shared-memory regions are served on Conv2d (streamed); Conv2dUnary takes its "
-                      "tensors in its messages");
   if (sp->weight_region && convd_stream_registered_weights(k->stream))
     return convd_errf(err, errlen, CONVD_EINVAL, "give spec.weights_id or spec.weight_region, not both");
   if (sp->bias_region && !cv->p.has_bias)
@@ -513,7 +539,10 @@ static int take_regions(convd_call *c, conv_call *k, const Convd__V1__ConvSpec *
                         "spec.output_region (bytes %" PRIu64 "+%" PRIu64 ") overlaps %s (bytes %" PRIu64
                         "+%" PRIu64 ") of the same region: the output may not overwrite an input",
                         k->out_r.offset, k->out_r.length, names[i], ins[i]->offset, ins[i]->length);
-  if (k->in_r.region) convd_stream_set_external_input(k->stream);
+  convd_stream_set_external(k->stream, (k->in_r.region ? CONVD_STREAM_EXT_INPUT : 0u) |
+                                            (k->w_r.region ? CONVD_STREAM_EXT_WEIGHT : 0u) |
+                                            (k->b_r.region ? CONVD_STREAM_EXT_BIAS : 0u) |
+                                            (k->out_r.region ? CONVD_STREAM_EXT_OUTPUT : 0u));
   return 0;
 }
 
@@ -860,11 +889,33 @@ static int unary_prepare(convd_call *c, conv_call *k, Convd__V1__ConvCall **mp, 
 /* Small messages are served at once, on the completion-queue thread: their work is bounded by
  * UNARY_INLINE_BYTES, and a hop to the offload thread would cost the latency that small calls
  * are sent as one message for. */
+static void unary_run_job(convd_call *c, conv_call *k, Convd__V1__ConvCall *m, convd_job *job,
+                          int rc, char *err, size_t errlen);
+
+/* The offload thread: a small Conv2dUnary message whose tensors lie (partly) in regions. */
+static void unary_regions_task(void *arg) {
+  convd_call *c = arg;
+  conv_call *k = c->state;
+  char err[1024];
+  unary_run_job(c, k, k->pend_m, k->pend_job, 0, err, sizeof err);
+  k->pend_m = NULL, k->pend_job = NULL;
+  convd_call_unref(c);
+}
+
 static void unary_inline(convd_call *c, conv_call *k) {
   char err[1024];
   Convd__V1__ConvCall *m = NULL;
   convd_job *job = NULL;
   int rc = unary_prepare(c, k, &m, &job, err, sizeof err);
+  if (rc == 0 && (k->in_r.region || k->out_r.region || k->w_r.region || k->b_r.region)) {
+    /* Its tensors in regions need not fit a message: copied on the offload thread. */
+    k->pend_m = m, k->pend_job = job;
+    if (convd_rpc_offload_call(c, unary_regions_task) == 0) return;
+    k->pend_m = NULL, k->pend_job = NULL;
+    convd_job_destroy(job); /* never started: no callback comes */
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+    return;
+  }
   k->creating = 0;
   if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
   if (rc == 0) rc = convd_stream_feed_call(k->stream, m, err, sizeof err);
@@ -872,11 +923,30 @@ static void unary_inline(convd_call *c, conv_call *k) {
   if (rc) convd_call_fail(c, rc, err);
 }
 
+/* The offload thread, without the call's mutex: the job set up, then weights and bias from
+ * their regions, the message's tensors and the input region's feed (backpressured, feed_task).
+ * Until the job is set, k->creating keeps conv_report off k; afterwards only the engine's own
+ * locked calls meet this thread (a cancellation's convd_job_cancel, the workers' callbacks). */
+static void unary_run_job(convd_call *c, conv_call *k, Convd__V1__ConvCall *m, convd_job *job,
+                          int rc, char *err, size_t errlen) {
+  pthread_mutex_lock(&c->mu);
+  k->creating = 0;
+  if (rc == 0) rc = job_setup(c, k, job, err, errlen);
+  const int go = rc == 0 && !c->status_set && !c->dead;
+  if (rc == 0 && !go) convd_job_cancel(k->job); /* ended meanwhile: done() comes from a worker */
+  pthread_mutex_unlock(&c->mu);
+  if (go && (k->w_r.region || k->b_r.region)) rc = feed_region_weights(k, err, errlen);
+  if (go && rc == 0) rc = convd_stream_feed_call(k->stream, m, err, errlen);
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  pthread_mutex_lock(&c->mu);
+  if (rc) convd_call_fail(c, rc, err);
+  else if (go && k->in_r.region && !c->status_set) start_feed(c, k);
+  pthread_mutex_unlock(&c->mu);
+}
+
 /* The offload thread: a large message. Decoding, the job and feeding its tensors (copies and
  * widening of up to --max-message-bytes) run without the call's mutex, which the completion-
- * queue thread and the idle check take (one call holding it would stall every call). Until the
- * job is set, k->creating keeps conv_report off k; afterwards only the engine's own locked
- * calls meet this thread (a cancellation's convd_job_cancel, the workers' callbacks). */
+ * queue thread and the idle check take (one call holding it would stall every call). */
 static void unary_offloaded(void *arg) {
   convd_call *c = arg;
   conv_call *k = c->state;
@@ -884,19 +954,7 @@ static void unary_offloaded(void *arg) {
   Convd__V1__ConvCall *m = NULL;
   convd_job *job = NULL;
   int rc = unary_prepare(c, k, &m, &job, err, sizeof err);
-  pthread_mutex_lock(&c->mu);
-  k->creating = 0;
-  if (rc == 0) rc = job_setup(c, k, job, err, sizeof err);
-  const int go = rc == 0 && !c->status_set && !c->dead;
-  if (rc == 0 && !go) convd_job_cancel(k->job); /* ended meanwhile: done() comes from a worker */
-  pthread_mutex_unlock(&c->mu);
-  if (go) rc = convd_stream_feed_call(k->stream, m, err, sizeof err);
-  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
-  if (rc) {
-    pthread_mutex_lock(&c->mu);
-    convd_call_fail(c, rc, err);
-    pthread_mutex_unlock(&c->mu);
-  }
+  unary_run_job(c, k, m, job, rc, err, sizeof err);
   convd_call_unref(c);
 }
 

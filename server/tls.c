@@ -1,7 +1,7 @@
-/* See tls.h. Threads: convd_tls_create/reload/destroy on the daemon's libuv loop; fetch() on
- * gRPC's threads. t->mu guards the PEM strings and `pending`; the paths are set at creation and
- * read-only afterwards. Files are read on the loop, never in fetch(), which runs for every new
- * connection and must stay cheap. */
+/* See tls.h. Threads: convd_tls_create/reload/destroy and convd_tls_server_credentials on the
+ * daemon's libuv loop; fetch() on gRPC's threads. t->mu guards the PEM strings and the
+ * increments of `generation`; the paths are set at creation and read-only afterwards. Files are
+ * read on the loop, never in fetch(), which runs for every new connection and must stay cheap. */
 #include "tls.h"
 
 #include <errno.h>
@@ -18,12 +18,22 @@
 
 #define MAX_PEM_BYTES (1u << 20) /* a chain of a few certificates is kilobytes */
 
+/* One per server credentials object, i.e. per listener: gRPC gives each listener its own
+ * security connector and handshaker factory, which fetch() feeds, so each must be told of a
+ * reload on its own (one flag for all would let the first listener to take the new certificate
+ * keep it from the others, and a second listener's first fetch find nothing new and fail). */
+struct fetcher {
+  convd_tls *t;
+  atomic_uint seen; /* the generation this listener's gRPC connector has (0: none yet) */
+  struct fetcher *next;
+};
+
 struct convd_tls {
   char cert_path[1024], key_path[1024], ca_path[1024]; /* ca_path "" without a client CA */
   pthread_mutex_t mu;
   char *cert, *key, *ca; /* PEM text; ca NULL without a client CA */
-  /* Set when the strings changed and gRPC has not taken them yet (at start, after a reload). */
-  atomic_int pending;
+  atomic_uint generation; /* of the strings: 1 at start, one more at each reload (under mu) */
+  struct fetcher *fetchers; /* the loop's thread adds them; freed with t */
 };
 
 static void pem_free(char *p) {
@@ -107,7 +117,7 @@ int convd_tls_create(const char *cert, const char *key, const char *client_ca, c
     return rc;
   }
   pthread_mutex_init(&t->mu, NULL);
-  atomic_init(&t->pending, 1);
+  atomic_init(&t->generation, 1);
   *out = t;
   return 0;
 }
@@ -119,37 +129,44 @@ int convd_tls_reload(convd_tls *t, char *err, size_t errlen) {
   pthread_mutex_lock(&t->mu);
   char *old[3] = {t->cert, t->key, t->ca};
   t->cert = cert, t->key = key, t->ca = ca;
-  atomic_store(&t->pending, 1);
+  atomic_fetch_add(&t->generation, 1);
   pthread_mutex_unlock(&t->mu);
   for (int i = 0; i < 3; i++) pem_free(old[i]);
   return 0;
 }
 
-/* gRPC thread: at the port's creation and at every new connection. gRPC owns *config after
- * NEW (it copies the strings). */
+/* gRPC thread: at the port's creation and at every new connection on it (gRPC serializes the
+ * calls for one connector). gRPC owns *config after NEW (it copies the strings). */
 static grpc_ssl_certificate_config_reload_status fetch(void *user,
                                                        grpc_ssl_server_certificate_config **config) {
-  convd_tls *t = user;
-  if (!atomic_load(&t->pending)) return GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_UNCHANGED;
+  struct fetcher *f = user;
+  convd_tls *t = f->t;
+  if (atomic_load(&f->seen) == atomic_load(&t->generation))
+    return GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_UNCHANGED;
   pthread_mutex_lock(&t->mu);
   grpc_ssl_pem_key_cert_pair pair = {t->key, t->cert};
   /* gRPC 1.51 asserts that a fetched config has root certificates, even when clients are not
    * asked for a certificate. Without a client CA the server's own chain stands in: it is
    * loaded but never used, as no client certificate is requested or verified. */
   *config = grpc_ssl_server_certificate_config_create(t->ca ? t->ca : t->cert, &pair, 1);
-  atomic_store(&t->pending, 0);
+  atomic_store(&f->seen, atomic_load(&t->generation));
   pthread_mutex_unlock(&t->mu);
   return *config ? GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_NEW : GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_FAIL;
 }
 
 grpc_server_credentials *convd_tls_server_credentials(convd_tls *t) {
+  /* The first fetch (when the port is added) hands gRPC the certificate: seen starts at 0. */
+  struct fetcher *f = calloc(1, sizeof *f);
+  if (f == NULL) return NULL;
+  f->t = t;
+  atomic_init(&f->seen, 0);
+  f->next = t->fetchers;
+  t->fetchers = f;
   grpc_ssl_server_credentials_options *o = grpc_ssl_server_credentials_create_options_using_config_fetcher(
       t->ca_path[0] ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
                     : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
-      fetch, t);
+      fetch, f);
   if (o == NULL) return NULL;
-  /* The first fetch (when the port is added) must hand gRPC the certificate. */
-  atomic_store(&t->pending, 1);
   return grpc_ssl_server_credentials_create_with_options(o);
 }
 
@@ -158,6 +175,10 @@ int convd_tls_mutual(const convd_tls *t) { return t->ca_path[0] != '\0'; }
 void convd_tls_destroy(convd_tls *t) {
   if (t == NULL) return;
   pem_free(t->cert), pem_free(t->key), pem_free(t->ca);
+  for (struct fetcher *f = t->fetchers, *next; f; f = next) {
+    next = f->next;
+    free(f);
+  }
   pthread_mutex_destroy(&t->mu);
   free(t);
 }

@@ -1,4 +1,4 @@
-/* TLS for the gRPC listener (--tls-cert, --tls-key, --tls-client-ca): the PEM files, read at
+/* TLS for the gRPC listeners (--tls-cert, --tls-key, --tls-client-ca): the PEM files, read at
  * start and again on SIGHUP, and the server credentials built on gRPC's certificate-config
  * fetcher, so that a reload takes effect for new connections without restarting the server
  * (connections already open keep the certificate they were made with).
@@ -9,7 +9,7 @@
  *
  * Threads: create, reload and destroy run on the daemon's libuv loop; gRPC calls the fetcher on
  * its own threads (once when the port is added, then at each new connection's handshake). `mu`
- * guards the PEM strings and the pending flag. */
+ * guards the PEM strings and their generation. */
 #ifndef CONVD_TLS_H
 #define CONVD_TLS_H
 
@@ -22,7 +22,8 @@ typedef struct convd_tls convd_tls;
  * unreadable, empty, or without the PEM block expected (a certificate, a private key). */
 int convd_tls_create(const char *cert, const char *key, const char *client_ca, convd_tls **out,
                      char *err, size_t errlen);
-/* New server credentials on the fetcher (the caller releases them). NULL when out of memory. */
+/* New server credentials on the fetcher, one for each listener (a reload reaches each on its
+ * next connection); the caller releases them. NULL when out of memory. */
 grpc_server_credentials *convd_tls_server_credentials(convd_tls *t);
 /* Reads the files again; on success new connections get the new certificate (gRPC itself
  * refuses a pair that does not load and keeps the old one, logging why). On error the old

@@ -710,6 +710,103 @@ static void test_loopback_rules(void) {
       FAIL_AT("%s: expected %s", cases[i].addr, cases[i].local ? "local" : "reachable");
 }
 
+/* --listen and --unix-socket-mode as convd_config_parse takes them (flags after argv[0]). */
+static int parse_args(convd_config *cfg, char *err, size_t errlen, const char *const *args) {
+  char *argv[24] = {"convd"};
+  int n = 1;
+  for (int i = 0; args[i] && n < 23; i++) argv[n++] = (char *)args[i];
+  argv[n] = NULL;
+  return convd_config_parse(cfg, n, argv, stdout, err, errlen);
+}
+
+static void test_listen_config(void) {
+  static convd_config cfg;
+  char err[512];
+  const char *none[] = {NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, none), err);
+  ASSERT_EQ_INT(cfg.listen.n, 1);
+  ASSERT_TRUE(strcmp(cfg.listen.addr[0], "127.0.0.1:50051") == 0);
+  ASSERT_EQ_INT(cfg.unix_socket_mode, 0660);
+  /* Repeated flags, in order; the mode in octal. */
+  const char *two[] = {"--listen", "127.0.0.1:0", "--listen=unix:/run/convd/convd.sock",
+                       "--unix-socket-mode", "600", NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, two), err);
+  ASSERT_EQ_INT(cfg.listen.n, 2);
+  ASSERT_TRUE(strcmp(cfg.listen.addr[0], "127.0.0.1:0") == 0);
+  ASSERT_TRUE(strcmp(cfg.listen.addr[1], "unix:/run/convd/convd.sock") == 0);
+  ASSERT_TRUE(strcmp(convd_listen_unix_path(cfg.listen.addr[1]), "/run/convd/convd.sock") == 0);
+  ASSERT_TRUE(convd_listen_unix_path(cfg.listen.addr[0]) == NULL);
+  ASSERT_EQ_INT(cfg.unix_socket_mode, 0600);
+  /* The variable: comma-separated, spaces around an element dropped; a flag replaces it. */
+  setenv("CONVD_LISTEN", "[::1]:7000, unix:/tmp/a.sock ,localhost:0", 1);
+  int rc = parse_args(&cfg, err, sizeof err, none);
+  const int n_env = cfg.listen.n;
+  const int third_ok = n_env == 3 && strcmp(cfg.listen.addr[1], "unix:/tmp/a.sock") == 0 &&
+                       strcmp(cfg.listen.addr[2], "localhost:0") == 0;
+  const char *flag[] = {"--listen", "127.0.0.1:1", NULL};
+  int rc2 = parse_args(&cfg, err, sizeof err, flag);
+  unsetenv("CONVD_LISTEN");
+  ASSERT_OK(rc, err);
+  ASSERT_EQ_INT(n_env, 3);
+  ASSERT_TRUE(third_ok);
+  ASSERT_OK(rc2, err);
+  ASSERT_EQ_INT(cfg.listen.n, 1);
+  ASSERT_TRUE(strcmp(cfg.listen.addr[0], "127.0.0.1:1") == 0);
+  /* sun_path holds 107 bytes and a NUL. */
+  char at107[5 + 108], at108[5 + 109];
+  snprintf(at107, sizeof at107, "unix:/%0106d", 0);
+  snprintf(at108, sizeof at108, "unix:/%0107d", 0);
+  const char *fits[] = {"--listen", at107, NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, fits), err);
+  static const struct {
+    const char *args[20], *words;
+  } bad[] = {
+      {{"--listen", "", NULL}, "--listen: an empty address"},
+      {{"--listen", "unix:convd.sock", NULL}, "must be absolute"},
+      {{"--listen", "unix:", NULL}, "must be absolute"},
+      {{"--listen", "unix-abstract:convd", NULL}, "abstract Unix sockets are not served"},
+      {{"--listen", "127.0.0.1", NULL}, "expected HOST:PORT"},
+      {{"--listen", ":50051", NULL}, "expected HOST:PORT"},
+      {{"--listen", "127.0.0.1:65536", NULL}, "expected HOST:PORT"},
+      {{"--listen", "127.0.0.1:http", NULL}, "expected HOST:PORT"},
+      {{"--listen", "127.0.0.1:1,127.0.0.1:2", NULL}, "one address per --listen"},
+      {{"--listen", "unix:/tmp/x", "--listen", "unix:/tmp/x", NULL}, "--listen unix:/tmp/x is given twice"},
+      {{"--listen", "127.0.0.1:5", "--listen", "127.0.0.1:5", NULL}, "given twice"},
+      {{"--unix-socket-mode", "0668", NULL}, "--unix-socket-mode=0668: expected an octal file mode"},
+      {{"--unix-socket-mode", "01777", NULL}, "from 0000 to 0777"},
+      {{"--unix-socket-mode", "rw", NULL}, "octal"},
+      {{"--listen", "a:1", "--listen", "a:2", "--listen", "a:3", "--listen", "a:4", "--listen",
+        "a:5", "--listen", "a:6", "--listen", "a:7", "--listen", "a:8", "--listen", "a:9", NULL},
+       "--listen: at most 8 addresses (a:9 is one too many)"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    if (parse_args(&cfg, err, sizeof err, bad[i].args) != CONVD_EINVAL)
+      FAIL_AT("case %zu (%s): accepted", i, bad[i].words);
+    else if (strstr(err, bad[i].words) == NULL)
+      FAIL_AT("case %zu: \"%s\" lacks \"%s\"", i, err, bad[i].words);
+  }
+  const char *long_path[] = {"--listen", at108, NULL};
+  ASSERT_EQ_INT(parse_args(&cfg, err, sizeof err, long_path), CONVD_EINVAL);
+  ASSERT_CONTAINS(err, "is 108 bytes, longer than the 107");
+  /* Port 0 twice is two free ports. */
+  const char *zero[] = {"--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, zero), err);
+  setenv("CONVD_LISTEN", "127.0.0.1:0,", 1);
+  rc = parse_args(&cfg, err, sizeof err, none);
+  unsetenv("CONVD_LISTEN");
+  ASSERT_EQ_INT(rc, CONVD_EINVAL);
+  ASSERT_CONTAINS(err, "CONVD_LISTEN: an empty address");
+  /* Protected mode looks at every address: a reachable one anywhere in the list. */
+  const char *mixed[] = {"--listen", "unix:/tmp/p.sock", "--listen", "0.0.0.0:0", "--listen",
+                         "127.0.0.1:0", NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, mixed), err);
+  ASSERT_EQ_INT(convd_protect_check(&cfg, err, sizeof err), CONVD_EINVAL);
+  ASSERT_CONTAINS(err, "--listen 0.0.0.0:0 can be reached from other machines");
+  const char *local[] = {"--listen", "unix:/tmp/p.sock", "--listen", "[::1]:0", NULL};
+  ASSERT_OK(parse_args(&cfg, err, sizeof err, local), err);
+  ASSERT_OK(convd_protect_check(&cfg, err, sizeof err), err);
+}
+
 static void test_tokens_table(void) {
   char tok[160];
   snprintf(tok, sizeof tok, "%s", at("tokens-unit"));
@@ -766,9 +863,52 @@ static void test_tokens_table(void) {
   convd_auth_destroy(a);
 }
 
+/* ---- a unix: listener beside TCP: TLS and tokens apply to it too ------------------------ */
+
+static void test_unix_listener(void) {
+  char tok[160], target[200];
+  snprintf(tok, sizeof tok, "%s", at("tokens-unix"));
+  ASSERT_TRUE(tokens_file(tok, "alice " TOKEN_A "\n") == 0);
+  ASSERT_TRUE(copy_file(at("server1.crt"), at("tls.crt")) == 0 && copy_file(at("server1.key"), at("tls.key")) == 0);
+  snprintf(target, sizeof target, "unix:%s", at("convd.sock"));
+  test_daemon d;
+  const char *extra[] = {"--listen", target, "--tls-cert", at("tls.crt"), "--tls-key", at("tls.key"),
+                         "--auth-tokens", tok, "--log-level", "info", NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  char err[1024];
+  /* gRPC checks a unix: target's certificate for "localhost", which the server's carries. */
+  convd_client *c = client(target, at("ca1.crt"), NULL, NULL, NULL, TOKEN_A);
+  ASSERT_TRUE(c != NULL);
+  int rc = conv_checked(c, 0, err, sizeof err);
+  if (rc == 0) rc = conv_checked(c, 1, err, sizeof err);
+  convd_client_destroy(c);
+  ASSERT_OK(rc, err);
+  ASSERT_EQ_INT(try_list(target, NULL, NULL, NULL, NULL, TOKEN_A, NULL, err, sizeof err), CONVD_CLIENT_EUNAVAIL);
+  int status = 0;
+  ASSERT_EQ_INT(try_list(target, at("ca1.crt"), NULL, NULL, NULL, NULL, &status, err, sizeof err), CONVD_CLIENT_EREMOTE);
+  ASSERT_EQ_INT(status, GRPC_STATUS_UNAUTHENTICATED);
+  ASSERT_OK(try_list(d.target, at("ca1.crt"), NULL, NULL, NULL, TOKEN_A, NULL, err, sizeof err), err);
+  char out[4096], eout[4096];
+  const char *h[] = {"health", "--server", target, "--tls-ca", at("ca1.crt"), "--timeout", "20", NULL};
+  ASSERT_EQ_INT(convctl(out, sizeof out, eout, sizeof eout, h), 0);
+  ASSERT_CONTAINS(out, "SERVING");
+  /* A rotation reaches every listener: each has its own certificate fetcher. */
+  ASSERT_TRUE(copy_file(at("server2.crt"), at("tls.crt")) == 0 && copy_file(at("server2.key"), at("tls.key")) == 0);
+  kill(d.pid, SIGHUP);
+  probe tcp = {.target = d.target, .ca = at("ca2.crt"), .token = TOKEN_A, .want_rc = 0};
+  ASSERT_TRUE(eventually(probe_list, &tcp));
+  probe unix_ = {.target = target, .ca = at("ca2.crt"), .token = TOKEN_A, .want_rc = 0};
+  ASSERT_TRUE(eventually(probe_list, &unix_));
+  ASSERT_EQ_INT(try_list(target, at("ca1.crt"), NULL, NULL, NULL, TOKEN_A, NULL, err, sizeof err), CONVD_CLIENT_EUNAVAIL);
+  ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
+  struct stat st;
+  ASSERT_TRUE(lstat(at("convd.sock"), &st) != 0 && errno == ENOENT);
+}
+
 int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"loopback_rules", test_loopback_rules},
+      {"listen_config", test_listen_config},
       {"tokens_table", test_tokens_table},
       {"startup_errors", test_startup_errors},
       {"tokens_file_refused", test_tokens_file_refused},
@@ -779,6 +919,7 @@ int main(int argc, char **argv) {
       {"reflection_public", test_reflection_public},
       {"tokens_reload", test_tokens_reload},
       {"tls_reload", test_tls_reload},
+      {"unix_listener", test_unix_listener},
   };
   if (make_pki()) return 1;
   int rc = test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);

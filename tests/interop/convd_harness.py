@@ -12,7 +12,9 @@ import numpy as np
 
 
 class Daemon:
-    """A convd on 127.0.0.1 with port 0; stop() asserts a clean exit and a clean log."""
+    """A convd on 127.0.0.1 with port 0 (and whatever more --listen addresses extra gives: their
+    `convd listening on` lines, one per address after the first, are in self.addresses);
+    stop() asserts a clean exit and a clean log."""
 
     def __init__(self, binary, *extra):
         self.log = tempfile.NamedTemporaryFile(prefix="convd-py-", suffix=".log", delete=False)
@@ -25,6 +27,14 @@ class Daemon:
             self.proc.kill()
             raise RuntimeError(f"convd did not report its port: {line!r}\n{self.read_log()}")
         self.target = f"127.0.0.1:{m.group(2)}"
+        self.addresses = [self.target]
+        for _ in range(sum(a == "--listen" or a.startswith("--listen=") for a in extra)):
+            line = self.proc.stdout.readline()
+            m = re.match(r"convd listening on (\S+)$", line.strip())
+            if not m:
+                self.proc.kill()
+                raise RuntimeError(f"convd did not report its next address: {line!r}\n{self.read_log()}")
+            self.addresses.append(m.group(1))
         self.metrics_url = None
         if "--metrics-listen" in extra:
             line = self.proc.stdout.readline()

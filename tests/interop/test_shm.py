@@ -49,9 +49,10 @@ class Region:
         self.shm.unlink()
 
 
-def shm_call(stub, spec, x, w, b, mode, region, md=None):
-    """One Conv2d with the tensors `mode` names in the region (i: input, o: output, w: weights
-    and bias); the rest streamed. Returns the output."""
+def shm_call(stub, spec, x, w, b, mode, region, md=None, unary=False):
+    """One Conv2d (Conv2dUnary when unary) with the tensors `mode` names in the region (i:
+    input, o: output, w: weights and bias); the rest streamed (in the message). Returns the
+    output."""
     out_shape = None
     off = 0
     reqs_x, reqs_w, reqs_b = x, w, b
@@ -92,6 +93,15 @@ def shm_call(stub, spec, x, w, b, mode, region, md=None):
         assert n_out <= out_bytes, "region too small for the output"
         spec.output_region.length = n_out
         region.shm.buf[out_off:out_off + n_out] = np.full(n_out // 4, np.nan, np.float32).tobytes()  # poison
+    if unary:
+        f32 = lambda t: b"" if t is None else np.ascontiguousarray(t, dtype="<f4").tobytes()
+        res = stub.Conv2dUnary(pb.ConvCall(spec=spec, input=f32(reqs_x), weight=f32(reqs_w), bias=f32(reqs_b)),
+                               timeout=120, metadata=md)
+        if "o" in mode:
+            assert len(res.output) == 0, "output bytes came back for an output region"
+            return region.array(out_off, out_shape).copy()
+        s_ = res.output_shape
+        return np.frombuffer(res.output, "<f4").reshape(s_.d0, s_.d1, s_.d2, s_.d3)
     responses = list(stub.Conv2d(requests(), timeout=120, metadata=md))
     kinds = [r.WhichOneof("msg") for r in responses]
     if "o" in mode:
@@ -124,24 +134,41 @@ def expected_shape(spec):
 MODES = ("io", "i", "o", "iow", "ow")
 
 
-def case_golden(stub, golden):
+def case_golden(stub, golden, unary=False):
     count, worst = 0, 0.0
     for i, (name, params, a) in enumerate(load_golden(golden)):
-        mode = MODES[i % len(MODES)]
+        mode = MODES[(i + unary) % len(MODES)]
         b = a.get("bias")
         spec = spec_from_params(pb, params, b is not None)
         size = 2 * (a["input"].nbytes + a["weight"].nbytes + (b.nbytes if b is not None else 0)) + \
             int(np.prod(a["expected"].shape)) * 4 + 4096
         r = Region(stub, size)
         try:
-            y = shm_call(stub, spec, a["input"], a["weight"], b, mode, r)
+            y = shm_call(stub, spec, a["input"], a["weight"], b, mode, r, unary=unary)
             worst = max(worst, check_close(y, a["expected"]))
         except AssertionError as e:
-            raise AssertionError(f"golden case {name} ({mode}): {e}")
+            raise AssertionError(f"golden case {name} ({mode}{', unary' if unary else ''}): {e}")
         finally:
             r.close()
         count += 1
-    return f"{count} golden cases, modes {'/'.join(MODES)}, max error {worst:.2e}"
+    return f"{count} golden cases{' through Conv2dUnary' if unary else ''}, modes {'/'.join(MODES)}, max error {worst:.2e}"
+
+
+def case_unary_large(stub):
+    """Conv2dUnary with input and output in a region: 16 MiB each way, four times the message
+    limit, served through the window."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 16, 512, 512), dtype=np.float32)
+    w = rng.standard_normal((16, 16, 1, 1), dtype=np.float32)
+    spec = spec_from_params(pb, {"input": list(x.shape), "weight": list(w.shape), "stride": [1, 1],
+                                 "dilation": [1, 1], "padding": [0, 0, 0, 0], "groups": [1]}, False)
+    r = Region(stub, 2 * x.nbytes + 4096)
+    try:
+        y = shm_call(stub, spec, x, w, None, "io", r, unary=True)
+        want = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), x.astype(np.float64))
+        return f"16 MiB in, 16 MiB out, max error {check_close(y, want):.2e}"
+    finally:
+        r.close()
 
 
 def case_random(stub):
@@ -244,7 +271,11 @@ def case_bad_input(stub):
         spec = small_spec()
         spec.weight_region.CopyFrom(r.put(1024, w))
         expect(lambda: call(spec, with_w=True), IA, "send no chunks", "weight chunks beside weight_region")
-        checked += 2
+        spec = small_spec()
+        spec.input_region.CopyFrom(r.put(0, x))
+        expect(lambda: stub.Conv2dUnary(pb.ConvCall(spec=spec, input=x.tobytes(), weight=w.tobytes()), timeout=10),
+               IA, "ConvCall.input must be empty", "Conv2dUnary input bytes beside input_region")
+        checked += 3
         # In use: a call that holds the region (its client sends nothing more for a while).
         spec = small_spec()
         spec.input_region.CopyFrom(r.put(0, x))
@@ -400,18 +431,24 @@ def main():
     convd, stub_dir, golden = sys.argv[1:4]
     pb, pb_grpc = import_stubs(stub_dir)
     import tempfile
-    d = Daemon(convd)
+    sock_dir = tempfile.mkdtemp(prefix="convd-shm-")
+    d = Daemon(convd, "--listen", f"unix:{sock_dir}/convd.sock")
     try:
-        with grpc.insecure_channel(d.target) as ch:
-            stub = pb_grpc.ConvolutionStub(ch)
-            for name, fn in (("golden cases", lambda: case_golden(stub, golden)),
-                             ("random shapes", lambda: case_random(stub)),
-                             ("bad input", lambda: case_bad_input(stub))):
-                t0 = time.monotonic()
-                what = fn()
-                print(f"ok   {name} ({time.monotonic() - t0:.1f} s): {what}", flush=True)
+        # The same-host paths: the Unix socket (what shared memory is for) and loopback TCP.
+        for target in (d.addresses[1], d.target):
+            with grpc.insecure_channel(target) as ch:
+                stub = pb_grpc.ConvolutionStub(ch)
+                for name, fn in (("golden cases", lambda: case_golden(stub, golden)),
+                                 ("golden cases, Conv2dUnary", lambda: case_golden(stub, golden, unary=True)),
+                                 ("Conv2dUnary beyond the message limit", lambda: case_unary_large(stub)),
+                                 ("random shapes", lambda: case_random(stub)),
+                                 ("bad input", lambda: case_bad_input(stub))):
+                    t0 = time.monotonic()
+                    what = fn()
+                    print(f"ok   {name} over {target.split(':')[0]} ({time.monotonic() - t0:.1f} s): {what}", flush=True)
     finally:
         d.stop()
+        os.rmdir(sock_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("limits", lambda: case_limits(convd, stub_dir)),
                          ("tenants", lambda: case_tenants(convd, tmp)),
