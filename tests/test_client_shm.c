@@ -1,11 +1,12 @@
-/* Shared memory through libconvd_client and convctl, against real daemons on loopback: regions
- * made, listed and removed (nothing left in /dev/shm, on success or failure);
- * convd_client_conv2d_shm with the input, the weights, the output or any mix in regions, on
- * every golden case and on random shapes, each compared element by element with the golden
- * vectors or the reference, the outputs poisoned with NaN beforehand; half types in regions;
- * the statuses a client sees (unknown region, a range that leaves its region, an output over
- * an input, a region in use, a shrunk object, a cancelled call); and `convctl conv --shm` on
- * every golden case, on a daemon without shared memory, and interrupted by SIGINT. */
+/* Shared memory through libconvd_client and convctl, against real daemons on loopback TCP and
+ * (for some of the golden cases) their Unix sockets: regions made, listed and removed (nothing
+ * left in /dev/shm, on success or failure); convd_client_conv2d_shm with the input, the
+ * weights, the output or any mix in regions, on every golden case and on random shapes, each
+ * compared element by element with the golden vectors or the reference, the outputs poisoned
+ * with NaN beforehand; half types in regions; the statuses a client sees (unknown region, a
+ * range that leaves its region, an output over an input, a region in use, a shrunk object, a
+ * cancelled call); and `convctl conv --shm` on every golden case, on a daemon without shared
+ * memory, and interrupted by SIGINT. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -329,18 +330,29 @@ static void test_region_refused_leaves_nothing(void) {
 static const int MODES[] = {M_IN | M_OUT, M_IN, M_OUT, M_W, M_IN | M_W | M_OUT, M_W | M_OUT};
 enum { N_MODES = sizeof MODES / sizeof MODES[0] };
 
-/* Every golden case, each in every mode. */
+/* The daemon's Unix socket for a test: "unix:/tmp/convd-shm-PID.sock". */
+static const char *unix_target(void) {
+  static char t[96];
+  snprintf(t, sizeof t, "unix:/tmp/convd-shm-%d.sock", (int)getpid());
+  return t;
+}
+
+/* Every golden case, each in every mode; every other case through the daemon's Unix socket. */
 static void test_golden_modes(void) {
   test_daemon d;
-  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
-  convd_client *cl;
+  const char *extra[] = {"--listen", unix_target(), NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  convd_client *tcp, *unx, *cl;
   char err[1024], names[64][128];
   convd_client_opts o = {.timeout_seconds = 120};
-  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  ASSERT_OK(convd_client_create(d.target, &o, &tcp, err, sizeof err), err);
+  ASSERT_OK(convd_client_create(unix_target(), &o, &unx, err, sizeof err), err);
+  cl = tcp;
   const int n = golden_list(golden_root, names, 64);
   int ran = 0;
   for (int i = 0; i < n && !test_failed; i++) {
     golden g;
+    cl = i % 2 ? unx : tcp;
     ASSERT_OK(golden_load(golden_root, names[i], &g, err, sizeof err), err);
     convd_conv c;
     ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
@@ -362,9 +374,10 @@ static void test_golden_modes(void) {
     golden_free(&g);
   }
   size_t left;
-  ASSERT_EQ_INT(region_in_use(cl, NULL, &left), -1);
+  ASSERT_EQ_INT(region_in_use(tcp, NULL, &left), -1);
   ASSERT_EQ_INT(left, 0);
-  convd_client_destroy(cl);
+  convd_client_destroy(tcp);
+  convd_client_destroy(unx);
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
   ASSERT_TRUE(ran >= 19 * N_MODES);
 }
@@ -787,13 +800,15 @@ static int golden_argv(const golden *g, const char *target, char *out, char bufs
   return argc;
 }
 
-/* Every golden case through `convctl conv --shm` (float32; a few as float16 too), equal to the
- * expected output, the daemon's regions and /dev/shm empty afterwards. */
+/* Every golden case through `convctl conv --shm` (float32; a few as float16 too; every third over
+ * the daemon's Unix socket), equal to the expected output, the daemon's regions and /dev/shm
+ * empty afterwards. */
 static void test_convctl_golden(void) {
   char before[256][64], fresh[64] = "";
   const int nb = shm_client_objects(before, 256);
   test_daemon d;
-  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
+  const char *extra[] = {"--listen", unix_target(), NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
   char names[64][128], err[1024], out[300], log_out[300], log_err[300];
   snprintf(log_out, sizeof log_out, "/tmp/convd-shm-%d-convctl.out", (int)getpid());
   snprintf(log_err, sizeof log_err, "/tmp/convd-shm-%d-convctl.err", (int)getpid());
@@ -805,7 +820,7 @@ static void test_convctl_golden(void) {
     for (int half = 0; half < 1 + (i % 5 == 0) && !test_failed; half++) {
       snprintf(out, sizeof out, "/tmp/convd-shm-%d-%.120s.npy", (int)getpid(), names[i]);
       char bufs[8][640], *argv[40];
-      int argc = golden_argv(&g, d.target, out, bufs, argv);
+      int argc = golden_argv(&g, i % 3 == 1 ? unix_target() : d.target, out, bufs, argv);
       if (half) argv[argc++] = "--dtype", argv[argc++] = "float16", argv[argc] = NULL;
       const int rc = test_run(argv, log_out, log_err, 120);
       char msg[2048] = "";
