@@ -42,6 +42,7 @@ typedef struct convd_shm_range {
   convd_shm_region *region; /* NULL: none */
   uint64_t offset, length;
   int writable;
+  int counted; /* this range counts its call in the region's in_use */
 } convd_shm_range;
 
 typedef struct convd_shm_info {
@@ -62,7 +63,8 @@ void convd_shm_prefix(const char *tenant, char *buf, size_t len);
 /* 0 when name is a valid region name, else CONVD_EINVAL with the reason. */
 int convd_shm_check_name(const char *name, char *err, size_t errlen);
 
-/* Opens and maps the tenant's object `name`: size bytes from its start (0 = all of it).
+/* Opens and maps the tenant's object `name`: size bytes from its start (0 = all of it), its page
+ * tables made at once (O(size): run it off the completion-queue thread).
  * tenant NULL = no tenants; tenant_limit 0 = none of its own. Registering a name the tenant
  * already has is an error (unregister first). *mapped gets the size mapped. */
 int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, const char *name,
@@ -79,11 +81,14 @@ void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes);
 /* A call's range: the region must be the tenant's, and [offset, offset + length) inside its
  * mapped size; writable asks for a region the daemon could open for writing. The region stays
  * mapped and registered until convd_shm_release. what names the range in errors
- * ("spec.input_region"). */
+ * ("spec.input_region"). same_call: the call holds another range of this region already, so
+ * in_use (calls) stays as it is. */
 int convd_shm_acquire(convd_shm *s, const char *tenant, const char *name, uint64_t offset,
-                      uint64_t length, int writable, const char *what, convd_shm_range *out,
-                      char *err, size_t errlen);
+                      uint64_t length, int writable, int same_call, const char *what,
+                      convd_shm_range *out, char *err, size_t errlen);
 void convd_shm_release(convd_shm *s, convd_shm_range *r); /* a range without region: no-op */
+/* A held region's name. */
+const char *convd_shm_region_name(const convd_shm_region *g);
 
 /* Fault-safe copies between the range's bytes from off and daemon floats: count elements of
  * the engine dtype `dtype` (dtype.h: widened on read, rounded on write), or with dtype -1

@@ -99,8 +99,9 @@ static Convd__V1__Summary summary_of(const convd_call *c, const conv_call *k, ui
   sum.elapsed_seconds = convd_now_seconds() - c->t_begin;
   sum.compute_seconds = k->stats.compute_seconds;
   sum.ops_run = k->stats.ops_run;
-  sum.bytes_received = convd_stream_bytes_received(k->stream);
-  sum.bytes_sent = bytes_sent;
+  /* Tensor bytes either way, whether over the wire or through a region. */
+  sum.bytes_received = convd_stream_bytes_received(k->stream) + atomic_load(&k->shm_in_bytes);
+  sum.bytes_sent = bytes_sent + atomic_load(&k->shm_out_bytes);
   return sum;
 }
 
@@ -153,7 +154,7 @@ static void send_unary_result(convd_call *c, conv_call *k) {
   const convd_conv *cv = conv_of(k);
   Convd__V1__Shape4 shape = output_shape(cv);
   const int in_region = k->uy == NULL; /* the output went to a region (released by now) */
-  Convd__V1__Summary sum = summary_of(c, k, in_region ? 0 : cv->output_wire_bytes);
+  Convd__V1__Summary sum = summary_of(c, k, in_region ? 0 : cv->output_wire_bytes); /* + region's */
   /* Element i's 2 bytes land at or before where its 4 bytes were read. */
   if (!in_region && cv->p.dtype != CONVD_F32)
     for (size_t i = 0; i < cv->output_elems; i++) {
@@ -306,8 +307,7 @@ static int feed_region_weights(conv_call *k, char *err, size_t errlen) {
       if (t == 0) rq.weight = &ch;
       else rq.bias = &ch;
       int accepted;
-      rc = convd_stream_feed(k->stream, &rq, &accepted, err, errlen);
-      atomic_fetch_add(&k->shm_in_bytes, n);
+      rc = convd_stream_feed(k->stream, &rq, &accepted, err, errlen); /* counts them received */
     }
   }
   free(buf);
@@ -501,8 +501,9 @@ static void release_regions(convd_call *c, conv_call *k) {
 }
 
 /* One range the spec names: its length must be the tensor's, and it must be the tenant's. */
-static int take_range(convd_call *c, const Convd__V1__RegionRef *ref, uint64_t want, int writable,
-                      const char *what, convd_shm_range *out, char *err, size_t errlen) {
+static int take_range(convd_call *c, conv_call *k, const Convd__V1__RegionRef *ref, uint64_t want,
+                      int writable, const char *what, convd_shm_range *out, char *err,
+                      size_t errlen) {
   if (ref == NULL) return 0;
   if (c->rpc->shm == NULL)
     return convd_errf(err, errlen, CONVD_ENOTSUP,
@@ -511,8 +512,13 @@ static int take_range(convd_call *c, const Convd__V1__RegionRef *ref, uint64_t w
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "%s.length = %" PRIu64 ", but the tensor has %" PRIu64 " bytes (its shape times "
                       "the dtype's size)", what, ref->length, want);
-  return convd_shm_acquire(c->rpc->shm, convd_call_tenant(c), ref->region ? ref->region : "",
-                           ref->offset, ref->length, writable, what, out, err, errlen);
+  const char *name = ref->region ? ref->region : "";
+  int same = 0; /* a range of this region held already: the call counts once in its in_use */
+  const convd_shm_range *held[] = {&k->in_r, &k->out_r, &k->w_r, &k->b_r};
+  for (int i = 0; i < 4; i++)
+    same |= held[i]->region && held[i] != out && strcmp(convd_shm_region_name(held[i]->region), name) == 0;
+  return convd_shm_acquire(c->rpc->shm, convd_call_tenant(c), name, ref->offset, ref->length, writable,
+                           same, what, out, err, errlen);
 }
 
 /* After the spec was accepted: the shared-memory ranges it names, checked and held. */
@@ -526,10 +532,10 @@ static int take_regions(convd_call *c, conv_call *k, const Convd__V1__ConvSpec *
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "spec.bias_region is set, but the call has no bias (spec.has_bias is false)");
   int rc;
-  if ((rc = take_range(c, sp->input_region, cv->input_wire_bytes, 0, "spec.input_region", &k->in_r, err, errlen)) ||
-      (rc = take_range(c, sp->output_region, cv->output_wire_bytes, 1, "spec.output_region", &k->out_r, err, errlen)) ||
-      (rc = take_range(c, sp->weight_region, cv->weight_wire_bytes, 0, "spec.weight_region", &k->w_r, err, errlen)) ||
-      (rc = take_range(c, sp->bias_region, cv->bias_wire_bytes, 0, "spec.bias_region", &k->b_r, err, errlen)))
+  if ((rc = take_range(c, k, sp->input_region, cv->input_wire_bytes, 0, "spec.input_region", &k->in_r, err, errlen)) ||
+      (rc = take_range(c, k, sp->output_region, cv->output_wire_bytes, 1, "spec.output_region", &k->out_r, err, errlen)) ||
+      (rc = take_range(c, k, sp->weight_region, cv->weight_wire_bytes, 0, "spec.weight_region", &k->w_r, err, errlen)) ||
+      (rc = take_range(c, k, sp->bias_region, cv->bias_wire_bytes, 0, "spec.bias_region", &k->b_r, err, errlen)))
     return rc;
   static const char *const names[] = {"spec.input_region", "spec.weight_region", "spec.bias_region"};
   const convd_shm_range *ins[] = {&k->in_r, &k->w_r, &k->b_r};
@@ -587,8 +593,8 @@ static void conv_report(const convd_call *c, convd_call_report *r) {
     r->bytes_in = convd_stream_bytes_received(k->stream) + atomic_load(&k->shm_in_bytes);
     r->bytes_out = k->bytes_sent + atomic_load(&k->shm_out_bytes);
   } else if (c->status_set && c->status == GRPC_STATUS_OK) {
-    r->bytes_in = convd_stream_bytes_received(k->stream);
-    r->bytes_out = conv_of(k)->output_wire_bytes;
+    r->bytes_in = convd_stream_bytes_received(k->stream) + atomic_load(&k->shm_in_bytes);
+    r->bytes_out = k->uy ? conv_of(k)->output_wire_bytes : atomic_load(&k->shm_out_bytes);
   }
 }
 

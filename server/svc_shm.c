@@ -1,10 +1,12 @@
 /* The shared-memory region methods: RegisterRegion, ListRegions, UnregisterRegion (shm.h holds
  * the regions and the rules; Conv2d uses them, svc_conv.c).
  *
- * Threads: the completion-queue thread, with the call's mutex held. Registering opens, checks
- * and maps the object (a few system calls, no page touched), so it runs there. */
+ * Threads: the completion-queue thread, with the call's mutex held; registering (which makes the
+ * region's page tables, O(size)) on the offload thread, which takes the mutex to answer. */
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "convd/v1/convd.pb-c.h"
 #include "err.h"
@@ -33,21 +35,59 @@ static void *request_of(convd_call *c, const ProtobufCMessageDescriptor *d) {
   return m;
 }
 
+/* RegisterRegion's request, kept for the offload thread. */
+typedef struct reg_req {
+  char *name;
+  uint64_t size;
+} reg_req;
+
+/* The offload thread: opening and checking are a few system calls, but mapping makes the
+ * region's page tables at once (MAP_POPULATE, shm.c), which grows with its size. */
+static void register_task(void *arg) {
+  convd_call *c = arg;
+  reg_req *q = c->state;
+  char err[512];
+  uint64_t mapped = 0;
+  int rc = convd_shm_register(c->rpc->shm, convd_call_tenant(c), tenant_shm_limit(c), q->name, q->size,
+                              &mapped, err, sizeof err);
+  pthread_mutex_lock(&c->mu);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+  } else if (c->status_set || c->dead) {
+    /* The client went away meanwhile: nobody will unregister what it never heard of. */
+    convd_shm_unregister(c->rpc->shm, convd_call_tenant(c), q->name, err, sizeof err);
+  } else {
+    Convd__V1__RegisterRegionResponse resp = CONVD__V1__REGISTER_REGION_RESPONSE__INIT;
+    resp.size = mapped;
+    convd_call_reply(c, &resp.base);
+  }
+  pthread_mutex_unlock(&c->mu);
+  convd_call_unref(c);
+}
+
+static void register_free(convd_call *c) {
+  reg_req *q = c->state;
+  if (q) free(q->name);
+  free(q);
+}
+
 static void register_start(convd_call *c) {
   Convd__V1__RegisterRegionRequest *m = request_of(c, &convd__v1__register_region_request__descriptor);
   if (m == NULL) return;
   char err[512];
-  uint64_t mapped = 0;
-  int rc = convd_shm_register(c->rpc->shm, convd_call_tenant(c), tenant_shm_limit(c), m->name ? m->name : "",
-                              m->size, &mapped, err, sizeof err);
+  const char *name = m->name ? m->name : "";
+  int rc = convd_shm_check_name(name, err, sizeof err);
+  reg_req *q = rc ? NULL : calloc(1, sizeof *q);
+  if (rc == 0 && (q == NULL || (q->name = strdup(name)) == NULL))
+    rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon is out of memory");
+  if (q) q->size = m->size;
   protobuf_c_message_free_unpacked(&m->base, NULL);
+  c->state = q;
   if (rc) {
     convd_call_fail(c, rc, err);
     return;
   }
-  Convd__V1__RegisterRegionResponse resp = CONVD__V1__REGISTER_REGION_RESPONSE__INIT;
-  resp.size = mapped;
-  convd_call_reply(c, &resp.base);
+  convd_rpc_offload_call(c, register_task);
 }
 
 static void list_start(convd_call *c) {
@@ -97,6 +137,6 @@ static void unregister_start(convd_call *c) {
   convd_call_reply(c, &resp.base);
 }
 
-const convd_handlers convd_register_region_handlers = {.start = register_start};
+const convd_handlers convd_register_region_handlers = {.start = register_start, .free_state = register_free};
 const convd_handlers convd_list_regions_handlers = {.start = list_start};
 const convd_handlers convd_unregister_region_handlers = {.start = unregister_start};

@@ -14,6 +14,11 @@
  *                when they are there.
  *   latency      Conv2dUnary and streaming Conv2d on 1x1x8x8 / 1x1x3x3, p50 and p99 over --calls.
  *   concurrency  1, 2 and 4 clients (one thread each) on 1x256x56x56: aggregate calls per second.
+ *   samehost     the tiled 3x3 and the wire-bound job through loopback TCP, the Unix socket, and
+ *                the Unix socket with input and output in a shared-memory region (the client's
+ *                tensors live there: filled once before timing, the output read in place),
+ *                against the in-process engine in the same run; needs the daemon started here
+ *                (it listens on a Unix socket too) or --unix PATH beside --server.
  * --shape K runs only the K-th shape (from 0), e.g. under a profiler. Medians of --repeats runs
  * (default 3) after a warm-up; shapes whose calls are short get about a second's worth of runs. Exits 1 when a call fails. */
 #include <math.h>
@@ -219,6 +224,69 @@ static void bench_shapes(const char *target, int repeats, int use_torch, int use
   convd_engine_destroy(e);
 }
 
+/* ---- same host -------------------------------------------------------------------------- */
+
+static double median_of(double *v, int n) { return quantile(v, n, 0.5); }
+
+static void bench_samehost(const char *tcp, const char *unix_target, int repeats) {
+  char err[512];
+  convd_engine *e;
+  convd_engine_opts eo = {0};
+  if (convd_engine_create(&eo, &e, err, sizeof err)) die("engine", err);
+  convd_client *ct, *cu;
+  convd_client_opts co = {.timeout_seconds = 600};
+  if (convd_client_create(tcp, &co, &ct, err, sizeof err)) die("client (TCP)", err);
+  if (convd_client_create(unix_target, &co, &cu, err, sizeof err)) die("client (Unix socket)", err);
+  static const size_t picks[] = {6, 8}; /* the tiled 3x3 and the wire-bound job */
+  printf("## Same host: TCP, Unix socket, Unix socket + shared memory (median of %d runs)\n\n", repeats);
+  printf("| call | in+out MB | engine ms | TCP ms | Unix ms | Unix+shm ms | shm GB/s | TCP/shm | "
+         "shm/engine |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++) {
+    const shape *s = &shapes[picks[k]];
+    convd_client_conv_params cp = params_of(s);
+    tensors t;
+    tensors_make(&t, &cp);
+    const size_t in_b = t.conv.input_bytes, out_b = t.conv.output_bytes;
+    const size_t out_off = (in_b + 4095) / 4096 * 4096;
+    convd_client_region *reg;
+    if (convd_client_region_create(cu, out_off + out_b, &reg, err, sizeof err)) die("region", err);
+    char *base = convd_client_region_data(reg);
+    memcpy(base, t.x, in_b); /* the client's input lives in the region */
+    const convd_client_shm_refs refs = {.input = {convd_client_region_name(reg), 0},
+                                        .output = {convd_client_region_name(reg), out_off}};
+    convd_client_stats st;
+    double *tv[4];
+    for (int m = 0; m < 4; m++) tv[m] = calloc((size_t)repeats, sizeof(double));
+    for (int r = -1; r < repeats; r++) { /* r = -1: warm-up (and the region's first touch) */
+      double t0 = convd_now_seconds();
+      if (convd_engine_run(e, &t.conv, t.x, t.w, t.b, t.y, NULL, err, sizeof err)) die(s->name, err);
+      double t1 = convd_now_seconds();
+      if (convd_client_conv2d(ct, &cp, t.x, t.w, t.b, t.y, &st, err, sizeof err)) die(s->name, err);
+      double t2 = convd_now_seconds();
+      if (convd_client_conv2d(cu, &cp, t.x, t.w, t.b, t.y, &st, err, sizeof err)) die(s->name, err);
+      double t3 = convd_now_seconds();
+      if (convd_client_conv2d_shm(cu, &cp, &refs, NULL, t.w, t.b, NULL, &st, err, sizeof err)) die(s->name, err);
+      double t4 = convd_now_seconds();
+      if (r >= 0) tv[0][r] = t1 - t0, tv[1][r] = t2 - t1, tv[2][r] = t3 - t2, tv[3][r] = t4 - t3;
+    }
+    /* The region's output is the streamed call's, element for element. */
+    if (memcmp(base + out_off, t.y, out_b) != 0) die(s->name, "the shared-memory output differs from the streamed one");
+    double me = median_of(tv[0], repeats), mt = median_of(tv[1], repeats), mu = median_of(tv[2], repeats),
+           ms = median_of(tv[3], repeats);
+    printf("| %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", s->name,
+           (double)(in_b + out_b) / 1e6, me * 1e3, mt * 1e3, mu * 1e3, ms * 1e3,
+           (double)(in_b + out_b) / ms / 1e9, mt / ms, ms / me);
+    fflush(stdout);
+    for (int m = 0; m < 4; m++) free(tv[m]);
+    if (convd_client_region_destroy(cu, reg, err, sizeof err)) die("region", err);
+    tensors_free(&t);
+  }
+  printf("\n");
+  convd_client_destroy(ct);
+  convd_client_destroy(cu);
+  convd_engine_destroy(e);
+}
+
 /* ---- latency --------------------------------------------------------------------------- */
 
 static void bench_latency(const char *target, int calls) {
@@ -304,7 +372,7 @@ static void bench_concurrency(const char *target, int calls_per_client) {
 }
 
 int main(int argc, char **argv) {
-  const char *server = NULL, *only = NULL;
+  const char *server = NULL, *only = NULL, *unix_path = NULL;
   int repeats = 3, calls = 1000, use_torch = 1, use_python = 1;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--server") == 0 && i + 1 < argc) server = argv[++i];
@@ -312,25 +380,36 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[i], "--calls") == 0 && i + 1 < argc) calls = atoi(argv[++i]);
     else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
     else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc) only_shape = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--unix") == 0 && i + 1 < argc) unix_path = argv[++i];
     else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
     else if (strcmp(argv[i], "--no-python") == 0) use_python = 0;
     else {
       fprintf(stderr, "usage: bench_e2e [--server HOST:PORT] [--repeats N] [--calls N] "
-                      "[--only shapes|latency|concurrency] [--shape K] [--no-torch] [--no-python]\n");
+                      "[--only shapes|latency|concurrency|samehost] [--unix PATH] [--shape K] [--no-torch] "
+                      "[--no-python]\n");
       return 2;
     }
   }
   if (repeats < 1 || calls < 1) die("usage", "--repeats and --calls must be at least 1");
   if (only_shape >= 0) use_torch = use_python = 0; /* peers run every shape */
   test_daemon d;
+  char sock[128], unix_target[160] = "";
   if (server == NULL) {
-    if (test_daemon_start(&d, CONVD_BIN, NULL)) die("daemon", "it did not start");
+    snprintf(sock, sizeof sock, "/tmp/convd-bench-%d.sock", (int)getpid());
+    char listen_arg[160];
+    snprintf(listen_arg, sizeof listen_arg, "unix:%s", sock);
+    const char *const extra[] = {"--listen", listen_arg, NULL};
+    if (test_daemon_start(&d, CONVD_BIN, extra)) die("daemon", "it did not start");
     server = d.target;
+    unix_path = sock;
   }
+  if (unix_path) snprintf(unix_target, sizeof unix_target, "unix:%s", unix_path);
   printf("bench_e2e: server %s%s\n\n", server, server == d.target ? " (started here)" : "");
   if (only == NULL || strcmp(only, "shapes") == 0) bench_shapes(server, repeats, use_torch, use_python);
   if (only == NULL || strcmp(only, "latency") == 0) bench_latency(server, calls);
   if (only == NULL || strcmp(only, "concurrency") == 0) bench_concurrency(server, 8);
+  if ((only == NULL || strcmp(only, "samehost") == 0) && unix_target[0])
+    bench_samehost(server, unix_target, repeats);
   if (server == d.target && test_daemon_stop(&d, 30) != 0) die("daemon", "it did not exit cleanly");
   return 0;
 }
