@@ -19,6 +19,12 @@ packages=(
   openssl
 )
 
+# The Node client's test (client/node): Debian's Node.js and npm, unless a Node.js is on PATH
+# already (its packages then come from the npm registry through that npm).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  packages+=(nodejs npm)
+fi
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
