@@ -668,14 +668,13 @@ static void print_result(const args *a, const conv_result *r) {
           ", \"has_bias\": %s, \"dtype\": \"%s\", \"transport\": \"%s\", \"priority\": %lld"
           ", \"seconds\": %.9g, \"input_bytes\": %" PRIu64 ", \"weight_bytes\": %" PRIu64
           ", \"bias_bytes\": %" PRIu64 ", \"output_bytes\": %" PRIu64 ", \"bytes\": %" PRIu64
-          ", \"gb_per_s\": %.9g, \"flops\": %.17g, \"gflop_per_s\": %.9g, \"ops\": %" PRIu64
-          ", \"elemental_ops\": %" PRIu64,
+          ", \"gb_per_s\": %.9g, \"flops\": %.17g, \"gflop_per_s\": %.9g, \"ops\": %" PRIu64,
           p->has_bias ? "true" : "false", dtype_name(p->dtype), r->transport,
           r->priority, r->seconds, r->in_bytes, r->w_bytes, r->b_bytes,
-          r->out_bytes, bytes, gbs, flops, gflops, st->ops_run, st->elemental_ops);
-  if (strcmp(r->transport, "unary") != 0)
-    fprintf(f, ", \"upload_seconds\": %.9g, \"first_output_seconds\": %.9g", st->upload_seconds,
-            st->first_output_seconds);
+          r->out_bytes, bytes, gbs, flops, gflops, st->ops_run);
+  if (strcmp(r->transport, "unary") != 0) /* what only a stream tells */
+    fprintf(f, ", \"elemental_ops\": %" PRIu64 ", \"upload_seconds\": %.9g, \"first_output_seconds\": %.9g",
+            st->elemental_ops, st->upload_seconds, st->first_output_seconds);
   fprintf(f,
           ", \"server\": {\"elapsed_seconds\": %.9g, \"compute_seconds\": %.9g, \"ops_run\": %" PRIu64
           ", \"bytes_received\": %" PRIu64 ", \"bytes_sent\": %" PRIu64 "}}\n",
