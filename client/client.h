@@ -257,9 +257,10 @@ typedef void (*convd_client_progress_fn)(void *ctx, const convd_client_progress 
  * zero, but for their own variant's field). */
 typedef struct convd_client_call_opts {
   /* Weights registered with convd_client_put_weights, named instead of sent: w and b are then
-   * ignored (may be NULL); p still gives the weights' shape (c_out, c_per_group, kh, kw, as
-   * convd_client_list_weights reports them: the daemon checks it) for the output's shape, and
-   * the bias is the registered weights' own. NULL = the weights travel with the call. */
+   * ignored (may be NULL); p still gives the weights' shape, for the output's (the daemon
+   * checks it against theirs, which convd_client_list_weights reports in the layout of the op
+   * they were put for), and the bias is the registered weights' own, whatever p->has_bias says.
+   * NULL = the weights travel with the call. */
   const char *weights_id;
   int32_t priority; /* higher runs first; 0 = default, negative yields to everyone else */
   /* Called on the calling thread as the call goes: after each message sent with tensor data,

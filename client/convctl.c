@@ -1079,7 +1079,9 @@ static int cmd_conv(const args *a, int transposed) {
                      .b_bytes = a->weights_id ? 0 : cv.bias_wire_bytes, .out_bytes = cv.output_wire_bytes,
                      .macs = cv.macs, .priority = priority};
   memcpy(res.weight_shape, wshape, sizeof wshape);
+  /* first drawn 0.1 s in: a call that ends sooner shows no line at all */
   progress g = {.on = isatty(STDERR_FILENO) && !a->no_progress, .t0 = now_seconds()};
+  g.last = g.t0;
   convd_client_call_opts co = {.weights_id = a->weights_id, .priority = (int32_t)priority,
                                .progress = g.on ? on_progress : NULL, .progress_ctx = &g};
   if (a->shm) {
@@ -1119,7 +1121,7 @@ static int cmd_conv(const args *a, int transposed) {
   if (in_place) co.io = &io;
   co.unary = a->unary;
   const double t0 = now_seconds();
-  g.t0 = t0;
+  g.t0 = g.last = t0;
   int crc = convd_client_conv2d_ex(c, &p, &co, x.data, w.data, b.data, y, &st, err, sizeof err);
   progress_erase(&g);
   if (crc == 0 && in_place && (close(fio.fd[1]) != 0 || rename(partial, a->output) != 0)) {
