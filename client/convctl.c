@@ -585,11 +585,12 @@ static void on_progress(void *ctx, const convd_client_progress *pr) {
   format_eta(eta, sizeof eta,
              pr->rows_done ? el * (double)(pr->rows_total - pr->rows_done) / (double)pr->rows_done : -1);
   char line[160];
-  int n = snprintf(line, sizeof line, "convctl: rows %" PRIu64 "/%" PRIu64 " (%.0f%%), %.1f MB/s, %.1f s, ETA %s",
+  int n = snprintf(line, sizeof line, "convctl: rows %" PRIu64 "/%" PRIu64 " (%.0f%%), ETA %s, %.1f MB/s, %.1f s",
                    pr->rows_done, pr->rows_total,
-                   pr->rows_total ? 100.0 * (double)pr->rows_done / (double)pr->rows_total : 0.0,
-                   el > 0 ? (double)moved / el / 1e6 : 0.0, el, eta);
-  /* never wider than the terminal: a wrapped line cannot be redrawn in place */
+                   pr->rows_total ? 100.0 * (double)pr->rows_done / (double)pr->rows_total : 0.0, eta,
+                   el > 0 ? (double)moved / el / 1e6 : 0.0, el);
+  /* never wider than the terminal (a wrapped line cannot be redrawn in place): what matters
+   * most comes first */
   struct winsize ws;
   const int cols = ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 ? ws.ws_col : 80;
   if (n >= cols) n = cols - 1;
