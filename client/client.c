@@ -71,6 +71,7 @@ int convd_client_output_shape(const convd_client_conv_params *p, int64_t shape[4
 struct convd_client {
   grpc_channel *ch;
   void *m_conv2d, *m_unary, *m_list, *m_health, *m_reg_region, *m_list_regions, *m_unreg_region;
+  void *m_put_weights, *m_list_weights, *m_delete_weights;
   pthread_mutex_t mu; /* guards active */
   grpc_call *active;  /* the call in progress, for convd_client_cancel */
   convd_client_opts o; /* its file and string pointers cleared: they are the caller's */
@@ -173,7 +174,7 @@ static int method_path(const ProtobufCServiceDescriptor *svc, const char *method
   return 0;
 }
 
-enum { N_METHODS = 7 };
+enum { N_METHODS = 10 };
 
 int convd_client_create(const char *target, const convd_client_opts *opts, convd_client **out,
                         char *err, size_t errlen) {
@@ -202,7 +203,10 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
                           {&grpc__health__v1__health__descriptor, "Check"},
                           {&convd__v1__convolution__descriptor, "RegisterRegion"},
                           {&convd__v1__convolution__descriptor, "ListRegions"},
-                          {&convd__v1__convolution__descriptor, "UnregisterRegion"}};
+                          {&convd__v1__convolution__descriptor, "UnregisterRegion"},
+                          {&convd__v1__convolution__descriptor, "PutWeights"},
+                          {&convd__v1__convolution__descriptor, "ListWeights"},
+                          {&convd__v1__convolution__descriptor, "DeleteWeights"}};
   char paths[N_METHODS][128];
   for (int i = 0; i < N_METHODS; i++) {
     int rc = method_path(methods[i].svc, methods[i].method, paths[i], sizeof paths[i], err, errlen);
@@ -238,6 +242,9 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   c->m_reg_region = grpc_channel_register_call(c->ch, paths[4], NULL, NULL);
   c->m_list_regions = grpc_channel_register_call(c->ch, paths[5], NULL, NULL);
   c->m_unreg_region = grpc_channel_register_call(c->ch, paths[6], NULL, NULL);
+  c->m_put_weights = grpc_channel_register_call(c->ch, paths[7], NULL, NULL);
+  c->m_list_weights = grpc_channel_register_call(c->ch, paths[8], NULL, NULL);
+  c->m_delete_weights = grpc_channel_register_call(c->ch, paths[9], NULL, NULL);
   pthread_mutex_init(&c->mu, NULL);
   *out = c;
   return 0;
@@ -293,7 +300,8 @@ typedef struct spec_storage {
   Convd__V1__RegionRef regions[4]; /* input, weight, bias, output */
 } spec_storage;
 
-static void make_spec(spec_storage *s, const convd_conv_params *p) {
+/* co: the call's weights id and priority (NULL: none). */
+static void make_spec(spec_storage *s, const convd_conv_params *p, const convd_client_call_opts *co) {
   convd__v1__conv_spec__init(&s->spec);
   convd__v1__shape4__init(&s->in);
   convd__v1__shape4__init(&s->wt);
@@ -326,6 +334,8 @@ static void make_spec(spec_storage *s, const convd_conv_params *p) {
   s->spec.padding = &s->pad;
   s->spec.dilation = &s->dil;
   s->spec.groups = p->groups;
+  if (co && co->weights_id) s->spec.weights_id = (char *)co->weights_id;
+  if (co) s->spec.priority = co->priority;
 }
 
 /* Which tensors of a call lie in shared memory (shm_refs below): bits of these. */
@@ -384,7 +394,10 @@ typedef struct stream {
   const convd_client_io *io; /* NULL: x and y are in memory */
   const convd_client_shm_refs *refs; /* NULL: no tensor in shared memory */
   unsigned in_regions;               /* IN_REGION_* */
-  uint64_t rows_done, rows_total;    /* an output region's progress */
+  uint64_t rows_done, rows_total;    /* output rows: whole bands received, or final in a region */
+  const convd_client_call_opts *co;  /* weights id, priority, progress */
+  uint64_t bytes_sent;               /* tensor bytes of the messages sent so far */
+  size_t msg_bytes;                  /* ... and of the one being sent */
   int accepted;
   int local_rc;
   char local_err[256];
@@ -392,6 +405,14 @@ typedef struct stream {
 } stream;
 
 static void local_fail(stream *s, int rc, const char *msg);
+
+/* The caller's progress callback, if any, with where the call stands. */
+static void report_progress(const stream *s) {
+  if (s->co->progress == NULL) return;
+  const convd_client_progress pr = {s->rows_done, s->rows_total, s->bytes_sent,
+                                    (uint64_t)s->out_bytes_seen, convd_now_seconds() - s->t0};
+  s->co->progress(s->co->progress_ctx, &pr);
+}
 
 static grpc_byte_buffer *next_request(stream *s) {
   Convd__V1__ConvRequest req = CONVD__V1__CONV_REQUEST__INIT;
@@ -401,7 +422,7 @@ static grpc_byte_buffer *next_request(stream *s) {
   for (;;) {
     switch (s->phase) {
       case 0:
-        make_spec(&sp, &s->conv->p);
+        make_spec(&sp, &s->conv->p, s->co);
         spec_add_regions(&sp, s->conv, s->refs);
         req.msg_case = CONVD__V1__CONV_REQUEST__MSG_SPEC;
         req.spec = &sp.spec;
@@ -412,6 +433,7 @@ static grpc_byte_buffer *next_request(stream *s) {
         const int is_w = s->phase == 1;
         size_t total = is_w ? s->conv->weight_wire_bytes : s->conv->bias_wire_bytes;
         if (s->in_regions & (is_w ? IN_REGION_W : IN_REGION_B)) total = 0; /* the daemon reads it */
+        if (s->co->weights_id) total = 0; /* ... or has it registered */
         if (s->off >= total) {
           s->phase++;
           s->off = 0;
@@ -427,6 +449,7 @@ static grpc_byte_buffer *next_request(stream *s) {
         else
           req.bias = &ch;
         s->off += n;
+        s->msg_bytes = n;
         return convd_wire_pack(&req.base);
       }
       case 3: {
@@ -457,6 +480,7 @@ static grpc_byte_buffer *next_request(stream *s) {
             return NULL;
           }
         }
+        s->msg_bytes = s->in_it.len;
         return convd_wire_take(msg, total);
       }
       default:
@@ -522,6 +546,12 @@ static void on_output(stream *s, int64_t n, int64_t h0, int64_t h1, uint64_t off
   else convd_wire_band_each(wb, scatter_run, &x);
   if (s->out_bytes_seen == 0 && s->st) s->st->first_output_seconds = convd_now_seconds() - s->t0;
   s->out_bytes_seen += len;
+  /* a band's pieces come back to back and in order: its last one completes its rows */
+  if (offset + len == convd_band_bytes(sh, h0, h1)) { /* (one sent twice is caught at the end) */
+    const uint64_t rows = (uint64_t)(h1 - h0);
+    s->rows_done = s->rows_total - s->rows_done < rows ? s->rows_total : s->rows_done + rows;
+  }
+  report_progress(s);
 }
 
 static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
@@ -560,6 +590,7 @@ static void on_response(stream *s, const Convd__V1__ConvResponse *r) {
       if (s->rows_done == 0 && g->rows_done > 0 && s->st)
         s->st->first_output_seconds = convd_now_seconds() - s->t0;
       s->rows_done = g->rows_done;
+      report_progress(s);
       return;
     }
     case CONVD__V1__CONV_RESPONSE__MSG_SUMMARY:
@@ -628,83 +659,49 @@ static void wire_done(wire_tensors *t, const convd_conv *cv, float *y) {
 }
 
 /* The calls proper, on tensors already in the wire's dtype; conv is p checked. */
-typedef int (*wire_call)(convd_client *c, const convd_conv *conv, const void *x, const void *w,
-                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
-static int conv2d_stream(convd_client *c, const convd_conv *conv, const void *x, const void *w,
-                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
-static int conv2d_unary(convd_client *c, const convd_conv *conv, const void *x, const void *w,
-                        const void *b, void *y, convd_client_stats *st, char *err, size_t errlen);
-
-/* Checks p, narrows the tensors to the wire's dtype, makes the call and widens the output. */
-static int conv_via_wire(convd_client *c, const convd_client_conv_params *cp, const float *x,
-                         const float *w, const float *b, float *y, convd_client_stats *st,
-                         char *err, size_t errlen, wire_call call) {
-  convd_conv_params ep;
-  convd_client_params_to_conv(cp, &ep);
-  const convd_conv_params *p = &ep;
-  convd_conv conv;
-  int rc = convd_conv_init(&conv, p, err, errlen);
-  if (rc) return rc;
-  if (p->has_bias && b == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
-  wire_tensors t;
-  if ((rc = wire_make(&t, &conv, x, w, b, y, 0, err, errlen))) return rc;
-  rc = call(c, &conv, t.x, t.w, t.b, t.y, st, err, errlen);
-  if (rc == 0)
-    wire_done(&t, &conv, y);
-  else
-    wire_free(&t);
-  return rc;
-}
+static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const convd_client_call_opts *co,
+                            const void *x, const void *w, const void *b, void *y,
+                            convd_client_stats *st, char *err, size_t errlen);
+static int conv2d_unary(convd_client *c, const convd_conv *conv, const convd_client_call_opts *co,
+                        const void *x, const void *w, const void *b, void *y,
+                        convd_client_stats *st, char *err, size_t errlen);
 
 int convd_client_conv2d(convd_client *c, const convd_client_conv_params *p, const float *x,
                         const float *w, const float *b, float *y, convd_client_stats *st,
                         char *err, size_t errlen) {
-  return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_stream);
+  return convd_client_conv2d_ex(c, p, NULL, x, w, b, y, st, err, errlen);
 }
 
 int convd_client_conv2d_unary(convd_client *c, const convd_client_conv_params *p, const float *x,
                               const float *w, const float *b, float *y, convd_client_stats *st,
                               char *err, size_t errlen) {
-  return conv_via_wire(c, p, x, w, b, y, st, err, errlen, conv2d_unary);
+  const convd_client_call_opts co = {.unary = 1};
+  return convd_client_conv2d_ex(c, p, &co, x, w, b, y, st, err, errlen);
 }
 
-static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
-                            const void *b, void *y, const convd_client_io *io,
-                            const convd_client_shm_refs *refs, convd_client_stats *st, char *err,
-                            size_t errlen);
-
-static int conv2d_stream(convd_client *c, const convd_conv *cv, const void *x, const void *w,
-                         const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
-  return conv2d_stream_io(c, cv, x, w, b, y, NULL, NULL, st, err, errlen);
-}
-
-int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *cp,
+int convd_client_conv2d_io(convd_client *c, const convd_client_conv_params *p,
                            const convd_client_io *io, const float *w, const float *b,
                            convd_client_stats *st, char *err, size_t errlen) {
-  convd_conv_params ep;
-  convd_client_params_to_conv(cp, &ep);
-  convd_conv conv;
-  int rc = convd_conv_init(&conv, &ep, err, errlen);
-  if (rc) return rc;
-  if (ep.dtype != CONVD_F32)
-    return convd_errf(err, errlen, CONVD_EINVAL,
-                      "band-by-band input and output are float32 only; for %s use "
-                      "convd_client_conv2d, which narrows whole tensors",
-                      convd_dtype_name(ep.dtype));
-  if (io == NULL || io->read_input == NULL || io->write_output == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "io needs read_input and write_output");
-  if (ep.has_bias && b == NULL)
-    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
-  return conv2d_stream_io(c, &conv, NULL, w, b, NULL, io, NULL, st, err, errlen);
+  if (io == NULL) return convd_errf(err, errlen, CONVD_EINVAL, "io needs read_input and write_output");
+  const convd_client_call_opts co = {.io = io};
+  return convd_client_conv2d_ex(c, p, &co, NULL, w, b, NULL, st, err, errlen);
+}
+
+int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *p,
+                            const convd_client_shm_refs *refs, const float *x, const float *w,
+                            const float *b, float *y, convd_client_stats *st, char *err,
+                            size_t errlen) {
+  const convd_client_call_opts co = {.shm = refs};
+  return convd_client_conv2d_ex(c, p, &co, x, w, b, y, st, err, errlen);
 }
 
 /* The IN_REGION_* bits of refs, once each named region and range is checked as far as a client
  * can (the daemon checks the rest: that the region is the caller's, the range inside it, no
- * overlap with the output); the pointers of the tensors not in regions must be there. */
+ * overlap with the output); the pointers of the tensors not in regions must be there (the
+ * weights' and bias' only without registered weights, reg_w 0). */
 static int shm_refs_check(const convd_conv *cv, const convd_client_shm_refs *refs, const float *x,
-                          const float *w, const float *b, const float *y, unsigned *in_regions,
-                          char *err, size_t errlen) {
+                          const float *w, const float *b, const float *y, int reg_w,
+                          unsigned *in_regions, char *err, size_t errlen) {
   static const char *const names[4] = {"input", "weight", "bias", "output"};
   static const char *const args[4] = {"x", "w", "b", "y"};
   const convd_client_tensor_ref *r[4] = {&refs->input, &refs->weight, &refs->bias, &refs->output};
@@ -713,6 +710,13 @@ static int shm_refs_check(const convd_conv *cv, const convd_client_shm_refs *ref
                          cv->output_wire_bytes};
   *in_regions = 0;
   for (int i = 0; i < 4; i++) {
+    if (reg_w && (i == 1 || i == 2)) {
+      if (r[i]->region)
+        return convd_errf(err, errlen, CONVD_EINVAL,
+                          "refs->%s names region %s, but the call names registered weights: one or "
+                          "the other", names[i], r[i]->region);
+      continue;
+    }
     if (i == 2 && !cv->p.has_bias) {
       if (r[i]->region)
         return convd_errf(err, errlen, CONVD_EINVAL, "refs->bias names region %s, but p->has_bias is 0",
@@ -738,20 +742,48 @@ static int shm_refs_check(const convd_conv *cv, const convd_client_shm_refs *ref
   return 0;
 }
 
-int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *cp,
-                            const convd_client_shm_refs *refs, const float *x, const float *w,
-                            const float *b, float *y, convd_client_stats *st, char *err,
-                            size_t errlen) {
-  if (refs == NULL) return convd_client_conv2d(c, cp, x, w, b, y, st, err, errlen);
+/* Checks p and co, narrows the tensors to the wire's dtype (all but those in regions or the
+ * registry), makes the call and widens the output. */
+int convd_client_conv2d_ex(convd_client *c, const convd_client_conv_params *cp,
+                           const convd_client_call_opts *co, const float *x, const float *w,
+                           const float *b, float *y, convd_client_stats *st, char *err,
+                           size_t errlen) {
+  static const convd_client_call_opts none = {0};
+  if (co == NULL) co = &none;
+  if ((co->io != NULL) + (co->shm != NULL) + (co->unary != 0) > 1)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "co->io, co->shm and co->unary are variants of a call: set one at most");
+  const int reg_w = co->weights_id != NULL;
+  if (reg_w && (co->weights_id[0] == '\0' || strlen(co->weights_id) > CONVD_CLIENT_WEIGHTS_ID_MAX))
+    return convd_errf(err, errlen, CONVD_EINVAL, "co->weights_id must be 1 to %d characters",
+                      CONVD_CLIENT_WEIGHTS_ID_MAX);
   convd_conv_params ep;
   convd_client_params_to_conv(cp, &ep);
   convd_conv conv;
-  unsigned in_regions;
   int rc = convd_conv_init(&conv, &ep, err, errlen);
-  if (rc || (rc = shm_refs_check(&conv, refs, x, w, b, y, &in_regions, err, errlen))) return rc;
+  if (rc) return rc;
+  unsigned skip = reg_w ? IN_REGION_W | IN_REGION_B : 0; /* tensors that get no wire copy */
+  if (co->shm) {
+    unsigned in_regions;
+    if ((rc = shm_refs_check(&conv, co->shm, x, w, b, y, reg_w, &in_regions, err, errlen))) return rc;
+    skip |= in_regions;
+  } else if (ep.has_bias && b == NULL && !reg_w) {
+    return convd_errf(err, errlen, CONVD_EINVAL, "has_bias is set but no bias was given");
+  }
+  if (co->io) {
+    if (ep.dtype != CONVD_F32)
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "band-by-band input and output are float32 only; for %s use "
+                        "convd_client_conv2d, which narrows whole tensors",
+                        convd_dtype_name(ep.dtype));
+    if (co->io->read_input == NULL || co->io->write_output == NULL)
+      return convd_errf(err, errlen, CONVD_EINVAL, "io needs read_input and write_output");
+    return conv2d_stream_io(c, &conv, co, NULL, w, b, NULL, st, err, errlen);
+  }
   wire_tensors t;
-  if ((rc = wire_make(&t, &conv, x, w, b, y, in_regions, err, errlen))) return rc;
-  rc = conv2d_stream_io(c, &conv, t.x, t.w, t.b, t.y, NULL, refs, st, err, errlen);
+  if ((rc = wire_make(&t, &conv, x, w, b, y, skip, err, errlen))) return rc;
+  rc = co->unary ? conv2d_unary(c, &conv, co, t.x, t.w, t.b, t.y, st, err, errlen)
+                 : conv2d_stream_io(c, &conv, co, t.x, t.w, t.b, t.y, st, err, errlen);
   if (rc == 0)
     wire_done(&t, &conv, y);
   else
@@ -759,10 +791,11 @@ int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *cp,
   return rc;
 }
 
-static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x, const void *w,
-                            const void *b, void *y, const convd_client_io *io,
-                            const convd_client_shm_refs *refs, convd_client_stats *st, char *err,
-                            size_t errlen) {
+static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const convd_client_call_opts *co,
+                            const void *x, const void *w, const void *b, void *y,
+                            convd_client_stats *st, char *err, size_t errlen) {
+  const convd_client_io *io = co->io;
+  const convd_client_shm_refs *refs = co->shm;
   const convd_conv_params *p = &cv->p;
   const convd_conv conv = *cv;
   int rc;
@@ -772,7 +805,7 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
     st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
   }
   stream s = {.cl = c, .conv = &conv, .x = x, .w = w, .b = b, .y = y, .io = io, .refs = refs,
-              .rows_total = (uint64_t)p->n * (uint64_t)conv.h_out, .st = st,
+              .rows_total = (uint64_t)p->n * (uint64_t)conv.h_out, .st = st, .co = co,
               .t0 = convd_now_seconds()};
   if (refs) {
     const convd_client_tensor_ref *r[4] = {&refs->input, &refs->weight, &refs->bias, &refs->output};
@@ -835,6 +868,11 @@ static int conv2d_stream_io(convd_client *c, const convd_conv *cv, const void *x
         sending = 0;
         if (send_buf) grpc_byte_buffer_destroy(send_buf);
         send_buf = NULL;
+        if (ev.success && s.msg_bytes) {
+          s.bytes_sent += s.msg_bytes;
+          s.msg_bytes = 0;
+          report_progress(&s);
+        }
         if (!ev.success || s.local_rc || s.phase >= 5) break;
         memset(ops, 0, sizeof ops);
         send_buf = next_request(&s);
@@ -992,21 +1030,25 @@ static int unary_message(convd_client *c, void *method, const ProtobufCMessage *
   return 0;
 }
 
-static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, const void *w,
-                        const void *b, void *y, convd_client_stats *st, char *err, size_t errlen) {
+static int conv2d_unary(convd_client *c, const convd_conv *cv, const convd_client_call_opts *co,
+                        const void *x, const void *w, const void *b, void *y,
+                        convd_client_stats *st, char *err, size_t errlen) {
   const convd_conv_params *p = &cv->p;
   const convd_conv conv = *cv;
+  const double t0 = convd_now_seconds();
   int rc;
   spec_storage sp;
-  make_spec(&sp, p);
+  make_spec(&sp, p, co);
   Convd__V1__ConvCall req = CONVD__V1__CONV_CALL__INIT;
   req.spec = &sp.spec;
   req.input.data = (uint8_t *)x;
   req.input.len = conv.input_wire_bytes;
-  req.weight.data = (uint8_t *)w;
-  req.weight.len = conv.weight_wire_bytes;
-  req.bias.data = (uint8_t *)b;
-  req.bias.len = conv.bias_wire_bytes;
+  if (co->weights_id == NULL) { /* registered weights travel as their id alone */
+    req.weight.data = (uint8_t *)w;
+    req.weight.len = conv.weight_wire_bytes;
+    req.bias.data = (uint8_t *)b;
+    req.bias.len = conv.bias_wire_bytes;
+  }
   size_t req_bytes = protobuf_c_message_get_packed_size(&req.base);
   if (req_bytes > c->o.max_message_bytes ||
       conv.output_wire_bytes + CONVD_WIRE_FRAMING_SLACK > c->o.max_message_bytes)
@@ -1028,10 +1070,17 @@ static int conv2d_unary(convd_client *c, const convd_conv *cv, const void *x, co
                     r->output.len, conv.output_wire_bytes);
   } else {
     memcpy(y, r->output.data, conv.output_wire_bytes);
+    if (co->progress) {
+      const uint64_t rows = (uint64_t)p->n * (uint64_t)conv.h_out;
+      const convd_client_progress pr = {rows, rows, req.input.len + req.weight.len + req.bias.len,
+                                        conv.output_wire_bytes, convd_now_seconds() - t0};
+      co->progress(co->progress_ctx, &pr);
+    }
     if (st) {
       memset(st, 0, sizeof *st);
       st->output_shape[0] = p->n, st->output_shape[1] = p->c_out;
       st->output_shape[2] = conv.h_out, st->output_shape[3] = conv.w_out;
+      st->total_seconds = convd_now_seconds() - t0;
       if (r->summary) {
         st->elapsed_seconds = r->summary->elapsed_seconds;
         st->compute_seconds = r->summary->compute_seconds;
@@ -1093,6 +1142,246 @@ int convd_client_health(convd_client *c, const char *service, int *serving, char
                          (ProtobufCMessage **)&r, err, errlen);
   if (rc) return rc;
   *serving = r->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}
+
+/* ---- the weights registry ---------------------------------------------------------------- */
+
+/* A call's queue whose batches (one at a time per tag) are waited for in turn: completions of
+ * other tags met meanwhile are kept for their own wait. */
+typedef struct tag_queue {
+  grpc_completion_queue *cq;
+  unsigned done;    /* bit 1 << tag: completed, not yet waited for */
+  int success[8];
+} tag_queue;
+
+/* Waits for tag's batch to complete; its success. */
+static int wait_for(tag_queue *q, int tag) {
+  while (!(q->done & (1u << tag))) {
+    grpc_event ev = grpc_completion_queue_next(q->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) continue;
+    const int t = (int)(intptr_t)ev.tag;
+    q->done |= 1u << t;
+    q->success[t] = ev.success;
+  }
+  q->done &= ~(1u << tag);
+  return q->success[tag];
+}
+
+/* One PutWeightsRequest sent as a batch, waited for; 0 when gRPC took it (the call may still
+ * fail: its status says). */
+static int put_send(grpc_call *call, tag_queue *q, const convd_client *c,
+                    const Convd__V1__PutWeightsRequest *m, int first) {
+  grpc_byte_buffer *bb = convd_wire_pack(&m->base);
+  if (bb == NULL) return CONVD_ENOMEM;
+  grpc_op ops[2];
+  memset(ops, 0, sizeof ops);
+  size_t n = 0;
+  if (first) {
+    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[n].data.send_initial_metadata.count = c->n_md;
+    ops[n++].data.send_initial_metadata.metadata = (grpc_metadata *)c->md;
+  }
+  ops[n].op = GRPC_OP_SEND_MESSAGE;
+  ops[n++].data.send_message.send_message = bb;
+  int ok = grpc_call_start_batch(call, ops, n, (void *)(intptr_t)T_SEND, NULL) == GRPC_CALL_OK &&
+           wait_for(q, T_SEND);
+  grpc_byte_buffer_destroy(bb);
+  return ok ? 0 : CONVD_EIO;
+}
+
+int convd_client_put_weights(convd_client *c, const convd_client_weights_spec *ws, const float *w,
+                             const float *b, char id[CONVD_CLIENT_WEIGHTS_ID_MAX + 1],
+                             int *already_present, char *err, size_t errlen) {
+  id[0] = '\0';
+  if (already_present) *already_present = 0;
+  const int64_t groups = ws->groups == 0 ? 1 : ws->groups;
+  size_t w_elems = 1;
+  for (int i = 0; i < 4; i++)
+    if (ws->shape[i] < 1 || ws->shape[i] > CONVD_DIM_MAX || convd_size_mul(w_elems, (size_t)ws->shape[i], &w_elems))
+      return convd_errf(err, errlen, CONVD_EINVAL,
+                        "weight shape %" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 ": each dimension "
+                        "must be 1 to %" PRId64 " and their product fit memory",
+                        ws->shape[0], ws->shape[1], ws->shape[2], ws->shape[3], (int64_t)CONVD_DIM_MAX);
+  if (groups < 1 || groups > CONVD_DIM_MAX || (!ws->transposed && ws->groups > 1))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "groups %" PRId64 ": registered weights take groups for a transpose only (a "
+                      "conv2d's weights imply it: C_in/groups is their second dimension)", ws->groups);
+  if (ws->dtype != CONVD_F32 && ws->dtype != CONVD_F16 && ws->dtype != CONVD_BF16)
+    return convd_errf(err, errlen, CONVD_EINVAL, "dtype %d is not a CONVD_CLIENT_* element type", ws->dtype);
+  if (w == NULL) return convd_errf(err, errlen, CONVD_EINVAL, "w is NULL");
+  const size_t b_elems = b == NULL ? 0 : (size_t)(ws->transposed ? ws->shape[1] * groups : ws->shape[0]);
+  const size_t elem = ws->dtype == CONVD_F32 ? 4 : 2;
+  size_t w_bytes;
+  if (convd_size_mul(w_elems, elem, &w_bytes))
+    return convd_errf(err, errlen, CONVD_ERANGE, "the weights do not fit memory");
+  /* narrowed copies for the half types */
+  void *wn = NULL, *bn = NULL;
+  const void *wsend = w, *bsend = b;
+  if (ws->dtype != CONVD_F32) {
+    wn = malloc(w_bytes ? w_bytes : 1);
+    bn = b_elems ? malloc(b_elems * elem) : NULL;
+    if (wn == NULL || (b_elems && bn == NULL)) {
+      free(wn), free(bn);
+      return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory narrowing the weights to %s",
+                        convd_dtype_name(ws->dtype));
+    }
+    convd_dtype_encode(ws->dtype, w, wn, w_elems);
+    if (b_elems) convd_dtype_encode(ws->dtype, b, bn, b_elems);
+    wsend = wn, bsend = bn;
+  }
+
+  Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
+  shape.d0 = ws->shape[0], shape.d1 = ws->shape[1], shape.d2 = ws->shape[2], shape.d3 = ws->shape[3];
+  Convd__V1__WeightsSpec spec = CONVD__V1__WEIGHTS_SPEC__INIT;
+  spec.weight_shape = &shape;
+  spec.has_bias = b != NULL;
+  spec.dtype = ws->dtype == CONVD_F16    ? CONVD__V1__DTYPE__DTYPE_FLOAT16
+               : ws->dtype == CONVD_BF16 ? CONVD__V1__DTYPE__DTYPE_BFLOAT16
+                                         : CONVD__V1__DTYPE__DTYPE_FLOAT32;
+  spec.op = ws->transposed ? CONVD__V1__OP__OP_CONV_TRANSPOSE2D : CONVD__V1__OP__OP_CONV2D;
+  spec.groups = ws->transposed ? groups : 0;
+
+  tag_queue q = {.cq = grpc_completion_queue_create_for_next(NULL)};
+  grpc_call *call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, q.cq,
+                                                        c->m_put_weights, deadline(c), NULL);
+  call_track(c, call);
+  grpc_metadata_array md_initial, md_trailing;
+  grpc_metadata_array_init(&md_initial);
+  grpc_metadata_array_init(&md_trailing);
+  grpc_status_code status = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  grpc_byte_buffer *resp = NULL;
+  int status_posted = 0, local_rc = 0, md_posted = 0, recv_posted = 0;
+  grpc_op ops[3];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[0].data.recv_status_on_client.trailing_metadata = &md_trailing;
+  ops[0].data.recv_status_on_client.status = &status;
+  ops[0].data.recv_status_on_client.status_details = &details;
+  if (grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_STATUS, NULL) == GRPC_CALL_OK)
+    status_posted = 1;
+  else
+    local_rc = CONVD_EINTERNAL;
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[0].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
+  if (!local_rc) md_posted = grpc_call_start_batch(call, ops, 1, (void *)(intptr_t)T_MD, NULL) == GRPC_CALL_OK;
+
+  Convd__V1__PutWeightsRequest m = CONVD__V1__PUT_WEIGHTS_REQUEST__INIT;
+  m.msg_case = CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_SPEC;
+  m.spec = &spec;
+  if (!local_rc) local_rc = put_send(call, &q, c, &m, 1);
+  /* the weight chunks, then the bias's, each tensor's in order */
+  const size_t chunk = c->o.chunk_bytes;
+  for (int t = 0; t < 2 && !local_rc; t++) {
+    const size_t total = t == 0 ? w_bytes : b_elems * elem;
+    const uint8_t *src = t == 0 ? wsend : bsend;
+    for (size_t off = 0; off < total && !local_rc; off += chunk) {
+      Convd__V1__TensorChunk ch = CONVD__V1__TENSOR_CHUNK__INIT;
+      ch.offset = off;
+      ch.data.data = (uint8_t *)src + off;
+      ch.data.len = total - off < chunk ? total - off : chunk;
+      Convd__V1__PutWeightsRequest rq = CONVD__V1__PUT_WEIGHTS_REQUEST__INIT;
+      rq.msg_case = t == 0 ? CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_WEIGHT : CONVD__V1__PUT_WEIGHTS_REQUEST__MSG_BIAS;
+      if (t == 0) rq.weight = &ch;
+      else rq.bias = &ch;
+      local_rc = put_send(call, &q, c, &rq, 0);
+    }
+  }
+  if (!local_rc) {
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &resp;
+    recv_posted = grpc_call_start_batch(call, ops, 2, (void *)(intptr_t)T_RECV, NULL) == GRPC_CALL_OK;
+    if (recv_posted) wait_for(&q, T_RECV);
+    else local_rc = CONVD_EINTERNAL;
+  }
+  /* a send that failed means the server ended the call: its status says why */
+  if (local_rc == CONVD_EIO) local_rc = 0;
+  else if (local_rc && status_posted) /* this side's failure ends the call, which says so */
+    grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED,
+                                 local_rc == CONVD_ENOMEM ? "client out of memory" : "client failed", NULL);
+  if (md_posted) wait_for(&q, T_MD);
+  if (status_posted) wait_for(&q, T_STATUS);
+  int rc = finish_status(c, status, details, local_rc, err, errlen, "cannot make the PutWeights call");
+  if (rc == 0) {
+    Convd__V1__PutWeightsResponse *r =
+        resp ? (Convd__V1__PutWeightsResponse *)convd_wire_unpack(resp, &convd__v1__put_weights_response__descriptor)
+             : NULL;
+    if (r == NULL || r->weights_id == NULL || r->weights_id[0] == '\0' ||
+        strlen(r->weights_id) > CONVD_CLIENT_WEIGHTS_ID_MAX) {
+      c->last_status = GRPC_STATUS_INTERNAL;
+      rc = convd_errf(err, errlen, CONVD_EREMOTE, "the server answered PutWeights without a valid weights id");
+    } else {
+      snprintf(id, CONVD_CLIENT_WEIGHTS_ID_MAX + 1, "%s", r->weights_id);
+      if (already_present) *already_present = r->already_present;
+    }
+    if (r) protobuf_c_message_free_unpacked(&r->base, NULL);
+  }
+  if (resp) grpc_byte_buffer_destroy(resp);
+  grpc_slice_unref(details);
+  grpc_metadata_array_destroy(&md_initial);
+  grpc_metadata_array_destroy(&md_trailing);
+  call_track(c, NULL);
+  grpc_call_unref(call);
+  cq_destroy(q.cq);
+  free(wn), free(bn);
+  return rc;
+}
+
+int convd_client_list_weights(convd_client *c, convd_client_weights_info **weights, size_t *n,
+                              convd_client_weights_totals *totals, char *err, size_t errlen) {
+  *weights = NULL;
+  *n = 0;
+  if (totals) memset(totals, 0, sizeof *totals);
+  Convd__V1__ListWeightsRequest req = CONVD__V1__LIST_WEIGHTS_REQUEST__INIT;
+  Convd__V1__ListWeightsResponse *r = NULL;
+  int rc = unary_message(c, c->m_list_weights, &req.base, &convd__v1__list_weights_response__descriptor,
+                         (ProtobufCMessage **)&r, err, errlen);
+  if (rc) return rc;
+  convd_client_weights_info *out = calloc(r->n_weights ? r->n_weights : 1, sizeof *out);
+  if (out == NULL) {
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  }
+  for (size_t i = 0; i < r->n_weights; i++) {
+    const Convd__V1__WeightsInfo *wi = r->weights[i];
+    snprintf(out[i].id, sizeof out[i].id, "%s", wi->weights_id ? wi->weights_id : "");
+    if (wi->weight_shape) {
+      out[i].shape[0] = wi->weight_shape->d0, out[i].shape[1] = wi->weight_shape->d1;
+      out[i].shape[2] = wi->weight_shape->d2, out[i].shape[3] = wi->weight_shape->d3;
+    }
+    out[i].has_bias = wi->has_bias;
+    out[i].dtype = wi->dtype == CONVD__V1__DTYPE__DTYPE_FLOAT16    ? CONVD_CLIENT_FLOAT16
+                   : wi->dtype == CONVD__V1__DTYPE__DTYPE_BFLOAT16 ? CONVD_CLIENT_BFLOAT16
+                                                                   : CONVD_CLIENT_FLOAT32;
+    out[i].bytes = wi->bytes;
+    out[i].uses = wi->uses;
+    out[i].idle_seconds = wi->idle_seconds;
+    out[i].in_use = wi->in_use;
+  }
+  if (totals) {
+    totals->bytes_used = r->bytes_used;
+    totals->bytes_limit = r->bytes_limit;
+    totals->evictions = r->evictions;
+  }
+  *weights = out;
+  *n = r->n_weights;
+  protobuf_c_message_free_unpacked(&r->base, NULL);
+  return 0;
+}
+
+int convd_client_delete_weights(convd_client *c, const char *id, char *err, size_t errlen) {
+  Convd__V1__DeleteWeightsRequest req = CONVD__V1__DELETE_WEIGHTS_REQUEST__INIT;
+  req.weights_id = (char *)(id ? id : "");
+  Convd__V1__DeleteWeightsResponse *r = NULL;
+  int rc = unary_message(c, c->m_delete_weights, &req.base,
+                         &convd__v1__delete_weights_response__descriptor, (ProtobufCMessage **)&r,
+                         err, errlen);
+  if (rc) return rc;
   protobuf_c_message_free_unpacked(&r->base, NULL);
   return 0;
 }

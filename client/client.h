@@ -85,7 +85,7 @@ typedef struct convd_client_stats {
   double elapsed_seconds; /* server-side, spec to last band */
   double compute_seconds;
   uint64_t ops_run, bytes_received, bytes_sent; /* as the server counted them */
-  /* client clock, seconds from the start of the call (streaming calls only) */
+  /* client clock, seconds from the start of the call (the first two: streaming calls only) */
   double first_output_seconds; /* the first output band arrived */
   double upload_seconds;       /* the last input message was sent */
   double total_seconds;        /* the call ended */
@@ -237,6 +237,100 @@ int convd_client_conv2d_shm(convd_client *c, const convd_client_conv_params *p,
                             const convd_client_shm_refs *refs, const float *x, const float *w,
                             const float *b, float *y, convd_client_stats *stats, char *err,
                             size_t errlen);
+
+/* ---- per-call options: registered weights, priority, progress ------------------------------ */
+
+/* How far a call has come, for convd_client_call_opts.progress. */
+typedef struct convd_client_progress {
+  uint64_t rows_done;      /* output rows (of rows_total = N * H_out) complete here: received
+                              whole, or reported final in an output region */
+  uint64_t rows_total;
+  uint64_t bytes_sent;     /* tensor bytes sent so far in messages (weights, bias, input) */
+  uint64_t bytes_received; /* output bytes received so far in messages */
+  double seconds;          /* since the call started (client clock) */
+} convd_client_progress;
+
+typedef void (*convd_client_progress_fn)(void *ctx, const convd_client_progress *pr);
+
+/* What convd_client_conv2d_ex adds to a call. Zero-initialise it and set what you need: every
+ * field's zero is the default (and the plain calls above are convd_client_conv2d_ex with these
+ * zero, but for their own variant's field). */
+typedef struct convd_client_call_opts {
+  /* Weights registered with convd_client_put_weights, named instead of sent: w and b are then
+   * ignored (may be NULL); p still gives the weights' shape, for the output's (the daemon
+   * checks it against theirs, which convd_client_list_weights reports in the layout of the op
+   * they were put for), and the bias is the registered weights' own, whatever p->has_bias says.
+   * NULL = the weights travel with the call. */
+  const char *weights_id;
+  int32_t priority; /* higher runs first; 0 = default, negative yields to everyone else */
+  /* Called on the calling thread as the call goes: after each message sent with tensor data,
+   * each piece of output received, each progress report of an output region, and once at the
+   * end of a unary call (pr: valid during the callback only). NULL = none. It may call
+   * convd_client_cancel(c), and nothing else of this library on c. */
+  convd_client_progress_fn progress;
+  void *progress_ctx;
+  /* At most one of these three variants (none: the streamed call on x and y in memory): */
+  const convd_client_io *io;         /* convd_client_conv2d_io: input and output behind io
+                                        (float32 only; x and y ignored) */
+  const convd_client_shm_refs *shm;  /* convd_client_conv2d_shm: tensors in regions */
+  int unary;                         /* convd_client_conv2d_unary: one message each way */
+} convd_client_call_opts;
+
+/* convd_client_conv2d, _io, _unary or _shm as co says, with its weights id, priority and
+ * progress callback. co NULL: convd_client_conv2d. Two variants at once are CONVD_CLIENT_EINVAL. */
+int convd_client_conv2d_ex(convd_client *c, const convd_client_conv_params *p,
+                           const convd_client_call_opts *co, const float *x, const float *w,
+                           const float *b, float *y, convd_client_stats *stats, char *err,
+                           size_t errlen);
+
+/* ---- the weights registry (PutWeights, ListWeights, DeleteWeights) --------------------------
+ * Weights uploaded once and named by id in later calls (convd_client_call_opts.weights_id). The
+ * id is derived from their content: putting the same weights again gives the same id. The
+ * daemon bounds the registry (its --weights-memory) and evicts the least recently used weights
+ * that no call is using; a call naming an evicted or deleted id fails with CONVD_CLIENT_ENOTFOUND. */
+
+#define CONVD_CLIENT_WEIGHTS_ID_MAX 64 /* characters of an id (the daemon's are 32 hex digits) */
+
+/* The weights put_weights registers: the tensor's shape and what it is for. */
+typedef struct convd_client_weights_spec {
+  int64_t shape[4]; /* (C_out, C_in/groups, kH, kW); transposed: (C_in, C_out/groups, kH, kW) */
+  int transposed;   /* for conv_transpose2d calls */
+  int64_t groups;   /* transposed only: C_out = shape[1] * groups (0 = 1) */
+  int dtype;        /* the values travel narrowed to it (CONVD_CLIENT_FLOAT32 ...), as a call's
+                       tensors do; a call of any dtype may use them */
+} convd_client_weights_spec;
+
+/* Registers w (and its bias b, C_out floats; NULL = none) and writes their id into id.
+ * *already_present (may be NULL): 1 when the daemon had these weights already. Errors:
+ * CONVD_CLIENT_ENOTSUP (a daemon without a registry, --weights-memory 0), CONVD_CLIENT_ELIMIT
+ * (larger than the registry, or the tenant's weights-bytes). */
+int convd_client_put_weights(convd_client *c, const convd_client_weights_spec *ws, const float *w,
+                             const float *b, char id[CONVD_CLIENT_WEIGHTS_ID_MAX + 1],
+                             int *already_present, char *err, size_t errlen);
+
+/* One registered set of weights, as ListWeights reports it. */
+typedef struct convd_client_weights_info {
+  char id[CONVD_CLIENT_WEIGHTS_ID_MAX + 1];
+  int64_t shape[4];    /* as registered: (C_out, C_in/groups, kH, kW), or a transpose's layout */
+  int has_bias;
+  int dtype;           /* CONVD_CLIENT_FLOAT32 ...: how they were sent */
+  uint64_t bytes;      /* registry memory they take */
+  uint64_t uses;       /* calls that named them */
+  double idle_seconds; /* since they were last put or used */
+  uint32_t in_use;     /* calls using them now (never evicted while > 0) */
+} convd_client_weights_info;
+
+typedef struct convd_client_weights_totals {
+  uint64_t bytes_used, bytes_limit, evictions; /* for this caller's tenant under tokens */
+} convd_client_weights_totals;
+
+/* This caller's registered weights, most recently used first, into a malloc'd array (free()
+ * it); totals may be NULL. */
+int convd_client_list_weights(convd_client *c, convd_client_weights_info **weights, size_t *n,
+                              convd_client_weights_totals *totals, char *err, size_t errlen);
+
+/* CONVD_CLIENT_ENOTFOUND: no such id (never put, deleted, or evicted). */
+int convd_client_delete_weights(convd_client *c, const char *id, char *err, size_t errlen);
 
 /* Ends the call in progress on c, if any, with CONVD_CLIENT_ECANCELED; when none is in progress
  * it does nothing. The one function that may be called from another thread while c is in use

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "conv.h"
+#include "dtype.h"
 #include "err.h"
 
 static const char MAGIC[6] = {'\x93', 'N', 'U', 'M', 'P', 'Y'};
@@ -29,6 +30,39 @@ static const char *dict_value(const char *h, const char *key) {
   p++;
   while (*p == ' ') p++;
   return p;
+}
+
+/* The header's descr value: the text inside its quotes (a structured dtype's list: "[...]"). */
+static void descr_text(const char *descr, char *out, size_t len) {
+  if (descr == NULL) {
+    snprintf(out, len, "?");
+  } else if (*descr == '\'' || *descr == '"') {
+    const char q = *descr++;
+    size_t n = 0;
+    while (descr[n] && descr[n] != q && n + 1 < len) n++;
+    snprintf(out, len, "%.*s", (int)n, descr);
+  } else {
+    snprintf(out, len, "%s", *descr == '[' ? "[...]" : "?");
+  }
+}
+
+/* What numpy calls a descr ("<i4": "int32"), for messages; "" when it is none of the usual. */
+static const char *descr_kind(const char *d, char *buf, size_t len) {
+  static const struct {
+    char kind;
+    const char *name;
+  } kinds[] = {{'f', "float"}, {'i', "int"}, {'u', "uint"}, {'c', "complex"}, {'b', "bool"}};
+  const char *t = d[0] == '<' || d[0] == '>' || d[0] == '|' || d[0] == '=' ? d + 1 : d;
+  char *end;
+  const long bytes = t[0] ? strtol(t + 1, &end, 10) : 0;
+  if (t[0] == '\0' || bytes <= 0 || *end != '\0') return "";
+  for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+    if (kinds[i].kind == t[0]) {
+      if (t[0] == 'b') snprintf(buf, len, "bool");
+      else snprintf(buf, len, "%s%ld", kinds[i].name, bytes * 8);
+      return buf;
+    }
+  return "";
 }
 
 static int npy_read(const char *path, convd_npy *out, int with_data, char *err, size_t errlen) {
@@ -64,23 +98,39 @@ static int npy_read(const char *path, convd_npy *out, int with_data, char *err, 
   if (hdr == NULL || fread(hdr, 1, hlen, f) != hlen) goto short_read;
   hdr[hlen] = '\0';
 
-  const char *descr = dict_value(hdr, "descr");
-  if (descr && (strncmp(descr, "'<f4'", 5) == 0 || strncmp(descr, "'=f4'", 5) == 0))
+  char d[24], kind[24];
+  descr_text(dict_value(hdr, "descr"), d, sizeof d);
+  /* '<' little-endian; '=' native, which numpy never writes but a hand-made header might */
+  if (strcmp(d, "<f4") == 0 || strcmp(d, "=f4") == 0)
     out->elem_size = 4;
-  else if (descr && (strncmp(descr, "'<f8'", 5) == 0 || strncmp(descr, "'=f8'", 5) == 0))
+  else if (strcmp(d, "<f8") == 0 || strcmp(d, "=f8") == 0)
     out->elem_size = 8;
+  else if (strcmp(d, "<f2") == 0 || strcmp(d, "=f2") == 0)
+    out->elem_size = 2;
   else {
-    rc = convd_errf(err, errlen, CONVD_EINVAL,
-                    "%s: dtype %.8s is not supported: convd reads little-endian float32 ('<f4') "
-                    "or float64 ('<f8'); convert with a.astype(numpy.float32)",
-                    path, descr ? descr : "?");
+    const char *k = descr_kind(d, kind, sizeof kind);
+    if (d[0] == '>' && d[1] == 'f')
+      rc = convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s: the array is big-endian %s ('%s'); convd reads little-endian floats: "
+                      "convert with a.astype('<f4')",
+                      path, k, d);
+    else if (d[0] == '[')
+      rc = convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s: the array has a structured (record) dtype; convd reads arrays of float32, "
+                      "float64 or float16: save one field, e.g. a['name'].astype(numpy.float32)",
+                      path);
+    else
+      rc = convd_errf(err, errlen, CONVD_EINVAL,
+                      "%s: the array's dtype is %s%s'%s'%s; convd reads float32, float64 and "
+                      "float16 ('<f4', '<f8', '<f2'): convert with a.astype(numpy.float32)",
+                      path, k[0] ? k : "", k[0] ? " (" : "", d, k[0] ? ")" : "");
     goto out;
   }
   const char *fo = dict_value(hdr, "fortran_order");
   if (fo == NULL || strncmp(fo, "False", 5) != 0) {
     rc = convd_errf(err, errlen, CONVD_EINVAL,
-                    "%s: array is in Fortran order; save a C-ordered array "
-                    "(numpy.ascontiguousarray)",
+                    "%s: the array is in Fortran order; convd reads C order: save "
+                    "numpy.ascontiguousarray(a)",
                     path);
     goto out;
   }
@@ -145,6 +195,8 @@ double *convd_npy_to_f64(const convd_npy *a) {
   if (d == NULL) return NULL;
   if (a->elem_size == 8)
     memcpy(d, a->data, a->count * sizeof *d);
+  else if (a->elem_size == 2)
+    for (size_t i = 0; i < a->count; i++) d[i] = convd_f16_to_f32(((const uint16_t *)a->data)[i]);
   else
     for (size_t i = 0; i < a->count; i++) d[i] = ((const float *)a->data)[i];
   return d;
