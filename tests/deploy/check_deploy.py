@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """The deployment files, checked on a machine with no Docker engine or cluster: every Kubernetes
-manifest parses and carries what the deployment needs (a GPU, gRPC probes on the health service,
-the metrics port and scrape annotation); every CONVD_* variable they or the Dockerfile set is a real flag of this
+manifest parses and carries what the deployment needs (a DaemonSet with a GPU, memory and CPU
+limits the daemon's defaults follow, gRPC probes on the health service, the metrics port and
+scrape annotation); every CONVD_* variable they or the Dockerfile set is a real flag of this
 build; the Dockerfile's build stage is Debian 12 running CI's own line (deploy/install-deps.sh,
 cmake, ctest), every Debian package it names exists in Debian 12 (NVIDIA's, from NVIDIA's
 repository, cannot be checked here and are only checked for consistency), the runtime stage
@@ -68,14 +69,43 @@ for f in sorted(os.listdir(kdir)):
     with open(os.path.join(kdir, f)) as fh:
         for d in yaml.safe_load_all(fh):
             docs[d["kind"]] = d
-assert {"Deployment", "Service", "ConfigMap"} <= set(docs), docs.keys()
+assert {"DaemonSet", "Service", "ConfigMap"} <= set(docs), docs.keys()
+assert "Deployment" not in docs, "one pod per GPU node: a DaemonSet, not a Deployment"
 for k in docs["ConfigMap"]["data"]:
     check_env(k, "configmap.yaml")
-dep = docs["Deployment"]
-pod = dep["spec"]["template"]
+ds = docs["DaemonSet"]
+assert "replicas" not in ds["spec"] and ds["spec"]["updateStrategy"]["type"] == "RollingUpdate", ds["spec"]
+assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+pod = ds["spec"]["template"]
 assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 c = pod["spec"]["containers"][0]
 assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+# Memory and CPU limits, which the daemon's defaults follow (its cgroup's): so the ConfigMap
+# must not pin what they would derive, and the weights registry must fit beside 3/4 of the limit.
+UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def k8s_bytes(q):
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?", str(q))
+    assert m, f"unexpected memory quantity {q!r}"
+    return int(m.group(1)) * UNITS.get(m.group(2) or "", 1)
+
+
+def convd_bytes(v):
+    m = re.fullmatch(r"(\d+)([KMGT])?", v)
+    assert m, v
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " "))
+
+
+limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+assert "memory" in limits and "cpu" in limits, f"memory and CPU limits: {limits}"
+assert requests["memory"] == limits["memory"] and requests["cpu"] == limits["cpu"], "Guaranteed QoS: requests = limits"
+cm = docs["ConfigMap"]["data"]
+pinned = {"CONVD_MAX_INFLIGHT_BYTES", "CONVD_MAX_REQUEST_BYTES", "CONVD_CPU_THREADS"} & set(cm)
+assert not pinned, f"the ConfigMap pins {pinned}: the daemon derives them from the pod's limits"
+mem_limit = k8s_bytes(limits["memory"])
+assert mem_limit // 4 * 3 + convd_bytes(cm.get("CONVD_WEIGHTS_MEMORY", "1G")) < mem_limit, \
+    "3/4 of the memory limit in flight plus CONVD_WEIGHTS_MEMORY exceed the limit"
 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
 assert ports == {"grpc": 50051, "metrics": 9464}, ports
 # Kubernetes' gRPC probes speak plaintext only: the probes are convctl health over TLS.
@@ -106,7 +136,8 @@ assert pod["spec"]["terminationGracePeriodSeconds"] > int(docs["ConfigMap"]["dat
 assert c["envFrom"][0]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
 svc_ports = {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]}
 assert svc_ports == {"grpc": 50051, "metrics": 9464}, svc_ports
-print(f"ok   kubernetes: {sorted(docs)} parse; GPU limit, convctl health probes over TLS, "
+print(f"ok   kubernetes: {sorted(docs)} parse; a DaemonSet with GPU, memory ({limits['memory']}) and CPU "
+      f"({limits['cpu']}) limits the daemon's defaults follow, convctl health probes over TLS, "
       f"metrics annotation, {len(docs['ConfigMap']['data'])} CONVD_* settings that are real flags; "
       f"TLS and tokens from Secrets pass protected mode")
 
