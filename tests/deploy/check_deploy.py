@@ -74,6 +74,10 @@ assert "Deployment" not in docs, "one pod per GPU node: a DaemonSet, not a Deplo
 for k in docs["ConfigMap"]["data"]:
     check_env(k, "configmap.yaml")
 ds = docs["DaemonSet"]
+# Which nodes: a GPU nodeSelector and a toleration offered as commented options.
+ds_text = open(os.path.join(kdir, "daemonset.yaml")).read()
+assert re.search(r"^\s*# nodeSelector:\n\s*#\s+nvidia.com/gpu.present: \"true\"", ds_text, re.M), "nodeSelector option"
+assert re.search(r"^\s*# tolerations:\n\s*#\s+- key: nvidia.com/gpu", ds_text, re.M), "toleration option"
 assert "replicas" not in ds["spec"] and ds["spec"]["updateStrategy"]["type"] == "RollingUpdate", ds["spec"]
 assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 pod = ds["spec"]["template"]
