@@ -17,6 +17,9 @@ packages=(
   python3-yaml systemd
   # tests: a throwaway CA and certificates for the TLS tests
   openssl
+  # the Debian packages (cpack -G DEB) and their test: dpkg-shlibdeps computes Depends (dpkg-dev
+  # also comes with build-essential), CPack finds the ELF files with file
+  dpkg-dev file
 )
 
 # The Node client's test (client/node): Debian's Node.js and npm, unless a Node.js is on PATH

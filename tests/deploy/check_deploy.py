@@ -380,7 +380,7 @@ if analyze is None:
 else:
     with open(os.path.join(src, "deploy", "systemd", "convd.service")) as fh:
         unit = fh.read()
-    assert "ExecStart=/usr/local/bin/convd" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "ExecStart=/usr/bin/convd" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
     exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
     creds = dict(re.findall(r"^LoadCredential=([^:\s]+):(\S+)$", unit, re.M))
     for flag in ("--tls-cert", "--tls-key", "--auth-tokens"):
@@ -393,7 +393,7 @@ else:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "convd.service")
         with open(path, "w") as fh:
-            fh.write(unit.replace("/usr/local/bin/convd", os.path.abspath(convd)))
+            fh.write(unit.replace("/usr/bin/convd", os.path.abspath(convd)))
         r = subprocess.run([analyze, "verify", path], capture_output=True, text=True)
         problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
         assert r.returncode == 0 and not problems, "\n".join(problems)

@@ -115,7 +115,7 @@ def systemd_case(convd, convctl, src, tmp):
     args = example.replace("0.0.0.0:50051", "127.0.0.1:0").replace("127.0.0.1:9464", "127.0.0.1:0")
     cmd = exec_start.replace("%d", creds).replace("$CONVD_ARGS", args)
     argv = shlex.split(cmd)
-    assert argv[0] == "/usr/local/bin/convd", argv
+    assert argv[0] == "/usr/bin/convd", argv
     log = os.path.join(tmp, "systemd.log")
     argv = [convd] + [a if a != "/var/log/convd/convd.log" else log for a in argv[1:]]
     p, port = start(argv, {k: v for k, v in os.environ.items() if not k.startswith("CONVD_")})

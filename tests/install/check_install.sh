@@ -17,9 +17,14 @@ trap cleanup EXIT
 
 "$cmake" --install "$build" --prefix "$prefix" > "$scratch/install.log"
 for f in bin/convd bin/convctl include/convd/client.h include/convd/convd_fields.h include/convd/convd_version.h \
-         "$libdir/libconvd_client.so" "$libdir/pkgconfig/convd-client.pc"; do
+         "$libdir/libconvd_client.so" "$libdir/pkgconfig/convd-client.pc" share/doc/convd/copyright; do
   [ -e "$prefix/$f" ] || { echo "not installed: $prefix/$f"; cat "$scratch/install.log"; exit 1; }
 done
+# The package's files at absolute paths (the systemd unit, /etc/default/convd) are not for a
+# prefix install: nothing may land outside the prefix, even when this runs as root.
+outside=$(sed -n 's/^-- \(Installing\|Up-to-date\|Set runtime path of\): //p' "$scratch/install.log" |
+          sed 's/"//g' | grep -v "^$prefix/" || true)
+[ -z "$outside" ] || { echo "installed outside $prefix: $outside"; exit 1; }
 echo "installed under $prefix: $(cd "$prefix" && find . -type f -o -type l | sort | tr '\n' ' ')"
 
 # Only the installed files: no include path or library of the source or build tree.
