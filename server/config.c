@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cgroup.h"
 #include "convd_version.h" /* generated from CMake's project() version */
 #include "err.h"
 #include "log.h"
@@ -54,7 +55,8 @@ static const opt opts[] = {
      "devices per GPU, each with its own CUDA stream, memory budget and worker: with 2, one "
      "op's copies overlap another's compute"},
     {"cpu-threads", OPT_INT, F(cpu_threads), "0", 0, 4096,
-     "threads for all CPU devices together; 0 = one per online CPU"},
+     "threads for all CPU devices together; 0 = one per online CPU, or fewer when the cgroup's "
+     "CPU quota (cpu.max) allows fewer: the quota rounded up"},
     {"cpu-kernel", OPT_STRING, F(cpu_kernel), "onednn", 0, 0,
      "onednn (fast) or reference (float64 accumulation, for validation)"},
     {"device-memory", OPT_SIZE, F(device_memory), "64M", 4096, 1024.0 * 1024 * 1024 * 1024 * 1024,
@@ -64,10 +66,12 @@ static const opt opts[] = {
     {"max-message-bytes", OPT_SIZE, F(max_message_bytes), "4M", 64.0 * 1024,
      1024.0 * 1024 * 1024, "gRPC message size limit, both directions"},
     {"max-request-bytes", OPT_SIZE, F(max_request_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
-     "largest input+weights+output one request may hold; 0 = half of physical memory"},
+     "largest input+weights+output one request may hold; 0 = half of the memory the daemon may "
+     "use (its cgroup's memory limit where lower than physical memory)"},
     {"max-inflight-bytes", OPT_SIZE, F(max_inflight_bytes), "0", 0, 1024.0 * 1024 * 1024 * 1024 * 1024,
      "admission: bytes all calls in flight may hold together (a streamed call counts what it "
-     "holds at most); beyond it a call gets RESOURCE_EXHAUSTED at once; 0 = physical memory * 3/4"},
+     "holds at most); beyond it a call gets RESOURCE_EXHAUSTED at once; 0 = 3/4 of the memory "
+     "the daemon may use (its cgroup's memory limit where lower than physical memory)"},
     {"max-queue-ops", OPT_SIZE, F(max_queue_ops), "1M", 1, 1e15,
      "admission: elemental ops queued or running for all calls together; a call whose plan "
      "would go beyond gets RESOURCE_EXHAUSTED at once"},
@@ -368,15 +372,13 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
   if (strcmp(cfg->cpu_kernel, "onednn") != 0 && strcmp(cfg->cpu_kernel, "reference") != 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "--cpu-kernel=%s: expected onednn or reference",
                       cfg->cpu_kernel);
-  if (cfg->max_inflight_bytes == 0) {
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    cfg->max_inflight_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 4 * 3
-                                                    : UINT64_C(8) << 30;
-  }
-  if (cfg->max_request_bytes == 0) {
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    cfg->max_request_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2
-                                                   : (uint64_t)1 << 32;
-  }
+  /* The defaults that depend on the machine follow what this process may use: its cgroup's
+   * memory and CPU limits where lower than the machine's (cgroup.h). CONVD_CGROUP_ROOT, for
+   * tests, points the limit files at a fixture directory. */
+  convd_host_limits_probe(getenv("CONVD_CGROUP_ROOT"), &cfg->host);
+  const uint64_t mem = cfg->host.memory_bytes;
+  if (cfg->max_inflight_bytes == 0) cfg->max_inflight_bytes = mem ? mem / 4 * 3 : UINT64_C(8) << 30;
+  if (cfg->max_request_bytes == 0) cfg->max_request_bytes = mem ? mem / 2 : UINT64_C(4) << 30;
+  if (cfg->cpu_threads == 0) cfg->cpu_threads = cfg->host.cpus;
   return CONVD_CONFIG_OK;
 }

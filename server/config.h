@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "cgroup.h"
 #include "conv.h" /* convd_parse_size */
 
 /* --listen may be given this many times. */
@@ -26,7 +27,7 @@ typedef struct convd_config {
   convd_listen_list listen;
   int unix_socket_mode;       /* the mode unix: socket files get (0660) */
   int cpu_devices;            /* 0: one without GPUs, none beside them */
-  int cpu_threads;
+  int cpu_threads;            /* 0 in the table = host.cpus, resolved at parse */
   int gpus;                   /* -1 all visible, 0 none, N the first N */
   uint64_t gpu_memory;        /* 0 = automatic */
   int gpu_streams;            /* devices (streams) per GPU */
@@ -34,7 +35,7 @@ typedef struct convd_config {
   char cpu_kernel[16];        /* "onednn" or "reference" */
   uint64_t chunk_bytes;
   uint64_t max_message_bytes;
-  uint64_t max_request_bytes; /* 0 in the table = half of physical memory, resolved at parse */
+  uint64_t max_request_bytes; /* 0 in the table = half of host.memory_bytes, resolved at parse */
   uint64_t weights_memory;    /* the weights registry's limit */
   uint64_t max_inflight_bytes; /* admission: bytes of all calls in flight */
   uint64_t max_queue_ops;      /* admission: elemental ops not yet done */
@@ -53,6 +54,7 @@ typedef struct convd_config {
   int reflection_public;      /* reflection without a token */
   int metrics_public;         /* a non-loopback --metrics-listen beside TLS or tokens */
   int allow_insecure;         /* protected mode off */
+  convd_host_limits host;     /* the memory and CPUs the defaults came from (logged at start) */
 } convd_config;
 
 enum { CONVD_CONFIG_OK = 0, CONVD_CONFIG_EXIT = 1 };

@@ -238,6 +238,44 @@ static void tune_runtime(char **argv) {
   unsetenv("CONVD_REEXECED"); /* no /proc: carry on with the defaults */
 }
 
+/* What the machine-dependent defaults came from (cgroup.h): the memory and CPUs the daemon may
+ * use and the limits derived from them. Past the memory the kernel ends the daemon (OOM) where
+ * admission would have answered RESOURCE_EXHAUSTED, so a configuration that admits more is
+ * worth a warning. */
+static void log_limits(const convd_config *cfg) {
+  const convd_host_limits *h = &cfg->host;
+  char mem_from[600], cpu_from[700], why[700];
+  if (h->warning[0])
+    convd_log(CONVD_LOG_WARN, "msg=\"a cgroup limit file could not be read\" why=%s",
+              convd_log_quote(h->warning, why, sizeof why));
+  if (h->memory_file[0])
+    convd_log_quote(h->memory_file, mem_from, sizeof mem_from);
+  else
+    snprintf(mem_from, sizeof mem_from, "physical");
+  if (h->cpus < h->online_cpus) {
+    char what[600];
+    snprintf(what, sizeof what, "%s (%llu/%llu)", h->cpu_file, (unsigned long long)h->cpu_quota,
+             (unsigned long long)h->cpu_period);
+    convd_log_quote(what, cpu_from, sizeof cpu_from);
+  } else {
+    snprintf(cpu_from, sizeof cpu_from, "online");
+  }
+  convd_log(CONVD_LOG_INFO,
+            "msg=\"memory and CPU limits\" memory_bytes=%llu memory_from=%s "
+            "physical_memory_bytes=%llu cpus=%d cpus_from=%s online_cpus=%d "
+            "max_inflight_bytes=%llu max_request_bytes=%llu cpu_threads=%d",
+            (unsigned long long)h->memory_bytes, mem_from, (unsigned long long)h->physical_bytes,
+            h->cpus, cpu_from, h->online_cpus, (unsigned long long)cfg->max_inflight_bytes,
+            (unsigned long long)cfg->max_request_bytes, cfg->cpu_threads);
+  if (h->memory_bytes && cfg->max_inflight_bytes + cfg->weights_memory > h->memory_bytes)
+    convd_log(CONVD_LOG_WARN,
+              "msg=\"--max-inflight-bytes and --weights-memory together exceed the memory the "
+              "daemon may use: past it the kernel ends the daemon instead of calls getting "
+              "RESOURCE_EXHAUSTED\" max_inflight_bytes=%llu weights_memory=%llu memory_bytes=%llu",
+              (unsigned long long)cfg->max_inflight_bytes, (unsigned long long)cfg->weights_memory,
+              (unsigned long long)h->memory_bytes);
+}
+
 int main(int argc, char **argv) {
   convd_config cfg;
   char err[512];
@@ -265,6 +303,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "convd: --log-file %s: cannot open it for appending\n", cfg.log_file);
     return 2;
   }
+  log_limits(&cfg);
   /* Each connection is a descriptor: the soft limit (often 1024) goes up to the hard one, so
    * that many clients (or idle connections not yet timed out) do not lock new ones out. */
   struct rlimit nofile;

@@ -1,9 +1,11 @@
 #!/usr/bin/python3
 """The shipped deployment files start a daemon that serves, secured as they say: the systemd
-unit and the Kubernetes Deployment + ConfigMap are read as files (not copied into this test),
+unit and the Kubernetes DaemonSet + ConfigMap are read as files (not copied into this test),
 their command lines and environment run here with their paths mapped into a temporary
 directory, their secrets made here and their addresses moved onto loopback (tests listen on
-loopback only), and their probes' commands are run against the daemon. check_deploy.py checks
+loopback only), and their probes' commands are run against the daemon. The pod's daemon runs
+under a fixture cgroup holding the DaemonSet's memory and CPU limits as the kubelet writes them
+(memory.max, cpu.max; CONVD_CGROUP_ROOT), and its defaults must follow them. check_deploy.py checks
 the files themselves (syntax, systemd-analyze, protected mode). What this cannot show: the container image, systemd's sandboxing and credentials,
 Kubernetes' scheduling and GPU plugin; docs/operations.md says so.
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import yaml
 
@@ -48,11 +51,32 @@ def start(argv, env):
 
 
 def stop(p, what):
+    """SIGTERM, a clean exit; returns the daemon's log (stderr)."""
     p.send_signal(signal.SIGTERM)
     rc = p.wait(60)
     err = p.stderr.read()
     assert rc == 0, f"{what}: exit {rc}\n{err}"
     assert "Sanitizer" not in err and "runtime error" not in err, f"{what}: sanitizer report\n{err}"
+    return err
+
+
+UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def cgroup_fixture(d, limits):
+    """A tree standing for / as a container with these Kubernetes limits sees it (cgroup v2 with a
+    cgroup namespace): memory.max in bytes, cpu.max as QUOTA PERIOD with the kubelet's period."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?", str(limits["memory"]))
+    mem = int(m.group(1)) * UNITS.get(m.group(2) or "", 1)
+    cpu = str(limits["cpu"])
+    quota = int(cpu[:-1]) * 100 if cpu.endswith("m") else int(float(cpu) * 100000)
+    os.makedirs(os.path.join(d, "proc/self"))
+    os.makedirs(os.path.join(d, "sys/fs/cgroup"))
+    for rel, text in (("proc/self/cgroup", "0::/\n"), ("sys/fs/cgroup/memory.max", f"{mem}\n"),
+                      ("sys/fs/cgroup/cpu.max", f"{quota} 100000\n")):
+        with open(os.path.join(d, rel), "w") as f:
+            f.write(text)
+    return mem, -(-quota // 100000)
 
 
 def served(convctl, port, ca, token_file, what):
@@ -107,11 +131,11 @@ def systemd_case(convd, convctl, src, tmp):
 
 def kubernetes_case(convd, convctl, src, tmp):
     docs = {}
-    for name in ("deployment.yaml", "configmap.yaml", "service.yaml"):
+    for name in ("daemonset.yaml", "configmap.yaml", "service.yaml"):
         with open(os.path.join(src, "deploy/kubernetes", name)) as f:
             for doc in yaml.safe_load_all(f):
                 docs[doc["kind"]] = doc
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "convd"]
     env = dict(docs["ConfigMap"]["data"])
     assert container["envFrom"][0]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
@@ -148,9 +172,19 @@ def kubernetes_case(convd, convctl, src, tmp):
                CONVD_GPUS="0")  # no GPU here; the manifest's own value is checked above
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVD_")}
     full_env.update(env)
+    # The container's cgroup, as the kubelet sets it from the limits.
+    cg_root = os.path.join(tmp, "k8s_cgroup")
+    mem_limit, cpu_limit = cgroup_fixture(cg_root, container["resources"]["limits"])
+    full_env["CONVD_CGROUP_ROOT"] = cg_root
     assert container["command"] == ["convd"], container["command"]
     p, port = start([convd] + [mapped(a) for a in container["args"]], full_env)
+    log = ""
     try:
+        line = p.stdout.readline()
+        m = re.match(r"convd metrics on (http://\S+)$", line.strip())
+        assert m, f"the pod's daemon did not report its metrics address: {line!r}"
+        with urllib.request.urlopen(m.group(1), timeout=10) as r:
+            inflight_metric = int(float(re.search(r"^convd_inflight_bytes_limit (\S+)$", r.read().decode(), re.M).group(1)))
         served(convctl, port, os.path.join(tls_dir, "ca.crt"), os.path.join(tmp, "token"), "Kubernetes pod")
         probes = 0
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -164,8 +198,24 @@ def kubernetes_case(convd, convctl, src, tmp):
             assert took < container[kind]["timeoutSeconds"], f"{kind} took {took:.1f} s"
             probes += 1
     finally:
-        stop(p, "Kubernetes pod")
-    return f"init container, {probes} probes and the container's args served TLS + tokens"
+        log = stop(p, "Kubernetes pod")
+    # The defaults follow the pod's limits: 3/4 and 1/2 of the memory limit (or of physical memory
+    # where that is lower: the limit then binds nothing), the CPU limit (or the online CPUs).
+    (limits_line,) = [l for l in log.splitlines() if 'msg="memory and CPU limits"' in l]
+    got = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', limits_line))
+    physical, online = int(got["physical_memory_bytes"]), int(got["online_cpus"])
+    mem = min(mem_limit, physical)
+    assert int(got["memory_bytes"]) == mem, (mem_limit, got)
+    assert got["memory_from"] == (f'"{cg_root}/sys/fs/cgroup/memory.max"' if mem_limit < physical else "physical"), got
+    assert int(got["max_inflight_bytes"]) == mem // 4 * 3 == inflight_metric, (got, inflight_metric)
+    assert int(got["max_request_bytes"]) == mem // 2, got
+    assert int(got["cpu_threads"]) == min(cpu_limit, online), got
+    assert "together exceed the memory" not in log, f"the pod's settings over-commit its memory:\n{log}"
+    which = "the limit" if mem_limit < physical else f"physical memory, {physical >> 20} MiB here, below the limit"
+    return (f"init container, {probes} probes and the container's args served TLS + tokens; under its "
+            f"limits ({container['resources']['limits']['memory']}, {container['resources']['limits']['cpu']} CPUs) "
+            f"the daemon admitted {int(got['max_inflight_bytes']) >> 20} MiB in flight (3/4 of {which}) and ran "
+            f"{got['cpu_threads']} CPU threads")
 
 
 def main():
@@ -178,7 +228,7 @@ def main():
         with open(os.path.join(tmp, "token"), "w") as f:
             f.write(TOKEN + "\n")
         os.chmod(os.path.join(tmp, "token"), 0o600)
-        for name, fn in (("systemd unit", systemd_case), ("Kubernetes Deployment", kubernetes_case)):
+        for name, fn in (("systemd unit", systemd_case), ("Kubernetes DaemonSet", kubernetes_case)):
             print(f"ok   {name}: {fn(convd, convctl, src, tmp)}", flush=True)
 
 

@@ -14,13 +14,14 @@ import numpy as np
 class Daemon:
     """A convd on 127.0.0.1 with port 0 (and whatever more --listen addresses extra gives: their
     `convd listening on` lines, one per address after the first, are in self.addresses);
-    stop() asserts a clean exit and a clean log."""
+    stop() asserts a clean exit and a clean log. env: the daemon's environment (default this
+    process's)."""
 
-    def __init__(self, binary, *extra):
+    def __init__(self, binary, *extra, env=None):
         self.log = tempfile.NamedTemporaryFile(prefix="convd-py-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "--listen", "127.0.0.1:0", "--log-level", "info", *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.match(r"convd listening on (\S+):(\d+)$", line.strip())
         if not m:
