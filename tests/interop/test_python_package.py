@@ -120,6 +120,37 @@ c.close()
 '''
 
 
+SECURE = r'''
+import os, sys
+import numpy as np
+import convd
+target, ca, token = sys.argv[1:4]
+x = np.ones((1, 2, 6, 6), np.float32)
+w = np.ones((3, 2, 3, 3), np.float32)
+with convd.Client(target, tls_ca=ca, tls_server_name="convd", token=token) as c:
+    y = c.conv2d(x, w, padding=1)
+    assert y.shape == (1, 3, 6, 6) and y[0, 0, 2, 2] == 18.0 and y[0, 0, 0, 0] == 8.0, y[0, 0]
+os.environ["CONVD_TOKEN"] = token
+with convd.Client(target, tls_ca=ca, tls_server_name="convd") as c:
+    assert c.conv2d(x, w).shape == (1, 3, 4, 4)
+del os.environ["CONVD_TOKEN"]
+with convd.Client(target, tls_ca=ca, tls_server_name="convd") as c:
+    assert c.health()  # health needs no token
+    try:
+        c.conv2d(x, w)
+        raise AssertionError("a call without a token was served")
+    except convd.Unauthenticated:
+        pass
+with convd.Client(target, timeout=5, token=token) as c:  # plaintext to a TLS daemon
+    try:
+        c.conv2d(x, w)
+        raise AssertionError("a plaintext client was served")
+    except convd.Unavailable:
+        pass
+print("ok   TLS (tls_ca, tls_server_name) and tokens (token=, $CONVD_TOKEN); none: Unauthenticated; plaintext: Unavailable")
+'''
+
+
 def readme_example():
     """The README's Python block, verbatim."""
     with open(os.path.join(ROOT, "client", "python", "README.md")) as f:
@@ -157,6 +188,24 @@ def main():
                 f.write(CASES)
             r = subprocess.run([py, cases, d.target, d.addresses[1], HERE, golden], text=True, cwd=tmp, timeout=600)
             assert r.returncode == 0, "the package's cases failed (above)"
+        finally:
+            d.stop()
+        # TLS and tokens, as the daemon takes them (certificates as the deployment test makes them).
+        sys.path.insert(0, os.path.join(ROOT, "tests", "deploy"))
+        from serve_deploy import certificates
+        certificates(tmp)
+        token = "python-package-test-token-0123"
+        with open(os.path.join(tmp, "tokens"), "w") as f:
+            f.write(f"lab {token}\n")
+        os.chmod(os.path.join(tmp, "tokens"), 0o600)
+        d = Daemon(convd_bin, "--tls-cert", os.path.join(tmp, "tls.crt"), "--tls-key", os.path.join(tmp, "tls.key"),
+                   "--auth-tokens", os.path.join(tmp, "tokens"))
+        try:
+            secure = os.path.join(tmp, "secure.py")
+            with open(secure, "w") as f:
+                f.write(SECURE)
+            r = subprocess.run([py, secure, d.target, os.path.join(tmp, "ca.crt"), token], text=True, cwd=tmp, timeout=120)
+            assert r.returncode == 0, "the package's TLS and token cases failed (above)"
         finally:
             d.stop()
 
