@@ -12,8 +12,9 @@
  * Every command that talks to a server also takes --tls-ca FILE [--tls-cert FILE --tls-key FILE]
  * [--tls-server-name NAME] and --token-file FILE (or CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY,
  * CONVD_TLS_SERVER_NAME, CONVD_TOKEN in the environment).
- * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage; `conv
- * --shm` interrupted by SIGINT or SIGTERM: 128 + the signal, once its regions are removed.
+ * Exit status: 0 ok, 1 the call failed (the server's message is printed), 2 bad usage;
+ * `conv` interrupted by SIGINT or SIGTERM: 128 + the signal, once the call is cancelled and (with
+ * --shm) its regions are removed; no partial output is left.
  *
  * Output: results on stdout (with --json one JSON object and nothing else), everything else on
  * stderr: notes, errors, and on a terminal the progress line of `conv`, redrawn in place (at most
@@ -1116,7 +1117,22 @@ static int cmd_conv(const args *a, int transposed) {
     rc = 1;
     goto out;
   }
-  if (c == NULL && (rc = client_from_args(a, &c))) goto out;
+  /* SIGINT/SIGTERM cancel the call (the daemon stops its work) and leave no partial output: the
+   * same signal thread as --shm's, with no region. The client is made again after the mask, so
+   * that gRPC's threads inherit it and only the signal thread takes the signals. */
+  shm_run run = {.mu = PTHREAD_MUTEX_INITIALIZER, .partial = partial};
+  sigemptyset(&run.signals);
+  sigaddset(&run.signals, SIGINT);
+  sigaddset(&run.signals, SIGTERM);
+  convd_client_destroy(c);
+  c = NULL;
+  pthread_sigmask(SIG_BLOCK, &run.signals, NULL);
+  pthread_t th;
+  if (pthread_create(&th, NULL, signal_main, &run) == 0) pthread_detach(th);
+  if ((rc = client_from_args(a, &c))) goto out;
+  pthread_mutex_lock(&run.mu);
+  run.c = c;
+  pthread_mutex_unlock(&run.mu);
   convd_client_stats st;
   const convd_client_io io = {file_read, file_write, &fio};
   if (in_place) co.io = &io;
@@ -1124,7 +1140,21 @@ static int cmd_conv(const args *a, int transposed) {
   const double t0 = now_seconds();
   g.t0 = g.last = t0;
   int crc = convd_client_conv2d_ex(c, &p, &co, x.data, w.data, b.data, y, &st, err, sizeof err);
+  pthread_mutex_lock(&run.mu);
+  run.cleaning = 1;
+  run.c = NULL;
+  pthread_mutex_unlock(&run.mu);
   progress_erase(&g);
+  if (atomic_load(&run.interrupted)) {
+    if (in_place) {
+      close(fio.fd[1]);
+      fio.fd[1] = -1;
+      unlink(partial);
+    }
+    fprintf(stderr, "convctl: interrupted: the call was cancelled and no output was written\n");
+    rc = 128 + atomic_load(&run.interrupted);
+    goto out;
+  }
   if (crc == 0 && in_place && (close(fio.fd[1]) != 0 || rename(partial, a->output) != 0)) {
     crc = CONVD_CLIENT_EIO;
     snprintf(err, sizeof err, "%s: %s", a->output, strerror(errno));

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import shutil
 import socket
 import struct
@@ -373,6 +374,32 @@ def case_errors(fast):
         "), CONVD_SERVER, --unary too large, 11 malformed values named, K suffixes, --version"
 
 
+def case_interrupt(slow):
+    """SIGINT during a streamed conv: the call is cancelled on the daemon (its log says CANCELLED),
+    convctl exits 130 and leaves no output and no partial file."""
+    rng = np.random.default_rng(2)
+    x = save("int_x.npy", rng.standard_normal((1, 32, 640, 640), dtype=np.float32))
+    w = save("int_w.npy", (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32))
+    y = path("int_y.npy")
+    p = subprocess.Popen([CONVCTL, "conv", "--server", slow.target, "--input", x, "--weight", w,
+                          "--padding", "1", "--output", y], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert p.poll() is None, f"the job ended within 1 s: {p.communicate()}"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    took = time.monotonic() - t0
+    assert p.returncode == 130, f"exit {p.returncode}: {err}"
+    assert "interrupted" in err, err
+    left = [n for n in os.listdir(TMP) if n.startswith("int_y")]
+    assert not left, f"left behind: {left}"
+    deadline = time.monotonic() + 10
+    while "status=CANCELLED" not in slow.read_log():
+        assert time.monotonic() < deadline, "the daemon did not log the call as CANCELLED"
+        time.sleep(0.05)
+    return f"exit 130 {took:.2f} s after SIGINT, nothing left, the daemon's call CANCELLED"
+
+
 def main():
     global CONVCTL, TMP
     convd, _stub_dir, golden, CONVCTL = sys.argv[1:5]
@@ -384,7 +411,8 @@ def main():
                  ("--json", lambda: case_json(fast)),
                  ("weights put/list/delete, --weights-id", lambda: case_weights(fast, golden)),
                  ("float64, float16 and refused .npy", lambda: case_dtypes(fast)),
-                 ("errors, CONVD_SERVER, sizes, --version", lambda: case_errors(fast))]
+                 ("errors, CONVD_SERVER, sizes, --version", lambda: case_errors(fast)),
+                 ("SIGINT mid-call", lambda: case_interrupt(slow))]
         for name, fn in cases:
             t0 = time.monotonic()
             what = fn()
