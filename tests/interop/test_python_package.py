@@ -9,9 +9,11 @@ memory over the Unix socket, progress callbacks, and errors as convd.Error subcl
 usage: test_python_package.py CONVD_BINARY STUB_DIR GOLDEN_DIR [CONVCTL]"""
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from convd_harness import Daemon
 
@@ -151,6 +153,21 @@ print("ok   TLS (tls_ca, tls_server_name) and tokens (token=, $CONVD_TOKEN); non
 '''
 
 
+INTERRUPT = r'''
+import sys, time
+import numpy as np
+import convd
+x = np.random.default_rng(3).standard_normal((1, 32, 640, 640), dtype=np.float32)
+w = np.random.default_rng(4).standard_normal((32, 32, 3, 3), dtype=np.float32)
+print("started", flush=True)
+try:
+    convd.Client(sys.argv[1]).conv2d(x, w, padding=1)
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+'''
+
+
 def readme_example():
     """The README's Python block, verbatim."""
     with open(os.path.join(ROOT, "client", "python", "README.md")) as f:
@@ -188,6 +205,25 @@ def main():
                 f.write(CASES)
             r = subprocess.run([py, cases, d.target, d.addresses[1], HERE, golden], text=True, cwd=tmp, timeout=600)
             assert r.returncode == 0, "the package's cases failed (above)"
+        finally:
+            d.stop()
+        # Ctrl-C: the call is cancelled on the daemon (a slow daemon: the reference kernel).
+        d = Daemon(convd_bin, "--cpu-kernel", "reference", "--device-memory", "2M")
+        try:
+            script = os.path.join(tmp, "interrupt.py")
+            with open(script, "w") as f:
+                f.write(INTERRUPT)
+            p = subprocess.Popen([py, script, d.target], stdout=subprocess.PIPE, text=True, cwd=tmp)
+            assert p.stdout.readline().strip() == "started"
+            time.sleep(1.5)
+            p.send_signal(signal.SIGINT)
+            out, _ = p.communicate(timeout=60)
+            assert out.strip() == "interrupted", out
+            deadline = time.monotonic() + 10
+            while "status=CANCELLED" not in d.read_log():
+                assert time.monotonic() < deadline, "the daemon did not log the call as CANCELLED"
+                time.sleep(0.05)
+            print("ok   Ctrl-C: KeyboardInterrupt in the caller, the daemon's call CANCELLED")
         finally:
             d.stop()
         # TLS and tokens, as the daemon takes them (certificates as the deployment test makes them).
