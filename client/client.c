@@ -750,9 +750,9 @@ int convd_client_conv2d_ex(convd_client *c, const convd_client_conv_params *cp,
                            size_t errlen) {
   static const convd_client_call_opts none = {0};
   if (co == NULL) co = &none;
-  if ((co->io != NULL) + (co->shm != NULL) + (co->unary != 0) > 1)
+  if (co->io != NULL && (co->shm != NULL || co->unary))
     return convd_errf(err, errlen, CONVD_EINVAL,
-                      "co->io, co->shm and co->unary are variants of a call: set one at most");
+                      "co->io is a variant of a streamed call: it goes with neither co->shm nor co->unary");
   const int reg_w = co->weights_id != NULL;
   if (reg_w && (co->weights_id[0] == '\0' || strlen(co->weights_id) > CONVD_CLIENT_WEIGHTS_ID_MAX))
     return convd_errf(err, errlen, CONVD_EINVAL, "co->weights_id must be 1 to %d characters",
@@ -1039,19 +1039,30 @@ static int conv2d_unary(convd_client *c, const convd_conv *cv, const convd_clien
   int rc;
   spec_storage sp;
   make_spec(&sp, p, co);
+  /* Tensors in regions are named in the spec and left out of the messages. */
+  const convd_client_shm_refs *refs = co->shm;
+  spec_add_regions(&sp, cv, refs);
+  const int x_in = refs && refs->input.region, w_in = refs && refs->weight.region,
+            b_in = refs && refs->bias.region, y_in = refs && refs->output.region;
   Convd__V1__ConvCall req = CONVD__V1__CONV_CALL__INIT;
   req.spec = &sp.spec;
-  req.input.data = (uint8_t *)x;
-  req.input.len = conv.input_wire_bytes;
-  if (co->weights_id == NULL) { /* registered weights travel as their id alone */
-    req.weight.data = (uint8_t *)w;
-    req.weight.len = conv.weight_wire_bytes;
-    req.bias.data = (uint8_t *)b;
-    req.bias.len = conv.bias_wire_bytes;
+  if (!x_in) {
+    req.input.data = (uint8_t *)x;
+    req.input.len = conv.input_wire_bytes;
   }
+  if (co->weights_id == NULL) { /* registered weights travel as their id alone */
+    if (!w_in) {
+      req.weight.data = (uint8_t *)w;
+      req.weight.len = conv.weight_wire_bytes;
+    }
+    if (!b_in) {
+      req.bias.data = (uint8_t *)b;
+      req.bias.len = conv.bias_wire_bytes;
+    }
+  }
+  const size_t out_msg = y_in ? 0 : conv.output_wire_bytes;
   size_t req_bytes = protobuf_c_message_get_packed_size(&req.base);
-  if (req_bytes > c->o.max_message_bytes ||
-      conv.output_wire_bytes + CONVD_WIRE_FRAMING_SLACK > c->o.max_message_bytes)
+  if (req_bytes > c->o.max_message_bytes || out_msg + CONVD_WIRE_FRAMING_SLACK > c->o.max_message_bytes)
     return convd_errf(err, errlen, CONVD_ELIMIT,
                       "a unary call of %zu request bytes and %zu output bytes does not fit the "
                       "message limit of %zu bytes: use the streaming Conv2d call "
@@ -1065,11 +1076,11 @@ static int conv2d_unary(convd_client *c, const convd_conv *cv, const convd_clien
   Convd__V1__ConvResult *r = (Convd__V1__ConvResult *)convd_wire_unpack(resp, &convd__v1__conv_result__descriptor);
   grpc_byte_buffer_destroy(resp);
   if (r == NULL) return convd_errf(err, errlen, CONVD_EREMOTE, "the response is not a ConvResult");
-  if (r->output.len != conv.output_wire_bytes) {
+  if (r->output.len != out_msg) {
     rc = convd_errf(err, errlen, CONVD_EREMOTE, "the response has %zu output bytes, expected %zu",
-                    r->output.len, conv.output_wire_bytes);
+                    r->output.len, out_msg);
   } else {
-    memcpy(y, r->output.data, conv.output_wire_bytes);
+    if (!y_in) memcpy(y, r->output.data, conv.output_wire_bytes);
     if (co->progress) {
       const uint64_t rows = (uint64_t)p->n * (uint64_t)conv.h_out;
       const convd_client_progress pr = {rows, rows, req.input.len + req.weight.len + req.bias.len,

@@ -269,7 +269,9 @@ typedef struct convd_client_call_opts {
    * convd_client_cancel(c), and nothing else of this library on c. */
   convd_client_progress_fn progress;
   void *progress_ctx;
-  /* At most one of these three variants (none: the streamed call on x and y in memory): */
+  /* The variants (none: the streamed call on x and y in memory); shm and unary go together (a
+   * Conv2dUnary whose tensors in regions are left out of its messages, and so need not fit
+   * one), io with neither: */
   const convd_client_io *io;         /* convd_client_conv2d_io: input and output behind io
                                         (float32 only; x and y ignored) */
   const convd_client_shm_refs *shm;  /* convd_client_conv2d_shm: tensors in regions */
@@ -277,7 +279,8 @@ typedef struct convd_client_call_opts {
 } convd_client_call_opts;
 
 /* convd_client_conv2d, _io, _unary or _shm as co says, with its weights id, priority and
- * progress callback. co NULL: convd_client_conv2d. Two variants at once are CONVD_CLIENT_EINVAL. */
+ * progress callback. co NULL: convd_client_conv2d. io beside shm or unary is
+ * CONVD_CLIENT_EINVAL. */
 int convd_client_conv2d_ex(convd_client *c, const convd_client_conv_params *p,
                            const convd_client_call_opts *co, const float *x, const float *w,
                            const float *b, float *y, convd_client_stats *stats, char *err,

@@ -128,6 +128,9 @@ static void put(uint8_t *dst, int dtype, const float *src, size_t n) {
 /* One call of p with the tensors `mode` names in region reg (x, w, b, y float32 in memory; the
  * output read back from the region into y when it is there). The output is poisoned first,
  * wherever it is. */
+/* shm_conv through Conv2dUnary (the tensors in the region left out of its messages). */
+static int shm_unary;
+
 static int shm_conv(convd_client *cl, convd_client_region *reg, int mode, const convd_conv *c,
                     const float *x, const float *w, const float *b, float *y,
                     convd_client_stats *st, char *err, size_t errlen) {
@@ -157,8 +160,9 @@ static int shm_conv(convd_client *cl, convd_client_region *reg, int mode, const 
   }
   const convd_client_conv_params cp = convd_client_params_from_conv(&c->p);
   /* Tensors in the region go as NULL: the library must not need them. */
-  int rc = convd_client_conv2d_shm(cl, &cp, &refs, mode & M_IN ? NULL : x, mode & M_W ? NULL : w,
-                                   mode & M_W ? NULL : b, mode & M_OUT ? NULL : y, st, err, errlen);
+  const convd_client_call_opts co = {.shm = &refs, .unary = shm_unary};
+  int rc = convd_client_conv2d_ex(cl, &cp, &co, mode & M_IN ? NULL : x, mode & M_W ? NULL : w,
+                                  mode & M_W ? NULL : b, mode & M_OUT ? NULL : y, st, err, errlen);
   if (rc == 0 && (mode & M_OUT)) {
     if (dt == CONVD_F32) memcpy(y, base + l.y, c->output_bytes);
     else convd_dtype_decode(dt, base + l.y, y, c->output_elems);
@@ -356,16 +360,19 @@ static void test_golden_modes(void) {
     convd_client_region *reg;
     ASSERT_OK(convd_client_region_create(cl, layout_of(&c).total, &reg, err, sizeof err), err);
     float *y = malloc(c.output_bytes);
-    for (int m = 0; m < N_MODES && !test_failed; m++) {
+    for (int m = 0; m < 2 * N_MODES && !test_failed; m++) {
       char what[200];
-      snprintf(what, sizeof what, "%.120s (%s)", names[i], mode_name(MODES[m]));
+      shm_unary = m >= N_MODES; /* every mix streamed, then through Conv2dUnary */
+      snprintf(what, sizeof what, "%.120s (%s%s)", names[i], mode_name(MODES[m % N_MODES]),
+               shm_unary ? ", unary" : "");
       convd_client_stats st;
-      int rc = shm_conv(cl, reg, MODES[m], &c, g.x, g.w, g.b, y, &st, err, sizeof err);
+      int rc = shm_conv(cl, reg, MODES[m % N_MODES], &c, g.x, g.w, g.b, y, &st, err, sizeof err);
       if (rc) FAIL_AT("%s: %s", what, err);
       else if (check_close(what, y, g.expected, g.expected_count)) FAIL_AT("%s differs", what);
-      else if (!stats_ok(what, MODES[m], &c, &st)) FAIL_AT("%s: stats", what);
+      else if (!shm_unary && !stats_ok(what, MODES[m], &c, &st)) FAIL_AT("%s: stats", what);
       ran++;
     }
+    shm_unary = 0;
     free(y);
     ASSERT_OK(convd_client_region_destroy(cl, reg, err, sizeof err), err);
     golden_free(&g);
@@ -376,7 +383,7 @@ static void test_golden_modes(void) {
   convd_client_destroy(tcp);
   convd_client_destroy(unx);
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
-  ASSERT_TRUE(ran >= 19 * N_MODES);
+  ASSERT_TRUE(ran >= 19 * 2 * N_MODES);
 }
 
 /* A random convolution: groups, depthwise, stride, dilation, asymmetric padding, N > 1, bias. */
