@@ -63,8 +63,8 @@ void convd_shm_prefix(const char *tenant, char *buf, size_t len);
 /* 0 when name is a valid region name, else CONVD_EINVAL with the reason. */
 int convd_shm_check_name(const char *name, char *err, size_t errlen);
 
-/* Opens and maps the tenant's object `name`: size bytes from its start (0 = all of it), its page
- * tables made at once (O(size): run it off the completion-queue thread).
+/* Opens and maps the tenant's object `name`: size bytes from its start (0 = all of it); no page
+ * is touched (run off the completion-queue thread all the same: it is file-system work).
  * tenant NULL = no tenants; tenant_limit 0 = none of its own. Registering a name the tenant
  * already has is an error (unregister first). *mapped gets the size mapped. */
 int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, const char *name,

@@ -1,8 +1,8 @@
 /* The shared-memory region methods: RegisterRegion, ListRegions, UnregisterRegion (shm.h holds
  * the regions and the rules; Conv2d uses them, svc_conv.c).
  *
- * Threads: the completion-queue thread, with the call's mutex held; registering (which makes the
- * region's page tables, O(size)) on the offload thread, which takes the mutex to answer. */
+ * Threads: the completion-queue thread, with the call's mutex held; registering on the offload
+ * thread, which takes the mutex to answer. */
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -41,8 +41,8 @@ typedef struct reg_req {
   uint64_t size;
 } reg_req;
 
-/* The offload thread: opening and checking are a few system calls, but mapping makes the
- * region's page tables at once (MAP_POPULATE, shm.c), which grows with its size. */
+/* The offload thread: opening, checking and mapping the object are a few system calls, but
+ * file-system ones, kept off the completion-queue thread. */
 static void register_task(void *arg) {
   convd_call *c = arg;
   reg_req *q = c->state;
