@@ -430,6 +430,13 @@ def closed_within(sock, seconds, t0):
     return None
 
 
+def h2_preface(host, port):
+    """A connection that completes the HTTP/2 preface and then starts no call."""
+    s = socket.create_connection((host, port))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    return s
+
+
 def case_idle_connections(convd):
     """Connections that never start a call are closed: one that sends nothing after
     --handshake-timeout, one that completes the HTTP/2 preface after --connection-idle-timeout."""
@@ -438,10 +445,9 @@ def case_idle_connections(convd):
         host, port = d.target.rsplit(":", 1)
         t0 = time.monotonic()
         silent = socket.create_connection((host, int(port)))
-        preface = socket.create_connection((host, int(port)))
         # The client preface and an empty SETTINGS frame; then, once the server's SETTINGS are
         # in, their ACK: the connection is a complete HTTP/2 one that never starts a stream.
-        preface.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        preface = h2_preface(host, int(port))
         preface.settimeout(5)
         assert preface.recv(9)[3:4] == b"\x04", "the server's first frame is not SETTINGS"
         preface.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
@@ -456,13 +462,6 @@ def case_idle_connections(convd):
         return f"silent connection closed after {t_silent:.1f} s, idle HTTP/2 one after {t_idle:.1f} s"
     finally:
         d.stop()
-
-
-def h2_preface(host, port):
-    """A connection that completes the HTTP/2 preface and then starts no call."""
-    s = socket.create_connection((host, port))
-    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-    return s
 
 
 def case_max_connections(convd):
