@@ -7,7 +7,9 @@
  * paths come from protoc-c's service descriptors.
  *
  * Shared-memory regions (convd_client_region_*) are POSIX objects this library creates, maps
- * and unlinks on the caller's thread; the daemon only ever sees their names. */
+ * and unlinks on the caller's thread, or through a unix: target sealed memfds whose descriptor
+ * it passes to the daemon's descriptor socket, also on the caller's thread. */
+#define _GNU_SOURCE /* memfd_create, the F_SEAL_* constants */
 #include "client.h"
 
 #include <grpc/byte_buffer.h>
@@ -26,7 +28,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "band.h"
@@ -80,6 +84,9 @@ struct convd_client {
    * token (n_md 1), else nothing. */
   grpc_metadata md[1];
   size_t n_md;
+  /* unix:PATH targets: the daemon's descriptor socket, PATH.fd, for regions used in place
+   * (convd_client_region_create); "" otherwise. */
+  char fd_socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
 };
 
 #define MAX_TOKEN 4096
@@ -183,6 +190,11 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   if (c == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   if (opts) c->o = *opts;
   c->o.tls_ca_file = c->o.tls_cert_file = c->o.tls_key_file = c->o.tls_server_name = c->o.token = NULL;
+  if (target && strncmp(target, "unix:", 5) == 0) { /* unix:/abs/path or unix:///abs/path */
+    const char *path = target + 5;
+    if (strncmp(path, "//", 2) == 0) path += 2;
+    if (path[0] == '/' && strlen(path) + 3 < sizeof c->fd_socket) snprintf(c->fd_socket, sizeof c->fd_socket, "%s.fd", path);
+  }
   const convd_client_opts none = {0}, *o = opts ? opts : &none;
   if (c->o.max_message_bytes == 0) c->o.max_message_bytes = 4u << 20;
   if (c->o.chunk_bytes == 0) c->o.chunk_bytes = 1u << 20;
@@ -1399,19 +1411,27 @@ int convd_client_delete_weights(convd_client *c, const char *id, char *err, size
 
 /* ---- shared-memory regions --------------------------------------------------------------- */
 
-int convd_client_register_region(convd_client *c, const char *name, uint64_t size, uint64_t *mapped,
-                                 char *err, size_t errlen) {
+/* RegisterRegion of a named object, or (ticket non-NULL) of the descriptor passed for it. */
+static int register_region(convd_client *c, const char *name, const char *ticket, uint64_t size,
+                           uint64_t *mapped, int *in_place, char *err, size_t errlen) {
   if (mapped) *mapped = 0;
   Convd__V1__RegisterRegionRequest req = CONVD__V1__REGISTER_REGION_REQUEST__INIT;
   req.name = (char *)(name ? name : "");
   req.size = size;
+  req.fd_ticket = (char *)(ticket ? ticket : "");
   Convd__V1__RegisterRegionResponse *r = NULL;
   int rc = unary_message(c, c->m_reg_region, &req.base, &convd__v1__register_region_response__descriptor,
                          (ProtobufCMessage **)&r, err, errlen);
   if (rc) return rc;
   if (mapped) *mapped = r->size;
+  if (in_place) *in_place = r->in_place;
   protobuf_c_message_free_unpacked(&r->base, NULL);
   return 0;
+}
+
+int convd_client_register_region(convd_client *c, const char *name, uint64_t size, uint64_t *mapped,
+                                 char *err, size_t errlen) {
+  return register_region(c, name, NULL, size, mapped, NULL, err, errlen);
 }
 
 int convd_client_unregister_region(convd_client *c, const char *name, char *err, size_t errlen) {
@@ -1463,11 +1483,14 @@ struct convd_client_region {
   char name[CONVD_CLIENT_REGION_NAME_MAX + 1];
   void *data;
   size_t size;
+  int memfd; /* a sealed memfd passed to the daemon (no object in /dev/shm to unlink) */
+  int in_place;
 };
 
 void *convd_client_region_data(const convd_client_region *r) { return r->data; }
 size_t convd_client_region_size(const convd_client_region *r) { return r->size; }
 const char *convd_client_region_name(const convd_client_region *r) { return r->name; }
+int convd_client_region_in_place(const convd_client_region *r) { return r->in_place; }
 
 /* Random bytes for a name; the kernel's pool, which getrandom waits for only at early boot. */
 static int random_bytes(uint8_t *buf, size_t n) {
@@ -1482,42 +1505,105 @@ static int random_bytes(uint8_t *buf, size_t n) {
 
 #define REGION_RANDOM_BYTES 8 /* 16 hex digits after the prefix */
 
-int convd_client_region_create(convd_client *c, size_t size, convd_client_region **out, char *err,
-                               size_t errlen) {
-  *out = NULL;
-  if (size == 0) return convd_errf(err, errlen, CONVD_EINVAL, "a region needs at least one byte");
-  if ((uint64_t)size > (uint64_t)INT64_MAX)
-    return convd_errf(err, errlen, CONVD_ERANGE, "a region of %zu bytes is too large", size);
-  char prefix[CONVD_CLIENT_REGION_NAME_MAX + 1];
-  int rc = convd_client_list_regions(c, NULL, NULL, prefix, sizeof prefix, err, errlen);
-  if (rc) return rc;
-  if (prefix[0] != '/' || strlen(prefix) + 2 * REGION_RANDOM_BYTES > CONVD_CLIENT_REGION_NAME_MAX)
-    return convd_errf(err, errlen, CONVD_EREMOTE, "the server's region name prefix \"%.40s\" leaves no room "
-                      "for a name", prefix);
-  convd_client_region *r = calloc(1, sizeof *r);
-  if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
-  int fd = -1;
+/* A fresh name: the daemon's prefix for this caller plus random hex digits. */
+static int region_name(const char *prefix, char *name, size_t len, char *err, size_t errlen) {
+  uint8_t rnd[REGION_RANDOM_BYTES];
+  if (random_bytes(rnd, sizeof rnd)) return convd_errf(err, errlen, CONVD_EIO, "getrandom: %s", strerror(errno));
+  size_t k = (size_t)snprintf(name, len, "%s", prefix);
+  for (size_t i = 0; i < sizeof rnd; i++) k += (size_t)snprintf(name + k, len - k, "%02x", rnd[i]);
+  return 0;
+}
+
+/* Passes fd over the descriptor socket (fdsock.h in the daemon) and reads the ticket into
+ * ticket (33 bytes). 1: no descriptor socket answers there (an older daemon, or none). */
+static int pass_fd(const char *path, int fd, char *ticket, char *err, size_t errlen) {
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+  const int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (s < 0) return 1;
+  if (connect(s, (const struct sockaddr *)&sa, sizeof sa) != 0) {
+    close(s);
+    return 1;
+  }
+  const struct timeval tv = {5, 0}; /* the daemon answers at once; never hang on a stuck one */
+  setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  static const char hello[] = "convd-region/1";
+  union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+  } cm;
+  memset(&cm, 0, sizeof cm);
+  struct iovec iov = {(void *)hello, sizeof hello - 1};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf};
+  struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
+  h->cmsg_level = SOL_SOCKET, h->cmsg_type = SCM_RIGHTS, h->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(h), &fd, sizeof fd);
+  char ans[600];
+  ssize_t n = sendmsg(s, &mh, MSG_NOSIGNAL);
+  const int se = errno;
+  if (n >= 0) n = recv(s, ans, sizeof ans - 1, 0);
+  const int re = errno;
+  close(s);
+  if (n <= 0)
+    return convd_errf(err, errlen, CONVD_EIO, "the daemon's descriptor socket %s: %s", path,
+                      n == 0 ? "closed without an answer" : strerror(n < 0 && se ? se : re));
+  ans[n] = '\0';
+  ans[strcspn(ans, "\n")] = '\0';
+  if (strncmp(ans, "ok ", 3) == 0 && strlen(ans) > 3 + 32 && ans[3 + 32] == ' ') {
+    memcpy(ticket, ans + 3, 32);
+    ticket[32] = '\0';
+    return 0;
+  }
+  if (strncmp(ans, "error ", 6) != 0)
+    return convd_errf(err, errlen, CONVD_EREMOTE, "the daemon's descriptor socket answered \"%.80s\"", ans);
+  const char *why = ans + 6, *sp = strchr(why, ' ');
+  const int code = strncmp(why, "RESOURCE_EXHAUSTED ", 19) == 0 ? CONVD_ELIMIT
+                   : strncmp(why, "INVALID_ARGUMENT ", 17) == 0  ? CONVD_EINVAL
+                                                                 : CONVD_EREMOTE;
+  return convd_errf(err, errlen, code, "the daemon refused the region's descriptor: %s", sp ? sp + 1 : why);
+}
+
+/* A sealed memfd of size bytes, mapped at r->data and passed to the daemon: *ticket gets its
+ * ticket. 1: the daemon has no descriptor socket (nothing made). */
+static int create_memfd(const char *sock, convd_client_region *r, size_t size, char *ticket, char *err,
+                        size_t errlen) {
+  struct stat st;
+  if (stat(sock, &st) != 0 || !S_ISSOCK(st.st_mode)) return 1;
+  const int fd = memfd_create("convd-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return 1; /* a kernel without memfds: named objects still work */
+  /* Allocated now (a full memory cgroup fails here, not in a call) and sealed against shrinking,
+   * which is what lets the daemon use it in place; mapped at once for the same first-touch cost
+   * as a named region's. */
+  int rc = 0, e = posix_fallocate(fd, 0, (off_t)size);
+  if (e)
+    rc = convd_errf(err, errlen, e == ENOSPC || e == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
+                    "cannot make a memfd %zu bytes large: %s", size, strerror(e));
+  else if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL) != 0)
+    rc = convd_errf(err, errlen, CONVD_EIO, "cannot seal the memfd: %s", strerror(errno));
+  else if ((r->data = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)) == MAP_FAILED) {
+    r->data = NULL;
+    rc = convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO, "cannot map a memfd of %zu bytes: %s",
+                    size, strerror(errno));
+  }
+  if (rc == 0) rc = pass_fd(sock, fd, ticket, err, errlen);
+  close(fd); /* the mappings (ours, and the daemon's once registered) keep it */
+  if (rc && r->data) munmap(r->data, size), r->data = NULL;
+  return rc;
+}
+
+/* A named POSIX shared-memory object of size bytes under r->name, mapped at r->data. */
+static int create_named(const char *prefix, convd_client_region *r, size_t size, char *err, size_t errlen) {
+  int fd = -1, rc = 0;
   /* A name taken already (EEXIST) is somebody else's object: another one is drawn. */
-  for (int attempt = 0; attempt < 8 && fd < 0; attempt++) {
-    uint8_t rnd[REGION_RANDOM_BYTES];
-    if (random_bytes(rnd, sizeof rnd)) {
-      rc = convd_errf(err, errlen, CONVD_EIO, "getrandom: %s", strerror(errno));
-      break;
-    }
-    size_t k = (size_t)snprintf(r->name, sizeof r->name, "%s", prefix);
-    for (size_t i = 0; i < sizeof rnd; i++) k += (size_t)snprintf(r->name + k, sizeof r->name - k, "%02x", rnd[i]);
+  for (int attempt = 0; attempt < 8 && fd < 0 && rc == 0; attempt++) {
+    if ((rc = region_name(prefix, r->name, sizeof r->name, err, errlen))) break;
     fd = shm_open(r->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0660);
-    if (fd < 0 && errno != EEXIST) {
+    if (fd < 0 && errno != EEXIST)
       rc = convd_errf(err, errlen, errno == ENOMEM || errno == ENOSPC ? CONVD_ENOMEM : CONVD_EIO,
                       "cannot create shared-memory object %s: %s", r->name, strerror(errno));
-      break;
-    }
   }
-  if (fd < 0) {
-    if (rc == 0) rc = convd_errf(err, errlen, CONVD_EIO, "no free shared-memory object name after 8 tries");
-    free(r);
-    return rc;
-  }
+  if (fd < 0) return rc ? rc : convd_errf(err, errlen, CONVD_EIO, "no free shared-memory object name after 8 tries");
   /* The pages are allocated now, so that a full /dev/shm fails here and not as a SIGBUS when
    * the region is written (tmpfs does allocate; elsewhere the object is only sized), and mapped
    * at once (MAP_POPULATE): a first touch page by page costs a fault each, which made filling a
@@ -1533,9 +1619,38 @@ int convd_client_region_create(convd_client *c, size_t size, convd_client_region
                     "cannot map shared-memory object %s (%zu bytes): %s", r->name, size, strerror(errno));
   }
   close(fd); /* the mapping keeps the object */
+  if (rc) shm_unlink(r->name);
+  return rc;
+}
+
+int convd_client_region_create(convd_client *c, size_t size, convd_client_region **out, char *err,
+                               size_t errlen) {
+  *out = NULL;
+  if (size == 0) return convd_errf(err, errlen, CONVD_EINVAL, "a region needs at least one byte");
+  if ((uint64_t)size > (uint64_t)INT64_MAX)
+    return convd_errf(err, errlen, CONVD_ERANGE, "a region of %zu bytes is too large", size);
+  char prefix[CONVD_CLIENT_REGION_NAME_MAX + 1];
+  int rc = convd_client_list_regions(c, NULL, NULL, prefix, sizeof prefix, err, errlen);
+  if (rc) return rc;
+  if (prefix[0] != '/' || strlen(prefix) + 2 * REGION_RANDOM_BYTES > CONVD_CLIENT_REGION_NAME_MAX)
+    return convd_errf(err, errlen, CONVD_EREMOTE, "the server's region name prefix \"%.40s\" leaves no room "
+                      "for a name", prefix);
+  convd_client_region *r = calloc(1, sizeof *r);
+  if (r == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
+  char ticket[33] = "";
+  /* Through a unix: socket, a sealed memfd the daemon uses in place; else (or with a daemon
+   * that has no descriptor socket) a named object it copies from. */
+  rc = c->fd_socket[0] ? create_memfd(c->fd_socket, r, size, ticket, err, errlen) : 1;
+  if (rc == 0) {
+    r->memfd = 1;
+    rc = region_name(prefix, r->name, sizeof r->name, err, errlen);
+  } else if (rc == 1) {
+    rc = create_named(prefix, r, size, err, errlen);
+  }
   r->size = size;
   uint64_t mapped = 0;
-  if (rc == 0 && (rc = convd_client_register_region(c, r->name, size, &mapped, err, errlen)) == 0 &&
+  if (rc == 0 &&
+      (rc = register_region(c, r->name, r->memfd ? ticket : NULL, size, &mapped, &r->in_place, err, errlen)) == 0 &&
       mapped != size) {
     rc = convd_errf(err, errlen, CONVD_EREMOTE, "the server mapped %" PRIu64 " bytes of region %s, not %zu",
                     mapped, r->name, size);
@@ -1544,7 +1659,7 @@ int convd_client_region_create(convd_client *c, size_t size, convd_client_region
   }
   if (rc) {
     if (r->data) munmap(r->data, size);
-    shm_unlink(r->name);
+    if (r->data && !r->memfd) shm_unlink(r->name);
     free(r);
     return rc;
   }
@@ -1557,7 +1672,7 @@ int convd_client_region_destroy(convd_client *c, convd_client_region *r, char *e
   int rc = c ? convd_client_unregister_region(c, r->name, err, errlen) : 0;
   if (rc == CONVD_ENOTFOUND) rc = 0; /* the daemon no longer has it (it restarted, say) */
   munmap(r->data, r->size);
-  if (shm_unlink(r->name) != 0 && errno != ENOENT && rc == 0)
+  if (!r->memfd && shm_unlink(r->name) != 0 && errno != ENOENT && rc == 0)
     rc = convd_errf(err, errlen, CONVD_EIO, "cannot unlink shared-memory object %s: %s", r->name, strerror(errno));
   free(r);
   return rc;

@@ -169,8 +169,10 @@ typedef struct convd_client_region convd_client_region;
  * caller's name prefix (ListRegions; "/convd-", or "/convd-TENANT-" under tokens), creates the
  * object as the prefix plus 16 random hex digits (shm_open O_CREAT|O_EXCL, mode 0660 less the
  * umask: a daemon running as another user needs to share the object's group), sizes and maps it,
- * and registers it. On any failure nothing is left behind: no object in /dev/shm, no mapping, no
- * registration. CONVD_CLIENT_ENOTSUP: the daemon serves no shared memory (--max-shm-bytes 0);
+ * and registers it. Through a unix:PATH target whose daemon has a descriptor socket (PATH.fd) it
+ * is a sealed memfd instead, passed over that socket and registered by its ticket: nothing in
+ * /dev/shm, and the daemon uses float32 tensors in it in place. On any failure nothing is left
+ * behind: no object in /dev/shm, no mapping, no registration. CONVD_CLIENT_ENOTSUP: the daemon serves no shared memory (--max-shm-bytes 0);
  * CONVD_CLIENT_ELIMIT: over its --max-shm-bytes or the tenant's shm-bytes; CONVD_CLIENT_ENOTFOUND
  * / _EINVAL from RegisterRegion: the daemon cannot open the object (another host, or a user
  * that may not). */
@@ -179,6 +181,10 @@ int convd_client_region_create(convd_client *c, size_t size, convd_client_region
 void *convd_client_region_data(const convd_client_region *r); /* size bytes, read/write */
 size_t convd_client_region_size(const convd_client_region *r);
 const char *convd_client_region_name(const convd_client_region *r); /* for convd_client_tensor_ref */
+/* 1 when the daemon uses float32 tensors in this region where they lie, with no copy: the
+ * client reached it through a unix: socket, and the region is a sealed memfd passed over the
+ * daemon's descriptor socket (PATH.fd); 0: a named object (/dev/shm) the daemon copies from. */
+int convd_client_region_in_place(const convd_client_region *r);
 /* Unregisters the region, unmaps it and unlinks its object, and frees r, whatever happens: the
  * object is gone from /dev/shm when this returns. Returns the unregistration's error, if any
  * (CONVD_CLIENT_EBUSY while a call uses it: another client's, or for a moment one that this side

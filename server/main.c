@@ -21,6 +21,7 @@
 #include "auth.h"
 #include "config.h"
 #include "connlimit.h"
+#include "fdsock.h"
 #include "engine.h"
 #include "err.h"
 #include "log.h"
@@ -58,6 +59,7 @@ typedef struct daemon_state {
   convd_tls *tls;   /* NULL: plaintext */
   convd_auth *auth; /* NULL: no tokens */
   convd_connlimit *connlimit; /* NULL: --max-connections 0 */
+  convd_fdsock *fdsock;       /* NULL: no unix: listener, or no shared memory */
   convd_unix_socket socks[CONVD_LISTEN_MAX]; /* the unix: listeners' files, removed at exit */
   const convd_config *cfg;
   int shutting_down;
@@ -104,6 +106,8 @@ static void on_stopped(uv_async_t *h) {
   d->http = NULL;
   convd_connlimit_close(d->connlimit);
   d->connlimit = NULL;
+  convd_fdsock_close(d->fdsock);
+  d->fdsock = NULL;
 }
 
 static void on_drain_timeout(uv_timer_t *t) {
@@ -420,6 +424,18 @@ int main(int argc, char **argv) {
       remove_sockets(&d);
       return 1;
     }
+  }
+  /* Descriptor sockets beside the unix: listeners, for regions used in place (fdsock.h). */
+  const char *unix_paths[CONVD_LISTEN_MAX];
+  size_t n_unix = 0;
+  for (int i = 0; i < cfg.listen.n; i++)
+    if (d.socks[i].path) unix_paths[n_unix++] = d.socks[i].path;
+  if (n_unix && convd_rpc_shm(d.rpc) &&
+      (rc = convd_fdsock_start(d.loop, convd_rpc_shm(d.rpc), unix_paths, n_unix, cfg.unix_socket_mode,
+                               &d.fdsock, err, sizeof err))) {
+    fprintf(stderr, "convd: %s\n", err);
+    remove_sockets(&d);
+    return 1;
   }
   int metrics_port = 0;
   if (cfg.metrics_listen[0] &&

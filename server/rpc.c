@@ -408,6 +408,8 @@ void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
   if (r->shm) convd_shm_totals(r->shm, &g->shm_regions, &g->shm_bytes);
 }
 
+convd_shm *convd_rpc_shm(convd_rpc *r) { return r->shm; }
+
 convd_registry *convd_rpc_registry(convd_rpc *r) { return r->registry; }
 
 void convd_rpc_health_changed(convd_rpc *r) {

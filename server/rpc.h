@@ -10,6 +10,7 @@
 #include "engine.h"
 #include "metrics.h"
 #include "registry.h"
+#include "shm.h"
 #include "unixsock.h"
 
 typedef struct convd_rpc convd_rpc;
@@ -37,6 +38,8 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
 /* For a metrics scrape: the server's gauges, and its weights registry (NULL when off). */
 void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g);
 convd_registry *convd_rpc_registry(convd_rpc *r);
+/* The shared-memory regions (NULL: --max-shm-bytes 0). */
+convd_shm *convd_rpc_shm(convd_rpc *r);
 
 /* Starts draining: calls that arrive from now on are answered UNAVAILABLE at once, calls in
  * flight go on. drained(user) runs once, on whichever thread ends the last call (or at once

@@ -12,10 +12,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "dtype.h"
 #include "err.h"
 
@@ -25,15 +29,27 @@ struct convd_shm_region {
   uint8_t *base;
   uint64_t size;
   int writable;
+  int sealed;      /* a memfd that cannot shrink: the engine may use it in place */
   unsigned in_use; /* calls holding a range of it */
   unsigned holds;  /* ranges held (a call may hold several) */
   convd_shm_region *next;
 };
 
+/* A descriptor the descriptor socket took, until its RegisterRegion. */
+typedef struct pending_fd {
+  char ticket[CONVD_SHM_TICKET_LEN + 1];
+  int fd; /* -1: a free slot */
+  unsigned uid;
+  uint64_t size;
+  int writable;
+  double expires;
+} pending_fd;
+
 struct convd_shm {
   pthread_mutex_t mu;
   convd_shm_region *head;
   uint64_t max_bytes, bytes, count;
+  pending_fd pending[CONVD_SHM_PENDING_MAX];
 };
 
 /* ---- the SIGBUS guard --------------------------------------------------------------------- */
@@ -150,6 +166,7 @@ int convd_shm_create(uint64_t max_bytes, convd_shm **out, char *err, size_t errl
   if (s == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   pthread_mutex_init(&s->mu, NULL);
   s->max_bytes = max_bytes;
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) s->pending[i].fd = -1;
   *out = s;
   return 0;
 }
@@ -161,6 +178,8 @@ void convd_shm_destroy(convd_shm *s) {
     munmap(g->base, g->size);
     free(g);
   }
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++)
+    if (s->pending[i].fd >= 0) close(s->pending[i].fd);
   pthread_mutex_destroy(&s->mu);
   free(s);
 }
@@ -204,8 +223,30 @@ static uint64_t tenant_bytes(convd_shm *s, const char *tenant) {
   return b;
 }
 
-/* Opens, checks and maps the object (s->mu held: the limits were checked against the table
- * as it is). */
+/* Maps size bytes (0 = all) of the open object fd, st its status (s->mu held: the limits were
+ * checked against the table as it is). */
+static int map_fd(int fd, const struct stat *st, const char *name, uint64_t want, uint8_t **base,
+                  uint64_t *size, int writable, char *err, size_t errlen) {
+  if (want > (uint64_t)st->st_size)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "shared-memory object %s has %lld bytes, fewer than the %" PRIu64 " to register",
+                      name, (long long)st->st_size, want);
+  *size = want ? want : (uint64_t)st->st_size;
+  if (*size > SIZE_MAX)
+    return convd_errf(err, errlen, CONVD_ERANGE, "shared-memory object %s is too large to map", name);
+  /* Not MAP_POPULATE, though a fresh region's first call pays each page's first touch
+   * (1.4-1.7x slower, measured): populating a sparse object (ftruncate alone) would make the
+   * daemon allocate all of it, charged to its own memory, at one RegisterRegion. Pages are
+   * touched only as calls use the ranges they name. */
+  void *p = mmap(NULL, (size_t)*size, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED)
+    return convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
+                      "cannot map shared-memory object %s (%" PRIu64 " bytes): %s", name, *size, strerror(errno));
+  *base = p;
+  return 0;
+}
+
+/* Opens, checks and maps the named object (s->mu held). */
 static int map_object(const char *name, uint64_t want, uint8_t **base, uint64_t *size,
                       int *writable, char *err, size_t errlen) {
   *writable = 1;
@@ -232,33 +273,136 @@ static int map_object(const char *name, uint64_t want, uint8_t **base, uint64_t 
     rc = convd_errf(err, errlen, CONVD_EINVAL, "%s is not a shared-memory object", name);
   else if (st.st_size <= 0)
     rc = convd_errf(err, errlen, CONVD_EINVAL, "shared-memory object %s is empty: size it (ftruncate) first", name);
-  else if (want > (uint64_t)st.st_size)
-    rc = convd_errf(err, errlen, CONVD_EINVAL,
-                    "shared-memory object %s has %lld bytes, fewer than the %" PRIu64 " to register",
-                    name, (long long)st.st_size, want);
-  if (rc == 0) {
-    *size = want ? want : (uint64_t)st.st_size;
-    if (*size > SIZE_MAX) {
-      rc = convd_errf(err, errlen, CONVD_ERANGE, "shared-memory object %s is too large to map", name);
-    } else {
-      /* Not MAP_POPULATE, though a fresh region's first call pays each page's first touch
-       * (1.4-1.7x slower, measured): populating a sparse object (ftruncate alone) would make
-       * the daemon allocate all of it, charged to its own memory, at one RegisterRegion. Pages
-       * are touched only as calls copy the ranges they name. */
-      void *p = mmap(NULL, (size_t)*size, PROT_READ | (*writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
-      if (p == MAP_FAILED)
-        rc = convd_errf(err, errlen, errno == ENOMEM ? CONVD_ENOMEM : CONVD_EIO,
-                        "cannot map shared-memory object %s (%" PRIu64 " bytes): %s", name, *size, strerror(errno));
-      else
-        *base = p;
-    }
-  }
+  else
+    rc = map_fd(fd, &st, name, want, base, size, *writable, err, errlen);
   close(fd); /* the mapping keeps the object */
   return rc;
 }
 
+/* ---- descriptors passed by clients -------------------------------------------------------- */
+
+static int hex_ticket(char *out) {
+  uint8_t rnd[CONVD_SHM_TICKET_LEN / 2];
+  for (size_t got = 0; got < sizeof rnd;) {
+    const ssize_t k = getrandom(rnd + got, sizeof rnd - got, 0);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return -1;
+    got += (size_t)k;
+  }
+  for (size_t i = 0; i < sizeof rnd; i++) snprintf(out + 2 * i, 3, "%02x", rnd[i]);
+  return 0;
+}
+
+/* Why fd cannot be a region used in place, or 0 (and its size and writability). */
+static int check_memfd(int fd, uint64_t *size, int *writable, char *err, size_t errlen) {
+  struct stat st;
+  struct statfs sf;
+  if (fstat(fd, &st) != 0 || fstatfs(fd, &sf) != 0)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the descriptor cannot be inspected: %s", strerror(errno));
+  if (!S_ISREG(st.st_mode) || sf.f_type != TMPFS_MAGIC)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the descriptor is not a memfd (memfd_create, without MFD_HUGETLB: hugetlb pages "
+                      "can run out under a mapping)");
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || !(seals & F_SEAL_SHRINK))
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the memfd is not sealed against shrinking: create it with MFD_ALLOW_SEALING, size "
+                      "it, then fcntl(F_ADD_SEALS, F_SEAL_SHRINK)");
+  if (st.st_size <= 0)
+    return convd_errf(err, errlen, CONVD_EINVAL, "the memfd is empty: size it before sealing it");
+  const int mode = fcntl(fd, F_GETFL) & O_ACCMODE;
+  if (mode == O_WRONLY) return convd_errf(err, errlen, CONVD_EINVAL, "the descriptor is open write-only");
+  *size = (uint64_t)st.st_size;
+  *writable = mode == O_RDWR && !(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE));
+  return 0;
+}
+
+static void expire_locked(convd_shm *s, double now) {
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) {
+    pending_fd *p = &s->pending[i];
+    if (p->fd >= 0 && p->expires <= now) close(p->fd), p->fd = -1;
+  }
+}
+
+unsigned convd_shm_expire(convd_shm *s) {
+  pthread_mutex_lock(&s->mu);
+  expire_locked(s, convd_now_seconds());
+  unsigned n = 0;
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) n += s->pending[i].fd >= 0;
+  pthread_mutex_unlock(&s->mu);
+  return n;
+}
+
+int convd_shm_stash_fd(convd_shm *s, int fd, unsigned uid, char *ticket, uint64_t *size,
+                       int *writable, char *err, size_t errlen) {
+  int rc = check_memfd(fd, size, writable, err, errlen);
+  if (rc) {
+    close(fd);
+    return rc;
+  }
+  pthread_mutex_lock(&s->mu);
+  const double now = convd_now_seconds();
+  expire_locked(s, now);
+  int slot = -1;
+  unsigned mine = 0;
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) {
+    if (s->pending[i].fd < 0 && slot < 0) slot = i;
+    mine += s->pending[i].fd >= 0 && s->pending[i].uid == uid;
+  }
+  if (slot < 0 || mine >= CONVD_SHM_PENDING_PER_UID)
+    rc = convd_errf(err, errlen, CONVD_ELIMIT,
+                    "%s descriptors wait for their RegisterRegion already: register or let them expire "
+                    "(%d s) first", slot < 0 ? "too many" : "this user's", CONVD_SHM_TICKET_SECONDS);
+  else if (hex_ticket(s->pending[slot].ticket) != 0)
+    rc = convd_errf(err, errlen, CONVD_EINTERNAL, "getrandom: %s", strerror(errno));
+  if (rc == 0) {
+    pending_fd *p = &s->pending[slot];
+    p->fd = fd, p->uid = uid, p->size = *size, p->writable = *writable;
+    p->expires = now + CONVD_SHM_TICKET_SECONDS;
+    snprintf(ticket, CONVD_SHM_TICKET_LEN + 1, "%s", p->ticket);
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (rc) close(fd);
+  return rc;
+}
+
+/* The descriptor stashed under ticket, taken out of the table (s->mu held), or -1. */
+static int take_ticket(convd_shm *s, const char *ticket, int *writable) {
+  expire_locked(s, convd_now_seconds());
+  if (strlen(ticket) != CONVD_SHM_TICKET_LEN) return -1;
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) {
+    pending_fd *p = &s->pending[i];
+    if (p->fd < 0) continue;
+    unsigned char diff = 0; /* all digits compared: the time says nothing about a near miss */
+    for (int k = 0; k < CONVD_SHM_TICKET_LEN; k++) diff |= (unsigned char)(p->ticket[k] ^ ticket[k]);
+    if (diff == 0) {
+      const int fd = p->fd;
+      *writable = p->writable;
+      p->fd = -1;
+      return fd;
+    }
+  }
+  return -1;
+}
+
+/* Maps the stashed descriptor (s->mu held). */
+static int map_ticket(convd_shm *s, const char *ticket, const char *name, uint64_t want,
+                      uint8_t **base, uint64_t *size, int *writable, char *err, size_t errlen) {
+  const int fd = take_ticket(s, ticket, writable);
+  if (fd < 0)
+    return convd_errf(err, errlen, CONVD_ENOTFOUND,
+                      "fd_ticket: no descriptor waits under this ticket (each is good once, for %d s, "
+                      "from the descriptor socket's answer)", CONVD_SHM_TICKET_SECONDS);
+  struct stat st;
+  int rc = fstat(fd, &st) != 0 ? convd_errf(err, errlen, CONVD_EIO, "fstat: %s", strerror(errno))
+                               : map_fd(fd, &st, name, want, base, size, *writable, err, errlen);
+  close(fd);
+  return rc;
+}
+
 int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, const char *name,
-                       uint64_t size, uint64_t *mapped, char *err, size_t errlen) {
+                       const char *ticket, uint64_t size, uint64_t *mapped, int *in_place,
+                       char *err, size_t errlen) {
   int rc = convd_shm_check_name(name, err, errlen);
   if (rc) return rc;
   char prefix[96];
@@ -274,7 +418,9 @@ int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, 
   pthread_mutex_lock(&s->mu);
   if (find(s, tenant, name)) {
     rc = convd_errf(err, errlen, CONVD_EINVAL, "region %s is registered already: unregister it first", name);
-  } else if ((rc = map_object(name, size, &g->base, &g->size, &g->writable, err, errlen)) == 0) {
+  } else if ((rc = ticket ? map_ticket(s, ticket, name, size, &g->base, &g->size, &g->writable, err, errlen)
+                          : map_object(name, size, &g->base, &g->size, &g->writable, err, errlen)) == 0) {
+    g->sealed = ticket != NULL;
     const uint64_t own = tenant_bytes(s, tenant);
     if (g->size > s->max_bytes - s->bytes)
       rc = convd_errf(err, errlen, CONVD_ELIMIT,
@@ -294,6 +440,7 @@ int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, 
     s->bytes += g->size;
     s->count++;
     *mapped = g->size;
+    if (in_place) *in_place = g->sealed;
   }
   pthread_mutex_unlock(&s->mu);
   if (rc) free(g);
@@ -340,6 +487,7 @@ long convd_shm_list(convd_shm *s, const char *tenant, convd_shm_info **out, uint
     snprintf(v[i].name, sizeof v[i].name, "%s", g->name);
     v[i].size = g->size;
     v[i].in_use = g->in_use;
+    v[i].in_place = g->sealed;
     *used += g->size;
     i++;
   }
@@ -393,6 +541,12 @@ void convd_shm_release(convd_shm *s, convd_shm_range *r) {
 }
 
 const char *convd_shm_region_name(const convd_shm_region *g) { return g->name; }
+
+void *convd_shm_in_place(const convd_shm_range *r) {
+  const convd_shm_region *g = r->region;
+  if (g == NULL || !g->sealed || (r->writable && !g->writable)) return NULL;
+  return g->base + r->offset;
+}
 
 int convd_shm_overlap(const convd_shm_range *a, const convd_shm_range *b) {
   if (a->region == NULL || a->region != b->region || a->length == 0 || b->length == 0) return 0;

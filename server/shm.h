@@ -10,8 +10,15 @@
  * region (a fault inside oneDNN or a CUDA copy could not be recovered), so input rows are copied
  * once into the call's bands and output rows once out of the job's: one copy each way instead of
  * the socket's several, and the region's contents are read exactly once, so a client rewriting
- * them mid-call changes only its own answer. Sealed memfd objects would allow in-place use but
- * need descriptor passing, which gRPC cannot carry. Unlinking is harmless (the mapping stays).
+ * them mid-call changes only its own answer. Unlinking is harmless (the mapping stays).
+ *
+ * In place: a memfd sealed with F_SEAL_SHRINK cannot lose a page while it lives, so a fault on
+ * it can only allocate (tmpfs fills a hole on touch; never SIGBUS). Such a region, passed as a
+ * descriptor (fdsock.h; gRPC cannot carry one) and registered with its ticket, may be handed to
+ * the engine as the call's float32 input and output buffers (convd_shm_in_place). Only memfds
+ * on tmpfs are taken: a hugetlb memfd can SIGBUS when the pool runs out, and other files do not
+ * seal. Punched holes are refilled on touch, charged to the daemon, within the mapped size the
+ * limits count.
  * Every range is checked (offset + length within the mapped size, overflow-checked) when a call
  * acquires it; the mapped size is fixed at registration, checked against the object's size
  * then, and writes never go past the range, whatever the object's size becomes.
@@ -49,7 +56,15 @@ typedef struct convd_shm_info {
   char name[CONVD_SHM_NAME_MAX + 1];
   uint64_t size;
   unsigned in_use;
+  int in_place;
 } convd_shm_info;
+
+/* Descriptors waiting for their RegisterRegion: at most this many over all clients, this many
+ * of one user id, each for this long. */
+#define CONVD_SHM_PENDING_MAX 64
+#define CONVD_SHM_PENDING_PER_UID 16
+#define CONVD_SHM_TICKET_SECONDS 60
+#define CONVD_SHM_TICKET_LEN 32 /* hex digits */
 
 /* The table, bounded by max_bytes of mappings over all tenants. Installs the SIGBUS handler
  * (once per process; a fault outside a guarded copy still ends the process as it would have). */
@@ -63,12 +78,26 @@ void convd_shm_prefix(const char *tenant, char *buf, size_t len);
 /* 0 when name is a valid region name, else CONVD_EINVAL with the reason. */
 int convd_shm_check_name(const char *name, char *err, size_t errlen);
 
+/* Takes fd, a descriptor a client passed (user id uid): checks that it is a memfd sealed
+ * against shrinking and keeps it under a fresh ticket (CONVD_SHM_TICKET_LEN hex digits and a
+ * NUL into ticket) until a RegisterRegion names it or CONVD_SHM_TICKET_SECONDS pass. *size gets
+ * its size, *writable whether the daemon can write it. fd is the module's either way (closed on
+ * error). CONVD_EINVAL with the reason for a descriptor it refuses, CONVD_ELIMIT when too many
+ * wait. */
+int convd_shm_stash_fd(convd_shm *s, int fd, unsigned uid, char *ticket, uint64_t *size,
+                       int *writable, char *err, size_t errlen);
+/* Closes descriptors whose ticket expired; returns how many still wait. */
+unsigned convd_shm_expire(convd_shm *s);
+
 /* Opens and maps the tenant's object `name`: size bytes from its start (0 = all of it); no page
  * is touched (run off the completion-queue thread all the same: it is file-system work).
- * tenant NULL = no tenants; tenant_limit 0 = none of its own. Registering a name the tenant
- * already has is an error (unregister first). *mapped gets the size mapped. */
+ * ticket non-NULL: maps the descriptor stashed under it instead, and name only names the
+ * region. tenant NULL = no tenants; tenant_limit 0 = none of its own. Registering a name the
+ * tenant already has is an error (unregister first). *mapped gets the size mapped, *in_place
+ * (may be NULL) whether calls may use the region where it lies. */
 int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, const char *name,
-                       uint64_t size, uint64_t *mapped, char *err, size_t errlen);
+                       const char *ticket, uint64_t size, uint64_t *mapped, int *in_place,
+                       char *err, size_t errlen);
 /* CONVD_ENOTFOUND when the tenant has no such region, CONVD_EBUSY while a call uses it. */
 int convd_shm_unregister(convd_shm *s, const char *tenant, const char *name, char *err,
                          size_t errlen);
@@ -89,6 +118,9 @@ int convd_shm_acquire(convd_shm *s, const char *tenant, const char *name, uint64
 void convd_shm_release(convd_shm *s, convd_shm_range *r); /* a range without region: no-op */
 /* A held region's name. */
 const char *convd_shm_region_name(const convd_shm_region *g);
+/* The range's first byte when the engine may use it where it lies (a sealed memfd, mapped for
+ * writing when the range is writable), else NULL. Valid until convd_shm_release. */
+void *convd_shm_in_place(const convd_shm_range *r);
 
 /* Fault-safe copies between the range's bytes from off and daemon floats: count elements of
  * the engine dtype `dtype` (dtype.h: widened on read, rounded on write), or with dtype -1

@@ -68,6 +68,10 @@ typedef struct conv_call {
   /* Shared memory (shm.h): the ranges the spec named, held until the call is freed, and the
    * copies between them and the job, which run on the offload thread without the mutex. */
   convd_shm_range in_r, out_r, w_r, b_r;
+  /* float32 tensors in sealed regions (shm.h, "In place"): the job reads x and writes y where
+   * they lie, so no copy runs, and the call ends only once the job no longer touches them. */
+  const float *x_in_place;
+  float *y_in_place;
   int64_t feed_n, feed_h; /* the next input row to copy (the feed task's alone) */
   int feeding;            /* a feed task is queued or running */
   int feed_paused;        /* backpressure: maybe_resume queues the next one */
@@ -84,6 +88,8 @@ static const convd_conv *conv_of(const conv_call *k) { return convd_stream_conv(
  * Conv2dUnary ones whose input or output lies in a region (its tensors need not fit a message
  * then). The others hold their whole tensors. */
 static int windowed(const conv_call *k) { return !k->unary || k->in_r.region || k->out_r.region; }
+
+static int in_place(const conv_call *k) { return k->x_in_place || k->y_in_place; }
 
 static Convd__V1__Shape4 output_shape(const convd_conv *cv) {
   Convd__V1__Shape4 shape = CONVD__V1__SHAPE4__INIT;
@@ -110,6 +116,7 @@ static Convd__V1__Summary summary_of(const convd_call *c, const conv_call *k, ui
 static void pump(convd_call *c);
 static void maybe_resume(convd_call *c);
 static void start_write(convd_call *c, struct conv_call *k);
+static void unary_maybe_reply(convd_call *c, conv_call *k);
 /* Backpressure's verdict (flow, below). */
 enum { FLOW_READ, FLOW_PAUSE, FLOW_STUCK };
 static int flow(const struct conv_call *k);
@@ -122,6 +129,14 @@ static void on_rows_ready(void *user, int64_t n, int64_t h0, int64_t h1) {
   conv_call *k = c->state;
   if (k->unary && !k->out_r.region) {
     convd_job_release_rows(k->job, n, h0, h1); /* written in place, into k->uy */
+  } else if (k->y_in_place) { /* written in place, into the output region */
+    convd_job_release_rows(k->job, n, h0, h1);
+    const convd_conv *cv = conv_of(k);
+    atomic_fetch_add(&k->shm_out_bytes, (uint64_t)(h1 - h0) * (uint64_t)cv->p.c_out * (uint64_t)cv->w_out * cv->wire_elem);
+    k->rows_sent += (uint64_t)(h1 - h0);
+    k->progress_pending = 1;
+    if (k->unary) unary_maybe_reply(c, k);
+    else pump(c);
   } else if (!c->status_set) {
     if (k->ready_len == k->ready_cap) {
       size_t cap = k->ready_cap ? k->ready_cap * 2 : 16;
@@ -242,7 +257,11 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
   k->band_limit = band_limit(k);
   uint64_t rows = (uint64_t)cv->input_bytes + (uint64_t)cv->output_bytes;
   const uint64_t stream_peak = k->mem_limit + k->band_limit + c->rpc->cfg->chunk_bytes;
-  if (k->unary && windowed(k) && !k->out_r.region) /* input through the window, output whole */
+  const uint64_t in_b = k->x_in_place ? 0 : (uint64_t)cv->input_bytes, out_b = k->y_in_place ? 0 : (uint64_t)cv->output_bytes;
+  if (in_place(k)) /* what lies in a region is the client's memory, not the daemon's */
+    rows = (in_b < stream_peak ? in_b : stream_peak) +
+           (k->unary && !k->out_r.region ? out_b : out_b < stream_peak ? out_b : stream_peak);
+  else if (k->unary && windowed(k) && !k->out_r.region) /* input through the window, output whole */
     rows = ((uint64_t)cv->input_bytes < stream_peak ? (uint64_t)cv->input_bytes : stream_peak) +
            (uint64_t)cv->output_bytes;
   else if (windowed(k) && rows > stream_peak)
@@ -257,7 +276,8 @@ static int admit_job(void *user, const convd_plan *plan, uint64_t bookkeeping, c
 static convd_job_cbs job_cbs(convd_call *c, const conv_call *k) {
   return (convd_job_cbs){.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
                          .done = on_job_done, .admit = admit_job,
-                         .op_bytes = windowed(k) ? stream_window(c->rpc) / 2 : 0};
+                         /* Tensors used in place hold no daemon memory per op: the engine's own plan. */
+                         .op_bytes = windowed(k) && !(k->x_in_place && k->y_in_place) ? stream_window(c->rpc) / 2 : 0};
 }
 
 /* The call's new job (it holds a ref on the call until its done()), then the stream's buffers.
@@ -272,6 +292,8 @@ static int job_setup(convd_call *c, conv_call *k, convd_job *job, char *err, siz
       return convd_errf(err, errlen, CONVD_ENOMEM, "the daemon cannot allocate %zu bytes now",
                         cv->output_bytes);
     convd_job_set_output(k->job, k->uy);
+  } else if (k->y_in_place) {
+    convd_job_set_output(k->job, k->y_in_place);
   }
   int rc = convd_stream_attach(k->stream, k->job, err, errlen);
   if (rc) return rc;
@@ -338,6 +360,18 @@ static void feed_task(void *arg) {
   const uint64_t row_wire = (uint64_t)p->c_in * (uint64_t)p->w * cv->wire_elem;
   char err[512];
   int rc = 0, again = 0;
+  if (k->x_in_place) { /* each item lent whole, where it lies: nothing to copy or to pace */
+    const size_t slab = (size_t)p->c_in * (size_t)p->h * (size_t)p->w;
+    pthread_mutex_lock(&c->mu);
+    const int go = !c->status_set && !c->dead;
+    pthread_mutex_unlock(&c->mu);
+    for (int64_t n = 0; go && n < p->n && rc == 0; n++) {
+      rc = convd_job_put_band(k->job, n, 0, p->h, (float *)k->x_in_place + (size_t)n * slab, CONVD_LEND, err,
+                              sizeof err);
+      atomic_fetch_add(&k->shm_in_bytes, (uint64_t)p->h * row_wire);
+    }
+    k->feed_n = p->n;
+  }
   for (int bands = 0; rc == 0; bands++) {
     pthread_mutex_lock(&c->mu);
     const int f = c->status_set || c->dead ? -1 : flow(k);
@@ -545,6 +579,12 @@ static int take_regions(convd_call *c, conv_call *k, const Convd__V1__ConvSpec *
                         "spec.output_region (bytes %" PRIu64 "+%" PRIu64 ") overlaps %s (bytes %" PRIu64
                         "+%" PRIu64 ") of the same region: the output may not overwrite an input",
                         k->out_r.offset, k->out_r.length, names[i], ins[i]->offset, ins[i]->length);
+  if (cv->p.dtype == CONVD_F32) {
+    const float *x = convd_shm_in_place(&k->in_r);
+    float *y = convd_shm_in_place(&k->out_r);
+    k->x_in_place = x && (uintptr_t)x % _Alignof(float) == 0 ? x : NULL;
+    k->y_in_place = y && (uintptr_t)y % _Alignof(float) == 0 ? y : NULL;
+  }
   convd_stream_set_external(k->stream, (k->in_r.region ? CONVD_STREAM_EXT_INPUT : 0u) |
                                             (k->w_r.region ? CONVD_STREAM_EXT_WEIGHT : 0u) |
                                             (k->b_r.region ? CONVD_STREAM_EXT_BIAS : 0u) |
@@ -735,6 +775,8 @@ static void pump(convd_call *c) {
     /* A region's copies end first (their task's end comes back here), so that once the client
      * has the status, its regions are free again. */
     if (k && (k->feeding || k->writing || k->creating)) return;
+    /* Tensors in place: the job's running ops may still touch them (on_job_done comes back). */
+    if (k && in_place(k) && k->job && !k->job_done) return;
     if (k) release_regions(c, k);
     convd_call_send_final(c, NULL);
     return;

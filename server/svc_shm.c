@@ -38,6 +38,7 @@ static void *request_of(convd_call *c, const ProtobufCMessageDescriptor *d) {
 /* RegisterRegion's request, kept for the offload thread. */
 typedef struct reg_req {
   char *name;
+  char *ticket; /* NULL: a named object */
   uint64_t size;
 } reg_req;
 
@@ -48,8 +49,9 @@ static void register_task(void *arg) {
   reg_req *q = c->state;
   char err[512];
   uint64_t mapped = 0;
-  int rc = convd_shm_register(c->rpc->shm, convd_call_tenant(c), tenant_shm_limit(c), q->name, q->size,
-                              &mapped, err, sizeof err);
+  int in_place = 0;
+  int rc = convd_shm_register(c->rpc->shm, convd_call_tenant(c), tenant_shm_limit(c), q->name, q->ticket,
+                              q->size, &mapped, &in_place, err, sizeof err);
   pthread_mutex_lock(&c->mu);
   if (rc) {
     convd_call_fail(c, rc, err);
@@ -59,6 +61,7 @@ static void register_task(void *arg) {
   } else {
     Convd__V1__RegisterRegionResponse resp = CONVD__V1__REGISTER_REGION_RESPONSE__INIT;
     resp.size = mapped;
+    resp.in_place = in_place;
     convd_call_reply(c, &resp.base);
   }
   pthread_mutex_unlock(&c->mu);
@@ -67,7 +70,7 @@ static void register_task(void *arg) {
 
 static void register_free(convd_call *c) {
   reg_req *q = c->state;
-  if (q) free(q->name);
+  if (q) free(q->name), free(q->ticket);
   free(q);
 }
 
@@ -78,7 +81,8 @@ static void register_start(convd_call *c) {
   const char *name = m->name ? m->name : "";
   int rc = convd_shm_check_name(name, err, sizeof err);
   reg_req *q = rc ? NULL : calloc(1, sizeof *q);
-  if (rc == 0 && (q == NULL || (q->name = strdup(name)) == NULL))
+  const char *ticket = m->fd_ticket && m->fd_ticket[0] ? m->fd_ticket : NULL;
+  if (rc == 0 && (q == NULL || (q->name = strdup(name)) == NULL || (ticket && (q->ticket = strdup(ticket)) == NULL)))
     rc = convd_errf(err, sizeof err, CONVD_ENOMEM, "the daemon is out of memory");
   if (q) q->size = m->size;
   protobuf_c_message_free_unpacked(&m->base, NULL);
@@ -105,6 +109,7 @@ static void list_start(convd_call *c) {
       infos[i].name = v[i].name;
       infos[i].size = v[i].size;
       infos[i].in_use = v[i].in_use;
+      infos[i].in_place = v[i].in_place;
       ptrs[i] = &infos[i];
     }
     char prefix[96];

@@ -6,8 +6,12 @@ chunks beside a region, unregister while in use, --max-shm-bytes, tenants and th
 a client that shrinks its object mid-call gets DATA_LOSS while the daemon keeps serving.
 
 usage: test_shm.py CONVD_BINARY STUB_DIR GOLDEN_DIR"""
+import ctypes
+import fcntl
+import mmap
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -23,13 +27,52 @@ pb = pb_grpc = None
 MiB = 1 << 20
 
 
-class Region:
-    """A POSIX shared-memory object of this client's, registered with the daemon."""
+def memfd(size, seals=None):
+    """A memfd of size bytes, sealed against shrinking unless seals says otherwise."""
+    fd = os.memfd_create("convd-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK if seals is None else seals)
+    return fd
 
-    def __init__(self, stub, size, prefix="/convd-", register=True, md=None):
+
+def pass_fds(sock_path, fds, data=b"convd-region/1"):
+    """One message to the daemon's descriptor socket; its answer, as text."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(10)
+        s.connect(sock_path)
+        socket.send_fds(s, [data], fds)
+        return s.recv(1024).decode()
+
+
+def ticket_of(sock_path, fd):
+    ans = pass_fds(sock_path, [fd])
+    assert ans.startswith("ok ") and ans.endswith("\n"), ans
+    return ans.split()[1]
+
+
+class Buf:
+    """The region's bytes, as SharedMemory exposes them (buf, size)."""
+
+    def __init__(self, fd, size):
+        self.buf, self.size, self._fd = mmap.mmap(fd, size), size, fd
+
+
+class Region:
+    """A POSIX shared-memory object of this client's, registered with the daemon; or, with
+    fd_socket (the daemon's descriptor socket), a sealed memfd passed over it, which the daemon
+    uses in place."""
+
+    def __init__(self, stub, size, prefix="/convd-", register=True, md=None, fd_socket=None):
         self.name = f"{prefix}test-{secrets.token_hex(6)}"
+        self.stub, self.md, self.memfd = stub, md, fd_socket is not None
+        if self.memfd:
+            fd = memfd(size)
+            self.shm = Buf(fd, size)
+            t = ticket_of(fd_socket, fd)
+            resp = stub.RegisterRegion(pb.RegisterRegionRequest(name=self.name, fd_ticket=t), timeout=10, metadata=md)
+            assert resp.in_place and resp.size == size, resp
+            return
         self.shm = shared_memory.SharedMemory(name=self.name[1:], create=True, size=size)
-        self.stub, self.md = stub, md
         if register:
             stub.RegisterRegion(pb.RegisterRegionRequest(name=self.name), timeout=10, metadata=md)
 
@@ -45,6 +88,10 @@ class Region:
     def close(self, unregister=True):
         if unregister:
             self.stub.UnregisterRegion(pb.UnregisterRegionRequest(name=self.name), timeout=10, metadata=self.md)
+        if self.memfd:
+            self.shm.buf.close()
+            os.close(self.shm._fd)
+            return
         self.shm.close()
         self.shm.unlink()
 
@@ -134,7 +181,7 @@ def expected_shape(spec):
 MODES = ("io", "i", "o", "iow", "ow")
 
 
-def case_golden(stub, golden, unary=False):
+def case_golden(stub, golden, unary=False, fd_socket=None):
     count, worst = 0, 0.0
     for i, (name, params, a) in enumerate(load_golden(golden)):
         mode = MODES[(i + unary) % len(MODES)]
@@ -142,7 +189,7 @@ def case_golden(stub, golden, unary=False):
         spec = spec_from_params(pb, params, b is not None)
         size = 2 * (a["input"].nbytes + a["weight"].nbytes + (b.nbytes if b is not None else 0)) + \
             int(np.prod(a["expected"].shape)) * 4 + 4096
-        r = Region(stub, size)
+        r = Region(stub, size, fd_socket=fd_socket)
         try:
             y = shm_call(stub, spec, a["input"], a["weight"], b, mode, r, unary=unary)
             worst = max(worst, check_close(y, a["expected"]))
@@ -154,7 +201,7 @@ def case_golden(stub, golden, unary=False):
     return f"{count} golden cases{' through Conv2dUnary' if unary else ''}, modes {'/'.join(MODES)}, max error {worst:.2e}"
 
 
-def case_unary_large(stub):
+def case_unary_large(stub, fd_socket=None):
     """Conv2dUnary with input and output in a region: 16 MiB each way, four times the message
     limit, served through the window."""
     rng = np.random.default_rng(9)
@@ -162,7 +209,7 @@ def case_unary_large(stub):
     w = rng.standard_normal((16, 16, 1, 1), dtype=np.float32)
     spec = spec_from_params(pb, {"input": list(x.shape), "weight": list(w.shape), "stride": [1, 1],
                                  "dilation": [1, 1], "padding": [0, 0, 0, 0], "groups": [1]}, False)
-    r = Region(stub, 2 * x.nbytes + 4096)
+    r = Region(stub, 2 * x.nbytes + 4096, fd_socket=fd_socket)
     try:
         y = shm_call(stub, spec, x, w, None, "io", r, unary=True)
         want = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), x.astype(np.float64))
@@ -171,7 +218,7 @@ def case_unary_large(stub):
         r.close()
 
 
-def case_random(stub):
+def case_random(stub, fd_socket=None):
     rng = np.random.default_rng(0x5A11)
     worst = 0.0
     for i in range(40):
@@ -192,7 +239,7 @@ def case_random(stub):
         spec = spec_from_params(pb, params, b is not None)
         want = reference_conv2d(x, wt, b, (sh, sw), pad, (dh, dw), groups)
         mode = MODES[i % len(MODES)]
-        r = Region(stub, 2 * (x.nbytes + wt.nbytes + 4096) + want.size * 4)
+        r = Region(stub, 2 * (x.nbytes + wt.nbytes + 4096) + want.size * 4, fd_socket=fd_socket)
         try:
             y = shm_call(stub, spec, x, wt, b, mode, r)
             worst = max(worst, check_close(y, want))
@@ -374,6 +421,164 @@ def case_tenants(convd, tmp):
     return "tenants: own prefix, not listed, used, registered or unregistered by another; shm-bytes"
 
 
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def case_fd_bad_input(stub, fds, pid):
+    """The descriptor socket and fd_ticket: every malformed message and unusable descriptor gets
+    an error naming the fault, no descriptor is kept, and the bounds hold."""
+    IA, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    reg = lambda name, ticket, size=0: stub.RegisterRegion(
+        pb.RegisterRegionRequest(name=name, fd_ticket=ticket, size=size), timeout=10)
+    name = lambda: f"/convd-fd-{secrets.token_hex(6)}"
+    before = open_fds(pid)
+    checked = []
+
+    def refused(fds_, words, data=b"convd-region/1", status="INVALID_ARGUMENT"):
+        ans = pass_fds(fds, fds_, data)
+        assert ans.startswith(f"error {status} ") and words in ans, f"{words!r}: answered {ans!r}"
+        checked.append(words)
+
+    good = memfd(4096)
+    refused([], "exactly one descriptor in SCM_RIGHTS, got 0")
+    refused([good, good], "exactly one descriptor in SCM_RIGHTS, got 2")
+    refused([good], "expected the data", data=b"convd-region/2")
+    refused([good], "larger than expected", data=b"x" * 200)
+    refused([memfd(4096, seals=0)], "not sealed against shrinking")
+    plain = os.memfd_create("convd-test", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING: sealed shut, but not shrink
+    os.ftruncate(plain, 4096)
+    refused([plain], "not sealed against shrinking")
+    named = shared_memory.SharedMemory(create=True, size=4096)
+    refused([named._fd], "not sealed against shrinking")  # a /dev/shm object: tmpfs, never sealed
+    named.close(), named.unlink()
+    r_, w_ = os.pipe()
+    refused([r_], "not a memfd")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as so:
+        refused([so.fileno()], "not a memfd")
+    with open("/proc/self/exe", "rb") as f:  # a file on a disk file system
+        refused([f.fileno()], "not a memfd")
+    refused([memfd(0)], "empty")
+    wronly = os.open(f"/proc/self/fd/{good}", os.O_WRONLY)
+    refused([wronly], "write-only")
+    for fd in (plain, r_, w_, wronly):
+        os.close(fd)
+    # Sealed: the client itself cannot shrink it any more.
+    try:
+        os.ftruncate(good, 1024)
+        raise AssertionError("a memfd sealed with F_SEAL_SHRINK shrank")
+    except PermissionError:
+        checked.append("cannot shrink")
+
+    # Tickets: unknown, malformed, used twice, a bad name (the ticket survives it), a size beyond.
+    expect(lambda: reg(name(), "0" * 32), NF, "no descriptor waits", "an unknown ticket")
+    expect(lambda: reg(name(), "not-a-ticket"), NF, "no descriptor waits", "a malformed ticket")
+    t = ticket_of(fds, good)
+    expect(lambda: reg("/convd-a/b", t), IA, "no path separators", "a ticket with a bad name")
+    expect(lambda: reg("/elsewhere-x", t), IA, "must start with", "a ticket with a foreign name")
+    expect(lambda: reg(name(), t, size=8192), IA, "fewer than the 8192", "a size beyond the memfd")
+    expect(lambda: reg(name(), t), NF, "no descriptor waits", "a ticket used (by a failed register)")
+    t = ticket_of(fds, good)
+    n1 = name()
+    assert reg(n1, t).in_place
+    expect(lambda: reg(name(), t), NF, "no descriptor waits", "a ticket used twice")
+    stub.UnregisterRegion(pb.UnregisterRegionRequest(name=n1), timeout=10)
+    checked.append("tickets")
+
+    # Write-sealed: read-only for the daemon, so input only.
+    ro = memfd(64 * 1024, seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+    ans = pass_fds(fds, [ro])
+    assert ans.startswith("ok ") and ans.split()[3] == "ro", ans
+    n2 = name()
+    assert reg(n2, ans.split()[1]).in_place
+    spec = small_spec()
+    spec.output_region.CopyFrom(pb.RegionRef(region=n2, offset=0, length=3 * 8 * 8 * 4))
+    w = np.ones((3, 2, 3, 3), np.float32)
+    expect(lambda: list(stub.Conv2d(iter([pb.ConvRequest(spec=spec)]), timeout=10)), IA, "read-only",
+           "output into a write-sealed memfd")
+    spec = small_spec()
+    spec.input_region.CopyFrom(pb.RegionRef(region=n2, offset=0, length=2 * 8 * 8 * 4))
+    y, _, _ = collect_output(stub.Conv2d(iter([pb.ConvRequest(spec=spec),
+                                               pb.ConvRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes()))]),
+                                         timeout=30))
+    check_close(y, reference_conv2d(np.zeros((1, 2, 8, 8), np.float32), w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1))
+    stub.UnregisterRegion(pb.UnregisterRegionRequest(name=n2), timeout=10)
+    os.close(ro)
+    checked.append("write-sealed input")
+
+    # Bounds: one user's waiting descriptors; idle and surplus connections.
+    tickets = [ticket_of(fds, good) for _ in range(16)]
+    refused([good], "this user's descriptors wait", status="RESOURCE_EXHAUSTED")
+    names = [name() for _ in tickets]
+    for n_, t_ in zip(names, tickets):
+        reg(n_, t_)
+    for n_ in names:
+        stub.UnregisterRegion(pb.UnregisterRegionRequest(name=n_), timeout=10)
+    idle = []
+    t0 = time.monotonic()
+    for _ in range(20):
+        so = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        so.connect(fds)  # blocking: a full backlog waits for the daemon's accept
+        so.settimeout(10)
+        idle.append(so)
+    ends = [so.recv(16) for so in idle]  # each closed by the daemon: over the bound at once, else at its timeout
+    took = time.monotonic() - t0
+    for so in idle:
+        so.close()
+    assert ends == [b""] * 20 and took < 8, (ends, took)
+    checked.append(f"20 idle connections closed in {took:.1f} s")
+    t = ticket_of(fds, good)  # and it serves again
+    n3 = name()
+    reg(n3, t)
+    stub.UnregisterRegion(pb.UnregisterRegionRequest(name=n3), timeout=10)
+    os.close(good)
+    time.sleep(0.2)
+    after = open_fds(pid)
+    assert after <= before, f"the daemon holds {after - before} more descriptors than before"
+    return f"{len(checked)} checks ({', '.join(checked[-4:])}); daemon descriptors {before} -> {after}"
+
+
+def case_fd_punch(stub, fds):
+    """A client that rewrites its memfd and punches holes in it (the one way to take pages from
+    a sealed memfd) while the daemon computes from and into it: no crash, the call ends, the
+    daemon serves on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+    x_shape, w_shape = (1, 32, 1024, 512), (32, 32, 3, 3)
+    spec = small_spec(x_shape, w_shape)
+    nbytes = int(np.prod(x_shape)) * 4
+    r = Region(stub, 2 * nbytes, fd_socket=fds)
+    try:
+        rng = np.random.default_rng(7)
+        w = rng.standard_normal(w_shape, dtype=np.float32)
+        spec.input_region.CopyFrom(r.put(0, rng.standard_normal(x_shape, dtype=np.float32)))
+        spec.output_region.CopyFrom(pb.RegionRef(region=r.name, offset=nbytes, length=nbytes))
+        punched = []
+
+        def punch(responses):
+            for resp in responses:
+                if resp.WhichOneof("msg") == "progress" and len(punched) < 4:
+                    for off in (0, nbytes):  # input and output alike
+                        rc = libc.fallocate(r.shm._fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                            ctypes.c_long(off), ctypes.c_long(nbytes))
+                        assert rc == 0, os.strerror(ctypes.get_errno())
+                    r.shm.buf[0:4096] = b"\xff" * 4096
+                    punched.append(resp.progress.rows_done)
+                yield resp
+
+        reqs = [pb.ConvRequest(spec=spec), pb.ConvRequest(weight=pb.TensorChunk(offset=0, data=w.tobytes()))]
+        kinds = [m.WhichOneof("msg") for m in punch(stub.Conv2d(iter(reqs), timeout=120))]
+        assert kinds[-1] == "summary" and punched, (kinds[-3:], punched)
+    finally:
+        r.close()
+    x = np.ones((1, 2, 8, 8), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    y, _, _ = collect_output(stub.Conv2d(conv_requests(pb, small_spec(), x, w, None, MiB), timeout=30))
+    check_close(y, reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1))
+    return f"holes punched at rows {punched} of {x_shape[2]}; the call ended OK and the daemon serves"
+
+
+
 def case_truncate(convd):
     """The client shrinks its object while the daemon copies from it (input) or into it
     (output): that call ends with DATA_LOSS, the daemon keeps serving everyone."""
@@ -438,18 +643,27 @@ def main():
     sock_dir = tempfile.mkdtemp(prefix="convd-shm-")
     d = Daemon(convd, "--listen", f"unix:{sock_dir}/convd.sock")
     try:
-        # The same-host paths: the Unix socket (what shared memory is for) and loopback TCP.
-        for target in (d.addresses[1], d.target):
+        # The same-host paths: the Unix socket (what shared memory is for) with named objects
+        # and with sealed memfds used in place, and loopback TCP.
+        fds = f"{sock_dir}/convd.sock.fd"
+        for target, fd_socket in ((d.addresses[1], fds), (d.addresses[1], None), (d.target, None)):
             with grpc.insecure_channel(target) as ch:
                 stub = pb_grpc.ConvolutionStub(ch)
-                for name, fn in (("golden cases", lambda: case_golden(stub, golden)),
-                                 ("golden cases, Conv2dUnary", lambda: case_golden(stub, golden, unary=True)),
-                                 ("Conv2dUnary beyond the message limit", lambda: case_unary_large(stub)),
-                                 ("random shapes", lambda: case_random(stub)),
-                                 ("bad input", lambda: case_bad_input(stub))):
+                cases = (("golden cases", lambda: case_golden(stub, golden, fd_socket=fd_socket)),
+                         ("golden cases, Conv2dUnary", lambda: case_golden(stub, golden, unary=True, fd_socket=fd_socket)),
+                         ("Conv2dUnary beyond the message limit", lambda: case_unary_large(stub, fd_socket)),
+                         ("random shapes", lambda: case_random(stub, fd_socket)))
+                if fd_socket:
+                    cases += (("descriptor socket: bad input", lambda: case_fd_bad_input(stub, fds, d.proc.pid)),
+                              ("memfd rewritten and punched mid-call", lambda: case_fd_punch(stub, fds)))
+                else:
+                    cases += (("bad input", lambda: case_bad_input(stub)),)
+                for name, fn in cases:
                     t0 = time.monotonic()
                     what = fn()
-                    print(f"ok   {name} over {target.split(':')[0]} ({time.monotonic() - t0:.1f} s): {what}", flush=True)
+                    kind = "memfd regions" if fd_socket else "named regions"
+                    print(f"ok   {name} over {target.split(':')[0]}, {kind} ({time.monotonic() - t0:.1f} s): {what}",
+                          flush=True)
     finally:
         d.stop()
         os.rmdir(sock_dir)
