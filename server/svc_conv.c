@@ -366,9 +366,10 @@ static void feed_task(void *arg) {
     const int go = !c->status_set && !c->dead;
     pthread_mutex_unlock(&c->mu);
     for (int64_t n = 0; go && n < p->n && rc == 0; n++) {
+      /* Counted first: the job may end, and the summary go, before put_band returns. */
+      atomic_fetch_add(&k->shm_in_bytes, (uint64_t)p->h * row_wire);
       rc = convd_job_put_band(k->job, n, 0, p->h, (float *)k->x_in_place + (size_t)n * slab, CONVD_LEND, err,
                               sizeof err);
-      atomic_fetch_add(&k->shm_in_bytes, (uint64_t)p->h * row_wire);
     }
     k->feed_n = p->n;
   }

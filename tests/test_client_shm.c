@@ -359,6 +359,8 @@ static void test_golden_modes(void) {
     ASSERT_OK(convd_conv_init(&c, &g.p, err, sizeof err), err);
     convd_client_region *reg;
     ASSERT_OK(convd_client_region_create(cl, layout_of(&c).total, &reg, err, sizeof err), err);
+    /* Through the Unix socket a sealed memfd the daemon uses in place, over TCP a named object. */
+    ASSERT_EQ_INT(convd_client_region_in_place(reg), cl == unx);
     float *y = malloc(c.output_bytes);
     for (int m = 0; m < 2 * N_MODES && !test_failed; m++) {
       char what[200];
@@ -451,29 +453,36 @@ static void problem_free(problem *pr) {
   memset(pr, 0, sizeof *pr);
 }
 
-/* 30 random shapes (fixed seed), each in one mode, the region reused while it is large enough;
- * small chunks, so streamed tensors go as many messages beside the region's. */
+/* 40 random shapes (fixed seed), each in one mode, alternately over TCP (a named object) and
+ * the Unix socket (a sealed memfd used in place), each client's region reused while it is large
+ * enough; small chunks, so streamed tensors go as many messages beside the region's. */
 static void test_random_modes(void) {
   test_daemon d;
-  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, NULL) == 0);
-  convd_client *cl;
+  const char *extra[] = {"--listen", unix_target(), NULL};
+  ASSERT_TRUE(test_daemon_start(&d, CONVD_BIN, extra) == 0);
+  convd_client *cls[2];
   char err[1024];
   convd_client_opts o = {.chunk_bytes = 3000, .timeout_seconds = 120};
-  ASSERT_OK(convd_client_create(d.target, &o, &cl, err, sizeof err), err);
+  ASSERT_OK(convd_client_create(d.target, &o, &cls[0], err, sizeof err), err);
+  ASSERT_OK(convd_client_create(unix_target(), &o, &cls[1], err, sizeof err), err);
   rng r = {0x5eed05a1};
-  convd_client_region *reg = NULL;
+  convd_client_region *regs[2] = {NULL, NULL};
   int regions = 0;
-  for (int i = 0; i < 30 && !test_failed; i++) {
+  for (int i = 0; i < 40 && !test_failed; i++) {
     const convd_conv_params p = random_params(&r);
     problem pr;
     ASSERT_TRUE(problem_make(&pr, &p, &r, 1) == 0);
     const size_t need = layout_of(&pr.c).total;
-    if (reg == NULL || convd_client_region_size(reg) < need) {
-      ASSERT_OK(convd_client_region_destroy(cl, reg, err, sizeof err), err);
-      ASSERT_OK(convd_client_region_create(cl, need * 2, &reg, err, sizeof err), err);
+    convd_client *cl = cls[i % 2];
+    convd_client_region **rp = &regs[i % 2], *reg;
+    if (*rp == NULL || convd_client_region_size(*rp) < need) {
+      ASSERT_OK(convd_client_region_destroy(cl, *rp, err, sizeof err), err);
+      ASSERT_OK(convd_client_region_create(cl, need * 2, rp, err, sizeof err), err);
+      ASSERT_EQ_INT(convd_client_region_in_place(*rp), i % 2);
       regions++;
     }
-    const int mode = MODES[i % N_MODES];
+    reg = *rp;
+    const int mode = MODES[(i / 2) % N_MODES]; /* each mode both ways */
     char what[256];
     snprintf(what, sizeof what,
              "case %d (%s): in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64 "x%" PRId64
@@ -487,9 +496,11 @@ static void test_random_modes(void) {
     else if (!stats_ok(what, mode, &pr.c, &st)) FAIL_AT("%s: stats", what);
     problem_free(&pr);
   }
-  printf("  %d regions for 30 calls\n", regions);
-  ASSERT_OK(convd_client_region_destroy(cl, reg, err, sizeof err), err);
-  convd_client_destroy(cl);
+  printf("  %d regions for 40 calls\n", regions);
+  for (int k = 0; k < 2; k++) {
+    ASSERT_OK(convd_client_region_destroy(cls[k], regs[k], err, sizeof err), err);
+    convd_client_destroy(cls[k]);
+  }
   ASSERT_TRUE(test_daemon_stop(&d, 60) == 0);
 }
 

@@ -95,10 +95,18 @@ assert (errbf <= 2.0 ** -7 * mag + 2.0 ** -8 * np.abs(want) + 1e-6).all(), float
 print(f"ok   float16 (max error {err16:.2e}) and bfloat16 (max error {float(errbf.max()):.2e})")
 
 with convd.Client(unix) as u:
-    seen = []
-    y = u.conv2d(x, w, padding=1, shm=True, progress=lambda d_, t: seen.append(d_))
+    from convd.v1 import convd_pb2
+    seen, kinds = [], []
+
+    def on_progress(d_, t):
+        seen.append(d_)  # and, mid-call, what the region is: a sealed memfd used in place
+        kinds.extend(r.in_place for r in u._stub.ListRegions(convd_pb2.ListRegionsRequest(), timeout=10).regions)
+
+    y = u.conv2d(x, w, padding=1, shm=True, progress=on_progress)
     check_close(y, want)
     assert seen and seen[-1] == want.shape[0] * want.shape[2], seen
+    assert kinds and all(kinds), f"the region was not used in place: {kinds}"
+    assert not u._stub.ListRegions(convd_pb2.ListRegionsRequest(), timeout=10).regions, "a region was left registered"
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("convd-py-")], os.listdir("/dev/shm")
     y = u.conv2d(x, w, padding=1)
     check_close(y, want)
@@ -107,7 +115,7 @@ try:
     raise AssertionError("shm=True over TCP was accepted")
 except ValueError as e:
     assert "unix:" in str(e)
-print("ok   shm=True over the Unix socket (nothing left in /dev/shm), plain calls over it; refused over TCP")
+print("ok   shm=True over the Unix socket (a memfd used in place; nothing left registered or in /dev/shm), plain calls over it; refused over TCP")
 
 for fn, cls, words in ((lambda: c.conv2d(x, np.ones((4, 3, 3, 3), np.float32)), convd.InvalidArgument, "weight"),
                        (lambda: c.conv2d(x, "no-such-id"), convd.NotFound, "registry"),

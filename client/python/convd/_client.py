@@ -1,8 +1,11 @@
 """convd.Client: numpy arrays in, numpy arrays out, through a convd daemon (gRPC). Everything the
 wire needs (row bands, chunks, dtypes, shared memory) is done here; the contract itself is
 proto/convd/v1/convd.proto, whose stubs are generated at install time (setup.py)."""
+import fcntl
+import mmap
 import os
 import secrets
+import socket
 
 import grpc
 import numpy as np
@@ -240,7 +243,6 @@ class Client:
         maps it: unix: targets only)."""
         if not self.target.startswith("unix:"):
             raise ValueError("shm=True needs the daemon on this host: a unix:/path target")
-        from multiprocessing import shared_memory
         prefix = self._unary(self._stub.ListRegions, pb.ListRegionsRequest()).name_prefix
         out_shape = self._output_shape(spec)
         wire = _WIRE[dtype]
@@ -248,11 +250,11 @@ class Client:
         out_off = (in_bytes + 4095) // 4096 * 4096
         out_bytes = int(np.prod(out_shape)) * wire.itemsize
         name = f"{prefix}py-{secrets.token_hex(8)}"
-        region = shared_memory.SharedMemory(name=name[1:], create=True, size=out_off + out_bytes)
+        region = _Region.create(self.target, name, out_off + out_bytes)
         registered = False
         try:
             np.ndarray(xw.shape, xw.dtype, buffer=region.buf)[...] = xw
-            self._unary(self._stub.RegisterRegion, pb.RegisterRegionRequest(name=name))
+            self._unary(self._stub.RegisterRegion, pb.RegisterRegionRequest(name=name, fd_ticket=region.ticket))
             registered = True
             spec.input_region.CopyFrom(pb.RegionRef(region=name, offset=0, length=in_bytes))
             spec.output_region.CopyFrom(pb.RegionRef(region=name, offset=out_off, length=out_bytes))
@@ -271,7 +273,6 @@ class Client:
                 except errors.Error:
                     pass  # the daemon keeps the mapping until it is unregistered or restarts
             region.close()
-            region.unlink()
 
     @staticmethod
     def _output_shape(spec):
@@ -340,3 +341,50 @@ class Client:
         """True when the daemon (or service) says SERVING."""
         r = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class _Region:
+    """shm=True's region: a sealed memfd passed over the daemon's descriptor socket (unix:PATH's
+    PATH.fd), which the daemon uses in place; or, with a daemon that has none, a named POSIX
+    object it copies from. `buf` is its memory, `ticket` what RegisterRegion takes ("" for a
+    named one)."""
+
+    def __init__(self, buf, ticket, closer):
+        self.buf, self.ticket, self._closer = buf, ticket, closer
+
+    @staticmethod
+    def create(target, name, size):
+        path = target[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        fds = path + ".fd"
+        if os.path.exists(fds) and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("convd-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.posix_fallocate(fd, 0, size)  # allocated now: a full memory limit fails here
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+                buf = mmap.mmap(fd, size)
+                try:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as so:
+                        so.settimeout(10)
+                        so.connect(fds)
+                        socket.send_fds(so, [b"convd-region/1"], [fd])
+                        ans = so.recv(1024).decode(errors="replace").strip()
+                except OSError as e:
+                    buf.close()
+                    raise errors.from_code(grpc.StatusCode.UNAVAILABLE, f"the daemon's descriptor socket {fds}: {e}")
+                if not ans.startswith("ok "):
+                    buf.close()
+                    parts = ans.split(" ", 2)
+                    code = getattr(grpc.StatusCode, parts[1], grpc.StatusCode.INTERNAL) if len(parts) > 2 else \
+                        grpc.StatusCode.INTERNAL
+                    raise errors.from_code(code, f"the daemon refused the region's descriptor: {parts[-1]}")
+            finally:
+                os.close(fd)  # the mappings keep it
+            return _Region(buf, ans.split()[1], buf.close)
+        from multiprocessing import shared_memory
+        shm = shared_memory.SharedMemory(name=name[1:], create=True, size=size)
+        return _Region(shm.buf, "", lambda: (shm.close(), shm.unlink()))
+
+    def close(self):
+        self._closer()

@@ -73,3 +73,8 @@ def from_rpc_error(e, target=None):
     if code == grpc.StatusCode.UNAVAILABLE and target and "connect" in details.lower():
         details = f"is convd running at {target}? ({details})"
     return _BY_CODE.get(code, Error)(code, details)
+
+
+def from_code(code, details):
+    """The convd.Error for a status the daemon gave outside a call (its descriptor socket)."""
+    return _BY_CODE.get(code, Error)(code, details)
