@@ -14,6 +14,7 @@
 
 #include "config.h"
 #include "err.h"
+#include "log.h"
 #include "unixsock.h"
 
 #define HELLO "convd-region/1"
@@ -189,10 +190,15 @@ static void on_expire(uv_timer_t *t) {
 /* Binds and listens on path with mode (the file made at most mode, then set to it). */
 static int listen_on(fd_listener *l, const char *listener, int mode, char *err, size_t errlen) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
-  if (strlen(listener) + strlen(FDSOCK_SUFFIX) >= sizeof sa.sun_path)
-    return convd_errf(err, errlen, CONVD_EINVAL,
-                      "--listen unix:%s: the descriptor socket's path (it plus \"" FDSOCK_SUFFIX "\") is too "
-                      "long for a Unix socket; choose a shorter path", listener);
+  if (strlen(listener) + strlen(FDSOCK_SUFFIX) >= sizeof sa.sun_path) {
+    /* The gRPC socket works; only in-place regions are lost through it, so say so and go on. */
+    char q[160];
+    convd_log(CONVD_LOG_WARN,
+              "msg=\"no descriptor socket: the path plus " FDSOCK_SUFFIX " is too long for a Unix socket; "
+              "regions through this listener are copied, not used in place\" path=%s",
+              convd_log_quote(listener, q, sizeof q));
+    return 1;
+  }
   snprintf(l->path, sizeof l->path, "%s%s", listener, FDSOCK_SUFFIX);
   int rc = convd_unix_claim(l->path, err, errlen);
   if (rc) return rc;
@@ -219,11 +225,10 @@ int convd_fdsock_start(uv_loop_t *loop, convd_shm *shm, const char *const *paths
   f->shm = shm;
   int rc = 0;
   for (size_t i = 0; i < n && rc == 0; i++) {
-    fd_listener *l = &f->ls[i];
+    fd_listener *l = &f->ls[f->n++];
     l->owner = f;
     l->fd = -1;
-    f->n++;
-    rc = listen_on(l, paths[i], mode, err, errlen);
+    if ((rc = listen_on(l, paths[i], mode, err, errlen)) == 1) rc = 0, f->n--; /* skipped */
   }
   if (rc) {
     for (size_t i = 0; i < f->n; i++) {
@@ -233,7 +238,7 @@ int convd_fdsock_start(uv_loop_t *loop, convd_shm *shm, const char *const *paths
     free(f);
     return rc;
   }
-  for (size_t i = 0; i < n; i++) {
+  for (size_t i = 0; i < f->n; i++) {
     fd_listener *l = &f->ls[i];
     uv_poll_init(loop, &l->poll, l->fd);
     l->poll.data = l;

@@ -28,8 +28,9 @@
 
 typedef struct convd_fdsock convd_fdsock;
 
-/* Listens on PATH.fd for each of the n unix listener paths, with the sockets' mode. Returns 0,
- * or a negative error with the reason in err (nothing left listening, no file left). */
+/* Listens on PATH.fd for each of the n unix listener paths, with the sockets' mode (a PATH too
+ * long for the suffix gets none, with a warning logged). Returns 0, or a negative error with
+ * the reason in err (nothing left listening, no file left). */
 int convd_fdsock_start(uv_loop_t *loop, convd_shm *shm, const char *const *paths, size_t n,
                        int mode, convd_fdsock **out, char *err, size_t errlen);
 

@@ -241,6 +241,7 @@ static void bench_samehost(const char *tcp, const char *unix_target, int repeats
   printf("## Same host: TCP, Unix socket, Unix socket + shared memory (median of %d runs)\n\n", repeats);
   printf("| call | in+out MB | engine ms | TCP ms | Unix ms | Unix+shm ms | shm GB/s | TCP/shm | "
          "shm/engine |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  int in_place = 0;
   for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++) {
     const shape *s = &shapes[picks[k]];
     convd_client_conv_params cp = params_of(s);
@@ -250,6 +251,7 @@ static void bench_samehost(const char *tcp, const char *unix_target, int repeats
     const size_t out_off = (in_b + 4095) / 4096 * 4096;
     convd_client_region *reg;
     if (convd_client_region_create(cu, out_off + out_b, &reg, err, sizeof err)) die("region", err);
+    in_place = convd_client_region_in_place(reg);
     char *base = convd_client_region_data(reg);
     memcpy(base, t.x, in_b); /* the client's input lives in the region */
     const convd_client_shm_refs refs = {.input = {convd_client_region_name(reg), 0},
@@ -281,7 +283,8 @@ static void bench_samehost(const char *tcp, const char *unix_target, int repeats
     if (convd_client_region_destroy(cu, reg, err, sizeof err)) die("region", err);
     tensors_free(&t);
   }
-  printf("\n");
+  printf("\nUnix+shm: input and output in %s.\n\n",
+         in_place ? "a sealed memfd the daemon uses in place" : "a named object the daemon copies from");
   convd_client_destroy(ct);
   convd_client_destroy(cu);
   convd_engine_destroy(e);
