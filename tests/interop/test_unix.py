@@ -198,6 +198,46 @@ def case_environment(convd, tmp):
     return "two addresses from CONVD_LISTEN; --listen flags replace them"
 
 
+def case_fd_socket(convd, tmp):
+    """The descriptor socket beside a unix: listener: its mode, a stale one replaced, removed at
+    exit, none with --max-shm-bytes 0, and a path too long for it is a warning, not a failure."""
+    path = os.path.join(tmp, "fd.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(path + ".fd")
+    stale.close()  # what a crashed daemon leaves
+    d = with_umask(0, lambda: Daemon(convd, "--listen", f"unix:{path}", "--unix-socket-mode", "0600"))
+    try:
+        mode = socket_mode(path + ".fd")
+        assert mode == 0o600, f"descriptor socket mode {mode:04o}, expected 0600"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as so:
+            so.settimeout(10)
+            so.connect(path + ".fd")
+            so.send(b"convd-region/1")  # no descriptor
+            ans = so.recv(1024).decode()
+        assert ans.startswith("error INVALID_ARGUMENT") and "got 0" in ans, ans
+    finally:
+        d.stop()
+    assert not os.path.lexists(path + ".fd"), "the descriptor socket outlived the daemon"
+    d = Daemon(convd, "--listen", f"unix:{path}", "--max-shm-bytes", "0")
+    try:
+        assert not os.path.lexists(path + ".fd"), "a descriptor socket without shared memory"
+    finally:
+        d.stop()
+    # 105 bytes: room for the gRPC socket, none for ".fd" beside it.
+    deep = os.path.join(tmp, "l" * (104 - len(tmp) - 6))
+    os.makedirs(deep, exist_ok=True)
+    long_path = os.path.join(deep, "x.sock")
+    assert 104 <= len(long_path) <= 107, len(long_path)
+    d = Daemon(convd, "--listen", f"unix:{long_path}")
+    try:
+        health(f"unix:{long_path}")
+        assert "no descriptor socket" in d.read_log(), d.read_log()
+        assert not os.path.lexists(long_path + ".fd")
+    finally:
+        d.stop()
+    return "mode 0600, stale one replaced, removed at exit, none without shared memory, a long path warned"
+
+
 def unix_preface(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -280,6 +320,7 @@ def main():
                  ("stale and live socket files", lambda: case_stale_and_live(convd, tmp)),
                  ("refused at start", lambda: case_refused(convd, tmp)),
                  ("CONVD_LISTEN", lambda: case_environment(convd, tmp)),
+                 ("the descriptor socket", lambda: case_fd_socket(convd, tmp)),
                  ("--max-connections", lambda: case_max_connections(convd, tmp))]
         for name, fn in cases:
             t0 = time.monotonic()
