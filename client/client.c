@@ -31,6 +31,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "band.h"
@@ -1514,9 +1515,29 @@ static int region_name(const char *prefix, char *name, size_t len, char *err, si
   return 0;
 }
 
+/* One try of pass_fd; 2: the connection ended unanswered (the daemon at its bound of
+ * descriptor-socket connections closes new ones at once). */
+static int pass_fd_once(const char *path, int fd, char *ticket, char *err, size_t errlen);
+
 /* Passes fd over the descriptor socket (fdsock.h in the daemon) and reads the ticket into
- * ticket (33 bytes). 1: no descriptor socket answers there (an older daemon, or none). */
+ * ticket (33 bytes). 1: no descriptor socket answers there (an older daemon, or none). A
+ * connection closed unanswered is tried again, 6 times over about 1.3 s. */
 static int pass_fd(const char *path, int fd, char *ticket, char *err, size_t errlen) {
+  int rc = 2;
+  for (int attempt = 0; attempt < 6 && rc == 2; attempt++) {
+    if (attempt) {
+      const struct timespec ts = {0, (20L << attempt) * 1000 * 1000};
+      nanosleep(&ts, NULL);
+    }
+    rc = pass_fd_once(path, fd, ticket, err, errlen);
+  }
+  if (rc == 2)
+    rc = convd_errf(err, errlen, CONVD_EIO, "the daemon's descriptor socket %s closed every connection "
+                    "unanswered (too many clients at once?)", path);
+  return rc;
+}
+
+static int pass_fd_once(const char *path, int fd, char *ticket, char *err, size_t errlen) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
   const int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
@@ -1541,13 +1562,14 @@ static int pass_fd(const char *path, int fd, char *ticket, char *err, size_t err
   memcpy(CMSG_DATA(h), &fd, sizeof fd);
   char ans[600];
   ssize_t n = sendmsg(s, &mh, MSG_NOSIGNAL);
-  const int se = errno;
+  const int se = n < 0 ? errno : 0;
   if (n >= 0) n = recv(s, ans, sizeof ans - 1, 0);
-  const int re = errno;
+  const int re = n < 0 && !se ? errno : 0;
   close(s);
-  if (n <= 0)
+  if (n == 0 || (n < 0 && (se == ECONNRESET || se == EPIPE || re == ECONNRESET))) return 2;
+  if (n < 0)
     return convd_errf(err, errlen, CONVD_EIO, "the daemon's descriptor socket %s: %s", path,
-                      n == 0 ? "closed without an answer" : strerror(n < 0 && se ? se : re));
+                      strerror(se ? se : re));
   ans[n] = '\0';
   ans[strcspn(ans, "\n")] = '\0';
   if (strncmp(ans, "ok ", 3) == 0 && strlen(ans) > 3 + 32 && ans[3 + 32] == ' ') {

@@ -6,6 +6,7 @@ import mmap
 import os
 import secrets
 import socket
+import time
 
 import grpc
 import numpy as np
@@ -365,11 +366,7 @@ class _Region:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
                 buf = mmap.mmap(fd, size)
                 try:
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as so:
-                        so.settimeout(10)
-                        so.connect(fds)
-                        socket.send_fds(so, [b"convd-region/1"], [fd])
-                        ans = so.recv(1024).decode(errors="replace").strip()
+                    ans = _pass_fd(fds, fd)
                 except OSError as e:
                     buf.close()
                     raise errors.from_code(grpc.StatusCode.UNAVAILABLE, f"the daemon's descriptor socket {fds}: {e}")
@@ -388,3 +385,22 @@ class _Region:
 
     def close(self):
         self._closer()
+
+
+def _pass_fd(path, fd):
+    """The descriptor socket's answer for fd, as text; a connection closed unanswered (the
+    daemon at its bound of such connections) is tried again, 6 times over about 1.3 s."""
+    for attempt in range(6):
+        if attempt:
+            time.sleep(0.02 * 2 ** attempt)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as so:
+            so.settimeout(10)
+            so.connect(path)
+            try:
+                socket.send_fds(so, [b"convd-region/1"], [fd])
+                ans = so.recv(1024).decode(errors="replace").strip()
+            except (ConnectionResetError, BrokenPipeError):
+                ans = ""
+        if ans:
+            return ans
+    raise ConnectionResetError("every connection was closed unanswered (too many clients at once?)")
