@@ -57,6 +57,9 @@ static int wait_exit(pid_t pid, double timeout_s) {
 int test_daemon_start(test_daemon *d, const char *bin, const char *const *extra) {
   memset(d, 0, sizeof *d);
   snprintf(d->log, sizeof d->log, "/tmp/convd-test-%d-%ld.log", (int)getpid(), (long)random());
+  /* $CONVD_BIN overrides the built-in path: a binary run where it was not built (a bundle
+   * carried to the GPU machine). */
+  if (getenv("CONVD_BIN") && getenv("CONVD_BIN")[0]) bin = getenv("CONVD_BIN");
   const char *argv[32] = {bin, "--listen", "127.0.0.1:0", "--log-level", getenv("CONVD_TEST_LOG_LEVEL") ? getenv("CONVD_TEST_LOG_LEVEL") : "warn"};
   int argc = 5;
   for (int i = 0; extra && extra[i] && argc < 30; i++) argv[argc++] = extra[i];

@@ -11,8 +11,8 @@ typedef struct test_daemon {
   char log[256];   /* its stderr */
 } test_daemon;
 
-/* Starts bin with extra arguments (NULL-terminated list, may be NULL) and waits for its
- * "convd listening on" line. Returns 0 or -1 (reason on stderr). */
+/* Starts bin ($CONVD_BIN instead when set) with extra arguments (NULL-terminated list, may be
+ * NULL) and waits for its "convd listening on" line. Returns 0 or -1 (reason on stderr). */
 int test_daemon_start(test_daemon *d, const char *bin, const char *const *extra);
 
 /* SIGTERM, then waits up to timeout_s for the exit. Returns the exit status (0 expected), or
