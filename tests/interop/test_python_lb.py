@@ -4,8 +4,10 @@
 - The Python package (pip-installed into a fresh venv, as test_python_package does) with
   lb_policy="round_robin" over an ipv4: list of three daemons on loopback: 60 calls reach all
   three (each daemon's completed ops > 0, 60 in all); one daemon killed (SIGKILL, by its PID)
-  mid-run; the 30 calls after it all succeed, on the other two. pick_first sends every call to
-  the first; a bad lb_policy is a ValueError.
+  mid-run; the 30 calls after it all succeed, on the other two. Then another drains (SIGTERM)
+  with a call held in flight: it answers new calls UNAVAILABLE, and the 20 calls made meanwhile
+  all succeed on the third (round_robin's retry). pick_first sends every call to the first; a
+  bad lb_policy is a ValueError.
 - --max-connection-age 1: a raw HTTP/2 connection gets the daemon's GOAWAY about a second after
   it opened and is closed after the grace (a daemon without the flag sends none); a long-lived
   gRPC channel reconnects about once a second (its connectivity goes back to READY each time)
@@ -33,8 +35,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 PACKAGE_CASES = r'''
 import sys
+import threading
+import time
 import numpy as np
 import convd
+sys.path.insert(0, sys.argv[2])
+from convd.v1 import convd_pb2, convd_pb2_grpc
+from test_python_lb import held_call
 
 targets = sys.argv[1].split(",")
 target = "ipv4:" + ",".join(targets)
@@ -81,8 +88,28 @@ for i in range(30):
     assert np.array_equal(y, want), f"call {i} after the kill"
 after = [ops(targets[0]) - mid[0], ops(targets[2]) - mid[1]]
 assert all(n > 0 for n in after) and sum(after) == 30, f"30 calls after the kill: {after}"
-c.close()
 print(f"ok   daemon 1 killed mid-run: the 30 later calls all succeeded, {after} ops on the other two", flush=True)
+
+# Daemon 0 drains (SIGTERM) while a call of its own is held in flight: it answers new calls
+# UNAVAILABLE until that call ends, and round_robin retries each on daemon 2.
+held, holding = [], threading.Event()
+holder = threading.Thread(target=lambda: held.append(held_call(convd_pb2, convd_pb2_grpc, targets[0], 3, holding.set)))
+holder.start()
+assert holding.wait(10), "the held call did not start"
+time.sleep(0.3)  # its spec and weights on the daemon
+print("drain 0", flush=True)
+assert sys.stdin.readline().strip() == "draining"
+before2 = ops(targets[2])
+for i in range(20):
+    y = c.conv2d(x, w, b, padding=1)
+    assert np.array_equal(y, want), f"call {i} during the drain"
+n2 = ops(targets[2]) - before2
+holder.join(30)
+assert held and held[0][0] is None, f"the call held across the drain: {held}"
+assert n2 == 20, f"20 calls during daemon 0's drain: {n2} ops on daemon 2"
+c.close()
+print(f"ok   daemon 0 draining (SIGTERM) with a call in flight: 20 calls all succeeded on daemon 2, "
+      f"the held call finished correct", flush=True)
 '''
 
 
@@ -92,9 +119,9 @@ def case_package(py, convd_bin, tmp):
         script = os.path.join(tmp, "lb_cases.py")
         with open(script, "w") as f:
             f.write(PACKAGE_CASES)
-        p = subprocess.Popen([py, script, ",".join(d.target for d in ds)], stdin=subprocess.PIPE,
+        p = subprocess.Popen([py, script, ",".join(d.target for d in ds), HERE], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=tmp)
-        killed = False
+        killed = drained = False
         try:
             # Bounded: the script has 9 + 60 + 30 small calls; its lines come within seconds.
             timer = threading.Timer(120, p.kill)
@@ -107,20 +134,29 @@ def case_package(py, convd_bin, tmp):
                     killed = True
                     p.stdin.write("killed\n")
                     p.stdin.flush()
+                elif line.strip() == "drain 0":
+                    ds[0].proc.send_signal(signal.SIGTERM)
+                    time.sleep(0.3)  # the signal handled: the daemon is draining
+                    drained = True
+                    p.stdin.write("draining\n")
+                    p.stdin.flush()
             rc = p.wait(30)
             timer.cancel()
         finally:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        assert killed, "the script never reached the kill"
+        assert killed and drained, "the script never reached the kill or the drain"
         assert rc == 0, f"the package's round_robin cases failed (exit {rc}, above)"
+        rc0 = ds[0].proc.wait(60)  # drained: its last call ended
+        assert rc0 == 0, f"the drained daemon exited {rc0}:\n{ds[0].read_log()}"
+        assert "shutting down and takes no new calls" in ds[0].read_log(), "no call reached the draining daemon"
     finally:
         for i, d in enumerate(ds):
-            if i == 1 and not d.alive():
-                os.unlink(d.log.name)
-            else:
+            if d.alive():
                 d.stop()
+            else:
+                os.unlink(d.log.name)
 
 
 # ---- --max-connection-age ------------------------------------------------------------------
@@ -223,9 +259,9 @@ def case_reconnects(convd_bin, pb, pb_grpc):
         plain.stop()
 
 
-def held_call(pb, pb_grpc, target, hold):
+def held_call(pb, pb_grpc, target, hold, on_hold=None):
     """A streamed conv whose client holds its input back for `hold` seconds after the spec and
-    weights; returns (status or None, seconds)."""
+    weights (calling on_hold then); returns (status or None, seconds)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((1, 2, 16, 16), dtype=np.float32)
     w = rng.standard_normal((3, 2, 3, 3), dtype=np.float32)
@@ -239,6 +275,8 @@ def held_call(pb, pb_grpc, target, hold):
         for r in conv_requests(pb, spec, x, w, None, 1 << 20):
             if r.WhichOneof("msg") == "input" and not held:
                 held = True
+                if on_hold:
+                    on_hold()
                 time.sleep(hold)
             yield r
     t0 = time.monotonic()
