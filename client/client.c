@@ -191,12 +191,20 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
   if (c == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory");
   if (opts) c->o = *opts;
   c->o.tls_ca_file = c->o.tls_cert_file = c->o.tls_key_file = c->o.tls_server_name = c->o.token = NULL;
+  c->o.lb_policy = NULL;
   if (target && strncmp(target, "unix:", 5) == 0) { /* unix:/abs/path or unix:///abs/path */
     const char *path = target + 5;
     if (strncmp(path, "//", 2) == 0) path += 2;
     if (path[0] == '/' && strlen(path) + 3 < sizeof c->fd_socket) snprintf(c->fd_socket, sizeof c->fd_socket, "%s.fd", path);
   }
   const convd_client_opts none = {0}, *o = opts ? opts : &none;
+  char service_config[1024];
+  if (o->lb_policy &&
+      convd_wire_lb_service_config(o->lb_policy, service_config, sizeof service_config)) {
+    free(c);
+    return convd_errf(err, errlen, CONVD_EINVAL, "lb_policy \"%.64s\": expected %s",
+                      o->lb_policy, CONVD_WIRE_LB_POLICIES);
+  }
   if (c->o.max_message_bytes == 0) c->o.max_message_bytes = 4u << 20;
   if (c->o.chunk_bytes == 0) c->o.chunk_bytes = 1u << 20;
   if (c->o.max_message_bytes > INT32_MAX ||
@@ -238,8 +246,13 @@ int convd_client_create(const char *target, const convd_client_opts *opts, convd
     grpc_shutdown();
     return rc;
   }
-  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 1];
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 2];
   grpc_channel_args ca = {convd_wire_channel_args(args, c->o.max_message_bytes), args};
+  if (o->lb_policy) {
+    args[ca.num_args].type = GRPC_ARG_STRING;
+    args[ca.num_args].key = GRPC_ARG_SERVICE_CONFIG;
+    args[ca.num_args++].value.string = service_config; /* the channel copies it */
+  }
   if (o->tls_server_name) {
     args[ca.num_args].type = GRPC_ARG_STRING;
     args[ca.num_args].key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;

@@ -77,6 +77,12 @@ typedef struct convd_client_opts {
   const char *token;         /* sent with every call as `authorization: Bearer TOKEN`; NULL =
                                 none. Over plaintext it travels in the clear: use TLS beyond
                                 loopback */
+  const char *lb_policy;     /* how calls spread over the addresses target names or resolves
+                                to (ipv4:A:P,B:P, dns:///NAME:PORT): "round_robin" (each call
+                                to the next connected daemon; a call that fails UNAVAILABLE
+                                before a daemon answered is retried on another, 3 attempts in
+                                all) or "pick_first"; NULL = gRPC's default, pick_first. Any
+                                other name fails convd_client_create with CONVD_CLIENT_EINVAL */
 } convd_client_opts;
 
 typedef struct convd_client_stats {
@@ -102,8 +108,11 @@ typedef struct convd_client_device {
   } stats;
 } convd_client_device;
 
-/* target: "HOST:PORT", or "unix:/path/to/convd.sock" for a daemon's Unix socket on this host
- * (gRPC resolves either). Does not connect yet; the first call does. opts may be NULL (all
+/* target: "HOST:PORT", or "unix:/path/to/convd.sock" for a daemon's Unix socket on this host,
+ * or several daemons: "ipv4:10.0.0.1:50051,10.0.0.2:50051", "dns:///convd.NS.svc:50051" (every
+ * address the name resolves to; with opts->lb_policy "round_robin" calls spread over them).
+ * gRPC resolves each. Weights registered by PutWeights and shared-memory regions live on the
+ * one daemon that took the call: over several, send weights by value. Does not connect yet; the first call does. opts may be NULL (all
  * defaults). Unreadable TLS files, or a certificate without its key, fail here with
  * CONVD_CLIENT_EINVAL / _EIO naming the file. A server that refuses the connection (TLS where
  * the client speaks plaintext, a certificate it does not trust) makes calls fail with

@@ -6,8 +6,9 @@
  *                [--priority N] [--json] [--no-progress]
  *   convctl weights put|list|delete [--server ADDR] ...
  *   convctl devices|health [--server ADDR]
- * ADDR is HOST:PORT or unix:/path/to/convd.sock (a daemon's Unix socket on this host); without
- * --server, $CONVD_SERVER, else 127.0.0.1:50051.
+ * ADDR is HOST:PORT or unix:/path/to/convd.sock (a daemon's Unix socket on this host), or
+ * several daemons (ipv4:A:P,B:P or dns:///NAME:PORT) with --lb round_robin|pick_first (or
+ * $CONVD_LB); without --server, $CONVD_SERVER, else 127.0.0.1:50051.
  *   convctl --version
  * Every command that talks to a server also takes --tls-ca FILE [--tls-cert FILE --tls-key FILE]
  * [--tls-server-name NAME] and --token-file FILE (or CONVD_TLS_CA, CONVD_TLS_CERT, CONVD_TLS_KEY,
@@ -94,7 +95,12 @@ static void usage(FILE *f) {
           "\n"
           "Connecting (conv, conv-transpose, weights, devices, health): ADDR is HOST:PORT, or\n"
           "unix:/path/to/convd.sock for a daemon's Unix socket on this host; without --server,\n"
-          "$CONVD_SERVER, else " DEFAULT_SERVER ".\n"
+          "$CONVD_SERVER, else " DEFAULT_SERVER ". Several daemons: ipv4:A:PORT,B:PORT or\n"
+          "dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Kubernetes Service).\n"
+          "  --lb POLICY           round_robin: each call to the next daemon (one that fails\n"
+          "                        UNAVAILABLE before a daemon answered is retried on another);\n"
+          "                        pick_first (the default): the first address that answers.\n"
+          "                        Without the flag: CONVD_LB\n"
           "  --tls-ca FILE         TLS: the CA (PEM) that signed the server's certificate\n"
           "  --tls-cert FILE --tls-key FILE   mutual TLS: this client's certificate and key\n"
           "  --tls-server-name NAME           the name the server's certificate carries, when\n"
@@ -113,7 +119,7 @@ typedef struct args {
   const char *server, *input, *weight, *bias, *output;
   const char *stride, *padding, *dilation, *groups, *chunk, *timeout, *devices, *device_memory;
   const char *dtype, *service, *output_padding, *weights_id, *priority, *op;
-  const char *tls_ca, *tls_cert, *tls_key, *tls_server_name, *token_file;
+  const char *tls_ca, *tls_cert, *tls_key, *tls_server_name, *token_file, *lb;
   const char *server_from; /* where server came from, for messages */
   int unary, tf32, shm, json, no_progress;
 } args;
@@ -173,7 +179,7 @@ static int parse_args(int argc, char **argv, args *a) {
               {"--weights-id", &a->weights_id}, {"--priority", &a->priority}, {"--op", &a->op},
               {"--tls-ca", &a->tls_ca},     {"--tls-cert", &a->tls_cert},
               {"--tls-key", &a->tls_key},   {"--tls-server-name", &a->tls_server_name},
-              {"--token-file", &a->token_file}};
+              {"--token-file", &a->token_file}, {"--lb", &a->lb}};
   struct {
     const char *name;
     int *dst;
@@ -303,10 +309,14 @@ static int client_from_args(const args *a, convd_client **c) {
       return 2;
     }
   }
+  o.lb_policy = flag_or_env(a->lb, "CONVD_LB");
   int rc = convd_client_create(a->server, &o, c, err, sizeof err);
   memset(token, 0, sizeof token); /* the client keeps its own copy */
   if (rc) {
-    if (a->chunk && strstr(err, "chunk_bytes"))
+    if (o.lb_policy && strncmp(err, "lb_policy", 9) == 0)
+      fprintf(stderr, "convctl: %s %s: expected pick_first or round_robin\n",
+              a->lb ? "--lb" : "$CONVD_LB", o.lb_policy);
+    else if (a->chunk && strstr(err, "chunk_bytes"))
       fprintf(stderr, "convctl: --chunk-bytes %s: too large for one message (%s)\n", a->chunk, err);
     else
       fprintf(stderr, "convctl: %s\n", err);

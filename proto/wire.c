@@ -2,10 +2,13 @@
 
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "convd/v1/convd.pb-c.h"
 #include "err.h"
+#include "grpc/health/v1/health.pb-c.h"
 
 grpc_byte_buffer *convd_wire_pack(const ProtobufCMessage *m) {
   size_t n = protobuf_c_message_get_packed_size(m);
@@ -77,6 +80,25 @@ size_t convd_wire_channel_args(grpc_arg *args, size_t max_message_bytes) {
     args[k].value.integer = table[k].is_limit ? limit : table[k].value;
   }
   return CONVD_WIRE_CHANNEL_ARGS;
+}
+
+int convd_wire_lb_service_config(const char *policy, char *out, size_t len) {
+  int n;
+  if (policy != NULL && strcmp(policy, "pick_first") == 0) {
+    n = snprintf(out, len, "{\"loadBalancingConfig\":[{\"pick_first\":{}}]}");
+  } else if (policy != NULL && strcmp(policy, "round_robin") == 0) {
+    /* The services by their descriptors' names: the .proto stays the only spelling. */
+    n = snprintf(out, len,
+                 "{\"loadBalancingConfig\":[{\"round_robin\":{}}],"
+                 "\"methodConfig\":[{\"name\":[{\"service\":\"%s\"},{\"service\":\"%s\"}],"
+                 "\"retryPolicy\":{\"maxAttempts\":3,\"initialBackoff\":\"0.1s\","
+                 "\"maxBackoff\":\"1s\",\"backoffMultiplier\":2,"
+                 "\"retryableStatusCodes\":[\"UNAVAILABLE\"]}}]}",
+                 convd__v1__convolution__descriptor.name, grpc__health__v1__health__descriptor.name);
+  } else {
+    return -1;
+  }
+  return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
 grpc_status_code convd_wire_status_from_err(int code) {

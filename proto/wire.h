@@ -33,6 +33,19 @@ ProtobufCMessage *convd_wire_unpack(grpc_byte_buffer *bb, const ProtobufCMessage
 #define CONVD_WIRE_CHANNEL_ARGS 4
 size_t convd_wire_channel_args(grpc_arg *args, size_t max_message_bytes);
 
+/* Client-side load balancing over the addresses a target names or resolves to
+ * (ipv4:A:P,B:P; dns:///NAME:PORT, a headless Kubernetes Service): the policies a client may
+ * ask for, and the gRPC service config (JSON) that asks for one. pick_first is gRPC's default:
+ * one connection, to the first address that answers. round_robin: a connection to every
+ * address, each call to the next ready one; and since a daemon that stops (or is killed)
+ * between two calls can still be picked before its connection is seen to close, a call that
+ * fails UNAVAILABLE before any daemon answered it is retried, on another daemon, up to 3
+ * attempts in all. Only the Convolution and Health services' calls are covered. */
+#define CONVD_WIRE_LB_POLICIES "pick_first or round_robin"
+/* Writes the service config for policy into out (len bytes) and returns 0; -1 when policy is
+ * not one of CONVD_WIRE_LB_POLICIES (or out is too short). */
+int convd_wire_lb_service_config(const char *policy, char *out, size_t len);
+
 /* convd error codes (err.h) and gRPC status codes, both ways, from one table: the only place
  * the two vocabularies meet. Codes without an entry map to INTERNAL (to a status) and
  * CONVD_EREMOTE (from one). */

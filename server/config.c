@@ -90,6 +90,16 @@ static const opt opts[] = {
     {"connection-idle-timeout", OPT_SECONDS, F(connection_idle_timeout), "120", 1, 86400,
      "a connection with no call in progress is closed (gracefully: clients reconnect) after "
      "this many seconds"},
+    {"max-connection-age", OPT_SECONDS, F(max_connection_age), "0", 0, CONVD_MAX_CONNECTION_AGE_MAX,
+     "a connection is asked to close (GOAWAY) after this many seconds (gRPC adds up to 10% "
+     "either way); its client reconnects, and one balancing over several daemons (round_robin "
+     "over a DNS name) re-resolves the name and finds daemons started since; 0 = never, else "
+     "at least 1"},
+    {"max-connection-age-grace", OPT_SECONDS, F(max_connection_age_grace), "0", 0,
+     CONVD_MAX_CONNECTION_AGE_MAX,
+     "calls still running on a connection past --max-connection-age get this many seconds more, "
+     "then the connection is closed and they fail with UNAVAILABLE; 0 = they finish however long "
+     "they take"},
     {"handshake-timeout", OPT_SECONDS, F(handshake_timeout), "10", 0.1, 3600,
      "a new connection that has not completed its TLS/HTTP/2 handshake within this many "
      "seconds is closed"},
@@ -369,6 +379,16 @@ int convd_config_parse(convd_config *cfg, int argc, char **argv, FILE *out, char
                       "max-message-bytes=%llu: keep chunk-bytes at most max-message-bytes - %d",
                       (unsigned long long)cfg->chunk_bytes,
                       (unsigned long long)cfg->max_message_bytes, CONVD_WIRE_FRAMING_SLACK);
+  /* Below a second a connection would be torn down faster than a TLS handshake pays off. */
+  if (cfg->max_connection_age > 0 && cfg->max_connection_age < 1)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "--max-connection-age=%g: expected 0 (never) or at least 1 second",
+                      cfg->max_connection_age);
+  if (cfg->max_connection_age_grace > 0 && cfg->max_connection_age == 0)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "--max-connection-age-grace=%g has no effect without --max-connection-age: "
+                      "set both, or neither",
+                      cfg->max_connection_age_grace);
   if (strcmp(cfg->cpu_kernel, "onednn") != 0 && strcmp(cfg->cpu_kernel, "reference") != 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "--cpu-kernel=%s: expected onednn or reference",
                       cfg->cpu_kernel);

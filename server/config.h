@@ -16,6 +16,10 @@
 /* The longest path a unix: address may have: sockaddr_un's sun_path (108) less its NUL. */
 #define CONVD_UNIX_PATH_MAX 107
 
+/* The largest --max-connection-age and --max-connection-age-grace, seconds (a week): gRPC takes
+ * milliseconds as an int. */
+#define CONVD_MAX_CONNECTION_AGE_MAX 604800
+
 /* The addresses gRPC serves on, in the order given: each HOST:PORT or unix:/absolute/path
  * (checked at parse). */
 typedef struct convd_listen_list {
@@ -44,6 +48,8 @@ typedef struct convd_config {
   double stream_idle_timeout; /* seconds a call may wait on its client (0 = for ever) */
   double connection_idle_timeout; /* seconds a connection without calls stays open */
   double handshake_timeout;   /* seconds a new connection gets to become an HTTP/2 one */
+  double max_connection_age;  /* seconds before a connection is sent GOAWAY (0 = never) */
+  double max_connection_age_grace; /* seconds its calls get after that (0 = unbounded) */
   int max_connections;        /* gRPC connections open at once (0 = unbounded) */
   int log_level;              /* enum convd_log_level */
   char log_file[1024];        /* "" = stderr */

@@ -9,6 +9,7 @@
 
 #include <grpc/grpc_security.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -340,7 +341,7 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   }
   r->t_shutdown = (convd_tag){on_shutdown, r};
 
-  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 3];
+  grpc_arg args[CONVD_WIRE_CHANNEL_ARGS + 5];
   size_t nargs = convd_wire_channel_args(args, cfg->max_message_bytes);
   /* Connections that never start a call (or stop making them) hold a descriptor each: closed
    * after the handshake or idle timeout, so they cannot pile up until new clients are refused. */
@@ -350,6 +351,18 @@ int convd_rpc_start(const convd_config *cfg, convd_engine *engine, convd_metrics
   args[nargs].type = GRPC_ARG_INTEGER;
   args[nargs].key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
   args[nargs++].value.integer = (int)(cfg->handshake_timeout * 1000);
+  /* --max-connection-age: a GOAWAY after the age, so that a client balancing over several
+   * daemons reconnects and re-resolves; its calls in progress get the grace (INT_MAX: gRPC's
+   * "unlimited"). Left out when 0, gRPC's default being never. */
+  if (cfg->max_connection_age > 0) {
+    args[nargs].type = GRPC_ARG_INTEGER;
+    args[nargs].key = GRPC_ARG_MAX_CONNECTION_AGE_MS;
+    args[nargs++].value.integer = (int)(cfg->max_connection_age * 1000);
+    args[nargs].type = GRPC_ARG_INTEGER;
+    args[nargs].key = GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS;
+    args[nargs++].value.integer =
+        cfg->max_connection_age_grace > 0 ? (int)(cfg->max_connection_age_grace * 1000) : INT_MAX;
+  }
   /* gRPC turns SO_REUSEPORT on by default: a second daemon on the same port would then share
    * its connections silently. Off, the second one fails to start and says why. */
   args[nargs].type = GRPC_ARG_INTEGER;

@@ -64,12 +64,18 @@ def secrets_gate(where, args, env, files):
 
 # ---- Kubernetes ---------------------------------------------------------------------------------
 kdir = os.path.join(src, "deploy", "kubernetes")
-docs = {}
+docs, services = {}, {}
 for f in sorted(os.listdir(kdir)):
     with open(os.path.join(kdir, f)) as fh:
         for d in yaml.safe_load_all(fh):
-            docs[d["kind"]] = d
-assert {"DaemonSet", "Service", "ConfigMap"} <= set(docs), docs.keys()
+            if d["kind"] == "Service":
+                services[d["metadata"]["name"]] = d
+            else:
+                assert d["kind"] not in docs, f"{f}: a second {d['kind']}"
+                docs[d["kind"]] = d
+docs["Service"] = services["convd"]
+assert {"DaemonSet", "Service", "ConfigMap", "Job"} <= set(docs), docs.keys()
+assert set(services) == {"convd", "convd-headless"}, services.keys()
 assert "Deployment" not in docs, "one pod per GPU node: a DaemonSet, not a Deployment"
 for k in docs["ConfigMap"]["data"]:
     check_env(k, "configmap.yaml")
@@ -140,6 +146,31 @@ assert pod["spec"]["terminationGracePeriodSeconds"] > int(docs["ConfigMap"]["dat
 assert c["envFrom"][0]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
 svc_ports = {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]}
 assert svc_ports == {"grpc": 50051, "metrics": 9464}, svc_ports
+# The headless Service clients balance over: no cluster IP, the DaemonSet's pods, ready ones
+# only, the gRPC port.
+hs = services["convd-headless"]
+assert hs["spec"]["clusterIP"] == "None" and not hs["spec"].get("publishNotReadyAddresses", False), hs["spec"]
+assert hs["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), hs["spec"]["selector"]
+assert [(p["name"], p["port"], p["targetPort"]) for p in hs["spec"]["ports"]] == [("grpc", 50051, "grpc")], hs["spec"]
+# Connections age out, so that balancing clients re-resolve the headless name (a real flag's
+# value: secrets_gate above ran convd with this ConfigMap).
+assert float(cm.get("CONVD_MAX_CONNECTION_AGE", "0")) > 0, "the ConfigMap sets no CONVD_MAX_CONNECTION_AGE"
+# The client example: convctl with round_robin over the headless Service's DNS name, TLS with the
+# daemons' certificate name, the token from a Secret; every variable is one of convctl's.
+job = docs["Job"]["spec"]["template"]["spec"]
+(cc,) = job["containers"]
+cenv = {e["name"]: e for e in cc["env"]}
+for k in cenv:
+    assert k in convctl_vars, f"client-example.yaml: {k} is not a variable of convctl ({sorted(convctl_vars)})"
+server = cenv["CONVD_SERVER"]["value"]
+m = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", server)
+assert m and m.group(1) == "convd-headless" and int(m.group(3)) == 50051, server
+assert cenv["CONVD_LB"]["value"] == "round_robin", cenv["CONVD_LB"]
+assert cenv["CONVD_TLS_SERVER_NAME"]["value"] == "convd" and "secretKeyRef" in cenv["CONVD_TOKEN"]["valueFrom"], cenv
+assert "value" not in cenv["CONVD_TOKEN"], "the token must come from a Secret"
+assert job["securityContext"]["runAsNonRoot"] is True and job["restartPolicy"] == "Never"
+print(f"ok   kubernetes: headless Service {hs['metadata']['name']} (ready pods, gRPC port), "
+      f"CONVD_MAX_CONNECTION_AGE={cm['CONVD_MAX_CONNECTION_AGE']}, client Job on {server} with round_robin")
 print(f"ok   kubernetes: {sorted(docs)} parse; a DaemonSet with GPU, memory ({limits['memory']}) and CPU "
       f"({limits['cpu']}) limits the daemon's defaults follow, convctl health probes over TLS, "
       f"metrics annotation, {len(docs['ConfigMap']['data'])} CONVD_* settings that are real flags; "

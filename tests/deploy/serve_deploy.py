@@ -129,6 +129,27 @@ def systemd_case(convd, convctl, src, tmp):
     return "ExecStart served TLS + tokens, refused plaintext and a missing token"
 
 
+def client_example(convctl, src, port, ca):
+    """client-example.yaml's command with its environment, against the pod's daemon: its
+    dns:/// target with the headless Service's name replaced by localhost (which resolves to
+    127.0.0.1, where the daemon is, and maybe ::1, where none is: round_robin uses the one that
+    answers), the CA and token from here."""
+    with open(os.path.join(src, "deploy/kubernetes/client-example.yaml")) as f:
+        (job,) = yaml.safe_load_all(f)
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVD_")}
+    env["PATH"] = os.path.dirname(convctl) + os.pathsep + env.get("PATH", "")
+    for e in c["env"]:
+        env[e["name"]] = e.get("value", "")
+    assert re.fullmatch(r"dns:///[a-z0-9.-]+:50051", env["CONVD_SERVER"]), env["CONVD_SERVER"]
+    env["CONVD_SERVER"] = f"dns:///localhost:{port}"
+    env["CONVD_TLS_CA"] = ca
+    env["CONVD_TOKEN"] = TOKEN
+    r = subprocess.run(c["command"] + c.get("args", []), capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "SERVING" in r.stdout and "cpu" in r.stdout.lower(), \
+        f"the client example's command: {r.stdout}{r.stderr}"
+
+
 def kubernetes_case(convd, convctl, src, tmp):
     docs = {}
     for name in ("daemonset.yaml", "configmap.yaml", "service.yaml"):
@@ -197,6 +218,7 @@ def kubernetes_case(convd, convctl, src, tmp):
             assert r.returncode == 0, f"{kind}: {r.stdout}{r.stderr}"
             assert took < container[kind]["timeoutSeconds"], f"{kind} took {took:.1f} s"
             probes += 1
+        client_example(convctl, src, port, os.path.join(tls_dir, "ca.crt"))
     finally:
         log = stop(p, "Kubernetes pod")
     # The defaults follow the pod's limits: 3/4 and 1/2 of the memory limit (or of physical memory
@@ -212,7 +234,8 @@ def kubernetes_case(convd, convctl, src, tmp):
     assert int(got["cpu_threads"]) == min(cpu_limit, online), got
     assert "together exceed the memory" not in log, f"the pod's settings over-commit its memory:\n{log}"
     which = "the limit" if mem_limit < physical else f"physical memory, {physical >> 20} MiB here, below the limit"
-    return (f"init container, {probes} probes and the container's args served TLS + tokens; under its "
+    return (f"init container, {probes} probes, the client example (dns:///, round_robin) and the "
+            f"container's args served TLS + tokens; under its "
             f"limits ({container['resources']['limits']['memory']}, {container['resources']['limits']['cpu']} CPUs) "
             f"the daemon admitted {int(got['max_inflight_bytes']) >> 20} MiB in flight (3/4 of {which}) and ran "
             f"{got['cpu_threads']} CPU threads")

@@ -185,22 +185,29 @@ def readme_example():
     return blocks[0]
 
 
+def install_package(tmp):
+    """pip-installs client/python into a fresh venv under tmp (as the package's README says);
+    returns that venv's python. test_python_lb.py uses it too."""
+    venv = os.path.join(tmp, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    py = os.path.join(venv, "bin", "python")
+    # A copy of the package: building generates stubs next to it, and the source tree stays
+    # as the clone left it.
+    subprocess.run(["cp", "-r", os.path.join(ROOT, "client"), os.path.join(ROOT, "proto"), tmp], check=True)
+    pkg = os.path.join(tmp, "client", "python")
+    for d in ("build", "convd.egg-info", "convd/v1", "convd/_health"):
+        subprocess.run(["rm", "-rf", os.path.join(pkg, d)], check=True)
+    r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-index", pkg],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"pip install failed:\n{r.stdout}\n{r.stderr}"
+    print("ok   pip install --no-build-isolation --no-index ./client/python into a fresh venv")
+    return py
+
+
 def main():
     convd_bin, stub_dir, golden = (os.path.abspath(a) for a in sys.argv[1:4])
     with tempfile.TemporaryDirectory(prefix="convd-pkg-") as tmp:
-        venv = os.path.join(tmp, "venv")
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-        py = os.path.join(venv, "bin", "python")
-        # A copy of the package: building generates stubs next to it, and the source tree stays
-        # as the clone left it.
-        subprocess.run(["cp", "-r", os.path.join(ROOT, "client"), os.path.join(ROOT, "proto"), tmp], check=True)
-        pkg = os.path.join(tmp, "client", "python")
-        for d in ("build", "convd.egg-info", "convd/v1", "convd/_health"):
-            subprocess.run(["rm", "-rf", os.path.join(pkg, d)], check=True)
-        r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-index", pkg],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, f"pip install failed:\n{r.stdout}\n{r.stderr}"
-        print("ok   pip install --no-build-isolation --no-index ./client/python into a fresh venv")
+        py = install_package(tmp)
         d = Daemon(convd_bin, "--listen", f"unix:{tmp}/convd.sock")
         try:
             example = readme_example().replace("127.0.0.1:50051", d.target)

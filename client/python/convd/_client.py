@@ -2,6 +2,7 @@
 wire needs (row bands, chunks, dtypes, shared memory) is done here; the contract itself is
 proto/convd/v1/convd.proto, whose stubs are generated at install time (setup.py)."""
 import fcntl
+import json
 import mmap
 import os
 import secrets
@@ -22,6 +23,19 @@ _FRAMING = 1024
 # The daemon's own channel settings (proto/wire.c): a 16 MiB window per stream, and no BDP
 # probe, which shrank windows far below it on loopback.
 _CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 16 * _MiB), ("grpc.http2.bdp_probe", 0)]
+
+# Balancing over the addresses a target names or resolves to: the service configs libconvd_client
+# uses (proto/wire.c, convd_wire_lb_service_config). round_robin retries a call that failed
+# UNAVAILABLE before any daemon answered it, on another daemon (3 attempts in all).
+_RETRY = {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+          "retryableStatusCodes": ["UNAVAILABLE"]}
+_LB_CONFIGS = {
+    "pick_first": {"loadBalancingConfig": [{"pick_first": {}}]},
+    "round_robin": {"loadBalancingConfig": [{"round_robin": {}}],
+                    "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["Convolution"].full_name},
+                                               {"service": health_pb2.DESCRIPTOR.services_by_name["Health"].full_name}],
+                                      "retryPolicy": _RETRY}]},
+}
 
 _DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}
 _WIRE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
@@ -74,20 +88,27 @@ def _decode(raw, dtype):
 class Client:
     """A connection to a convd daemon.
 
-    target: as gRPC takes it ("127.0.0.1:50051", "unix:/run/convd/convd.sock", "ipv4:a,b").
-    timeout: seconds per call (None: no deadline). chunk_bytes: the largest tensor piece per
+    target: as gRPC takes it ("127.0.0.1:50051", "unix:/run/convd/convd.sock", or several
+    daemons: "ipv4:10.0.0.1:50051,10.0.0.2:50051", "dns:///convd-headless.NS.svc:50051").
+    lb_policy: "round_robin" (each call to the next connected daemon; one that fails UNAVAILABLE
+    before a daemon answered is retried on another) or "pick_first"; None: gRPC's default,
+    pick_first. Registered weights live on the daemon that took PutWeights. timeout: seconds per call (None: no deadline). chunk_bytes: the largest tensor piece per
     message. TLS: tls_ca (the CA's PEM file; then TLS is on), tls_cert/tls_key (mutual TLS),
     tls_server_name (when the certificate's name is not the target's host). token: the bearer
     token, else $CONVD_TOKEN."""
 
     def __init__(self, target="127.0.0.1:50051", *, timeout=None, chunk_bytes=1 << 20, tls_ca=None,
-                 tls_cert=None, tls_key=None, tls_server_name=None, token=None):
+                 tls_cert=None, tls_key=None, tls_server_name=None, token=None, lb_policy=None):
         if chunk_bytes < 1024:
             raise ValueError("chunk_bytes must be at least 1024")
+        if lb_policy is not None and lb_policy not in _LB_CONFIGS:
+            raise ValueError(f"lb_policy must be one of {sorted(_LB_CONFIGS)} or None, not {lb_policy!r}")
         self.target, self.timeout, self.chunk_bytes = target, timeout, int(chunk_bytes)
         limit = max(4 * _MiB, self.chunk_bytes + _FRAMING)
         options = _CHANNEL_OPTIONS + [("grpc.max_send_message_length", limit),
                                       ("grpc.max_receive_message_length", max(limit, 64 * _MiB))]
+        if lb_policy is not None:
+            options.append(("grpc.service_config", json.dumps(_LB_CONFIGS[lb_policy])))
         if tls_ca:
             read = lambda p: open(p, "rb").read() if p else None
             creds = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
