@@ -11,7 +11,11 @@
 # GPU alone, on the GPU beside a CPU device, and on two device instances sharing the GPU
 # (test_sched --cuda, ctest's sched_cuda); the host cases of both programs (test_device,
 # test_sched) and the CUDA device's host-side logic (test_cuda_host). Then the benchmark tables
-# (bench_gpu, with PyTorch's conv2d as the peer) into $OUT/bench_gpu.md, unless NO_BENCH=1.
+# (bench_gpu, with PyTorch's conv2d as the peer) into $OUT/bench_gpu.md, unless NO_BENCH=1. With
+# bundle.tar.xz carried (tests/gpu/bundle.sh, on the host), the daemon stage last
+# (tests/gpu/daemon_stage.py: golden cases through the real daemon streamed, unary and in
+# shared memory, a 64 MiB case and a long tiled job against a CPU daemon with ListDevices
+# sampled, bench_e2e's tables into $OUT/bench_e2e.md).
 # Exits non-zero when a test run fails, and a --cuda run that skips (exit 77: no GPU visible)
 # counts as failed here, since this machine is meant to have one.
 set -uo pipefail
@@ -57,5 +61,21 @@ if [ "${NO_BENCH:-0}" != 1 ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
     > "$OUT/bench_gpu.md" 2>&1 || true
   ./build-gpu/tests/bench_gpu ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench_gpu.md"
+fi
+# The daemon stage: the real daemon (built on the host with the server, carried as
+# bundle.tar.xz, see tests/gpu/bundle.sh) with a client on this machine's loopback.
+if [ -f bundle.tar.xz ] || [ -x bundle/bin/convd ]; then
+  [ -x bundle/bin/convd ] || tar -xJf bundle.tar.xz
+  echo "== daemon stage (bundle/)"
+  cudnn_lib=$(python3 -c 'import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__) + "/lib")' 2>/dev/null || true)
+  if LD_LIBRARY_PATH="$PWD/bundle/lib:$cudnn_lib:${LD_LIBRARY_PATH:-}" CONVD_BIN="$PWD/bundle/bin/convd" \
+     python3 tests/gpu/daemon_stage.py bundle tests/golden "$OUT" 2>&1 | tee "$OUT/daemon_stage.log"; then
+    :
+  else
+    fails=$((fails + 1))
+  fi
+  tail -1 "$OUT/daemon_stage.log" | grep -q "0 failed" || fails=$((fails + 1))
+else
+  echo "== daemon stage skipped: no bundle.tar.xz (make it on the host with tests/gpu/bundle.sh)"
 fi
 exit $((fails > 0))
