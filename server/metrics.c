@@ -223,6 +223,9 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
   if (g->shm) {
     scalar(&t, "convd_shm_regions", "gauge", "Shared-memory regions registered (all tenants).", g->shm_regions);
     scalar(&t, "convd_shm_bytes", "gauge", "Bytes of shared-memory regions mapped.", g->shm_bytes);
+    scalar(&t, "convd_shm_regions_in_place", "gauge", "Of those regions, sealed memfds used in place.", g->shm_in_place);
+    scalar(&t, "convd_shm_pending_descriptors", "gauge",
+           "Descriptors passed over the descriptor socket and waiting for their RegisterRegion.", g->shm_pending_fds);
   }
   if (g->connections_limit) {
     scalar(&t, "convd_connections", "gauge", "gRPC connections open (at the last scan).", g->connections_open);

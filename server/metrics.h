@@ -31,7 +31,7 @@ typedef struct convd_metrics_gauges {
   uint64_t auth_refused;      /* calls refused for a wrong token */
   uint64_t connections_open, connections_refused, connections_limit; /* limit 0: unbounded */
   int shm;                    /* shared memory is on */
-  uint64_t shm_regions, shm_bytes;
+  uint64_t shm_regions, shm_bytes, shm_in_place, shm_pending_fds;
 } convd_metrics_gauges;
 
 /* The exposition text (malloc'd, NUL-terminated; NULL when out of memory). reg may be NULL. */

@@ -418,7 +418,7 @@ void convd_rpc_gauges(convd_rpc *r, convd_metrics_gauges *g) {
   g->auth = r->auth != NULL;
   g->auth_refused = convd_auth_refused_total(r->auth);
   g->shm = r->shm != NULL;
-  if (r->shm) convd_shm_totals(r->shm, &g->shm_regions, &g->shm_bytes);
+  if (r->shm) convd_shm_totals(r->shm, &g->shm_regions, &g->shm_bytes, &g->shm_in_place, &g->shm_pending_fds);
 }
 
 convd_shm *convd_rpc_shm(convd_rpc *r) { return r->shm; }

@@ -496,10 +496,13 @@ long convd_shm_list(convd_shm *s, const char *tenant, convd_shm_info **out, uint
   return count;
 }
 
-void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes) {
+void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes, uint64_t *in_place, uint64_t *pending) {
   pthread_mutex_lock(&s->mu);
   *regions = s->count;
   *bytes = s->bytes;
+  *in_place = *pending = 0;
+  for (const convd_shm_region *g = s->head; g; g = g->next) *in_place += g->sealed != 0;
+  for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) *pending += s->pending[i].fd >= 0;
   pthread_mutex_unlock(&s->mu);
 }
 

@@ -104,8 +104,9 @@ int convd_shm_unregister(convd_shm *s, const char *tenant, const char *name, cha
 /* The tenant's regions into a malloc'd array (*out, count returned; -1 out of memory) and its
  * mapped bytes. */
 long convd_shm_list(convd_shm *s, const char *tenant, convd_shm_info **out, uint64_t *used);
-/* The number of regions and bytes mapped over all tenants (metrics). */
-void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes);
+/* Over all tenants (metrics): regions, bytes mapped, regions used in place, and descriptors
+ * waiting for their RegisterRegion. */
+void convd_shm_totals(convd_shm *s, uint64_t *regions, uint64_t *bytes, uint64_t *in_place, uint64_t *pending);
 
 /* A call's range: the region must be the tenant's, and [offset, offset + length) inside its
  * mapped size; writable asks for a region the daemon could open for writing. The region stays

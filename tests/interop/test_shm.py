@@ -434,7 +434,16 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def case_fd_bad_input(stub, fds, pid):
+def metric(url, name):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in {url}")
+
+
+def case_fd_bad_input(stub, fds, pid, metrics_url):
     """The descriptor socket and fd_ticket: every malformed message and unusable descriptor gets
     an error naming the fault, no descriptor is kept, and the bounds hold."""
     IA, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -518,9 +527,12 @@ def case_fd_bad_input(stub, fds, pid):
     # Bounds: one user's waiting descriptors; idle and surplus connections.
     tickets = [ticket_of(fds, good) for _ in range(16)]
     refused([good], "this user's descriptors wait", status="RESOURCE_EXHAUSTED")
+    assert metric(metrics_url, "convd_shm_pending_descriptors") == 16
     names = [name() for _ in tickets]
     for n_, t_ in zip(names, tickets):
         reg(n_, t_)
+    assert metric(metrics_url, "convd_shm_pending_descriptors") == 0
+    assert metric(metrics_url, "convd_shm_regions_in_place") == 16
     for n_ in names:
         stub.UnregisterRegion(pb.UnregisterRegionRequest(name=n_), timeout=10)
     idle = []
@@ -652,7 +664,7 @@ def main():
     pb, pb_grpc = import_stubs(stub_dir)
     import tempfile
     sock_dir = tempfile.mkdtemp(prefix="convd-shm-")
-    d = Daemon(convd, "--listen", f"unix:{sock_dir}/convd.sock")
+    d = Daemon(convd, "--listen", f"unix:{sock_dir}/convd.sock", "--metrics-listen", "127.0.0.1:0")
     try:
         # The same-host paths: the Unix socket (what shared memory is for) with named objects
         # and with sealed memfds used in place, and loopback TCP.
@@ -665,7 +677,7 @@ def main():
                          ("Conv2dUnary beyond the message limit", lambda: case_unary_large(stub, fd_socket)),
                          ("random shapes", lambda: case_random(stub, fd_socket)))
                 if fd_socket:
-                    cases += (("descriptor socket: bad input", lambda: case_fd_bad_input(stub, fds, d.proc.pid)),
+                    cases += (("descriptor socket: bad input", lambda: case_fd_bad_input(stub, fds, d.proc.pid, d.metrics_url)),
                               ("memfd rewritten and punched mid-call", lambda: case_fd_punch(stub, fds)))
                 else:
                     cases += (("bad input", lambda: case_bad_input(stub)),)
