@@ -93,5 +93,6 @@ const char *convd_device_name(const convd_device *d);
 const char *convd_device_detail(const convd_device *d);      /* what runs on it, for people */
 uint64_t convd_device_memory_budget(const convd_device *d);  /* bytes one op may use on it */
 int convd_device_accumulates(const convd_device *d);         /* 1: takes chains (chain_len) */
+int convd_device_native_transpose(const convd_device *d);    /* 1: runs a whole transpose op */
 
 #endif

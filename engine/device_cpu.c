@@ -158,7 +158,8 @@ static int same_params(const convd_conv_params *a, const convd_conv_params *b) {
          a->kw == b->kw && a->stride_h == b->stride_h && a->stride_w == b->stride_w &&
          a->pad_top == b->pad_top && a->pad_bottom == b->pad_bottom &&
          a->pad_left == b->pad_left && a->pad_right == b->pad_right && a->dil_h == b->dil_h &&
-         a->dil_w == b->dil_w && a->groups == b->groups;
+         a->dil_w == b->dil_w && a->groups == b->groups && a->transposed == b->transposed &&
+         a->out_pad_h == b->out_pad_h && a->out_pad_w == b->out_pad_w;
 }
 
 static void prim_clear(prim_entry *e) {
@@ -292,13 +293,15 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   int rc = 0;
   const int threads = threads_for(c, io);
   omp_set_num_threads(threads);
-  if (convd_cpuk_is_depthwise(io->conv)) {
+  /* A native plan's transpose (convd_plan.native) goes to oneDNN's deconvolution below; the
+   * own kernels are forward only. */
+  if (!p->transposed && convd_cpuk_is_depthwise(io->conv)) {
     if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, threads))
       return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging a depthwise op");
     return 0;
   }
-  if (is_pointwise(io)) return run_pointwise(io, err, errlen);
-  if (is_small_spatial(io)) return run_small_spatial(c, io, err, errlen);
+  if (!p->transposed && is_pointwise(io)) return run_pointwise(io, err, errlen);
+  if (!p->transposed && is_small_spatial(io)) return run_small_spatial(c, io, err, errlen);
   dnnl_primitive_desc_t pd = NULL;
   dnnl_primitive_t prim = NULL;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
@@ -313,12 +316,20 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   dnnl_dims_t strides = {p->stride_h, p->stride_w};
   dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1}; /* oneDNN counts the gaps */
   dnnl_dims_t pad_l = {p->pad_top, p->pad_left}, pad_r = {p->pad_bottom, p->pad_right};
+  /* A transpose (one group, convd_plan.native): oneDNN's deconvolution weights are (OC, IC, KH,
+   * KW), ours (C_in, C_out, kH, kW), so the view's strides swap; the output padding shortens
+   * the right-hand crop. */
+  if (p->transposed) {
+    wei_dims[0] = p->c_out, wei_dims[1] = p->c_in;
+    pad_r[0] = p->pad_bottom - p->out_pad_h, pad_r[1] = p->pad_right - p->out_pad_w;
+  }
 
   /* The caller's tensors as they lie: strided views (a window of a row band, a tile of the
    * output rows, a block of the weights); oneDNN reorders straight out of and into them. */
   dnnl_dims_t src_strides = {(dnnl_dim_t)io->x.ns, (dnnl_dim_t)io->x.cs, (dnnl_dim_t)io->x.hs, 1};
   dnnl_dims_t dst_strides = {(dnnl_dim_t)io->y.ns, (dnnl_dim_t)io->y.cs, (dnnl_dim_t)io->y.hs, 1};
   dnnl_dims_t wei_strides = {(dnnl_dim_t)io->w.ns, (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
+  if (p->transposed) wei_strides[0] = (dnnl_dim_t)io->w.cs, wei_strides[1] = (dnnl_dim_t)io->w.ns;
   dnnl_dims_t gwei_strides = {(dnnl_dim_t)io->w.ns * (p->c_out / p->groups), (dnnl_dim_t)io->w.ns,
                               (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
   dnnl_memory_desc_t usr_src_md, usr_wei_md, usr_dst_md, bias_md, any_src, any_wei, any_dst;
@@ -342,10 +353,18 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
       pe = &c->prims[i];
   if (pe == NULL) {
     dnnl_convolution_desc_t cd;
-    DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
-        &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
-        with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-    DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
+    dnnl_deconvolution_desc_t dd;
+    if (p->transposed) {
+      DNNL_TRY(dnnl_dilated_deconvolution_forward_desc_init(
+          &dd, dnnl_forward_inference, dnnl_deconvolution_direct, &any_src, &any_wei,
+          with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+      DNNL_TRY(dnnl_primitive_desc_create(&pd, &dd, c->attr, c->eng, NULL));
+    } else {
+      DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
+          &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
+          with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+      DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
+    }
     DNNL_TRY(dnnl_primitive_create(&prim, pd));
     pe = &c->prims[0];
     for (int i = 0; i < PCACHE_ENTRIES; i++) {
@@ -489,6 +508,7 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   d->ctx = c;
   d->kind = CONVD_DEVICE_CPU;
   d->memory_budget = memory_budget;
+  d->native_transpose = 1; /* oneDNN's deconvolution */
   snprintf(d->name, sizeof d->name, "%s", name);
   const dnnl_version_t *v = dnnl_version();
   snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution, %d thread%s",

@@ -35,6 +35,8 @@ struct convd_device {
   char detail[128];
   uint64_t memory_budget; /* bytes one op may use on it (the planner's device_memory) */
   int accumulates;        /* 1: takes chains (convd_op_io.chain_len), summing on the device */
+  int native_transpose;   /* 1: runs an op whose conv is transposed (a native plan's whole
+                             transpose, convd_plan.native) itself */
 };
 
 /* Copies counters that their owner updates with relaxed atomics. */

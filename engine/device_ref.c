@@ -82,3 +82,4 @@ const char *convd_device_name(const convd_device *d) { return d->name; }
 const char *convd_device_detail(const convd_device *d) { return d->detail; }
 uint64_t convd_device_memory_budget(const convd_device *d) { return d->memory_budget; }
 int convd_device_accumulates(const convd_device *d) { return d->accumulates; }
+int convd_device_native_transpose(const convd_device *d) { return d->native_transpose; }

@@ -468,7 +468,8 @@ static int run_op(dev_slot *s, convd_job *j, const convd_plan_op *op, int chain_
     key = mix64(key ^ (uint64_t)op->oc1 << 1);
     key = mix64(key ^ (uint64_t)op->wc0);
     key = mix64(key ^ (uint64_t)lp->c_per_group);
-    key = mix64(key ^ (uint64_t)(op->ry << 20 | op->rx) ^ (uint64_t)pl->transposed << 63) | 1;
+    key = mix64(key ^ (uint64_t)(op->ry << 20 | op->rx) ^ (uint64_t)pl->transposed << 63 ^
+                (uint64_t)pl->native << 62) | 1;
     convd_op_io io = {.conv = &op->local, .x = x,
                       .w = convd_plan_weight_view(pl, op, pl->transposed ? j->wseg : j->w),
                       .w_key = key, .b = lp->has_bias ? j->b + op->oc0 : NULL, .y = y,
@@ -854,7 +855,11 @@ int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t o
     if (b < budget) budget = b;
   }
   if (e->op_memory && e->op_memory < budget) budget = e->op_memory;
-  convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget};
+  /* Native transposes only when every device can take their ops. */
+  int native = e->ndev > 0;
+  for (int i = 0; i < e->ndev; i++) native &= convd_device_native_transpose(e->devs[i].dev);
+  convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget,
+                       .native_transpose = native};
   int rc = convd_plan_make(plan, conv, &o, err, errlen);
   if (rc == 0 && plan->ops > MAX_PLAN_OPS)
     rc = convd_errf(err, errlen, CONVD_ELIMIT,
@@ -1230,6 +1235,12 @@ static void sync_done(void *user, int status, const char *err, const convd_job_s
 
 int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
                      const float *b, float *y, convd_job_stats *stats, char *err, size_t errlen) {
+  return convd_engine_run_keyed(e, conv, x, w, b, y, 0, stats, err, errlen);
+}
+
+int convd_engine_run_keyed(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
+                           const float *b, float *y, uint64_t w_key, convd_job_stats *stats, char *err,
+                           size_t errlen) {
   sync_run s = {.y = y};
   pthread_mutex_init(&s.mu, NULL);
   pthread_cond_init(&s.cv, NULL);
@@ -1241,6 +1252,7 @@ int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, co
   if (rc == 0) {
     /* Everything is lent: the job reads x and w where they are and writes into y. */
     convd_job_set_output(s.job, y);
+    convd_job_set_weights_key(s.job, w_key);
     convd_job_set_weights(s.job, (float *)w, (float *)b, CONVD_LEND);
     const size_t slab = (size_t)conv->p.c_in * (size_t)conv->p.h * (size_t)conv->p.w;
     for (int64_t n = 0; n < conv->p.n && rc == 0; n++)

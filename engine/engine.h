@@ -158,5 +158,10 @@ void convd_job_destroy(convd_job *j);
 /* Runs a whole convolution on in-memory tensors and waits (tests, benchmarks, tools). */
 int convd_engine_run(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
                      const float *b, float *y, convd_job_stats *stats, char *err, size_t errlen);
+/* The same with the weights' content key (convd_job_set_weights_key), as the daemon gives it:
+ * devices then keep the weights' blocks, reordered, across calls with the same key. */
+int convd_engine_run_keyed(convd_engine *e, const convd_conv *conv, const float *x, const float *w,
+                           const float *b, float *y, uint64_t w_key, convd_job_stats *stats, char *err,
+                           size_t errlen);
 
 #endif

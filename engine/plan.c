@@ -60,11 +60,42 @@ static void phase_space_conv(const convd_conv *c, convd_conv *v, int64_t *qa_h, 
   v->w_out = qb_w - *qa_w;
 }
 
+/* A transpose worth running whole on a device's own transposed-convolution kernel: one group
+ * and at least NATIVE_MIN_CHANNELS input channels. Measured (bench_transpose,
+ * docs/benchmarks.md): oneDNN's deconvolution beat the phases on every such layer, the RGB
+ * output layer (128 -> 3) too (21-25 against 1-14 GFLOP/s); groups and thin inputs keep the
+ * phases, which were not measured against it. */
+#define NATIVE_MIN_CHANNELS 16
+static int native_worth(const convd_conv *c) {
+  const convd_conv_params *p = &c->p;
+  return p->groups == 1 && p->c_in >= NATIVE_MIN_CHANNELS;
+}
+
+/* One batch item's whole transpose, double-buffered. */
+static uint64_t native_op_bytes(const convd_conv *c) {
+  const long double per_item = ((long double)c->input_elems + (long double)c->output_elems) / (long double)c->p.n +
+                               (long double)c->weight_elems + (long double)c->bias_elems;
+  const long double bytes = per_item * sizeof(float) * 2;
+  return bytes > (long double)UINT64_MAX ? UINT64_MAX : (uint64_t)bytes;
+}
+
 int convd_plan_make(convd_plan *pl, const convd_conv *real, const convd_plan_opts *o, char *err,
                     size_t errlen) {
   memset(pl, 0, sizeof *pl);
   pl->conv = *real;
   pl->phases = 1;
+  if (real->p.transposed && o->native_transpose && native_worth(real) &&
+      native_op_bytes(real) <= o->device_memory) {
+    const convd_conv_params *p = &real->p;
+    pl->native = 1;
+    pl->tile_h = real->h_out, pl->tile_w = real->w_out, pl->tiles_h = pl->tiles_w = 1;
+    pl->gblk = p->groups, pl->gblocks = 1;
+    pl->icb = p->c_per_group, pl->icblocks = 1;
+    pl->ocb = p->c_out / p->groups, pl->ocblocks = 1;
+    pl->ops = (uint64_t)p->n;
+    pl->op_bytes = native_op_bytes(real);
+    return 0;
+  }
   convd_conv virt;
   const convd_conv *c = real;
   if (real->p.transposed) { /* tiles in phase space, one op per phase */
@@ -166,6 +197,16 @@ void convd_plan_op_get(const convd_plan *pl, uint64_t i, convd_plan_op *op) {
   op->n = (int64_t)(t / (uint64_t)pl->tiles_h);
 
   op->trow = th;
+  if (pl->native) { /* the item's whole transpose */
+    op->oh1 = c->h_out, op->ow1 = c->w_out;
+    op->ih1 = op->xh1 = p->h, op->iw1 = op->xw1 = p->w;
+    op->ic1 = p->c_in, op->oc1 = p->c_out, op->wc1 = p->c_per_group;
+    op->icblocks = 1;
+    convd_conv_params lp = *p;
+    lp.n = 1;
+    convd_conv_init(&op->local, &lp, NULL, 0);
+    return;
+  }
   int64_t a0 = 0, a1 = 0, b0 = 0, b1 = 0;
   if (pl->transposed) {
     transpose_op(pl, th, tw, phase, op);
@@ -314,6 +355,10 @@ int convd_plan_segregate(const convd_plan *pl, const float *w, float *wseg) {
 }
 
 void convd_plan_tile_row_window(const convd_plan *pl, int64_t th, int64_t *ih0, int64_t *ih1) {
+  if (pl->native) { /* one tile row: every input row */
+    *ih0 = 0, *ih1 = pl->conv.p.h;
+    return;
+  }
   if (pl->transposed) {
     phase_tile_window(pl, th, 0, ih0, ih1);
     return;
@@ -347,6 +392,11 @@ void convd_plan_describe(const convd_plan *pl, char *buf, size_t len) {
            pl->tiles_h * pl->tiles_w, p->n, pl->gblocks, pl->gblk, pl->gblk == 1 ? "" : "s",
            pl->ocblocks, pl->ocb, pl->icblocks, pl->icb, pl->gblocks * pl->ocblocks * pl->icblocks,
            pl->op_bytes, pl->ops);
+  const size_t used = strlen(buf);
+  if (used < len)
+    snprintf(buf + used, len - used, "%s",
+             pl->native ? "transpose: one op per batch item, on the device's own transposed convolution\n"
+             : pl->transposed ? "transpose: by kernel segregation, one op per phase\n" : "");
 }
 
 void convd_plan_gather_window(const convd_plan *pl, const convd_plan_op *op, convd_row_fn row,
@@ -388,6 +438,10 @@ static size_t phase_offset(const convd_plan *pl, int64_t ry, int64_t rx, int64_t
 
 convd_view convd_plan_weight_view(const convd_plan *pl, const convd_plan_op *op, const float *w) {
   const convd_conv_params *p = &pl->conv.p;
+  if (pl->native) {
+    const size_t k = (size_t)(p->kh * p->kw);
+    return (convd_view){(float *)w, (size_t)(p->c_out / p->groups) * k, k, (size_t)p->kw};
+  }
   if (pl->transposed) {
     int64_t ty, tx;
     const size_t base = phase_offset(pl, op->ry, op->rx, &ty, &tx), k = (size_t)(ty * tx);

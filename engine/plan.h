@@ -27,6 +27,9 @@ typedef struct convd_plan_opts {
   int devices;            /* devices that will share the ops (>= 1) */
   uint64_t device_memory; /* bytes one op may use on a device: its input window, weight block
                              and output tile, twice (double buffering) */
+  int native_transpose;   /* every device runs a transpose op as one (convd_device's
+                             native_transpose): a transpose that is worth it and fits is planned
+                             as whole-item ops instead of phases (convd_plan.native) */
 } convd_plan_opts;
 
 /* A transpose convolution (conv.p.transposed) is planned in phase space (transpose.h): tiles
@@ -43,7 +46,10 @@ typedef struct convd_plan {
   int64_t ocb, ocblocks;      /* output channels per op within a group */
   uint64_t ops;
   uint64_t op_bytes;          /* the largest op's footprint, double-buffered */
-  int transposed;
+  int transposed;             /* planned in phase space (a transpose that is not native) */
+  int native;                 /* a transpose planned as one op per batch item, each the whole
+                                 transposed convolution of that item (op->local.p.transposed):
+                                 no phases, no segregated weights, the output written in place */
   int64_t phases;             /* transpose: stride_h * stride_w phases per tile, else 1 */
   int64_t qa_h, qa_w;         /* transpose: the first phase row and column */
 } convd_plan;
@@ -94,7 +100,8 @@ void convd_plan_gather_window(const convd_plan *plan, const convd_plan_op *op, c
                               void *ctx, float *dst);
 
 /* op's weight block (oc, wc, kH, kW) as a view into the whole weight tensor w (a transpose: into
- * the segregated weights). */
+ * the segregated weights; a native plan's: the whole (C_in, C_out/groups, kH, kW) tensor, with n
+ * the input channel). */
 convd_view convd_plan_weight_view(const convd_plan *plan, const convd_plan_op *op, const float *w);
 
 /* Writes op's output partial (dense oc x th x tw) into out, the view of the op's output tile

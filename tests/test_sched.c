@@ -549,6 +549,76 @@ static void test_transpose_random_plans(void) {
   ASSERT_TRUE(gcases >= 12);
 }
 
+/* Transposes of one group with 16+ channels each way run whole on oneDNN's deconvolution (a
+ * native plan: one op per batch item) when every device can: random shapes (strides 1-4,
+ * kernels 1-7, dilation 1-3, asymmetric padding, output padding, so right-hand crops below zero,
+ * N up to 2, bias) against the reference; the same shapes through a budget too small for a
+ * whole item, and through the reference device, go by phases and agree too. */
+static void test_native_transpose_random(void) {
+  if (!convd_device_cpu_is_native()) {
+    printf("  no oneDNN in this build: no native transposes to test\n");
+    return;
+  }
+  rng r = {0x5eed0409};
+  char err[512];
+  int native = 0, phased = 0;
+  for (int iter = 0; iter < 60 && !test_failed; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.n = rng_range(&r, 1, 2);
+    p.c_in = p.c_per_group = rng_range(&r, 16, 40);
+    p.c_out = rng_range(&r, 16, 40);
+    p.kh = rng_range(&r, 1, 7), p.kw = rng_range(&r, 1, 7);
+    p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
+    p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
+    p.h = rng_range(&r, 1, 12), p.w = rng_range(&r, 1, 12);
+    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
+    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
+    p.pad_top = rng_range(&r, 0, 3), p.pad_bottom = rng_range(&r, 0, 3);
+    p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) continue;
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, x, c.input_elems), rng_fill(&r, w, c.weight_elems), rng_fill(&r, b, c.bias_elems);
+    convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+    for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+    const convd_engine_opts opts[3] = {{.cpu_devices = 1, .cpu_threads = 2},
+                                       {.cpu_devices = 2, .cpu_threads = 2, .device_memory = 8192},
+                                       {.cpu_devices = 1, .cpu_threads = 2, .reference = 1}};
+    for (int k = 0; k < 3 && !test_failed; k++) {
+      convd_engine *e;
+      ASSERT_OK(convd_engine_create(&opts[k], &e, err, sizeof err), err);
+      convd_plan pl;
+      if (convd_engine_plan(e, &c, &pl, err, sizeof err) == CONVD_ELIMIT) {
+        convd_engine_destroy(e);
+        continue;
+      }
+      char what[200];
+      snprintf(what, sizeof what, "native-size transpose %d (%" PRId64 "->%" PRId64 " s%" PRId64 ",%" PRId64
+               " k%" PRId64 "x%" PRId64 " d%" PRId64 ",%" PRId64 " p%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+               " op%" PRId64 ",%" PRId64 ", %s plan, %" PRIu64 " ops)",
+               iter, p.c_in, p.c_out, p.stride_h, p.stride_w, p.kh, p.kw, p.dil_h, p.dil_w, p.pad_top,
+               p.pad_bottom, p.pad_left, p.pad_right, p.out_pad_h, p.out_pad_w, pl.native ? "native" : "phase",
+               pl.ops);
+      if (pl.native != (k == 0)) FAIL_AT("%s: expected a %s plan", what, k == 0 ? "native" : "phase");
+      poison(y, c.output_elems);
+      convd_job_stats st;
+      int rc = convd_engine_run(e, &c, x, w, p.has_bias ? b : NULL, y, &st, err, sizeof err);
+      if (rc) FAIL_AT("%s: %s", what, err);
+      else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+      native += pl.native, phased += !pl.native;
+      convd_engine_destroy(e);
+    }
+    free(x), free(w), free(b), free(y), free(ref), free(want);
+  }
+  printf("  %d native runs, %d by phases\n", native, phased);
+  ASSERT_TRUE(native >= 40 && phased >= 80);
+}
+
 /* A job with a content key, run to its end (the engine's own convd_engine_run names no key). */
 typedef struct keyed_done {
   pthread_mutex_t mu;
@@ -898,6 +968,7 @@ int main(int argc, char **argv) {
       {"chains_accumulate_on_device", test_chains_accumulate_on_device},
       {"priority_and_admission", test_priority_and_admission},
       {"transpose_random_plans", test_transpose_random_plans},
+      {"native_transpose_random", test_native_transpose_random},
       {"transpose_segregated_cache", test_transpose_segregated_cache},
   };
   /* test_sched --cuda: plans on the GPU, and every random transpose run on the GPU as well. */

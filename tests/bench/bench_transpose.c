@@ -1,14 +1,22 @@
-/* bench_transpose: transpose convolution by kernel segregation through the engine (one CPU
- * device, the default op budget) against PyTorch's CPU conv_transpose2d in the same run with the
- * same threads, on DCGAN generator layers and a segmentation upsampler. A benchmark, not a test.
+/* bench_transpose: transpose convolution through the engine (one CPU device, the default op
+ * budget) against oneDNN's own deconvolution primitive and PyTorch's CPU conv_transpose2d in the
+ * same run with the same threads, on DCGAN generator layers and a segmentation upsampler, and
+ * against the forward convolution of equal work. A benchmark, not a test.
  *
  *   bench_transpose [--repeats N] [--threads T] [--no-torch]
  *
  * Columns: GFLOP/s (2 x multiply-adds / median seconds; a transpose's multiply-adds are input
- * elements x C_out/groups x kH x kW), PyTorch's, the ratio; and memory: the segregated weights
- * (one copy of the weights, rearranged) and the most an op uses (input window, weight block and
- * output partial, from the plan), against the zero-inserted input the usual method allocates
- * (never allocated here). */
+ * elements x C_out/groups x kH x kW) of convd, of oneDNN's deconvolution (user tensors in NCHW /
+ * PyTorch's layout as convd gets them: the source and destination reorders are timed, the
+ * weights reordered once beforehand, as a caller would cache them; convd's calls name their
+ * weights by a content key, as the daemon's do, so its devices keep them too), of PyTorch, the
+ * ratios; the
+ * forward convolution with the same input, channels and kernel at stride 1 and "same" padding
+ * (exactly the transpose's multiply-adds) through the engine, and transpose / forward; and
+ * memory: the segregated weights (one copy of the weights, rearranged), the most an op uses
+ * (input window, weight block and output partial, from the plan), against the zero-inserted
+ * input the usual method allocates (never allocated here). */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +25,11 @@
 
 #include "engine.h"
 #include "ref.h"
+
+#ifdef CONVD_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
+#endif
 
 typedef struct tshape {
   const char *name;
@@ -41,6 +54,113 @@ static double now(void) {
 static int cmp(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return (x > y) - (x < y);
+}
+
+static double median_of(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* oneDNN's deconvolution on the transpose c: median seconds, or 0 when it cannot run. */
+typedef struct deconv_arg {
+  const convd_conv *c;
+  const float *x, *w, *b;
+  float *y;
+  int threads, repeats;
+  double seconds;
+} deconv_arg;
+
+#ifdef CONVD_HAVE_DNNL
+#define DN(call)                     \
+  do {                               \
+    if ((call) != dnnl_success) goto out; \
+  } while (0)
+
+static void *deconv_main(void *arg) {
+  deconv_arg *a = arg;
+  const convd_conv_params *p = &a->c->p;
+  omp_set_num_threads(a->threads);
+  dnnl_engine_t eng = NULL;
+  dnnl_stream_t st = NULL;
+  dnnl_primitive_desc_t pd = NULL, rs_pd = NULL, rd_pd = NULL, rw_pd = NULL;
+  dnnl_primitive_t prim = NULL, rs = NULL, rd = NULL, rw = NULL;
+  dnnl_memory_t usrc = NULL, uwei = NULL, udst = NULL, ubias = NULL, src = NULL, wei = NULL, dst = NULL;
+  double *t = calloc((size_t)a->repeats, sizeof *t);
+  DN(dnnl_engine_create(&eng, dnnl_cpu, 0));
+  DN(dnnl_stream_create(&st, eng, dnnl_stream_default_flags));
+  dnnl_dims_t sd = {p->n, p->c_in, p->h, p->w}, dd = {p->n, p->c_out, a->c->h_out, a->c->w_out};
+  dnnl_dims_t wd = {p->c_out, p->c_in, p->kh, p->kw};
+  /* PyTorch's transpose weights (C_in, C_out, kH, kW) seen as oneDNN's (OC, IC, KH, KW). */
+  dnnl_dims_t ws = {p->kh * p->kw, p->c_out * p->kh * p->kw, p->kw, 1};
+  dnnl_dims_t bd = {p->c_out}, strides = {p->stride_h, p->stride_w}, dil = {p->dil_h - 1, p->dil_w - 1};
+  dnnl_dims_t pl = {p->pad_top, p->pad_left}, pr = {p->pad_bottom - p->out_pad_h, p->pad_right - p->out_pad_w};
+  dnnl_memory_desc_t usmd, uwmd, udmd, bmd, asmd, awmd, admd;
+  DN(dnnl_memory_desc_init_by_tag(&usmd, 4, sd, dnnl_f32, dnnl_nchw));
+  DN(dnnl_memory_desc_init_by_tag(&udmd, 4, dd, dnnl_f32, dnnl_nchw));
+  DN(dnnl_memory_desc_init_by_strides(&uwmd, 4, wd, dnnl_f32, ws));
+  DN(dnnl_memory_desc_init_by_tag(&bmd, 1, bd, dnnl_f32, dnnl_x));
+  DN(dnnl_memory_desc_init_by_tag(&asmd, 4, sd, dnnl_f32, dnnl_format_tag_any));
+  DN(dnnl_memory_desc_init_by_tag(&admd, 4, dd, dnnl_f32, dnnl_format_tag_any));
+  DN(dnnl_memory_desc_init_by_tag(&awmd, 4, wd, dnnl_f32, dnnl_format_tag_any));
+  dnnl_deconvolution_desc_t desc;
+  DN(dnnl_dilated_deconvolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_deconvolution_direct, &asmd,
+                                                 &awmd, p->has_bias ? &bmd : NULL, &admd, strides, dil, pl, pr));
+  DN(dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL));
+  DN(dnnl_primitive_create(&prim, pd));
+  const dnnl_memory_desc_t *smd = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
+  const dnnl_memory_desc_t *wmd = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+  const dnnl_memory_desc_t *dmd = dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
+  DN(dnnl_memory_create(&usrc, &usmd, eng, (void *)a->x));
+  DN(dnnl_memory_create(&uwei, &uwmd, eng, (void *)a->w));
+  DN(dnnl_memory_create(&udst, &udmd, eng, a->y));
+  DN(dnnl_memory_create(&ubias, &bmd, eng, (void *)a->b));
+  DN(dnnl_memory_create(&src, smd, eng, DNNL_MEMORY_ALLOCATE));
+  DN(dnnl_memory_create(&wei, wmd, eng, DNNL_MEMORY_ALLOCATE));
+  DN(dnnl_memory_create(&dst, dmd, eng, DNNL_MEMORY_ALLOCATE));
+  DN(dnnl_reorder_primitive_desc_create(&rs_pd, &usmd, eng, smd, eng, NULL));
+  DN(dnnl_reorder_primitive_desc_create(&rd_pd, dmd, eng, &udmd, eng, NULL));
+  DN(dnnl_reorder_primitive_desc_create(&rw_pd, &uwmd, eng, wmd, eng, NULL));
+  DN(dnnl_primitive_create(&rs, rs_pd));
+  DN(dnnl_primitive_create(&rd, rd_pd));
+  DN(dnnl_primitive_create(&rw, rw_pd));
+  dnnl_exec_arg_t rwa[2] = {{DNNL_ARG_FROM, uwei}, {DNNL_ARG_TO, wei}};
+  DN(dnnl_primitive_execute(rw, st, 2, rwa)); /* the weights once, as a caller caches them */
+  dnnl_exec_arg_t rsa[2] = {{DNNL_ARG_FROM, usrc}, {DNNL_ARG_TO, src}}, rda[2] = {{DNNL_ARG_FROM, dst}, {DNNL_ARG_TO, udst}};
+  dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_BIAS, ubias}};
+  for (int r = -3; r < a->repeats; r++) {
+    const double t0 = now();
+    DN(dnnl_primitive_execute(rs, st, 2, rsa));
+    DN(dnnl_primitive_execute(prim, st, p->has_bias ? 4 : 3, args));
+    DN(dnnl_primitive_execute(rd, st, 2, rda));
+    DN(dnnl_stream_wait(st));
+    if (r >= 0) t[r] = now() - t0;
+  }
+  a->seconds = median_of(t, a->repeats);
+out:
+  free(t);
+  dnnl_primitive_t prims[] = {prim, rs, rd, rw};
+  for (int i = 0; i < 4; i++)
+    if (prims[i]) dnnl_primitive_destroy(prims[i]);
+  dnnl_primitive_desc_t pds[] = {pd, rs_pd, rd_pd, rw_pd};
+  for (int i = 0; i < 4; i++)
+    if (pds[i]) dnnl_primitive_desc_destroy(pds[i]);
+  dnnl_memory_t mems[] = {usrc, uwei, udst, ubias, src, wei, dst};
+  for (int i = 0; i < 7; i++)
+    if (mems[i]) dnnl_memory_destroy(mems[i]);
+  if (st) dnnl_stream_destroy(st);
+  if (eng) dnnl_engine_destroy(eng);
+  return NULL;
+}
+#endif
+
+/* On a thread of its own that then exits (its OpenMP team with it), as bench_conv's GEMM peak. */
+static double deconv_seconds(deconv_arg *a) {
+  a->seconds = 0;
+#ifdef CONVD_HAVE_DNNL
+  pthread_t t;
+  if (pthread_create(&t, NULL, deconv_main, a) == 0) pthread_join(t, NULL);
+#endif
+  return a->seconds;
 }
 
 int main(int argc, char **argv) {
@@ -83,10 +203,15 @@ int main(int argc, char **argv) {
   convd_device_info info;
   convd_engine_device_info(e, 0, &info);
   printf("CPU device: %s\nthreads: %d, repeats: %d (median)\n\n", info.detail, threads, repeats);
-  printf("| layer | ops | convd GFLOP/s | PyTorch GFLOP/s | convd / PyTorch | max abs error vs reference | segregated weights (bytes) | largest op (bytes) | zero-inserted input (bytes, not allocated) |\n");
-  printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  double ratios[NSHAPES];
-  int nr = 0;
+  /* One engine (one OpenMP team) at a time: the peer runs with none of the engine's alive. */
+  convd_engine_destroy(e);
+  e = NULL;
+  printf("| layer | ops | convd GFLOP/s | oneDNN deconvolution GFLOP/s | convd / oneDNN | PyTorch GFLOP/s | "
+         "convd / PyTorch | forward conv GFLOP/s (equal work) | transpose / forward | max abs error vs reference | "
+         "segregated weights (bytes) | largest op (bytes) | zero-inserted input (bytes, not allocated) |\n");
+  printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  double ratios[NSHAPES], vs_dnnl[NSHAPES], vs_fwd[NSHAPES];
+  int nr = 0, nd = 0;
   for (size_t i = 0; i < NSHAPES; i++) {
     const tshape *s = &shapes[i];
     convd_conv_params p;
@@ -109,11 +234,14 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < c.bias_elems; k++) b[k] = 0.01f * (float)k;
     convd_job_stats st;
     double *ts = malloc(sizeof(double) * (size_t)repeats);
-    int rc = 0;
-    for (int k = 0; k < 3 && rc == 0; k++) rc = convd_engine_run(e, &c, x, w, b, y, &st, err, sizeof err);
+    int rc = convd_engine_create(&eo, &e, err, sizeof err);
+    /* The weights keyed by content, as the daemon keys every call's (its digest): devices keep
+     * them reordered across calls, as oneDNN's peer below keeps its. */
+    const uint64_t key = 0x7e5700 + i;
+    for (int k = 0; k < 3 && rc == 0; k++) rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
     for (int k = 0; k < repeats && rc == 0; k++) {
       double t0 = now();
-      rc = convd_engine_run(e, &c, x, w, b, y, &st, err, sizeof err);
+      rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
       ts[k] = now() - t0;
     }
     if (rc) {
@@ -129,6 +257,33 @@ int main(int argc, char **argv) {
     }
     qsort(ts, (size_t)repeats, sizeof *ts, cmp);
     const double med = ts[repeats / 2], gflop = 2.0 * (double)c.macs / 1e9;
+    /* The forward convolution of exactly this work: the same input, channels and kernel at
+     * stride 1, padded to keep the size (k-1 split top/bottom, the extra one at the bottom). */
+    convd_conv_params fp;
+    convd_conv_params_default(&fp);
+    fp.n = p.n, fp.c_in = p.c_in, fp.h = p.h, fp.w = p.w, fp.c_out = p.c_out, fp.c_per_group = p.c_in;
+    fp.kh = fp.kw = p.kh, fp.has_bias = 1;
+    fp.pad_top = fp.pad_left = (p.kh - 1) / 2, fp.pad_bottom = fp.pad_right = p.kh - 1 - (p.kh - 1) / 2;
+    convd_conv fc;
+    double fwd = 0;
+    if (convd_conv_init(&fc, &fp, err, sizeof err) == 0 && fc.macs == c.macs) {
+      float *fw = malloc(fc.weight_bytes), *fy = malloc(fc.output_bytes);
+      for (size_t k = 0; k < fc.weight_elems; k++) fw[k] = w[k];
+      double *ft = malloc(sizeof(double) * (size_t)repeats);
+      for (int k = -3; k < repeats && rc == 0; k++) {
+        double t0 = now();
+        rc = convd_engine_run_keyed(e, &fc, x, fw, b, fy, key + 0x100, NULL, err, sizeof err);
+        if (k >= 0) ft[k] = now() - t0;
+      }
+      if (rc == 0) fwd = gflop / median_of(ft, repeats);
+      free(fw), free(fy), free(ft);
+    }
+    convd_plan pl;
+    convd_engine_plan(e, &c, &pl, err, sizeof err);
+    convd_engine_destroy(e);
+    e = NULL;
+    deconv_arg da = {&c, x, w, b, y, threads, repeats, 0};
+    const double dn_s = deconv_seconds(&da), dnnl = dn_s > 0 ? gflop / dn_s : 0;
     /* The usual method: the input with stride-1 zeros between its elements and k-1-p zero
      * borders (plus output_padding), convolved with the flipped kernel. */
     const int64_t zh = (p.h - 1) * p.stride_h + 1 + 2 * (p.kh - 1 - p.pad_top) + p.out_pad_h;
@@ -136,18 +291,19 @@ int main(int argc, char **argv) {
     const double zbytes = 4.0 * (double)p.n * (double)p.c_in * (double)zh * (double)zw;
     const double ours = gflop / med, theirs = torch_s[i] > 0 ? gflop / torch_s[i] : 0;
     if (theirs > 0) ratios[nr++] = ours / theirs;
-    convd_plan pl;
-    convd_engine_plan(e, &c, &pl, err, sizeof err);
-    printf("| %s | %llu | %.1f | %.1f | %.2f | %.2g | %zu | %llu | %.0f |\n", s->name, (unsigned long long)st.ops,
-           ours, theirs, theirs > 0 ? ours / theirs : 0, worst, c.weight_bytes,
-           (unsigned long long)(pl.op_bytes / 2), zbytes);
+    if (dnnl > 0 && fwd > 0) vs_dnnl[nd] = ours / dnnl, vs_fwd[nd++] = ours / fwd;
+    printf("| %s | %llu | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.2g | %zu | %llu | %.0f |\n", s->name,
+           (unsigned long long)st.ops, ours, dnnl, dnnl > 0 ? ours / dnnl : 0, theirs, theirs > 0 ? ours / theirs : 0,
+           fwd, fwd > 0 ? ours / fwd : 0, worst, c.weight_bytes, (unsigned long long)(pl.op_bytes / 2), zbytes);
     fflush(stdout);
     free(ts), free(x), free(w), free(b), free(y), free(ref);
   }
-  convd_engine_destroy(e);
-  if (nr) {
-    qsort(ratios, (size_t)nr, sizeof *ratios, cmp);
-    printf("\nmedian convd / PyTorch: %.2f\n", nr % 2 ? ratios[nr / 2] : 0.5 * (ratios[nr / 2 - 1] + ratios[nr / 2]));
+  printf("\n");
+  if (nr) printf("median convd / PyTorch: %.2f\n", median_of(ratios, nr));
+  if (nd) {
+    printf("median convd transpose / forward convolution of equal work: %.2f\n", median_of(vs_fwd, nd));
+    printf("median convd / oneDNN deconvolution: %.2f\n", median_of(vs_dnnl, nd));
+    printf("min convd / oneDNN deconvolution: %.2f\n", vs_dnnl[0]); /* sorted by median_of */
   }
   return 0;
 }
