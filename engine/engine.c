@@ -716,9 +716,10 @@ static int add_slot(convd_engine *e, convd_device *d) {
   return 0;
 }
 
-int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
-                        size_t errlen) {
+int convd_engine_open_devices(const convd_engine_opts *opts, convd_device ***out, int *n,
+                              char *err, size_t errlen) {
   *out = NULL;
+  *n = 0;
   convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
   long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
   int threads = o.cpu_threads > 0 ? o.cpu_threads : (ncpu > 0 ? (int)ncpu : 1);
@@ -737,11 +738,56 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   int ncpu_dev = o.cpu_devices > 0 ? o.cpu_devices : (o.n_extra > 0 || ngpu > 0 ? 0 : 1);
   if (ncpu_dev > 256)
     return convd_errf(err, errlen, CONVD_EINVAL, "cpu devices = %d: at most 256", ncpu_dev);
-  convd_engine *e = calloc(1, sizeof *e);
-  if (e == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
   const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 2;
   ngpu *= per_gpu;
-  e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
+  convd_device **devs = calloc((size_t)(ngpu + ncpu_dev + 1), sizeof *devs);
+  if (devs == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory opening devices");
+  const uint64_t device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
+  int rc = 0, nd = 0;
+  for (int i = 0; rc == 0 && i < ngpu; i++) {
+    char name[32];
+    if (per_gpu > 1) snprintf(name, sizeof name, "cuda%d.%d", i / per_gpu, i % per_gpu);
+    else snprintf(name, sizeof name, "cuda%d", i);
+    rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &devs[nd], err, errlen);
+    nd += rc == 0;
+  }
+  for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
+    char name[32];
+    int t = threads / ncpu_dev + (i < threads % ncpu_dev ? 1 : 0);
+    snprintf(name, sizeof name, "%s%d", o.reference ? "ref" : "cpu", i);
+    rc = o.reference ? convd_device_ref_create(name, device_memory, &devs[nd], err, errlen)
+                     : convd_device_cpu_create(name, t > 0 ? t : 1, device_memory, &devs[nd], err, errlen);
+    nd += rc == 0;
+  }
+  if (rc) {
+    for (int i = 0; i < nd; i++) convd_device_destroy(devs[i]);
+    free(devs);
+    return rc;
+  }
+  *out = devs;
+  *n = nd;
+  return 0;
+}
+
+int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
+                        size_t errlen) {
+  *out = NULL;
+  convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
+  convd_device **own = NULL;
+  int nown = 0;
+  int rc = convd_engine_open_devices(&o, &own, &nown, err, errlen);
+  if (rc) {
+    for (int i = 0; i < o.n_extra; i++) convd_device_destroy(o.extra[i]);
+    return rc;
+  }
+  convd_engine *e = calloc(1, sizeof *e);
+  if (e == NULL) {
+    for (int i = 0; i < nown; i++) convd_device_destroy(own[i]);
+    for (int i = 0; i < o.n_extra; i++) convd_device_destroy(o.extra[i]);
+    free(own);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
+  }
+  e->devs = calloc((size_t)(nown + o.n_extra + 1), sizeof *e->devs);
   e->segs = convd_segcache_create();
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
@@ -750,26 +796,13 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   e->user = o.user;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
-  int rc = 0;
   if (e->devs == NULL || e->segs == NULL)
     rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  for (int i = 0; rc == 0 && i < ngpu; i++) {
-    char name[32];
-    convd_device *d;
-    if (per_gpu > 1) snprintf(name, sizeof name, "cuda%d.%d", i / per_gpu, i % per_gpu);
-    else snprintf(name, sizeof name, "cuda%d", i);
-    rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &d, err, errlen);
-    if (rc == 0) add_slot(e, d);
+  for (int i = 0; i < nown; i++) {
+    if (rc == 0) add_slot(e, own[i]);
+    else convd_device_destroy(own[i]);
   }
-  for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
-    char name[32];
-    convd_device *d;
-    int t = threads / ncpu_dev + (i < threads % ncpu_dev ? 1 : 0);
-    snprintf(name, sizeof name, "%s%d", o.reference ? "ref" : "cpu", i);
-    rc = o.reference ? convd_device_ref_create(name, e->device_memory, &d, err, errlen)
-                     : convd_device_cpu_create(name, t > 0 ? t : 1, e->device_memory, &d, err, errlen);
-    if (rc == 0) add_slot(e, d);
-  }
+  free(own);
   for (int i = 0; i < o.n_extra; i++) {
     if (rc == 0) add_slot(e, o.extra[i]);
     else convd_device_destroy(o.extra[i]);
