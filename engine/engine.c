@@ -9,7 +9,8 @@
  * Locks:
  *   e->mu   the job list (e->jobs, e->rr) and admission counts (pending_ops, njobs,
  *           next_job_id); busy, skipping, stopping; each slot's health and measurements
- *           (healthy, why, sec_per_mac, measured, completed_ops, busy_seconds); and in every job
+ *           (healthy, why, sec_per_mac, measured_macs, measured, completed_ops,
+ *           busy_seconds); and in every job
  *           its queues (ready, retry), input rows (row_band, in_refs, in_seen, missing, queued),
  *           output bands (out, tile_left, y_target), counts (running, ops_done), state
  *           (cancelled, failed, fail_msg, priority, w, b, w_key), callback counts, bytes held and
@@ -38,6 +39,10 @@
 #include "err.h"
 #include "segcache.h"
 
+/* A device's measured speed holds for a job whose ops are at most this many times larger than
+ * the ops it was measured on (worth_taking). */
+#define MEASURE_SCALE 16.0
+
 /* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
 #define MAX_PLAN_OPS (UINT64_C(1) << 22)
 
@@ -57,6 +62,7 @@ typedef struct dev_slot {
   uint64_t completed_ops;
   double busy_seconds;
   double sec_per_mac; /* measured speed (moving average), once measured */
+  double measured_macs; /* the size of the ops it was measured on (moving average) */
   int measured;
   float *win, *wblk, *partial; /* scratch, grown on demand */
   size_t win_cap, wblk_cap, partial_cap;
@@ -275,7 +281,10 @@ static int has_work_for(const convd_job *j, const dev_slot *s) {
  * that can run j, at their measured speeds, would finish all the ready work including that op.
  * Devices not measured yet take ops (that is how they get measured). e->mu held. */
 static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_job *j) {
-  if (!s->measured) return 1;
+  /* A speed measured on ops far smaller than this job's says little about them: there a fixed
+   * cost per op (a remote device's round trip, a GPU's launch) dominates, and a device judged
+   * slow on it would never take an op again to be measured anew. It takes one. */
+  if (!s->measured || j->macs_per_op > MEASURE_SCALE * s->measured_macs) return 1;
   double others = 0, fastest = 0; /* MACs per second of the other healthy, measured devices */
   for (int i = 0; i < e->ndev; i++) {
     const dev_slot *d = &e->devs[i];
@@ -572,6 +581,8 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
   if (rc == 0 && !op->empty && op->local.macs > 0) {
     const double spm = took / (double)op->local.macs;
     s->sec_per_mac = s->measured ? 0.7 * s->sec_per_mac + 0.3 * spm : spm;
+    s->measured_macs = s->measured ? 0.7 * s->measured_macs + 0.3 * (double)op->local.macs
+                                   : (double)op->local.macs;
     s->measured = 1;
   }
   if (rc == 0) {
