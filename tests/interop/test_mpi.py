@@ -35,16 +35,18 @@ SKIP = 77
 class MpiJob:
     """mpirun with convd on every rank; self.target (rank 0's gRPC address), self.pid (rank 0)."""
 
-    def __init__(self, mpiexec, convd, common, worker_extra=None):
+    def __init__(self, mpiexec, convd, common, worker_extra=None, np_=3):
+        self.np = np_
         env = dict(os.environ)
         if os.geteuid() == 0:  # Open MPI refuses root unless told twice
             env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
             env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
         args = [convd, "--mpi", "--listen", "127.0.0.1:0", "--log-level", "info", *common]
         if worker_extra is None:
-            cmd = [mpiexec, "--oversubscribe", "-np", "3", *args]
+            cmd = [mpiexec, "--oversubscribe", "-np", str(np_), *args]
         else:  # ranks 0 and 1 as given, rank 2 with worker_extra too
-            cmd = [mpiexec, "--oversubscribe", "-np", "2", *args, ":", "-np", "1", *args, *worker_extra]
+            cmd = [mpiexec, "--oversubscribe", "-np", str(np_ - 1), *args, ":", "-np", "1", *args,
+                   *worker_extra]
         self.log = tempfile.NamedTemporaryFile(prefix="convd-mpi-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.target = self.pid = None
@@ -56,7 +58,7 @@ class MpiJob:
             m = re.match(r"convd listening on 127\.0\.0\.1:(\d+)$", line.strip())
             if m:
                 self.target = f"127.0.0.1:{m.group(1)}"
-            m = re.match(r"convd mpi: rank 0 pid (\d+), 3 ranks, (\d+) remote devices$", line.strip())
+            m = re.match(rf"convd mpi: rank 0 pid (\d+), {np_} ranks, (\d+) remote devices$", line.strip())
             if m:
                 self.pid = int(m.group(1))
         if self.target is None or self.pid is None:
@@ -83,7 +85,7 @@ class MpiJob:
             raise AssertionError(f"mpirun did not exit within {timeout} s of SIGTERM:\n{self.read_log()}")
         log = self.read_log()
         assert rc == 0, f"mpirun exited with {rc}:\n{log}"
-        for r in (1, 2):
+        for r in range(1, self.np):
             assert re.search(rf'msg="mpi worker stopping" rank={r} ops=\d+ status=0', log), \
                 f"rank {r} did not stop cleanly:\n{log}"
         os.unlink(self.log.name)
