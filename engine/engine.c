@@ -9,8 +9,8 @@
  * Locks:
  *   e->mu   the job list (e->jobs, e->rr) and admission counts (pending_ops, njobs,
  *           next_job_id); busy, skipping, stopping; each slot's health and measurements
- *           (healthy, why, sec_per_mac, measured_macs, measured, completed_ops,
- *           busy_seconds); and in every job
+ *           (healthy, why, sec_per_mac, measured_macs, measured, last_op_at, completed_ops,
+ *           busy_seconds), ops_completed; and in every job
  *           its queues (ready, retry), input rows (row_band, in_refs, in_seen, missing, queued),
  *           output bands (out, tile_left, y_target), counts (running, ops_done), state
  *           (cancelled, failed, fail_msg, priority, w, b, w_key), callback counts, bytes held and
@@ -42,6 +42,10 @@
 /* A device's measured speed holds for a job whose ops are at most this many times larger than
  * the ops it was measured on (worth_taking). */
 #define MEASURE_SCALE 16.0
+/* A device that sat out this many ops while a job had at least PROBE_READY ops per device
+ * ready takes one, whatever its measured speed (worth_taking). */
+#define PROBE_OPS 32
+#define PROBE_READY 4
 
 /* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
 #define MAX_PLAN_OPS (UINT64_C(1) << 22)
@@ -63,6 +67,7 @@ typedef struct dev_slot {
   double busy_seconds;
   double sec_per_mac; /* measured speed (moving average), once measured */
   double measured_macs; /* the size of the ops it was measured on (moving average) */
+  uint64_t last_op_at;  /* e->ops_completed when it last finished an op */
   int measured;
   float *win, *wblk, *partial; /* scratch, grown on demand */
   size_t win_cap, wblk_cap, partial_cap;
@@ -150,6 +155,7 @@ struct convd_engine {
   uint64_t op_memory; /* planning cap, 0 = none */
   uint64_t max_pending_ops, pending_ops; /* admission */
   uint64_t njobs;
+  uint64_t ops_completed; /* by every device, over the engine's life */
   /* Segregated transpose weights of recent jobs, by content key and geometry: repeated calls
    * with the same weights skip the pass. */
   convd_segcache *segs;
@@ -285,6 +291,11 @@ static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_jo
    * cost per op (a remote device's round trip, a GPU's launch) dominates, and a device judged
    * slow on it would never take an op again to be measured anew. It takes one. */
   if (!s->measured || j->macs_per_op > MEASURE_SCALE * s->measured_macs) return 1;
+  /* A measurement can also be wrong (an op stretched by a busy host, or latency-bound on a
+   * remote device) or go stale, and a device judged slow would never run again to correct it:
+   * with plenty of ready work, a device that sat out PROBE_OPS ops takes one and is measured. */
+  if (j->ready_ops >= PROBE_READY * (uint64_t)e->ndev && e->ops_completed - s->last_op_at >= PROBE_OPS)
+    return 1;
   double others = 0, fastest = 0; /* MACs per second of the other healthy, measured devices */
   for (int i = 0; i < e->ndev; i++) {
     const dev_slot *d = &e->devs[i];
@@ -585,6 +596,8 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
                                    : (double)op->local.macs;
     s->measured = 1;
   }
+  if (rc == 0) e->ops_completed++;
+  s->last_op_at = e->ops_completed;
   if (rc == 0) {
     s->completed_ops++;
     e->pending_ops--;

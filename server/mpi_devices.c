@@ -80,6 +80,7 @@ typedef struct wire_dev {
 typedef struct wire_hello {
   wire_hdr h;
   int32_t version, ndev;
+  uint64_t weights_cache; /* its --mpi-weights-cache: 0 = send every op its weights */
   char host[64];
   char convd_version[32];
   wire_dev dev[MAX_RANK_DEVICES];
@@ -235,6 +236,7 @@ typedef struct remote_rank {
   convd_mpi *m;
   int rank;
   char host[64];
+  int caches; /* it keeps weight blocks (--mpi-weights-cache > 0 there) */
   pthread_mutex_t mu; /* keys, nkeys, lost_why */
   uint64_t keys[KEYS_REMEMBERED]; /* weight blocks sent to it (a ring) */
   size_t nkeys;
@@ -292,7 +294,7 @@ static int remote_run(void *ctx, const convd_op_io *io, char *err, size_t errlen
     return convd_errf(err, errlen, CONVD_ECANCELED, "cancelled");
   const size_t x_elems = cv->input_elems, w_elems = cv->weight_elems;
   const size_t b_elems = io->b ? (size_t)p->c_out : 0, y_elems = cv->output_elems;
-  int send_w = io->w_key == 0 || !key_sent(r, io->w_key);
+  int send_w = io->w_key == 0 || !r->caches || !key_sent(r, io->w_key);
   char why[300];
   int rc = 0;
   for (int attempt = 0; attempt < 2; attempt++) {
@@ -477,6 +479,7 @@ int convd_mpi_remote_devices(convd_mpi *m, const convd_config *cfg, convd_device
       goto out;
     }
     snprintf(r->host, sizeof r->host, "%s", h->host[0] ? h->host : "?");
+    r->caches = h->weights_cache > 0;
     for (int k = 0; k < h->ndev; k++) {
       wire_dev *wd = &h->dev[k];
       wd->name[sizeof wd->name - 1] = wd->detail[sizeof wd->detail - 1] = '\0';
@@ -723,8 +726,10 @@ static void *worker_dev_main(void *arg) {
   const int tag = TAG_OP_BASE + wd->index;
   const size_t budget = (size_t)convd_device_memory_budget(w->devs[wd->index]);
   /* An op is planned within the smallest budget, this device's included (capped as rank 0 caps
-   * it), so its message is at most about twice that. */
-  const size_t hi = sizeof(wire_op) + 2 * (budget < REMOTE_BUDGET_MAX ? budget : REMOTE_BUDGET_MAX) + (1u << 20);
+   * it), so its message is within that; the bound leaves room for an op the planner could not
+   * cut that small, and stays below MPI's int count. */
+  const size_t b = budget < REMOTE_BUDGET_MAX ? budget : REMOTE_BUDGET_MAX;
+  const size_t hi = sizeof(wire_op) + (4 * b > (64u << 20) ? 4 * b : (64u << 20)) + (1u << 20);
   wd->out = calloc(1, sizeof(wire_reply));
   wd->out_cap = wd->out ? sizeof(wire_reply) : 0;
   while (wd->out && !atomic_load(&w->stop)) {
@@ -796,6 +801,7 @@ int convd_mpi_worker_main(convd_mpi *m, const convd_config *cfg) {
   h->h = (wire_hdr){WIRE_MAGIC, MSG_HELLO, (uint64_t)m->rank};
   h->version = WIRE_VERSION;
   h->ndev = w->ndev;
+  h->weights_cache = cfg->mpi_weights_cache;
   if (gethostname(h->host, sizeof h->host - 1) != 0) snprintf(h->host, sizeof h->host, "?");
   snprintf(h->convd_version, sizeof h->convd_version, "%s", CONVD_VERSION);
   for (int i = 0; i < w->ndev; i++) {
