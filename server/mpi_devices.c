@@ -122,6 +122,14 @@ struct convd_mpi {
     }                                                                                         \
   } while (0)
 
+/* Ends every rank of the job with code (mpirun then exits non-zero); should MPI_Abort come back,
+ * this process exits anyway. */
+static void abort_job(MPI_Comm comm, int code) {
+  const int rc = MPI_Abort(comm, code);
+  fprintf(stderr, "convd: MPI_Abort returned %d; exiting\n", rc);
+  _exit(code);
+}
+
 static void pause_ns(long *ns, long max) {
   struct timespec ts = {0, *ns};
   nanosleep(&ts, NULL);
@@ -138,9 +146,9 @@ static int wait_req(MPI_Request *req, double deadline, const atomic_int *stop, c
     MPI_TRY(MPI_Test(req, &done, MPI_STATUS_IGNORE));
     if (done) return 0;
     if ((deadline > 0 && convd_now_seconds() > deadline) || (stop && atomic_load(stop))) {
-      MPI_Cancel(req);
-      MPI_Request_free(req);
-      return convd_errf(err, errlen, CONVD_ETIMEDOUT, "no answer in time");
+      const int c = MPI_Cancel(req), f = MPI_Request_free(req);
+      return convd_errf(err, errlen, CONVD_ETIMEDOUT, "no answer in time%s",
+                        c != MPI_SUCCESS || f != MPI_SUCCESS ? " (and the request could not be cancelled)" : "");
     }
     pause_ns(&ns, POLL_MAX_NS);
   }
@@ -167,7 +175,9 @@ static int recv_msg(MPI_Comm comm, int src, int tag, size_t lo, size_t hi, char 
   MPI_TRY(MPI_Get_count(&status, MPI_BYTE, &count));
   if (count < 0 || (size_t)count < lo || (size_t)count > hi) {
     char dummy[1];
-    MPI_Mrecv(dummy, 0, MPI_BYTE, &msg, MPI_STATUS_IGNORE); /* consumed (truncated) */
+    /* Consumes the message: MPI_ERR_TRUNCATE is the expected status, and there is nothing more
+     * to do whatever it is. */
+    (void)MPI_Mrecv(dummy, 0, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
     return convd_errf(err, errlen, CONVD_EREMOTE,
                       "a message of %d bytes from rank %d on tag %d, expected %zu to %zu",
                       count, status.MPI_SOURCE, tag, lo, hi);
@@ -176,7 +186,7 @@ static int recv_msg(MPI_Comm comm, int src, int tag, size_t lo, size_t hi, char 
     char *p = realloc(*buf, (size_t)count);
     if (p == NULL) {
       char dummy[1];
-      MPI_Mrecv(dummy, 0, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+      (void)MPI_Mrecv(dummy, 0, MPI_BYTE, &msg, MPI_STATUS_IGNORE); /* consumed, as above */
       return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory for a %d-byte message", count);
     }
     *buf = p;
@@ -407,7 +417,7 @@ int convd_mpi_init(int *argc, char ***argv, convd_mpi **out, int *rank, int *siz
                     "--mpi: this MPI library gives thread level %d, and the engine's device "
                     "threads need MPI_THREAD_MULTIPLE (%d): use an MPI built with it (Debian's "
                     "Open MPI is)", provided, MPI_THREAD_MULTIPLE);
-    MPI_Abort(MPI_COMM_WORLD, 2);
+    abort_job(MPI_COMM_WORLD, 2);
     goto out;
   }
   MPI_TRY(MPI_Comm_dup(MPI_COMM_WORLD, &m->comm));
@@ -528,7 +538,7 @@ int convd_mpi_finish(convd_mpi *m, int status) {
       convd_log(CONVD_LOG_ERROR, "msg=\"mpi rank lost: aborting the job\" rank=%d host=%s why=\"%s\"",
                 m->ranks[i].rank, m->ranks[i].host, m->ranks[i].lost_why);
     }
-  if (lost) MPI_Abort(m->comm, 3); /* does not return */
+  if (lost) abort_job(m->comm, 3);
   char err[300];
   int failed = 0;
   for (int r = 1; r < m->size; r++) {
@@ -539,10 +549,10 @@ int convd_mpi_finish(convd_mpi *m, int status) {
       failed = 1;
     }
   }
-  if (failed) MPI_Abort(m->comm, 3);
+  if (failed) abort_job(m->comm, 3);
   for (int i = 0; m->ranks && i < m->size - 1; i++) pthread_mutex_destroy(&m->ranks[i].mu);
   free(m->ranks);
-  MPI_Comm_free(&m->comm);
+  if (MPI_Comm_free(&m->comm) != MPI_SUCCESS) fprintf(stderr, "convd: --mpi: MPI_Comm_free failed\n");
   if (MPI_Finalize() != MPI_SUCCESS) {
     fprintf(stderr, "convd: --mpi: MPI_Finalize failed\n");
     if (status == 0) status = 1;
@@ -778,7 +788,7 @@ int convd_mpi_worker_main(convd_mpi *m, const convd_config *cfg) {
   int started = 0;
   if (w == NULL || h == NULL) {
     fprintf(stderr, "convd: rank %d: out of memory\n", m->rank);
-    MPI_Abort(m->comm, 1);
+    abort_job(m->comm, 1);
   }
   w->m = m;
   w->cfg = cfg;
@@ -794,7 +804,7 @@ int convd_mpi_worker_main(convd_mpi *m, const convd_config *cfg) {
                           .gpu_instances = cfg->gpu_streams};
   if ((rc = convd_engine_open_devices(&eo, &w->devs, &w->ndev, err, sizeof err))) {
     fprintf(stderr, "convd: rank %d: %s\n", m->rank, err);
-    MPI_Abort(m->comm, 1); /* rank 0 would wait for its hello */
+    abort_job(m->comm, 1); /* rank 0 would wait for its hello */
   }
   w->nopened = w->ndev;
   if (w->ndev > MAX_RANK_DEVICES) w->ndev = MAX_RANK_DEVICES; /* the rest are not offered */
@@ -815,20 +825,20 @@ int convd_mpi_worker_main(convd_mpi *m, const convd_config *cfg) {
   wds = calloc((size_t)w->ndev, sizeof *wds);
   if (wds == NULL) {
     fprintf(stderr, "convd: rank %d: out of memory\n", m->rank);
-    MPI_Abort(m->comm, 1);
+    abort_job(m->comm, 1);
   }
   for (int i = 0; i < w->ndev; i++) {
     wds[i] = (worker_dev){.w = w, .index = i};
     if (pthread_create(&wds[i].thread, NULL, worker_dev_main, &wds[i]) != 0) {
       fprintf(stderr, "convd: rank %d: cannot start a device thread\n", m->rank);
-      MPI_Abort(m->comm, 1);
+      abort_job(m->comm, 1);
     }
     started++;
   }
   if ((rc = send_msg(m->comm, 0, TAG_HELLO, h, offsetof(wire_hello, dev) + (size_t)w->ndev * sizeof(wire_dev),
                      0, NULL, err, sizeof err))) {
     fprintf(stderr, "convd: rank %d: cannot reach rank 0: %s\n", m->rank, err);
-    MPI_Abort(m->comm, 1);
+    abort_job(m->comm, 1);
   }
   /* Until rank 0 says stop. */
   char *cbuf = NULL;
@@ -863,8 +873,14 @@ int convd_mpi_worker_main(convd_mpi *m, const convd_config *cfg) {
   free(w);
   free(wds);
   free(h);
-  MPI_Comm_free(&m->comm);
-  if (MPI_Finalize() != MPI_SUCCESS && status == 0) status = 1;
+  if (MPI_Comm_free(&m->comm) != MPI_SUCCESS) {
+    fprintf(stderr, "convd: rank %d: MPI_Comm_free failed\n", m->rank);
+    status = 1;
+  }
+  if (MPI_Finalize() != MPI_SUCCESS) {
+    fprintf(stderr, "convd: rank %d: MPI_Finalize failed\n", m->rank);
+    status = 1;
+  }
   free(m);
   return status;
 }
