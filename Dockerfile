@@ -79,16 +79,18 @@ FROM debian:bookworm-slim
 ARG CUDA_RUNTIME_PACKAGES="cuda-cudart-12-6 libcudnn9-cuda-12"
 COPY --from=nvidia-apt /usr/share/keyrings/cuda-archive-keyring.gpg /usr/share/keyrings/
 COPY --from=nvidia-apt /cuda-debian12.list /etc/apt/cuda-debian12.list
-# Debian's: the runtime packages that libgrpc-dev, libprotobuf-c-dev, libuv1-dev, libdnnl-dev
-# and libxxhash-dev depend on (what they pull in, OpenSSL, c-ares, abseil, re2, libgomp,
-# OpenCL's loader, comes with them); NVIDIA's: the CUDA runtime and cuDNN. The GPU driver's
+# Debian's: the runtime packages that libgrpc-dev, libprotobuf-c-dev, libuv1-dev, libdnnl-dev,
+# libxxhash-dev and libopenmpi-dev depend on (what they pull in, OpenSSL, c-ares, abseil, re2,
+# libgomp, OpenCL's loader, hwloc, PMIx, comes with them), and openmpi-bin for mpirun and orted
+# where the image runs as MPI ranks (convd --mpi, docs/operations.md); NVIDIA's: the CUDA runtime and cuDNN. The GPU driver's
 # libraries come from the host through the NVIDIA container runtime.
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends ca-certificates \
  && mv /etc/apt/cuda-debian12.list /etc/apt/sources.list.d/ \
  && apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends \
-      libgrpc29 libprotobuf-c1 libuv1 libdnnl2 libxxhash0 ${CUDA_RUNTIME_PACKAGES} \
+      libgrpc29 libprotobuf-c1 libuv1 libdnnl2 libxxhash0 libopenmpi3 openmpi-bin \
+      ${CUDA_RUNTIME_PACKAGES} \
  && rm -rf /var/lib/apt/lists/*
 # bin/convd, bin/convctl, lib/libconvd_client.so* (convctl finds it through its run path), the
 # client's headers and pkg-config file.

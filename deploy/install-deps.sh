@@ -17,6 +17,9 @@ packages=(
   python3-yaml systemd
   # tests: a throwaway CA and certificates for the TLS tests
   openssl
+  # MPI ranks as remote devices (convd --mpi, CONVD_MPI) and their test: Open MPI's mpirun and
+  # headers
+  openmpi-bin libopenmpi-dev
   # the Debian packages (cpack -G DEB) and their test: dpkg-shlibdeps computes Depends (dpkg-dev
   # also comes with build-essential), CPack finds the ELF files with file
   dpkg-dev file

@@ -9,7 +9,8 @@
  * Locks:
  *   e->mu   the job list (e->jobs, e->rr) and admission counts (pending_ops, njobs,
  *           next_job_id); busy, skipping, stopping; each slot's health and measurements
- *           (healthy, why, sec_per_mac, measured, completed_ops, busy_seconds); and in every job
+ *           (healthy, why, sec_per_mac, measured_macs, measured, last_op_at, completed_ops,
+ *           busy_seconds), ops_completed; and in every job
  *           its queues (ready, retry), input rows (row_band, in_refs, in_seen, missing, queued),
  *           output bands (out, tile_left, y_target), counts (running, ops_done), state
  *           (cancelled, failed, fail_msg, priority, w, b, w_key), callback counts, bytes held and
@@ -38,6 +39,14 @@
 #include "err.h"
 #include "segcache.h"
 
+/* A device's measured speed holds for a job whose ops are at most this many times larger than
+ * the ops it was measured on (worth_taking). */
+#define MEASURE_SCALE 16.0
+/* A device that sat out this many ops while a job had at least PROBE_READY ops per device
+ * ready takes one, whatever its measured speed (worth_taking). */
+#define PROBE_OPS 32
+#define PROBE_READY 4
+
 /* A plan with more ops than this is refused: its bookkeeping would dwarf the work. */
 #define MAX_PLAN_OPS (UINT64_C(1) << 22)
 
@@ -57,6 +66,8 @@ typedef struct dev_slot {
   uint64_t completed_ops;
   double busy_seconds;
   double sec_per_mac; /* measured speed (moving average), once measured */
+  double measured_macs; /* the size of the ops it was measured on (moving average) */
+  uint64_t last_op_at;  /* e->ops_completed when it last finished an op */
   int measured;
   float *win, *wblk, *partial; /* scratch, grown on demand */
   size_t win_cap, wblk_cap, partial_cap;
@@ -144,6 +155,7 @@ struct convd_engine {
   uint64_t op_memory; /* planning cap, 0 = none */
   uint64_t max_pending_ops, pending_ops; /* admission */
   uint64_t njobs;
+  uint64_t ops_completed; /* by every device, over the engine's life */
   /* Segregated transpose weights of recent jobs, by content key and geometry: repeated calls
    * with the same weights skip the pass. */
   convd_segcache *segs;
@@ -275,7 +287,15 @@ static int has_work_for(const convd_job *j, const dev_slot *s) {
  * that can run j, at their measured speeds, would finish all the ready work including that op.
  * Devices not measured yet take ops (that is how they get measured). e->mu held. */
 static int worth_taking(const convd_engine *e, const dev_slot *s, const convd_job *j) {
-  if (!s->measured) return 1;
+  /* A speed measured on ops far smaller than this job's says little about them: there a fixed
+   * cost per op (a remote device's round trip, a GPU's launch) dominates, and a device judged
+   * slow on it would never take an op again to be measured anew. It takes one. */
+  if (!s->measured || j->macs_per_op > MEASURE_SCALE * s->measured_macs) return 1;
+  /* A measurement can also be wrong (an op stretched by a busy host, or latency-bound on a
+   * remote device) or go stale, and a device judged slow would never run again to correct it:
+   * with plenty of ready work, a device that sat out PROBE_OPS ops takes one and is measured. */
+  if (j->ready_ops >= PROBE_READY * (uint64_t)e->ndev && e->ops_completed - s->last_op_at >= PROBE_OPS)
+    return 1;
   double others = 0, fastest = 0; /* MACs per second of the other healthy, measured devices */
   for (int i = 0; i < e->ndev; i++) {
     const dev_slot *d = &e->devs[i];
@@ -573,8 +593,12 @@ static void op_finished(dev_slot *s, convd_job *j, uint64_t opi, const convd_pla
   if (rc == 0 && !op->empty && op->local.macs > 0) {
     const double spm = took / (double)op->local.macs;
     s->sec_per_mac = s->measured ? 0.7 * s->sec_per_mac + 0.3 * spm : spm;
+    s->measured_macs = s->measured ? 0.7 * s->measured_macs + 0.3 * (double)op->local.macs
+                                   : (double)op->local.macs;
     s->measured = 1;
   }
+  if (rc == 0) e->ops_completed++;
+  s->last_op_at = e->ops_completed;
   if (rc == 0) {
     s->completed_ops++;
     e->pending_ops--;
@@ -717,9 +741,10 @@ static int add_slot(convd_engine *e, convd_device *d) {
   return 0;
 }
 
-int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
-                        size_t errlen) {
+int convd_engine_open_devices(const convd_engine_opts *opts, convd_device ***out, int *n,
+                              char *err, size_t errlen) {
   *out = NULL;
+  *n = 0;
   convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
   long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
   int threads = o.cpu_threads > 0 ? o.cpu_threads : (ncpu > 0 ? (int)ncpu : 1);
@@ -738,11 +763,56 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   int ncpu_dev = o.cpu_devices > 0 ? o.cpu_devices : (o.n_extra > 0 || ngpu > 0 ? 0 : 1);
   if (ncpu_dev > 256)
     return convd_errf(err, errlen, CONVD_EINVAL, "cpu devices = %d: at most 256", ncpu_dev);
-  convd_engine *e = calloc(1, sizeof *e);
-  if (e == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
   const int per_gpu = o.gpu_instances > 0 && o.gpu_instances <= 16 ? o.gpu_instances : 2;
   ngpu *= per_gpu;
-  e->devs = calloc((size_t)(ngpu + ncpu_dev + o.n_extra + 1), sizeof *e->devs);
+  convd_device **devs = calloc((size_t)(ngpu + ncpu_dev + 1), sizeof *devs);
+  if (devs == NULL) return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory opening devices");
+  const uint64_t device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
+  int rc = 0, nd = 0;
+  for (int i = 0; rc == 0 && i < ngpu; i++) {
+    char name[32];
+    if (per_gpu > 1) snprintf(name, sizeof name, "cuda%d.%d", i / per_gpu, i % per_gpu);
+    else snprintf(name, sizeof name, "cuda%d", i);
+    rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &devs[nd], err, errlen);
+    nd += rc == 0;
+  }
+  for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
+    char name[32];
+    int t = threads / ncpu_dev + (i < threads % ncpu_dev ? 1 : 0);
+    snprintf(name, sizeof name, "%s%d", o.reference ? "ref" : "cpu", i);
+    rc = o.reference ? convd_device_ref_create(name, device_memory, &devs[nd], err, errlen)
+                     : convd_device_cpu_create(name, t > 0 ? t : 1, device_memory, &devs[nd], err, errlen);
+    nd += rc == 0;
+  }
+  if (rc) {
+    for (int i = 0; i < nd; i++) convd_device_destroy(devs[i]);
+    free(devs);
+    return rc;
+  }
+  *out = devs;
+  *n = nd;
+  return 0;
+}
+
+int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
+                        size_t errlen) {
+  *out = NULL;
+  convd_engine_opts o = opts ? *opts : (convd_engine_opts){0};
+  convd_device **own = NULL;
+  int nown = 0;
+  int rc = convd_engine_open_devices(&o, &own, &nown, err, errlen);
+  if (rc) {
+    for (int i = 0; i < o.n_extra; i++) convd_device_destroy(o.extra[i]);
+    return rc;
+  }
+  convd_engine *e = calloc(1, sizeof *e);
+  if (e == NULL) {
+    for (int i = 0; i < nown; i++) convd_device_destroy(own[i]);
+    for (int i = 0; i < o.n_extra; i++) convd_device_destroy(o.extra[i]);
+    free(own);
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
+  }
+  e->devs = calloc((size_t)(nown + o.n_extra + 1), sizeof *e->devs);
   e->segs = convd_segcache_create();
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
@@ -751,26 +821,13 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   e->user = o.user;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
-  int rc = 0;
   if (e->devs == NULL || e->segs == NULL)
     rc = convd_errf(err, errlen, CONVD_ENOMEM, "out of memory creating the engine");
-  for (int i = 0; rc == 0 && i < ngpu; i++) {
-    char name[32];
-    convd_device *d;
-    if (per_gpu > 1) snprintf(name, sizeof name, "cuda%d.%d", i / per_gpu, i % per_gpu);
-    else snprintf(name, sizeof name, "cuda%d", i);
-    rc = convd_device_cuda_create(name, i / per_gpu, o.gpu_memory, &d, err, errlen);
-    if (rc == 0) add_slot(e, d);
+  for (int i = 0; i < nown; i++) {
+    if (rc == 0) add_slot(e, own[i]);
+    else convd_device_destroy(own[i]);
   }
-  for (int i = 0; rc == 0 && i < ncpu_dev; i++) {
-    char name[32];
-    convd_device *d;
-    int t = threads / ncpu_dev + (i < threads % ncpu_dev ? 1 : 0);
-    snprintf(name, sizeof name, "%s%d", o.reference ? "ref" : "cpu", i);
-    rc = o.reference ? convd_device_ref_create(name, e->device_memory, &d, err, errlen)
-                     : convd_device_cpu_create(name, t > 0 ? t : 1, e->device_memory, &d, err, errlen);
-    if (rc == 0) add_slot(e, d);
-  }
+  free(own);
   for (int i = 0; i < o.n_extra; i++) {
     if (rc == 0) add_slot(e, o.extra[i]);
     else convd_device_destroy(o.extra[i]);

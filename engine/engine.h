@@ -93,6 +93,12 @@ typedef struct convd_job_cbs {
 
 int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
                         size_t errlen);
+/* The devices convd_engine_create opens for opts (its GPUs, then its CPU devices; not
+ * opts->extra, though n_extra > 0 still means no CPU device unless cpu_devices asks), for a
+ * process that runs ops on them without an engine: an MPI worker rank (server/mpi.c). *out is
+ * an array of *n devices, the caller's to destroy and free. */
+int convd_engine_open_devices(const convd_engine_opts *opts, convd_device ***out, int *n,
+                              char *err, size_t errlen);
 /* Jobs must have ended (done delivered and destroyed) before this. */
 void convd_engine_destroy(convd_engine *e);
 

@@ -44,7 +44,7 @@
   /* ops whose weight block was / was not cached */                                               \
   X(uint64_t, weight_cache_hits, ) X(uint64_t, weight_cache_misses, )                             \
   X(uint64_t, weight_bytes_loaded, ) /* weight bytes copied into device-owned memory */           \
-  X(uint64_t, bytes_to_device, ) X(uint64_t, bytes_from_device, ) /* copies over the bus (GPU) */ \
+  X(uint64_t, bytes_to_device, ) X(uint64_t, bytes_from_device, ) /* over the bus (GPU), the link (MPI) */ \
   X(uint64_t, kernel_ns, ) /* time the compute units ran convolutions (GPU: CUDA events) */
 
 #endif

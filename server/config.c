@@ -109,6 +109,20 @@ static const opt opts[] = {
      "means"},
     {"metrics-listen", OPT_STRING, F(metrics_listen), "", -1, 0,
      "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9464); empty = off"},
+    /* MPI ranks as remote devices: docs/operations.md "Many nodes with MPI". */
+    {"mpi", OPT_BOOL, F(mpi), "false", 0, 0,
+     "run as one rank of `mpirun -np K convd --mpi ...`: rank 0 serves gRPC and metrics, every "
+     "other rank opens its own devices (as its flags say) and runs rank 0's ops on them; needs a "
+     "build with CONVD_MPI"},
+    {"mpi-op-timeout", OPT_SECONDS, F(mpi_op_timeout), "120", 1, 86400,
+     "with --mpi: seconds rank 0 waits for a worker rank to answer an op (or, at start, to say "
+     "hello); a rank that does not is lost: its ops run elsewhere and the job is aborted at exit"},
+    {"mpi-weights-cache", OPT_SIZE, F(mpi_weights_cache), "256M", 0, 1024.0 * 1024 * 1024 * 1024,
+     "with --mpi: bytes of weight blocks a worker rank keeps (least recently used evicted), so a "
+     "block crosses to a rank once; 0 = sent with every op"},
+    {"mpi-test-fail-after", OPT_INT, F(mpi_test_fail_after), "0", 0, 1000000000,
+     "tests only, with --mpi on a worker rank (mpirun's `A : B` form gives one rank its own "
+     "flags): after this many ops the rank answers every op with an error; 0 = never"},
     {"log-level", OPT_LOGLEVEL, F(log_level), "info", 0, 0, "debug, info, warn or error"},
     {"log-file", OPT_STRING, F(log_file), "", -1, 0,
      "append the log to this file instead of stderr; SIGHUP reopens it (log rotation)"},

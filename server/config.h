@@ -60,6 +60,11 @@ typedef struct convd_config {
   int reflection_public;      /* reflection without a token */
   int metrics_public;         /* a non-loopback --metrics-listen beside TLS or tokens */
   int allow_insecure;         /* protected mode off */
+  /* MPI (mpi_devices.h): run as one rank of `mpirun ... convd --mpi` */
+  int mpi;
+  double mpi_op_timeout;      /* seconds rank 0 waits for a worker's answer (or hello) */
+  uint64_t mpi_weights_cache; /* bytes of weight blocks a worker rank keeps */
+  int mpi_test_fail_after;    /* tests: a worker fails every op after this many (0 = never) */
   convd_host_limits host;     /* the memory and CPUs the defaults came from (logged at start) */
 } convd_config;
 

@@ -27,6 +27,7 @@
 #include "log.h"
 #include "http.h"
 #include "metrics.h"
+#include "mpi_devices.h"
 #include "protect.h"
 #include "rpc.h"
 #include "tls.h"
@@ -280,6 +281,10 @@ static void log_limits(const convd_config *cfg) {
               (unsigned long long)h->memory_bytes);
 }
 
+/* The daemon proper (rank 0 under --mpi, with the remote devices of mpi, else NULL): returns
+ * the exit status. */
+static int serve(convd_config *cfg_in, convd_mpi *mpi, int mpi_size);
+
 int main(int argc, char **argv) {
   convd_config cfg;
   char err[512];
@@ -308,6 +313,25 @@ int main(int argc, char **argv) {
     return 2;
   }
   log_limits(&cfg);
+  /* Under mpirun: every rank but 0 is a worker offering its devices (mpi_devices.h) and never serves. */
+  convd_mpi *mpi = NULL;
+  int mpi_rank = 0, mpi_size = 1;
+  if (cfg.mpi) {
+    if ((rc = convd_mpi_init(&argc, &argv, &mpi, &mpi_rank, &mpi_size, err, sizeof err)) != 0) {
+      fprintf(stderr, "convd: %s\n", err);
+      return 2;
+    }
+    convd_log(CONVD_LOG_INFO, "msg=\"mpi\" rank=%d ranks=%d role=%s", mpi_rank, mpi_size,
+              mpi_rank == 0 ? "daemon" : "worker");
+    if (mpi_rank != 0) return convd_mpi_worker_main(mpi, &cfg);
+  }
+  return convd_mpi_finish(mpi, serve(&cfg, mpi, mpi_size));
+}
+
+static int serve(convd_config *cfg_in, convd_mpi *mpi, int mpi_size) {
+  convd_config cfg = *cfg_in;
+  char err[512];
+  int rc;
   /* Each connection is a descriptor: the soft limit (often 1024) goes up to the hard one, so
    * that many clients (or idle connections not yet timed out) do not lock new ones out. */
   struct rlimit nofile;
@@ -340,6 +364,14 @@ int main(int argc, char **argv) {
   d.health.data = &d;
   convd_engine *engine;
   char gpu_notice[256] = "";
+  convd_device **remote = NULL;
+  int n_remote = 0;
+  if (mpi && (rc = convd_mpi_remote_devices(mpi, &cfg, &remote, &n_remote, err, sizeof err)) != 0) {
+    fprintf(stderr, "convd: %s\n", err);
+    convd_auth_destroy(d.auth);
+    convd_tls_destroy(d.tls);
+    return 1;
+  }
   convd_engine_opts eo = {.cpu_devices = cfg.cpu_devices,
                           .cpu_threads = cfg.cpu_threads,
                           .reference = strcmp(cfg.cpu_kernel, "reference") == 0,
@@ -351,10 +383,14 @@ int main(int argc, char **argv) {
                           .notice_len = sizeof gpu_notice,
                           .device_failed = on_device_failed,
                           .max_pending_ops = cfg.max_queue_ops,
+                          .extra = remote,
+                          .n_extra = n_remote,
                           .user = &d};
   if (!eo.reference && !convd_device_cpu_is_native())
     convd_log(CONVD_LOG_WARN, "msg=\"this build has no oneDNN: CPU devices run the reference kernel\"");
-  if ((rc = convd_engine_create(&eo, &engine, err, sizeof err)) != 0) {
+  rc = convd_engine_create(&eo, &engine, err, sizeof err);
+  free(remote); /* the devices are the engine's now (or destroyed) */
+  if (rc != 0) {
     fprintf(stderr, "convd: %s\n", err);
     convd_auth_destroy(d.auth);
     convd_tls_destroy(d.tls);
@@ -452,6 +488,9 @@ int main(int argc, char **argv) {
     printf("convd metrics on http://%.*s:%d/metrics\n", (int)(mc - cfg.metrics_listen),
            cfg.metrics_listen, metrics_port);
   }
+  if (mpi)
+    printf("convd mpi: rank 0 pid %d, %d ranks, %d remote devices\n", (int)getpid(), mpi_size,
+           n_remote);
   fflush(stdout);
   for (int i = 0; i < cfg.listen.n; i++)
     convd_log(CONVD_LOG_INFO,

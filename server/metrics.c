@@ -256,7 +256,7 @@ char *convd_metrics_render(convd_metrics *m, convd_engine *e, convd_registry *re
         {"convd_device_weight_cache_hits_total", "counter", "Ops whose weight block was cached on the device."},
         {"convd_device_weight_cache_misses_total", "counter", "Ops whose weight block was not cached."},
         {"convd_device_weight_bytes_loaded_total", "counter", "Weight bytes copied into device memory."},
-        {"convd_device_bus_bytes_total", "counter", "Bytes copied over the bus, by direction (GPUs)."},
+        {"convd_device_bus_bytes_total", "counter", "Bytes copied over the bus (GPUs) or sent over the link (MPI ranks), by direction."},
         {"convd_device_kernel_seconds_total", "counter", "GPU time in convolution kernels (CUDA events)."},
     };
     for (size_t k = 0; k < sizeof dm / sizeof dm[0]; k++) {
