@@ -287,6 +287,17 @@ static int threads_for(const cpu_ctx *c, const convd_op_io *io) {
   return macs < CPU_SERIAL_MACS ? 1 : c->threads;
 }
 
+/* A whole transpose (a native plan's op: dense views of the item) on the reference kernel. */
+static int transpose_by_reference(const convd_op_io *io, char *err, size_t errlen) {
+  const convd_conv *cv = io->conv;
+  const convd_conv_params *p = &cv->p;
+  if (!convd_view_is_dense(&io->x, 1, p->c_in, p->h, p->w) ||
+      !convd_view_is_dense(&io->y, 1, p->c_out, cv->h_out, cv->w_out) ||
+      !convd_view_is_dense(&io->w, p->c_in, p->c_out / p->groups, p->kh, p->kw))
+    return convd_errf(err, errlen, CONVD_EINTERNAL, "a transpose op with strided tensors oneDNN cannot take");
+  return convd_ref_conv_transpose2d(cv, io->x.p, io->w.p, io->b, io->y.p, io->cancel);
+}
+
 static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   cpu_ctx *c = ctx;
   const convd_conv_params *p = &io->conv->p;
@@ -355,10 +366,15 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     dnnl_convolution_desc_t cd;
     dnnl_deconvolution_desc_t dd;
     if (p->transposed) {
-      DNNL_TRY(dnnl_dilated_deconvolution_forward_desc_init(
-          &dd, dnnl_forward_inference, dnnl_deconvolution_direct, &any_src, &any_wei,
-          with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-      DNNL_TRY(dnnl_primitive_desc_create(&pd, &dd, c->attr, c->eng, NULL));
+      /* A shape oneDNN turns down must not take the device out of service (the planner only
+       * sends those it was seen to take): the reference kernel computes it instead. */
+      if (dnnl_dilated_deconvolution_forward_desc_init(&dd, dnnl_forward_inference, dnnl_deconvolution_direct,
+                                                       &any_src, &any_wei, with_bias ? &bias_md : NULL, &any_dst,
+                                                       strides, dilates, pad_l, pad_r) != dnnl_success ||
+          dnnl_primitive_desc_create(&pd, &dd, c->attr, c->eng, NULL) != dnnl_success) {
+        rc = transpose_by_reference(io, err, errlen);
+        goto out;
+      }
     } else {
       DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
           &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,

@@ -26,7 +26,9 @@ convd_op_io convd_op_io_dense(const convd_conv *conv, const float *x, const floa
   const convd_conv_params *p = &conv->p;
   convd_op_io io = {.conv = conv,
                     .x = convd_view_dense(x, p->c_in, p->h, p->w),
-                    .w = convd_view_dense(w, p->c_per_group, p->kh, p->kw),
+                    /* per output channel (C_out, C_in/g, kH, kW), or a transpose's per input
+                     * channel (C_in, C_out/g, kH, kW) */
+                    .w = convd_view_dense(w, p->transposed ? p->c_out / p->groups : p->c_per_group, p->kh, p->kw),
                     .w_key = w_key,
                     .b = b,
                     .y = convd_view_dense(y, p->c_out, conv->h_out, conv->w_out),

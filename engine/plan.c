@@ -68,7 +68,10 @@ static void phase_space_conv(const convd_conv *c, convd_conv *v, int64_t *qa_h, 
 #define NATIVE_MIN_CHANNELS 16
 static int native_worth(const convd_conv *c) {
   const convd_conv_params *p = &c->p;
-  return p->groups == 1 && p->c_in >= NATIVE_MIN_CHANNELS;
+  /* oneDNN's deconvolution takes an output padding below the stride only (one up to the
+   * dilation is PyTorch's too): those keep the phases. */
+  return p->groups == 1 && p->c_in >= NATIVE_MIN_CHANNELS && p->out_pad_h < p->stride_h &&
+         p->out_pad_w < p->stride_w;
 }
 
 /* One batch item's whole transpose, double-buffered. */
