@@ -1,6 +1,11 @@
 /* The CPU device: oneDNN's forward convolution (direct algorithm, so results differ from the
  * reference only by float32 summation order), its weights reordered once per block into the
- * layout oneDNN prefers and kept in a small LRU cache. oneDNN is built on OpenMP in Debian: each
+ * layout oneDNN prefers and kept in a small LRU cache. A bfloat16 request on a CPU with bf16
+ * units (AVX512-BF16 or AMX, found at creation) runs that convolution with bf16 input and
+ * weights, float32 accumulation and a float32 output: its tensors hold bfloat16 values already,
+ * so the conversion in the reorders is exact and only the summation order differs from float32.
+ * Everything else (float32, float16, and the depthwise, pointwise and small-spatial kernels)
+ * computes in float32. oneDNN is built on OpenMP in Debian: each
  * device sets its own thread count on its worker thread, so several CPU devices can split the
  * host.
  *
@@ -14,6 +19,7 @@
 
 #include "cpu_kernels.h"
 #include "device_impl.h"
+#include "dtype.h"
 #include "err.h"
 #include "ref.h"
 
@@ -36,7 +42,7 @@ typedef struct wcache_entry {
  * list, which costs more than a small convolution. */
 typedef struct prim_entry {
   convd_conv_params key;
-  int with_bias;
+  int with_bias, bf16;
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
   uint64_t last_use;
@@ -55,6 +61,7 @@ typedef struct reorder_entry {
 
 typedef struct cpu_ctx {
   int threads;
+  int bf16; /* 1: bfloat16 requests convolve in bf16 (the CPU has bf16 units) */
   prim_entry prims[PCACHE_ENTRIES];
   reorder_entry reorders[RCACHE_ENTRIES];
   dnnl_engine_t eng;
@@ -343,6 +350,11 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   if (p->transposed) wei_strides[0] = (dnnl_dim_t)io->w.cs, wei_strides[1] = (dnnl_dim_t)io->w.ns;
   dnnl_dims_t gwei_strides = {(dnnl_dim_t)io->w.ns * (p->c_out / p->groups), (dnnl_dim_t)io->w.ns,
                               (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
+  /* bf16 compute: oneDNN's reorders convert the caller's float32 (holding bfloat16 values)
+   * into bf16 staging and weights; the output and the bias stay float32. */
+  /* A native transpose (oneDNN's deconvolution) stays float32: bf16 there is not measured. */
+  const int bf16 = c->bf16 && p->dtype == CONVD_BF16 && !p->transposed;
+  const dnnl_data_type_t cdt = bf16 ? dnnl_bf16 : dnnl_f32;
   dnnl_memory_desc_t usr_src_md, usr_wei_md, usr_dst_md, bias_md, any_src, any_wei, any_dst;
   DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_src_md, 4, src_dims, dnnl_f32, src_strides));
   DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_dst_md, 4, dst_dims, dnnl_f32, dst_strides));
@@ -351,16 +363,17 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   else
     DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_wei_md, 4, wei_dims, dnnl_f32, wei_strides));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&bias_md, 1, bias_dims, dnnl_f32, dnnl_x));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, cdt, dnnl_format_tag_any));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
   DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_wei, grouped ? 5 : 4, grouped ? gwei_dims : wei_dims,
-                                        dnnl_f32, dnnl_format_tag_any));
+                                        cdt, dnnl_format_tag_any));
 
   /* The primitive for this shape: from the cache, or made and cached. */
   const int with_bias = io->b != NULL;
   prim_entry *pe = NULL;
   for (int i = 0; i < PCACHE_ENTRIES && pe == NULL; i++)
-    if (c->prims[i].prim && c->prims[i].with_bias == with_bias && same_params(&c->prims[i].key, p))
+    if (c->prims[i].prim && c->prims[i].with_bias == with_bias && c->prims[i].bf16 == bf16 &&
+        same_params(&c->prims[i].key, p))
       pe = &c->prims[i];
   if (pe == NULL) {
     dnnl_convolution_desc_t cd;
@@ -376,10 +389,33 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
         goto out;
       }
     } else {
-      DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
-          &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
-          with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-      DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
+      /* bf16 with whole blocks of 16 channels: src and dst in nChw16c. oneDNN's own choice is
+       * NHWC (brgconv), whose reorders from and to NCHW cost up to half as much as the
+       * convolution itself here; the blocked kernel computes as fast and its reorders are 2-4x
+       * cheaper (measured on AVX512-BF16, docs/benchmarks.md). Where no such kernel exists,
+       * oneDNN's choice. */
+      if (bf16 && p->groups == 1 && p->c_in % 16 == 0 && p->c_out % 16 == 0) {
+        dnnl_memory_desc_t blk_src, blk_dst;
+        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_src, 4, src_dims, cdt, dnnl_nChw16c));
+        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_dst, 4, dst_dims, dnnl_f32, dnnl_nChw16c));
+        const char *impl = NULL;
+        if (dnnl_dilated_convolution_forward_desc_init(&cd, dnnl_forward_inference, dnnl_convolution_direct,
+                                                       &blk_src, &any_wei, with_bias ? &bias_md : NULL, &blk_dst,
+                                                       strides, dilates, pad_l, pad_r) != dnnl_success ||
+            dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL) != dnnl_success)
+          pd = NULL;
+        else if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
+                 impl == NULL || strncmp(impl, "ref", 3) == 0) {
+          dnnl_primitive_desc_destroy(pd); /* only oneDNN's reference kernel takes that layout */
+          pd = NULL;
+        }
+      }
+      if (pd == NULL) {
+        DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
+            &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
+            with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+        DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
+      }
     }
     DNNL_TRY(dnnl_primitive_create(&prim, pd));
     pe = &c->prims[0];
@@ -393,6 +429,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     prim_clear(pe);
     pe->key = *p;
     pe->with_bias = with_bias;
+    pe->bf16 = bf16;
     pe->pd = pd;
     pe->prim = prim;
     pd = NULL; /* the cache owns them now */
@@ -498,6 +535,31 @@ static void cpu_destroy(void *ctx) {
   free(c);
 }
 
+/* Whether this CPU convolves bf16 on its own units, and on which ("AMX", "AVX512-BF16"), or
+ * NULL: oneDNN's effective ISA (which honours DNNL_MAX_CPU_ISA) must include bf16 instructions,
+ * and a bf16 3x3 convolution must get a JIT implementation rather than oneDNN's reference one. */
+static const char *bf16_units(cpu_ctx *c) {
+  const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+  if ((isa & dnnl_cpu_isa_avx512_core_bf16) != dnnl_cpu_isa_avx512_core_bf16) return NULL;
+  const char *units = (isa & dnnl_cpu_isa_avx512_core_amx) == dnnl_cpu_isa_avx512_core_amx ? "AMX" : "AVX512-BF16";
+  dnnl_dims_t src_dims = {1, 64, 16, 16}, wei_dims = {64, 64, 3, 3}, dst_dims = {1, 64, 16, 16};
+  dnnl_dims_t strides = {1, 1}, dilates = {0, 0}, pad = {1, 1};
+  dnnl_memory_desc_t src, wei, dst;
+  dnnl_convolution_desc_t cd;
+  dnnl_primitive_desc_t pd = NULL;
+  const char *impl = NULL;
+  int ok = dnnl_memory_desc_init_by_tag(&src, 4, src_dims, dnnl_bf16, dnnl_format_tag_any) == dnnl_success &&
+           dnnl_memory_desc_init_by_tag(&wei, 4, wei_dims, dnnl_bf16, dnnl_format_tag_any) == dnnl_success &&
+           dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any) == dnnl_success &&
+           dnnl_dilated_convolution_forward_desc_init(&cd, dnnl_forward_inference, dnnl_convolution_direct, &src,
+                                                      &wei, NULL, &dst, strides, dilates, pad, pad) == dnnl_success &&
+           dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL) == dnnl_success &&
+           dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl &&
+           strncmp(impl, "ref", 3) != 0;
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  return ok ? units : NULL;
+}
+
 static const convd_device_iface cpu_iface = {
     .supports = cpu_supports, .run = cpu_run, .flush_cache = cpu_flush, .stats = cpu_stats,
     .destroy = cpu_destroy};
@@ -527,8 +589,11 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   d->native_transpose = 1; /* oneDNN's deconvolution */
   snprintf(d->name, sizeof d->name, "%s", name);
   const dnnl_version_t *v = dnnl_version();
-  snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution, %d thread%s",
-           v->major, v->minor, v->patch, c->threads, c->threads == 1 ? "" : "s");
+  const char *units = bf16_units(c);
+  c->bf16 = units != NULL;
+  snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution, %d thread%s; bfloat16 in %s%s",
+           v->major, v->minor, v->patch, c->threads, c->threads == 1 ? "" : "s", units ? "bf16 on " : "float32",
+           units ? units : " (no bf16 units)");
   *out = d;
   return 0;
 out:
