@@ -1,8 +1,15 @@
 /* bench_conv: convolution throughput per shape, printed as a table (a benchmark, not a test).
  *
  *   bench_conv [--repeats N] [--threads T] [--shape K] [--no-torch] [--no-reference]
+ *              [--dtype float32|float16|bfloat16]
  *
  * --shape K runs only the K-th shape (from 0), e.g. under a profiler with many repeats.
+ *
+ * --dtype float16|bfloat16 prints another table instead: per shape, the CPU tier on float32
+ * tensors and on tensors of that type (rounded to it, as a client sends them), both measured in
+ * this run, calls interleaved (float32, narrow, float32, ...; medians), their ratio and the largest difference between the two outputs
+ * (relative to the float32 output's largest magnitude: what asking for the narrow type costs);
+ * it ends with the line `median DTYPE / float32: X` over the 3x3 shapes.
  *
  * Columns: GFLOP/s (2 x multiply-adds / median seconds) of the reference kernel (one run),
  * the CPU tier (a whole job through the engine: one CPU device, default op budget), the same job
@@ -18,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dtype.h"
 #include "engine.h"
 #include "plan.h"
 #include "ref.h"
@@ -86,6 +94,20 @@ static double time_engine(convd_engine *e, const convd_conv *c, const float *x, 
   return m;
 }
 
+/* Seconds of one run of conv through an engine. */
+static double time_once(convd_engine *e, const convd_conv *c, const float *x, const float *w,
+                        const float *b, float *y, uint64_t *ops) {
+  char err[256];
+  convd_job_stats st;
+  double t0 = now();
+  if (convd_engine_run(e, c, x, w, b, y, &st, err, sizeof err)) {
+    fprintf(stderr, "bench_conv: %s\n", err);
+    exit(1);
+  }
+  *ops = st.ops_run;
+  return now() - t0;
+}
+
 typedef struct gemm_arg {
   int threads;
   double gflops;
@@ -128,21 +150,113 @@ static double gemm_peak_gflops(int threads) {
   return g.gflops;
 }
 
+static void params_of(const shape *s, convd_conv_params *p) {
+  convd_conv_params_default(p);
+  p->n = s->n, p->c_in = s->c, p->h = s->h, p->w = s->w, p->c_out = s->o, p->groups = s->groups;
+  p->c_per_group = s->c / s->groups, p->kh = s->kh, p->kw = s->kw, p->stride_h = s->sh,
+  p->stride_w = s->sw, p->pad_top = p->pad_bottom = s->ph, p->pad_left = p->pad_right = s->pw;
+  p->has_bias = 1;
+}
+
+/* --dtype: float32 and the narrow type on each shape, through the same engine in this run. */
+static int run_dtype(int dtype, int threads, int repeats, int only) {
+  char err[256];
+  convd_engine *e;
+  convd_engine_opts eo = {.cpu_devices = 1, .cpu_threads = threads};
+  if (convd_engine_create(&eo, &e, err, sizeof err)) {
+    fprintf(stderr, "bench_conv: %s\n", err);
+    return 1;
+  }
+  convd_device_info info;
+  convd_engine_device_info(e, 0, &info);
+  printf("CPU device: %s\n", info.detail);
+  printf("threads: %d, repeats: %d (median)\n\n", threads, repeats);
+  const char *dn = convd_dtype_name(dtype);
+  printf("| shape | float32 GFLOP/s | %s GFLOP/s | %s / float32 | max difference / max|float32 output| |\n", dn, dn);
+  printf("|---|---:|---:|---:|---:|\n");
+  double ratios[NSHAPES];
+  int nratios = 0;
+  for (size_t i = 0; i < NSHAPES; i++) {
+    const shape *s = &shapes[i];
+    if (only >= 0 && (size_t)only != i) continue;
+    convd_conv_params p;
+    params_of(s, &p);
+    convd_conv c32, cn;
+    if (convd_conv_init(&c32, &p, err, sizeof err)) {
+      fprintf(stderr, "bench_conv: %s\n", err);
+      return 1;
+    }
+    p.dtype = dtype;
+    if (convd_conv_init(&cn, &p, err, sizeof err)) {
+      fprintf(stderr, "bench_conv: %s\n", err);
+      return 1;
+    }
+    float *x = malloc(c32.input_bytes), *w = malloc(c32.weight_bytes), *b = malloc(c32.bias_bytes),
+          *y32 = malloc(c32.output_bytes), *yn = malloc(c32.output_bytes);
+    float *xn = malloc(c32.input_bytes), *wn = malloc(c32.weight_bytes), *bn = malloc(c32.bias_bytes);
+    fill(x, c32.input_elems, 3);
+    fill(w, c32.weight_elems, 4);
+    fill(b, c32.bias_elems, 5);
+    memcpy(xn, x, c32.input_bytes), memcpy(wn, w, c32.weight_bytes), memcpy(bn, b, c32.bias_bytes);
+    convd_dtype_round(dtype, xn, c32.input_elems);
+    convd_dtype_round(dtype, wn, c32.weight_elems);
+    convd_dtype_round(dtype, bn, c32.bias_elems);
+    const double flop = 2.0 * (double)c32.macs;
+    /* Interleaved, one float32 call then one narrow call, so that anything else the machine
+     * runs meanwhile slows both alike. */
+    uint64_t ops32 = 0, opsn = 0;
+    double *t32s = malloc((size_t)repeats * sizeof *t32s), *tns = malloc((size_t)repeats * sizeof *tns);
+    time_once(e, &c32, x, w, b, y32, &ops32); /* warm-up: primitives, OpenMP team */
+    time_once(e, &cn, xn, wn, bn, yn, &opsn);
+    for (int r = 0; r < repeats; r++) {
+      t32s[r] = time_once(e, &c32, x, w, b, y32, &ops32);
+      tns[r] = time_once(e, &cn, xn, wn, bn, yn, &opsn);
+    }
+    const double t32 = median(t32s, repeats), tn = median(tns, repeats);
+    free(t32s), free(tns);
+    double scale = 0, diff = 0;
+    for (size_t k = 0; k < c32.output_elems; k++) {
+      if (fabs(y32[k]) > scale) scale = fabs(y32[k]);
+      if (fabs(yn[k] - y32[k]) > diff) diff = fabs(yn[k] - y32[k]);
+    }
+    const double g32 = flop / t32 / 1e9, gn = flop / tn / 1e9;
+    if (s->kh == 3 && s->kw == 3 && s->groups == 1) ratios[nratios++] = gn / g32;
+    printf("| %s | %.1f (%llu op%s) | %.1f (%llu op%s) | %.2f | %.2g |\n", s->name, g32,
+           (unsigned long long)ops32, ops32 == 1 ? "" : "s", gn, (unsigned long long)opsn,
+           opsn == 1 ? "" : "s", gn / g32, scale > 0 ? diff / scale : 0);
+    fflush(stdout);
+    free(x), free(w), free(b), free(y32), free(yn), free(xn), free(wn), free(bn);
+  }
+  convd_engine_destroy(e);
+  if (nratios) printf("\nmedian %s / float32: %.2f over %d 3x3 shapes\n", dn, median(ratios, nratios), nratios);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   int repeats = 7, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1, use_ref = 1;
-  int only = -1;
+  int only = -1, dtype = CONVD_F32;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) repeats = atoi(argv[++i]);
     else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
     else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc) only = atoi(argv[++i]);
     else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
     else if (strcmp(argv[i], "--no-reference") == 0) use_ref = 0;
-    else {
-      fprintf(stderr, "usage: bench_conv [--repeats N] [--threads T] [--shape K] [--no-torch] [--no-reference]\n");
+    else if (strcmp(argv[i], "--dtype") == 0 && i + 1 < argc) {
+      const char *v = argv[++i];
+      dtype = strcmp(v, "float32") == 0 ? CONVD_F32 : strcmp(v, "float16") == 0 ? CONVD_F16
+            : strcmp(v, "bfloat16") == 0 ? CONVD_BF16 : -1;
+      if (dtype < 0) {
+        fprintf(stderr, "bench_conv: --dtype takes float32, float16 or bfloat16, not %s\n", v);
+        return 2;
+      }
+    } else {
+      fprintf(stderr, "usage: bench_conv [--repeats N] [--threads T] [--shape K] [--no-torch] [--no-reference]"
+                      " [--dtype float32|float16|bfloat16]\n");
       return 2;
     }
   }
   if (repeats < 1 || repeats > 100000) repeats = 7;
+  if (dtype != CONVD_F32) return run_dtype(dtype, threads, repeats, only);
 
   /* PyTorch first, in one process, while nothing else runs. */
   double torch_s[NSHAPES] = {0};
@@ -189,11 +303,7 @@ int main(int argc, char **argv) {
     const shape *s = &shapes[i];
     if (only >= 0 && (size_t)only != i) continue;
     convd_conv_params p;
-    convd_conv_params_default(&p);
-    p.n = s->n, p.c_in = s->c, p.h = s->h, p.w = s->w, p.c_out = s->o, p.groups = s->groups;
-    p.c_per_group = s->c / s->groups, p.kh = s->kh, p.kw = s->kw, p.stride_h = s->sh,
-    p.stride_w = s->sw, p.pad_top = p.pad_bottom = s->ph, p.pad_left = p.pad_right = s->pw;
-    p.has_bias = 1;
+    params_of(s, &p);
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) {
       fprintf(stderr, "bench_conv: %s\n", err);
