@@ -280,6 +280,89 @@ static void test_cpu_weight_cache(void) {
   convd_device_destroy(d);
 }
 
+/* Which precision the CPU device computes each dtype in. Where its detail says "bfloat16 in
+ * bf16", a bfloat16 op on tensors that are NOT bfloat16 values must give the float32 answer on
+ * the tensors rounded to bfloat16 (the bias stays float32), which differs from the unrounded
+ * answer: proof that the bf16 path ran. Everywhere: the same op as float32 and as float16 gives
+ * the float32 answer (float32 stays exact; float16 is not narrowed to bf16, whose 8-bit
+ * mantissa is outside float16's bound). Shapes reach oneDNN's convolution (not the depthwise,
+ * pointwise or small-output kernels), in both its layouts (channels in 16s or not); one weight
+ * key for the three dtypes, so the weight cache must keep their layouts apart.
+ * CONVD_TEST_EXPECT_BF16=0|1 says which the detail must claim (ctest's device_no_bf16 caps
+ * oneDNN's ISA below AVX512-BF16 and expects 0). */
+static void test_cpu_bf16_compute(void) {
+  char err[512];
+  convd_device *d;
+  ASSERT_OK(make_cpu(&d, err, sizeof err), err);
+  const int bf16 = strstr(convd_device_detail(d), "bfloat16 in bf16") != NULL;
+  printf("  %s: bfloat16 computes in %s\n", convd_device_detail(d), bf16 ? "bf16" : "float32");
+  const char *expect = getenv("CONVD_TEST_EXPECT_BF16"); /* ctest's device_no_bf16 sets 0 */
+  if (expect && atoi(expect) != bf16) FAIL_AT("CONVD_TEST_EXPECT_BF16=%s, but the detail says otherwise", expect);
+  rng r = {0x5eedbf16};
+  int discriminated = 0;
+  for (int iter = 0; iter < 40 && !test_failed; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.groups = iter % 5 == 4 ? 2 : 1;
+    p.n = rng_range(&r, 1, 2);
+    p.c_per_group = iter % 2 ? 16 * rng_range(&r, 1, 4) : rng_range(&r, 2, 40);
+    p.c_in = p.groups * p.c_per_group;
+    p.c_out = p.groups * (iter % 2 ? 16 * rng_range(&r, 1, 3) : rng_range(&r, 1, 40));
+    p.kh = rng_range(&r, 2, 5), p.kw = rng_range(&r, 2, 5);
+    p.stride_h = rng_range(&r, 1, 2), p.stride_w = rng_range(&r, 1, 2);
+    p.dil_h = rng_range(&r, 1, 2), p.dil_w = rng_range(&r, 1, 2);
+    p.pad_top = rng_range(&r, 0, 2), p.pad_bottom = rng_range(&r, 0, 2);
+    p.pad_left = rng_range(&r, 0, 2), p.pad_right = rng_range(&r, 0, 2);
+    p.h = rng_range(&r, 24, 40), p.w = rng_range(&r, 24, 40);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *xr = malloc(c.input_bytes), *wr = malloc(c.weight_bytes), *y = malloc(c.output_bytes);
+    float *ref = malloc(c.output_bytes), *refr = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double)), *wantr = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, x, c.input_elems);
+    rng_fill(&r, w, c.weight_elems);
+    rng_fill(&r, b, c.bias_elems);
+    memcpy(xr, x, c.input_bytes), memcpy(wr, w, c.weight_bytes);
+    convd_dtype_round(CONVD_BF16, xr, c.input_elems);
+    convd_dtype_round(CONVD_BF16, wr, c.weight_elems);
+    const float *bias = p.has_bias ? b : NULL;
+    convd_ref_conv2d(&c, x, w, bias, ref, NULL);
+    convd_ref_conv2d(&c, xr, wr, bias, refr, NULL);
+    double max_ref = 1, gap = 0;
+    for (size_t i = 0; i < c.output_elems; i++) {
+      want[i] = ref[i], wantr[i] = refr[i];
+      if (fabs(want[i]) > max_ref) max_ref = fabs(want[i]);
+      if (fabs(want[i] - wantr[i]) > gap) gap = fabs(want[i] - wantr[i]);
+    }
+    discriminated += gap > 1e-3 * max_ref; /* well beyond check_close's 1e-4 */
+    static const int dtypes[] = {CONVD_BF16, CONVD_F32, CONVD_F16};
+    for (size_t t = 0; t < 3 && !test_failed; t++) {
+      convd_conv ct;
+      p.dtype = dtypes[t];
+      ASSERT_OK(convd_conv_init(&ct, &p, err, sizeof err), err);
+      poison(y, c.output_elems);
+      convd_op_io io = convd_op_io_dense(&ct, x, w, 0xbf16, bias, y, NULL);
+      char what[256];
+      snprintf(what, sizeof what,
+               "cpu %s iteration %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64
+               "x%" PRId64 "x%" PRId64 "x%" PRId64 " g%" PRId64,
+               convd_dtype_name(p.dtype), iter, p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh,
+               p.kw, p.groups);
+      if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: %s", what, err);
+      else if (check_close(what, y, p.dtype == CONVD_BF16 && bf16 ? wantr : want, c.output_elems))
+        FAIL_AT("%s: not the float32 answer on the %s inputs", what,
+                p.dtype == CONVD_BF16 && bf16 ? "bf16-rounded" : "unrounded");
+    }
+    convd_device_flush_cache(d);
+    free(x), free(w), free(b), free(xr), free(wr), free(y), free(ref), free(refr), free(want), free(wantr);
+  }
+  /* Each case above tells the two precisions apart only where rounding moved the answer. */
+  if (!test_failed && discriminated < 20) FAIL_AT("only %d of 40 cases tell bf16 from float32", discriminated);
+  convd_device_destroy(d);
+}
+
 /* Reduced precision, on every golden case and every device kind: float16 and bfloat16 (inputs
  * rounded to the type as a client sends them) and float32 with TF32 allowed. The answer is the
  * float64 reference on the same inputs; the stated bounds, per element, with A the reference
@@ -287,8 +370,10 @@ static void test_cpu_weight_cache(void) {
  *   float16   2^-11 |want| + 2^-10 A   (output rounded to half; half intermediates in cuDNN)
  *   bfloat16  2^-8  |want| + 2^-7  A
  *   TF32                     2^-10 A   (both factors rounded to 10-bit mantissas)
- * plus 1e-5 of max(1, max|want|) for float32 accumulation. Host devices compute in float32 and
- * pass with room to spare; the GPU is what these bounds are for. */
+ * plus 1e-5 of max(1, max|want|) for float32 accumulation. The reference device computes in
+ * float32; the CPU device computes bfloat16 in bf16 where it has the units (test_cpu_bf16_compute:
+ * exact products of bfloat16 inputs, float32 sums, so it passes with room to spare too) and the
+ * rest in float32; the GPU is what these bounds are for. */
 static void test_reduced_precision_all_devices(void) {
   static const struct {
     const char *name;
@@ -445,6 +530,7 @@ int main(int argc, char **argv) {
       {"strided_views_all_devices", test_strided_views_all_devices},
       {"cpu_weight_cache", test_cpu_weight_cache},
       {"reduced_precision_all_devices", test_reduced_precision_all_devices},
+      {"cpu_bf16_compute", test_cpu_bf16_compute},
   };
   /* The same cases on the GPU kinds, and chains, which only a GPU sums on the device. */
   static const test_case cuda_tests[] = {
