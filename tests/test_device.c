@@ -287,7 +287,8 @@ static void test_cpu_weight_cache(void) {
  * the float32 answer (float32 stays exact; float16 is not narrowed to bf16, whose 8-bit
  * mantissa is outside float16's bound). Shapes reach oneDNN's convolution (not the depthwise,
  * pointwise or small-output kernels), in both its layouts (channels in 16s or not); one weight
- * key for the three dtypes, so the weight cache must keep their layouts apart.
+ * key for the three dtypes, so the weight cache must keep their layouts apart; half the cases
+ * through strided views inside poisoned buffers.
  * CONVD_TEST_EXPECT_BF16=0|1 says which the detail must claim (ctest's device_no_bf16 caps
  * oneDNN's ISA below AVX512-BF16 and expects 0). */
 static void test_cpu_bf16_compute(void) {
@@ -337,6 +338,20 @@ static void test_cpu_bf16_compute(void) {
       if (fabs(want[i] - wantr[i]) > gap) gap = fabs(want[i] - wantr[i]);
     }
     discriminated += gap > 1e-3 * max_ref; /* well beyond check_close's 1e-4 */
+    /* Every other case through strided views (a window of a wider band, a tile of wider output
+     * rows) inside poisoned buffers: the device's own layout loops must honour the strides and
+     * write nothing outside the view. */
+    const int strided = iter % 4 >= 2;
+    const size_t xhs = (size_t)p.w + 5, xcs = (size_t)p.h * xhs + 7, xns = (size_t)p.c_in * xcs + 3;
+    const size_t yhs = (size_t)c.w_out + 3, ycs = (size_t)c.h_out * yhs + 2, yns = (size_t)p.c_out * ycs + 9;
+    const size_t xb_elems = (size_t)p.n * xns, yb_elems = (size_t)p.n * yns;
+    float *xb = malloc(xb_elems * sizeof(float)), *yb = malloc(yb_elems * sizeof(float));
+    poison(xb, xb_elems);
+    for (int64_t in = 0; in < p.n; in++)
+      for (int64_t ic = 0; ic < p.c_in; ic++)
+        for (int64_t ih = 0; ih < p.h; ih++)
+          memcpy(xb + (size_t)in * xns + (size_t)ic * xcs + (size_t)ih * xhs,
+                 x + (size_t)((in * p.c_in + ic) * p.h + ih) * (size_t)p.w, (size_t)p.w * sizeof(float));
     static const int dtypes[] = {CONVD_BF16, CONVD_F32, CONVD_F16};
     for (size_t t = 0; t < 3 && !test_failed; t++) {
       convd_conv ct;
@@ -344,18 +359,38 @@ static void test_cpu_bf16_compute(void) {
       ASSERT_OK(convd_conv_init(&ct, &p, err, sizeof err), err);
       poison(y, c.output_elems);
       convd_op_io io = convd_op_io_dense(&ct, x, w, 0xbf16, bias, y, NULL);
+      if (strided) {
+        for (size_t i = 0; i < yb_elems; i++) yb[i] = 12345.0f;
+        io.x = (convd_view){xb, xns, xcs, xhs};
+        io.y = (convd_view){yb, yns, ycs, yhs};
+      }
       char what[256];
       snprintf(what, sizeof what,
                "cpu %s iteration %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64
                "x%" PRId64 "x%" PRId64 "x%" PRId64 " g%" PRId64,
                convd_dtype_name(p.dtype), iter, p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh,
                p.kw, p.groups);
-      if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: %s", what, err);
+      int rc = convd_device_run(d, &io, err, sizeof err);
+      size_t outside = 0;
+      if (strided) { /* back to dense, counting what changed outside the view */
+        for (size_t i = 0; i < yb_elems; i++) outside += yb[i] != 12345.0f;
+        for (int64_t on = 0; on < p.n; on++)
+          for (int64_t oc = 0; oc < p.c_out; oc++)
+            for (int64_t oh = 0; oh < c.h_out; oh++) {
+              const float *row = yb + (size_t)on * yns + (size_t)oc * ycs + (size_t)oh * yhs;
+              memcpy(y + (size_t)((on * p.c_out + oc) * c.h_out + oh) * (size_t)c.w_out, row,
+                     (size_t)c.w_out * sizeof(float));
+              outside -= (size_t)c.w_out;
+            }
+      }
+      if (rc) FAIL_AT("%s: %s", what, err);
+      else if (outside) FAIL_AT("%s: %zu elements written outside the output view", what, outside);
       else if (check_close(what, y, p.dtype == CONVD_BF16 && bf16 ? wantr : want, c.output_elems))
         FAIL_AT("%s: not the float32 answer on the %s inputs", what,
                 p.dtype == CONVD_BF16 && bf16 ? "bf16-rounded" : "unrounded");
     }
     convd_device_flush_cache(d);
+    free(xb), free(yb);
     free(x), free(w), free(b), free(xr), free(wr), free(y), free(ref), free(refr), free(want), free(wantr);
   }
   /* Each case above tells the two precisions apart only where rounding moved the answer. */
