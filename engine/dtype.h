@@ -1,8 +1,9 @@
-/* Element types on the wire. The engine computes on float32 on the host whatever the wire type:
+/* Element types on the wire. The engine holds float32 on the host whatever the wire type:
  * float16 and bfloat16 tensors are widened exactly on arrival (every half/bfloat16 value is a
  * float32 value) and rounded once, to nearest even, on the way out. The reference therefore
  * "upcasts": it sees the same exact values and accumulates in float64. A device may compute in
- * the narrow type (the CUDA device runs float16/bfloat16 on tensor cores).
+ * the narrow type (the CUDA device runs float16/bfloat16 on tensor cores; the CPU device runs
+ * bfloat16 in bf16 where the CPU has bf16 units, engine/device_cpu.c).
  *
  * Threads: any (the daemon converts on its completion-queue thread, the CUDA device on its
  * worker); no shared state. */
