@@ -591,9 +591,9 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   const dnnl_version_t *v = dnnl_version();
   const char *units = bf16_units(c);
   c->bf16 = units != NULL;
-  snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution, %d thread%s; bfloat16 in %s%s",
-           v->major, v->minor, v->patch, c->threads, c->threads == 1 ? "" : "s", units ? "bf16 on " : "float32",
-           units ? units : " (no bf16 units)");
+  snprintf(d->detail, sizeof d->detail, "oneDNN %d.%d.%d direct convolution (bfloat16 in %s%s), %d thread%s",
+           v->major, v->minor, v->patch, units ? "bf16 on " : "float32: no bf16 units",
+           units ? units : "", c->threads, c->threads == 1 ? "" : "s");
   *out = d;
   return 0;
 out:
