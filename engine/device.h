@@ -65,8 +65,9 @@ typedef struct convd_device convd_device;
 int convd_device_ref_create(const char *name, uint64_t memory_budget, convd_device **out,
                             char *err, size_t errlen);
 
-/* A CPU device running oneDNN's convolution on `threads` threads (0 = all online CPUs). Built
- * without oneDNN, it runs the reference kernel and says so in its detail. */
+/* A CPU device running oneDNN's convolution on `threads` threads (0 = all online CPUs);
+ * bfloat16 ops in bf16 where the CPU has bf16 units (found here, named in its detail), all else
+ * in float32. Built without oneDNN, it runs the reference kernel and says so in its detail. */
 int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
                             convd_device **out, char *err, size_t errlen);
 
