@@ -302,7 +302,9 @@ static int transpose_by_reference(const convd_op_io *io, char *err, size_t errle
       !convd_view_is_dense(&io->y, 1, p->c_out, cv->h_out, cv->w_out) ||
       !convd_view_is_dense(&io->w, p->c_in, p->c_out / p->groups, p->kh, p->kw))
     return convd_errf(err, errlen, CONVD_EINTERNAL, "a transpose op with strided tensors oneDNN cannot take");
-  return convd_ref_conv_transpose2d(cv, io->x.p, io->w.p, io->b, io->y.p, io->cancel);
+  const int rc = convd_ref_conv_transpose2d(cv, io->x.p, io->w.p, io->b, io->y.p, io->cancel);
+  if (rc) return convd_errf(err, errlen, rc, "a transpose op on the reference kernel: %s", convd_strerror(rc));
+  return 0;
 }
 
 static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {

@@ -232,9 +232,8 @@ void convd_call_send_buffer(convd_call *c, grpc_byte_buffer *bb) {
 
 void convd_call_send(convd_call *c, const ProtobufCMessage *m) {
   grpc_byte_buffer *bb = convd_wire_pack(m);
-  if (bb == NULL) {
-    convd_call_set_status(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
-    convd_call_send_final(c, NULL);
+  if (bb == NULL) { /* through the method's pump, which may have to wait before the status */
+    convd_call_fail(c, CONVD_ENOMEM, "the daemon ran out of memory sending the response");
     return;
   }
   convd_call_send_buffer(c, bb);

@@ -1,9 +1,11 @@
-/* See fdsock.h. Threads: the libuv loop's thread only. */
+/* See fdsock.h. Threads: the libuv loop's thread, and detached closers (close_refused). */
 #define _GNU_SOURCE
 #include "fdsock.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +87,28 @@ static void conn_close(fd_conn *c) {
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
 }
 
+static void *closer_main(void *arg) {
+  close((int)(intptr_t)arg);
+  return NULL;
+}
+
+/* Closes a descriptor a client passed and this module refuses. One that is not shmem may be a
+ * FUSE or network file, whose close waits on its server: that one is closed on a thread of its
+ * own (detached; there are at most MAX_FDS per message and FDSOCK_MAX_CONNS messages at once). */
+static void close_refused(int fd) {
+  if (fcntl(fd, F_GET_SEALS) < 0) {
+    pthread_t t;
+    pthread_attr_t a;
+    if (pthread_attr_init(&a) == 0) {
+      pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+      const int ok = pthread_create(&t, &a, closer_main, (void *)(intptr_t)fd) == 0;
+      pthread_attr_destroy(&a);
+      if (ok) return;
+    }
+  }
+  close(fd);
+}
+
 static void reply(fd_conn *c, const char *text) {
   /* A client that does not read its answer loses it; nothing here waits for one. */
   if (send(c->fd, text, strlen(text), MSG_NOSIGNAL | MSG_DONTWAIT) < 0) return;
@@ -102,13 +126,14 @@ static void on_message(fd_conn *c, const char *data, ssize_t n, int flags, const
   else if (nfds != 1)
     rc = convd_errf(err, sizeof err, CONVD_EINVAL, "expected exactly one descriptor in SCM_RIGHTS, got %zu", nfds);
   if (rc) {
-    for (size_t i = 0; i < nfds; i++) close(fds[i]);
+    for (size_t i = 0; i < nfds; i++) close_refused(fds[i]);
   } else {
     char ticket[CONVD_SHM_TICKET_LEN + 1];
     uint64_t size = 0;
     int writable = 0;
     rc = convd_shm_stash_fd(c->owner->shm, fds[0], c->uid, ticket, &size, &writable, err, sizeof err);
     if (rc == 0) snprintf(out, sizeof out, "ok %s %" PRIu64 " %s\n", ticket, size, writable ? "rw" : "ro");
+    else close_refused(fds[0]);
   }
   if (rc) /* the status a call would have had, then the reason */
     snprintf(out, sizeof out, "error %s %s\n",

@@ -13,7 +13,8 @@
  * are bounded and expire (shm.h). Any other message (no descriptor, several, other data, a
  * truncated one) is answered "error ..." with every descriptor it carried closed.
  *
- * Threads: the libuv loop's thread (main.c) only. */
+ * Threads: the libuv loop's thread (main.c); a refused descriptor that is not shmem is closed on
+ * a detached thread of its own (its close may wait on a FUSE or network server). */
 #ifndef CONVD_FDSOCK_H
 #define CONVD_FDSOCK_H
 

@@ -27,6 +27,7 @@
 #include "mpi_devices.h"
 
 #include <inttypes.h>
+#include <limits.h>
 #include <mpi.h>
 #include <pthread.h>
 #include <signal.h>
@@ -204,6 +205,7 @@ static int send_msg(MPI_Comm comm, int dst, int tag, const void *buf, size_t len
                     const atomic_int *stop, char *err, size_t errlen) {
   int rc = 0;
   MPI_Request req;
+  if (len > INT_MAX) return convd_errf(err, errlen, CONVD_EINVAL, "a %zu-byte message: larger than MPI's count", len);
   MPI_TRY(MPI_Isend(buf, (int)len, MPI_BYTE, dst, tag, comm, &req));
   rc = wait_req(&req, deadline, stop, err, errlen);
 out:
@@ -590,6 +592,7 @@ typedef struct worker_dev {
   pthread_t thread;
   char *buf, *out; /* the op received; the answer */
   size_t cap, out_cap;
+  size_t max_out; /* the largest answer: as large as the largest op message */
   int status; /* 0, or the MPI error that ended the thread */
   char why[300];
 } worker_dev;
@@ -676,7 +679,11 @@ static size_t serve_op(worker_dev *wd, size_t len) {
     return sizeof *rep;
   }
   const size_t b_elems = has_b ? (size_t)p.c_out : 0;
-  if (op->x_elems != conv.input_elems || op->w_elems != (has_w ? conv.weight_elems : 0) ||
+  /* Each tensor is bounded by the message before the sum is formed: convd_conv_init only bounds
+   * each alone, and a sum of three may wrap. */
+  const size_t room = (len - sizeof *op) / sizeof(float);
+  if (conv.input_elems > room || (has_w ? conv.weight_elems : 0) > room || b_elems > room ||
+      op->x_elems != conv.input_elems || op->w_elems != (has_w ? conv.weight_elems : 0) ||
       op->b_elems != b_elems ||
       len != sizeof *op + (conv.input_elems + (has_w ? conv.weight_elems : 0) + b_elems) * sizeof(float)) {
     rep->status = convd_errf(err, errlen, CONVD_EINVAL, "an op message of %zu bytes does not match its header", len);
@@ -701,6 +708,14 @@ static size_t serve_op(worker_dev *wd, size_t len) {
     wt = held;
   } else {
     wc_insert(w, op->w_key, wt, conv.weight_elems);
+  }
+  /* The output, bounded as the message was (padding can make it far larger than the input) and
+   * within MPI's int count. */
+  if (conv.output_elems > (wd->max_out - sizeof *rep) / sizeof(float)) {
+    if (held) wc_release(w, held);
+    rep->status = convd_errf(err, errlen, CONVD_EINVAL, "an op whose output (%zu elements) exceeds rank %d's "
+                             "bound of %zu bytes", conv.output_elems, w->m->rank, wd->max_out);
+    return sizeof *rep;
   }
   const size_t out_len = sizeof *rep + conv.output_elems * sizeof(float);
   if (out_len > wd->out_cap) {
@@ -740,6 +755,7 @@ static void *worker_dev_main(void *arg) {
    * cut that small, and stays below MPI's int count. */
   const size_t b = budget < REMOTE_BUDGET_MAX ? budget : REMOTE_BUDGET_MAX;
   const size_t hi = sizeof(wire_op) + (4 * b > (64u << 20) ? 4 * b : (64u << 20)) + (1u << 20);
+  wd->max_out = hi;
   wd->out = calloc(1, sizeof(wire_reply));
   wd->out_cap = wd->out ? sizeof(wire_reply) : 0;
   while (wd->out && !atomic_load(&w->stop)) {

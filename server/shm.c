@@ -42,6 +42,7 @@ typedef struct pending_fd {
   unsigned uid;
   uint64_t size;
   int writable;
+  int in_place; /* not under strict overcommit (see stash) */
   double expires;
 } pending_fd;
 
@@ -297,19 +298,33 @@ static int hex_ticket(char *out) {
 static int check_memfd(int fd, uint64_t *size, int *writable, char *err, size_t errlen) {
   struct stat st;
   struct statfs sf;
+  /* First what touches no file system: anything but shmem and hugetlbfs fails it, so a
+   * descriptor of a FUSE or network file (whose fstat could block this thread on its server)
+   * is refused before it is looked at. */
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the descriptor is not a memfd (memfd_create, without MFD_HUGETLB: hugetlb pages "
+                      "can run out under a mapping)");
   if (fstat(fd, &st) != 0 || fstatfs(fd, &sf) != 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "the descriptor cannot be inspected: %s", strerror(errno));
   if (!S_ISREG(st.st_mode) || sf.f_type != TMPFS_MAGIC)
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "the descriptor is not a memfd (memfd_create, without MFD_HUGETLB: hugetlb pages "
                       "can run out under a mapping)");
-  const int seals = fcntl(fd, F_GET_SEALS);
-  if (seals < 0 || !(seals & F_SEAL_SHRINK))
+  if (!(seals & F_SEAL_SHRINK))
     return convd_errf(err, errlen, CONVD_EINVAL,
                       "the memfd is not sealed against shrinking: create it with MFD_ALLOW_SEALING, size "
                       "it, then fcntl(F_ADD_SEALS, F_SEAL_SHRINK)");
   if (st.st_size <= 0)
     return convd_errf(err, errlen, CONVD_EINVAL, "the memfd is empty: size it before sealing it");
+  /* Its pages allocated, by the client and charged to it: a hole the daemon's touch had to fill
+   * would be charged to the daemon, and could fail (SIGBUS) under strict overcommit. */
+  if ((uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size)
+    return convd_errf(err, errlen, CONVD_EINVAL,
+                      "the memfd has unallocated pages (%lld of %lld bytes allocated): allocate them before "
+                      "passing it (posix_fallocate over its whole size)",
+                      (long long)st.st_blocks * 512, (long long)st.st_size);
   const int mode = fcntl(fd, F_GETFL) & O_ACCMODE;
   if (mode == O_WRONLY) return convd_errf(err, errlen, CONVD_EINVAL, "the descriptor is open write-only");
   *size = (uint64_t)st.st_size;
@@ -333,13 +348,25 @@ unsigned convd_shm_expire(convd_shm *s) {
   return n;
 }
 
+/* vm.overcommit_memory = 2: a page a client punched out of its memfd, refilled by the daemon's
+ * touch, is charged against the commit limit, and past it the fault is a SIGBUS no guard
+ * catches inside the engine. Regions are then copied through the guarded path, not used in
+ * place. */
+static int strict_overcommit(void) {
+  FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
+  int mode = 0;
+  if (f) {
+    if (fscanf(f, "%d", &mode) != 1) mode = 0;
+    fclose(f);
+  }
+  return mode == 2;
+}
+
 int convd_shm_stash_fd(convd_shm *s, int fd, unsigned uid, char *ticket, uint64_t *size,
                        int *writable, char *err, size_t errlen) {
   int rc = check_memfd(fd, size, writable, err, errlen);
-  if (rc) {
-    close(fd);
-    return rc;
-  }
+  if (rc) return rc; /* the caller closes it */
+  const int in_place = !strict_overcommit();
   pthread_mutex_lock(&s->mu);
   const double now = convd_now_seconds();
   expire_locked(s, now);
@@ -358,16 +385,16 @@ int convd_shm_stash_fd(convd_shm *s, int fd, unsigned uid, char *ticket, uint64_
   if (rc == 0) {
     pending_fd *p = &s->pending[slot];
     p->fd = fd, p->uid = uid, p->size = *size, p->writable = *writable;
+    p->in_place = in_place;
     p->expires = now + CONVD_SHM_TICKET_SECONDS;
     snprintf(ticket, CONVD_SHM_TICKET_LEN + 1, "%s", p->ticket);
   }
   pthread_mutex_unlock(&s->mu);
-  if (rc) close(fd);
   return rc;
 }
 
 /* The descriptor stashed under ticket, taken out of the table (s->mu held), or -1. */
-static int take_ticket(convd_shm *s, const char *ticket, int *writable) {
+static int take_ticket(convd_shm *s, const char *ticket, int *writable, int *in_place) {
   expire_locked(s, convd_now_seconds());
   if (strlen(ticket) != CONVD_SHM_TICKET_LEN) return -1;
   for (int i = 0; i < CONVD_SHM_PENDING_MAX; i++) {
@@ -378,6 +405,7 @@ static int take_ticket(convd_shm *s, const char *ticket, int *writable) {
     if (diff == 0) {
       const int fd = p->fd;
       *writable = p->writable;
+      *in_place = p->in_place;
       p->fd = -1;
       return fd;
     }
@@ -387,8 +415,8 @@ static int take_ticket(convd_shm *s, const char *ticket, int *writable) {
 
 /* Maps the stashed descriptor (s->mu held). */
 static int map_ticket(convd_shm *s, const char *ticket, const char *name, uint64_t want,
-                      uint8_t **base, uint64_t *size, int *writable, char *err, size_t errlen) {
-  const int fd = take_ticket(s, ticket, writable);
+                      uint8_t **base, uint64_t *size, int *writable, int *in_place, char *err, size_t errlen) {
+  const int fd = take_ticket(s, ticket, writable, in_place);
   if (fd < 0)
     return convd_errf(err, errlen, CONVD_ENOTFOUND,
                       "fd_ticket: no descriptor waits under this ticket (each is good once, for %d s, "
@@ -418,9 +446,9 @@ int convd_shm_register(convd_shm *s, const char *tenant, uint64_t tenant_limit, 
   pthread_mutex_lock(&s->mu);
   if (find(s, tenant, name)) {
     rc = convd_errf(err, errlen, CONVD_EINVAL, "region %s is registered already: unregister it first", name);
-  } else if ((rc = ticket ? map_ticket(s, ticket, name, size, &g->base, &g->size, &g->writable, err, errlen)
+  } else if ((rc = ticket ? map_ticket(s, ticket, name, size, &g->base, &g->size, &g->writable, &g->sealed, err,
+                                       errlen)
                           : map_object(name, size, &g->base, &g->size, &g->writable, err, errlen)) == 0) {
-    g->sealed = ticket != NULL;
     const uint64_t own = tenant_bytes(s, tenant);
     if (g->size > s->max_bytes - s->bytes)
       rc = convd_errf(err, errlen, CONVD_ELIMIT,

@@ -13,12 +13,15 @@
  * them mid-call changes only its own answer. Unlinking is harmless (the mapping stays).
  *
  * In place: a memfd sealed with F_SEAL_SHRINK cannot lose a page while it lives, so a fault on
- * it can only allocate (tmpfs fills a hole on touch; never SIGBUS). Such a region, passed as a
- * descriptor (fdsock.h; gRPC cannot carry one) and registered with its ticket, may be handed to
- * the engine as the call's float32 input and output buffers (convd_shm_in_place). Only memfds
- * on tmpfs are taken: a hugetlb memfd can SIGBUS when the pool runs out, and other files do not
- * seal. Punched holes are refilled on touch, charged to the daemon, within the mapped size the
- * limits count.
+ * it can only allocate (tmpfs fills a hole on touch). Such a region, passed as a descriptor
+ * (fdsock.h; gRPC cannot carry one) and registered with its ticket, may be handed to the engine
+ * as the call's float32 input and output buffers (convd_shm_in_place). Only memfds on tmpfs with
+ * every page allocated are taken: a hugetlb memfd can SIGBUS when the pool runs out, other files
+ * do not seal, and holes would be filled by the daemon's touch, charged to it. A client can
+ * still punch holes later (fallocate PUNCH_HOLE): the daemon's next touch refills them, charged
+ * to the daemon (bounded per region by its size, not over many regions: a known limit), and
+ * under vm.overcommit_memory = 2 such a refill can fail as a SIGBUS, so there regions are never
+ * used in place (copied through the guarded path instead).
  * Every range is checked (offset + length within the mapped size, overflow-checked) when a call
  * acquires it; the mapped size is fixed at registration, checked against the object's size
  * then, and writes never go past the range, whatever the object's size becomes.
@@ -81,8 +84,9 @@ int convd_shm_check_name(const char *name, char *err, size_t errlen);
 /* Takes fd, a descriptor a client passed (user id uid): checks that it is a memfd sealed
  * against shrinking and keeps it under a fresh ticket (CONVD_SHM_TICKET_LEN hex digits and a
  * NUL into ticket) until a RegisterRegion names it or CONVD_SHM_TICKET_SECONDS pass. *size gets
- * its size, *writable whether the daemon can write it. fd is the module's either way (closed on
- * error). CONVD_EINVAL with the reason for a descriptor it refuses, CONVD_ELIMIT when too many
+ * its size, *writable whether the daemon can write it. On success fd is the module's; on error
+ * the caller's, to close (fdsock.c closes a refused one off its thread: closing a FUSE file can
+ * block). CONVD_EINVAL with the reason for a descriptor it refuses, CONVD_ELIMIT when too many
  * wait. */
 int convd_shm_stash_fd(convd_shm *s, int fd, unsigned uid, char *ticket, uint64_t *size,
                        int *writable, char *err, size_t errlen);

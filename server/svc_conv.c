@@ -516,6 +516,9 @@ static void create_job(void *arg) {
   k->creating = 0;
   if (rc) {
     convd_call_fail(c, rc, err);
+    /* A status set before the job was (a cancel, an idle timeout) stopped nothing: its done()
+     * must still come, or the call and what it holds would never be freed. */
+    if (k->job && !k->job_done) convd_job_cancel(k->job);
   } else if (c->status_set) {
     convd_job_cancel(k->job); /* the call ended meanwhile: its done() comes from a worker */
   } else {
@@ -988,8 +991,12 @@ static void unary_run_job(convd_call *c, conv_call *k, Convd__V1__ConvCall *m, c
   if (go && rc == 0) rc = convd_stream_feed_call(k->stream, m, err, errlen);
   if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
   pthread_mutex_lock(&c->mu);
-  if (rc) convd_call_fail(c, rc, err);
-  else if (go && k->in_r.region && !c->status_set) start_feed(c, k);
+  if (rc) {
+    convd_call_fail(c, rc, err);
+    if (k->job && !k->job_done) convd_job_cancel(k->job); /* as in create_job */
+  } else if (go && k->in_r.region && !c->status_set) {
+    start_feed(c, k);
+  }
   pthread_mutex_unlock(&c->mu);
 }
 

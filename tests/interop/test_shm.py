@@ -27,10 +27,13 @@ pb = pb_grpc = None
 MiB = 1 << 20
 
 
-def memfd(size, seals=None):
-    """A memfd of size bytes, sealed against shrinking unless seals says otherwise."""
+def memfd(size, seals=None, allocate=True):
+    """A memfd of size bytes (its pages allocated unless allocate is False), sealed against
+    shrinking unless seals says otherwise."""
     fd = os.memfd_create("convd-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if allocate and size:
+        os.posix_fallocate(fd, 0, size)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK if seals is None else seals)
     return fd
 
@@ -477,6 +480,7 @@ def case_fd_bad_input(stub, fds, pid, metrics_url):
     with open("/proc/self/exe", "rb") as f:  # a file on a disk file system
         refused([f.fileno()], "not a memfd")
     refused([memfd(0)], "empty")
+    refused([memfd(1 << 20, allocate=False)], "unallocated pages")  # a sparse one: holes the daemon would fill
     wronly = os.open(f"/proc/self/fd/{good}", os.O_WRONLY)
     refused([wronly], "write-only")
     for fd in (plain, r_, w_, wronly):
