@@ -154,6 +154,7 @@ struct convd_engine {
   uint64_t device_memory;
   uint64_t op_memory; /* planning cap, 0 = none */
   uint64_t max_pending_ops, pending_ops; /* admission */
+  uint64_t row_bytes;                    /* jobs' tile-row bound by default (opts.row_bytes) */
   uint64_t njobs;
   uint64_t ops_completed; /* by every device, over the engine's life */
   /* Segregated transpose weights of recent jobs, by content key and geometry: repeated calls
@@ -817,6 +818,7 @@ int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char 
   e->device_memory = o.device_memory ? o.device_memory : CONVD_DEFAULT_DEVICE_MEMORY;
   e->op_memory = o.op_memory;
   e->max_pending_ops = o.max_pending_ops;
+  e->row_bytes = o.row_bytes;
   e->device_failed = o.device_failed;
   e->user = o.user;
   pthread_mutex_init(&e->mu, NULL);
@@ -906,6 +908,11 @@ int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan,
 
 int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t op_bytes,
                              convd_plan *plan, char *err, size_t errlen) {
+  return convd_engine_plan_rows(e, conv, op_bytes, 0, plan, err, errlen);
+}
+
+int convd_engine_plan_rows(convd_engine *e, const convd_conv *conv, uint64_t op_bytes, uint64_t row_bytes,
+                           convd_plan *plan, char *err, size_t errlen) {
   uint64_t budget = op_bytes ? op_bytes : UINT64_MAX;
   for (int i = 0; i < e->ndev; i++) {
     const uint64_t b = convd_device_memory_budget(e->devs[i].dev);
@@ -916,7 +923,7 @@ int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t o
   int native = e->ndev > 0;
   for (int i = 0; i < e->ndev; i++) native &= convd_device_native_transpose(e->devs[i].dev);
   convd_plan_opts o = {.devices = convd_engine_healthy_devices(e), .device_memory = budget,
-                       .native_transpose = native};
+                       .native_transpose = native, .row_bytes = row_bytes};
   int rc = convd_plan_make(plan, conv, &o, err, errlen);
   if (rc == 0 && plan->ops > MAX_PLAN_OPS)
     rc = convd_errf(err, errlen, CONVD_ELIMIT,
@@ -954,7 +961,8 @@ int convd_job_create(convd_engine *e, const convd_conv *conv, const convd_job_cb
   pthread_mutex_init(&j->seg_mu, NULL);
   atomic_init(&j->stop, 0);
   pthread_mutex_init(&j->acc_mu, NULL);
-  int rc = convd_engine_plan_within(e, conv, cbs->op_bytes, &j->plan, err, errlen);
+  int rc = convd_engine_plan_rows(e, conv, cbs->op_bytes, cbs->row_bytes ? cbs->row_bytes : e->row_bytes, &j->plan,
+                                  err, errlen);
   if (rc == 0 && cbs->admit)
     rc = cbs->admit(cbs->user, &j->plan, bookkeeping_bytes(&j->plan, e->ndev), err, errlen);
   if (rc) {

@@ -46,6 +46,8 @@ typedef struct convd_engine_opts {
   void *user;
   uint64_t max_pending_ops; /* admission: a job whose plan would take the ops not yet done
                                over this is refused (CONVD_ELIMIT); 0 = no limit */
+  uint64_t row_bytes;       /* every job's tile-row bound when its callbacks name none
+                               (convd_job_cbs.row_bytes); 0 = none */
 } convd_engine_opts;
 
 /* What the engine is doing now (metrics, and tests that check it returns to idle). */
@@ -89,6 +91,9 @@ typedef struct convd_job_cbs {
   /* Optional: at most this many bytes per elemental op for this job (0: the engine's own
    * budget), so a caller with a small memory limit gets smaller tiles. */
   uint64_t op_bytes;
+  /* Optional: at most this many bytes in one tile row's input rows and output rows (0: no
+   * bound), so that a caller streaming rows holds little (convd_plan_opts.row_bytes). */
+  uint64_t row_bytes;
 } convd_job_cbs;
 
 int convd_engine_create(const convd_engine_opts *opts, convd_engine **out, char *err,
@@ -112,6 +117,9 @@ void convd_engine_load_get(convd_engine *e, convd_engine_load *out);
 /* Plans conv for this engine's devices and budget (at most op_bytes per op, when not 0). */
 int convd_engine_plan(convd_engine *e, const convd_conv *conv, convd_plan *plan, char *err,
                       size_t errlen);
+/* The same with tile rows of at most row_bytes (0: no bound; convd_plan_opts.row_bytes). */
+int convd_engine_plan_rows(convd_engine *e, const convd_conv *conv, uint64_t op_bytes, uint64_t row_bytes,
+                           convd_plan *plan, char *err, size_t errlen);
 int convd_engine_plan_within(convd_engine *e, const convd_conv *conv, uint64_t op_bytes,
                              convd_plan *plan, char *err, size_t errlen);
 

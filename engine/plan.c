@@ -82,13 +82,23 @@ static uint64_t native_op_bytes(const convd_conv *c) {
   return bytes > (long double)UINT64_MAX ? UINT64_MAX : (uint64_t)bytes;
 }
 
+/* The input rows (all channels, the whole width) and output rows of a tile row th output rows
+ * high. */
+static uint64_t row_bytes(const convd_conv *c, int64_t th) {
+  const convd_conv_params *p = &c->p;
+  const long double in_rows = (long double)(th - 1) * (long double)p->stride_h + (long double)p->dil_h * (long double)(p->kh - 1) + 1;
+  const long double b = (in_rows * (long double)p->c_in * (long double)p->w +
+                         (long double)th * (long double)p->c_out * (long double)c->w_out) * sizeof(float);
+  return b > (long double)UINT64_MAX ? UINT64_MAX : (uint64_t)b;
+}
+
 int convd_plan_make(convd_plan *pl, const convd_conv *real, const convd_plan_opts *o, char *err,
                     size_t errlen) {
   memset(pl, 0, sizeof *pl);
   pl->conv = *real;
   pl->phases = 1;
   if (real->p.transposed && o->native_transpose && native_worth(real) &&
-      native_op_bytes(real) <= o->device_memory) {
+      native_op_bytes(real) <= o->device_memory && (o->row_bytes == 0 || native_op_bytes(real) / 2 <= o->row_bytes)) {
     const convd_conv_params *p = &real->p;
     pl->native = 1;
     pl->tile_h = real->h_out, pl->tile_w = real->w_out, pl->tiles_h = pl->tiles_w = 1;
@@ -120,6 +130,9 @@ int convd_plan_make(convd_plan *pl, const convd_conv *real, const convd_plan_opt
     if (th > PREFERRED_TILE && th * 16 >= tw) th = ceil_div(th, 2);
     else tw = ceil_div(tw, 2);
   }
+  /* 1b. Tile rows within the row budget: a streamed call holds about two of them, all channels
+   * of their input rows and output rows, whatever the ops' size. */
+  while (o->row_bytes && th > 1 && row_bytes(c, th) > o->row_bytes) th = ceil_div(th, 2);
   /* 2. Whole groups per op down to one group, then channel blocks down to the preferred one. */
   while (!FITS() && gblk > 1) gblk = ceil_div(gblk, 2);
   /* 2b. Smaller tiles are cheaper than channel blocks (a tile costs its halo, a channel block a

@@ -30,6 +30,9 @@ typedef struct convd_plan_opts {
   int native_transpose;   /* every device runs a transpose op as one (convd_device's
                              native_transpose): a transpose that is worth it and fits is planned
                              as whole-item ops instead of phases (convd_plan.native) */
+  uint64_t row_bytes;     /* when not 0: tile rows are cut shorter until one tile row's input
+                             window and output rows take at most this (a streamed call holds
+                             about two tile rows: convd_plan_memory_hint) */
 } convd_plan_opts;
 
 /* A transpose convolution (conv.p.transposed) is planned in phase space (transpose.h): tiles

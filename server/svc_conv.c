@@ -31,6 +31,8 @@
 /* Bounds of a streamed call's window (stream_window). */
 #define STREAM_WINDOW_BYTES ((uint64_t)64 << 20)
 #define STREAM_WINDOW_MIN_BYTES ((uint64_t)1 << 20)
+/* A windowed call's tile rows hold at most this many windows (job_cbs' row_bytes). */
+#define ROW_WINDOWS 4
 /* A Conv2dUnary message up to this is decoded and its job made on the completion-queue thread
  * (tens of microseconds); a larger one on the offload thread. */
 #define UNARY_INLINE_BYTES ((size_t)256 << 10)
@@ -277,7 +279,11 @@ static convd_job_cbs job_cbs(convd_call *c, const conv_call *k) {
   return (convd_job_cbs){.user = c, .rows_ready = on_rows_ready, .input_freed = on_input_freed,
                          .done = on_job_done, .admit = admit_job,
                          /* Tensors used in place hold no daemon memory per op: the engine's own plan. */
-                         .op_bytes = windowed(k) && !(k->x_in_place && k->y_in_place) ? stream_window(c->rpc) / 2 : 0};
+                         .op_bytes = windowed(k) && !(k->x_in_place && k->y_in_place) ? stream_window(c->rpc) / 2 : 0,
+                         /* A windowed call holds about two tile rows whatever its window (the
+                          * plan's memory hint): tile rows of at most ROW_WINDOWS windows keep
+                          * that bounded for the widest rows (the seed case: 4 MiB a row). */
+                         .row_bytes = windowed(k) && !(k->x_in_place && k->y_in_place) ? ROW_WINDOWS * stream_window(c->rpc) : 0};
 }
 
 /* The call's new job (it holds a ref on the call until its done()), then the stream's buffers.

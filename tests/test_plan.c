@@ -92,11 +92,22 @@ static void test_tiled_equals_monolithic(void) {
     /* Budgets from "everything in one op" down to a few hundred bytes. */
     uint64_t budget = (uint64_t)rng_range(&r, 600, (int64_t)(3 * (c.input_bytes + c.weight_bytes + c.output_bytes)));
     convd_plan_opts o = {.devices = (int)rng_range(&r, 1, 4), .device_memory = budget};
+    /* a third with a tile-row budget (streamed calls): every tile row of more than one output
+     * row within it */
+    if (iter % 3 == 0) o.row_bytes = (uint64_t)rng_range(&r, 200, (int64_t)(c.input_bytes + c.output_bytes));
     convd_plan pl;
     int rc = convd_plan_make(&pl, &c, &o, err, sizeof err);
     if (rc == CONVD_ELIMIT) continue; /* a budget below the smallest op: refused, correctly */
     ASSERT_OK(rc, err);
     ASSERT_TRUE(pl.op_bytes <= budget);
+    if (o.row_bytes && pl.tile_h > 1) {
+      int64_t a, b_, o0, o1;
+      convd_plan_tile_row_window(&pl, 0, &a, &b_);
+      convd_plan_tile_rows(&pl, 0, &o0, &o1);
+      const uint64_t rb = ((uint64_t)(b_ - a) * (uint64_t)p.c_in * (uint64_t)p.w +
+                           (uint64_t)(o1 - o0) * (uint64_t)p.c_out * (uint64_t)c.w_out) * 4;
+      if (rb > o.row_bytes) FAIL_AT("iteration %d: a tile row of %" PRIu64 " bytes over the row budget %" PRIu64, iter, rb, o.row_bytes);
+    }
     multi += pl.ops > 1;
     float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
     float *y = malloc(c.output_bytes), *want = malloc(c.output_bytes);
@@ -116,6 +127,31 @@ static void test_tiled_equals_monolithic(void) {
   }
   printf("  %d of the plans had more than one op\n", multi);
   ASSERT_TRUE(multi >= 150);
+}
+
+/* The seed case streamed (svc_conv.c's cuts: ops of 32 MiB, tile rows of 256 MiB): tile rows
+ * short enough that two of them (what a streamed call holds) stay under 1 GiB. */
+static void test_plan_row_budget(void) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = p.c_per_group = 1024, p.h = 1024, p.w = 1024, p.c_out = 1024, p.kh = p.kw = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  convd_conv c;
+  char err[512];
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  convd_plan_opts o = {.devices = 1, .device_memory = 32u << 20, .row_bytes = 256u << 20};
+  convd_plan pl;
+  ASSERT_OK(convd_plan_make(&pl, &c, &o, err, sizeof err), err);
+  int64_t a, b, o0, o1;
+  convd_plan_tile_row_window(&pl, 1, &a, &b);
+  convd_plan_tile_rows(&pl, 1, &o0, &o1);
+  const uint64_t rb = ((uint64_t)(b - a) * 1024 * 1024 + (uint64_t)(o1 - o0) * 1024 * 1024) * 4;
+  printf("  tile rows of %" PRId64 " output rows (%" PRIu64 " bytes), %" PRIu64 " ops\n", pl.tile_h, rb, pl.ops);
+  ASSERT_TRUE(rb <= o.row_bytes);
+  ASSERT_TRUE(pl.tile_h >= 8); /* not cut further than the budget needs */
+  o.row_bytes = 0;
+  ASSERT_OK(convd_plan_make(&pl, &c, &o, err, sizeof err), err);
+  ASSERT_TRUE(pl.tile_h >= 64); /* without it, the op budget alone decides */
 }
 
 /* The classic case: 1024x1024 image, 1024 bands, 3x3 -> 64 tiles of 128x128 x 64 blocks. */
@@ -176,6 +212,7 @@ int main(int argc, char **argv) {
   static const test_case tests[] = {
       {"tiled_equals_monolithic", test_tiled_equals_monolithic},
       {"plan_4096_ops", test_plan_4096_ops},
+      {"plan_row_budget", test_plan_row_budget},
       {"plan_balance", test_plan_balance},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);

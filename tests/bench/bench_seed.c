@@ -102,10 +102,10 @@ static void poison(float *y, size_t n) {
 }
 
 /* One engine run: seconds, and its ops. */
-static double engine_once(uint64_t device_memory, uint64_t op_memory, const convd_conv *cv, const float *x,
-                          const float *w, float *y, uint64_t *ops) {
+static double engine_once(uint64_t device_memory, uint64_t op_memory, uint64_t row_bytes, const convd_conv *cv,
+                          const float *x, const float *w, float *y, uint64_t *ops) {
   char err[512];
-  convd_engine_opts eo = {.device_memory = device_memory, .op_memory = op_memory};
+  convd_engine_opts eo = {.device_memory = device_memory, .op_memory = op_memory, .row_bytes = row_bytes};
   convd_engine *e;
   if (convd_engine_create(&eo, &e, err, sizeof err)) die("engine", err);
   convd_job_stats st;
@@ -169,14 +169,14 @@ int main(int argc, char **argv) {
          SAMPLES);
   uint64_t ops4096 = 0, ops_def = 0, ops_d = 0;
   poison(y, cv.output_elems);
-  const double t4096 = engine_once(PLAN_4096_MEMORY, 0, &cv, x, w, y, &ops4096);
+  const double t4096 = engine_once(PLAN_4096_MEMORY, 0, 0, &cv, x, w, y, &ops4096);
   printf("| engine in-process, 40 MiB device budget | %llu | %.2f | %.1f | %.1e | |\n", (unsigned long long)ops4096,
          t4096, flop / t4096 / 1e9, check_points("engine (4096-op plan)", &p, y, pts, SAMPLES));
   fflush(stdout);
   double tdef = 0;
   if (deflt) {
     poison(y, cv.output_elems);
-    tdef = engine_once(0, 0, &cv, x, w, y, &ops_def);
+    tdef = engine_once(0, 0, 0, &cv, x, w, y, &ops_def);
     printf("| engine in-process, default plan | %llu | %.2f | %.1f | %.1e | |\n", (unsigned long long)ops_def, tdef,
            flop / tdef / 1e9, check_points("engine (default plan)", &p, y, pts, SAMPLES));
     fflush(stdout);
@@ -206,12 +206,13 @@ int main(int argc, char **argv) {
            (unsigned long long)ops_d, td, flop / td / 1e9, check_points("daemon", &p, y, pts, SAMPLES),
            hwm / 1024.0, ru.ru_maxrss / 1024.0);
     fflush(stdout);
-    /* A streamed call's ops are cut to half its window (32 MiB, svc_conv.c), which can split
-     * the 40 MiB budget's ops again: the same cut in-process gives the daemon's plan. */
+    /* A streamed call's ops are cut to half its window (32 MiB) and its tile rows to four
+     * windows (256 MiB, svc_conv.c), which changes the 40 MiB budget's plan: the same cuts
+     * in-process give the daemon's plan. */
     if (ops_d != ops4096) {
       poison(y, cv.output_elems);
-      t_same = engine_once(PLAN_4096_MEMORY, (uint64_t)32 << 20, &cv, x, w, y, &ops_same);
-      printf("| engine in-process, the daemon's plan (40 MiB budget, ops cut to 32 MiB) | %llu | %.2f | %.1f | %.1e | |\n",
+      t_same = engine_once(PLAN_4096_MEMORY, (uint64_t)32 << 20, (uint64_t)256 << 20, &cv, x, w, y, &ops_same);
+      printf("| engine in-process, the daemon's plan (40 MiB budget, ops cut to 32 MiB, tile rows to 256 MiB) | %llu | %.2f | %.1f | %.1e | |\n",
              (unsigned long long)ops_same, t_same, flop / t_same / 1e9, check_points("engine (daemon's plan)", &p, y, pts, SAMPLES));
       fflush(stdout);
     } else {
