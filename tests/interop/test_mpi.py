@@ -41,6 +41,9 @@ class MpiJob:
         if os.geteuid() == 0:  # Open MPI refuses root unless told twice
             env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
             env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+        # Loopback TCP between the ranks, not Open MPI's shared-memory transport (vader), which
+        # left a /dev/shm segment per rank behind after every run; speed is not measured here.
+        env["OMPI_MCA_btl"] = "self,tcp"
         args = [convd, "--mpi", "--listen", "127.0.0.1:0", "--log-level", "info", *common]
         if worker_extra is None:
             cmd = [mpiexec, "--oversubscribe", "-np", str(np_), *args]
