@@ -353,7 +353,9 @@ static void start_feed(convd_call *c, conv_call *k) {
   if (k->feeding) return;
   k->feeding = 1;
   k->feed_paused = 0;
-  if (convd_rpc_offload_call(c, feed_task)) k->feeding = 0;
+  /* A post that fails has failed the call while the flag held its status back: cleared, the
+   * status goes now. The same below. */
+  if (convd_rpc_offload_call(c, feed_task)) k->feeding = 0, pump(c);
 }
 
 /* The offload thread: input rows from the region into bands the job takes over, in order, a
@@ -442,7 +444,7 @@ static void write_task(void *arg);
 static void start_write(convd_call *c, conv_call *k) {
   if (k->writing || k->ready_len == 0 || c->status_set) return;
   k->writing = 1;
-  if (convd_rpc_copier_call(c, write_task)) k->writing = 0;
+  if (convd_rpc_copier_call(c, write_task)) k->writing = 0, pump(c);
 }
 
 /* Final output rows [h0, h1) of item n into the output region: each channel's rows are one
@@ -872,7 +874,7 @@ static void after_message(convd_call *c, conv_call *k, int rc, const char *err) 
   else if (k->accepted_pending) pump(c);
   if (rc || c->status_set) return;
   if (k->creating) {
-    if (convd_rpc_offload_call(c, create_job)) k->creating = 0;
+    if (convd_rpc_offload_call(c, create_job)) k->creating = 0, pump(c);
   } else if (convd_stream_weights_pending(k->stream)) {
     k->finalizing = convd_rpc_offload_call(c, finalize_weights) == 0;
   } else {
@@ -972,6 +974,8 @@ static void unary_inline(convd_call *c, conv_call *k) {
     k->pend_m = NULL, k->pend_job = NULL;
     convd_job_destroy(job); /* never started: no callback comes */
     protobuf_c_message_free_unpacked(&m->base, NULL);
+    k->creating = 0;
+    pump(c);
     return;
   }
   k->creating = 0;
@@ -1027,9 +1031,9 @@ static void unary_start(convd_call *c) {
     return;
   }
   k->creating = 1;
-  if (c->payload && grpc_byte_buffer_length(c->payload) > UNARY_INLINE_BYTES)
-    convd_rpc_offload_call(c, unary_offloaded);
-  else
+  if (c->payload && grpc_byte_buffer_length(c->payload) > UNARY_INLINE_BYTES) {
+    if (convd_rpc_offload_call(c, unary_offloaded)) k->creating = 0, pump(c);
+  } else
     unary_inline(c, k);
 }
 
