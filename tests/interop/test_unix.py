@@ -276,7 +276,7 @@ def case_max_connections(convd, tmp):
     try:
         for _ in range(2):
             held.append(unix_preface(path))
-            time.sleep(0.15)  # each one seen by a scan before the next arrives
+            time.sleep(0.4)  # each one seen by a scan (every 100 ms) before the next arrives, under load too
         t0 = time.monotonic()
         third = unix_preface(path)
         t_unix = closed_within(third, 3, t0)
@@ -292,7 +292,7 @@ def case_max_connections(convd, tmp):
         held.pop().close()
         time.sleep(0.5)
         held.append(tcp_preface(d.target))  # the freed slot, now a TCP one
-        time.sleep(0.3)
+        time.sleep(0.5)
         t0 = time.monotonic()
         third = unix_preface(path)
         t_again = closed_within(third, 3, t0)
