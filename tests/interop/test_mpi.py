@@ -32,6 +32,20 @@ from convd_harness import check_close, collect_output, conv_requests, import_stu
 SKIP = 77
 
 
+JOBS = []  # every job started, for kill_all
+
+
+def kill_all():
+    """SIGKILL to each job's process group that is still running (mpirun and its ranks)."""
+    for j in JOBS:
+        if j.proc.poll() is None:
+            try:
+                os.killpg(j.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            j.proc.wait()
+
+
 class MpiJob:
     """mpirun with convd on every rank; self.target (rank 0's gRPC address), self.pid (rank 0)."""
 
@@ -51,7 +65,10 @@ class MpiJob:
             cmd = [mpiexec, "--oversubscribe", "-np", str(np_ - 1), *args, ":", "-np", "1", *args,
                    *worker_extra]
         self.log = tempfile.NamedTemporaryFile(prefix="convd-mpi-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        # A session of its own: a failed test kills mpirun and every rank with it (kill_all).
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     start_new_session=True)
+        JOBS.append(self)
         self.target = self.pid = None
         deadline = time.monotonic() + 60
         while (self.target is None or self.pid is None) and time.monotonic() < deadline:
@@ -253,8 +270,11 @@ def main():
         sys.exit(SKIP)
     pb, pb_grpc = import_stubs(stub_dir)
     t0 = time.monotonic()
-    run_healthy(mpiexec, convd, pb, pb_grpc, golden)
-    run_failing(mpiexec, convd, pb, pb_grpc)
+    try:
+        run_healthy(mpiexec, convd, pb, pb_grpc, golden)
+        run_failing(mpiexec, convd, pb, pb_grpc)
+    finally:
+        kill_all()  # a failed case leaves no rank running (they spun for an hour once)
     print(f"mpi: passed in {time.monotonic() - t0:.0f} s")
 
 
