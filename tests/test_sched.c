@@ -439,6 +439,16 @@ static void test_device_failure_mid_job(void) {
  * random budgets that force multi-tile, multi-phase, multi-block plans, on CPU and reference
  * devices, against the transpose reference; and every conv_transpose2d golden case forced
  * through small budgets. */
+/* A random transpose's output padding (below its stride or dilation), padding and bias, after
+ * its geometry: the draws both random-transpose tests share. */
+static void random_transpose_tail(rng *r, convd_conv_params *p) {
+  p->out_pad_h = rng_range(r, 0, (p->stride_h > p->dil_h ? p->stride_h : p->dil_h) - 1);
+  p->out_pad_w = rng_range(r, 0, (p->stride_w > p->dil_w ? p->stride_w : p->dil_w) - 1);
+  p->pad_top = rng_range(r, 0, 3), p->pad_bottom = rng_range(r, 0, 3);
+  p->pad_left = rng_range(r, 0, 3), p->pad_right = rng_range(r, 0, 3);
+  p->has_bias = (int)rng_range(r, 0, 1);
+}
+
 static void test_transpose_random_plans(void) {
   rng r = {0x5eed0407};
   char err[512];
@@ -462,11 +472,7 @@ static void test_transpose_random_plans(void) {
       p.c_out = rng_range(&r, 8, 32);
       p.h = rng_range(&r, 1, 6), p.w = rng_range(&r, 1, 6);
     }
-    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
-    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
-    p.pad_top = rng_range(&r, 0, 3), p.pad_bottom = rng_range(&r, 0, 3);
-    p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
-    p.has_bias = (int)rng_range(&r, 0, 1);
+    random_transpose_tail(&r, &p);
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) continue;
     const uint64_t total = c.input_bytes + c.weight_bytes + c.output_bytes;
@@ -573,11 +579,7 @@ static void test_native_transpose_random(void) {
     p.stride_h = rng_range(&r, 1, 4), p.stride_w = rng_range(&r, 1, 4);
     p.dil_h = rng_range(&r, 1, 3), p.dil_w = rng_range(&r, 1, 3);
     p.h = rng_range(&r, 1, 12), p.w = rng_range(&r, 1, 12);
-    p.out_pad_h = rng_range(&r, 0, (p.stride_h > p.dil_h ? p.stride_h : p.dil_h) - 1);
-    p.out_pad_w = rng_range(&r, 0, (p.stride_w > p.dil_w ? p.stride_w : p.dil_w) - 1);
-    p.pad_top = rng_range(&r, 0, 3), p.pad_bottom = rng_range(&r, 0, 3);
-    p.pad_left = rng_range(&r, 0, 3), p.pad_right = rng_range(&r, 0, 3);
-    p.has_bias = (int)rng_range(&r, 0, 1);
+    random_transpose_tail(&r, &p);
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) continue;
     float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);

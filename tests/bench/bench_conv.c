@@ -159,18 +159,26 @@ static void params_of(const shape *s, convd_conv_params *p) {
   p->has_bias = 1;
 }
 
-/* --dtype: float32 and the narrow type on each shape, through the same engine in this run. */
-static int run_dtype(int dtype, int threads, int repeats, int only) {
+/* A one-CPU-device engine, its device's detail printed first; NULL (the reason on stderr). */
+static convd_engine *announced_engine(const convd_engine_opts *eo) {
   char err[256];
   convd_engine *e;
-  convd_engine_opts eo = {.cpu_devices = 1, .cpu_threads = threads};
-  if (convd_engine_create(&eo, &e, err, sizeof err)) {
+  if (convd_engine_create(eo, &e, err, sizeof err)) {
     fprintf(stderr, "bench_conv: %s\n", err);
-    return 1;
+    return NULL;
   }
   convd_device_info info;
   convd_engine_device_info(e, 0, &info);
   printf("CPU device: %s\n", info.detail);
+  return e;
+}
+
+/* --dtype: float32 and the narrow type on each shape, through the same engine in this run. */
+static int run_dtype(int dtype, int threads, int repeats, int only) {
+  char err[256];
+  convd_engine_opts eo = {.cpu_devices = 1, .cpu_threads = threads};
+  convd_engine *e = announced_engine(&eo);
+  if (e == NULL) return 1;
   printf("threads: %d, repeats: %d (median)\n\n", threads, repeats);
   const char *dn = convd_dtype_name(dtype);
   printf("| shape | float32 GFLOP/s | %s GFLOP/s | %s / float32 | max difference / largest float32 output |\n", dn, dn);
@@ -288,15 +296,9 @@ int main(int argc, char **argv) {
 
   double peak = gemm_peak_gflops(threads);
   char err[256];
-  convd_engine *e;
   convd_engine_opts eo = {.cpu_devices = 1, .cpu_threads = threads};
-  if (convd_engine_create(&eo, &e, err, sizeof err)) {
-    fprintf(stderr, "bench_conv: %s\n", err);
-    return 1;
-  }
-  convd_device_info info;
-  convd_engine_device_info(e, 0, &info);
-  printf("CPU device: %s\n", info.detail);
+  convd_engine *e = announced_engine(&eo);
+  if (e == NULL) return 1;
   /* One engine at a time: an idle engine's worker keeps its OpenMP team, which makes libgomp
    * throttle spin-waiting for the engine being measured (more threads than CPUs). */
   convd_engine_destroy(e);
