@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "cpu_kernels.h"
 #include "device_impl.h"
 #include "dtype.h"
@@ -43,6 +44,7 @@ typedef struct wcache_entry {
 typedef struct prim_entry {
   convd_conv_params key;
   int with_bias, bf16;
+  int layout; /* a transpose's: its index in transpose_layouts */
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
   uint64_t last_use;
@@ -59,12 +61,22 @@ typedef struct reorder_entry {
   uint64_t last_use;
 } reorder_entry;
 
+/* The layout a transpose shape was tuned to (transpose_prim), kept past the primitive. */
+#define TUNED_ENTRIES 64
+typedef struct tuned_entry {
+  convd_conv_params key;
+  int layout, used;
+} tuned_entry;
+
 typedef struct cpu_ctx {
   int threads;
   int bf16; /* 1: bfloat16 requests convolve in bf16 (the CPU has bf16 units) */
   int amx;  /* 1: those units are AMX tiles */
   prim_entry prims[PCACHE_ENTRIES];
   reorder_entry reorders[RCACHE_ENTRIES];
+  tuned_entry tuned[TUNED_ENTRIES];
+  unsigned tuned_next;
+  int only_layout; /* -1, or the one transpose layout to use ($CONVD_TEST_TRANSPOSE_LAYOUT, tests) */
   dnnl_engine_t eng;
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
@@ -308,146 +320,27 @@ static int transpose_by_reference(const convd_op_io *io, char *err, size_t errle
   return 0;
 }
 
-static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
-  cpu_ctx *c = ctx;
-  const convd_conv_params *p = &io->conv->p;
+/* The caller's tensors as oneDNN memory descriptors: strided views as they lie (a window of a
+ * row band, a tile of the output rows, a block of the weights). */
+typedef struct user_mds {
+  dnnl_memory_desc_t src, wei, dst, bias;
+} user_mds;
+
+/* One convolution on a ready primitive: input, weights and output reordered where the
+ * primitive's layouts differ from the caller's (the input into staging, the weights once per
+ * key into the cache, the output out of staging). */
+static int exec_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, char *err,
+                     size_t errlen) {
   int rc = 0;
-  const int threads = threads_for(c, io);
-  omp_set_num_threads(threads);
-  /* A native plan's transpose (convd_plan.native) goes to oneDNN's deconvolution below; the
-   * own kernels are forward only. */
-  if (!p->transposed && convd_cpuk_is_depthwise(io->conv)) {
-    if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, threads))
-      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging a depthwise op");
-    return 0;
-  }
-  if (!p->transposed && is_pointwise(io)) return run_pointwise(io, err, errlen);
-  if (!p->transposed && is_small_spatial(io)) return run_small_spatial(c, io, err, errlen);
-  dnnl_primitive_desc_t pd = NULL;
-  dnnl_primitive_t prim = NULL;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
   dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL, scratch = NULL;
-
-  const int grouped = p->groups > 1;
-  dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
-  dnnl_dims_t dst_dims = {p->n, p->c_out, io->conv->h_out, io->conv->w_out};
-  dnnl_dims_t wei_dims = {p->c_out, p->c_per_group, p->kh, p->kw};
-  dnnl_dims_t gwei_dims = {p->groups, p->c_out / p->groups, p->c_per_group, p->kh, p->kw};
-  dnnl_dims_t bias_dims = {p->c_out};
-  dnnl_dims_t strides = {p->stride_h, p->stride_w};
-  dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1}; /* oneDNN counts the gaps */
-  dnnl_dims_t pad_l = {p->pad_top, p->pad_left}, pad_r = {p->pad_bottom, p->pad_right};
-  /* A transpose (one group, convd_plan.native): oneDNN's deconvolution weights are (OC, IC, KH,
-   * KW), ours (C_in, C_out, kH, kW), so the view's strides swap; the output padding shortens
-   * the right-hand crop. */
-  if (p->transposed) {
-    wei_dims[0] = p->c_out, wei_dims[1] = p->c_in;
-    pad_r[0] = p->pad_bottom - p->out_pad_h, pad_r[1] = p->pad_right - p->out_pad_w;
-  }
-
-  /* The caller's tensors as they lie: strided views (a window of a row band, a tile of the
-   * output rows, a block of the weights); oneDNN reorders straight out of and into them. */
-  dnnl_dims_t src_strides = {(dnnl_dim_t)io->x.ns, (dnnl_dim_t)io->x.cs, (dnnl_dim_t)io->x.hs, 1};
-  dnnl_dims_t dst_strides = {(dnnl_dim_t)io->y.ns, (dnnl_dim_t)io->y.cs, (dnnl_dim_t)io->y.hs, 1};
-  dnnl_dims_t wei_strides = {(dnnl_dim_t)io->w.ns, (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
-  if (p->transposed) wei_strides[0] = (dnnl_dim_t)io->w.cs, wei_strides[1] = (dnnl_dim_t)io->w.ns;
-  dnnl_dims_t gwei_strides = {(dnnl_dim_t)io->w.ns * (p->c_out / p->groups), (dnnl_dim_t)io->w.ns,
-                              (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
-  /* bf16 compute: oneDNN's reorders convert the caller's float32 (holding bfloat16 values)
-   * into bf16 staging and weights; the output and the bias stay float32. */
-  /* A native transpose (oneDNN's deconvolution) stays float32: bf16 there is not measured. */
-  const int bf16 = c->bf16 && p->dtype == CONVD_BF16 && !p->transposed;
-  const dnnl_data_type_t cdt = bf16 ? dnnl_bf16 : dnnl_f32;
-  dnnl_memory_desc_t usr_src_md, usr_wei_md, usr_dst_md, bias_md, any_src, any_wei, any_dst;
-  DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_src_md, 4, src_dims, dnnl_f32, src_strides));
-  DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_dst_md, 4, dst_dims, dnnl_f32, dst_strides));
-  if (grouped)
-    DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_wei_md, 5, gwei_dims, dnnl_f32, gwei_strides));
-  else
-    DNNL_TRY(dnnl_memory_desc_init_by_strides(&usr_wei_md, 4, wei_dims, dnnl_f32, wei_strides));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&bias_md, 1, bias_dims, dnnl_f32, dnnl_x));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, cdt, dnnl_format_tag_any));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
-  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_wei, grouped ? 5 : 4, grouped ? gwei_dims : wei_dims,
-                                        cdt, dnnl_format_tag_any));
-
-  /* The primitive for this shape: from the cache, or made and cached. */
-  const int with_bias = io->b != NULL;
-  prim_entry *pe = NULL;
-  for (int i = 0; i < PCACHE_ENTRIES && pe == NULL; i++)
-    if (c->prims[i].prim && c->prims[i].with_bias == with_bias && c->prims[i].bf16 == bf16 &&
-        same_params(&c->prims[i].key, p))
-      pe = &c->prims[i];
-  if (pe == NULL) {
-    dnnl_convolution_desc_t cd;
-    dnnl_deconvolution_desc_t dd;
-    if (p->transposed) {
-      /* A shape oneDNN turns down must not take the device out of service (the planner only
-       * sends those it was seen to take): the reference kernel computes it instead. */
-      if (dnnl_dilated_deconvolution_forward_desc_init(&dd, dnnl_forward_inference, dnnl_deconvolution_direct,
-                                                       &any_src, &any_wei, with_bias ? &bias_md : NULL, &any_dst,
-                                                       strides, dilates, pad_l, pad_r) != dnnl_success ||
-          dnnl_primitive_desc_create(&pd, &dd, c->attr, c->eng, NULL) != dnnl_success) {
-        rc = transpose_by_reference(io, err, errlen);
-        goto out;
-      }
-    } else {
-      /* bf16 with whole blocks of 16 channels: src and dst in nChw16c. oneDNN's own choice is
-       * NHWC (brgconv), whose reorders from and to NCHW cost up to half as much as the
-       * convolution itself here; the blocked kernel computes as fast and its reorders are 2-4x
-       * cheaper (measured on AVX512-BF16, docs/benchmarks.md). Where no such kernel exists,
-       * oneDNN's choice. Not on AMX: there oneDNN's NHWC choice is its AMX brgconv, which ran
-       * 13x faster than the blocked AVX512-BF16 kernel (1.5 vs 20 ms on 1x256x56x56 3x3), far
-       * more than its reorders cost. */
-      if (bf16 && !c->amx && p->groups == 1 && p->c_in % 16 == 0 && p->c_out % 16 == 0) {
-        dnnl_memory_desc_t blk_src, blk_dst;
-        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_src, 4, src_dims, cdt, dnnl_nChw16c));
-        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_dst, 4, dst_dims, dnnl_f32, dnnl_nChw16c));
-        const char *impl = NULL;
-        if (dnnl_dilated_convolution_forward_desc_init(&cd, dnnl_forward_inference, dnnl_convolution_direct,
-                                                       &blk_src, &any_wei, with_bias ? &bias_md : NULL, &blk_dst,
-                                                       strides, dilates, pad_l, pad_r) != dnnl_success ||
-            dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL) != dnnl_success)
-          pd = NULL;
-        else if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
-                 impl == NULL || strncmp(impl, "ref", 3) == 0) {
-          dnnl_primitive_desc_destroy(pd); /* only oneDNN's reference kernel takes that layout */
-          pd = NULL;
-        }
-      }
-      if (pd == NULL) {
-        DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
-            &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
-            with_bias ? &bias_md : NULL, &any_dst, strides, dilates, pad_l, pad_r));
-        DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
-      }
-    }
-    DNNL_TRY(dnnl_primitive_create(&prim, pd));
-    pe = &c->prims[0];
-    for (int i = 0; i < PCACHE_ENTRIES; i++) {
-      if (c->prims[i].prim == NULL) {
-        pe = &c->prims[i];
-        break;
-      }
-      if (c->prims[i].last_use < pe->last_use) pe = &c->prims[i];
-    }
-    prim_clear(pe);
-    pe->key = *p;
-    pe->with_bias = with_bias;
-    pe->bf16 = bf16;
-    pe->pd = pd;
-    pe->prim = prim;
-    pd = NULL; /* the cache owns them now */
-    prim = NULL;
-  }
-  pe->last_use = ++c->tick;
   const dnnl_memory_desc_t *src_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_src_md, 0);
   const dnnl_memory_desc_t *wei_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_weights_md, 0);
   const dnnl_memory_desc_t *dst_md = dnnl_primitive_desc_query_md(pe->pd, dnnl_query_dst_md, 0);
 
-  /* Input: used in place when oneDNN takes plain NCHW, else reordered into staging. */
-  DNNL_TRY(dnnl_memory_create(&usr_src, &usr_src_md, c->eng, (void *)io->x.p));
-  if (dnnl_memory_desc_equal(src_md, &usr_src_md)) {
+  /* Input: used in place when the primitive takes the caller's layout, else reordered into staging. */
+  DNNL_TRY(dnnl_memory_create(&usr_src, &u->src, c->eng, (void *)io->x.p));
+  if (dnnl_memory_desc_equal(src_md, &u->src)) {
     src = usr_src;
   } else {
     if (grow(&c->src_buf, &c->src_cap, dnnl_memory_desc_get_size(src_md))) goto oom;
@@ -458,10 +351,10 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   dnnl_memory_t wei;
   wcache_entry *hit = cache_find(c, io->w_key, wei_md);
   if (io->w_key) __atomic_fetch_add(hit ? &c->st.weight_cache_hits : &c->st.weight_cache_misses, 1, __ATOMIC_RELAXED);
-  DNNL_TRY(dnnl_memory_create(&usr_wei, &usr_wei_md, c->eng, (void *)io->w.p));
+  DNNL_TRY(dnnl_memory_create(&usr_wei, &u->wei, c->eng, (void *)io->w.p));
   if (hit) {
     wei = hit->mem;
-  } else if (dnnl_memory_desc_equal(wei_md, &usr_wei_md)) {
+  } else if (dnnl_memory_desc_equal(wei_md, &u->wei)) {
     wei = usr_wei;
   } else {
     DNNL_TRY(dnnl_memory_create(&wei_tmp, wei_md, c->eng, DNNL_MEMORY_ALLOCATE));
@@ -477,14 +370,14 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
       wei_tmp = NULL;
     }
   }
-  DNNL_TRY(dnnl_memory_create(&usr_dst, &usr_dst_md, c->eng, io->y.p));
-  if (dnnl_memory_desc_equal(dst_md, &usr_dst_md)) {
+  DNNL_TRY(dnnl_memory_create(&usr_dst, &u->dst, c->eng, io->y.p));
+  if (dnnl_memory_desc_equal(dst_md, &u->dst)) {
     dst = usr_dst;
   } else {
     if (grow(&c->dst_buf, &c->dst_cap, dnnl_memory_desc_get_size(dst_md))) goto oom;
     DNNL_TRY(dnnl_memory_create(&dst, dst_md, c->eng, c->dst_buf));
   }
-  if (io->b) DNNL_TRY(dnnl_memory_create(&bias, &bias_md, c->eng, (void *)io->b));
+  if (io->b) DNNL_TRY(dnnl_memory_create(&bias, &u->bias, c->eng, (void *)io->b));
 
   if ((rc = scratchpad(c, pe->pd, &scratch, err, errlen))) goto out;
   dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
@@ -506,6 +399,279 @@ out:
   if (wei_tmp) dnnl_memory_destroy(wei_tmp);
   if (bias) dnnl_memory_destroy(bias);
   if (scratch) dnnl_memory_destroy(scratch);
+  return rc;
+}
+
+/* Drops the cached weights of key in layout md (a layout a transpose was tuned away from). */
+static void cache_drop(cpu_ctx *c, uint64_t key, const dnnl_memory_desc_t *md) {
+  for (int i = 0; i < WCACHE_ENTRIES; i++)
+    if (key && c->cache[i].mem && c->cache[i].key == key && dnnl_memory_desc_equal(&c->cache[i].md, md)) {
+      dnnl_memory_destroy(c->cache[i].mem);
+      memset(&c->cache[i], 0, sizeof c->cache[i]);
+    }
+}
+
+/* The layouts a transpose may run its deconvolution in, oneDNN's own choice first. oneDNN picks
+ * by format alone, and on these shapes its pick was not the fastest: 1024 -> 512 channels on a
+ * 4x4 input ran 1.56x faster in NHWC, a 128 -> 3 output layer 2.8x faster with a plain NCHW
+ * input (its GEMM kernel), while on the middle DCGAN layers its pick was best (measured,
+ * docs/benchmarks.md). So the device times them on the op's own data the first time it meets
+ * a shape, and remembers the winner. */
+static const struct {
+  dnnl_format_tag_t src, dst;
+} transpose_layouts[] = {
+    {dnnl_format_tag_any, dnnl_format_tag_any},
+    {dnnl_nhwc, dnnl_nhwc},
+    {dnnl_nchw, dnnl_format_tag_any},
+    {dnnl_format_tag_any, dnnl_nchw},
+};
+#define NLAYOUTS (int)(sizeof transpose_layouts / sizeof transpose_layouts[0])
+/* Tuning runs each layout three times; a shape whose first run took longer than this keeps
+ * oneDNN's choice instead (the tuning would cost more than it could win back soon). */
+#define TUNE_MAX_SECONDS 0.05
+/* Another layout replaces oneDNN's choice only when clearly faster (timing noise on a shared
+ * machine is a few percent). */
+#define TUNE_MARGIN 0.95
+
+static int64_t tuned_layout(const cpu_ctx *c, const convd_conv_params *p) {
+  for (int i = 0; i < TUNED_ENTRIES; i++)
+    if (c->tuned[i].used && same_params(&c->tuned[i].key, p)) return c->tuned[i].layout;
+  return -1;
+}
+
+static void remember_layout(cpu_ctx *c, const convd_conv_params *p, int layout) {
+  tuned_entry *t = &c->tuned[c->tuned_next++ % TUNED_ENTRIES];
+  t->key = *p;
+  t->layout = layout;
+  t->used = 1;
+}
+
+/* The deconvolution of io's transpose in layout i, or 1 when oneDNN has none for it. */
+static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int i, const dnnl_memory_desc_t *any_wei,
+                        dnnl_primitive_desc_t *pd) {
+  const convd_conv_params *p = &io->conv->p;
+  dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
+  dnnl_dims_t dst_dims = {p->n, p->c_out, io->conv->h_out, io->conv->w_out};
+  dnnl_dims_t strides = {p->stride_h, p->stride_w};
+  dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1};
+  dnnl_dims_t pad_l = {p->pad_top, p->pad_left};
+  dnnl_dims_t pad_r = {p->pad_bottom - p->out_pad_h, p->pad_right - p->out_pad_w};
+  dnnl_memory_desc_t src, dst;
+  dnnl_deconvolution_desc_t dd;
+  *pd = NULL;
+  if (dnnl_memory_desc_init_by_tag(&src, 4, src_dims, dnnl_f32, transpose_layouts[i].src) != dnnl_success ||
+      dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, transpose_layouts[i].dst) != dnnl_success ||
+      dnnl_dilated_deconvolution_forward_desc_init(&dd, dnnl_forward_inference, dnnl_deconvolution_direct, &src,
+                                                   any_wei, io->b ? &u->bias : NULL, &dst, strides, dilates,
+                                                   pad_l, pad_r) != dnnl_success ||
+      dnnl_primitive_desc_create(pd, &dd, c->attr, c->eng, NULL) != dnnl_success) {
+    *pd = NULL;
+    return 1;
+  }
+  return 0;
+}
+
+/* Whether two deconvolutions are the same: one implementation on the same layouts. */
+static int same_pd(const_dnnl_primitive_desc_t a, const_dnnl_primitive_desc_t b) {
+  const char *ia = NULL, *ib = NULL;
+  if (dnnl_primitive_desc_query(a, dnnl_query_impl_info_str, 0, &ia) != dnnl_success ||
+      dnnl_primitive_desc_query(b, dnnl_query_impl_info_str, 0, &ib) != dnnl_success || !ia || !ib ||
+      strcmp(ia, ib) != 0)
+    return 0;
+  const dnnl_query_t q[] = {dnnl_query_src_md, dnnl_query_weights_md, dnnl_query_dst_md};
+  for (int k = 0; k < 3; k++)
+    if (!dnnl_memory_desc_equal(dnnl_primitive_desc_query_md(a, q[k], 0), dnnl_primitive_desc_query_md(b, q[k], 0)))
+      return 0;
+  return 1;
+}
+
+/* A transpose's primitive into *out (a cache slot the caller gives, empty), in the layout tuned
+ * for its shape, tuning it now if it is new: each candidate runs the op itself, so when this
+ * returns 0 the output is computed and *ran is 1. 1 when oneDNN has no deconvolution for it. */
+static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, const dnnl_memory_desc_t *any_wei,
+                          prim_entry *out, int *ran, char *err, size_t errlen) {
+  int rc = 0;
+  *ran = 0;
+  prim_entry cand[NLAYOUTS];
+  memset(cand, 0, sizeof cand);
+  int n = 0;
+  const int64_t known = tuned_layout(c, &io->conv->p);
+  for (int i = 0; i < NLAYOUTS; i++) {
+    if ((known >= 0 && i != known) || (c->only_layout >= 0 && i != c->only_layout)) continue;
+    dnnl_primitive_desc_t pd;
+    if (transpose_pd(c, io, u, i, any_wei, &pd)) continue;
+    int dup = 0;
+    for (int k = 0; k < n && !dup; k++) dup = same_pd(cand[k].pd, pd);
+    if (dup) {
+      dnnl_primitive_desc_destroy(pd);
+      continue;
+    }
+    cand[n].pd = pd;
+    DNNL_TRY(dnnl_primitive_create(&cand[n].prim, pd));
+    cand[n].with_bias = io->b != NULL;
+    cand[n].key = io->conv->p;
+    cand[n].layout = i;
+    n++;
+  }
+  if (n == 0) return 1;
+  int best = 0, last = -1;
+  if (n > 1) {
+    double best_s = 0;
+    for (int k = 0; k < n; k++) {
+      double t_min = 0;
+      for (int r = 0; r < 3; r++) {
+        const double t0 = convd_now_seconds();
+        if ((rc = exec_prim(c, io, &cand[k], u, err, errlen))) goto out;
+        const double dt = convd_now_seconds() - t0;
+        last = k;
+        if (k == 0 && r == 0 && dt > TUNE_MAX_SECONDS) goto chosen; /* oneDNN's choice */
+        if (k > 0 && r == 0 && dt > 3 * best_s) break;            /* far behind: no more runs */
+        if (r > 0 && (t_min == 0 || dt < t_min)) t_min = dt;      /* the first run warms up */
+      }
+      if (k == 0) best_s = t_min;
+      else if (t_min > 0 && t_min < best_s * TUNE_MARGIN) best = k, best_s = t_min;
+    }
+  chosen:
+    *ran = last == best;
+    const dnnl_memory_desc_t *keep = dnnl_primitive_desc_query_md(cand[best].pd, dnnl_query_weights_md, 0);
+    for (int k = 0; k < n; k++) {
+      const dnnl_memory_desc_t *md = dnnl_primitive_desc_query_md(cand[k].pd, dnnl_query_weights_md, 0);
+      if (!dnnl_memory_desc_equal(md, keep)) cache_drop(c, io->w_key, md);
+    }
+  }
+  if (known < 0) remember_layout(c, &io->conv->p, cand[best].layout);
+  *out = cand[best];
+  memset(&cand[best], 0, sizeof cand[best]);
+out:
+  for (int k = 0; k < NLAYOUTS; k++) prim_clear(&cand[k]);
+  return rc;
+}
+
+static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
+  cpu_ctx *c = ctx;
+  const convd_conv_params *p = &io->conv->p;
+  int rc = 0;
+  const int threads = threads_for(c, io);
+  omp_set_num_threads(threads);
+  /* A native plan's transpose (convd_plan.native) goes to oneDNN's deconvolution below; the
+   * own kernels are forward only. */
+  if (!p->transposed && convd_cpuk_is_depthwise(io->conv)) {
+    if (convd_cpuk_depthwise(io->conv, io->x, io->w, io->b, io->y, threads))
+      return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory staging a depthwise op");
+    return 0;
+  }
+  if (!p->transposed && is_pointwise(io)) return run_pointwise(io, err, errlen);
+  if (!p->transposed && is_small_spatial(io)) return run_small_spatial(c, io, err, errlen);
+  dnnl_primitive_desc_t pd = NULL;
+  dnnl_primitive_t prim = NULL;
+  const int grouped = p->groups > 1;
+  dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
+  dnnl_dims_t dst_dims = {p->n, p->c_out, io->conv->h_out, io->conv->w_out};
+  dnnl_dims_t wei_dims = {p->c_out, p->c_per_group, p->kh, p->kw};
+  dnnl_dims_t gwei_dims = {p->groups, p->c_out / p->groups, p->c_per_group, p->kh, p->kw};
+  dnnl_dims_t bias_dims = {p->c_out};
+  dnnl_dims_t strides = {p->stride_h, p->stride_w};
+  dnnl_dims_t dilates = {p->dil_h - 1, p->dil_w - 1}; /* oneDNN counts the gaps */
+  dnnl_dims_t pad_l = {p->pad_top, p->pad_left}, pad_r = {p->pad_bottom, p->pad_right};
+  /* A transpose (one group, convd_plan.native): oneDNN's deconvolution weights are (OC, IC, KH,
+   * KW), ours (C_in, C_out, kH, kW), so the view's strides swap. */
+  if (p->transposed) wei_dims[0] = p->c_out, wei_dims[1] = p->c_in;
+
+  dnnl_dims_t src_strides = {(dnnl_dim_t)io->x.ns, (dnnl_dim_t)io->x.cs, (dnnl_dim_t)io->x.hs, 1};
+  dnnl_dims_t dst_strides = {(dnnl_dim_t)io->y.ns, (dnnl_dim_t)io->y.cs, (dnnl_dim_t)io->y.hs, 1};
+  dnnl_dims_t wei_strides = {(dnnl_dim_t)io->w.ns, (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
+  if (p->transposed) wei_strides[0] = (dnnl_dim_t)io->w.cs, wei_strides[1] = (dnnl_dim_t)io->w.ns;
+  dnnl_dims_t gwei_strides = {(dnnl_dim_t)io->w.ns * (p->c_out / p->groups), (dnnl_dim_t)io->w.ns,
+                              (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
+  /* bf16 compute: oneDNN's reorders convert the caller's float32 (holding bfloat16 values)
+   * into bf16 staging and weights; the output and the bias stay float32. */
+  /* A native transpose (oneDNN's deconvolution) stays float32: bf16 there is not measured. */
+  const int bf16 = c->bf16 && p->dtype == CONVD_BF16 && !p->transposed;
+  const dnnl_data_type_t cdt = bf16 ? dnnl_bf16 : dnnl_f32;
+  user_mds u;
+  dnnl_memory_desc_t any_src, any_wei, any_dst;
+  DNNL_TRY(dnnl_memory_desc_init_by_strides(&u.src, 4, src_dims, dnnl_f32, src_strides));
+  DNNL_TRY(dnnl_memory_desc_init_by_strides(&u.dst, 4, dst_dims, dnnl_f32, dst_strides));
+  if (grouped)
+    DNNL_TRY(dnnl_memory_desc_init_by_strides(&u.wei, 5, gwei_dims, dnnl_f32, gwei_strides));
+  else
+    DNNL_TRY(dnnl_memory_desc_init_by_strides(&u.wei, 4, wei_dims, dnnl_f32, wei_strides));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&u.bias, 1, bias_dims, dnnl_f32, dnnl_x));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_src, 4, src_dims, cdt, dnnl_format_tag_any));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
+  DNNL_TRY(dnnl_memory_desc_init_by_tag(&any_wei, grouped ? 5 : 4, grouped ? gwei_dims : wei_dims,
+                                        cdt, dnnl_format_tag_any));
+
+  /* The primitive for this shape: from the cache, or made and cached. */
+  const int with_bias = io->b != NULL;
+  prim_entry *pe = NULL;
+  for (int i = 0; i < PCACHE_ENTRIES && pe == NULL; i++)
+    if (c->prims[i].prim && c->prims[i].with_bias == with_bias && c->prims[i].bf16 == bf16 &&
+        same_params(&c->prims[i].key, p))
+      pe = &c->prims[i];
+  int ran = 0; /* the op is computed already (a transpose's tuning ran it) */
+  if (pe == NULL) {
+    prim_entry made = {0};
+    if (p->transposed) {
+      /* A shape oneDNN turns down must not take the device out of service (the planner only
+       * sends those it was seen to take): the reference kernel computes it instead. */
+      rc = transpose_prim(c, io, &u, &any_wei, &made, &ran, err, errlen);
+      if (rc > 0) return transpose_by_reference(io, err, errlen);
+      if (rc) return rc;
+    } else {
+      dnnl_convolution_desc_t cd;
+      /* bf16 with whole blocks of 16 channels: src and dst in nChw16c. oneDNN's own choice is
+       * NHWC (brgconv), whose reorders from and to NCHW cost up to half as much as the
+       * convolution itself here; the blocked kernel computes as fast and its reorders are 2-4x
+       * cheaper (measured on AVX512-BF16, docs/benchmarks.md). Where no such kernel exists,
+       * oneDNN's choice. Not on AMX: there oneDNN's NHWC choice is its AMX brgconv, which ran
+       * 13x faster than the blocked AVX512-BF16 kernel (1.5 vs 20 ms on 1x256x56x56 3x3), far
+       * more than its reorders cost. */
+      if (bf16 && !c->amx && p->groups == 1 && p->c_in % 16 == 0 && p->c_out % 16 == 0) {
+        dnnl_memory_desc_t blk_src, blk_dst;
+        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_src, 4, src_dims, cdt, dnnl_nChw16c));
+        DNNL_TRY(dnnl_memory_desc_init_by_tag(&blk_dst, 4, dst_dims, dnnl_f32, dnnl_nChw16c));
+        const char *impl = NULL;
+        if (dnnl_dilated_convolution_forward_desc_init(&cd, dnnl_forward_inference, dnnl_convolution_direct,
+                                                       &blk_src, &any_wei, with_bias ? &u.bias : NULL, &blk_dst,
+                                                       strides, dilates, pad_l, pad_r) != dnnl_success ||
+            dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL) != dnnl_success)
+          pd = NULL;
+        else if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
+                 impl == NULL || strncmp(impl, "ref", 3) == 0) {
+          dnnl_primitive_desc_destroy(pd); /* only oneDNN's reference kernel takes that layout */
+          pd = NULL;
+        }
+      }
+      if (pd == NULL) {
+        DNNL_TRY(dnnl_dilated_convolution_forward_desc_init(
+            &cd, dnnl_forward_inference, dnnl_convolution_direct, &any_src, &any_wei,
+            with_bias ? &u.bias : NULL, &any_dst, strides, dilates, pad_l, pad_r));
+        DNNL_TRY(dnnl_primitive_desc_create(&pd, &cd, c->attr, c->eng, NULL));
+      }
+      DNNL_TRY(dnnl_primitive_create(&prim, pd));
+      made.key = *p;
+      made.with_bias = with_bias;
+      made.pd = pd;
+      made.prim = prim;
+      pd = NULL; /* made owns them now */
+      prim = NULL;
+    }
+    made.bf16 = bf16;
+    pe = &c->prims[0];
+    for (int i = 0; i < PCACHE_ENTRIES; i++) {
+      if (c->prims[i].prim == NULL) {
+        pe = &c->prims[i];
+        break;
+      }
+      if (c->prims[i].last_use < pe->last_use) pe = &c->prims[i];
+    }
+    prim_clear(pe);
+    *pe = made; /* the cache owns them now */
+  }
+  pe->last_use = ++c->tick;
+  if (!ran) rc = exec_prim(c, io, pe, &u, err, errlen);
+out:
   if (prim) dnnl_primitive_destroy(prim);
   if (pd) dnnl_primitive_desc_destroy(pd);
   return rc;
@@ -592,6 +758,9 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   d->kind = CONVD_DEVICE_CPU;
   d->memory_budget = memory_budget;
   d->native_transpose = 1; /* oneDNN's deconvolution */
+  const char *only = getenv("CONVD_TEST_TRANSPOSE_LAYOUT");
+  c->only_layout = only && *only ? atoi(only) : -1;
+  if (c->only_layout >= NLAYOUTS) c->only_layout = -1;
   snprintf(d->name, sizeof d->name, "%s", name);
   const dnnl_version_t *v = dnnl_version();
   const char *units = bf16_units(c);

@@ -280,6 +280,84 @@ static void test_cpu_weight_cache(void) {
   convd_device_destroy(d);
 }
 
+/* Native transposes on the CPU device (oneDNN's deconvolution) in each layout it may run them
+ * in ($CONVD_TEST_TRANSPOSE_LAYOUT restricts it to one; unset, the device times them and keeps
+ * the fastest): random one-group shapes against the reference, each run twice (a new primitive,
+ * then the cached one), and the first shapes again after the rest pushed them out of the
+ * primitive cache (the remembered layout). */
+static void test_cpu_transpose_layouts(void) {
+  if (!convd_device_cpu_is_native()) {
+    printf("  no oneDNN in this build: no native transposes\n");
+    return;
+  }
+  char err[512];
+  static const char *layouts[] = {NULL, "0", "1", "2", "3"};
+  for (size_t li = 0; li < sizeof layouts / sizeof layouts[0] && !test_failed; li++) {
+    if (layouts[li]) setenv("CONVD_TEST_TRANSPOSE_LAYOUT", layouts[li], 1);
+    else unsetenv("CONVD_TEST_TRANSPOSE_LAYOUT");
+    convd_device *d;
+    ASSERT_OK(convd_device_cpu_create("cpu", 2, 64u << 20, &d, err, sizeof err), err);
+    unsetenv("CONVD_TEST_TRANSPOSE_LAYOUT");
+    rng r = {0x7a05e + li};
+    convd_conv_params first[5];
+    double worst = 0;
+    for (int iter = 0; iter < 30 + 5 && !test_failed; iter++) {
+      convd_conv_params p;
+      if (iter < 30) {
+        convd_conv_params_default(&p);
+        p.transposed = 1;
+        p.n = rng_range(&r, 1, 2);
+        p.c_in = p.c_per_group = rng_range(&r, 16, 48);
+        p.c_out = rng_range(&r, 1, 24);
+        p.kh = rng_range(&r, 1, 5), p.kw = rng_range(&r, 1, 5);
+        p.stride_h = rng_range(&r, 1, 3), p.stride_w = rng_range(&r, 1, 3);
+        p.dil_h = rng_range(&r, 1, 2), p.dil_w = rng_range(&r, 1, 2);
+        p.pad_top = rng_range(&r, 0, p.kh - 1), p.pad_bottom = rng_range(&r, 0, p.kh - 1);
+        p.pad_left = rng_range(&r, 0, p.kw - 1), p.pad_right = rng_range(&r, 0, p.kw - 1);
+        p.out_pad_h = rng_range(&r, 0, p.stride_h - 1), p.out_pad_w = rng_range(&r, 0, p.stride_w - 1);
+        p.h = rng_range(&r, 1, 20), p.w = rng_range(&r, 1, 20);
+        p.has_bias = (int)rng_range(&r, 0, 1);
+        if (iter < 5) first[iter] = p;
+      } else {
+        p = first[iter - 30]; /* evicted from the primitive cache by now */
+      }
+      convd_conv c;
+      if (convd_conv_init(&c, &p, err, sizeof err)) { /* a padding past the kernel: draw again */
+        if (iter < 5) iter--;
+        continue;
+      }
+      rng dr = {0xda7a + (uint64_t)iter};
+      float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+      float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
+      double *want = malloc(c.output_elems * sizeof(double));
+      rng_fill(&dr, x, c.input_elems);
+      rng_fill(&dr, w, c.weight_elems);
+      rng_fill(&dr, b, c.bias_elems);
+      convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+      for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+      for (int run = 0; run < 2 && !test_failed; run++) {
+        poison(y, c.output_elems);
+        convd_op_io io = convd_op_io_dense(&c, x, w, (uint64_t)iter + 1, p.has_bias ? b : NULL, y, NULL);
+        char what[256];
+        snprintf(what, sizeof what,
+                 "layout %s, transpose %d run %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " -> %" PRId64
+                 " k%" PRId64 "x%" PRId64 " s%" PRId64 ",%" PRId64 " d%" PRId64 ",%" PRId64 " op%" PRId64 ",%" PRId64,
+                 layouts[li] ? layouts[li] : "tuned", iter, run, p.n, p.c_in, p.h, p.w, p.c_out, p.kh, p.kw,
+                 p.stride_h, p.stride_w, p.dil_h, p.dil_w, p.out_pad_h, p.out_pad_w);
+        if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: %s", what, err);
+        else if (check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+        for (size_t i = 0; i < c.output_elems; i++) {
+          const double e = fabs(y[i] - want[i]);
+          if (e > worst) worst = e;
+        }
+      }
+      free(x), free(w), free(b), free(y), free(ref), free(want);
+    }
+    printf("  layout %s: 35 transposes, each twice, max abs error %.2g\n", layouts[li] ? layouts[li] : "tuned", worst);
+    convd_device_destroy(d);
+  }
+}
+
 /* Which precision the CPU device computes each dtype in. Where its detail says "bfloat16 in
  * bf16", a bfloat16 op on tensors that are NOT bfloat16 values must give the float32 answer on
  * the tensors rounded to bfloat16 (the bias stays float32), which differs from the unrounded
@@ -566,6 +644,7 @@ int main(int argc, char **argv) {
       {"cpu_weight_cache", test_cpu_weight_cache},
       {"reduced_precision_all_devices", test_reduced_precision_all_devices},
       {"cpu_bf16_compute", test_cpu_bf16_compute},
+      {"cpu_transpose_layouts", test_cpu_transpose_layouts},
   };
   /* The same cases on the GPU kinds, and chains, which only a GPU sums on the device. */
   static const test_case cuda_tests[] = {

@@ -17,6 +17,7 @@
  * (input window, weight block and output partial, from the plan), against the zero-inserted
  * input the usual method allocates (never allocated here). */
 #include <pthread.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,13 +62,15 @@ static double median_of(double *v, int n) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* oneDNN's deconvolution on the transpose c: median seconds, or 0 when it cannot run. */
+/* oneDNN's deconvolution on the transpose c: repeats timings into t (seconds); ok is 0 when it
+ * cannot run. */
 typedef struct deconv_arg {
   const convd_conv *c;
   const float *x, *w, *b;
   float *y;
   int threads, repeats;
-  double seconds;
+  double *t;
+  int ok;
 } deconv_arg;
 
 #ifdef CONVD_HAVE_DNNL
@@ -85,7 +88,7 @@ static void *deconv_main(void *arg) {
   dnnl_primitive_desc_t pd = NULL, rs_pd = NULL, rd_pd = NULL, rw_pd = NULL;
   dnnl_primitive_t prim = NULL, rs = NULL, rd = NULL, rw = NULL;
   dnnl_memory_t usrc = NULL, uwei = NULL, udst = NULL, ubias = NULL, src = NULL, wei = NULL, dst = NULL;
-  double *t = calloc((size_t)a->repeats, sizeof *t);
+  double *t = a->t;
   DN(dnnl_engine_create(&eng, dnnl_cpu, 0));
   DN(dnnl_stream_create(&st, eng, dnnl_stream_default_flags));
   dnnl_dims_t sd = {p->n, p->c_in, p->h, p->w}, dd = {p->n, p->c_out, a->c->h_out, a->c->w_out};
@@ -135,9 +138,8 @@ static void *deconv_main(void *arg) {
     DN(dnnl_stream_wait(st));
     if (r >= 0) t[r] = now() - t0;
   }
-  a->seconds = median_of(t, a->repeats);
+  a->ok = 1;
 out:
-  free(t);
   dnnl_primitive_t prims[] = {prim, rs, rd, rw};
   for (int i = 0; i < 4; i++)
     if (prims[i]) dnnl_primitive_destroy(prims[i]);
@@ -154,28 +156,30 @@ out:
 #endif
 
 /* On a thread of its own that then exits (its OpenMP team with it), as bench_conv's GEMM peak. */
-static double deconv_seconds(deconv_arg *a) {
-  a->seconds = 0;
+static int deconv_times(deconv_arg *a) {
+  a->ok = 0;
 #ifdef CONVD_HAVE_DNNL
   pthread_t t;
   if (pthread_create(&t, NULL, deconv_main, a) == 0) pthread_join(t, NULL);
 #endif
-  return a->seconds;
+  return a->ok;
 }
 
 int main(int argc, char **argv) {
-  int repeats = 20, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1;
+  int repeats = 20, rounds = 3, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) repeats = atoi(argv[++i]);
     else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) rounds = atoi(argv[++i]);
     else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
     else {
-      fprintf(stderr, "usage: bench_transpose [--repeats N] [--threads T] [--no-torch]\n");
+      fprintf(stderr, "usage: bench_transpose [--repeats N] [--rounds R] [--threads T] [--no-torch]\n");
       return 2;
     }
   }
   if (repeats < 1 || repeats > 100000) repeats = 20;
   if (threads < 1) threads = 1;
+  if (rounds < 1 || rounds > repeats) rounds = repeats < 3 ? repeats : 3;
   double torch_s[NSHAPES] = {0};
   if (use_torch && access("/usr/bin/python3", X_OK) == 0) {
     char cmd[4096];
@@ -202,7 +206,7 @@ int main(int argc, char **argv) {
   }
   convd_device_info info;
   convd_engine_device_info(e, 0, &info);
-  printf("CPU device: %s\nthreads: %d, repeats: %d (median)\n\n", info.detail, threads, repeats);
+  printf("CPU device: %s\nthreads: %d, repeats: %d in %d rounds, convd and oneDNN alternating (median of all)\n\n", info.detail, threads, ((repeats + rounds - 1) / rounds) * rounds, rounds);
   /* One engine (one OpenMP team) at a time: the peer runs with none of the engine's alive. */
   convd_engine_destroy(e);
   e = NULL;
@@ -233,17 +237,37 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < c.weight_elems; k++) w[k] = (float)((k * 40503u) % 1000) / 5000.0f - 0.1f;
     for (size_t k = 0; k < c.bias_elems; k++) b[k] = 0.01f * (float)k;
     convd_job_stats st;
-    double *ts = malloc(sizeof(double) * (size_t)repeats);
-    int rc = convd_engine_create(&eo, &e, err, sizeof err);
+    /* Rounds: each a fresh engine's timings (its first calls warm up, and tune a native
+     * transpose's layout) and then oneDNN's on a thread of their own, so that both sample the
+     * same stretches of a shared machine. One OpenMP team at a time: the peer runs with no
+     * engine alive. */
+    const int per = (repeats + rounds - 1) / rounds;
+    double *ts = malloc(sizeof(double) * (size_t)(per * rounds)), *dts = malloc(sizeof(double) * (size_t)(per * rounds));
+    int rc = 0, dnnl_ok = 1;
     /* The weights keyed by content, as the daemon keys every call's (its digest): devices keep
      * them reordered across calls, as oneDNN's peer below keeps its. */
     const uint64_t key = 0x7e5700 + i;
-    for (int k = 0; k < 3 && rc == 0; k++) rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
-    for (int k = 0; k < repeats && rc == 0; k++) {
-      double t0 = now();
-      rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
-      ts[k] = now() - t0;
+    for (int r = 0; r < rounds && rc == 0; r++) {
+      rc = convd_engine_create(&eo, &e, err, sizeof err);
+      for (int k = 0; k < 3 && rc == 0; k++) rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
+      for (int k = 0; k < per && rc == 0; k++) {
+        double t0 = now();
+        rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
+        ts[r * per + k] = now() - t0;
+      }
+      if (e) convd_engine_destroy(e);
+      e = NULL;
+      deconv_arg da = {&c, x, w, b, y, threads, per, dts + r * per, 0};
+      dnnl_ok = dnnl_ok && rc == 0 && deconv_times(&da);
     }
+    if (rc) {
+      fprintf(stderr, "bench_transpose: %s\n", err);
+      return 1;
+    }
+    /* The output checked is convd's (the peer wrote y last): one more call into poisoned y. */
+    for (size_t k = 0; k < c.output_elems; k++) y[k] = NAN;
+    rc = convd_engine_create(&eo, &e, err, sizeof err);
+    if (rc == 0) rc = convd_engine_run_keyed(e, &c, x, w, b, y, key, &st, err, sizeof err);
     if (rc) {
       fprintf(stderr, "bench_transpose: %s\n", err);
       return 1;
@@ -253,10 +277,9 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < c.output_elems; k++) {
       double d = y[k] - ref[k];
       if (d < 0) d = -d;
-      if (d > worst) worst = d;
+      if (!(d <= worst)) worst = d; /* NaN (an element not written) shows */
     }
-    qsort(ts, (size_t)repeats, sizeof *ts, cmp);
-    const double med = ts[repeats / 2], gflop = 2.0 * (double)c.macs / 1e9;
+    const double med = median_of(ts, per * rounds), gflop = 2.0 * (double)c.macs / 1e9;
     /* The forward convolution of exactly this work: the same input, channels and kernel at
      * stride 1, padded to keep the size (k-1 split top/bottom, the extra one at the bottom). */
     convd_conv_params fp;
@@ -282,8 +305,7 @@ int main(int argc, char **argv) {
     convd_engine_plan(e, &c, &pl, err, sizeof err);
     convd_engine_destroy(e);
     e = NULL;
-    deconv_arg da = {&c, x, w, b, y, threads, repeats, 0};
-    const double dn_s = deconv_seconds(&da), dnnl = dn_s > 0 ? gflop / dn_s : 0;
+    const double dnnl = dnnl_ok ? gflop / median_of(dts, per * rounds) : 0;
     /* The usual method: the input with stride-1 zeros between its elements and k-1-p zero
      * borders (plus output_padding), convolved with the flipped kernel. */
     const int64_t zh = (p.h - 1) * p.stride_h + 1 + 2 * (p.kh - 1 - p.pad_top) + p.out_pad_h;
@@ -296,7 +318,7 @@ int main(int argc, char **argv) {
            (unsigned long long)st.ops, ours, dnnl, dnnl > 0 ? ours / dnnl : 0, theirs, theirs > 0 ? ours / theirs : 0,
            fwd, fwd > 0 ? ours / fwd : 0, worst, c.weight_bytes, (unsigned long long)(pl.op_bytes / 2), zbytes);
     fflush(stdout);
-    free(ts), free(x), free(w), free(b), free(y), free(ref);
+    free(ts), free(dts), free(x), free(w), free(b), free(y), free(ref);
   }
   printf("\n");
   if (nr) printf("median convd / PyTorch: %.2f\n", median_of(ratios, nr));
