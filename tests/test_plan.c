@@ -186,6 +186,38 @@ static void test_plan_4096_ops(void) {
   ASSERT_CONTAINS(err, "raise the device memory budget");
 }
 
+/* A pointwise layer over budget keeps whole rows: output-channel blocks (the sgemm path), down to
+ * 32 channels; only when the input itself does not fit are there tiles. The tiled plan still
+ * equals the reference (tiled_equals_monolithic covers the arithmetic; here the shape). */
+static void test_plan_pointwise_blocks(void) {
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = 512, p.h = 28, p.w = 28, p.c_out = 512, p.c_per_group = 512, p.kh = 1, p.kw = 1;
+  convd_conv c;
+  char err[256];
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  convd_plan_opts o = {.devices = 1, .device_memory = 4u << 20}; /* input 1.6 MB, weights 1 MB */
+  convd_plan pl;
+  ASSERT_OK(convd_plan_make(&pl, &c, &o, err, sizeof err), err);
+  ASSERT_EQ_INT(pl.tiles_h * pl.tiles_w, 1);
+  ASSERT_EQ_INT(pl.icblocks, 1);
+  ASSERT_TRUE(pl.ocblocks > 1 && pl.ocb >= 32);
+  ASSERT_TRUE(pl.op_bytes <= o.device_memory);
+  /* blocks of 32 that still do not fit (the input is the bulk): the later steps decide, within
+   * the budget */
+  o.device_memory = 2u << 20;
+  ASSERT_OK(convd_plan_make(&pl, &c, &o, err, sizeof err), err);
+  ASSERT_TRUE(pl.ops > 1 && pl.op_bytes <= o.device_memory);
+  /* a 3x3 layer is not pointwise: tiles before channel blocks, as before */
+  p.c_in = p.c_per_group = p.c_out = 64, p.h = p.w = 112;
+  p.kh = p.kw = 3, p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  o.device_memory = 8u << 20; /* input 3.2 MB, output 3.2 MB */
+  ASSERT_OK(convd_plan_make(&pl, &c, &o, err, sizeof err), err);
+  ASSERT_EQ_INT(pl.ocblocks, 1);
+  ASSERT_TRUE(pl.tiles_h * pl.tiles_w > 1);
+}
+
 /* Several devices: a large op is cut for balance; a small one is not. */
 static void test_plan_balance(void) {
   convd_conv_params p;
@@ -214,6 +246,7 @@ int main(int argc, char **argv) {
       {"plan_4096_ops", test_plan_4096_ops},
       {"plan_row_budget", test_plan_row_budget},
       {"plan_balance", test_plan_balance},
+      {"plan_pointwise_blocks", test_plan_pointwise_blocks},
   };
   return test_main(argc, argv, tests, sizeof tests / sizeof tests[0]);
 }
