@@ -74,6 +74,10 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
 /* 1 when CPU devices run oneDNN in this build. */
 int convd_device_cpu_is_native(void);
 
+/* Native transposes a CPU device computed on the reference kernel because oneDNN had no
+ * deconvolution for them (in the layouts it may use); 0 for any other device. */
+uint64_t convd_device_cpu_reference_transposes(const convd_device *d);
+
 void convd_device_destroy(convd_device *d);
 
 /* ---- what callers use (never the function table) ------------------------------------------ */

@@ -12,6 +12,8 @@
  * Threads: run() and flush_cache() on the device's worker thread only, so the caches, staging
  * buffers and oneDNN stream of a context take no lock; stats() reads the counters, kept with
  * relaxed atomics, from any thread. */
+#include <float.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +79,7 @@ typedef struct cpu_ctx {
   tuned_entry tuned[TUNED_ENTRIES];
   unsigned tuned_next;
   int only_layout; /* -1, or the one transpose layout to use ($CONVD_TEST_TRANSPOSE_LAYOUT, tests) */
+  uint64_t ref_transposes; /* relaxed atomics: convd_device_cpu_reference_transposes reads it */
   dnnl_engine_t eng;
   dnnl_stream_t stream;
   wcache_entry cache[WCACHE_ENTRIES];
@@ -485,9 +488,19 @@ static int same_pd(const_dnnl_primitive_desc_t a, const_dnnl_primitive_desc_t b)
   return 1;
 }
 
-/* A transpose's primitive into *out (a cache slot the caller gives, empty), in the layout tuned
- * for its shape, tuning it now if it is new: each candidate runs the op itself, so when this
- * returns 0 the output is computed and *ran is 1. 1 when oneDNN has no deconvolution for it. */
+/* Drops the weights candidate k put into the cache while it was timed, unless the candidate
+ * that is kept uses the same layout of them. */
+static void drop_candidate_weights(cpu_ctx *c, const convd_op_io *io, const prim_entry *k, const prim_entry *keep) {
+  const dnnl_memory_desc_t *md = dnnl_primitive_desc_query_md(k->pd, dnnl_query_weights_md, 0);
+  if (keep == NULL || !dnnl_memory_desc_equal(md, dnnl_primitive_desc_query_md(keep->pd, dnnl_query_weights_md, 0)))
+    cache_drop(c, io->w_key, md);
+}
+
+/* A transpose's primitive into *out, in the layout tuned for its shape, tuning it now if the
+ * shape is new: each candidate runs the op itself (three times, the first a warm-up). *ran is
+ * 1 when the output is computed already (the winner ran last). Returns 1 when oneDNN has no
+ * deconvolution for it. Only oneDNN's own choice may fail the op: another layout that fails is
+ * left out, as one its kernel list turns down. */
 static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, const dnnl_memory_desc_t *any_wei,
                           prim_entry *out, int *ran, char *err, size_t errlen) {
   int rc = 0;
@@ -500,14 +513,25 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
     if ((known >= 0 && i != known) || (c->only_layout >= 0 && i != c->only_layout)) continue;
     dnnl_primitive_desc_t pd;
     if (transpose_pd(c, io, u, i, any_wei, &pd)) continue;
-    int dup = 0;
-    for (int k = 0; k < n && !dup; k++) dup = same_pd(cand[k].pd, pd);
-    if (dup) {
+    const char *impl = NULL;
+    int skip = n > 0 && (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
+                         impl == NULL || strncmp(impl, "ref", 3) == 0); /* oneDNN's reference kernel */
+    for (int k = 0; k < n && !skip; k++) skip = same_pd(cand[k].pd, pd);
+    if (skip) {
       dnnl_primitive_desc_destroy(pd);
       continue;
     }
     cand[n].pd = pd;
-    DNNL_TRY(dnnl_primitive_create(&cand[n].prim, pd));
+    dnnl_status_t st = dnnl_primitive_create(&cand[n].prim, pd);
+    if (st != dnnl_success) {
+      if (n == 0) {
+        rc = convd_errf(err, errlen, st == dnnl_out_of_memory ? CONVD_ENOMEM : CONVD_EDEVICE,
+                        "oneDNN could not create a deconvolution primitive (status %d)", (int)st);
+        goto out;
+      }
+      prim_clear(&cand[n]);
+      continue;
+    }
     cand[n].with_bias = io->b != NULL;
     cand[n].key = io->conv->p;
     cand[n].layout = i;
@@ -516,28 +540,46 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
   if (n == 0) return 1;
   int best = 0, last = -1;
   if (n > 1) {
-    double best_s = 0;
+    double best_s = DBL_MAX, first0 = 0;
     for (int k = 0; k < n; k++) {
-      double t_min = 0;
+      if (io->cancel && atomic_load(io->cancel)) {
+        rc = convd_errf(err, errlen, CONVD_ECANCELED, "the job was cancelled");
+        goto out;
+      }
+      double t_min = DBL_MAX;
       for (int r = 0; r < 3; r++) {
         const double t0 = convd_now_seconds();
-        if ((rc = exec_prim(c, io, &cand[k], u, err, errlen))) goto out;
+        const int erc = exec_prim(c, io, &cand[k], u, err, errlen);
         const double dt = convd_now_seconds() - t0;
+        if (erc) {
+          if (k == 0) {
+            rc = erc;
+            goto out;
+          }
+          t_min = DBL_MAX, last = -1; /* left out; its partial output is not the answer */
+          break;
+        }
         last = k;
-        if (k == 0 && r == 0 && dt > TUNE_MAX_SECONDS) goto chosen; /* oneDNN's choice */
-        if (k > 0 && r == 0 && dt > 3 * best_s) break;            /* far behind: no more runs */
-        if (r > 0 && (t_min == 0 || dt < t_min)) t_min = dt;      /* the first run warms up */
+        if (r == 0 && k == 0) {
+          first0 = dt;
+          if (dt > TUNE_MAX_SECONDS) goto chosen; /* too long to tune: oneDNN's choice */
+        } else if (r == 0 && dt > 3 * first0) {
+          break; /* far behind oneDNN's choice, warm-up against warm-up: no more runs */
+        } else if (r > 0 && dt < t_min) {
+          t_min = dt;
+        }
       }
-      if (k == 0) best_s = t_min;
-      else if (t_min > 0 && t_min < best_s * TUNE_MARGIN) best = k, best_s = t_min;
+      if (k == 0) {
+        best_s = t_min;
+      } else if (t_min < best_s * TUNE_MARGIN) {
+        drop_candidate_weights(c, io, &cand[best], &cand[k]);
+        best = k, best_s = t_min;
+      } else {
+        drop_candidate_weights(c, io, &cand[k], &cand[best]);
+      }
     }
   chosen:
     *ran = last == best;
-    const dnnl_memory_desc_t *keep = dnnl_primitive_desc_query_md(cand[best].pd, dnnl_query_weights_md, 0);
-    for (int k = 0; k < n; k++) {
-      const dnnl_memory_desc_t *md = dnnl_primitive_desc_query_md(cand[k].pd, dnnl_query_weights_md, 0);
-      if (!dnnl_memory_desc_equal(md, keep)) cache_drop(c, io->w_key, md);
-    }
   }
   if (known < 0) remember_layout(c, &io->conv->p, cand[best].layout);
   *out = cand[best];
@@ -616,7 +658,10 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
       /* A shape oneDNN turns down must not take the device out of service (the planner only
        * sends those it was seen to take): the reference kernel computes it instead. */
       rc = transpose_prim(c, io, &u, &any_wei, &made, &ran, err, errlen);
-      if (rc > 0) return transpose_by_reference(io, err, errlen);
+      if (rc > 0) {
+        __atomic_fetch_add(&c->ref_transposes, 1, __ATOMIC_RELAXED);
+        return transpose_by_reference(io, err, errlen);
+      }
       if (rc) return rc;
     } else {
       dnnl_convolution_desc_t cd;
@@ -737,6 +782,11 @@ static const convd_device_iface cpu_iface = {
 
 int convd_device_cpu_is_native(void) { return 1; }
 
+uint64_t convd_device_cpu_reference_transposes(const convd_device *d) {
+  if (d == NULL || d->iface != &cpu_iface) return 0;
+  return __atomic_load_n(&((const cpu_ctx *)d->ctx)->ref_transposes, __ATOMIC_RELAXED);
+}
+
 int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
                             convd_device **out, char *err, size_t errlen) {
   int rc = 0;
@@ -759,8 +809,9 @@ int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budge
   d->memory_budget = memory_budget;
   d->native_transpose = 1; /* oneDNN's deconvolution */
   const char *only = getenv("CONVD_TEST_TRANSPOSE_LAYOUT");
-  c->only_layout = only && *only ? atoi(only) : -1;
-  if (c->only_layout >= NLAYOUTS) c->only_layout = -1;
+  char *end = NULL;
+  const long ol = only && *only ? strtol(only, &end, 10) : -1;
+  c->only_layout = only && *only && *end == 0 && ol >= 0 && ol < NLAYOUTS ? (int)ol : -1;
   snprintf(d->name, sizeof d->name, "%s", name);
   const dnnl_version_t *v = dnnl_version();
   const char *units = bf16_units(c);
@@ -780,6 +831,11 @@ out:
 #else /* no oneDNN in this build: the CPU device runs the reference kernel */
 
 int convd_device_cpu_is_native(void) { return 0; }
+
+uint64_t convd_device_cpu_reference_transposes(const convd_device *d) {
+  (void)d;
+  return 0;
+}
 
 int convd_device_cpu_create(const char *name, int threads, uint64_t memory_budget,
                             convd_device **out, char *err, size_t errlen) {
