@@ -67,7 +67,7 @@ typedef struct reorder_entry {
 #define TUNED_ENTRIES 64
 typedef struct tuned_entry {
   convd_conv_params key;
-  int layout, used;
+  int bf16, layout, used;
 } tuned_entry;
 
 typedef struct cpu_ctx {
@@ -436,22 +436,23 @@ static const struct {
  * machine is a few percent). */
 #define TUNE_MARGIN 0.95
 
-static int64_t tuned_layout(const cpu_ctx *c, const convd_conv_params *p) {
+static int64_t tuned_layout(const cpu_ctx *c, const convd_conv_params *p, int bf16) {
   for (int i = 0; i < TUNED_ENTRIES; i++)
-    if (c->tuned[i].used && same_params(&c->tuned[i].key, p)) return c->tuned[i].layout;
+    if (c->tuned[i].used && c->tuned[i].bf16 == bf16 && same_params(&c->tuned[i].key, p)) return c->tuned[i].layout;
   return -1;
 }
 
-static void remember_layout(cpu_ctx *c, const convd_conv_params *p, int layout) {
+static void remember_layout(cpu_ctx *c, const convd_conv_params *p, int bf16, int layout) {
   tuned_entry *t = &c->tuned[c->tuned_next++ % TUNED_ENTRIES];
   t->key = *p;
+  t->bf16 = bf16;
   t->layout = layout;
   t->used = 1;
 }
 
 /* The deconvolution of io's transpose in layout i, or 1 when oneDNN has none for it. */
-static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int i, const dnnl_memory_desc_t *any_wei,
-                        dnnl_primitive_desc_t *pd) {
+static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int i, dnnl_data_type_t cdt,
+                        const dnnl_memory_desc_t *any_wei, dnnl_primitive_desc_t *pd) {
   const convd_conv_params *p = &io->conv->p;
   dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w};
   dnnl_dims_t dst_dims = {p->n, p->c_out, io->conv->h_out, io->conv->w_out};
@@ -462,7 +463,7 @@ static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, in
   dnnl_memory_desc_t src, dst;
   dnnl_deconvolution_desc_t dd;
   *pd = NULL;
-  if (dnnl_memory_desc_init_by_tag(&src, 4, src_dims, dnnl_f32, transpose_layouts[i].src) != dnnl_success ||
+  if (dnnl_memory_desc_init_by_tag(&src, 4, src_dims, cdt, transpose_layouts[i].src) != dnnl_success ||
       dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, transpose_layouts[i].dst) != dnnl_success ||
       dnnl_dilated_deconvolution_forward_desc_init(&dd, dnnl_forward_inference, dnnl_deconvolution_direct, &src,
                                                    any_wei, io->b ? &u->bias : NULL, &dst, strides, dilates,
@@ -501,18 +502,18 @@ static void drop_candidate_weights(cpu_ctx *c, const convd_op_io *io, const prim
  * 1 when the output is computed already (the winner ran last). Returns 1 when oneDNN has no
  * deconvolution for it. Only oneDNN's own choice may fail the op: another layout that fails is
  * left out, as one its kernel list turns down. */
-static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, const dnnl_memory_desc_t *any_wei,
-                          prim_entry *out, int *ran, char *err, size_t errlen) {
+static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int bf16,
+                          const dnnl_memory_desc_t *any_wei, prim_entry *out, int *ran, char *err, size_t errlen) {
   int rc = 0;
   *ran = 0;
   prim_entry cand[NLAYOUTS];
   memset(cand, 0, sizeof cand);
   int n = 0;
-  const int64_t known = tuned_layout(c, &io->conv->p);
+  const int64_t known = tuned_layout(c, &io->conv->p, bf16);
   for (int i = 0; i < NLAYOUTS; i++) {
     if ((known >= 0 && i != known) || (c->only_layout >= 0 && i != c->only_layout)) continue;
     dnnl_primitive_desc_t pd;
-    if (transpose_pd(c, io, u, i, any_wei, &pd)) continue;
+    if (transpose_pd(c, io, u, i, bf16 ? dnnl_bf16 : dnnl_f32, any_wei, &pd)) continue;
     const char *impl = NULL;
     int skip = n > 0 && (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
                          impl == NULL || strncmp(impl, "ref", 3) == 0); /* oneDNN's reference kernel */
@@ -581,7 +582,7 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
   chosen:
     *ran = last == best;
   }
-  if (known < 0) remember_layout(c, &io->conv->p, cand[best].layout);
+  if (known < 0) remember_layout(c, &io->conv->p, bf16, cand[best].layout);
   *out = cand[best];
   memset(&cand[best], 0, sizeof cand[best]);
 out:
@@ -627,8 +628,9 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
                               (dnnl_dim_t)io->w.cs, (dnnl_dim_t)io->w.hs, 1};
   /* bf16 compute: oneDNN's reorders convert the caller's float32 (holding bfloat16 values)
    * into bf16 staging and weights; the output and the bias stay float32. */
-  /* A native transpose (oneDNN's deconvolution) stays float32: bf16 there is not measured. */
-  const int bf16 = c->bf16 && p->dtype == CONVD_BF16 && !p->transposed;
+  /* A native transpose too: oneDNN's bf16 deconvolution (AMX) ran 2-3x its float32 one on the
+   * DCGAN layers (docs/benchmarks.md). */
+  const int bf16 = c->bf16 && p->dtype == CONVD_BF16;
   const dnnl_data_type_t cdt = bf16 ? dnnl_bf16 : dnnl_f32;
   user_mds u;
   dnnl_memory_desc_t any_src, any_wei, any_dst;
@@ -657,7 +659,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     if (p->transposed) {
       /* A shape oneDNN turns down must not take the device out of service (the planner only
        * sends those it was seen to take): the reference kernel computes it instead. */
-      rc = transpose_prim(c, io, &u, &any_wei, &made, &ran, err, errlen);
+      rc = transpose_prim(c, io, &u, bf16, &any_wei, &made, &ran, err, errlen);
       if (rc > 0) {
         __atomic_fetch_add(&c->ref_transposes, 1, __ATOMIC_RELAXED);
         return transpose_by_reference(io, err, errlen);

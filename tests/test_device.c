@@ -385,11 +385,14 @@ static void test_cpu_bf16_compute(void) {
   const char *expect = getenv("CONVD_TEST_EXPECT_BF16"); /* ctest's device_no_bf16 sets 0 */
   if (expect && atoi(expect) != bf16) FAIL_AT("CONVD_TEST_EXPECT_BF16=%s, but the detail says otherwise", expect);
   rng r = {0x5eedbf16};
-  int discriminated = 0;
-  for (int iter = 0; iter < 40 && !test_failed; iter++) {
+  int discriminated = 0, discriminated_t = 0;
+  /* 40 forward convolutions, then 20 native transposes (one group, 16+ input channels, dense:
+   * a native plan's op; oneDNN's deconvolution) */
+  for (int iter = 0; iter < 60 && !test_failed; iter++) {
+    const int tr = iter >= 40;
     convd_conv_params p;
     convd_conv_params_default(&p);
-    p.groups = iter % 5 == 4 ? 2 : 1;
+    p.groups = iter % 5 == 4 && !tr ? 2 : 1;
     p.n = rng_range(&r, 1, 2);
     p.c_per_group = iter % 2 ? 16 * rng_range(&r, 1, 4) : rng_range(&r, 2, 40);
     p.c_in = p.groups * p.c_per_group;
@@ -401,7 +404,21 @@ static void test_cpu_bf16_compute(void) {
     p.pad_left = rng_range(&r, 0, 2), p.pad_right = rng_range(&r, 0, 2);
     p.h = rng_range(&r, 24, 40), p.w = rng_range(&r, 24, 40);
     p.has_bias = (int)rng_range(&r, 0, 1);
+    if (tr) {
+      p.transposed = 1;
+      p.c_in = p.c_per_group = rng_range(&r, 16, 48);
+      p.c_out = rng_range(&r, 1, 40);
+      p.stride_h = rng_range(&r, 1, 3), p.stride_w = rng_range(&r, 1, 3);
+      p.pad_top = rng_range(&r, 0, p.kh - 1), p.pad_bottom = rng_range(&r, 0, p.kh - 1);
+      p.pad_left = rng_range(&r, 0, p.kw - 1), p.pad_right = rng_range(&r, 0, p.kw - 1);
+      p.out_pad_h = rng_range(&r, 0, p.stride_h - 1), p.out_pad_w = rng_range(&r, 0, p.stride_w - 1);
+      p.h = rng_range(&r, 8, 20), p.w = rng_range(&r, 8, 20);
+    }
     convd_conv c;
+    if (tr && convd_conv_init(&c, &p, err, sizeof err)) { /* an output padding past the dilation: draw again */
+      iter--;
+      continue;
+    }
     ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
     float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
     float *xr = malloc(c.input_bytes), *wr = malloc(c.weight_bytes), *y = malloc(c.output_bytes);
@@ -414,19 +431,24 @@ static void test_cpu_bf16_compute(void) {
     convd_dtype_round(CONVD_BF16, xr, c.input_elems);
     convd_dtype_round(CONVD_BF16, wr, c.weight_elems);
     const float *bias = p.has_bias ? b : NULL;
-    convd_ref_conv2d(&c, x, w, bias, ref, NULL);
-    convd_ref_conv2d(&c, xr, wr, bias, refr, NULL);
+    if (tr) {
+      convd_ref_conv_transpose2d(&c, x, w, bias, ref, NULL);
+      convd_ref_conv_transpose2d(&c, xr, wr, bias, refr, NULL);
+    } else {
+      convd_ref_conv2d(&c, x, w, bias, ref, NULL);
+      convd_ref_conv2d(&c, xr, wr, bias, refr, NULL);
+    }
     double max_ref = 1, gap = 0;
     for (size_t i = 0; i < c.output_elems; i++) {
       want[i] = ref[i], wantr[i] = refr[i];
       if (fabs(want[i]) > max_ref) max_ref = fabs(want[i]);
       if (fabs(want[i] - wantr[i]) > gap) gap = fabs(want[i] - wantr[i]);
     }
-    discriminated += gap > 1e-3 * max_ref; /* well beyond check_close's 1e-4 */
+    *(tr ? &discriminated_t : &discriminated) += gap > 1e-3 * max_ref; /* well beyond check_close's 1e-4 */
     /* Every other case through strided views (a window of a wider band, a tile of wider output
      * rows) inside poisoned buffers: the device's own layout loops must honour the strides and
      * write nothing outside the view. */
-    const int strided = iter % 4 >= 2;
+    const int strided = iter % 4 >= 2 && !tr;
     const size_t xhs = (size_t)p.w + 5, xcs = (size_t)p.h * xhs + 7, xns = (size_t)p.c_in * xcs + 3;
     const size_t yhs = (size_t)c.w_out + 3, ycs = (size_t)c.h_out * yhs + 2, yns = (size_t)p.c_out * ycs + 9;
     const size_t xb_elems = (size_t)p.n * xns, yb_elems = (size_t)p.n * yns;
@@ -451,9 +473,9 @@ static void test_cpu_bf16_compute(void) {
       }
       char what[256];
       snprintf(what, sizeof what,
-               "cpu %s iteration %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64
+               "cpu %s %s %d: in %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " w %" PRId64
                "x%" PRId64 "x%" PRId64 "x%" PRId64 " g%" PRId64,
-               convd_dtype_name(p.dtype), iter, p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh,
+               convd_dtype_name(p.dtype), tr ? "transpose" : "iteration", iter, p.n, p.c_in, p.h, p.w, p.c_out, p.c_per_group, p.kh,
                p.kw, p.groups);
       int rc = convd_device_run(d, &io, err, sizeof err);
       size_t outside = 0;
@@ -480,6 +502,9 @@ static void test_cpu_bf16_compute(void) {
   }
   /* Each case above tells the two precisions apart only where rounding moved the answer. */
   if (!test_failed && discriminated < 20) FAIL_AT("only %d of 40 cases tell bf16 from float32", discriminated);
+  if (!test_failed && discriminated_t < 10) FAIL_AT("only %d of 20 transposes tell bf16 from float32", discriminated_t);
+  if (!test_failed && convd_device_cpu_reference_transposes(d) > 0)
+    FAIL_AT("%llu transposes fell back to the reference kernel", (unsigned long long)convd_device_cpu_reference_transposes(d));
   convd_device_destroy(d);
 }
 

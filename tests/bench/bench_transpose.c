@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dtype.h"
 #include "engine.h"
 #include "ref.h"
 
@@ -102,9 +103,11 @@ static void *deconv_main(void *arg) {
   DN(dnnl_memory_desc_init_by_tag(&udmd, 4, dd, dnnl_f32, dnnl_nchw));
   DN(dnnl_memory_desc_init_by_strides(&uwmd, 4, wd, dnnl_f32, ws));
   DN(dnnl_memory_desc_init_by_tag(&bmd, 1, bd, dnnl_f32, dnnl_x));
-  DN(dnnl_memory_desc_init_by_tag(&asmd, 4, sd, dnnl_f32, dnnl_format_tag_any));
+  /* bfloat16: bf16 input and weights, float32 output and sums, as the CPU device computes it */
+  const dnnl_data_type_t cdt = a->c->p.dtype == CONVD_BF16 ? dnnl_bf16 : dnnl_f32;
+  DN(dnnl_memory_desc_init_by_tag(&asmd, 4, sd, cdt, dnnl_format_tag_any));
   DN(dnnl_memory_desc_init_by_tag(&admd, 4, dd, dnnl_f32, dnnl_format_tag_any));
-  DN(dnnl_memory_desc_init_by_tag(&awmd, 4, wd, dnnl_f32, dnnl_format_tag_any));
+  DN(dnnl_memory_desc_init_by_tag(&awmd, 4, wd, cdt, dnnl_format_tag_any));
   dnnl_deconvolution_desc_t desc;
   DN(dnnl_dilated_deconvolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_deconvolution_direct, &asmd,
                                                  &awmd, p->has_bias ? &bmd : NULL, &admd, strides, dil, pl, pr));
@@ -166,14 +169,16 @@ static int deconv_times(deconv_arg *a) {
 }
 
 int main(int argc, char **argv) {
-  int repeats = 20, rounds = 3, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1;
+  int repeats = 20, rounds = 3, dtype = CONVD_F32, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), use_torch = 1;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) repeats = atoi(argv[++i]);
     else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
     else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) rounds = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--dtype") == 0 && i + 1 < argc && strcmp(argv[i + 1], "bfloat16") == 0) dtype = CONVD_BF16, i++;
+    else if (strcmp(argv[i], "--dtype") == 0 && i + 1 < argc && strcmp(argv[i + 1], "float32") == 0) i++;
     else if (strcmp(argv[i], "--no-torch") == 0) use_torch = 0;
     else {
-      fprintf(stderr, "usage: bench_transpose [--repeats N] [--rounds R] [--threads T] [--no-torch]\n");
+      fprintf(stderr, "usage: bench_transpose [--repeats N] [--rounds R] [--threads T] [--no-torch] [--dtype float32|bfloat16]\n");
       return 2;
     }
   }
@@ -181,7 +186,7 @@ int main(int argc, char **argv) {
   if (threads < 1) threads = 1;
   if (rounds < 1 || rounds > repeats) rounds = repeats < 3 ? repeats : 3;
   double torch_s[NSHAPES] = {0};
-  if (use_torch && access("/usr/bin/python3", X_OK) == 0) {
+  if (use_torch && dtype == CONVD_F32 && access("/usr/bin/python3", X_OK) == 0) { /* PyTorch's in float32 only */
     char cmd[4096];
     int n = snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s/torch_transpose.py %d %d", BENCH_DIR, threads, repeats);
     for (size_t i = 0; i < NSHAPES; i++) {
@@ -206,7 +211,7 @@ int main(int argc, char **argv) {
   }
   convd_device_info info;
   convd_engine_device_info(e, 0, &info);
-  printf("CPU device: %s\nthreads: %d, repeats: %d in %d rounds, convd and oneDNN alternating (median of all)\n\n", info.detail, threads, ((repeats + rounds - 1) / rounds) * rounds, rounds);
+  printf("CPU device: %s\nthreads: %d, dtype: %s, repeats: %d in %d rounds, convd and oneDNN alternating (median of all)\n\n", info.detail, threads, convd_dtype_name(dtype), ((repeats + rounds - 1) / rounds) * rounds, rounds);
   /* One engine (one OpenMP team) at a time: the peer runs with none of the engine's alive. */
   convd_engine_destroy(e);
   e = NULL;
@@ -226,6 +231,7 @@ int main(int argc, char **argv) {
     p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s->p;
     p.out_pad_h = p.out_pad_w = s->op;
     p.has_bias = 1;
+    p.dtype = dtype;
     convd_conv c;
     if (convd_conv_init(&c, &p, err, sizeof err)) {
       fprintf(stderr, "bench_transpose: %s\n", err);
@@ -235,6 +241,10 @@ int main(int argc, char **argv) {
     float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
     for (size_t k = 0; k < c.input_elems; k++) x[k] = (float)((k * 2654435761u) % 1000) / 500.0f - 1.0f;
     for (size_t k = 0; k < c.weight_elems; k++) w[k] = (float)((k * 40503u) % 1000) / 5000.0f - 0.1f;
+    if (dtype == CONVD_BF16) { /* bfloat16 values, as a client sends them (the daemon widens them exactly) */
+      convd_dtype_round(CONVD_BF16, x, c.input_elems);
+      convd_dtype_round(CONVD_BF16, w, c.weight_elems);
+    }
     for (size_t k = 0; k < c.bias_elems; k++) b[k] = 0.01f * (float)k;
     convd_job_stats st;
     /* Rounds: each a fresh engine's timings (its first calls warm up, and tune a native
@@ -289,7 +299,7 @@ int main(int argc, char **argv) {
     convd_conv_params fp;
     convd_conv_params_default(&fp);
     fp.n = p.n, fp.c_in = p.c_in, fp.h = p.h, fp.w = p.w, fp.c_out = p.c_out, fp.c_per_group = p.c_in;
-    fp.kh = fp.kw = p.kh, fp.has_bias = 1;
+    fp.kh = fp.kw = p.kh, fp.has_bias = 1, fp.dtype = dtype;
     fp.pad_top = fp.pad_left = (p.kh - 1) / 2, fp.pad_bottom = fp.pad_right = p.kh - 1 - (p.kh - 1) / 2;
     convd_conv fc;
     double fwd = 0;
