@@ -429,9 +429,10 @@ static const struct {
     {dnnl_format_tag_any, dnnl_nchw},
 };
 #define NLAYOUTS (int)(sizeof transpose_layouts / sizeof transpose_layouts[0])
-/* Tuning runs each layout three times; a shape whose first run took longer than this keeps
- * oneDNN's choice instead (the tuning would cost more than it could win back soon). */
+/* Tuning runs each layout 1 + TUNE_ROUNDS times; a shape whose first run took longer than this
+ * keeps oneDNN's choice instead (the tuning would cost more than it could win back soon). */
 #define TUNE_MAX_SECONDS 0.05
+#define TUNE_ROUNDS 4
 /* Another layout replaces oneDNN's choice only when clearly faster (timing noise on a shared
  * machine is a few percent). */
 #define TUNE_MARGIN 0.95
@@ -498,7 +499,7 @@ static void drop_candidate_weights(cpu_ctx *c, const convd_op_io *io, const prim
 }
 
 /* A transpose's primitive into *out, in the layout tuned for its shape, tuning it now if the
- * shape is new: each candidate runs the op itself (three times, the first a warm-up). *ran is
+ * shape is new: each candidate runs the op itself (1 + TUNE_ROUNDS times). *ran is
  * 1 when the output is computed already (the winner ran last). Returns 1 when oneDNN has no
  * deconvolution for it. Only oneDNN's own choice may fail the op: another layout that fails is
  * left out, as one its kernel list turns down. */
@@ -541,14 +542,19 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
   if (n == 0) return 1;
   int best = 0, last = -1;
   if (n > 1) {
-    double best_s = DBL_MAX, first0 = 0;
-    for (int k = 0; k < n; k++) {
-      if (io->cancel && atomic_load(io->cancel)) {
-        rc = convd_errf(err, errlen, CONVD_ECANCELED, "the job was cancelled");
-        goto out;
-      }
-      double t_min = DBL_MAX;
-      for (int r = 0; r < 3; r++) {
+    /* A warm-up run of each (its weights reordered, its reorders made), then TUNE_ROUNDS rounds
+     * that take the candidates in turn, so that a slow stretch of a shared machine falls on all
+     * of them; each one's fastest run counts. */
+    double t_min[NLAYOUTS], first0 = 0;
+    int alive[NLAYOUTS];
+    for (int k = 0; k < n; k++) t_min[k] = DBL_MAX, alive[k] = 1;
+    for (int r = 0; r <= TUNE_ROUNDS; r++)
+      for (int k = 0; k < n; k++) {
+        if (!alive[k]) continue;
+        if (io->cancel && atomic_load(io->cancel)) {
+          rc = convd_errf(err, errlen, CONVD_ECANCELED, "the job was cancelled");
+          goto out;
+        }
         const double t0 = convd_now_seconds();
         const int erc = exec_prim(c, io, &cand[k], u, err, errlen);
         const double dt = convd_now_seconds() - t0;
@@ -557,29 +563,24 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
             rc = erc;
             goto out;
           }
-          t_min = DBL_MAX, last = -1; /* left out; its partial output is not the answer */
-          break;
+          alive[k] = 0, last = -1; /* left out; its partial output is not the answer */
+          continue;
         }
         last = k;
-        if (r == 0 && k == 0) {
+        if (r > 0) {
+          if (dt < t_min[k]) t_min[k] = dt;
+        } else if (k == 0) {
           first0 = dt;
           if (dt > TUNE_MAX_SECONDS) goto chosen; /* too long to tune: oneDNN's choice */
-        } else if (r == 0 && dt > 3 * first0) {
-          break; /* far behind oneDNN's choice, warm-up against warm-up: no more runs */
-        } else if (r > 0 && dt < t_min) {
-          t_min = dt;
+        } else if (dt > 3 * first0) {
+          alive[k] = 0; /* far behind oneDNN's choice, warm-up against warm-up */
         }
       }
-      if (k == 0) {
-        best_s = t_min;
-      } else if (t_min < best_s * TUNE_MARGIN) {
-        drop_candidate_weights(c, io, &cand[best], &cand[k]);
-        best = k, best_s = t_min;
-      } else {
-        drop_candidate_weights(c, io, &cand[k], &cand[best]);
-      }
-    }
+    for (int k = 1; k < n; k++)
+      if (alive[k] && t_min[k] < t_min[0] * TUNE_MARGIN && t_min[k] < t_min[best]) best = k;
   chosen:
+    for (int k = 0; k < n; k++)
+      if (k != best) drop_candidate_weights(c, io, &cand[k], &cand[best]);
     *ran = last == best;
   }
   if (known < 0) remember_layout(c, &io->conv->p, bf16, cand[best].layout);
