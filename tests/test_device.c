@@ -10,6 +10,7 @@
 #include "cuda_device.h"
 #include "device.h"
 #include "dtype.h"
+#include "err.h"
 #include "ref.h"
 #include "testutil.h"
 
@@ -277,6 +278,99 @@ static void test_cpu_weight_cache(void) {
   ASSERT_TRUE(memcmp(y1, y2, c.output_bytes) == 0);
   convd_device_flush_cache(d);
   free(x), free(w), free(y1), free(y2);
+  convd_device_destroy(d);
+}
+
+/* Chains on the CPU device: a convolution's input-channel blocks handed over in order as one
+ * tile's chain (convd_op_io.chain_*), the sum built on the device, y untouched (poisoned) until
+ * the last block and then the reference's answer: pointwise (sgemm), few outputs with a long
+ * reduction (im2col + sgemm, its smaller last block kept on that path) and oneDNN's direct
+ * convolution (sum post-op), float32 and bfloat16, uneven last blocks. A block out of order is
+ * refused. */
+static void test_cpu_chains(void) {
+  if (!convd_device_cpu_is_native()) {
+    printf("  no oneDNN in this build: the CPU device takes no chains\n");
+    return;
+  }
+  char err[512];
+  convd_device *d;
+  ASSERT_OK(make_cpu(&d, err, sizeof err), err);
+  ASSERT_TRUE(convd_device_accumulates(d));
+  rng r = {0xc4a1};
+  for (int iter = 0; iter < 36 && !test_failed; iter++) {
+    const int kind = iter % 3; /* 0 pointwise, 1 small spatial, 2 general */
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.n = rng_range(&r, 1, 2);
+    p.c_in = p.c_per_group = kind == 1 ? rng_range(&r, 64, 160) : rng_range(&r, 8, 96);
+    p.c_out = rng_range(&r, 1, 40);
+    if (kind == 0) {
+      p.kh = p.kw = 1;
+      p.h = rng_range(&r, 1, 20), p.w = rng_range(&r, 1, 20);
+    } else {
+      p.kh = p.kw = 3;
+      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = (int)rng_range(&r, 0, 1);
+      p.h = kind == 1 ? rng_range(&r, 3, 8) : rng_range(&r, 8, 24);
+      p.w = kind == 1 ? rng_range(&r, 3, 8) : rng_range(&r, 8, 24);
+    }
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    p.dtype = iter % 4 == 3 ? CONVD_BF16 : CONVD_F32;
+    convd_conv c;
+    ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *b = malloc(c.bias_bytes + 4);
+    float *y = malloc(c.output_bytes), *ref = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, x, c.input_elems);
+    rng_fill(&r, w, c.weight_elems);
+    rng_fill(&r, b, c.bias_elems);
+    if (p.dtype == CONVD_BF16) { /* bfloat16 values, so that bf16 units give float32's answer */
+      convd_dtype_round(CONVD_BF16, x, c.input_elems);
+      convd_dtype_round(CONVD_BF16, w, c.weight_elems);
+    }
+    convd_ref_conv2d(&c, x, w, p.has_bias ? b : NULL, ref, NULL);
+    for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+    poison(y, c.output_elems);
+    const int64_t icb = rng_range(&r, 2, p.c_in / 2 > 2 ? p.c_in / 2 : 2);
+    const int len = (int)((p.c_in + icb - 1) / icb);
+    const size_t plane = (size_t)(p.h * p.w), taps = (size_t)(p.kh * p.kw);
+    convd_conv blk[64];
+    char what[200];
+    snprintf(what, sizeof what, "chain %d (%s, %s): %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " -> %" PRId64
+             ", %d blocks of %" PRId64, iter, kind == 0 ? "pointwise" : kind == 1 ? "small spatial" : "general",
+             convd_dtype_name(p.dtype), p.n, p.c_in, p.h, p.w, p.c_out, len, icb);
+    for (int k = 0; k < len && k < 64 && !test_failed; k++) {
+      convd_conv_params lp = p;
+      lp.c_in = lp.c_per_group = k == len - 1 ? p.c_in - icb * k : icb;
+      lp.has_bias = p.has_bias && k == 0;
+      ASSERT_OK(convd_conv_init(&blk[k], &lp, err, sizeof err), err);
+      convd_op_io io = {.conv = &blk[k],
+                        .x = {x + (size_t)(k * icb) * plane, (size_t)p.c_in * plane, plane, (size_t)p.w},
+                        .w = {w + (size_t)(k * icb) * taps, (size_t)p.c_in * taps, taps, (size_t)p.kw},
+                        .w_key = 0xc4a100 + (uint64_t)(iter * 64 + k),
+                        .b = lp.has_bias ? b : NULL,
+                        .y = convd_view_dense(y, p.c_out, c.h_out, c.w_out),
+                        .chain_pos = k,
+                        .chain_len = len};
+      if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: block %d: %s", what, k, err);
+      if (k < len - 1)
+        for (size_t i = 0; i < c.output_elems && !test_failed; i++)
+          if (!isnan(y[i])) FAIL_AT("%s: y written at block %d of %d", what, k, len);
+    }
+    if (!test_failed && check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+    free(x), free(w), free(b), free(y), free(ref), free(want);
+  }
+  /* a later block with no chain open */
+  convd_conv_params p;
+  convd_conv_params_default(&p);
+  p.n = 1, p.c_in = p.c_per_group = 8, p.h = p.w = 8, p.c_out = 4, p.kh = p.kw = 3;
+  convd_conv c;
+  ASSERT_OK(convd_conv_init(&c, &p, err, sizeof err), err);
+  float *buf = calloc(c.input_elems + c.weight_elems + c.output_elems, sizeof(float));
+  convd_op_io io = convd_op_io_dense(&c, buf, buf + c.input_elems, 0, NULL, buf + c.input_elems + c.weight_elems, NULL);
+  io.chain_pos = 1, io.chain_len = 3;
+  ASSERT_EQ_INT(convd_device_run(d, &io, err, sizeof err), CONVD_EINTERNAL);
+  ASSERT_CONTAINS(err, "out of order");
+  free(buf);
   convd_device_destroy(d);
 }
 
@@ -677,6 +771,7 @@ int main(int argc, char **argv) {
       {"reduced_precision_all_devices", test_reduced_precision_all_devices},
       {"cpu_bf16_compute", test_cpu_bf16_compute},
       {"cpu_transpose_layouts", test_cpu_transpose_layouts},
+      {"cpu_chains", test_cpu_chains},
   };
   /* The same cases on the GPU kinds, and chains, which only a GPU sums on the device. */
   static const test_case cuda_tests[] = {
