@@ -224,11 +224,12 @@ static wcache_entry *cache_slot(cpu_ctx *c) {
 /* A 1x1 convolution with unit stride and no padding whose views have whole rows is a matrix
  * product per batch item and group, Y[O x HW] = W[O x I] X[I x HW], that sgemm runs in place on
  * the NCHW views: no reorder in or out. */
-static int is_pointwise(const convd_op_io *io) {
+/* chained: the product goes to the chain's dense sum, not to y, whose rows may then be a tile's. */
+static int is_pointwise(const convd_op_io *io, int chained) {
   const convd_conv_params *p = &io->conv->p;
   return p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 &&
          p->pad_bottom == 0 && p->pad_left == 0 && p->pad_right == 0 && io->x.hs == (size_t)p->w &&
-         io->y.hs == (size_t)io->conv->w_out && io->w.cs == 1;
+         (chained || io->y.hs == (size_t)io->conv->w_out) && io->w.cs == 1;
 }
 
 /* yv: where the product goes (io->y, or a chain's sum); add: onto what yv holds (a chain's
@@ -261,10 +262,10 @@ static int run_pointwise(const convd_op_io *io, convd_view yv, int add, char *er
  * reorders the whole weight block each time; as im2col + sgemm the weights are used where they
  * lie (each output channel's C_in/groups x kH x kW taps are contiguous) and the columns are small. */
 #define SMALL_SPATIAL_MAX 64
-static int is_small_spatial(const convd_op_io *io) {
+static int is_small_spatial(const convd_op_io *io, int chained) {
   const convd_conv_params *p = &io->conv->p;
   const int64_t hw = io->conv->h_out * io->conv->w_out, k = p->c_per_group * p->kh * p->kw;
-  return hw <= SMALL_SPATIAL_MAX && k >= 256 && io->y.hs == (size_t)io->conv->w_out &&
+  return hw <= SMALL_SPATIAL_MAX && k >= 256 && (chained || io->y.hs == (size_t)io->conv->w_out) &&
          io->w.hs == (size_t)p->kw && io->w.cs == (size_t)(p->kh * p->kw);
 }
 
@@ -646,8 +647,13 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   const int chained = io->chain_len > 1;
   const int first = !chained || io->chain_pos == 0, last = !chained || io->chain_pos == io->chain_len - 1;
   if (chained) {
-    if (p->transposed || convd_cpuk_is_depthwise(io->conv) ||
-        (io->chain_pos > 0 && (io->chain_pos != c->chain_next || io->chain_len != c->chain_len))) {
+    /* The engine chains neither (a transpose's plan never, a depthwise op has one input channel
+     * per group): a caller bug, refused with its own message. */
+    if (p->transposed || convd_cpuk_is_depthwise(io->conv)) {
+      c->chain_next = 0;
+      return convd_errf(err, errlen, CONVD_EINTERNAL, "a %s op in a chain", p->transposed ? "transposed" : "depthwise");
+    }
+    if (io->chain_pos > 0 && (io->chain_pos != c->chain_next || io->chain_len != c->chain_len)) {
       c->chain_next = 0;
       return convd_errf(err, errlen, CONVD_EINTERNAL, "block %d of %d of a chain arrived out of order",
                         io->chain_pos, io->chain_len);
@@ -662,7 +668,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
   }
   /* A chain keeps its first block's path: a smaller last block (fewer input channels) could
    * otherwise leave the sgemm path, and its sum with it. */
-  int pw = !p->transposed && is_pointwise(io), ss = !pw && !p->transposed && is_small_spatial(io);
+  int pw = !p->transposed && is_pointwise(io, chained), ss = !pw && !p->transposed && is_small_spatial(io, chained);
   if (chained && first) c->chain_path = pw ? 1 : ss ? 2 : 0;
   if (chained && !first) pw = c->chain_path == 1, ss = c->chain_path == 2;
   if (pw || ss) {
@@ -804,6 +810,8 @@ out:
 
 static void cpu_flush(void *ctx) {
   cpu_ctx *c = ctx;
+  free(c->acc_buf); /* a chain's sum: none is open when the engine flushes */
+  c->acc_buf = NULL, c->acc_cap = 0, c->chain_next = 0;
   for (int i = 0; i < WCACHE_ENTRIES; i++)
     if (c->cache[i].mem) dnnl_memory_destroy(c->cache[i].mem);
   memset(c->cache, 0, sizeof c->cache);

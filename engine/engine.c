@@ -543,10 +543,34 @@ static int make_out_band(convd_job *j, const convd_plan_op *op) {
  * are consecutive, and a tile row's ops are queued as one range). Returns the chain's length.
  * e->mu held. */
 #define CHAIN_MAX 4096
+/* Whether slot s should take a whole chain of n ops of job j rather than one op: only once
+ * measured and not on a probe (it takes one op then), and only if the other devices would not
+ * finish their share of the ready work sooner than it finishes the chain (worth_taking's rule,
+ * for n ops). e->mu held. */
+static int chain_worth(const convd_engine *e, const dev_slot *s, const convd_job *j, uint64_t n) {
+  if (!s->measured || j->macs_per_op > MEASURE_SCALE * s->measured_macs) return 0;
+  double others = 0, fastest = 0;
+  for (int i = 0; i < e->ndev; i++) {
+    const dev_slot *d = &e->devs[i];
+    if (d != s && d->healthy && j->runs_on[i]) {
+      if (!d->measured || d->sec_per_mac <= 0) return 0; /* unknown speed: one op at a time */
+      others += 1.0 / d->sec_per_mac;
+      if (1.0 / d->sec_per_mac > fastest) fastest = 1.0 / d->sec_per_mac;
+    }
+  }
+  if (others == 0) return 1; /* alone */
+  double ready = 0;
+  for (const convd_job *x = e->jobs; x; x = x->next)
+    if (!x->cancelled && !x->failed) ready += (double)x->ready_ops * x->macs_per_op;
+  const double chain_macs = (double)n * j->macs_per_op;
+  const double others_done = ready / others > chain_macs / fastest ? ready / others : chain_macs / fastest;
+  return s->sec_per_mac * chain_macs <= others_done;
+}
+
 static int claim_chain(const dev_slot *s, convd_job *j, uint64_t opi, const convd_plan_op *op) {
   const uint64_t icb = (uint64_t)j->plan.icblocks;
   if (!convd_device_accumulates(s->dev) || icb < 2 || icb > CHAIN_MAX || opi % icb != 0 ||
-      op->empty || j->ready_len == 0 || j->plan.transposed)
+      op->empty || j->ready_len == 0 || j->plan.transposed || !chain_worth(s->e, s, j, icb))
     return 1;
   range *r = &j->ready[j->ready_head];
   if (r->begin != opi + 1 || r->end < opi + icb) return 1;
