@@ -344,8 +344,10 @@ typedef struct user_mds {
 /* One convolution on a ready primitive: input, weights and output reordered where the
  * primitive's layouts differ from the caller's (the input into staging, the weights once per
  * key into the cache, the output out of staging). */
+/* keep: the output stays in the primitive's layout in dst_buf (a transpose's columns, which
+ * col2im sums into y), u->dst and io->y unused. */
 static int exec_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, int chained,
-                     int last, char *err, size_t errlen) {
+                     int last, int keep, char *err, size_t errlen) {
   int rc = 0;
   dnnl_memory_t usr_src = NULL, usr_wei = NULL, usr_dst = NULL, bias = NULL;
   dnnl_memory_t src = NULL, wei_tmp = NULL, dst = NULL, scratch = NULL, acc = NULL;
@@ -385,7 +387,7 @@ static int exec_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, co
       wei_tmp = NULL;
     }
   }
-  DNNL_TRY(dnnl_memory_create(&usr_dst, &u->dst, c->eng, io->y.p));
+  if (!keep) DNNL_TRY(dnnl_memory_create(&usr_dst, &u->dst, c->eng, io->y.p));
   if (chained) {
     /* A chain's sum lives in acc_buf, in the layout of its first block's primitive (acc_md);
      * a later block whose primitive wants another layout gets it through dst_buf. */
@@ -401,7 +403,7 @@ static int exec_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, co
       DNNL_TRY(dnnl_memory_create(&dst, dst_md, c->eng, c->dst_buf));
       if ((rc = reorder(c, acc, dst, err, errlen))) goto out;
     }
-  } else if (dnnl_memory_desc_equal(dst_md, &u->dst)) {
+  } else if (!keep && dnnl_memory_desc_equal(dst_md, &u->dst)) {
     dst = usr_dst;
   } else {
     if (grow(&c->dst_buf, &c->dst_cap, dnnl_memory_desc_get_size(dst_md))) goto oom;
@@ -418,7 +420,7 @@ static int exec_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, co
   if (chained) {
     if (dst != acc && (rc = reorder(c, dst, acc, err, errlen))) goto out;
     if (last && (rc = reorder(c, acc, usr_dst, err, errlen))) goto out;
-  } else if (dst != usr_dst && (rc = reorder(c, dst, usr_dst, err, errlen))) {
+  } else if (!keep && dst != usr_dst && (rc = reorder(c, dst, usr_dst, err, errlen))) {
     goto out;
   }
   DNNL_TRY(dnnl_stream_wait(c->stream));
@@ -453,18 +455,28 @@ static void cache_drop(cpu_ctx *c, uint64_t key, const dnnl_memory_desc_t *md) {
  * input (its GEMM kernel), while on the middle DCGAN layers its pick was best (measured,
  * docs/benchmarks.md). So the device times them on the op's own data the first time it meets
  * a shape, and remembers the winner. */
+/* The last is no deconvolution: a 1x1 convolution of the input into c_out x kh x kw channels
+ * (one per output channel and tap: a matrix product whose weights oneDNN packs once, where its
+ * deconvolution ran at a third of the forward kernels here) that col2im sums into the output;
+ * on 512 -> 256 channels on 8x8 it ran 1.4x the deconvolution, on 128 -> 3 2.3x (AVX2). */
 static const struct {
   dnnl_format_tag_t src, dst;
+  int cols; /* 1: the 1x1 convolution and col2im (exec_cols) */
 } transpose_layouts[] = {
-    {dnnl_format_tag_any, dnnl_format_tag_any},
-    {dnnl_nhwc, dnnl_nhwc},
-    {dnnl_nchw, dnnl_format_tag_any},
-    {dnnl_format_tag_any, dnnl_nchw},
+    {dnnl_format_tag_any, dnnl_format_tag_any, 0},
+    {dnnl_nhwc, dnnl_nhwc, 0},
+    {dnnl_nchw, dnnl_format_tag_any, 0},
+    {dnnl_format_tag_any, dnnl_nchw, 0},
+    {dnnl_format_tag_any, dnnl_format_tag_any, 1},
 };
 #define NLAYOUTS (int)(sizeof transpose_layouts / sizeof transpose_layouts[0])
-/* Tuning runs each layout 1 + TUNE_ROUNDS times; a shape whose first run took longer than this
- * keeps oneDNN's choice instead (the tuning would cost more than it could win back soon). */
-#define TUNE_MAX_SECONDS 0.05
+/* Tuning runs each layout 1 + TUNE_ROUNDS times, fewer (at least two timed rounds) where that
+ * would take more than TUNE_BUDGET_SECONDS; a shape whose first run took longer than
+ * TUNE_MAX_SECONDS keeps oneDNN's choice instead (the tuning would cost more than it could win
+ * back soon). The upsampler layer (1x256x64x64 -> 128, 25 ms a run, 60 ms the first) ran 1.3x
+ * faster in the column form, so such ops are worth half a second once per shape. */
+#define TUNE_MAX_SECONDS 0.25
+#define TUNE_BUDGET_SECONDS 0.5
 #define TUNE_ROUNDS 4
 /* Another layout replaces oneDNN's choice only when clearly faster (timing noise on a shared
  * machine is a few percent). */
@@ -484,6 +496,134 @@ static void remember_layout(cpu_ctx *c, const convd_conv_params *p, int bf16, in
   t->used = 1;
 }
 
+/* The column form's intermediate (n x c_out*kh*kw x h x w float32, in dst_buf) is at most this
+ * big; it is (kh*kw)/(stride_h*stride_w) times the output, which the planner does not count. */
+#define COLS_MAX_BYTES ((double)(64 << 20))
+
+/* The column form's weights as they lie: (C_in, C_out, kH, kW) read as C_out*kH*kW columns of
+ * C_in, when the C_out, kH and kW strides make one (a dense block of output channels). */
+static int cols_user_wei(const convd_op_io *io, dnnl_memory_desc_t *md) {
+  const convd_conv_params *p = &io->conv->p;
+  if (io->w.hs != (size_t)p->kw || io->w.cs != (size_t)(p->kh * p->kw)) return 1;
+  dnnl_dims_t dims = {p->c_out * p->kh * p->kw, p->c_in, 1, 1};
+  dnnl_dims_t strides = {1, (dnnl_dim_t)io->w.ns, 1, 1};
+  return dnnl_memory_desc_init_by_strides(md, 4, dims, dnnl_f32, strides) != dnnl_success;
+}
+
+/* The column form's 1x1 convolution, or 1 when it does not apply: columns too big, weights
+ * that are no matrix, or a column layout col2im cannot read (blocked on anything but channels). */
+static int cols_pd(cpu_ctx *c, const convd_op_io *io, dnnl_data_type_t cdt, dnnl_primitive_desc_t *pd) {
+  const convd_conv_params *p = &io->conv->p;
+  dnnl_memory_desc_t uwei;
+  *pd = NULL;
+  if (p->groups != 1 || cols_user_wei(io, &uwei) ||
+      (double)p->n * (double)p->c_out * (double)(p->kh * p->kw) * (double)(p->h * p->w) * sizeof(float) >
+          COLS_MAX_BYTES)
+    return 1;
+  dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w}, dst_dims = {p->n, p->c_out * p->kh * p->kw, p->h, p->w};
+  dnnl_dims_t wei_dims = {p->c_out * p->kh * p->kw, p->c_in, 1, 1}, ones = {1, 1}, zeros = {0, 0};
+  dnnl_memory_desc_t src, wei, dst;
+  dnnl_convolution_desc_t cd;
+  if (dnnl_memory_desc_init_by_tag(&src, 4, src_dims, cdt, dnnl_format_tag_any) != dnnl_success ||
+      dnnl_memory_desc_init_by_tag(&wei, 4, wei_dims, cdt, dnnl_format_tag_any) != dnnl_success ||
+      dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any) != dnnl_success ||
+      dnnl_convolution_forward_desc_init(&cd, dnnl_forward_inference, dnnl_convolution_direct, &src, &wei, NULL,
+                                         &dst, ones, zeros, zeros) != dnnl_success ||
+      dnnl_primitive_desc_create(pd, &cd, c->attr, c->eng, NULL) != dnnl_success) {
+    *pd = NULL;
+    return 1;
+  }
+  const dnnl_memory_desc_t *cmd = dnnl_primitive_desc_query_md(*pd, dnnl_query_dst_md, 0);
+  const dnnl_blocking_desc_t *bd = &cmd->format_desc.blocking;
+  if (cmd->format_kind != dnnl_blocked || bd->inner_nblks > 1 || (bd->inner_nblks == 1 && bd->inner_idxs[0] != 1)) {
+    dnnl_primitive_desc_destroy(*pd);
+    *pd = NULL;
+    return 1;
+  }
+  return 0;
+}
+
+/* y = bias + the sum, over the taps that reach each output, of the columns: channel
+ * (co*kh + i)*kw + j of input pixel (ih, iw) lands on (ih*stride - pad + i*dil, ...). A gather
+ * per output rather than a scatter, so each thread writes its own rows. md: the columns' layout
+ * (cols_pd let only plain or channel-blocked ones through). */
+static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const float *cols, int threads) {
+  const convd_conv *cv = io->conv;
+  const convd_conv_params *p = &cv->p;
+  const int64_t kk = p->kh * p->kw, ncols = p->c_out * kk, ho = cv->h_out, wo = cv->w_out;
+  const dnnl_blocking_desc_t *bd = &md->format_desc.blocking;
+  const int64_t blk = bd->inner_nblks ? bd->inner_blks[0] : 1;
+  int64_t *choff = malloc((size_t)ncols * sizeof *choff);
+  int64_t *rtap = malloc((size_t)(ho * p->kh) * 2 * sizeof *rtap), *ctap = malloc((size_t)(wo * p->kw) * 2 * sizeof *ctap);
+  int *rn = malloc((size_t)ho * sizeof *rn), *cn = malloc((size_t)wo * sizeof *cn);
+  int rc = 0;
+  if (!choff || !rtap || !ctap || !rn || !cn) {
+    rc = -1;
+    goto out;
+  }
+  for (int64_t j = 0; j < ncols; j++) choff[j] = md->offset0 + (j / blk) * bd->strides[1] + j % blk;
+  /* per output row: (tap row, offset of its input row); per output column likewise */
+  for (int64_t oh = 0; oh < ho; oh++) {
+    rn[oh] = 0;
+    for (int64_t i = 0; i < p->kh; i++) {
+      const int64_t t = oh + p->pad_top - i * p->dil_h;
+      if (t < 0 || t % p->stride_h || t / p->stride_h >= p->h) continue;
+      int64_t *e = &rtap[(oh * p->kh + rn[oh]++) * 2];
+      e[0] = i * p->kw, e[1] = (t / p->stride_h) * bd->strides[2];
+    }
+  }
+  for (int64_t ow = 0; ow < wo; ow++) {
+    cn[ow] = 0;
+    for (int64_t j = 0; j < p->kw; j++) {
+      const int64_t t = ow + p->pad_left - j * p->dil_w;
+      if (t < 0 || t % p->stride_w || t / p->stride_w >= p->w) continue;
+      int64_t *e = &ctap[(ow * p->kw + cn[ow]++) * 2];
+      e[0] = j, e[1] = (t / p->stride_w) * bd->strides[3];
+    }
+  }
+  for (int64_t n = 0; n < p->n; n++) {
+    const float *cn0 = cols + n * bd->strides[0];
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t co = 0; co < p->c_out; co++)
+      for (int64_t oh = 0; oh < ho; oh++) {
+        float *yr = io->y.p + (size_t)n * io->y.ns + (size_t)co * io->y.cs + (size_t)oh * io->y.hs;
+        const int64_t *ch = choff + co * kk, *rt = rtap + oh * p->kh * 2;
+        const float b = io->b ? io->b[co] : 0.0f;
+        for (int64_t ow = 0; ow < wo; ow++) {
+          const int64_t *ct = ctap + ow * p->kw * 2;
+          float s = b;
+          for (int r = 0; r < rn[oh]; r++)
+            for (int q = 0; q < cn[ow]; q++) s += cn0[ch[rt[2 * r] + ct[2 * q]] + rt[2 * r + 1] + ct[2 * q + 1]];
+          yr[ow] = s;
+        }
+      }
+  }
+out:
+  free(choff), free(rtap), free(ctap), free(rn), free(cn);
+  return rc;
+}
+
+/* A transpose in the column form: its 1x1 convolution into dst_buf, then col2im into y. */
+static int exec_cols(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, int threads,
+                     char *err, size_t errlen) {
+  user_mds cu = *u;
+  if (cols_user_wei(io, &cu.wei)) return convd_errf(err, errlen, CONVD_EINTERNAL, "a column-form transpose whose weights are no matrix");
+  convd_op_io cio = *io;
+  cio.b = NULL; /* col2im adds it */
+  const int rc = exec_prim(c, &cio, pe, &cu, 0, 1, 1, err, errlen);
+  if (rc) return rc;
+  if (col2im(io, dnnl_primitive_desc_query_md(pe->pd, dnnl_query_dst_md, 0), c->dst_buf, threads))
+    return convd_errf(err, errlen, CONVD_ENOMEM, "out of host memory summing a transpose's columns");
+  return 0;
+}
+
+/* One op on a ready primitive: a column-form transpose's, or any other. */
+static int run_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, int chained,
+                    int last, int threads, char *err, size_t errlen) {
+  if (io->conv->p.transposed && transpose_layouts[pe->layout].cols) return exec_cols(c, io, pe, u, threads, err, errlen);
+  return exec_prim(c, io, pe, u, chained, last, 0, err, errlen);
+}
+
 /* The deconvolution of io's transpose in layout i, or 1 when oneDNN has none for it. */
 static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int i, dnnl_data_type_t cdt,
                         const dnnl_memory_desc_t *any_wei, dnnl_primitive_desc_t *pd) {
@@ -497,6 +637,7 @@ static int transpose_pd(cpu_ctx *c, const convd_op_io *io, const user_mds *u, in
   dnnl_memory_desc_t src, dst;
   dnnl_deconvolution_desc_t dd;
   *pd = NULL;
+  if (transpose_layouts[i].cols) return cols_pd(c, io, cdt, pd);
   if (dnnl_memory_desc_init_by_tag(&src, 4, src_dims, cdt, transpose_layouts[i].src) != dnnl_success ||
       dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, transpose_layouts[i].dst) != dnnl_success ||
       dnnl_dilated_deconvolution_forward_desc_init(&dd, dnnl_forward_inference, dnnl_deconvolution_direct, &src,
@@ -532,12 +673,13 @@ static void drop_candidate_weights(cpu_ctx *c, const convd_op_io *io, const prim
 }
 
 /* A transpose's primitive into *out, in the layout tuned for its shape, tuning it now if the
- * shape is new: each candidate runs the op itself (1 + TUNE_ROUNDS times). *ran is
+ * shape is new: each candidate runs the op itself (1 + up to TUNE_ROUNDS times). *ran is
  * 1 when the output is computed already (the winner ran last). Returns 1 when oneDNN has no
  * deconvolution for it. Only oneDNN's own choice may fail the op: another layout that fails is
  * left out, as one its kernel list turns down. */
 static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int bf16,
-                          const dnnl_memory_desc_t *any_wei, prim_entry *out, int *ran, char *err, size_t errlen) {
+                          const dnnl_memory_desc_t *any_wei, int threads, prim_entry *out, int *ran, char *err,
+                          size_t errlen) {
   int rc = 0;
   *ran = 0;
   prim_entry cand[NLAYOUTS];
@@ -581,7 +723,8 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
     double t_min[NLAYOUTS], first0 = 0;
     int alive[NLAYOUTS];
     for (int k = 0; k < n; k++) t_min[k] = DBL_MAX, alive[k] = 1;
-    for (int r = 0; r <= TUNE_ROUNDS; r++)
+    int rounds = TUNE_ROUNDS;
+    for (int r = 0; r <= rounds; r++)
       for (int k = 0; k < n; k++) {
         if (!alive[k]) continue;
         if (io->cancel && atomic_load(io->cancel)) {
@@ -589,7 +732,7 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
           goto out;
         }
         const double t0 = convd_now_seconds();
-        const int erc = exec_prim(c, io, &cand[k], u, 0, 1, err, errlen);
+        const int erc = run_prim(c, io, &cand[k], u, 0, 1, threads, err, errlen);
         const double dt = convd_now_seconds() - t0;
         if (erc) {
           if (k == 0) {
@@ -605,6 +748,9 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
         } else if (k == 0) {
           first0 = dt;
           if (dt > TUNE_MAX_SECONDS) goto chosen; /* too long to tune: oneDNN's choice */
+          const double per_round = dt * n;
+          if (per_round * TUNE_ROUNDS > TUNE_BUDGET_SECONDS)
+            rounds = per_round * 2 >= TUNE_BUDGET_SECONDS ? 2 : (int)(TUNE_BUDGET_SECONDS / per_round);
         } else if (dt > 3 * first0) {
           alive[k] = 0; /* far behind oneDNN's choice, warm-up against warm-up */
         }
@@ -741,7 +887,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     if (p->transposed) {
       /* A shape oneDNN turns down must not take the device out of service (the planner only
        * sends those it was seen to take): the reference kernel computes it instead. */
-      rc = transpose_prim(c, io, &u, bf16, &any_wei, &made, &ran, err, errlen);
+      rc = transpose_prim(c, io, &u, bf16, &any_wei, threads, &made, &ran, err, errlen);
       if (rc > 0) {
         __atomic_fetch_add(&c->ref_transposes, 1, __ATOMIC_RELAXED);
         return transpose_by_reference(io, err, errlen);
@@ -800,7 +946,7 @@ static int cpu_run(void *ctx, const convd_op_io *io, char *err, size_t errlen) {
     *pe = made; /* the cache owns them now */
   }
   pe->last_use = ++c->tick;
-  if (!ran) rc = exec_prim(c, io, pe, &u, chained, last, err, errlen);
+  if (!ran) rc = run_prim(c, io, pe, &u, chained, last, threads, err, errlen);
 out:
   if (rc) c->chain_next = 0;
   if (prim) dnnl_primitive_destroy(prim);

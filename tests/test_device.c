@@ -392,6 +392,95 @@ static void test_cpu_chains(void) {
   convd_device_destroy(d);
 }
 
+/* The column form of a native transpose ($CONVD_TEST_TRANSPOSE_LAYOUT=4: a 1x1 convolution
+ * into c_out*kh*kw channels that col2im sums into y) on the views the engine hands over: the
+ * input a window of wider rows, the weights and bias a block of a wider layer's output
+ * channels, the output a tile inside wider, poisoned rows that nothing outside may change. */
+static void test_cpu_transpose_cols_views(void) {
+  if (!convd_device_cpu_is_native()) {
+    printf("  no oneDNN in this build: no native transposes\n");
+    return;
+  }
+  char err[512];
+  setenv("CONVD_TEST_TRANSPOSE_LAYOUT", "4", 1);
+  convd_device *d;
+  ASSERT_OK(convd_device_cpu_create("cpu", 2, 64u << 20, &d, err, sizeof err), err);
+  unsetenv("CONVD_TEST_TRANSPOSE_LAYOUT");
+  rng r = {0xc015};
+  for (int iter = 0; iter < 12 && !test_failed; iter++) {
+    convd_conv_params p;
+    convd_conv_params_default(&p);
+    p.transposed = 1;
+    p.n = rng_range(&r, 1, 2);
+    p.c_in = p.c_per_group = rng_range(&r, 8, 40);
+    p.c_out = rng_range(&r, 1, 12);
+    const int64_t c_all = p.c_out + rng_range(&r, 0, 9), co0 = rng_range(&r, 0, c_all - p.c_out);
+    p.kh = rng_range(&r, 1, 4), p.kw = rng_range(&r, 1, 4);
+    p.stride_h = rng_range(&r, 1, 3), p.stride_w = rng_range(&r, 1, 3);
+    p.dil_h = rng_range(&r, 1, 2), p.dil_w = rng_range(&r, 1, 2);
+    p.pad_top = rng_range(&r, 0, p.kh - 1), p.pad_bottom = rng_range(&r, 0, p.kh - 1);
+    p.pad_left = rng_range(&r, 0, p.kw - 1), p.pad_right = rng_range(&r, 0, p.kw - 1);
+    p.out_pad_h = rng_range(&r, 0, p.stride_h - 1), p.out_pad_w = rng_range(&r, 0, p.stride_w - 1);
+    p.h = rng_range(&r, 1, 12), p.w = rng_range(&r, 1, 12);
+    p.has_bias = (int)rng_range(&r, 0, 1);
+    convd_conv c;
+    if (convd_conv_init(&c, &p, err, sizeof err)) {
+      iter--;
+      continue;
+    }
+    const size_t taps = (size_t)(p.kh * p.kw), xhs = (size_t)p.w + 3, xcs = (size_t)p.h * xhs + 2;
+    const size_t xns = (size_t)p.c_in * xcs + 5, yhs = (size_t)c.w_out + 5, ycs = (size_t)c.h_out * yhs + 3;
+    const size_t yns = (size_t)p.c_out * ycs + 7, yb_elems = (size_t)p.n * yns;
+    float *xb = malloc((size_t)p.n * xns * sizeof(float)), *wall = malloc((size_t)(p.c_in * c_all) * taps * sizeof(float));
+    float *ball = malloc((size_t)c_all * sizeof(float)), *yb = malloc(yb_elems * sizeof(float));
+    float *x = malloc(c.input_bytes), *w = malloc(c.weight_bytes), *ref = malloc(c.output_bytes);
+    float *y = malloc(c.output_bytes);
+    double *want = malloc(c.output_elems * sizeof(double));
+    rng_fill(&r, xb, (size_t)p.n * xns);
+    rng_fill(&r, wall, (size_t)(p.c_in * c_all) * taps);
+    rng_fill(&r, ball, (size_t)c_all);
+    /* the views' contents, dense, for the reference */
+    for (int64_t n = 0; n < p.n; n++)
+      for (int64_t ch = 0; ch < p.c_in; ch++)
+        for (int64_t h = 0; h < p.h; h++)
+          memcpy(x + (size_t)(((n * p.c_in + ch) * p.h + h) * p.w), xb + (size_t)n * xns + (size_t)ch * xcs + (size_t)h * xhs,
+                 (size_t)p.w * sizeof(float));
+    for (int64_t ci = 0; ci < p.c_in; ci++)
+      memcpy(w + (size_t)(ci * p.c_out) * taps, wall + ((size_t)(ci * c_all) + (size_t)co0) * taps,
+             (size_t)p.c_out * taps * sizeof(float));
+    convd_ref_conv_transpose2d(&c, x, w, p.has_bias ? ball + co0 : NULL, ref, NULL);
+    for (size_t i = 0; i < c.output_elems; i++) want[i] = ref[i];
+    poison(yb, yb_elems);
+    convd_op_io io = {.conv = &c,
+                      .x = {xb, xns, xcs, xhs},
+                      .w = {wall + (size_t)co0 * taps, (size_t)c_all * taps, taps, (size_t)p.kw},
+                      .w_key = 0xc015000 + (uint64_t)iter,
+                      .b = p.has_bias ? ball + co0 : NULL,
+                      .y = {yb, yns, ycs, yhs}};
+    char what[200];
+    snprintf(what, sizeof what, "column form %d: %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64 " -> %" PRId64
+             " of %" PRId64 " from %" PRId64 ", k%" PRId64 "x%" PRId64 " s%" PRId64 ",%" PRId64 " d%" PRId64 ",%" PRId64,
+             iter, p.n, p.c_in, p.h, p.w, p.c_out, c_all, co0, p.kh, p.kw, p.stride_h, p.stride_w, p.dil_h, p.dil_w);
+    if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: %s", what, err);
+    size_t written = 0;
+    for (int64_t on = 0; on < p.n && !test_failed; on++)
+      for (int64_t oc = 0; oc < p.c_out; oc++)
+        for (int64_t oh = 0; oh < c.h_out; oh++) {
+          float *row = yb + (size_t)on * yns + (size_t)oc * ycs + (size_t)oh * yhs;
+          memcpy(y + (size_t)((on * p.c_out + oc) * c.h_out + oh) * (size_t)c.w_out, row, (size_t)c.w_out * sizeof(float));
+          for (int64_t ow = 0; ow < c.w_out; ow++) row[ow] = NAN;
+        }
+    for (size_t i = 0; i < yb_elems; i++) written += !isnan(yb[i]);
+    if (!test_failed && written) FAIL_AT("%s: %zu elements written outside the tile", what, written);
+    if (!test_failed && check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
+    free(xb), free(wall), free(ball), free(yb), free(x), free(w), free(ref), free(y), free(want);
+  }
+  /* every one in the column form itself, none on the reference kernel */
+  const uint64_t fell_back = convd_device_cpu_reference_transposes(d);
+  if (!test_failed && fell_back) FAIL_AT("%llu transposes fell back to the reference kernel", (unsigned long long)fell_back);
+  convd_device_destroy(d);
+}
+
 /* Native transposes on the CPU device (oneDNN's deconvolution) in each layout it may run them
  * in ($CONVD_TEST_TRANSPOSE_LAYOUT restricts it to one; unset, the device times them and keeps
  * the fastest): random one-group shapes against the reference, each run twice (a new primitive,
@@ -403,7 +492,7 @@ static void test_cpu_transpose_layouts(void) {
     return;
   }
   char err[512];
-  static const char *layouts[] = {NULL, "0", "1", "2", "3"};
+  static const char *layouts[] = {NULL, "0", "1", "2", "3", "4"};
   for (size_t li = 0; li < sizeof layouts / sizeof layouts[0] && !test_failed; li++) {
     if (layouts[li]) setenv("CONVD_TEST_TRANSPOSE_LAYOUT", layouts[li], 1);
     else unsetenv("CONVD_TEST_TRANSPOSE_LAYOUT");
@@ -789,6 +878,7 @@ int main(int argc, char **argv) {
       {"reduced_precision_all_devices", test_reduced_precision_all_devices},
       {"cpu_bf16_compute", test_cpu_bf16_compute},
       {"cpu_transpose_layouts", test_cpu_transpose_layouts},
+      {"cpu_transpose_cols_views", test_cpu_transpose_cols_views},
       {"cpu_chains", test_cpu_chains},
       {"chains_on_accumulating_devices", test_chains_on_accumulating_devices},
   };
