@@ -544,25 +544,26 @@ static int cols_pd(cpu_ctx *c, const convd_op_io *io, dnnl_data_type_t cdt, dnnl
 }
 
 /* y = bias + the sum, over the taps that reach each output, of the columns: channel
- * (co*kh + i)*kw + j of input pixel (ih, iw) lands on (ih*stride - pad + i*dil, ...). A gather
- * per output rather than a scatter, so each thread writes its own rows. md: the columns' layout
- * (cols_pd let only plain or channel-blocked ones through). */
+ * (co*kh + i)*kw + j of input pixel (ih, iw) lands on (ih*stride - pad + i*dil, ...). Each
+ * thread builds its own output rows (a row at a time, in cache), adding for every tap row that
+ * reaches it each kernel column's run of input pixels. md: the columns' layout (cols_pd let
+ * only plain or channel-blocked ones through). */
 static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const float *cols, int threads) {
   const convd_conv *cv = io->conv;
   const convd_conv_params *p = &cv->p;
   const int64_t kk = p->kh * p->kw, ncols = p->c_out * kk, ho = cv->h_out, wo = cv->w_out;
   const dnnl_blocking_desc_t *bd = &md->format_desc.blocking;
-  const int64_t blk = bd->inner_nblks ? bd->inner_blks[0] : 1;
-  int64_t *choff = malloc((size_t)ncols * sizeof *choff);
-  int64_t *rtap = malloc((size_t)(ho * p->kh) * 2 * sizeof *rtap), *ctap = malloc((size_t)(wo * p->kw) * 2 * sizeof *ctap);
-  int *rn = malloc((size_t)ho * sizeof *rn), *cn = malloc((size_t)wo * sizeof *cn);
+  const int64_t blk = bd->inner_nblks ? bd->inner_blks[0] : 1, xs = bd->strides[3], sw = p->stride_w;
+  int64_t *choff = malloc((size_t)ncols * sizeof *choff), *rtap = malloc((size_t)(ho * p->kh) * 2 * sizeof *rtap);
+  int64_t *iw_lo = malloc((size_t)p->kw * 2 * sizeof *iw_lo);
+  int *rn = malloc((size_t)ho * sizeof *rn);
   int rc = 0;
-  if (!choff || !rtap || !ctap || !rn || !cn) {
+  if (!choff || !rtap || !iw_lo || !rn) {
     rc = -1;
     goto out;
   }
   for (int64_t j = 0; j < ncols; j++) choff[j] = md->offset0 + (j / blk) * bd->strides[1] + j % blk;
-  /* per output row: (tap row, offset of its input row); per output column likewise */
+  /* per output row: the tap rows that reach it (tap row offset in the channels, input row offset) */
   for (int64_t oh = 0; oh < ho; oh++) {
     rn[oh] = 0;
     for (int64_t i = 0; i < p->kh; i++) {
@@ -572,14 +573,12 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
       e[0] = i * p->kw, e[1] = (t / p->stride_h) * bd->strides[2];
     }
   }
-  for (int64_t ow = 0; ow < wo; ow++) {
-    cn[ow] = 0;
-    for (int64_t j = 0; j < p->kw; j++) {
-      const int64_t t = ow + p->pad_left - j * p->dil_w;
-      if (t < 0 || t % p->stride_w || t / p->stride_w >= p->w) continue;
-      int64_t *e = &ctap[(ow * p->kw + cn[ow]++) * 2];
-      e[0] = j, e[1] = (t / p->stride_w) * bd->strides[3];
-    }
+  /* per kernel column j: the input columns [lo, hi) whose output column iw*sw - pad + j*dil lies in the row */
+  for (int64_t j = 0; j < p->kw; j++) {
+    const int64_t off = j * p->dil_w - p->pad_left;
+    int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw, hi = (wo - 1 - off) >= 0 ? (wo - 1 - off) / sw + 1 : 0;
+    if (hi > p->w) hi = p->w;
+    iw_lo[2 * j] = lo, iw_lo[2 * j + 1] = hi > lo ? hi : lo;
   }
   for (int64_t n = 0; n < p->n; n++) {
     const float *cn0 = cols + n * bd->strides[0];
@@ -589,17 +588,17 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
         float *yr = io->y.p + (size_t)n * io->y.ns + (size_t)co * io->y.cs + (size_t)oh * io->y.hs;
         const int64_t *ch = choff + co * kk, *rt = rtap + oh * p->kh * 2;
         const float b = io->b ? io->b[co] : 0.0f;
-        for (int64_t ow = 0; ow < wo; ow++) {
-          const int64_t *ct = ctap + ow * p->kw * 2;
-          float s = b;
-          for (int r = 0; r < rn[oh]; r++)
-            for (int q = 0; q < cn[ow]; q++) s += cn0[ch[rt[2 * r] + ct[2 * q]] + rt[2 * r + 1] + ct[2 * q + 1]];
-          yr[ow] = s;
-        }
+        for (int64_t ow = 0; ow < wo; ow++) yr[ow] = b;
+        for (int r = 0; r < rn[oh]; r++)
+          for (int64_t j = 0; j < p->kw; j++) {
+            const float *src = cn0 + ch[rt[2 * r] + j] + rt[2 * r + 1];
+            float *dst = yr + j * p->dil_w - p->pad_left;
+            for (int64_t iw = iw_lo[2 * j]; iw < iw_lo[2 * j + 1]; iw++) dst[iw * sw] += src[iw * xs];
+          }
       }
   }
 out:
-  free(choff), free(rtap), free(ctap), free(rn), free(cn);
+  free(choff), free(rtap), free(iw_lo), free(rn);
   return rc;
 }
 
