@@ -475,11 +475,12 @@ static const struct {
     {dnnl_format_tag_any, dnnl_format_tag_any, 1},
 };
 #define NLAYOUTS (int)(sizeof transpose_layouts / sizeof transpose_layouts[0])
-/* Tuning runs each layout 1 + TUNE_ROUNDS times, fewer (at least two timed rounds) where that
- * would take more than TUNE_BUDGET_SECONDS; a shape whose first run took longer than
- * TUNE_MAX_SECONDS keeps oneDNN's choice instead (the tuning would cost more than it could win
- * back soon). The upsampler layer (1x256x64x64 -> 128, 25 ms a run, 60 ms the first) ran 1.3x
- * faster in the column form, so such ops are worth half a second once per shape. */
+/* Tuning runs each form once to warm it up, then TUNE_ROUNDS timed rounds, fewer where the
+ * rounds would take over TUNE_BUDGET_SECONDS by the warm-up's measure (two, or one when the
+ * warm-up alone took that long); a shape whose first run took longer than TUNE_MAX_SECONDS
+ * keeps oneDNN's choice instead (the tuning would cost more than it could win back soon). At
+ * worst, five forms of a 250 ms op, that is about 2.5 s once per shape. The upsampler layer
+ * (1x256x64x64 -> 128, 25 ms a run, 60 ms the first) ran 1.3x faster in the column form. */
 #define TUNE_MAX_SECONDS 0.25
 #define TUNE_BUDGET_SECONDS 0.5
 #define TUNE_ROUNDS 4
@@ -506,7 +507,9 @@ static void remember_layout(cpu_ctx *c, const convd_conv_params *p, int bf16, in
 #define COLS_MAX_BYTES ((double)(64 << 20))
 
 /* The column form's weights as they lie: (C_in, C_out, kH, kW) read as C_out*kH*kW columns of
- * C_in, when the C_out, kH and kW strides make one (a dense block of output channels). */
+ * C_in, when the C_out, kH and kW strides make one (a dense block of output channels). Native
+ * plans always hand over such weights (convd_plan_weight_view): the primitive and tuned-form
+ * caches, keyed by shape, rely on it; other weights get an error, not a wrong answer. */
 static int cols_user_wei(const convd_op_io *io, dnnl_memory_desc_t *md) {
   const convd_conv_params *p = &io->conv->p;
   if (io->w.hs != (size_t)p->kw || io->w.cs != (size_t)(p->kh * p->kw)) return 1;
@@ -540,7 +543,8 @@ static int cols_pd(cpu_ctx *c, const convd_op_io *io, dnnl_data_type_t cdt, dnnl
   }
   const dnnl_memory_desc_t *cmd = dnnl_primitive_desc_query_md(*pd, dnnl_query_dst_md, 0);
   const dnnl_blocking_desc_t *bd = &cmd->format_desc.blocking;
-  if (cmd->format_kind != dnnl_blocked || bd->inner_nblks > 1 || (bd->inner_nblks == 1 && bd->inner_idxs[0] != 1)) {
+  if (cmd->format_kind != dnnl_blocked || bd->inner_nblks > 1 || (bd->inner_nblks == 1 && bd->inner_idxs[0] != 1) ||
+      (double)dnnl_memory_desc_get_size(cmd) > COLS_MAX_BYTES) { /* channels padded to the block, too */
     dnnl_primitive_desc_destroy(*pd);
     *pd = NULL;
     return 1;
@@ -597,8 +601,8 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
         for (int r = 0; r < rn[oh]; r++)
           for (int64_t j = 0; j < p->kw; j++) {
             const float *src = cn0 + ch[rt[2 * r] + j] + rt[2 * r + 1];
-            float *dst = yr + j * p->dil_w - p->pad_left;
-            for (int64_t iw = iw_lo[2 * j]; iw < iw_lo[2 * j + 1]; iw++) dst[iw * sw] += src[iw * xs];
+            const int64_t off = j * p->dil_w - p->pad_left; /* may be negative: no pointer made from it */
+            for (int64_t iw = iw_lo[2 * j]; iw < iw_lo[2 * j + 1]; iw++) yr[off + iw * sw] += src[iw * xs];
           }
       }
   }
@@ -611,7 +615,8 @@ out:
 static int exec_cols(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, int threads,
                      char *err, size_t errlen) {
   user_mds cu = *u;
-  if (cols_user_wei(io, &cu.wei)) return convd_errf(err, errlen, CONVD_EINTERNAL, "a column-form transpose whose weights are no matrix");
+  if (cols_user_wei(io, &cu.wei))
+    return convd_errf(err, errlen, CONVD_EINTERNAL, "a column-form transpose whose weights are no matrix");
   convd_op_io cio = *io;
   cio.b = NULL; /* col2im adds it */
   const int rc = exec_prim(c, &cio, pe, &cu, 0, 1, 1, err, errlen);
@@ -624,7 +629,8 @@ static int exec_cols(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, co
 /* One op on a ready primitive: a column-form transpose's, or any other. */
 static int run_prim(cpu_ctx *c, const convd_op_io *io, const prim_entry *pe, const user_mds *u, int chained,
                     int last, int threads, char *err, size_t errlen) {
-  if (io->conv->p.transposed && transpose_layouts[pe->layout].cols) return exec_cols(c, io, pe, u, threads, err, errlen);
+  if (io->conv->p.transposed && transpose_layouts[pe->layout].cols)
+    return exec_cols(c, io, pe, u, threads, err, errlen);
   return exec_prim(c, io, pe, u, chained, last, 0, err, errlen);
 }
 
@@ -676,11 +682,12 @@ static void drop_candidate_weights(cpu_ctx *c, const convd_op_io *io, const prim
     cache_drop(c, io->w_key, md);
 }
 
-/* A transpose's primitive into *out, in the layout tuned for its shape, tuning it now if the
+/* A transpose's primitive into *out, in the form tuned for its shape, tuning it now if the
  * shape is new: each candidate runs the op itself (1 + up to TUNE_ROUNDS times). *ran is
- * 1 when the output is computed already (the winner ran last). Returns 1 when oneDNN has no
- * deconvolution for it. Only oneDNN's own choice may fail the op: another layout that fails is
- * left out, as one its kernel list turns down. */
+ * 1 when the output is computed already (the winner ran last). Returns 1 when no form takes
+ * it (neither oneDNN's deconvolution nor the column form). Only the first candidate (oneDNN's
+ * own choice, or the column form where oneDNN has none) may fail the op: another one that fails
+ * is left out, as one its kernel list turns down. */
 static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, int bf16,
                           const dnnl_memory_desc_t *any_wei, int threads, prim_entry *out, int *ran, char *err,
                           size_t errlen) {
@@ -728,7 +735,8 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
     int alive[NLAYOUTS];
     for (int k = 0; k < n; k++) t_min[k] = DBL_MAX, alive[k] = 1;
     int rounds = TUNE_ROUNDS;
-    for (int r = 0; r <= rounds; r++)
+    double warm = 0; /* the warm-up round's time, all candidates */
+    for (int r = 0; r <= rounds; r++) {
       for (int k = 0; k < n; k++) {
         if (!alive[k]) continue;
         if (io->cancel && atomic_load(io->cancel)) {
@@ -749,16 +757,22 @@ static int transpose_prim(cpu_ctx *c, const convd_op_io *io, const user_mds *u, 
         last = k;
         if (r > 0) {
           if (dt < t_min[k]) t_min[k] = dt;
-        } else if (k == 0) {
+          continue;
+        }
+        warm += dt;
+        if (k == 0) {
           first0 = dt;
           if (dt > TUNE_MAX_SECONDS) goto chosen; /* too long to tune: oneDNN's choice */
-          const double per_round = dt * n;
-          if (per_round * TUNE_ROUNDS > TUNE_BUDGET_SECONDS)
-            rounds = per_round * 2 >= TUNE_BUDGET_SECONDS ? 2 : (int)(TUNE_BUDGET_SECONDS / per_round);
         } else if (dt > 3 * first0) {
           alive[k] = 0; /* far behind oneDNN's choice, warm-up against warm-up */
         }
       }
+      /* The warm-up (reorders and page faults included) overstates a round: a safe estimate. */
+      if (r == 0 && warm * TUNE_ROUNDS > TUNE_BUDGET_SECONDS)
+        rounds = warm >= TUNE_BUDGET_SECONDS       ? 1
+                 : warm * 2 >= TUNE_BUDGET_SECONDS ? 2
+                                                   : (int)(TUNE_BUDGET_SECONDS / warm);
+    }
     for (int k = 1; k < n; k++)
       if (alive[k] && t_min[k] < t_min[0] * TUNE_MARGIN && t_min[k] < t_min[best]) best = k;
   chosen:
@@ -962,6 +976,8 @@ static void cpu_flush(void *ctx) {
   cpu_ctx *c = ctx;
   free(c->acc_buf); /* a chain's sum: none is open when the engine flushes */
   c->acc_buf = NULL, c->acc_cap = 0, c->chain_next = 0;
+  free(c->src_buf), free(c->dst_buf); /* staging, a column form's 64 MiB included: regrown on use */
+  c->src_buf = c->dst_buf = NULL, c->src_cap = c->dst_cap = 0;
   for (int i = 0; i < WCACHE_ENTRIES; i++)
     if (c->cache[i].mem) dnnl_memory_destroy(c->cache[i].mem);
   memset(c->cache, 0, sizeof c->cache);
