@@ -322,7 +322,7 @@ static int threads_for(const cpu_ctx *c, const convd_op_io *io) {
   /* The own depthwise kernel computes about a fifth as many multiply-adds a second as oneDNN's
    * dense ones (21 vs 110 GFLOP/s, bench_conv), so its ops pay for the team's wake-up at a
    * quarter of the size: a 16-op plan of 1x32x112x112 depthwise 3x3 (226 K each) went from 0.55
-   * to 0.65-0.82 of one op (AVX2). */
+   * to 0.65-0.86 of one op (AVX2). */
   const double serial = !p->transposed && convd_cpuk_is_depthwise(io->conv) ? CPU_SERIAL_MACS / 4 : CPU_SERIAL_MACS;
   return macs < serial ? 1 : c->threads;
 }
@@ -461,9 +461,9 @@ static void cache_drop(cpu_ctx *c, uint64_t key, const dnnl_memory_desc_t *md) {
  * docs/benchmarks.md). So the device times them on the op's own data the first time it meets
  * a shape, and remembers the winner. */
 /* The last is no deconvolution: a 1x1 convolution of the input into c_out x kh x kw channels
- * (one per output channel and tap: a matrix product whose weights oneDNN packs once, where its
- * deconvolution ran at a third of the forward kernels here) that col2im sums into the output;
- * on 512 -> 256 channels on 8x8 it ran 1.4x the deconvolution, on 128 -> 3 2.3x (AVX2). */
+ * (one per output channel and tap: a matrix product whose weights oneDNN packs once) that
+ * col2im sums into the output; on 512 -> 256 channels on 8x8 it ran 1.4x the deconvolution, on
+ * 128 -> 3 2.3x (AVX2, docs/benchmarks.md). */
 static const struct {
   dnnl_format_tag_t src, dst;
   int cols; /* 1: the 1x1 convolution and col2im (exec_cols) */
@@ -524,10 +524,7 @@ static int cols_pd(cpu_ctx *c, const convd_op_io *io, dnnl_data_type_t cdt, dnnl
   const convd_conv_params *p = &io->conv->p;
   dnnl_memory_desc_t uwei;
   *pd = NULL;
-  if (p->groups != 1 || cols_user_wei(io, &uwei) ||
-      (double)p->n * (double)p->c_out * (double)(p->kh * p->kw) * (double)(p->h * p->w) * sizeof(float) >
-          COLS_MAX_BYTES)
-    return 1;
+  if (p->groups != 1 || cols_user_wei(io, &uwei)) return 1;
   dnnl_dims_t src_dims = {p->n, p->c_in, p->h, p->w}, dst_dims = {p->n, p->c_out * p->kh * p->kw, p->h, p->w};
   dnnl_dims_t wei_dims = {p->c_out * p->kh * p->kw, p->c_in, 1, 1}, ones = {1, 1}, zeros = {0, 0};
   dnnl_memory_desc_t src, wei, dst;
@@ -544,7 +541,7 @@ static int cols_pd(cpu_ctx *c, const convd_op_io *io, dnnl_data_type_t cdt, dnnl
   const dnnl_memory_desc_t *cmd = dnnl_primitive_desc_query_md(*pd, dnnl_query_dst_md, 0);
   const dnnl_blocking_desc_t *bd = &cmd->format_desc.blocking;
   if (cmd->format_kind != dnnl_blocked || bd->inner_nblks > 1 || (bd->inner_nblks == 1 && bd->inner_idxs[0] != 1) ||
-      (double)dnnl_memory_desc_get_size(cmd) > COLS_MAX_BYTES) { /* channels padded to the block, too */
+      (double)dnnl_memory_desc_get_size(cmd) > COLS_MAX_BYTES) { /* its size counts the padded channels */
     dnnl_primitive_desc_destroy(*pd);
     *pd = NULL;
     return 1;
@@ -564,10 +561,10 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
   const dnnl_blocking_desc_t *bd = &md->format_desc.blocking;
   const int64_t blk = bd->inner_nblks ? bd->inner_blks[0] : 1, xs = bd->strides[3], sw = p->stride_w;
   int64_t *choff = malloc((size_t)ncols * sizeof *choff), *rtap = malloc((size_t)(ho * p->kh) * 2 * sizeof *rtap);
-  int64_t *iw_lo = malloc((size_t)p->kw * 2 * sizeof *iw_lo);
+  int64_t *iw_run = malloc((size_t)p->kw * 2 * sizeof *iw_run);
   int *rn = malloc((size_t)ho * sizeof *rn);
   int rc = 0;
-  if (!choff || !rtap || !iw_lo || !rn) {
+  if (!choff || !rtap || !iw_run || !rn) {
     rc = -1;
     goto out;
   }
@@ -587,7 +584,7 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
     const int64_t off = j * p->dil_w - p->pad_left;
     int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw, hi = (wo - 1 - off) >= 0 ? (wo - 1 - off) / sw + 1 : 0;
     if (hi > p->w) hi = p->w;
-    iw_lo[2 * j] = lo, iw_lo[2 * j + 1] = hi > lo ? hi : lo;
+    iw_run[2 * j] = lo, iw_run[2 * j + 1] = hi > lo ? hi : lo;
   }
   for (int64_t n = 0; n < p->n; n++) {
     const float *cn0 = cols + n * bd->strides[0];
@@ -602,12 +599,12 @@ static int col2im(const convd_op_io *io, const dnnl_memory_desc_t *md, const flo
           for (int64_t j = 0; j < p->kw; j++) {
             const float *src = cn0 + ch[rt[2 * r] + j] + rt[2 * r + 1];
             const int64_t off = j * p->dil_w - p->pad_left; /* may be negative: no pointer made from it */
-            for (int64_t iw = iw_lo[2 * j]; iw < iw_lo[2 * j + 1]; iw++) yr[off + iw * sw] += src[iw * xs];
+            for (int64_t iw = iw_run[2 * j]; iw < iw_run[2 * j + 1]; iw++) yr[off + iw * sw] += src[iw * xs];
           }
       }
   }
 out:
-  free(choff), free(rtap), free(iw_lo), free(rn);
+  free(choff), free(rtap), free(iw_run), free(rn);
   return rc;
 }
 

@@ -281,6 +281,24 @@ static void test_cpu_weight_cache(void) {
   convd_device_destroy(d);
 }
 
+/* Copies the output tile t (inside a poisoned buffer of buf_elems starting at t.p) into dense y,
+ * poisons it again, and returns how many elements of the buffer are not poison: those written
+ * outside the tile. */
+static size_t tile_to_dense(const convd_conv *c, convd_view t, size_t buf_elems, float *y) {
+  const convd_conv_params *p = &c->p;
+  for (int64_t on = 0; on < p->n; on++)
+    for (int64_t oc = 0; oc < p->c_out; oc++)
+      for (int64_t oh = 0; oh < c->h_out; oh++) {
+        float *row = t.p + (size_t)on * t.ns + (size_t)oc * t.cs + (size_t)oh * t.hs;
+        memcpy(y + (size_t)((on * p->c_out + oc) * c->h_out + oh) * (size_t)c->w_out, row,
+               (size_t)c->w_out * sizeof(float));
+        for (int64_t ow = 0; ow < c->w_out; ow++) row[ow] = NAN;
+      }
+  size_t written = 0;
+  for (size_t i = 0; i < buf_elems; i++) written += !isnan(t.p[i]);
+  return written;
+}
+
 /* Chains on the CPU device: a convolution's input-channel blocks handed over in order as one
  * tile's chain (convd_op_io.chain_*), the sum built on the device, y untouched (poisoned) until
  * the last block and then the reference's answer: pointwise (sgemm), few outputs with a long
@@ -363,15 +381,7 @@ static void test_cpu_chains(void) {
           if (!isnan(yb[i])) FAIL_AT("%s: y written at block %d of %d", what, k, len);
     }
     /* the tile back to dense; everything else must still be poison */
-    size_t written = 0;
-    for (int64_t on = 0; on < p.n; on++)
-      for (int64_t oc = 0; oc < p.c_out; oc++)
-        for (int64_t oh = 0; oh < c.h_out; oh++) {
-          float *row = yb + (size_t)on * yns + (size_t)oc * ycs + (size_t)oh * yhs;
-          memcpy(y + (size_t)((on * p.c_out + oc) * c.h_out + oh) * (size_t)c.w_out, row, (size_t)c.w_out * sizeof(float));
-          for (int64_t ow = 0; ow < c.w_out; ow++) row[ow] = NAN;
-        }
-    for (size_t i = 0; i < yb_elems; i++) written += !isnan(yb[i]);
+    const size_t written = tile_to_dense(&c, (convd_view){yb, yns, ycs, yhs}, yb_elems, y);
     if (!test_failed && written) FAIL_AT("%s: %zu elements written outside the tile", what, written);
     if (!test_failed && check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
     free(blk), free(yb);
@@ -463,15 +473,7 @@ static void test_cpu_transpose_cols_views(void) {
                " of %" PRId64 " from %" PRId64 ", k%" PRId64 "x%" PRId64 " s%" PRId64 ",%" PRId64 " d%" PRId64 ",%" PRId64,
                iter, run, p.n, p.c_in, p.h, p.w, p.c_out, c_all, co0, p.kh, p.kw, p.stride_h, p.stride_w, p.dil_h, p.dil_w);
       if (convd_device_run(d, &io, err, sizeof err)) FAIL_AT("%s: %s", what, err);
-      size_t written = 0;
-      for (int64_t on = 0; on < p.n && !test_failed; on++)
-        for (int64_t oc = 0; oc < p.c_out; oc++)
-          for (int64_t oh = 0; oh < c.h_out; oh++) {
-            float *row = yb + (size_t)on * yns + (size_t)oc * ycs + (size_t)oh * yhs;
-            memcpy(y + (size_t)((on * p.c_out + oc) * c.h_out + oh) * (size_t)c.w_out, row, (size_t)c.w_out * sizeof(float));
-            for (int64_t ow = 0; ow < c.w_out; ow++) row[ow] = NAN;
-          }
-      for (size_t i = 0; i < yb_elems; i++) written += !isnan(yb[i]);
+      const size_t written = tile_to_dense(&c, (convd_view){yb, yns, ycs, yhs}, yb_elems, y);
       if (!test_failed && written) FAIL_AT("%s: %zu elements written outside the tile", what, written);
       if (!test_failed && check_close(what, y, want, c.output_elems)) FAIL_AT("%s differs", what);
     }
